@@ -1,0 +1,34 @@
+# Two commands for a fresh machine:  `make demo`  and  `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# Pinned so that this machine's CPU build is taken from disk; elsewhere e.g.
+#   make test TORCH='torch --index-url https://download.pytorch.org/whl/cpu'
+TORCH  ?= torch==2.13.0
+DEMO   := demo-output
+
+.PHONY: install test demo clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	mkdir -p $(DEMO)
+	$(VENV)/bin/cmd fit sample_checkpoints -o $(DEMO)/sample.cmd.h5 \
+		--trajectory $(DEMO)/sample.trajectory.h5 --force
+	$(VENV)/bin/cmd info $(DEMO)/sample.cmd.h5
+	$(VENV)/bin/cmd reconstruct $(DEMO)/sample.cmd.h5 -o $(DEMO)/reconstructed --at last --force
+	$(PY) -c "from safetensors.torch import load_file; from sample_checkpoints.model import evaluate; \
+	import glob; f = sorted(glob.glob('$(DEMO)/reconstructed/*.safetensors'))[0]; \
+	print('CMD-reconstructed', f, evaluate(load_file(f)))"
+
+clean:
+	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -1,0 +1,8 @@
+"""cmdtool: Correlation Mode Decomposition (CMD, ICLR 2024) of neural-network training checkpoints."""
+
+__version__ = "0.1.0"
+
+from .errors import CmdError  # noqa: E402
+from .pipeline import FitResult, fit, reconstruct, reconstruct_checkpoints, summarize  # noqa: E402
+
+__all__ = ["CmdError", "FitResult", "__version__", "fit", "reconstruct", "reconstruct_checkpoints", "summarize"]

@@ -1,0 +1,190 @@
+"""The ``cmd`` command line: options, progress bars, rendering and exit codes. No math here.
+
+Exit codes: 0 success; 1 a threshold failed (reports); 2 bad input (one line on stderr).
+Data goes to stdout, messages and progress bars to stderr.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable, Iterator, List, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__
+from .errors import CmdError
+from .modefile import open_mode_file
+from .pipeline import fit as fit_folder
+from .pipeline import reconstruct_checkpoints, summarize
+
+app = typer.Typer(
+    name="cmd", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Correlation Mode Decomposition (CMD) of training checkpoints.\n\n"
+         "CMD finds a few groups of parameters (modes) that move together during training and "
+         "models every parameter as a*r(t)+b of its mode's reference trajectory r: a whole run "
+         "in a small mode file, from which any checkpoint can be regenerated.\n\n"
+         "Typical use: cmd fit RUN_DIR -o run.cmd.h5; cmd info run.cmd.h5; "
+         "cmd reconstruct run.cmd.h5 -o out/ --at last.\n\n"
+         "Exit codes: 0 ok, 1 a threshold failed, 2 bad input.")
+
+stderr = Console(stderr=True, highlight=False)
+stdout = Console(highlight=False)
+
+
+def _fail(message: str) -> typer.Exit:
+    print(f"error: {message}", file=sys.stderr)
+    return typer.Exit(2)
+
+
+@contextmanager
+def _errors_to_exit_code() -> Iterator[None]:
+    try:
+        yield
+    except CmdError as e:
+        raise _fail(str(e)) from None
+    except OSError as e:
+        raise _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
+
+
+@contextmanager
+def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr, or nothing when stderr is not a terminal."""
+    if not stderr.is_terminal:
+        yield lambda n: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"cmdtool {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
+
+
+@app.command()
+def fit(
+    checkpoint_dir: Path = typer.Argument(..., metavar="CKPT_DIR", help="Folder of per-epoch checkpoints (safetensors or torch files)."),
+    output: Path = typer.Option(..., "--output", "-o", help="Mode file to write (conventionally *.cmd.h5)."),
+    modes: int = typer.Option(10, "--modes", "-m", min=1, help="Most modes (M) to find."),
+    samples: int = typer.Option(1000, "--samples", "-k", min=1, help="Parameters sampled (K) to find the modes, layer-balanced."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the parameter sample."),
+    start: Optional[int] = typer.Option(None, "--start", help="First checkpoint to use (position in the sorted folder; Python slice rules)."),
+    stop: Optional[int] = typer.Option(None, "--stop", help="Stop before this checkpoint position."),
+    every: int = typer.Option(1, "--every", min=1, help="Use every n-th checkpoint."),
+    include: List[str] = typer.Option([], "--include", help="Model only tensors whose name matches this glob (repeatable)."),
+    exclude: List[str] = typer.Option([], "--exclude", help="Do not model tensors matching this glob (repeatable); they are carried verbatim."),
+    trajectory: Optional[Path] = typer.Option(None, "--trajectory", help="Where to keep the trajectory store (as large as the checkpoints in float32). Default: $CMDTOOL_CACHE or ~/.cache/cmdtool."),
+    force: bool = typer.Option(False, "--force", help="Overwrite an existing mode file."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
+    tile_columns: Optional[int] = typer.Option(None, "--tile-columns", min=1, hidden=True),
+) -> None:
+    """Fit CMD modes to a folder of checkpoints and write a mode file.
+
+    Checkpoints are ordered by the numbers in their names (epoch_2 before epoch_10). Every
+    floating-point tensor is modelled; integer tensors are carried verbatim. The checkpoints are
+    first stacked into a trajectory store, reused by later fits of the same unchanged folder.
+    """
+    with _errors_to_exit_code():
+        result = fit_folder(checkpoint_dir, output, modes=modes, samples=samples, seed=seed, start=start,
+                            stop=stop, every=every, include=include, exclude=exclude,
+                            trajectory=trajectory, force=force, tile_columns=tile_columns, progress=_progress)
+    size_gb = result.trajectory.stat().st_size / 1e9
+    stderr.print(f"trajectory store: {result.trajectory} ({size_gb:.3g} GB, "
+                 f"{'reused' if result.trajectory_reused else 'built'}; delete it when done fitting)", markup=False)
+    stderr.print(f"wrote {result.mode_file}", markup=False)
+    summary = {**result.summary, "trajectory": str(result.trajectory), "trajectory_reused": result.trajectory_reused}
+    if as_json:
+        print(json.dumps(summary))
+    else:
+        _print_summary(summary)
+
+
+@app.command()
+def info(
+    mode_file: Path = typer.Argument(..., metavar="MODEFILE", help="A mode file written by cmd fit."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
+) -> None:
+    """Summarise a mode file: sizes, modes, compression and how well the modes fit the run."""
+    with _errors_to_exit_code():
+        summary = summarize(mode_file)
+        with open_mode_file(mode_file) as modes:
+            references = [modes.layout.locate(int(c)) for c in modes.reference_index]
+    if as_json:
+        print(json.dumps(summary))
+        return
+    _print_summary(summary, references)
+
+
+@app.command()
+def reconstruct(
+    mode_file: Path = typer.Argument(..., metavar="MODEFILE", help="A mode file written by cmd fit."),
+    output: Path = typer.Option(..., "--output", "-o", help="Folder to write the checkpoints into (created if missing)."),
+    at: str = typer.Option("last", "--at", help="Which checkpoints: last, first, all, or positions such as 0,10,-1 (0-based, as listed by cmd info)."),
+    force: bool = typer.Option(False, "--force", help="Overwrite existing files in the output folder."),
+) -> None:
+    """Regenerate checkpoints from a mode file, in the source format and under the source names.
+
+    The files load with your model's load_state_dict(strict=True): same tensor names, shapes and
+    dtypes; integer buffers are restored exactly.
+    """
+    with _errors_to_exit_code():
+        paths = reconstruct_checkpoints(mode_file, output, at, force, progress=_progress)
+        with open_mode_file(mode_file) as modes:
+            dropped = sorted({key for info in modes.infos for key in info.dropped})
+    if dropped:
+        stderr.print(f"note: not restored (no longer match the weights): {', '.join(dropped)}", markup=False)
+    for path in paths:
+        print(path)
+
+
+def _print_summary(s: dict, references: list | None = None) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    time = s["time"]
+    table.add_row("mode file", f"{s['mode_file']} ({_bytes(s['mode_file_bytes'])}, format v{s['format_version']}, cmdtool {s['tool_version']})")
+    table.add_row("checkpoints (T)", f"{s['checkpoints']}: {s['checkpoint_names'][0]} … {s['checkpoint_names'][-1]} (time {time[0]} … {time[-1]})")
+    table.add_row("parameters (N)", f"{s['parameters']:,} in {s['tensors_modelled']} tensors"
+                  + (f" (+{s['tensors_carried']} carried verbatim)" if s["tensors_carried"] else ""))
+    table.add_row("modes (M)", f"{s['modes']} (asked for at most {s['settings']['modes']}; sampled K = {s['settings']['samples']}, seed {s['settings']['seed']})")
+    table.add_row("compression", f"{s['compression_ratio']:.1f}× ({_bytes(s['checkpoint_bytes_float32'])} of float32 checkpoints)")
+    table.add_row("rel_error", f"{s['rel_error']:.3g}  (‖W − Ŵ‖ / ‖W‖ over all checkpoints)")
+    table.add_row("rel_error_displacement", f"{s['rel_error_displacement']:.3g}  (error ÷ how far weights moved from the first checkpoint)")
+    stdout.print(table, markup=False)
+    modes = Table(title=None, box=None, pad_edge=False)
+    for column in ("mode", "parameters", "share") + (("reference parameter",) if references else ()):
+        modes.add_column(column, justify="left" if column == "reference parameter" else "right")
+    for m, size in enumerate(s["mode_sizes"]):
+        row = [str(m), f"{size:,}", f"{100 * size / s['parameters']:.1f}%"]
+        if references:
+            name, index = references[m]
+            row.append(f"{name}[{', '.join(map(str, index))}]")
+        modes.add_row(*row)
+    stdout.print(modes, markup=False)
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} TB"
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,164 @@
+"""Correlation Mode Decomposition (Brokman et al., ICLR 2024, post-hoc CMD, §3.2) on arrays.
+
+Notation: ``T`` checkpoints, ``N`` modelled parameters, ``K`` sampled parameters, ``M`` modes.
+A trajectory is one parameter's values over the ``T`` checkpoints. Every parameter ``i`` is
+modelled as an affine copy of its mode's reference trajectory::
+
+    w_i(t) ≈ a_i · r_{labels[i]}(t) + b_i
+
+Steps (each a function below): 1 ``sample_parameters``, 2 ``correlation_matrix``,
+3 ``cluster``, 4 ``choose_references``, then 5–6 ``fit_tile`` (assign and fit) streamed over column
+tiles. References are normalised (``normalise_references``: zero mean, unit norm over time) and
+``a, b`` are expressed against the normalised reference, so that float32 storage loses nothing
+when a reference barely moves. Against a normalised reference the least-squares fit is simply
+``a = <w − mean(w), r̃>`` and ``b = mean(w)``. Pure functions: no files, no printing.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Sequence
+
+import numpy as np
+from scipy.cluster.hierarchy import fcluster, linkage
+
+
+def _allocate(total: int, capacity: np.ndarray, weight: np.ndarray) -> np.ndarray:
+    """Split ``total`` draws over bins in proportion to ``weight``, never above ``capacity``.
+
+    Largest-remainder rounding; what a full bin cannot take is shared among the others.
+    """
+    counts = np.zeros(len(capacity), dtype=np.int64)
+    remaining = min(int(total), int(capacity.sum()))
+    while remaining > 0:
+        open_ = counts < capacity
+        w = np.where(open_, weight, 0.0).astype(np.float64)
+        quota = remaining * w / w.sum()
+        share = np.minimum(np.floor(quota).astype(np.int64), capacity - counts)
+        if share.sum() == 0:  # hand out single draws, largest remainder first
+            order = np.argsort(-(quota - np.floor(quota)), kind="stable")
+            share[order[open_[order]][:remaining]] = 1
+        counts += share
+        remaining -= int(share.sum())
+    return counts
+
+
+def sample_parameters(tensor_sizes: Sequence[int], varies: np.ndarray, K: int, seed: int) -> np.ndarray:
+    """Step 1: choose ``K`` parameters, layer-balanced, never a constant one.
+
+    Half of ``K`` is spread evenly over the tensors, the rest in proportion to their size (both
+    capped by the number of non-constant parameters in each tensor). Returns sorted indices into
+    ``0 .. N``; reproducible for a given ``seed``.
+    """
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(tensor_sizes)]).astype(np.int64)
+    candidates = [np.flatnonzero(varies[offsets[j]:offsets[j + 1]]) + offsets[j]
+                  for j in range(len(tensor_sizes))]
+    capacity = np.array([len(c) for c in candidates], dtype=np.int64)
+    K = min(K, int(capacity.sum()))
+    even = _allocate(K // 2, capacity, np.ones(len(capacity)))
+    proportional = _allocate(K - int(even.sum()), capacity - even, capacity.astype(np.float64))
+    chosen = [rng.choice(c, size=int(n), replace=False)
+              for c, n in zip(candidates, even + proportional) if n > 0]
+    return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
+
+
+def correlation_matrix(trajectories: np.ndarray) -> np.ndarray:
+    """Step 2: ``C = |pearson|`` between the columns of a ``(T, K)`` array; NaN (constant) -> 0."""
+    X = trajectories.astype(np.float64)
+    X = X - X.mean(axis=0)
+    norms = np.linalg.norm(X, axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        X = X / norms
+    C = np.abs(X.T @ X)
+    C = np.nan_to_num(C, nan=0.0)
+    np.fill_diagonal(C, np.where(norms > 0, 1.0, 0.0))
+    return np.clip(C, 0.0, 1.0)
+
+
+def cluster(C: np.ndarray, M: int) -> np.ndarray:
+    """Step 3: complete-linkage clustering of the rows of ``C`` (Euclidean), cut into ``<= M`` modes.
+
+    Returns a mode label per sampled parameter, modes numbered by size, largest first (ties: the
+    mode whose first member comes first).
+    """
+    K = C.shape[0]
+    if K == 1 or M == 1:
+        return np.zeros(K, dtype=np.int64)
+    raw = fcluster(linkage(C, method="complete", metric="euclidean"), t=M, criterion="maxclust")
+    ids, first, sizes = np.unique(raw, return_index=True, return_counts=True)
+    order = np.lexsort((first, -sizes))  # by size descending, then by first member
+    rank = np.empty(len(ids), dtype=np.int64)
+    rank[order] = np.arange(len(ids))
+    return rank[np.searchsorted(ids, raw)]
+
+
+def choose_references(C: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """Step 4: per mode, the member with the largest mean ``|corr|`` to the other members.
+
+    Returns positions into the sample, one per mode (a mode of one is its own reference).
+    """
+    references = []
+    for m in range(int(labels.max()) + 1):
+        members = np.flatnonzero(labels == m)
+        if len(members) == 1:
+            references.append(members[0])
+            continue
+        block = C[np.ix_(members, members)]
+        mean_corr = (block.sum(axis=1) - np.diag(block)) / (len(members) - 1)
+        references.append(members[int(np.argmax(mean_corr))])
+    return np.array(references, dtype=np.int64)
+
+
+class NormalisedReferences(NamedTuple):
+    references: np.ndarray  # (M, T) float64, zero mean and unit norm over time
+    offset: np.ndarray      # (M,) mean of the raw reference
+    scale: np.ndarray       # (M,) norm of the centred raw reference: raw = references·scale + offset
+
+
+def normalise_references(raw: np.ndarray) -> NormalisedReferences:
+    """Zero-mean, unit-norm reference trajectories (raw ``(M, T)``, each non-constant)."""
+    raw = raw.astype(np.float64)
+    offset = raw.mean(axis=1)
+    centred = raw - offset[:, None]
+    scale = np.linalg.norm(centred, axis=1)
+    return NormalisedReferences(centred / scale[:, None], offset, scale)
+
+
+class TileFit(NamedTuple):
+    labels: np.ndarray        # (n,) mode of each parameter
+    a: np.ndarray             # (n,) float64 slope against the normalised reference
+    b: np.ndarray             # (n,) float64 intercept
+    sse: np.ndarray           # (n,) squared error of the fit, summed over time
+    sq_norm: np.ndarray       # (n,) sum over time of w²
+    sq_displacement: np.ndarray  # (n,) sum over time of (w(t) − w(0))²
+    sq_centred: np.ndarray    # (n,) sum over time of (w − mean w)²
+
+
+def fit_tile(block: np.ndarray, references: np.ndarray) -> TileFit:
+    """Steps 5–6 for one ``(T, n)`` column block: assign each parameter to the reference it
+    correlates with most in absolute value, and fit ``a, b`` by least squares over time.
+
+    ``references`` are normalised, so ``D = references @ (w − mean w)`` holds each parameter's
+    correlation with each reference times ``‖w − mean w‖``: the argmax of ``|D|`` is the mode, and
+    the chosen entry is ``a``. Constant parameters get ``a = 0``, ``b = value`` exactly.
+    ``SSE = ‖w − mean w‖² (1 − ρ²) = ‖w − mean w‖² − a²``.
+    """
+    X = block.astype(np.float64)
+    mean = X.mean(axis=0)
+    centred = X - mean
+    sq_centred = np.einsum("tn,tn->n", centred, centred)
+    D = references @ centred  # (M, n)
+    labels = np.argmax(np.abs(D), axis=0)
+    a = D[labels, np.arange(X.shape[1])]
+    constant = (X == X[0]).all(axis=0)
+    b = np.where(constant, X[0], mean)
+    a[constant] = 0.0
+    sse = np.maximum(sq_centred - a * a, 0.0)
+    displacement = X - X[0]
+    return TileFit(labels, a, b, sse, np.einsum("tn,tn->n", X, X),
+                   np.einsum("tn,tn->n", displacement, displacement), sq_centred)
+
+
+def label_dtype(M: int) -> np.dtype:
+    """uint8 labels up to 256 modes, wider beyond."""
+    return np.dtype(np.uint8 if M <= 256 else np.uint16 if M <= 65536 else np.uint32)

@@ -1,0 +1,190 @@
+"""The trajectory store: checkpoints stacked as an HDF5 matrix ``W`` of shape ``(T, N)``, float32.
+
+``W`` is contiguous (no chunks, no compression) and allocated up front, so it is memory-mapped with
+numpy at the dataset's file offset: ingest writes one checkpoint row at a time, the fit reads
+``(T, tile)`` column blocks. The store also keeps what a fit needs without reopening the
+checkpoints: the layout, the time axis, per-checkpoint write-back info, carried tensors (raw bytes)
+and a ``varies`` flag per parameter (not constant over time). A fingerprint of the inputs (file
+names, sizes, modification times, selection) lets an unchanged folder reuse its store.
+Knows nothing about CMD.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import h5py
+import numpy as np
+import torch
+
+from ._hdf5 import read_strings, read_text, write_text
+from .checkpoints import Checkpoint, CheckpointInfo, CheckpointReader
+from .errors import CmdError
+from .layout import Layout, build_layout
+
+STORE_KIND = "cmdtool-trajectory"
+STORE_VERSION = 1
+
+Advance = Callable[[int], None]
+
+
+def fingerprint(checkpoints: Sequence[Checkpoint], include: Sequence[str], exclude: Sequence[str]) -> str:
+    """Identifies the inputs of a store: any changed, added or removed checkpoint changes it."""
+    files = []
+    for c in checkpoints:
+        st = c.path.stat()
+        files.append([str(c.path.resolve()), c.time, st.st_size, st.st_mtime_ns])
+    text = json.dumps({"version": STORE_VERSION, "files": files,
+                       "include": list(include), "exclude": list(exclude)})
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclass
+class TrajectoryStore:
+    path: Path
+    layout: Layout
+    time: np.ndarray           # (T,) step or epoch numbers
+    names: list[str]           # (T,) checkpoint file names
+    infos: list[CheckpointInfo]
+    varies: np.ndarray         # (N,) bool: the parameter is not constant over the run
+    W: np.memmap               # (T, N) float32, read-only
+
+    @property
+    def T(self) -> int:
+        return self.W.shape[0]
+
+    @property
+    def N(self) -> int:
+        return self.W.shape[1]
+
+    def tiles(self, tile_columns: int) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(start, stop, W[:, start:stop])`` column blocks covering all N parameters."""
+        for start in range(0, self.N, tile_columns):
+            stop = min(start + tile_columns, self.N)
+            yield start, stop, np.asarray(self.W[:, start:stop])
+
+    def columns(self, index: np.ndarray) -> np.ndarray:
+        """The trajectories of the parameters ``index`` (sorted), as a ``(T, len(index))`` array."""
+        return np.asarray(self.W[:, index])
+
+    def carried(self, name: str) -> np.ndarray:
+        """A carried tensor's raw bytes, ``(T, nbytes)`` uint8."""
+        with h5py.File(self.path, "r") as f:
+            return f["carried"][name][()]
+
+
+def open_store(path: Path) -> TrajectoryStore:
+    """Open a complete store read-only; raise CmdError if it is not one."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("kind") != STORE_KIND or not f.attrs.get("complete"):
+                raise CmdError(f"{path}: not a complete cmdtool trajectory store")
+            layout = Layout.from_json(read_text(f, "layout"))
+            time = f["time"][()]
+            names = read_strings(f, "names")
+            infos = [CheckpointInfo.from_json(s) for s in read_strings(f, "infos")]
+            varies = f["varies"][()].astype(bool)
+            ds = f["W"]
+            shape, offset = ds.shape, ds.id.get_offset()
+    except (OSError, KeyError, ValueError) as e:
+        raise CmdError(f"{path}: not a readable cmdtool trajectory store ({e})") from None
+    if offset is None or shape != (len(names), layout.n_parameters):
+        raise CmdError(f"{path}: trajectory store is inconsistent")
+    W = np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=shape)
+    return TrajectoryStore(Path(path), layout, time, names, infos, varies, W)
+
+
+def store_fingerprint(path: Path) -> str | None:
+    """The fingerprint of a complete store at ``path``, or None if there is none."""
+    try:
+        with h5py.File(path, "r") as f:
+            if f.attrs.get("kind") == STORE_KIND and f.attrs.get("complete"):
+                return str(f.attrs["fingerprint"])
+    except OSError:
+        pass
+    return None
+
+
+def read_signatures(checkpoints: Sequence[Checkpoint], include: Sequence[str], exclude: Sequence[str],
+                    advance: Advance = lambda n: None) -> tuple[Layout, list[CheckpointInfo]]:
+    """Open every checkpoint's header: all must share tensor names, shapes and dtypes."""
+    first, layout, infos = None, None, []
+    for c in checkpoints:
+        with CheckpointReader(c.path, c.format) as reader:
+            if first is None:
+                first, layout = (checkpoints[0], reader.signature), build_layout(reader.signature, include, exclude)
+            else:
+                _check_same_tensors(first, c, reader.signature)
+            infos.append(reader.info)
+        advance(1)
+    return layout, infos
+
+
+def _check_same_tensors(first: tuple[Checkpoint, dict], c: Checkpoint, signature: dict) -> None:
+    ref_ckpt, ref = first
+    for name in ref:
+        if name not in signature:
+            raise CmdError(f"{c.path}: tensor {name!r} is missing (present in {ref_ckpt.name})")
+        if signature[name] != ref[name]:
+            (s1, d1), (s2, d2) = ref[name], signature[name]
+            raise CmdError(f"{c.path}: tensor {name!r} is {d2} {list(s2)}, "
+                           f"but {d1} {list(s1)} in {ref_ckpt.name}")
+    for name in signature:
+        if name not in ref:
+            raise CmdError(f"{c.path}: tensor {name!r} is not in {ref_ckpt.name}")
+
+
+def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequence[CheckpointInfo],
+                path: Path, fingerprint_: str, advance: Advance = lambda n: None) -> TrajectoryStore:
+    """Stack the checkpoints into a new store at ``path``, one tensor at a time (bounded memory).
+
+    Written to a temporary file beside ``path`` and renamed into place only when complete.
+    """
+    path = Path(path)
+    T, N = len(checkpoints), layout.n_parameters
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with h5py.File(tmp, "w") as f:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            h5py.h5d.create(f.id, b"W", h5py.h5t.IEEE_F32LE, h5py.h5s.create_simple((T, N)), dcpl=dcpl)
+            offset = f["W"].id.get_offset()
+            carried = f.create_group("carried")
+            for spec in layout.carried:
+                nbytes = spec.size * torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
+                carried.create_dataset(spec.name, shape=(T, nbytes), dtype="u1")
+            varies = np.zeros(N, dtype=bool)
+            W = np.memmap(tmp, dtype="<f4", mode="r+", offset=offset, shape=(T, N))
+            for t, c in enumerate(checkpoints):
+                with CheckpointReader(c.path, c.format) as reader:
+                    for spec in layout.tensors:
+                        tensor = reader.tensor(spec.name)
+                        if spec.modelled:
+                            row = tensor.detach().to(torch.float32).reshape(-1).numpy()
+                            if not np.isfinite(row).all():
+                                bad = "NaN" if np.isnan(row).any() else "Inf"
+                                raise CmdError(f"{c.path}: tensor {spec.name!r} contains {bad} values")
+                            W[t, spec.columns] = row
+                            if t > 0:
+                                varies[spec.columns] |= row != W[0, spec.columns]
+                        else:
+                            carried[spec.name][t] = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                advance(1)
+            W.flush()
+            del W
+            f.create_dataset("varies", data=varies)
+            f.create_dataset("time", data=np.array([c.time for c in checkpoints], dtype=np.int64))
+            f.create_dataset("names", data=[c.name for c in checkpoints], dtype=h5py.string_dtype())
+            f.create_dataset("infos", data=[i.to_json() for i in infos], dtype=h5py.string_dtype())
+            write_text(f, "layout", layout.to_json())
+            f.attrs.update(kind=STORE_KIND, version=STORE_VERSION, fingerprint=fingerprint_, complete=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return open_store(path)

@@ -1,0 +1,62 @@
+"""Small CNN for the 8x8 scikit-learn digits, plus held-out evaluation.
+
+Needs only torch and numpy; the held-out split is read from ``heldout.npz``
+next to this file (written by ``make_samples.py``).
+"""
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+HELDOUT_PATH = Path(__file__).with_name("heldout.npz")
+
+
+class DigitsCNN(nn.Module):
+    """Three conv+BatchNorm layers and a two-layer head: 1x8x8 image -> 10 logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 16, kernel_size=3, padding=1)
+        self.bn1 = nn.BatchNorm2d(16)
+        self.conv2 = nn.Conv2d(16, 32, kernel_size=3, padding=1)
+        self.bn2 = nn.BatchNorm2d(32)
+        self.conv3 = nn.Conv2d(32, 32, kernel_size=3, padding=1)
+        self.bn3 = nn.BatchNorm2d(32)
+        self.fc1 = nn.Linear(32 * 2 * 2, 64)
+        self.fc2 = nn.Linear(64, 10)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.bn1(self.conv1(images)))
+        x = F.max_pool2d(F.relu(self.bn2(self.conv2(x))), 2)  # 8x8 -> 4x4
+        x = F.max_pool2d(F.relu(self.bn3(self.conv3(x))), 2)  # 4x4 -> 2x2
+        return self.fc2(F.relu(self.fc1(x.flatten(start_dim=1))))
+
+
+def load_heldout() -> tuple[torch.Tensor, torch.Tensor]:
+    """Return the held-out images (n, 1, 8, 8) float32, normalised, and labels (n,) int64."""
+    with np.load(HELDOUT_PATH) as data:
+        return torch.from_numpy(data["X"]), torch.from_numpy(data["y"])
+
+
+def accuracy_and_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
+    """Accuracy and mean cross-entropy of ``model`` in eval mode, without gradients."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(images)
+    return {
+        "accuracy": (logits.argmax(dim=1) == labels).float().mean().item(),
+        "loss": F.cross_entropy(logits, labels).item(),
+    }
+
+
+def evaluate(state_dict: dict[str, torch.Tensor]) -> dict:
+    """Load ``state_dict`` (strictly) into a DigitsCNN and score it on the held-out split.
+
+    Accepts e.g. ``safetensors.torch.load_file(path)``; returns ``{"accuracy", "loss"}``.
+    """
+    model = DigitsCNN()
+    model.load_state_dict(state_dict, strict=True)
+    return accuracy_and_loss(model, *load_heldout())
