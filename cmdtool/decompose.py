@@ -25,18 +25,21 @@ from scipy.cluster.hierarchy import fcluster, linkage
 def _allocate(total: int, capacity: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """Split ``total`` draws over bins in proportion to ``weight``, never above ``capacity``.
 
-    Largest-remainder rounding; what a full bin cannot take is shared among the others.
+    Largest-remainder rounding; when a bin is full, what it cannot take is shared again among
+    the others in proportion to their weights.
     """
     counts = np.zeros(len(capacity), dtype=np.int64)
     remaining = min(int(total), int(capacity.sum()))
     while remaining > 0:
-        open_ = counts < capacity
-        w = np.where(open_, weight, 0.0).astype(np.float64)
+        room = capacity - counts
+        w = np.where(room > 0, weight, 0.0).astype(np.float64)
         quota = remaining * w / w.sum()
-        share = np.minimum(np.floor(quota).astype(np.int64), capacity - counts)
-        if share.sum() == 0:  # hand out single draws, largest remainder first
-            order = np.argsort(-(quota - np.floor(quota)), kind="stable")
-            share[order[open_[order]][:remaining]] = 1
+        floor = np.floor(quota).astype(np.int64)
+        share = np.minimum(floor, room)
+        if (floor <= room).all():  # no bin overflowed: round the rest by largest remainder
+            order = np.argsort(-(quota - floor), kind="stable")
+            order = order[share[order] < room[order]]
+            share[order[:remaining - int(share.sum())]] += 1
         counts += share
         remaining -= int(share.sum())
     return counts

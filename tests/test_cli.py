@@ -1,0 +1,80 @@
+"""The command line: help pages (typer is version-bounded), JSON output, module entry point."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from cmdtool.cli import app
+from cmdtool.modefile import open_mode_file
+from conftest import plant, write_run
+
+
+@pytest.mark.parametrize("command, expected", [
+    ([], ["fit", "reconstruct", "info", "Exit codes"]),
+    (["fit"], ["--output", "--modes", "--samples", "--seed", "--start", "--stop", "--every",
+               "--include", "--exclude", "--trajectory", "--force", "--json"]),
+    (["reconstruct"], ["--output", "--at", "--force"]),
+    (["info"], ["--json", "MODEFILE"]),
+])
+def test_help_lists_every_option(runner, command, expected):
+    result = runner.invoke(app, command + ["--help"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    for word in expected:
+        assert word in result.stdout, word
+    assert "--tile-columns" not in result.stdout
+
+
+def test_module_entry_point_and_version():
+    result = subprocess.run([sys.executable, "-m", "cmdtool", "--version"], capture_output=True, text=True)
+    assert result.returncode == 0 and result.stdout.startswith("cmdtool ")
+    result = subprocess.run([sys.executable, "-m", "cmdtool", "fit", "--help"], capture_output=True, text=True)
+    assert result.returncode == 0 and "--modes" in result.stdout
+
+
+def test_fit_and_info_json(tmp_path, runner):
+    planted = plant(M=3, T=16)
+    run = write_run(tmp_path / "run", planted.states())
+    out = tmp_path / "m.cmd.h5"
+    result = runner.invoke(app, ["fit", str(run), "-o", str(out), "-m", "3", "--json",
+                                 "--trajectory", str(tmp_path / "t.h5")])
+    assert result.exit_code == 0, result.output
+    fit = json.loads(result.stdout)
+    T, N = planted.W.shape
+    assert fit["format_version"] == 1 and fit["checkpoints"] == T and fit["parameters"] == N
+    assert fit["modes"] == 3 == len(fit["mode_sizes"]) and sum(fit["mode_sizes"]) == N
+    assert fit["mode_file"] == str(out) and fit["trajectory_reused"] is False
+    assert fit["compression_ratio"] == pytest.approx(4 * N * T / out.stat().st_size)
+
+    # rel_error and rel_error_displacement, recomputed independently from the file's datasets.
+    with open_mode_file(out) as modes:
+        order = planted.permutation(modes.layout)
+    W = planted.W[:, order].astype(np.float32).astype(np.float64)
+    with h5py.File(out, "r") as f:
+        W_hat = f["a"][()] * f["references"][()].astype(np.float64)[f["labels"][()]].T + f["b"][()]
+    assert fit["rel_error"] == pytest.approx(np.linalg.norm(W - W_hat) / np.linalg.norm(W), rel=1e-4)
+    assert fit["rel_error_displacement"] == pytest.approx(np.linalg.norm(W - W_hat) / np.linalg.norm(W - W[0]), rel=1e-4)
+
+    result = runner.invoke(app, ["info", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info == {k: v for k, v in fit.items() if k not in ("trajectory", "trajectory_reused")}
+
+
+def test_human_output_goes_to_stdout_and_messages_to_stderr(tmp_path, runner, planted):
+    run = write_run(tmp_path / "run", planted.states())
+    out = tmp_path / "m.cmd.h5"
+    result = runner.invoke(app, ["fit", str(run), "-o", str(out), "-m", "3", "--trajectory", str(tmp_path / "t.h5")])
+    assert result.exit_code == 0, result.output
+    assert "rel_error" in result.stdout and "compression" in result.stdout
+    assert f"wrote {out}" in result.stderr and "trajectory store: " in result.stderr
+    assert "━" not in result.stderr  # no progress bar when stderr is not a terminal
+    result = runner.invoke(app, ["info", str(out)], terminal_width=200)
+    assert "reference parameter" in result.stdout
+    assert re.search(r"^\s*0\s+[\d,]+\s+[\d.]+%\s+(conv|bn|fc)\.\w+\[[\d, ]+\]", result.stdout, re.M)

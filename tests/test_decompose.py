@@ -1,0 +1,179 @@
+"""CMD math on planted data: recovery, agreement with a plain in-memory implementation, invariances."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.special import comb
+
+import cmdtool
+from cmdtool.decompose import (_allocate, choose_references, cluster, correlation_matrix, fit_tile,
+                               normalise_references, sample_parameters)
+from cmdtool.modefile import open_mode_file
+from conftest import plant, write_run
+
+
+def adjusted_rand_index(x: np.ndarray, y: np.ndarray) -> float:
+    """Hubert & Arabie's ARI: 1 for identical partitions up to renaming, ~0 for chance."""
+    _, xi = np.unique(x, return_inverse=True)
+    _, yi = np.unique(y, return_inverse=True)
+    table = np.zeros((xi.max() + 1, yi.max() + 1))
+    np.add.at(table, (xi, yi), 1)
+    pairs = comb(table, 2).sum()
+    rows, cols, total = comb(table.sum(1), 2).sum(), comb(table.sum(0), 2).sum(), comb(len(x), 2)
+    expected = rows * cols / total
+    return float((pairs - expected) / ((rows + cols) / 2 - expected))
+
+
+def dense_reconstruction(path) -> np.ndarray:
+    """Ŵ (T, N) from a mode file, computed directly from its datasets in float64."""
+    with h5py.File(path, "r") as f:
+        references, labels = f["references"][()].astype(np.float64), f["labels"][()]
+        return f["a"][()] * references[labels].T + f["b"][()].astype(np.float64)
+
+
+def naive_cmd(W: np.ndarray, sample: np.ndarray, M: int):
+    """The same steps written the plain way, all in memory, against the raw references.
+
+    Returns (labels, predictions Ŵ) for comparison with the streaming implementation.
+    """
+    S = W[:, sample]
+    C = np.nan_to_num(np.abs(np.corrcoef(S.T)))
+    raw = fcluster(linkage(C, method="complete", metric="euclidean"), t=M, criterion="maxclust")
+    clusters = sorted({c: np.flatnonzero(raw == c) for c in np.unique(raw)}.values(), key=lambda m: (-len(m), m[0]))
+    reference_columns = []
+    for members in clusters:
+        mean_corr = [np.mean([C[i, j] for j in members if j != i]) if len(members) > 1 else 1.0 for i in members]
+        reference_columns.append(sample[members[int(np.argmax(mean_corr))]])
+    R = W[:, reference_columns]  # (T, M) raw reference trajectories
+    labels = np.empty(W.shape[1], dtype=int)
+    prediction = np.empty_like(W)
+    for i in range(W.shape[1]):
+        w = W[:, i]
+        if np.all(w == w[0]):
+            labels[i], prediction[:, i] = 0, w[0]
+            continue
+        corr = [abs(np.corrcoef(w, R[:, m])[0, 1]) for m in range(R.shape[1])]
+        m = int(np.argmax(corr))
+        slope, intercept = np.polyfit(R[:, m], w, 1)
+        labels[i], prediction[:, i] = m, slope * R[:, m] + intercept
+    return labels, prediction
+
+
+def fit_run(tmp_path, planted, **options):
+    """Fit a planted run; returns the result, the mode file, and the planted W in layout order."""
+    run = write_run(tmp_path / "run", planted.states())
+    out = tmp_path / "m.cmd.h5"
+    result = cmdtool.fit(run, out, trajectory=tmp_path / "traj.h5", **options)
+    with open_mode_file(out) as modes:
+        order = planted.permutation(modes.layout)
+    return result, out, order
+
+
+def test_planted_modes_are_recovered(tmp_path):
+    planted = plant(M=4, T=24, noise=1e-4, seed=1)
+    result, out, order = fit_run(tmp_path, planted, modes=4, samples=400)
+    with open_mode_file(out) as modes:
+        labels = modes.handle["labels"][()]
+        assert modes.M == 4
+    assert adjusted_rand_index(labels, planted.labels[order]) >= 0.99
+    # Error at the noise level: the planted noise is 1e-4 per entry.
+    W32 = planted.W[:, order].astype(np.float32).astype(np.float64)
+    rms_error = np.sqrt(np.mean((dense_reconstruction(out) - W32) ** 2))
+    assert 0.5e-4 < rms_error < 1.5e-4
+    assert result.summary["rel_error"] == pytest.approx(np.linalg.norm(dense_reconstruction(out) - W32) / np.linalg.norm(W32), rel=1e-4)
+
+
+def test_streaming_fit_equals_naive_in_memory_implementation(tmp_path):
+    planted = plant(M=3, T=15, noise=0.05, seed=2)  # noisy enough that choices are not trivial
+    _, out, order = fit_run(tmp_path, planted, modes=5, samples=200, seed=3, tile_columns=97)
+    W32 = planted.W[:, order].astype(np.float32).astype(np.float64)
+    with open_mode_file(out) as modes:
+        store_varies = np.ptp(W32, axis=0) > 0
+        sample = sample_parameters([s.size for s in modes.layout.modelled], store_varies, 200, 3)
+        labels = modes.handle["labels"][()]
+        naive_labels, naive_prediction = naive_cmd(W32, sample, 5)
+        assert np.array_equal(sample[np.isin(sample, modes.reference_index)], np.sort(modes.reference_index))
+    assert np.array_equal(labels, naive_labels)
+    np.testing.assert_allclose(dense_reconstruction(out), naive_prediction, rtol=0, atol=1e-5 * np.abs(W32).max())
+
+
+def test_results_do_not_depend_on_the_tile_size(tmp_path):
+    planted = plant(M=3, T=12, seed=4)
+    run = write_run(tmp_path / "run", planted.states())
+    outputs = []
+    for tile in (1, 13, 100_000):
+        out = tmp_path / f"m{tile}.cmd.h5"
+        cmdtool.fit(run, out, modes=3, samples=300, trajectory=tmp_path / "traj.h5", tile_columns=tile)
+        with h5py.File(out, "r") as f:
+            outputs.append((f["labels"][()], f["a"][()], f["b"][()]))
+    for labels, a, b in outputs[1:]:
+        assert np.array_equal(labels, outputs[0][0])
+        np.testing.assert_allclose(a, outputs[0][1], rtol=1e-6, atol=0)
+        np.testing.assert_allclose(b, outputs[0][2], rtol=1e-6, atol=0)
+
+
+def test_allocation_is_even_then_proportional_and_capped():
+    capacity = np.array([10, 1000, 90000])
+    even = _allocate(500, capacity, np.ones(3))
+    assert even.tolist() == [10, 245, 245]
+    proportional = _allocate(500, capacity - even, capacity.astype(float))
+    assert proportional.tolist() == [0, 5, 495]
+
+
+def test_sample_is_reproducible_layer_balanced_and_never_constant():
+    sizes = [10, 1000, 90000]
+    varies = np.ones(sum(sizes), dtype=bool)
+    varies[10:510] = False  # half of the second tensor is constant
+    sample = sample_parameters(sizes, varies, 1000, seed=7)
+    assert len(sample) == 1000 and len(np.unique(sample)) == 1000
+    assert varies[sample].all()
+    counts = np.histogram(sample, bins=[0, 10, 1010, 91010])[0]
+    # even half: 10 + 245 + 245; proportional half over 0 : 500 : 90000 varying -> 0 + 3 + 497
+    assert counts.tolist() == [10, 248, 742]
+    assert np.array_equal(sample, sample_parameters(sizes, varies, 1000, seed=7))
+    assert not np.array_equal(sample, sample_parameters(sizes, varies, 1000, seed=8))
+    # K larger than the number of varying parameters: take them all.
+    assert len(sample_parameters([5, 5], np.array([1, 0] * 5, dtype=bool), 1000, seed=0)) == 5
+
+
+def test_correlation_matrix_is_absolute_pearson_with_constants_zeroed():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(9, 4))
+    X[:, 2] = -3 * X[:, 0] + 1   # perfectly anti-correlated with column 0
+    X[:, 3] = 5.0                # constant
+    C = correlation_matrix(X)
+    expected = np.abs(np.corrcoef(X[:, :3].T))
+    np.testing.assert_allclose(C[:3, :3], expected, atol=1e-12)
+    assert C[0, 2] == pytest.approx(1.0)
+    assert (C[3] == 0).all() and (C[:, 3] == 0).all()
+
+
+def test_clusters_are_numbered_by_size_and_references_are_most_central():
+    # Two tight groups of 3 and 5 plus a loner, as correlation rows.
+    groups = [0, 0, 0, 1, 1, 1, 1, 1, 2]
+    C = np.array([[1.0 if gi == gj else 0.05 for gj in groups] for gi in groups])
+    C[4, 5] = C[5, 4] = C[4, 6] = C[6, 4] = C[4, 7] = C[7, 4] = 0.9  # member 4 less central
+    labels = cluster(C, 3)
+    assert labels.tolist() == [1, 1, 1, 0, 0, 0, 0, 0, 2]
+    references = choose_references(C, labels)
+    assert references[1] == 0 and references[2] == 8
+    assert references[0] == 3  # 3, 5, 6, 7 tie at the top; 4 is out; argmax takes the first
+
+
+def test_fit_tile_against_normalised_references():
+    t = np.linspace(0, 1, 10)
+    raw = np.stack([t ** 2, np.sin(3 * t)])
+    normalised = normalise_references(raw)
+    np.testing.assert_allclose(normalised.references.sum(axis=1), 0, atol=1e-12)
+    np.testing.assert_allclose(np.linalg.norm(normalised.references, axis=1), 1)
+    np.testing.assert_allclose(normalised.references * normalised.scale[:, None] + normalised.offset[:, None], raw)
+    block = np.stack([2 * t ** 2 + 1, -0.5 * np.sin(3 * t) + 4, np.full(10, 0.1, dtype=np.float32)], axis=1)
+    fit = fit_tile(block, normalised.references)
+    assert fit.labels.tolist() == [0, 1, 0]
+    prediction = fit.a * normalised.references[fit.labels].T + fit.b
+    np.testing.assert_allclose(prediction[:, :2], block[:, :2], atol=1e-12)
+    np.testing.assert_allclose(fit.sse[:2], 0, atol=1e-12 * fit.sq_centred[:2].max())
+    assert fit.a[2] == 0 and fit.b[2] == np.float64(np.float32(0.1))  # constant: exact

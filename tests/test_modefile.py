@@ -1,0 +1,105 @@
+"""The mode file: documented datasets, size per parameter, and storage that adds no error."""
+
+from __future__ import annotations
+
+import h5py
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+import cmdtool
+from cmdtool.checkpoints import CheckpointInfo
+from cmdtool.cli import app
+from cmdtool.decompose import fit_tile, label_dtype, normalise_references
+from cmdtool.errors import CmdError
+from cmdtool.layout import build_layout
+from cmdtool.modefile import FORMAT_VERSION, ModeFileWriter, open_mode_file
+from conftest import plant, write_run
+
+
+def write_single_mode_file(path, W: np.ndarray, reference_column: int):
+    """A mode file for one tensor ``w`` with one mode, built with the fit's own functions."""
+    T, N = W.shape
+    normalised = normalise_references(W[:, [reference_column]].T)
+    writer = ModeFileWriter(
+        path, layout=build_layout({"w": ((N,), "float32")}), time=np.arange(T),
+        names=[f"epoch_{t}.safetensors" for t in range(T)], infos=[CheckpointInfo("safetensors")] * T,
+        references=normalised.references, reference_offset=normalised.offset,
+        reference_scale=normalised.scale, reference_index=[reference_column], label_dtype=label_dtype(1))
+    fit = fit_tile(W, normalised.references)
+    writer.write_tile(0, fit.labels.astype(np.uint8), fit.a, fit.b)
+    writer.finish(mode_sizes=[N], settings={}, metrics={"rel_error": 0.0, "rel_error_displacement": 0.0},
+                  tool_version="test")
+
+
+def test_barely_moving_reference_adds_no_storage_error(tmp_path, runner):
+    """DESIGN.md "Numerics": a reference with relative spread 1e-6 and members that move by O(1).
+
+    Against the raw reference, |a| ~ 1e6 and float32 a, b cancel the signal away; against the
+    normalised reference the written checkpoints equal the float64 fit to float32 rounding.
+    """
+    T = 30
+    rng = np.random.default_rng(0)
+    wave = np.sin(np.linspace(0, 2 * np.pi, T))
+    reference = 1.0 + 1e-6 * wave
+    members = rng.uniform(0.5, 2, 200) * wave[:, None] + rng.normal(0, 1, 200) + 1e-3 * rng.normal(size=(T, 200))
+    W = np.column_stack([reference, members]).astype(np.float32)  # what a checkpoint holds
+    path = tmp_path / "m.cmd.h5"
+    write_single_mode_file(path, W, reference_column=0)
+    result = runner.invoke(app, ["reconstruct", str(path), "-o", str(tmp_path / "out"), "--at", "all"])
+    assert result.exit_code == 0, result.output
+    written = np.stack([load_file(tmp_path / "out" / f"epoch_{t}.safetensors")["w"].numpy() for t in range(T)])
+
+    # The float64 least-squares fit against the raw (stored) reference trajectory.
+    X, r = W.astype(np.float64), W[:, 0].astype(np.float64)
+    rc = r - r.mean()
+    a = (X - X.mean(0)).T @ rc / (rc @ rc)
+    b = X.mean(0) - a * r.mean()
+    exact = a * r[:, None] + b
+    assert np.abs(a).max() > 1e5  # the regime the normalisation exists for
+    # Float32 rounding: of the stored a, r and b (unit roundoff each, relative to the terms of
+    # a·r + b as stored) and of the written value.
+    with h5py.File(path, "r") as f:
+        terms = np.abs(f["a"][()] * f["references"][0][:, None].astype(np.float64)) + np.abs(f["b"][()])
+    rounding = 3 * 2.0 ** -24 * terms + np.spacing(np.abs(exact).astype(np.float32))
+    assert (np.abs(written - exact) <= rounding).all()
+    assert np.array_equal(written[:, 0], W[:, 0])  # the reference itself is exact
+
+    # Storing a, b against the raw reference in float32 would lose the signal.
+    raw32 = (a.astype(np.float32).astype(np.float64) * r[:, None] + b.astype(np.float32))
+    assert np.abs(raw32 - exact).max() > 1000 * np.abs(written - exact).max()
+
+
+def test_documented_datasets_and_size(tmp_path):
+    planted = plant(M=3, T=20)
+    run = write_run(tmp_path / "run", planted.states())
+    out = tmp_path / "m.cmd.h5"
+    summary = cmdtool.fit(run, out, modes=3, trajectory=tmp_path / "traj.h5").summary
+    N, T, M = planted.W.shape[1], 20, summary["modes"]
+    with h5py.File(out, "r") as f:
+        assert f.attrs["format"] == "cmdtool-modes" and f.attrs["format_version"] == FORMAT_VERSION
+        expected = {"references": ((M, T), "f4"), "reference_index": ((M,), "i8"), "labels": ((N,), "u1"),
+                    "a": ((N,), "f4"), "b": ((N,), "f4"), "time": ((T,), "i8"), "mode_sizes": ((M,), "i8"),
+                    "checkpoints": ((T,), "O"), "reference_offset": ((M,), "f8"), "reference_scale": ((M,), "f8")}
+        for name, (shape, kind) in expected.items():
+            assert f[name].shape == shape, name
+            assert f[name].dtype.kind + str(f[name].dtype.itemsize) == kind[0] + kind[1:] if kind != "O" else True
+        assert f["time"][()].tolist() == list(range(T))
+        assert f["mode_sizes"][()].sum() == N == np.bincount(f["labels"][()], minlength=M).sum()
+        np.testing.assert_allclose(f["references"][()].mean(axis=1), 0, atol=1e-6)
+        np.testing.assert_allclose(np.linalg.norm(f["references"][()], axis=1), 1, rtol=1e-6)
+        assert f["carried"]["bn.num_batches_tracked"].shape == (T, 8)
+    # About 9 bytes per parameter plus the references; the rest is a small fixed overhead.
+    overhead = out.stat().st_size - (9 * N + 4 * M * T)
+    assert 0 < overhead < 32_000
+
+
+def test_reader_refuses_inconsistent_files(tmp_path):
+    planted = plant(M=2, T=8)
+    out = tmp_path / "m.cmd.h5"
+    cmdtool.fit(write_run(tmp_path / "run", planted.states()), out, modes=2, trajectory=tmp_path / "t.h5")
+    with h5py.File(out, "r+") as f:
+        del f["a"]
+        f.create_dataset("a", data=np.zeros(3, dtype=np.float32))
+    with pytest.raises(CmdError, match=r"m\.cmd\.h5: corrupt mode file \(a has shape \(3,\), expected"):
+        open_mode_file(out)

@@ -1,0 +1,76 @@
+"""The trajectory store: contents, memory-mapped layout, reuse and rebuild."""
+
+from __future__ import annotations
+
+import os
+
+import h5py
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+import cmdtool
+from cmdtool.pipeline import default_store_path
+from cmdtool.trajectory import open_store
+from conftest import plant, write_run
+
+
+def test_store_holds_the_checkpoints_as_a_contiguous_float32_matrix(tmp_path, planted):
+    run = write_run(tmp_path / "run", planted.states())
+    result = cmdtool.fit(run, tmp_path / "m.cmd.h5", modes=3, trajectory=tmp_path / "traj.h5")
+    store = open_store(result.trajectory)
+    order = planted.permutation(store.layout)
+    assert store.W.shape == planted.W.shape and store.W.dtype == np.float32
+    assert np.array_equal(np.asarray(store.W), planted.W[:, order].astype(np.float32))
+    assert store.time.tolist() == list(range(20))
+    assert store.names[:3] == ["epoch_0.safetensors", "epoch_1.safetensors", "epoch_2.safetensors"]
+    assert store.varies.all()
+    assert not store.W.flags.writeable
+    with h5py.File(result.trajectory, "r") as f:
+        assert f["W"].chunks is None and f["W"].compression is None
+    carried = store.carried("bn.num_batches_tracked").view(np.int64)[:, 0]
+    assert carried.tolist() == [100 * t for t in range(20)]
+
+
+def test_constant_parameters_are_flagged(tmp_path):
+    planted = plant(M=2, T=6)
+    planted.W[:, :5] = 0.25  # the first 5 columns (conv.weight) never move
+    run = write_run(tmp_path / "run", planted.states())
+    store = open_store(cmdtool.fit(run, tmp_path / "m.cmd.h5", modes=2, trajectory=tmp_path / "t.h5").trajectory)
+    order = planted.permutation(store.layout)
+    assert np.array_equal(store.varies, np.ptp(planted.W[:, order], axis=0) > 0)
+    assert store.varies.sum() == planted.W.shape[1] - 5
+
+
+def test_unchanged_folder_reuses_the_store_and_a_changed_one_rebuilds_it(tmp_path, planted):
+    run = write_run(tmp_path / "run", planted.states())
+    traj = tmp_path / "traj.h5"
+    first = cmdtool.fit(run, tmp_path / "a.cmd.h5", modes=3, trajectory=traj)
+    built_at = traj.stat().st_mtime_ns
+    second = cmdtool.fit(run, tmp_path / "b.cmd.h5", modes=2, trajectory=traj)
+    assert (first.trajectory_reused, second.trajectory_reused) == (False, True)
+    assert traj.stat().st_mtime_ns == built_at
+    assert second.summary["modes"] == 2
+
+    # Rewrite one checkpoint with other values: the store must be rebuilt from the new data.
+    state = planted.states()[5]
+    state["fc.bias"] = torch.full((10,), 7.0)
+    save_file(state, str(run / "epoch_5.safetensors"))
+    os.utime(run / "epoch_5.safetensors", ns=(built_at + 10**9, built_at + 10**9))
+    third = cmdtool.fit(run, tmp_path / "c.cmd.h5", modes=3, trajectory=traj)
+    assert third.trajectory_reused is False
+    store = open_store(traj)
+    spec = next(s for s in store.layout.modelled if s.name == "fc.bias")
+    assert (store.W[5, spec.columns] == 7.0).all()
+
+    # A different selection of checkpoints is a different trajectory.
+    fourth = cmdtool.fit(run, tmp_path / "d.cmd.h5", modes=3, trajectory=traj, every=2)
+    assert fourth.trajectory_reused is False and open_store(traj).T == 10
+
+
+def test_default_store_lives_in_the_cache_folder(tmp_path, planted, isolated_cache):
+    run = write_run(tmp_path / "run", planted.states())
+    result = cmdtool.fit(run, tmp_path / "m.cmd.h5", modes=3)
+    assert result.trajectory == default_store_path(run)
+    assert result.trajectory.parent == isolated_cache and result.trajectory.exists()
+    assert result.trajectory.name.startswith("trajectory-run-")
