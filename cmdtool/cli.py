@@ -25,12 +25,13 @@ from .pipeline import reconstruct_checkpoints, summarize
 
 app = typer.Typer(
     name="cmd", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    rich_markup_mode="markdown",
     help="Correlation Mode Decomposition (CMD) of training checkpoints.\n\n"
          "CMD finds a few groups of parameters (modes) that move together during training and "
-         "models every parameter as a*r(t)+b of its mode's reference trajectory r: a whole run "
+         "models every parameter as a·r(t) + b of its mode's reference trajectory r: a whole run "
          "in a small mode file, from which any checkpoint can be regenerated.\n\n"
-         "Typical use: cmd fit RUN_DIR -o run.cmd.h5; cmd info run.cmd.h5; "
-         "cmd reconstruct run.cmd.h5 -o out/ --at last.\n\n"
+         "Typical use: `cmd fit RUN_DIR -o run.cmd.h5`, then `cmd info run.cmd.h5`, then "
+         "`cmd reconstruct run.cmd.h5 -o out/ --at last`.\n\n"
          "Exit codes: 0 ok, 1 a threshold failed, 2 bad input.")
 
 stderr = Console(stderr=True, highlight=False)
@@ -86,8 +87,8 @@ def fit(
     start: Optional[int] = typer.Option(None, "--start", help="First checkpoint to use (position in the sorted folder; Python slice rules)."),
     stop: Optional[int] = typer.Option(None, "--stop", help="Stop before this checkpoint position."),
     every: int = typer.Option(1, "--every", min=1, help="Use every n-th checkpoint."),
-    include: List[str] = typer.Option([], "--include", help="Model only tensors whose name matches this glob (repeatable)."),
-    exclude: List[str] = typer.Option([], "--exclude", help="Do not model tensors matching this glob (repeatable); they are carried verbatim."),
+    include: List[str] = typer.Option([], "--include", metavar="GLOB", help="Model only tensors whose name matches this glob (repeatable)."),
+    exclude: List[str] = typer.Option([], "--exclude", metavar="GLOB", help="Do not model tensors matching this glob (repeatable); they are carried verbatim."),
     trajectory: Optional[Path] = typer.Option(None, "--trajectory", help="Where to keep the trajectory store (as large as the checkpoints in float32). Default: $CMDTOOL_CACHE or ~/.cache/cmdtool."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing mode file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),

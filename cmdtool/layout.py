@@ -101,6 +101,8 @@ def build_layout(signature: Mapping[str, tuple[tuple[int, ...], str]],
             offset += math.prod(shape)
     layout = Layout(tuple(specs))
     if layout.n_parameters == 0:
-        raise CmdError("no floating-point tensors to model"
-                       + (" (check --include/--exclude)" if include or exclude else ""))
+        chosen = " ".join([f"--include {p!r}" for p in include] + [f"--exclude {p!r}" for p in exclude])
+        floats = sum(dtype in FLOAT_DTYPES for _, dtype in signature.values())
+        raise CmdError(f"no floating-point tensors to model ({chosen} left none of {floats})" if chosen
+                       else "no floating-point tensors to model")
     return layout

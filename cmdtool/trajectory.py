@@ -117,7 +117,11 @@ def read_signatures(checkpoints: Sequence[Checkpoint], include: Sequence[str], e
     for c in checkpoints:
         with CheckpointReader(c.path, c.format) as reader:
             if first is None:
-                first, layout = (checkpoints[0], reader.signature), build_layout(reader.signature, include, exclude)
+                first = (c, reader.signature)
+                try:
+                    layout = build_layout(reader.signature, include, exclude)
+                except CmdError as e:
+                    raise CmdError(f"{c.path.parent}: {e}") from None
             else:
                 _check_same_tensors(first, c, reader.signature)
             infos.append(reader.info)

@@ -55,6 +55,8 @@ def discover(folder: Path) -> list[Checkpoint]:
                        f"(looked for {', '.join('*' + s for s in CHECKPOINT_SUFFIXES)})")
     checkpoints = []
     for path in paths:
+        if path.stat().st_size == 0:
+            raise CmdError(f"{path}: empty file: not a safetensors or torch checkpoint (truncated or corrupt)")
         fmt = sniff_format(path)
         if fmt is None:
             raise CmdError(f"{path}: not a safetensors or torch checkpoint (empty, truncated or corrupt)")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 import struct
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -75,12 +77,13 @@ class CheckpointReader:
         except CmdError:
             raise
         except pickle.UnpicklingError as e:
-            raise CmdError(f"{path}: refused: the file holds pickled objects other than tensors "
-                           f"and plain containers, and loading them could run code "
-                           f"({str(e).splitlines()[-1].strip() or 'weights_only load failed'})") from None
+            unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            if unsafe is None:
+                raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt ({_first_sentence(e)})") from None
+            raise CmdError(f"{path}: refused: the file holds a pickled {unsafe.group(1)}, and loading it "
+                           f"could run code; keep only tensors and plain values in checkpoints") from None
         except Exception as e:  # torch and safetensors raise assorted types on corrupt input
-            raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt "
-                           f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from None
+            raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt ({_first_sentence(e)})") from None
 
     def _open_safetensors(self) -> None:
         self._handle = safe_open(str(self.path), framework="pt")
@@ -92,12 +95,14 @@ class CheckpointReader:
             self.signature[name] = (tuple(sl.get_shape()), dtype)
 
     def _open_torch(self) -> None:
-        try:
-            obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as e:
-            if "mmap" not in str(e):
-                raise
-            obj = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy format
+        with warnings.catch_warnings():  # torch warns about odd pickles; the error says what matters
+            warnings.simplefilter("ignore")
+            try:
+                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                if "mmap" not in str(e):
+                    raise
+                obj = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy format
         self._state, self.info = unwrap_state_dict(obj, self.path)
         self.signature = {name: (tuple(t.shape), dtype_name(t.dtype)) for name, t in self._state.items()}
 
@@ -115,6 +120,11 @@ class CheckpointReader:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _first_sentence(error: Exception) -> str:
+    text = str(error).strip().split("\n")[0]
+    return f"{type(error).__name__}: {text.split('. ')[0].rstrip('.')[:200]}"
 
 
 _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
@@ -142,6 +152,8 @@ def unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], Ch
                 dropped = [str(k) for k, v in obj.items() if k != key and not _is_plain(v)]
                 return dict(obj[key]), CheckpointInfo("torch", wrapper=key, extras=extras,
                                                       dropped=dropped)
+        if not obj:
+            raise CmdError(f"{path}: no state dict found (the file holds an empty dict)")
         keys = ", ".join(map(str, list(obj)[:8]))
         raise CmdError(f"{path}: no state dict found (top-level keys: {keys}; "
                        f"expected tensors, or one of {', '.join(WRAPPER_KEYS[:4])}, ...)")

@@ -1,0 +1,366 @@
+"""Bad input: exit code 2, one clear ``error: PATH: problem`` line on stderr, no traceback, and no
+partial output (no mode file, no trajectory store, no ``.*.tmp`` left behind). DESIGN.md, "Error policy"."""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import warnings
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from cmdtool.cli import app
+from conftest import plant, write_run
+
+
+class Evil:
+    """Unpickling this touches ``marker``: what a malicious checkpoint would do."""
+
+    def __init__(self, marker: pathlib.Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.marker,))
+
+
+def cmd(runner, *args):
+    """Run ``cmd ARGS``; Python warnings raised meanwhile are kept on ``result.warnings`` (the real
+    CLI prints them to stderr, beside the one error line; the runner and pytest swallow them)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = runner.invoke(app, [str(a) for a in args])
+    result.warnings = [f"{w.category.__name__}: {w.message}" for w in caught]
+    return result
+
+
+def fit(runner, tmp_path, ckpt_dir, *extra, out=None):
+    out = out or tmp_path / "modes.cmd.h5"
+    return cmd(runner, "fit", ckpt_dir, "-o", out, "--trajectory", tmp_path / "traj.h5", *extra)
+
+
+def error_line(result) -> str:
+    """Assert the bad-input contract and return the message after ``error: ``."""
+    assert result.exit_code == 2, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
+    assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught exception
+    assert "Traceback" not in result.output
+    assert result.stdout == ""
+    assert result.warnings == [], "warnings would reach stderr"
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0].removeprefix("error: ")
+
+
+def assert_nothing_written(tmp_path, *paths):
+    for path in paths:
+        assert not path.exists(), f"{path} was left behind"
+    assert sorted(tmp_path.rglob(".*.tmp")) == []
+
+
+def fit_outputs(tmp_path):
+    return tmp_path / "modes.cmd.h5", tmp_path / "traj.h5"
+
+
+def small_run(tmp_path, states=None, fmt="safetensors"):
+    return write_run(tmp_path / "run", states if states is not None else plant(T=3).states(), fmt=fmt)
+
+
+@pytest.fixture
+def mode_file(runner, tmp_path, run_dir):
+    """A valid mode file of the 20-checkpoint planted run."""
+    result = fit(runner, tmp_path, run_dir)
+    assert result.exit_code == 0, result.stderr
+    return tmp_path / "modes.cmd.h5"
+
+
+# 1. the checkpoint folder
+
+def test_missing_checkpoint_folder(runner, tmp_path):
+    missing = tmp_path / "nope"
+    assert error_line(fit(runner, tmp_path, missing)) == f"{missing}: no such folder"
+    assert_nothing_written(tmp_path, *fit_outputs(tmp_path))
+
+
+@pytest.mark.parametrize("files", [{}, {"README.txt": "notes"}], ids=["empty", "readme-only"])
+def test_folder_without_checkpoints(runner, tmp_path, files):
+    folder = tmp_path / "run"
+    folder.mkdir()
+    for name, text in files.items():
+        (folder / name).write_text(text)
+    message = error_line(fit(runner, tmp_path, folder))
+    assert message.startswith(f"{folder}: no checkpoint files found (looked for *.safetensors, *.pt")
+    assert_nothing_written(tmp_path, *fit_outputs(tmp_path))
+
+
+def test_checkpoint_dir_is_a_file(runner, tmp_path):
+    path = tmp_path / "epoch_0.safetensors"
+    path.write_bytes(b"x")
+    assert error_line(fit(runner, tmp_path, path)) == f"{path}: is a file, expected a folder of checkpoints"
+    assert_nothing_written(tmp_path, *fit_outputs(tmp_path))
+
+
+# 2. too few checkpoints
+
+def test_single_checkpoint(runner, tmp_path):
+    run = small_run(tmp_path, plant(T=1).states())
+    assert error_line(fit(runner, tmp_path, run)) == f"{run}: CMD needs at least 2 checkpoints, found 1"
+    assert_nothing_written(tmp_path, *fit_outputs(tmp_path))
+
+
+# 3. checkpoints that disagree: the message names the FIRST differing file (epoch_1, not epoch_2)
+
+def _drop_bias(state):
+    del state["fc.bias"]
+
+
+def _add_extra(state):
+    state["extra.weight"] = torch.zeros(2)
+
+
+def _reshape_bias(state):
+    state["fc.bias"] = torch.zeros(11)
+
+
+def _double_bias(state):
+    state["fc.bias"] = state["fc.bias"].double()
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (_drop_bias, "tensor 'fc.bias' is missing (present in epoch_0.safetensors)"),
+    (_add_extra, "tensor 'extra.weight' is not in epoch_0.safetensors"),
+    (_reshape_bias, "tensor 'fc.bias' is float32 [11], but float32 [10] in epoch_0.safetensors"),
+    (_double_bias, "tensor 'fc.bias' is float64 [10], but float32 [10] in epoch_0.safetensors"),
+], ids=["missing-tensor", "extra-tensor", "shape", "dtype"])
+def test_mismatched_checkpoints(runner, tmp_path, edit, problem):
+    states = plant(T=3).states()
+    edit(states[1])
+    edit(states[2])
+    run = small_run(tmp_path, states)
+    assert error_line(fit(runner, tmp_path, run)) == f"{run / 'epoch_1.safetensors'}: {problem}"
+    assert_nothing_written(tmp_path, *fit_outputs(tmp_path))
+
+
+# 4. unreadable files
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _random_bytes(path):
+    path.write_bytes(np.random.default_rng(0).bytes(1000))  # seeded: starts with no known magic
+
+
+def _random_bytes_pickle_magic(path):
+    path.write_bytes(b"\x80" + np.random.default_rng(1).bytes(999))  # looks like a legacy torch pickle
+
+
+def _empty(path):
+    path.write_bytes(b"")
+
+
+@pytest.mark.parametrize("fmt, spoil", [
+    ("safetensors", _truncate), ("torch", _truncate), ("torch", _random_bytes),
+    ("torch", _random_bytes_pickle_magic), ("safetensors", _empty),
+], ids=["truncated-safetensors", "truncated-torch", "random-bytes-pt", "random-bytes-pickle-magic-pt",
+        "empty-safetensors"])
+def test_corrupt_checkpoint(runner, tmp_path, fmt, spoil):
+    run = small_run(tmp_path, fmt=fmt)
+    bad = run / f"epoch_1.{'safetensors' if fmt == 'safetensors' else 'pt'}"
+    spoil(bad)
+    message = error_line(fit(runner, tmp_path, run))
+    assert message.startswith(f"{bad}: ")
+    assert "truncated or corrupt" in message
+    assert "refused" not in message  # garbage is not a security refusal
+    assert_nothing_written(tmp_path, *fit_outputs(tmp_path))
+
+
+# 5. pickles that would run code are refused, and the code never runs
+
+def test_code_executing_pickle_is_refused(runner, tmp_path):
+    marker = tmp_path / "pwned"
+    run = small_run(tmp_path, fmt="torch")
+    bad = run / "epoch_1.pt"
+    torch.save({"x": Evil(marker)}, bad)
+    message = error_line(fit(runner, tmp_path, run))
+    assert message.startswith(f"{bad}: refused: ")
+    assert "could run code" in message
+    assert not marker.exists()
+    assert_nothing_written(tmp_path, *fit_outputs(tmp_path))
+
+
+def test_refusal_names_the_offending_object(runner, tmp_path):
+    """The common real case: hyper-parameters saved as an argparse.Namespace beside the weights.
+    The user must learn WHICH object to strip, not only that something was refused."""
+    run = small_run(tmp_path, fmt="torch")
+    bad = run / "epoch_1.pt"
+    torch.save({"state_dict": plant(T=3).states()[1], "args": argparse.Namespace(lr=0.1)}, bad)
+    message = error_line(fit(runner, tmp_path, run))
+    assert message.startswith(f"{bad}: refused: ")
+    assert "argparse.Namespace" in message
+    assert_nothing_written(tmp_path, *fit_outputs(tmp_path))
+
+
+# 6. non-finite weights
+
+@pytest.mark.parametrize("value, word", [(float("nan"), "NaN"), (float("inf"), "Inf")])
+def test_non_finite_weights(runner, tmp_path, value, word):
+    states = plant(T=3).states()
+    states[1]["fc.weight"][3, 5] = value
+    run = small_run(tmp_path, states)
+    message = error_line(fit(runner, tmp_path, run))
+    assert message == f"{run / 'epoch_1.safetensors'}: tensor 'fc.weight' contains {word} values"
+    assert_nothing_written(tmp_path, *fit_outputs(tmp_path))
+
+
+# 7. an existing mode file is overwritten only with --force
+
+def test_existing_mode_file_needs_force(runner, tmp_path):
+    run = small_run(tmp_path)
+    out, traj = fit_outputs(tmp_path)
+    out.write_bytes(b"precious")
+    assert error_line(fit(runner, tmp_path, run)) == f"{out}: already exists (use --force to overwrite)"
+    assert out.read_bytes() == b"precious"
+    assert_nothing_written(tmp_path, traj)
+
+    result = fit(runner, tmp_path, run, "--force")
+    assert result.exit_code == 0, result.stderr
+    with h5py.File(out, "r") as f:
+        assert f.attrs["format"] == "cmdtool-modes"
+    assert_nothing_written(tmp_path)
+
+
+# 8. reconstruct does not overwrite without --force
+
+def test_reconstruct_existing_target_needs_force(runner, tmp_path, mode_file):
+    out = tmp_path / "out"
+    out.mkdir()
+    target = out / "epoch_19.safetensors"
+    target.write_bytes(b"precious")
+    message = error_line(cmd(runner, "reconstruct", mode_file, "-o", out))
+    assert message == f"{target}: already exists (use --force to overwrite)"
+    assert target.read_bytes() == b"precious"
+    assert [p.name for p in out.iterdir()] == ["epoch_19.safetensors"]
+
+    result = cmd(runner, "reconstruct", mode_file, "-o", out, "--force")
+    assert result.exit_code == 0, result.stderr
+    assert set(load_file(str(target))) == set(plant().states()[0])
+    assert_nothing_written(tmp_path)
+
+
+# 9. a mode file from a future version
+
+@pytest.mark.parametrize("command", ["info", "reconstruct"])
+def test_unknown_format_version(runner, tmp_path, mode_file, command):
+    with h5py.File(mode_file, "r+") as f:
+        f.attrs["format_version"] = 99
+    out = tmp_path / "out"
+    args = ["info", mode_file] if command == "info" else ["reconstruct", mode_file, "-o", out]
+    message = error_line(cmd(runner, *args))
+    assert message.startswith(f"{mode_file}: mode-file format version 99 is not supported")
+    assert_nothing_written(tmp_path, out)
+
+
+# 10. a folder where a file is expected, and a file where a folder is expected
+
+@pytest.mark.parametrize("command", ["info", "reconstruct", "fit"])
+def test_directory_where_file_expected(runner, tmp_path, command):
+    folder = tmp_path / "folder.cmd.h5"
+    folder.mkdir()
+    out = tmp_path / "out"
+    if command == "info":
+        result, expected = cmd(runner, "info", folder), f"{folder}: is a directory, expected a mode file"
+    elif command == "reconstruct":
+        result = cmd(runner, "reconstruct", folder, "-o", out)
+        expected = f"{folder}: is a directory, expected a mode file"
+    else:
+        result = fit(runner, tmp_path, small_run(tmp_path), out=folder)
+        expected = f"{folder}: is a directory, expected a mode-file path"
+    assert error_line(result) == expected
+    assert folder.is_dir() and list(folder.iterdir()) == []
+    assert_nothing_written(tmp_path, out, tmp_path / "traj.h5")
+
+
+def test_reconstruct_output_is_a_file(runner, tmp_path, mode_file):
+    out = tmp_path / "out"
+    out.write_bytes(b"precious")
+    assert error_line(cmd(runner, "reconstruct", mode_file, "-o", out)) == f"{out}: is a file, expected an output folder"
+    assert out.read_bytes() == b"precious"
+    assert_nothing_written(tmp_path)
+
+
+# 11. info on things that are not mode files
+
+def test_info_not_hdf5(runner, tmp_path):
+    path = tmp_path / "notes.cmd.h5"
+    path.write_text("just text\n")
+    assert error_line(cmd(runner, "info", path)) == f"{path}: not a mode file (not HDF5, or truncated)"
+
+
+def test_info_hdf5_but_not_a_mode_file(runner, tmp_path):
+    path = tmp_path / "other.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = np.zeros(3)
+    assert error_line(cmd(runner, "info", path)) == f"{path}: not a cmdtool mode file"
+
+
+def test_info_missing_file(runner, tmp_path):
+    path = tmp_path / "missing.cmd.h5"
+    assert error_line(cmd(runner, "info", path)) == f"{path}: no such file"
+
+
+# 12. reconstruct --at
+
+@pytest.mark.parametrize("at, expected", [
+    ("20", "--at '20': position 20 is out of range (the mode file has 20 checkpoints, 0..19)"),
+    ("0,-21", "--at '0,-21': position -21 is out of range (the mode file has 20 checkpoints, 0..19)"),
+    ("foo", "--at 'foo': expected last, first, all or positions like 0,5,-1"),
+], ids=["too-large", "too-negative", "garbage"])
+def test_reconstruct_bad_at(runner, tmp_path, mode_file, at, expected):
+    out = tmp_path / "out"
+    assert error_line(cmd(runner, "reconstruct", mode_file, "-o", out, "--at", at)) == expected
+    assert_nothing_written(tmp_path, out)
+
+
+# 13. a selection that leaves nothing to model
+
+def test_include_matches_nothing(runner, tmp_path):
+    run = small_run(tmp_path)
+    message = error_line(fit(runner, tmp_path, run, "--include", "nomatch*"))
+    assert "no floating-point tensors to model" in message
+    assert "--include" in message
+    assert str(run) in message  # names the folder (or its first checkpoint), as the error policy asks
+    assert_nothing_written(tmp_path, *fit_outputs(tmp_path))
+
+
+# 14. torch files without a state dict
+
+@pytest.mark.parametrize("obj, problem", [
+    ([1, 2, 3], "no state dict found (the file holds a list)"),
+    ({"epoch": 3, "lr": 0.1}, "no state dict found (top-level keys: epoch, lr;"),
+], ids=["list", "dict-of-non-tensors"])
+def test_torch_file_without_state_dict(runner, tmp_path, obj, problem):
+    run = small_run(tmp_path, fmt="torch")
+    bad = run / "epoch_1.pt"
+    torch.save(obj, bad)
+    assert error_line(fit(runner, tmp_path, run)).startswith(f"{bad}: {problem}")
+    assert_nothing_written(tmp_path, *fit_outputs(tmp_path))
+
+
+# positive control: the errors above are specific, a wrapped torch state dict is fine
+
+def test_wrapped_torch_state_dict_fits(runner, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    for t, state in enumerate(plant(T=3).states()):
+        torch.save({"state_dict": state, "epoch": 3}, run / f"epoch_{t}.pt")
+    out, traj = fit_outputs(tmp_path)
+    result = fit(runner, tmp_path, run)
+    assert result.exit_code == 0, result.stderr
+    assert result.stderr.splitlines()[-1] == f"wrote {out}"
+    assert out.is_file() and traj.is_file()
+    assert sorted(tmp_path.rglob(".*.tmp")) == []
