@@ -104,9 +104,8 @@ def fit(
         result = fit_folder(checkpoint_dir, output, modes=modes, samples=samples, seed=seed, start=start,
                             stop=stop, every=every, include=include, exclude=exclude,
                             trajectory=trajectory, force=force, tile_columns=tile_columns, progress=_progress)
-    size_gb = result.trajectory.stat().st_size / 1e9
-    stderr.print(f"trajectory store: {result.trajectory} ({size_gb:.3g} GB, "
-                 f"{'reused' if result.trajectory_reused else 'built'}; delete it when done fitting)", markup=False)
+    stderr.print(f"trajectory store: {result.trajectory} ({_bytes(result.trajectory.stat().st_size)}, "
+                 f"{'reused' if result.trajectory_reused else 'built'}; a cache, safe to delete)", markup=False)
     stderr.print(f"wrote {result.mode_file}", markup=False)
     summary = {**result.summary, "trajectory": str(result.trajectory), "trajectory_reused": result.trajectory_reused}
     if as_json:

@@ -98,7 +98,11 @@ class CheckpointReader:
         with warnings.catch_warnings():  # torch warns about odd pickles; the error says what matters
             warnings.simplefilter("ignore")
             try:
-                obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
+                if self.path.name.endswith(".safetensors"):  # torch.load would route it by name
+                    with open(self.path, "rb") as f:
+                        obj = torch.load(f, map_location="cpu", weights_only=True)
+                else:
+                    obj = torch.load(self.path, map_location="cpu", weights_only=True, mmap=True)
             except RuntimeError as e:
                 if "mmap" not in str(e):
                     raise
