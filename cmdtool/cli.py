@@ -1,6 +1,7 @@
 """The ``cmd`` command line: options, progress bars, rendering and exit codes. No math here.
 
-Exit codes: 0 success; 1 a threshold failed (reports); 2 bad input (one line on stderr).
+Exit codes: 0 success; 1 a threshold failed (reports); 2 bad input (one line on stderr);
+130 interrupted (Ctrl-C; temporary files are removed, nothing partial is left).
 Data goes to stdout, messages and progress bars to stderr.
 """
 
@@ -51,6 +52,9 @@ def _errors_to_exit_code() -> Iterator[None]:
         raise _fail(str(e)) from None
     except OSError as e:
         raise _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
+    except KeyboardInterrupt:
+        print("interrupted: no output was written", file=sys.stderr)
+        raise typer.Exit(130) from None
 
 
 @contextmanager
