@@ -39,8 +39,13 @@ stderr = Console(stderr=True, highlight=False)
 stdout = Console(highlight=False)
 
 
+def _message(text: str) -> None:
+    """A message line on stderr, never wrapped (paths stay whole for scripts)."""
+    print(text, file=sys.stderr)
+
+
 def _fail(message: str) -> typer.Exit:
-    print(f"error: {message}", file=sys.stderr)
+    _message(f"error: {message}")
     return typer.Exit(2)
 
 
@@ -53,7 +58,7 @@ def _errors_to_exit_code() -> Iterator[None]:
     except OSError as e:
         raise _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
     except KeyboardInterrupt:
-        print("interrupted: no output was written", file=sys.stderr)
+        _message("interrupted: no output was written")
         raise typer.Exit(130) from None
 
 
@@ -108,9 +113,9 @@ def fit(
         result = fit_folder(checkpoint_dir, output, modes=modes, samples=samples, seed=seed, start=start,
                             stop=stop, every=every, include=include, exclude=exclude,
                             trajectory=trajectory, force=force, tile_columns=tile_columns, progress=_progress)
-    stderr.print(f"trajectory store: {result.trajectory} ({_bytes(result.trajectory.stat().st_size)}, "
-                 f"{'reused' if result.trajectory_reused else 'built'}; a cache, safe to delete)", markup=False)
-    stderr.print(f"wrote {result.mode_file}", markup=False)
+    _message(f"trajectory store: {result.trajectory} ({_bytes(result.trajectory.stat().st_size)}, "
+             f"{'reused' if result.trajectory_reused else 'built'}; a cache, safe to delete)")
+    _message(f"wrote {result.mode_file}")
     summary = {**result.summary, "trajectory": str(result.trajectory), "trajectory_reused": result.trajectory_reused}
     if as_json:
         print(json.dumps(summary))
@@ -151,7 +156,7 @@ def reconstruct(
         with open_mode_file(mode_file) as modes:
             dropped = sorted({key for info in modes.infos for key in info.dropped})
     if dropped:
-        stderr.print(f"note: not restored (no longer match the weights): {', '.join(dropped)}", markup=False)
+        _message(f"note: not restored (no longer match the weights): {', '.join(dropped)}")
     for path in paths:
         print(path)
 
@@ -166,6 +171,14 @@ def _print_summary(s: dict, references: list | None = None) -> None:
     table.add_row("parameters (N)", f"{s['parameters']:,} in {s['tensors_modelled']} tensors"
                   + (f" (+{s['tensors_carried']} carried verbatim)" if s["tensors_carried"] else ""))
     table.add_row("modes (M)", f"{s['modes']} (asked for at most {s['settings']['modes']}; sampled K = {s['settings']['samples']}, seed {s['settings']['seed']})")
+    settings = s["settings"]
+    start, stop, every = settings["start"], settings["stop"], settings["every"]
+    selection = ("all checkpoints" if start is None and stop is None and every == 1 else
+                 f"checkpoints[{'' if start is None else start}:{'' if stop is None else stop}:{every}]")
+    table.add_row("fitted on", f"{selection} of {settings['source']}"
+                  + "".join(f" --include {p}" for p in settings["include"])
+                  + "".join(f" --exclude {p}" for p in settings["exclude"]))
+    table.add_row("trajectory store", settings["trajectory"])
     table.add_row("compression", f"{s['compression_ratio']:.1f}× ({_bytes(s['checkpoint_bytes_float32'])} of float32 checkpoints)")
     table.add_row("rel_error", f"{s['rel_error']:.3g}  (‖W − Ŵ‖ / ‖W‖ over all checkpoints)")
     table.add_row("rel_error_displacement", f"{s['rel_error_displacement']:.3g}  (error ÷ how far weights moved from the first checkpoint)")
