@@ -81,28 +81,17 @@ def test_discover_time_is_last_number_in_stem(tmp_path):
     assert [c.name for c in found] == ["resnet18_step50.pt", "resnet18_step500.pt", "resnet18_step1000.pt"]
 
 
-def test_discover_names_without_numbers_use_positions(tmp_path):
-    for name in ("charlie", "alpha", "bravo"):
+@pytest.mark.parametrize("names, order", [
+    (("charlie", "alpha", "bravo"), ["alpha", "bravo", "charlie"]),             # no numbers
+    (("epoch_3", "epoch_7", "final"), ["epoch_3", "epoch_7", "final"]),         # some without
+    (("run_a_epoch_5", "run_b_epoch_5", "run_c_epoch_6"),                       # 5 twice
+     ["run_a_epoch_5", "run_b_epoch_5", "run_c_epoch_6"]),
+], ids=["no-numbers", "some-without-numbers", "duplicate-numbers"])
+def test_discover_falls_back_to_positions(tmp_path, names, order):
+    for name in names:
         save_safetensors(tmp_path / f"{name}.safetensors")
     found = discover(tmp_path)
-    assert [c.path.stem for c in found] == ["alpha", "bravo", "charlie"]
-    assert [c.time for c in found] == [0, 1, 2]
-
-
-def test_discover_some_names_without_numbers_use_positions(tmp_path):
-    for name in ("epoch_3", "epoch_7", "final"):
-        save_safetensors(tmp_path / f"{name}.safetensors")
-    found = discover(tmp_path)
-    assert [c.path.stem for c in found] == ["epoch_3", "epoch_7", "final"]
-    assert [c.time for c in found] == [0, 1, 2]
-
-
-def test_discover_duplicate_numbers_use_positions(tmp_path):
-    # run_a_epoch_5 and run_b_epoch_5 share the last number 5
-    for name in ("run_a_epoch_5", "run_b_epoch_5", "run_c_epoch_6"):
-        save_safetensors(tmp_path / f"{name}.safetensors")
-    found = discover(tmp_path)
-    assert [c.path.stem for c in found] == ["run_a_epoch_5", "run_b_epoch_5", "run_c_epoch_6"]
+    assert [c.path.stem for c in found] == order
     assert [c.time for c in found] == [0, 1, 2]
 
 
