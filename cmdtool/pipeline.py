@@ -72,11 +72,12 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samp
     if store_path.is_dir():
         raise CmdError(f"{store_path}: is a directory, expected a trajectory-store file path")
     key = fingerprint(checkpoints, include, exclude)
-    reused = store_fingerprint(store_path) == key
+    existing = store_fingerprint(store_path)
+    reused = existing == key
     if reused:
         store = open_store(store_path)
     else:
-        if store_path.exists() and store_fingerprint(store_path) is None and not force:
+        if store_path.exists() and existing is None and not force:
             raise CmdError(f"{store_path}: exists and is not a cmdtool trajectory store (use --force to replace it)")
         store_path.parent.mkdir(parents=True, exist_ok=True)
         with progress("checking checkpoints", len(checkpoints)) as advance:
