@@ -161,6 +161,71 @@ def reconstruct(
         print(path)
 
 
+@app.command()
+def report(
+    mode_file: Path = typer.Argument(..., metavar="MODEFILE", help="A mode file written by cmd fit."),
+    output: Path = typer.Option(..., "--output", "-o", help="Report folder to write (report.html, report.md, report.json, PNG plots)."),
+    checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", metavar="DIR", help="Read the original checkpoints from this folder (default: the trajectory store kept by cmd fit)."),
+    trajectory: Optional[Path] = typer.Option(None, "--trajectory", help="Trajectory store to use, or where to build one with --checkpoints."),
+    evaluate: Optional[str] = typer.Option(None, "--eval", metavar="MODULE:FUNCTION", help="Score weights with your function state_dict -> {metric: float}: module:function (importable from here) or path/to/file.py:function."),
+    tail: List[int] = typer.Option([5, 10], "--tail", metavar="K", min=1, help="Tail averages of the last K checkpoints to compare (repeatable)."),
+    ema_decay: float = typer.Option(0.9, "--ema-decay", help="Decay of the EMA over checkpoints that is compared."),
+    max_rel_error: Optional[float] = typer.Option(None, "--max-rel-error", metavar="X", help="Fail (exit 1) when rel_error is above X."),
+    max_rel_error_displacement: Optional[float] = typer.Option(None, "--max-rel-error-displacement", metavar="X", help="Fail (exit 1) when rel_error_displacement is above X."),
+    require: List[str] = typer.Option([], "--require", metavar="METRIC>=VALUE", help="Fail (exit 1) unless an evaluated metric of the CMD weights at the last checkpoint meets this (>=, <=, >, <; repeatable; needs --eval)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of a summary."),
+) -> None:
+    """Report how well the modes explain the run, against PCA of the trajectory and weight averaging.
+
+    Writes report.html (self-contained), report.md, report.json and PNG plots into the report
+    folder; with --eval also scores every checkpoint, original and CMD, and the final candidates.
+    When GITHUB_STEP_SUMMARY is set, the summary is appended to it. Exit 1 when a threshold fails.
+    """
+    with _errors_to_exit_code():
+        from .report import Thresholds, load_evaluate, make_report, parse_requirement
+        thresholds = Thresholds(max_rel_error, max_rel_error_displacement, [parse_requirement(r) for r in require])
+        function = load_evaluate(evaluate) if evaluate else None
+        result = make_report(mode_file, output, checkpoints=checkpoints, trajectory=trajectory, evaluate=function,
+                             eval_spec=evaluate or "", tail=tail, ema_decay=ema_decay, thresholds=thresholds,
+                             force=force, progress=_progress)
+    r = result.report
+    _message(f"wrote {result.folder / 'report.html'} (also report.md, report.json and {len(r['plots'])} plots)")
+    if as_json:
+        print(json.dumps(r))
+    else:
+        _print_report(r)
+    for line in result.failures:
+        _message(f"threshold failed: {line}")
+    if result.failures:
+        raise typer.Exit(1)
+
+
+def _print_report(r: dict) -> None:
+    fit, compact = r["fit"], r["compactness"]
+    table = Table(box=None, pad_edge=False)
+    for column in ("model", "compression", "rel_error", "rel_error_displacement"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_row(f"CMD, {r['run']['modes']} modes", f"{compact['compression_ratio']:.1f}×",
+                  f"{fit['rel_error']:.4g}", f"{fit['rel_error_displacement']:.4g}")
+    for p in r["baselines"]["pca"]:
+        table.add_row(f"PCA d={p['d']}", f"{compact['checkpoint_bytes_float32'] / p['bytes_float32']:.1f}×",
+                      f"{p['rel_error']:.4g}", f"{p['rel_error_displacement']:.4g}")
+    stdout.print(table, markup=False)
+    evaluation = r["evaluation"]
+    if evaluation:
+        names = list(evaluation["per_checkpoint"]["original"])
+        candidates = Table(box=None, pad_edge=False)
+        candidates.add_column("candidate")
+        for name in names:
+            candidates.add_column(name, justify="right")
+        for candidate, scores in evaluation["candidates"].items():
+            candidates.add_row(candidate, *(f"{scores[k]:.4g}" if scores.get(k) is not None else "–" for k in names))
+        stdout.print(candidates, markup=False)
+    for t in r["thresholds"]:
+        stdout.print(f"{'pass' if t['passed'] else 'FAIL'}: {t['description']}", markup=False)
+
+
 def _print_summary(s: dict, references: list | None = None) -> None:
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold")

@@ -64,6 +64,22 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samp
         raise CmdError("--modes, --samples and --every must be at least 1")
     checkpoint_dir, output = Path(checkpoint_dir), Path(output)
     check_output_path(output, force)
+    store, store_path, reused = prepare_store(checkpoint_dir, start=start, stop=stop, every=every,
+                                              include=include, exclude=exclude, trajectory=trajectory,
+                                              force=force, progress=progress)
+    settings = dict(modes=modes, samples=samples, seed=seed, start=start, stop=stop, every=every,
+                    include=list(include), exclude=list(exclude), sampling="layer-balanced",
+                    source=str(checkpoint_dir.resolve()), trajectory=str(store_path.resolve()))
+    _decompose_store(store, output, settings, tile_columns, progress)
+    return FitResult(output, store_path, reused, summarize(output))
+
+
+def prepare_store(checkpoint_dir: Path, *, start: int | None = None, stop: int | None = None, every: int = 1,
+                  include: Sequence[str] = (), exclude: Sequence[str] = (), trajectory: str | Path | None = None,
+                  force: bool = False, progress: Progress = no_progress):
+    """The trajectory store of the checkpoints ``[start:stop:every]`` of a folder: reused when its
+    fingerprint matches, built otherwise. Returns ``(store, path, reused)``."""
+    checkpoint_dir = Path(checkpoint_dir)
     checkpoints = discover(checkpoint_dir)[start:stop:every]
     if len(checkpoints) < 2:
         raise CmdError(f"{checkpoint_dir}: CMD needs at least 2 checkpoints, "
@@ -73,23 +89,16 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samp
         raise CmdError(f"{store_path}: is a directory, expected a trajectory-store file path")
     key = fingerprint(checkpoints, include, exclude)
     existing = store_fingerprint(store_path)
-    reused = existing == key
-    if reused:
-        store = open_store(store_path)
-    else:
-        if store_path.exists() and existing is None and not force:
-            raise CmdError(f"{store_path}: exists and is not a cmdtool trajectory store (use --force to replace it)")
-        store_path.parent.mkdir(parents=True, exist_ok=True)
-        with progress("checking checkpoints", len(checkpoints)) as advance:
-            layout, infos = read_signatures(checkpoints, include, exclude, advance)
-        with progress("building trajectory store", len(checkpoints)) as advance:
-            store = build_store(checkpoints, layout, infos, store_path, key, advance)
-
-    settings = dict(modes=modes, samples=samples, seed=seed, start=start, stop=stop, every=every,
-                    include=list(include), exclude=list(exclude), sampling="layer-balanced",
-                    source=str(checkpoint_dir.resolve()), trajectory=str(store_path.resolve()))
-    _decompose_store(store, output, settings, tile_columns, progress)
-    return FitResult(output, store_path, reused, summarize(output))
+    if existing == key:
+        return open_store(store_path), store_path, True
+    if store_path.exists() and existing is None and not force:
+        raise CmdError(f"{store_path}: exists and is not a cmdtool trajectory store (use --force to replace it)")
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    with progress("checking checkpoints", len(checkpoints)) as advance:
+        layout, infos = read_signatures(checkpoints, include, exclude, advance)
+    with progress("building trajectory store", len(checkpoints)) as advance:
+        store = build_store(checkpoints, layout, infos, store_path, key, advance)
+    return store, store_path, False
 
 
 def _decompose_store(store, output: Path, settings: dict, tile_columns: int | None, progress: Progress) -> None:

@@ -11,6 +11,7 @@ import torch
 
 from .checkpoints import write_checkpoint
 from .errors import CmdError
+from .layout import Layout, TensorSpec
 from .modefile import ModeFile
 
 
@@ -33,20 +34,30 @@ def _carried_tensor(raw: np.ndarray, shape: tuple[int, ...], dtype: str) -> torc
     return torch.from_numpy(raw.copy()).view(getattr(torch, dtype)).reshape(shape)
 
 
+def assemble_state_dict(layout: Layout, modelled: Callable[[TensorSpec], np.ndarray],
+                        carried: Callable[[TensorSpec], np.ndarray]) -> dict[str, torch.Tensor]:
+    """A state dict in the layout's order: ``modelled(spec)`` gives a modelled tensor's flat values
+    (cast to its source dtype), ``carried(spec)`` a carried tensor's raw bytes."""
+    state = {}
+    for spec in layout.tensors:
+        if spec.modelled:
+            values = np.ascontiguousarray(modelled(spec)).reshape(spec.shape)
+            state[spec.name] = torch.from_numpy(values).to(getattr(torch, spec.dtype))
+        else:
+            state[spec.name] = _carried_tensor(carried(spec), spec.shape, spec.dtype)
+    return state
+
+
 def state_dict_at(modes: ModeFile, index: int) -> dict[str, torch.Tensor]:
     """The CMD state dict at checkpoint ``index``: ``a · r[label, t] + b`` in float64, then cast to
     each tensor's source dtype; carried tensors as they were. Memory: one tensor at a time."""
     reference_values = modes.references[:, index].astype(np.float64)
-    state = {}
-    for spec in modes.layout.tensors:
-        if spec.modelled:
-            labels, a, b = modes.parameters(spec.columns)
-            values = a.astype(np.float64) * reference_values[labels] + b
-            state[spec.name] = torch.from_numpy(values.reshape(spec.shape)).to(getattr(torch, spec.dtype))
-        else:
-            raw = modes.handle["carried"][spec.name][index]
-            state[spec.name] = _carried_tensor(raw, spec.shape, spec.dtype)
-    return state
+
+    def modelled(spec: TensorSpec) -> np.ndarray:
+        labels, a, b = modes.parameters(spec.columns)
+        return a.astype(np.float64) * reference_values[labels] + b
+
+    return assemble_state_dict(modes.layout, modelled, lambda spec: modes.handle["carried"][spec.name][index])
 
 
 def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], force: bool = False,

@@ -1,0 +1,96 @@
+"""The user's evaluation function (``--eval``) and the CI thresholds (``--max-…``, ``--require``)."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import math
+import operator
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Callable, Mapping, NamedTuple
+
+import torch
+
+from ..errors import CmdError
+
+Evaluate = Callable[[dict[str, torch.Tensor]], Mapping[str, float]]
+
+
+def load_evaluate(spec: str) -> Evaluate:
+    """``module:function`` (imported with the current folder on the path, like ``python -m``) or
+    ``path/to/file.py:function``: a function ``state_dict -> {metric: float}``."""
+    target, sep, name = spec.rpartition(":")
+    if not sep or not target or not name:
+        raise CmdError(f"--eval {spec!r}: expected module:function or path.py:function")
+    try:
+        if target.endswith(".py"):
+            path = Path(target)
+            if not path.is_file():
+                raise CmdError(f"--eval {spec!r}: {path}: no such file")
+            module_spec = importlib.util.spec_from_file_location(f"cmdtool_eval_{path.stem}", path)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(target)
+    except CmdError:
+        raise
+    except Exception as e:  # the user's module failed to import: say so in one line
+        raise CmdError(f"--eval {spec!r}: importing {target} failed: {type(e).__name__}: {e}") from None
+    function = getattr(module, name, None)
+    if not callable(function):
+        raise CmdError(f"--eval {spec!r}: {target} has no function {name!r}")
+    return function
+
+
+def run_evaluate(evaluate: Evaluate, state: dict[str, torch.Tensor], what: str, spec: str) -> dict[str, float]:
+    """Call the user's function on one state dict; its answer must map names to finite numbers."""
+    try:
+        result = evaluate(state)
+    except Exception as e:
+        raise CmdError(f"--eval {spec}: failed on {what}: {type(e).__name__}: {e}") from None
+    if not isinstance(result, Mapping) or not result:
+        raise CmdError(f"--eval {spec}: returned {type(result).__name__} on {what}, expected a dict of metrics")
+    metrics = {}
+    for key, value in result.items():
+        try:
+            metrics[str(key)] = float(value)
+        except (TypeError, ValueError):
+            raise CmdError(f"--eval {spec}: metric {key!r} on {what} is {value!r}, not a number") from None
+    return metrics
+
+
+class Requirement(NamedTuple):
+    """One CI threshold: ``metric op threshold`` must hold for the compared value."""
+    option: str
+    metric: str
+    op: str
+    threshold: float
+
+    def check(self, value: float | None) -> dict:
+        passed = value is not None and not math.isnan(value) and _OPS[self.op](value, self.threshold)
+        return {"option": self.option, "metric": self.metric, "op": self.op, "threshold": self.threshold,
+                "value": value, "passed": bool(passed)}
+
+    def describe(self, value: float | None) -> str:
+        shown = "missing" if value is None else f"{value:.6g}"
+        return f"{self.metric} = {shown}, required {self.op} {self.threshold:g} ({self.option})"
+
+
+_OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}
+
+
+def parse_requirement(text: str) -> Requirement:
+    """``METRIC>=VALUE`` (also ``<=``, ``>``, ``<``), on a metric of the CMD weights at the last checkpoint."""
+    match = re.fullmatch(r"\s*([^<>=\s]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+|[-+]?inf)\s*", text)
+    if not match:
+        raise CmdError(f"--require {text!r}: expected METRIC>=VALUE (or <=, >, <), e.g. accuracy>=0.9")
+    try:
+        threshold = float(match.group(3))
+    except ValueError:
+        raise CmdError(f"--require {text!r}: {match.group(3)!r} is not a number") from None
+    return Requirement(f"--require {text.strip()}", match.group(1), match.group(2), threshold)

@@ -1,0 +1,139 @@
+"""What the report measures, as functions on arrays: the fit of a mode file against the trajectory it
+was fitted on, the PCA-of-the-trajectory baseline, and the weight averages users pick instead.
+
+One streaming pass over column tiles (``measure``) gathers every per-checkpoint, per-tensor and
+per-mode sum the report needs, plus the ``T × T`` Gram matrix of the centred trajectory, from which
+the PCA baseline follows exactly without a second pass. Every final candidate other than CMD is a
+fixed linear combination of the checkpoints (``Σ_t c_t w(t)``), given by its weights ``c``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable, NamedTuple
+
+import numpy as np
+
+
+class FitMeasures(NamedTuple):
+    """Sums of squares from one pass. Per checkpoint ``(T,)``, per tensor ``(n_tensors,)``."""
+    error_sq: np.ndarray             # (T,) ‖w_t − ŵ_t‖² (ŵ: the mode file's reconstruction)
+    norm_sq: np.ndarray              # (T,) ‖w_t‖²
+    displacement_sq: np.ndarray      # (T,) ‖w_t − w_0‖²
+    tensor_error_sq: np.ndarray      # (n_tensors,) summed over the run
+    tensor_norm_sq: np.ndarray
+    tensor_displacement_sq: np.ndarray
+    tensor_error_sq_last: np.ndarray  # (n_tensors,) at the last checkpoint
+    tensor_norm_sq_last: np.ndarray
+    tensor_displacement_sq_last: np.ndarray
+    mode_layer_counts: np.ndarray    # (M, n_tensors) parameters of each tensor in each mode
+    mode_abs_corr_sum: np.ndarray    # (M,) Σ |corr(w_i, r_m)| over non-constant members
+    mode_varying: np.ndarray         # (M,) non-constant members
+    gram: np.ndarray                 # (T, T) Σ_i (w_i − mean w_i)(w_i − mean w_i)ᵀ
+
+
+def measure(tiles: Iterable[tuple[int, int, np.ndarray]], parameters: Callable[[int, int], tuple],
+            references: np.ndarray, tensor_of_column: np.ndarray, n_tensors: int,
+            advance: Callable[[int], None] = lambda n: None) -> FitMeasures:
+    """One pass over ``(start, stop, W[:, start:stop])`` tiles of the trajectory.
+
+    ``parameters(start, stop)`` gives the mode file's ``labels, a, b`` of those columns;
+    ``references`` are the stored normalised references ``(M, T)``. The reconstruction is
+    ``a · references[label] + b`` in float64 from the stored values, exactly what
+    ``cmd reconstruct`` writes before the cast to each tensor's dtype.
+    """
+    M, T = references.shape
+    R = references.astype(np.float64)
+    per_t = {k: np.zeros(T) for k in ("error_sq", "norm_sq", "displacement_sq")}
+    per_tensor = {k: np.zeros(n_tensors) for k in (
+        "tensor_error_sq", "tensor_norm_sq", "tensor_displacement_sq",
+        "tensor_error_sq_last", "tensor_norm_sq_last", "tensor_displacement_sq_last")}
+    counts = np.zeros(M * n_tensors, dtype=np.int64)
+    corr_sum, varying = np.zeros(M), np.zeros(M, dtype=np.int64)
+    gram = np.zeros((T, T))
+    for start, stop, block in tiles:
+        labels, a, b = parameters(start, stop)
+        labels = labels.astype(np.int64)
+        X = block.astype(np.float64)
+        curves = R[labels].T                                  # (T, n) each column's reference
+        error = X - (a.astype(np.float64) * curves + b.astype(np.float64))
+        displacement = X - X[0]
+        centred = X - X.mean(axis=0)
+        tensors = tensor_of_column[start:stop]
+        for name, values in (("error_sq", error), ("norm_sq", X), ("displacement_sq", displacement)):
+            squares = values * values
+            per_t[name] += squares.sum(axis=1)
+            per_tensor[f"tensor_{name}"] += np.bincount(tensors, squares.sum(axis=0), minlength=n_tensors)
+            per_tensor[f"tensor_{name}_last"] += np.bincount(tensors, squares[-1], minlength=n_tensors)
+        counts += np.bincount(labels * n_tensors + tensors, minlength=M * n_tensors)
+        centred_norm = np.sqrt(np.einsum("tn,tn->n", centred, centred))
+        moving = centred_norm > 0
+        corr = np.abs(np.einsum("tn,tn->n", curves[:, moving], centred[:, moving])) / centred_norm[moving]
+        corr_sum += np.bincount(labels[moving], corr, minlength=M)
+        varying += np.bincount(labels[moving], minlength=M)
+        gram += centred @ centred.T
+        advance(stop - start)
+    return FitMeasures(**per_t, **per_tensor, mode_layer_counts=counts.reshape(M, n_tensors),
+                       mode_abs_corr_sum=corr_sum, mode_varying=varying, gram=gram)
+
+
+def ratio(error_sq, reference_sq):
+    """``sqrt(error² / reference²)`` elementwise; NaN where the reference is 0 (e.g. the first
+    checkpoint's displacement), 0 where both are."""
+    error_sq, reference_sq = np.asarray(error_sq, dtype=np.float64), np.asarray(reference_sq, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = np.sqrt(error_sq / reference_sq)
+    return np.where((error_sq == 0) & (reference_sq == 0), 0.0, out)
+
+
+class PCA(NamedTuple):
+    """PCA of the trajectory (DLDR / P-BFGS): the checkpoints as ``T`` points in parameter space,
+    modelled as their mean plus ``d`` principal directions. From the Gram matrix ``G = W̃ W̃ᵀ`` of
+    the centred checkpoints, ``G = U diag(λ) Uᵀ`` (λ descending) and the rank-``d`` projection of
+    the checkpoints is ``U_d U_dᵀ W̃``."""
+    eigenvalues: np.ndarray   # (T,) descending, clipped at 0
+    eigenvectors: np.ndarray  # (T, T) columns
+
+    def error_sq(self, d: int) -> np.ndarray:
+        """``(T,)`` squared error of each checkpoint under mean + ``d`` directions:
+        ``Σ_{k>d} λ_k U[t, k]²``."""
+        tail = self.eigenvectors[:, d:]
+        return (tail * tail) @ self.eigenvalues[d:]
+
+    def weights_at(self, d: int, t: int) -> np.ndarray:
+        """``c`` with ``Σ_s c_s w(s)`` = the rank-``d`` PCA reconstruction of checkpoint ``t``:
+        ``1/T + (U_d U_dᵀ)[t]`` (the directions are orthogonal to the constant vector)."""
+        U = self.eigenvectors[:, :d]
+        return np.full(len(self.eigenvalues), 1 / len(self.eigenvalues)) + U[t] @ U.T
+
+
+def pca_from_gram(gram: np.ndarray) -> PCA:
+    eigenvalues, eigenvectors = np.linalg.eigh(gram)
+    order = np.argsort(eigenvalues)[::-1]
+    return PCA(np.clip(eigenvalues[order], 0.0, None), eigenvectors[:, order])
+
+
+def pca_storage_floats(d: int, N: int, T: int) -> int:
+    """Numbers a rank-``d`` PCA model keeps: the mean and ``d`` directions (N each), ``d·T`` coordinates."""
+    return (d + 1) * N + d * T
+
+
+def tail_weights(T: int, k: int) -> np.ndarray:
+    """Mean of the last ``k`` checkpoints (LAWA / SWA style); all of them when ``k ≥ T``."""
+    c = np.zeros(T)
+    c[-min(k, T):] = 1 / min(k, T)
+    return c
+
+
+def ema_weights(T: int, decay: float) -> np.ndarray:
+    """Exponential moving average over checkpoints, ``e_0 = w_0``, ``e_t = decay·e_{t−1} + (1−decay)·w_t``,
+    as weights on the checkpoints: ``(1−decay)·decay^(T−1−t)``, and ``decay^(T−1)`` on the first."""
+    c = (1 - decay) * decay ** np.arange(T - 1, -1, -1, dtype=np.float64)
+    c[0] = decay ** (T - 1)
+    return c
+
+
+def unit_weights(T: int, t: int) -> np.ndarray:
+    """Checkpoint ``t`` itself."""
+    c = np.zeros(T)
+    c[t] = 1.0
+    return c

@@ -1,0 +1,121 @@
+"""The report's pictures (PNG, matplotlib's Agg backend: no display needed). Each function takes
+arrays and a path, draws one figure and closes it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+DPI = 100
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})
+    plt.close(fig)
+
+
+def references(time: np.ndarray, raw: np.ndarray, sizes: Sequence[int], path: Path) -> None:
+    """Each mode's reference trajectory r_m(t) (raw values), one small panel per mode."""
+    M = raw.shape[0]
+    cols = min(M, 5)
+    rows = -(-M // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.0 * rows + 0.4), squeeze=False, sharex=True)
+    for m, ax in enumerate(axes.flat):
+        if m >= M:
+            ax.axis("off")
+            continue
+        ax.plot(time, raw[m], color=f"C{m % 10}")
+        ax.set_title(f"mode {m} ({sizes[m]:,} params)", fontsize=9)
+        ax.tick_params(labelsize=7)
+    fig.suptitle("Reference trajectory of each mode, r_m(t)", fontsize=11)
+    fig.supxlabel("checkpoint time", fontsize=9)
+    _save(fig, path)
+
+
+def errors(time: np.ndarray, series: Mapping[str, np.ndarray], ylabel: str, path: Path,
+           boundary: float | None = None) -> None:
+    """Relative error per checkpoint, one line per model (CMD, PCA d=1, …), log scale."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    for i, (label, values) in enumerate(series.items()):
+        ax.plot(time, values, marker="o", markersize=3, label=label, color=f"C{i}")
+    if boundary is not None:
+        ax.axvline(boundary, color="grey", linestyle=":", label="warm-up end")
+    ax.set_yscale("log")
+    ax.set_xlabel("checkpoint time")
+    ax.set_ylabel(ylabel)
+    ax.set_title("How well each model reproduces every checkpoint (lower is better)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def mode_layers(counts: np.ndarray, layers: Sequence[str], path: Path) -> None:
+    """Mode × layer heat map: the share of each layer's parameters that falls in each mode."""
+    M, L = counts.shape
+    share = counts / np.maximum(counts.sum(axis=0, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(min(2 + 0.28 * L, 30), 1.6 + 0.32 * M))
+    image = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
+    ax.set_yticks(range(M), [f"mode {m}" for m in range(M)], fontsize=8)
+    ax.set_xticks(range(L), layers, rotation=90, fontsize=7)
+    ax.set_title("Share of each layer's parameters in each mode (each column sums to 1)", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.03)
+    _save(fig, path)
+
+
+def correlation(C: np.ndarray, labels: np.ndarray, path: Path) -> None:
+    """The |corr| matrix of the sampled parameters, ordered by mode (the paper's figure 1)."""
+    order = np.argsort(labels, kind="stable")
+    fig, ax = plt.subplots(figsize=(6.2, 5.4))
+    image = ax.imshow(C[np.ix_(order, order)], cmap="magma", vmin=0, vmax=1, interpolation="nearest")
+    edges = np.flatnonzero(np.diff(labels[order])) + 0.5
+    for edge in edges:
+        ax.axhline(edge, color="white", linewidth=0.6)
+        ax.axvline(edge, color="white", linewidth=0.6)
+    ax.set_title(f"|correlation| of {len(labels)} sampled parameters, grouped by mode", fontsize=10)
+    ax.set_xlabel("sampled parameter (by mode)")
+    ax.set_ylabel("sampled parameter (by mode)")
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    _save(fig, path)
+
+
+def metric(time: np.ndarray, original: Mapping[str, Sequence[float]], cmd: Mapping[str, Sequence[float]],
+           path: Path) -> None:
+    """Each evaluated metric per checkpoint: the original weights against their CMD reconstruction."""
+    names = list(original)
+    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.6), squeeze=False)
+    for ax, name in zip(axes.flat, names):
+        ax.plot(time, original[name], marker="o", markersize=3, label="original")
+        ax.plot(time, cmd[name], marker="s", markersize=3, label="CMD reconstruction")
+        ax.set_title(name)
+        ax.set_xlabel("checkpoint time")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    _save(fig, path)
+
+
+def parameters(time: np.ndarray, original: np.ndarray, reconstructed: np.ndarray, titles: Sequence[str],
+               path: Path) -> None:
+    """A few sampled parameters over time: original against CMD reconstruction (columns of the arrays)."""
+    k = original.shape[1]
+    cols = min(k, 3)
+    rows = -(-k // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.5 * rows + 0.3), squeeze=False)
+    for j, ax in enumerate(axes.flat):
+        if j >= k:
+            ax.axis("off")
+            continue
+        ax.plot(time, original[:, j], color="C0", label="original")
+        ax.plot(time, reconstructed[:, j], color="C1", linestyle="--", label="CMD")
+        ax.set_title(titles[j], fontsize=8)
+        ax.tick_params(labelsize=7)
+        if j == 0:
+            ax.legend(fontsize=7)
+    fig.suptitle("Sampled parameters: original trajectory and CMD reconstruction", fontsize=11)
+    _save(fig, path)
