@@ -26,9 +26,8 @@ demo: install
 		--trajectory $(DEMO)/sample.trajectory.h5 --force
 	$(VENV)/bin/cmd info $(DEMO)/sample.cmd.h5
 	$(VENV)/bin/cmd reconstruct $(DEMO)/sample.cmd.h5 -o $(DEMO)/reconstructed --at last --force
-	$(PY) -c "from safetensors.torch import load_file; from sample_checkpoints.model import evaluate; \
-	import glob; f = sorted(glob.glob('$(DEMO)/reconstructed/*.safetensors'))[0]; \
-	print('CMD-reconstructed', f, evaluate(load_file(f)))"
+	$(VENV)/bin/cmd report $(DEMO)/sample.cmd.h5 -o $(DEMO)/report --force \
+		--eval sample_checkpoints.model:evaluate --max-rel-error 0.1 --require 'accuracy>=0.95'
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache
