@@ -60,6 +60,8 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
     and the final candidates.
     """
     output = Path(output)
+    if evaluate is not None and not eval_spec:
+        eval_spec = f"{getattr(evaluate, '__module__', '?')}:{getattr(evaluate, '__qualname__', repr(evaluate))}"
     _check_report_folder(output, force)
     if any(k < 1 for k in tail) or not 0 < ema_decay < 1:
         raise CmdError("--tail must be at least 1 and --ema-decay between 0 and 1 (exclusive)")
@@ -210,7 +212,7 @@ def _compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path
                                ("--max-rel-error-displacement", "rel_error_displacement",
                                 thresholds.max_rel_error_displacement)):
         if limit is not None:
-            requirement = Requirement(f"{option} {limit:g}", key, "<=", float(limit))
+            requirement = Requirement(f"{option} {float(limit)!r}", key, "<=", float(limit))
             checks.append((requirement, fit[key]))
     for requirement in thresholds.require:
         cmd_metrics = evaluation["candidates"]["cmd"]
@@ -353,7 +355,7 @@ def _notes(layout, evaluation: dict | None) -> list[str]:
     statistics = [s.name for s in layout.modelled if s.name.endswith(("running_mean", "running_var"))]
     evaluated = evaluation is not None
     if statistics and evaluated:
-        notes.append(f"BatchNorm running statistics ({len(statistics)} tensors) are modelled by CMD and averaged "
+        notes.append(f"BatchNorm running statistics ({len(statistics)} tensor{'s' * (len(statistics) > 1)}) are modelled by CMD and averaged "
                      "by the averaging baselines like any other weight; they are not recalibrated on data.")
     if evaluated and any(s.dtype == "float64" for s in layout.modelled):
         notes.append("Original checkpoints are scored from the trajectory store, which holds float64 tensors "

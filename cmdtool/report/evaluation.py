@@ -77,8 +77,8 @@ class Requirement(NamedTuple):
                 "value": value, "passed": bool(passed)}
 
     def describe(self, value: float | None) -> str:
-        shown = "missing" if value is None else f"{value:.6g}"
-        return f"{self.metric} = {shown}, required {self.op} {self.threshold:g} ({self.option})"
+        shown = "missing" if value is None else repr(float(value))  # exact: the shortest text that reads back as it
+        return f"{self.metric} = {shown}, required {self.op} {float(self.threshold)!r} ({self.option})"
 
 
 _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt}

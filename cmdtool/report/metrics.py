@@ -77,8 +77,8 @@ def measure(tiles: Iterable[tuple[int, int, np.ndarray]], parameters: Callable[[
 
 
 def ratio(error_sq, reference_sq):
-    """``sqrt(error² / reference²)`` elementwise; NaN where the reference is 0 (e.g. the first
-    checkpoint's displacement), 0 where both are."""
+    """``sqrt(error² / reference²)`` elementwise; infinite where only the reference is 0 (e.g. the
+    first checkpoint's displacement: report.json writes null), 0 where both are."""
     error_sq, reference_sq = np.asarray(error_sq, dtype=np.float64), np.asarray(reference_sq, dtype=np.float64)
     with np.errstate(divide="ignore", invalid="ignore"):
         out = np.sqrt(error_sq / reference_sq)
