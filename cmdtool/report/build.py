@@ -202,9 +202,8 @@ def _compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path
 
     # 5. Model quality, when the user gave an evaluation function.
     evaluation = None
-    carried = {spec.name: store.carried(spec.name) for spec in layout.carried}
     if evaluate is not None:
-        evaluation = _evaluate_all(modes, store, carried, evaluate, eval_spec, tail, ema_decay, pca, progress)
+        evaluation = _evaluate_all(modes, store, evaluate, eval_spec, tail, ema_decay, pca, progress)
 
     # 8. Thresholds.
     checks = []
@@ -296,10 +295,11 @@ def _representatives(modes: ModeFile, sample: np.ndarray, labels: np.ndarray, C:
     return positions, titles
 
 
-def _evaluate_all(modes: ModeFile, store: TrajectoryStore, carried: dict, evaluate, spec: str,
-                  tail: Sequence[int], ema_decay: float, pca: metrics.PCA, progress: Progress) -> dict:
+def _evaluate_all(modes: ModeFile, store: TrajectoryStore, evaluate, spec: str, tail: Sequence[int],
+                  ema_decay: float, pca: metrics.PCA, progress: Progress) -> dict:
     """Score every checkpoint (original and CMD) and the final candidates with the user's function."""
     T = modes.T
+    carried = {tensor.name: store.carried(tensor.name) for tensor in modes.layout.carried}
 
     def combination(weights: np.ndarray, carried_from: int) -> dict:
         """``Σ_t weights[t] · w(t)`` as a state dict; carried tensors from checkpoint ``carried_from``."""
