@@ -64,7 +64,7 @@ def test_natural_key_orders_numbers_numerically():
 def test_discover_natural_order_and_times_from_names(tmp_path):
     for n in (1, 2, 10, 9):
         save_safetensors(tmp_path / f"epoch_{n}.safetensors", small_state(n))
-    found = discover(tmp_path)
+    found = discover(tmp_path).checkpoints
     assert [c.name for c in found] == ["epoch_1.safetensors", "epoch_2.safetensors",
                                        "epoch_9.safetensors", "epoch_10.safetensors"]
     assert [c.time for c in found] == [1, 2, 9, 10]
@@ -76,7 +76,7 @@ def test_discover_time_is_last_number_in_stem(tmp_path):
     # "resnet18" carries a number too; the step number is the last one.
     for step in (500, 1000, 50):
         save_torch(tmp_path / f"resnet18_step{step}.pt", small_state(step))
-    found = discover(tmp_path)
+    found = discover(tmp_path).checkpoints
     assert [c.time for c in found] == [50, 500, 1000]
     assert [c.name for c in found] == ["resnet18_step50.pt", "resnet18_step500.pt", "resnet18_step1000.pt"]
 
@@ -84,15 +84,24 @@ def test_discover_time_is_last_number_in_stem(tmp_path):
 @pytest.mark.parametrize("names, order", [
     (("charlie", "alpha", "bravo"), ["alpha", "bravo", "charlie"]),             # no numbers
     (("epoch_3", "epoch_7", "final"), ["epoch_3", "epoch_7", "final"]),         # some without
-    (("run_a_epoch_5", "run_b_epoch_5", "run_c_epoch_6"),                       # 5 twice
-     ["run_a_epoch_5", "run_b_epoch_5", "run_c_epoch_6"]),
-], ids=["no-numbers", "some-without-numbers", "duplicate-numbers"])
+], ids=["no-numbers", "some-without-numbers"])
 def test_discover_falls_back_to_positions(tmp_path, names, order):
     for name in names:
         save_safetensors(tmp_path / f"{name}.safetensors")
-    found = discover(tmp_path)
+    found = discover(tmp_path).checkpoints
     assert [c.path.stem for c in found] == order
     assert [c.time for c in found] == [0, 1, 2]
+
+
+def test_discover_same_time_keeps_the_first_and_warns(tmp_path):
+    for name in ("run_a_epoch_5", "run_b_epoch_5", "run_c_epoch_6"):
+        save_safetensors(tmp_path / f"{name}.safetensors")
+    found = discover(tmp_path)
+    assert [(c.path.stem, c.time) for c in found.checkpoints] == [("run_a_epoch_5", 5), ("run_c_epoch_6", 6)]
+    assert [(s.path.name, s.reason) for s in found.skipped] == [
+        ("run_b_epoch_5.safetensors", "same time 5 (name) as run_a_epoch_5.safetensors")]
+    assert found.warnings == [f"{tmp_path / 'run_b_epoch_5.safetensors'}: same time 5 (name) as "
+                              f"run_a_epoch_5.safetensors; kept run_a_epoch_5.safetensors"]
 
 
 # --------------------------------------------------------------------------- suffixes
@@ -122,7 +131,7 @@ def test_discover_finds_every_suffix_and_ignores_other_files(tmp_path):
     (tmp_path / "sub").mkdir()
     save_torch(tmp_path / "sub" / "ckpt_77.pt")                       # not directly in the folder
     (tmp_path / "notes.txt").write_text("epoch 3 looked odd")
-    found = discover(tmp_path)
+    found = discover(tmp_path).checkpoints
     assert {c.name: c.format for c in found} == expected
     assert [c.name for c in found] == list(expected)  # ckpt_0 .. ckpt_5 in order
     assert [c.time for c in found] == [0, 1, 2, 3, 4, 5]
@@ -131,7 +140,7 @@ def test_discover_finds_every_suffix_and_ignores_other_files(tmp_path):
 def test_discover_pth_tar_time_from_stem(tmp_path):
     for n in (3, 12):
         save_torch(tmp_path / f"checkpoint_{n}.pth.tar", small_state(n))
-    found = discover(tmp_path)
+    found = discover(tmp_path).checkpoints
     assert [c.time for c in found] == [3, 12]
     assert [c.format for c in found] == ["torch", "torch"]
 
@@ -157,7 +166,7 @@ def test_discover_errors(tmp_path):
 def test_sniff_safetensors_named_bin(tmp_path):
     path = save_safetensors(tmp_path / "pytorch_model.bin", small_state())
     assert sniff_format(path) == "safetensors"
-    found = discover(tmp_path)
+    found = discover(tmp_path).checkpoints
     assert [(c.name, c.format) for c in found] == [("pytorch_model.bin", "safetensors")]
     state, info, _ = read_all(path, "safetensors")
     assert_states_equal(state, small_state())
@@ -168,7 +177,7 @@ def test_sniff_torch_zip_named_safetensors(tmp_path):
     path = save_torch(tmp_path / "model.safetensors", small_state(3))
     assert path.read_bytes()[:4] == b"PK\x03\x04"
     assert sniff_format(path) == "torch"
-    assert [c.format for c in discover(tmp_path)] == ["torch"]
+    assert [c.format for c in discover(tmp_path).checkpoints] == ["torch"]
     state, info, _ = read_all(path, "torch")
     assert_states_equal(state, small_state(3))
     assert info.format == "torch"
@@ -194,7 +203,7 @@ def test_sniff_ignores_extension_for_npz(tmp_path):
     # npz is a zip archive too; sniffing alone says torch, but discovery never looks at .npz
     assert sniff_format(tmp_path / "a.npz") == "torch"
     save_torch(tmp_path / "b.pt")
-    assert [c.name for c in discover(tmp_path)] == ["b.pt"]
+    assert [c.name for c in discover(tmp_path).checkpoints] == ["b.pt"]
 
 
 # --------------------------------------------------------------------------- reading torch files
