@@ -150,20 +150,12 @@ def list_checkpoints(
         print(json.dumps({"folder": str(checkpoint_dir), "time_source": found.time_source,
                           "checkpoints": checkpoints, "skipped": skipped}))
     else:
-        table = Table(box=None, pad_edge=False, title_justify="left",
-                      title=f"{len(checkpoints)} checkpoints in {checkpoint_dir}, time from {_TIME_SOURCES[found.time_source]}")
-        for column in ("position", "time", "checkpoint", "format"):
-            table.add_column(column, justify="right" if column in ("position", "time") else "left")
-        for c in checkpoints:
-            table.add_row(str(c["position"]), str(c["time"]), c["name"], c["format"])
-        stdout.print(table, markup=False)
+        print(f"{len(checkpoints)} checkpoints in {checkpoint_dir}, time from {_TIME_SOURCES[found.time_source]}")
+        _print_columns(["position", "time", "checkpoint", "format"],
+                       [[c["position"], c["time"], c["name"], c["format"]] for c in checkpoints])
         if skipped:
-            table = Table(box=None, pad_edge=False, title_justify="left", title=f"skipped {len(skipped)}")
-            table.add_column("entry")
-            table.add_column("reason")
-            for s in skipped:
-                table.add_row(s["name"], s["reason"])
-            stdout.print(table, markup=False)
+            print(f"skipped {len(skipped)}")
+            _print_columns(["entry", "reason"], [[s["name"], s["reason"]] for s in skipped])
     for warning in found.warnings:
         _message(f"warning: {warning}")
 
@@ -171,6 +163,14 @@ def list_checkpoints(
 _TIME_SOURCES = {"global_step": "the stored global_step", "step": "the stored step",
                  "epoch": "the stored epoch", "name": "the numbers in the names",
                  "position": "the position in natural sort order"}
+
+
+def _print_columns(header: list[str], rows: list[list]) -> None:
+    """Left-aligned columns that never wrap (names and paths stay whole for scripts)."""
+    cells = [header] + [[str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
 
 
 def _describe(checkpoint) -> str:

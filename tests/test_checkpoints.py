@@ -3,6 +3,7 @@ signatures and write-back."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -411,3 +412,134 @@ def test_write_torch_plain(tmp_path):
     write_checkpoint(out, state, info)
     loaded = torch.load(out, weights_only=True)
     assert_states_equal(loaded, small_state(4))
+
+
+# --------------------------------------------------------------------------- how training stacks lay out folders
+
+
+class Touch:
+    """Unpickling this touches ``marker``: proves a file was loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_stack_leftovers_are_skipped_with_reasons_and_never_loaded(tmp_path):
+    for n in (1, 2):
+        save_torch(tmp_path / f"epoch={n}-step={10 * n}.ckpt", {"state_dict": small_state(n), "global_step": 10 * n})
+    marker = tmp_path.parent / "loaded"
+    leftovers = {
+        "last.ckpt": "Lightning's copy of the latest checkpoint (save_last)",
+        "last-v1.ckpt": "Lightning's copy of the latest checkpoint (save_last)",
+        "last.pth.tar": "timm's copy of the latest checkpoint",
+        "model_best.pth.tar": "timm's copy of the best checkpoint",
+        "tmp.pth.tar": "timm's temporary file",
+        "recovery-3-100.pth.tar": "timm's mid-epoch recovery checkpoint",
+        "optimizer.pt": "training state, not weights (not loaded)",
+        "scheduler.pt": "training state, not weights (not loaded)",
+        "rng_state_0.pth": "training state, not weights (not loaded)",
+        "training_args.bin": "training state, not weights (not loaded)",
+    }
+    for name in leftovers:
+        torch.save({"x": Touch(marker)}, tmp_path / name)
+    (tmp_path / "tmp-checkpoint-30").mkdir()
+    save_safetensors(tmp_path / "tmp-checkpoint-30" / "model.safetensors")
+    (tmp_path / "runs").mkdir()  # e.g. TensorBoard logs
+    found = discover(tmp_path)
+    assert [c.name for c in found.checkpoints] == ["epoch=1-step=10.ckpt", "epoch=2-step=20.ckpt"]
+    assert {s.path.name: s.reason for s in found.skipped} == {
+        **leftovers, "tmp-checkpoint-30": "leftover of an interrupted Hugging Face save",
+        "runs": "folder without model weights (no model.safetensors or pytorch_model.bin)"}
+    assert not marker.exists()
+
+
+def test_stored_time_comes_before_names(tmp_path):
+    # Names say b < a, the stored global_step says a < b; epoch is the same in both.
+    save_torch(tmp_path / "a_1.pt", {"model": small_state(0), "global_step": 100, "epoch": 0})
+    save_torch(tmp_path / "b_0.pt", {"model": small_state(1), "global_step": 200, "epoch": 0})
+    found = discover(tmp_path)
+    assert [(c.name, c.time) for c in found.checkpoints] == [("a_1.pt", 100), ("b_0.pt", 200)]
+    assert found.time_source == "global_step"
+
+
+def test_stored_time_that_does_not_vary_is_not_used(tmp_path):
+    for n in (3, 1):
+        save_torch(tmp_path / f"ep_{n}.pt", {"model": small_state(n), "epoch": 0})
+    found = discover(tmp_path)
+    assert [(c.name, c.time) for c in found.checkpoints] == [("ep_1.pt", 1), ("ep_3.pt", 3)]
+    assert found.time_source == "name"
+
+
+def test_safetensors_metadata_time(tmp_path):
+    save_safetensors(tmp_path / "x.safetensors", small_state(0), metadata={"step": "40"})
+    save_safetensors(tmp_path / "y.safetensors", small_state(1), metadata={"step": "20"})
+    found = discover(tmp_path)
+    assert [(c.name, c.time) for c in found.checkpoints] == [("y.safetensors", 20), ("x.safetensors", 40)]
+    assert found.time_source == "step"
+
+
+def test_same_file_reached_twice_counts_once(tmp_path):
+    for n in (1, 2):
+        save_safetensors(tmp_path / f"epoch_{n}.safetensors", small_state(n))
+    (tmp_path / "epoch_3.safetensors").hardlink_to(tmp_path / "epoch_2.safetensors")
+    (tmp_path / "epoch_4.safetensors").symlink_to(tmp_path / "epoch_1.safetensors")
+    found = discover(tmp_path)
+    assert [c.name for c in found.checkpoints] == ["epoch_1.safetensors", "epoch_2.safetensors"]
+    assert [(s.path.name, s.reason) for s in found.skipped] == [
+        ("epoch_3.safetensors", "same file as epoch_2.safetensors"),
+        ("epoch_4.safetensors", "same file as epoch_1.safetensors")]
+    assert found.warnings == []
+
+
+def test_huggingface_folder_roles(tmp_path):
+    folder = tmp_path / "checkpoint-500"
+    folder.mkdir()
+    save_safetensors(folder / "model-00001-of-00002.safetensors", {"a.weight": torch.ones(2)})
+    save_safetensors(folder / "model-00002-of-00002.safetensors", {"b.weight": torch.zeros(3)})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({
+        "metadata": {"total_size": 20}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                                                       "b.weight": "model-00002-of-00002.safetensors"}}))
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    save_torch(folder / "optimizer.pt", {"state": {}})
+    (folder / "global_step500").mkdir()  # DeepSpeed's shards beside consolidated weights: not needed
+    (folder / "global_step500" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    [c] = discover(tmp_path).checkpoints
+    assert (c.stack, c.format, c.time) == ("huggingface", "safetensors", 500)  # no trainer_state.json: the name
+    assert c.folder.weights == ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    assert (c.folder.index, c.folder.copied, c.folder.dropped) == (
+        "model.safetensors.index.json", ("config.json", "tokenizer.json"), ("optimizer.pt",))
+    with c.open() as reader:
+        assert reader.signature == {"a.weight": ((2,), "float32"), "b.weight": ((3,), "float32")}
+        assert torch.equal(reader.tensor("b.weight"), torch.zeros(3))
+        assert reader.info.shards == {"model-00001-of-00002.safetensors": ["a.weight"],
+                                      "model-00002-of-00002.safetensors": ["b.weight"]}
+        assert set(reader.info.files) == {"config.json", "tokenizer.json"}
+
+
+def test_ema_reads_state_dict_ema(tmp_path):
+    path = save_torch(tmp_path / "checkpoint-1.pth.tar",
+                      {"state_dict": small_state(0), "state_dict_ema": small_state(1), "epoch": 1, "arch": "x"})
+    with CheckpointReader(path, "torch", ema=True) as reader:
+        assert torch.equal(reader.tensor("layer.weight"), small_state(1)["layer.weight"])
+        assert (reader.info.wrapper, reader.info.dropped, reader.info.stack) == ("state_dict_ema", ["state_dict"], "timm")
+    with CheckpointReader(path, "torch") as reader:
+        assert (reader.info.wrapper, reader.info.dropped, reader.info.stack) == ("state_dict", ["state_dict_ema"], "timm")
+
+
+def test_info_from_before_huggingface_folders_still_reads():
+    """Mode files written before issue 4 have checkpoint_info without shards, index and files."""
+    old = '{"format": "torch", "wrapper": "model", "extras": {"epoch": 3}, "dropped": ["optimizer"], "metadata": null}'
+    info = CheckpointInfo.from_json(old)
+    assert (info.wrapper, info.extras, info.is_folder, info.files) == ("model", {"epoch": 3}, False, {})
+
+
+def test_plain_values_kept_training_state_dropped(tmp_path):
+    obj = {"state_dict": small_state(), "hyper_parameters": {"lr": 0.1, "layers": [2, 3], "name": None},
+           "lr_schedulers": [{"step_size": 1}], "optimizer_states": [{"state": {}}], "bad": float("nan")}
+    _, info, _ = read_all(save_torch(tmp_path / "x.ckpt", obj), "torch")
+    assert info.extras == {"hyper_parameters": {"lr": 0.1, "layers": [2, 3], "name": None}}
+    assert info.dropped == ["lr_schedulers", "optimizer_states", "bad"]
