@@ -19,9 +19,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .checkpoints import discover
 from .errors import CmdError
 from .modefile import open_mode_file
-from .checkpoints import discover
 from .pipeline import fit as fit_folder
 from .pipeline import not_restored, reconstruct_checkpoints, summarize
 from .reconstruct import WRITE_FORMATS

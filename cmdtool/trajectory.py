@@ -83,7 +83,8 @@ class TrajectoryStore:
     def attachments(self) -> dict[str, bytes]:
         """The files copied back with Hugging Face folders, by SHA-256."""
         with h5py.File(self.path, "r") as f:
-            return {digest: f["attachments"][digest][()].tobytes() for digest in f["attachments"]}
+            group = f.get("attachments", {})
+            return {digest: group[digest][()].tobytes() for digest in group}
 
 
 def open_store(path: Path) -> TrajectoryStore:

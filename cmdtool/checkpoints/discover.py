@@ -11,7 +11,7 @@ DeepSpeed ZeRO) are refused with the tool that consolidates them.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import CmdError
@@ -101,7 +101,7 @@ def _skip_reason(name: str) -> str | None:
     return None
 
 
-def refuse_unreadable(folder: Path) -> None:
+def _refuse_unreadable(folder: Path) -> None:
     """Refuse a folder whose tensors are sharded across ranks, naming the consolidation tool."""
     names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
     if any(n.endswith(".distcp") for n in names):
@@ -138,7 +138,6 @@ def _huggingface_files(folder: Path) -> FolderFiles | None:
     copied = tuple(n for n in names if n not in weights and n != index and n not in dropped
                    and sniff_format(folder / n) is None)
     return FolderFiles(weights, index, copied, dropped)
-
 
 
 @dataclass
@@ -194,7 +193,7 @@ def discover(folder: Path) -> Discovery:
         raise CmdError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise CmdError(f"{folder}: is a file, expected a folder of checkpoints")
-    refuse_unreadable(folder)
+    _refuse_unreadable(folder)
     found: list[_Found] = []
     skipped: list[Skipped] = []
     seen: dict[tuple[int, int], Path] = {}
@@ -221,7 +220,7 @@ def discover(folder: Path) -> Discovery:
             found.append(_examine_folder(path, files))
             continue
         for sub in [path, *(p for p in path.iterdir() if p.is_dir())]:
-            refuse_unreadable(sub)
+            _refuse_unreadable(sub)
         skipped.append(Skipped(path, "folder without model weights (no model.safetensors or pytorch_model.bin)"))
     if not found:
         raise CmdError(f"{folder}: no checkpoint files found "
@@ -253,5 +252,5 @@ def _order(folder: Path, found: list[_Found], skipped: list[Skipped]) -> Discove
             messages.append(f"{c.path}: same time {time} ({source}) as {kept[time].name}; kept {kept[time].name}")
             continue
         kept[time] = c
-        checkpoints.append(Checkpoint(c.path, c.format, time, c.stack, c.folder))
+        checkpoints.append(replace(c, time=time))
     return Discovery(folder, checkpoints, skipped, source, messages)
