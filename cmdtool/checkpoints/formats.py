@@ -247,13 +247,13 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def _is_plain(value: Any) -> bool:
-    """A value that JSON keeps as it is: None, bool, int, finite float, str, and lists and
-    string-keyed dicts of them (Lightning's ``hyper_parameters``, ``loops``)."""
+    """A value JSON can keep: None, bool, int, finite float, str, and lists, tuples (they come back
+    as lists) and string-keyed dicts of them (Lightning's ``hyper_parameters``, ``loops``)."""
     if value is None or isinstance(value, (bool, int, str)):
         return True
     if isinstance(value, float):
         return math.isfinite(value)
-    if isinstance(value, list):
+    if isinstance(value, (list, tuple)):
         return all(_is_plain(v) for v in value)
     if isinstance(value, dict):
         return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
