@@ -19,10 +19,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from .checkpoints import discover
 from .errors import CmdError
 from .modefile import open_mode_file
 from .pipeline import fit as fit_folder
-from .pipeline import reconstruct_checkpoints, summarize
+from .pipeline import not_restored, reconstruct_checkpoints, summarize
+from .reconstruct import WRITE_FORMATS
 
 app = typer.Typer(
     name="cmd", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -32,7 +34,8 @@ app = typer.Typer(
          "models every parameter as a·r(t) + b of its mode's reference trajectory r: a whole run "
          "in a small mode file, from which any checkpoint can be regenerated.\n\n"
          "Typical use: `cmd fit RUN_DIR -o run.cmd.h5`, then `cmd info run.cmd.h5`, then "
-         "`cmd reconstruct run.cmd.h5 -o out/ --at last`.\n\n"
+         "`cmd reconstruct run.cmd.h5 -o out/ --at last`. `cmd ls RUN_DIR` shows which checkpoints "
+         "a fit would use, in which order, and what it skips.\n\n"
          "Exit codes: 0 ok, 1 a threshold failed, 2 bad input.")
 
 stderr = Console(stderr=True, highlight=False)
@@ -98,6 +101,7 @@ def fit(
     every: int = typer.Option(1, "--every", min=1, help="Use every n-th checkpoint."),
     include: List[str] = typer.Option([], "--include", metavar="GLOB", help="Model only tensors whose name matches this glob (repeatable)."),
     exclude: List[str] = typer.Option([], "--exclude", metavar="GLOB", help="Do not model tensors matching this glob (repeatable); they are carried verbatim."),
+    ema: bool = typer.Option(False, "--ema", help="Model timm's EMA weights (state_dict_ema) instead of the model's state_dict."),
     trajectory: Optional[Path] = typer.Option(None, "--trajectory", help="Where to keep the trajectory store (as large as the checkpoints in float32). Default: $CMDTOOL_CACHE or ~/.cache/cmdtool."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing mode file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
@@ -105,14 +109,21 @@ def fit(
 ) -> None:
     """Fit CMD modes to a folder of checkpoints and write a mode file.
 
-    Checkpoints are ordered by the numbers in their names (epoch_2 before epoch_10). Every
-    floating-point tensor is modelled; integer tensors are carried verbatim. The checkpoints are
-    first stacked into a trajectory store, reused by later fits of the same unchanged folder.
+    Checkpoints are files or Hugging Face checkpoint-<step>/ folders, ordered by the step or epoch
+    stored in them, else by the numbers in their names (epoch_2 before epoch_10); `cmd ls` lists
+    them. Every floating-point tensor is modelled; integer tensors are carried verbatim. The
+    checkpoints are first stacked into a trajectory store, reused by later fits of the same
+    unchanged folder.
     """
     with _errors_to_exit_code():
         result = fit_folder(checkpoint_dir, output, modes=modes, samples=samples, seed=seed, start=start,
-                            stop=stop, every=every, include=include, exclude=exclude,
+                            stop=stop, every=every, include=include, exclude=exclude, ema=ema,
                             trajectory=trajectory, force=force, tile_columns=tile_columns, progress=_progress)
+    for warning in result.discovery.warnings:
+        _message(f"warning: {warning}")
+    if result.discovery.skipped:
+        _message(f"note: skipped {len(result.discovery.skipped)} entries of {checkpoint_dir} "
+                 f"(`cmd ls {checkpoint_dir}` says which and why)")
     _message(f"trajectory store: {result.trajectory} ({_bytes(result.trajectory.stat().st_size)}, "
              f"{'reused' if result.trajectory_reused else 'built'}; a cache, safe to delete)")
     _message(f"wrote {result.mode_file}")
@@ -121,6 +132,53 @@ def fit(
         print(json.dumps(summary))
     else:
         _print_summary(summary)
+
+
+@app.command("ls")
+def list_checkpoints(
+    checkpoint_dir: Path = typer.Argument(..., metavar="CKPT_DIR", help="Folder of checkpoints, as for cmd fit."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
+) -> None:
+    """List the checkpoints cmd fit would use, in order, with their time and format, and what it
+    skips and why. Positions are what --start/--stop/--every select."""
+    with _errors_to_exit_code():
+        found = discover(checkpoint_dir)
+    checkpoints = [{"position": i, "time": c.time, "name": c.name, "format": _describe(c)}
+                   for i, c in enumerate(found.checkpoints)]
+    skipped = [{"name": s.path.name, "reason": s.reason} for s in found.skipped]
+    if as_json:
+        print(json.dumps({"folder": str(checkpoint_dir), "time_source": found.time_source,
+                          "checkpoints": checkpoints, "skipped": skipped}))
+    else:
+        print(f"{len(checkpoints)} checkpoints in {checkpoint_dir}, time from {_TIME_SOURCES[found.time_source]}")
+        _print_columns(["position", "time", "checkpoint", "format"],
+                       [[c["position"], c["time"], c["name"], c["format"]] for c in checkpoints])
+        if skipped:
+            print(f"skipped {len(skipped)}")
+            _print_columns(["entry", "reason"], [[s["name"], s["reason"]] for s in skipped])
+    for warning in found.warnings:
+        _message(f"warning: {warning}")
+
+
+_TIME_SOURCES = {"global_step": "the stored global_step", "step": "the stored step",
+                 "epoch": "the stored epoch", "name": "the numbers in the names",
+                 "position": "the position in natural sort order"}
+
+
+def _print_columns(header: list[str], rows: list[list]) -> None:
+    """Left-aligned columns that never wrap (names and paths stay whole for scripts)."""
+    cells = [header] + [[str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def _describe(checkpoint) -> str:
+    """``huggingface safetensors, 4 shards``, ``lightning torch``, ``plain safetensors``."""
+    text = f"{checkpoint.stack} {checkpoint.format}"
+    if checkpoint.folder is not None and len(checkpoint.folder.weights) > 1:
+        text += f", {len(checkpoint.folder.weights)} shards"
+    return text
 
 
 @app.command()
@@ -145,16 +203,18 @@ def reconstruct(
     output: Path = typer.Option(..., "--output", "-o", help="Folder to write the checkpoints into (created if missing)."),
     at: str = typer.Option("last", "--at", help="Which checkpoints: last, first, all, or positions such as 0,10,-1 (0-based, as listed by cmd info)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files in the output folder."),
+    write_format: str = typer.Option("source", "--format", metavar="|".join(WRITE_FORMATS),
+                                     help="source: as the source was (file, wrapper dict or Hugging Face folder); safetensors: plain safetensors state dicts."),
 ) -> None:
     """Regenerate checkpoints from a mode file, in the source format and under the source names.
 
     The files load with your model's load_state_dict(strict=True): same tensor names, shapes and
-    dtypes; integer buffers are restored exactly.
+    dtypes; integer buffers are restored exactly. Hugging Face checkpoints come back as
+    checkpoint-<step>/ folders that from_pretrained loads.
     """
     with _errors_to_exit_code():
-        paths = reconstruct_checkpoints(mode_file, output, at, force, progress=_progress)
-        with open_mode_file(mode_file) as modes:
-            dropped = sorted({key for info in modes.infos for key in info.dropped})
+        paths = reconstruct_checkpoints(mode_file, output, at, force, progress=_progress, format=write_format)
+        dropped = not_restored(mode_file, at, write_format)
     if dropped:
         _message(f"note: not restored (no longer match the weights): {', '.join(dropped)}")
     for path in paths:

@@ -15,7 +15,13 @@ Root datasets (documented in the README for h5py users):
 ``checkpoint_info``    (T,) str    JSON per checkpoint: format, wrapper key, kept values, metadata
 ``layout``             str         JSON list of [name, shape, dtype, modelled, offset]
 ``carried/<name>``     (T, bytes)  tensors carried verbatim (integer buffers, excluded tensors)
+``attachments/<sha>``  (bytes,) u1 files a Hugging Face folder copies back (config.json, ...),
+                                   once each, named by the SHA-256 of their content
 =====================  ==========  ==========================================================
+
+``checkpoint_info`` and ``attachments`` grew with Hugging Face folders (``shards``, ``index``,
+``files``); the new fields have defaults and the group may be absent, so older version-1 files read
+as before.
 
 Root attributes: ``format = "cmdtool-modes"``, ``format_version``, ``tool_version``, ``settings``
 (JSON) and ``metrics`` (JSON). Writers go to a temporary file renamed into place when complete.
@@ -84,6 +90,9 @@ class ModeFileWriter:
     def write_carried(self, name: str, raw: np.ndarray) -> None:
         self.f["carried"].create_dataset(name, data=raw)
 
+    def write_attachment(self, digest: str, data: bytes) -> None:
+        self.f.require_group("attachments").create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
+
     def finish(self, *, mode_sizes: np.ndarray, settings: dict, metrics: dict, tool_version: str) -> Path:
         self.f.create_dataset("mode_sizes", data=np.asarray(mode_sizes, dtype=np.int64))
         self.f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, tool_version=tool_version,
@@ -139,6 +148,10 @@ class ModeFile:
 
     def carried(self, name: str) -> np.ndarray:
         return self.handle["carried"][name][()]
+
+    def attachment(self, digest: str) -> bytes:
+        """A file copied back with a Hugging Face folder, by the SHA-256 of its content."""
+        return self.handle["attachments"][digest][()].tobytes()
 
     def close(self) -> None:
         self.handle.close()
@@ -201,3 +214,7 @@ def _validate(mf: ModeFile) -> None:
     for spec in mf.layout.carried:
         if spec.name not in h["carried"] or h["carried"][spec.name].shape[0] != T:
             raise CmdError(f"{mf.path}: corrupt mode file (carried tensor {spec.name!r} missing)")
+    for info in mf.infos:
+        for name, digest in info.files.items():
+            if digest not in h.get("attachments", {}):
+                raise CmdError(f"{mf.path}: corrupt mode file (copied file {name!r} missing)")

@@ -11,19 +11,19 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Sequence
+from typing import Callable, ContextManager, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import torch
 
 from . import __version__
-from .checkpoints import discover
+from .checkpoints import Discovery, discover
 from .decompose import (choose_references, cluster, correlation_matrix, fit_tile, label_dtype,
                         normalise_references, sample_parameters)
 from .errors import CmdError
 from .modefile import ModeFileWriter, check_output_path, open_mode_file
-from .reconstruct import parse_at, state_dict_at, write_checkpoints
-from .trajectory import build_store, fingerprint, open_store, read_signatures, store_fingerprint
+from .reconstruct import output_plan, parse_at, state_dict_at, write_checkpoints
+from .trajectory import TrajectoryStore, build_store, fingerprint, open_store, read_signatures, store_fingerprint
 
 Progress = Callable[[str, int], ContextManager[Callable[[int], None]]]
 TILE_BYTES = 32 * 2**20  # float64 bytes of one (T, tile) block in the streaming pass
@@ -49,56 +49,67 @@ class FitResult:
     trajectory: Path
     trajectory_reused: bool
     summary: dict
+    discovery: Discovery  # every checkpoint found, what was skipped and why, warnings
 
 
 def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samples: int = 1000,
         seed: int = 0, start: int | None = None, stop: int | None = None, every: int = 1,
-        include: Sequence[str] = (), exclude: Sequence[str] = (), trajectory: str | Path | None = None,
-        force: bool = False, tile_columns: int | None = None, progress: Progress = no_progress) -> FitResult:
+        include: Sequence[str] = (), exclude: Sequence[str] = (), ema: bool = False,
+        trajectory: str | Path | None = None, force: bool = False, tile_columns: int | None = None,
+        progress: Progress = no_progress) -> FitResult:
     """Post-hoc CMD of a folder of checkpoints; writes the mode file ``output``.
 
     ``modes`` (M) is the most modes to find, ``samples`` (K) the parameters sampled to find them,
-    ``start/stop/every`` slice the checkpoint sequence like Python's ``[start:stop:every]``.
+    ``start/stop/every`` slice the checkpoint sequence like Python's ``[start:stop:every]``,
+    ``ema`` models timm's ``state_dict_ema`` instead of the model's weights.
     """
     if modes < 1 or samples < 1 or every < 1:
         raise CmdError("--modes, --samples and --every must be at least 1")
     checkpoint_dir, output = Path(checkpoint_dir), Path(output)
     check_output_path(output, force)
-    store, store_path, reused = prepare_store(checkpoint_dir, start=start, stop=stop, every=every,
-                                              include=include, exclude=exclude, trajectory=trajectory,
-                                              force=force, progress=progress)
+    prepared = prepare_store(checkpoint_dir, start=start, stop=stop, every=every, include=include,
+                             exclude=exclude, ema=ema, trajectory=trajectory, force=force, progress=progress)
     settings = dict(modes=modes, samples=samples, seed=seed, start=start, stop=stop, every=every,
-                    include=list(include), exclude=list(exclude), sampling="layer-balanced",
-                    source=str(checkpoint_dir.resolve()), trajectory=str(store_path.resolve()))
-    _decompose_store(store, output, settings, tile_columns, progress)
-    return FitResult(output, store_path, reused, summarize(output))
+                    include=list(include), exclude=list(exclude), ema=ema, sampling="layer-balanced",
+                    source=str(checkpoint_dir.resolve()), trajectory=str(prepared.path.resolve()))
+    _decompose_store(prepared.store, output, settings, tile_columns, progress)
+    return FitResult(output, prepared.path, prepared.reused, summarize(output), prepared.discovery)
+
+
+class PreparedStore(NamedTuple):
+    store: TrajectoryStore
+    path: Path
+    reused: bool
+    discovery: Discovery
 
 
 def prepare_store(checkpoint_dir: Path, *, start: int | None = None, stop: int | None = None, every: int = 1,
-                  include: Sequence[str] = (), exclude: Sequence[str] = (), trajectory: str | Path | None = None,
-                  force: bool = False, progress: Progress = no_progress):
+                  include: Sequence[str] = (), exclude: Sequence[str] = (), ema: bool = False,
+                  trajectory: str | Path | None = None, force: bool = False,
+                  progress: Progress = no_progress) -> PreparedStore:
     """The trajectory store of the checkpoints ``[start:stop:every]`` of a folder: reused when its
-    fingerprint matches, built otherwise. Returns ``(store, path, reused)``."""
+    fingerprint matches, built otherwise."""
     checkpoint_dir = Path(checkpoint_dir)
-    checkpoints = discover(checkpoint_dir)[start:stop:every]
+    discovery = discover(checkpoint_dir)
+    checkpoints = discovery.checkpoints[start:stop:every]
     if len(checkpoints) < 2:
         raise CmdError(f"{checkpoint_dir}: CMD needs at least 2 checkpoints, "
                        f"{'found' if start is None and stop is None and every == 1 else 'selected'} {len(checkpoints)}")
     store_path = Path(trajectory) if trajectory else default_store_path(checkpoint_dir)
     if store_path.is_dir():
         raise CmdError(f"{store_path}: is a directory, expected a trajectory-store file path")
-    key = fingerprint(checkpoints, include, exclude)
+    key = fingerprint(checkpoints, include, exclude, ema)
     existing = store_fingerprint(store_path)
     if existing == key:
-        return open_store(store_path), store_path, True
+        return PreparedStore(open_store(store_path), store_path, True, discovery)
     if store_path.exists() and existing is None and not force:
         raise CmdError(f"{store_path}: exists and is not a cmdtool trajectory store (use --force to replace it)")
     store_path.parent.mkdir(parents=True, exist_ok=True)
     with progress("checking checkpoints", len(checkpoints)) as advance:
-        layout, infos = read_signatures(checkpoints, include, exclude, advance)
+        layout, infos = read_signatures(checkpoints, include, exclude, ema, advance)
     with progress("building trajectory store", len(checkpoints)) as advance:
-        store = build_store(checkpoints, layout, infos, store_path, key, advance)
-    return store, store_path, False
+        store = build_store(checkpoints, layout, infos, store_path, key, ema, advance)
+    return PreparedStore(store, store_path, False, discovery)
 
 
 def _decompose_store(store, output: Path, settings: dict, tile_columns: int | None, progress: Progress) -> None:
@@ -140,6 +151,8 @@ def _decompose_store(store, output: Path, settings: dict, tile_columns: int | No
                 advance(stop - start)
         for spec in layout.carried:
             writer.write_carried(spec.name, store.carried(spec.name))
+        for digest, data in store.attachments().items():
+            writer.write_attachment(digest, data)
         metrics = dict(
             rel_error=_ratio(totals["sse"], totals["sq_norm"]),
             rel_error_displacement=_ratio(totals["sse"], totals["sq_displacement"]),
@@ -194,9 +207,19 @@ def reconstruct(mode_file: str | Path, at: int | str = "last") -> dict[str, torc
 
 
 def reconstruct_checkpoints(mode_file: str | Path, out_dir: str | Path, at: str = "last",
-                            force: bool = False, progress: Progress = no_progress) -> list[Path]:
-    """Write the checkpoints selected by ``at`` (see ``parse_at``) into ``out_dir``."""
+                            force: bool = False, progress: Progress = no_progress,
+                            format: str = "source") -> list[Path]:
+    """Write the checkpoints selected by ``at`` (see ``parse_at``) into ``out_dir``, in the source
+    format or (``format="safetensors"``) as plain safetensors state dicts."""
     with open_mode_file(Path(mode_file)) as modes:
         indices = parse_at(at, modes.T)
         with progress("writing checkpoints", len(indices)) as advance:
-            return write_checkpoints(modes, Path(out_dir), indices, force, advance)
+            return write_checkpoints(modes, Path(out_dir), indices, force, advance, format)
+
+
+def not_restored(mode_file: str | Path, at: str = "last", format: str = "source") -> list[str]:
+    """What ``reconstruct_checkpoints`` leaves out of the checkpoints it writes (optimizer states,
+    training-state files; with ``format="safetensors"`` also wrapper values and copied files)."""
+    with open_mode_file(Path(mode_file)) as modes:
+        plans = [output_plan(modes.names[i], modes.infos[i], format) for i in parse_at(at, modes.T)]
+    return sorted({name for _, _, lost in plans for name in lost})

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-from .checkpoints import write_checkpoint
+from .checkpoints import CHECKPOINT_SUFFIXES, CheckpointInfo, write_checkpoint
 from .errors import CmdError
 from .layout import Layout, TensorSpec
 from .modefile import ModeFile
@@ -60,33 +61,74 @@ def state_dict_at(modes: ModeFile, index: int) -> dict[str, torch.Tensor]:
     return assemble_state_dict(modes.layout, modelled, lambda spec: modes.handle["carried"][spec.name][index])
 
 
-def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], force: bool = False,
-                      advance: Callable[[int], None] = lambda n: None) -> list[Path]:
-    """Write the checkpoints ``indices`` into ``out_dir`` under their source names and format.
+WRITE_FORMATS = ("source", "safetensors")
 
-    All files go to temporary names first and are renamed into place only when every one is
-    written; nothing existing is overwritten without ``force``.
+
+def output_plan(name: str, info: CheckpointInfo, fmt: str = "source") -> tuple[str, CheckpointInfo, list[str]]:
+    """The name and write-back info of a reconstructed checkpoint, and what it does not restore.
+
+    ``fmt="source"`` writes what the source was; ``"safetensors"`` a plain safetensors state dict
+    (``epoch_3.pt`` -> ``epoch_3.safetensors``, ``checkpoint-500/`` -> ``checkpoint-500.safetensors``).
+    """
+    if fmt == "source":
+        return name, info, list(info.dropped)
+    if fmt != "safetensors":
+        raise CmdError(f"--format {fmt!r}: expected one of {', '.join(WRITE_FORMATS)}")
+    stem = next((name[: -len(s)] for s in CHECKPOINT_SUFFIXES if name.endswith(s)), name)
+    metadata = {**(info.metadata or {}), "format": "pt"} if info.format == "safetensors" else {"format": "pt"}
+    lost = [*info.dropped, *info.extras, *info.files, *([info.index["name"]] if info.index else [])]
+    return stem + ".safetensors", CheckpointInfo("safetensors", metadata=metadata), lost
+
+
+def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], force: bool = False,
+                      advance: Callable[[int], None] = lambda n: None, fmt: str = "source") -> list[Path]:
+    """Write the checkpoints ``indices`` into ``out_dir`` under their source names and format
+    (``fmt="safetensors"``: as plain safetensors files, see ``output_plan``).
+
+    All files (and Hugging Face folders) go to temporary names first and are renamed into place
+    only when every one is written; nothing existing is overwritten without ``force``.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CmdError(f"{out_dir}: is a file, expected an output folder")
-    targets = [out_dir / modes.names[i] for i in indices]
-    for target in targets:
-        if target.is_dir():
+    plans = [output_plan(modes.names[i], modes.infos[i], fmt) for i in indices]
+    targets = [out_dir / name for name, _, _ in plans]
+    for target, (_, info, _) in zip(targets, plans):
+        if target.is_dir() and not info.is_folder:
             raise CmdError(f"{target}: is a directory")
         if target.exists() and not force:
             raise CmdError(f"{target}: already exists (use --force to overwrite)")
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, Path]] = []
     try:
-        for i, target in zip(indices, targets):
+        for i, target, (_, info, _) in zip(indices, targets, plans):
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             written.append((tmp, target))
-            write_checkpoint(tmp, state_dict_at(modes, i), modes.infos[i])
+            write_checkpoint(tmp, state_dict_at(modes, i), info, modes.attachment)
             advance(1)
         for tmp, target in written:
-            os.replace(tmp, target)
+            _replace(tmp, target)
     finally:
         for tmp, _ in written:
-            tmp.unlink(missing_ok=True)
+            _remove(tmp)
     return targets
+
+
+def _replace(tmp: Path, target: Path) -> None:
+    """Rename ``tmp`` (a file or folder) to ``target``, moving an existing folder out of the way."""
+    if target.is_dir():
+        old = target.with_name(f".{target.name}.{os.getpid()}.old")
+        os.replace(target, old)
+        os.replace(tmp, target)
+        shutil.rmtree(old)
+    else:
+        if tmp.is_dir() and target.exists():  # a folder replaces a file: rename cannot do that
+            target.unlink()
+        os.replace(tmp, target)
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)

@@ -3,8 +3,9 @@
 ``W`` is contiguous (no chunks, no compression) and allocated up front, so it is memory-mapped with
 numpy at the dataset's file offset: ingest writes one checkpoint row at a time, the fit reads
 ``(T, tile)`` column blocks. The store also keeps what a fit needs without reopening the
-checkpoints: the layout, the time axis, per-checkpoint write-back info, carried tensors (raw bytes)
-and a ``varies`` flag per parameter (not constant over time). A fingerprint of the inputs (file
+checkpoints: the layout, the time axis, per-checkpoint write-back info, carried tensors (raw bytes),
+the files a Hugging Face folder copies back (``attachments/<sha256>``, each stored once) and a
+``varies`` flag per parameter (not constant over time). A fingerprint of the inputs (file
 names, sizes, modification times, selection) lets an unchanged folder reuse its store.
 Knows nothing about CMD.
 """
@@ -23,23 +24,25 @@ import numpy as np
 import torch
 
 from ._hdf5 import read_strings, read_text, write_text
-from .checkpoints import Checkpoint, CheckpointInfo, CheckpointReader
+from .checkpoints import Checkpoint, CheckpointInfo
 from .errors import CmdError
 from .layout import Layout, build_layout
 
 STORE_KIND = "cmdtool-trajectory"
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: attachments, --ema
 
 Advance = Callable[[int], None]
 
 
-def fingerprint(checkpoints: Sequence[Checkpoint], include: Sequence[str], exclude: Sequence[str]) -> str:
-    """Identifies the inputs of a store: any changed, added or removed checkpoint changes it."""
+def fingerprint(checkpoints: Sequence[Checkpoint], include: Sequence[str], exclude: Sequence[str],
+                ema: bool = False) -> str:
+    """Identifies the inputs of a store: any changed, added or removed checkpoint file changes it."""
     files = []
     for c in checkpoints:
-        st = c.path.stat()
-        files.append([str(c.path.resolve()), c.time, st.st_size, st.st_mtime_ns])
-    text = json.dumps({"version": STORE_VERSION, "files": files,
+        for path in c.files:
+            st = path.stat()
+            files.append([str(path.resolve()), c.time, st.st_size, st.st_mtime_ns])
+    text = json.dumps({"version": STORE_VERSION, "files": files, "ema": ema,
                        "include": list(include), "exclude": list(exclude)})
     return hashlib.sha256(text.encode()).hexdigest()
 
@@ -77,6 +80,12 @@ class TrajectoryStore:
         with h5py.File(self.path, "r") as f:
             return f["carried"][name][()]
 
+    def attachments(self) -> dict[str, bytes]:
+        """The files copied back with Hugging Face folders, by SHA-256."""
+        with h5py.File(self.path, "r") as f:
+            group = f.get("attachments", {})
+            return {digest: group[digest][()].tobytes() for digest in group}
+
 
 def open_store(path: Path) -> TrajectoryStore:
     """Open a complete store read-only; raise CmdError if it is not one."""
@@ -111,11 +120,12 @@ def store_fingerprint(path: Path) -> str | None:
 
 
 def read_signatures(checkpoints: Sequence[Checkpoint], include: Sequence[str], exclude: Sequence[str],
-                    advance: Advance = lambda n: None) -> tuple[Layout, list[CheckpointInfo]]:
-    """Open every checkpoint's header: all must share tensor names, shapes and dtypes."""
+                    ema: bool = False, advance: Advance = lambda n: None) -> tuple[Layout, list[CheckpointInfo]]:
+    """Open every checkpoint's header: all must share tensor names, shapes and dtypes. Each
+    checkpoint's own key set counts (Hugging Face files leave tied weights out)."""
     first, layout, infos = None, None, []
     for c in checkpoints:
-        with CheckpointReader(c.path, c.format) as reader:
+        with c.open(ema) as reader:
             if first is None:
                 first = (c, reader.signature)
                 try:
@@ -144,7 +154,7 @@ def _check_same_tensors(first: tuple[Checkpoint, dict], c: Checkpoint, signature
 
 
 def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequence[CheckpointInfo],
-                path: Path, fingerprint_: str, advance: Advance = lambda n: None) -> TrajectoryStore:
+                path: Path, fingerprint_: str, ema: bool = False, advance: Advance = lambda n: None) -> TrajectoryStore:
     """Stack the checkpoints into a new store at ``path``, one tensor at a time (bounded memory).
 
     Written to a temporary file beside ``path`` and renamed into place only when complete.
@@ -160,13 +170,17 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             h5py.h5d.create(f.id, b"W", h5py.h5t.IEEE_F32LE, h5py.h5s.create_simple((T, N)), dcpl=dcpl)
             offset = f["W"].id.get_offset()
             carried = f.create_group("carried")
+            attachments = f.create_group("attachments")
             for spec in layout.carried:
                 nbytes = spec.size * torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
                 carried.create_dataset(spec.name, shape=(T, nbytes), dtype="u1")
             varies = np.zeros(N, dtype=bool)
             W = np.memmap(tmp, dtype="<f4", mode="r+", offset=offset, shape=(T, N))
             for t, c in enumerate(checkpoints):
-                with CheckpointReader(c.path, c.format) as reader:
+                with c.open(ema) as reader:
+                    for digest, data in reader.attachments.items():
+                        if digest not in attachments:
+                            attachments.create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
                     for spec in layout.tensors:
                         tensor = reader.tensor(spec.name)
                         if spec.modelled:

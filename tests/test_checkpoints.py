@@ -3,6 +3,7 @@ signatures and write-back."""
 
 from __future__ import annotations
 
+import json
 import pickle
 from pathlib import Path
 
@@ -64,7 +65,7 @@ def test_natural_key_orders_numbers_numerically():
 def test_discover_natural_order_and_times_from_names(tmp_path):
     for n in (1, 2, 10, 9):
         save_safetensors(tmp_path / f"epoch_{n}.safetensors", small_state(n))
-    found = discover(tmp_path)
+    found = discover(tmp_path).checkpoints
     assert [c.name for c in found] == ["epoch_1.safetensors", "epoch_2.safetensors",
                                        "epoch_9.safetensors", "epoch_10.safetensors"]
     assert [c.time for c in found] == [1, 2, 9, 10]
@@ -76,7 +77,7 @@ def test_discover_time_is_last_number_in_stem(tmp_path):
     # "resnet18" carries a number too; the step number is the last one.
     for step in (500, 1000, 50):
         save_torch(tmp_path / f"resnet18_step{step}.pt", small_state(step))
-    found = discover(tmp_path)
+    found = discover(tmp_path).checkpoints
     assert [c.time for c in found] == [50, 500, 1000]
     assert [c.name for c in found] == ["resnet18_step50.pt", "resnet18_step500.pt", "resnet18_step1000.pt"]
 
@@ -84,15 +85,24 @@ def test_discover_time_is_last_number_in_stem(tmp_path):
 @pytest.mark.parametrize("names, order", [
     (("charlie", "alpha", "bravo"), ["alpha", "bravo", "charlie"]),             # no numbers
     (("epoch_3", "epoch_7", "final"), ["epoch_3", "epoch_7", "final"]),         # some without
-    (("run_a_epoch_5", "run_b_epoch_5", "run_c_epoch_6"),                       # 5 twice
-     ["run_a_epoch_5", "run_b_epoch_5", "run_c_epoch_6"]),
-], ids=["no-numbers", "some-without-numbers", "duplicate-numbers"])
+], ids=["no-numbers", "some-without-numbers"])
 def test_discover_falls_back_to_positions(tmp_path, names, order):
     for name in names:
         save_safetensors(tmp_path / f"{name}.safetensors")
-    found = discover(tmp_path)
+    found = discover(tmp_path).checkpoints
     assert [c.path.stem for c in found] == order
     assert [c.time for c in found] == [0, 1, 2]
+
+
+def test_discover_same_time_keeps_the_first_and_warns(tmp_path):
+    for name in ("run_a_epoch_5", "run_b_epoch_5", "run_c_epoch_6"):
+        save_safetensors(tmp_path / f"{name}.safetensors")
+    found = discover(tmp_path)
+    assert [(c.path.stem, c.time) for c in found.checkpoints] == [("run_a_epoch_5", 5), ("run_c_epoch_6", 6)]
+    assert [(s.path.name, s.reason) for s in found.skipped] == [
+        ("run_b_epoch_5.safetensors", "same time 5 (name) as run_a_epoch_5.safetensors")]
+    assert found.warnings == [f"{tmp_path / 'run_b_epoch_5.safetensors'}: same time 5 (name) as "
+                              f"run_a_epoch_5.safetensors; kept run_a_epoch_5.safetensors"]
 
 
 # --------------------------------------------------------------------------- suffixes
@@ -122,7 +132,7 @@ def test_discover_finds_every_suffix_and_ignores_other_files(tmp_path):
     (tmp_path / "sub").mkdir()
     save_torch(tmp_path / "sub" / "ckpt_77.pt")                       # not directly in the folder
     (tmp_path / "notes.txt").write_text("epoch 3 looked odd")
-    found = discover(tmp_path)
+    found = discover(tmp_path).checkpoints
     assert {c.name: c.format for c in found} == expected
     assert [c.name for c in found] == list(expected)  # ckpt_0 .. ckpt_5 in order
     assert [c.time for c in found] == [0, 1, 2, 3, 4, 5]
@@ -131,7 +141,7 @@ def test_discover_finds_every_suffix_and_ignores_other_files(tmp_path):
 def test_discover_pth_tar_time_from_stem(tmp_path):
     for n in (3, 12):
         save_torch(tmp_path / f"checkpoint_{n}.pth.tar", small_state(n))
-    found = discover(tmp_path)
+    found = discover(tmp_path).checkpoints
     assert [c.time for c in found] == [3, 12]
     assert [c.format for c in found] == ["torch", "torch"]
 
@@ -157,7 +167,7 @@ def test_discover_errors(tmp_path):
 def test_sniff_safetensors_named_bin(tmp_path):
     path = save_safetensors(tmp_path / "pytorch_model.bin", small_state())
     assert sniff_format(path) == "safetensors"
-    found = discover(tmp_path)
+    found = discover(tmp_path).checkpoints
     assert [(c.name, c.format) for c in found] == [("pytorch_model.bin", "safetensors")]
     state, info, _ = read_all(path, "safetensors")
     assert_states_equal(state, small_state())
@@ -168,7 +178,7 @@ def test_sniff_torch_zip_named_safetensors(tmp_path):
     path = save_torch(tmp_path / "model.safetensors", small_state(3))
     assert path.read_bytes()[:4] == b"PK\x03\x04"
     assert sniff_format(path) == "torch"
-    assert [c.format for c in discover(tmp_path)] == ["torch"]
+    assert [c.format for c in discover(tmp_path).checkpoints] == ["torch"]
     state, info, _ = read_all(path, "torch")
     assert_states_equal(state, small_state(3))
     assert info.format == "torch"
@@ -194,7 +204,7 @@ def test_sniff_ignores_extension_for_npz(tmp_path):
     # npz is a zip archive too; sniffing alone says torch, but discovery never looks at .npz
     assert sniff_format(tmp_path / "a.npz") == "torch"
     save_torch(tmp_path / "b.pt")
-    assert [c.name for c in discover(tmp_path)] == ["b.pt"]
+    assert [c.name for c in discover(tmp_path).checkpoints] == ["b.pt"]
 
 
 # --------------------------------------------------------------------------- reading torch files
@@ -402,3 +412,135 @@ def test_write_torch_plain(tmp_path):
     write_checkpoint(out, state, info)
     loaded = torch.load(out, weights_only=True)
     assert_states_equal(loaded, small_state(4))
+
+
+# --------------------------------------------------------------------------- how training stacks lay out folders
+
+
+class Touch:
+    """Unpickling this touches ``marker``: proves a file was loaded."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_stack_leftovers_are_skipped_with_reasons_and_never_loaded(tmp_path):
+    for n in (1, 2):
+        save_torch(tmp_path / f"epoch={n}-step={10 * n}.ckpt", {"state_dict": small_state(n), "global_step": 10 * n})
+    marker = tmp_path.parent / "loaded"
+    leftovers = {
+        "last.ckpt": "Lightning's copy of the latest checkpoint (save_last)",
+        "last-v1.ckpt": "Lightning's copy of the latest checkpoint (save_last)",
+        "last.pth.tar": "timm's copy of the latest checkpoint",
+        "model_best.pth.tar": "timm's copy of the best checkpoint",
+        "tmp.pth.tar": "timm's temporary file",
+        "recovery-3-100.pth.tar": "timm's mid-epoch recovery checkpoint",
+        "optimizer.pt": "training state, not weights (not loaded)",
+        "scheduler.pt": "training state, not weights (not loaded)",
+        "rng_state_0.pth": "training state, not weights (not loaded)",
+        "training_args.bin": "training state, not weights (not loaded)",
+    }
+    for name in leftovers:
+        torch.save({"x": Touch(marker)}, tmp_path / name)
+    (tmp_path / "tmp-checkpoint-30").mkdir()
+    save_safetensors(tmp_path / "tmp-checkpoint-30" / "model.safetensors")
+    (tmp_path / "runs").mkdir()  # e.g. TensorBoard logs
+    found = discover(tmp_path)
+    assert [c.name for c in found.checkpoints] == ["epoch=1-step=10.ckpt", "epoch=2-step=20.ckpt"]
+    assert {s.path.name: s.reason for s in found.skipped} == {
+        **leftovers, "tmp-checkpoint-30": "leftover of an interrupted Hugging Face save",
+        "runs": "folder without model weights (no model.safetensors or pytorch_model.bin)"}
+    assert not marker.exists()
+
+
+def test_stored_time_comes_before_names(tmp_path):
+    # Names say b < a, the stored global_step says a < b; epoch is the same in both.
+    save_torch(tmp_path / "a_1.pt", {"model": small_state(0), "global_step": 100, "epoch": 0})
+    save_torch(tmp_path / "b_0.pt", {"model": small_state(1), "global_step": 200, "epoch": 0})
+    found = discover(tmp_path)
+    assert [(c.name, c.time) for c in found.checkpoints] == [("a_1.pt", 100), ("b_0.pt", 200)]
+    assert found.time_source == "global_step"
+
+
+def test_stored_time_that_does_not_vary_is_not_used(tmp_path):
+    for n in (3, 1):
+        save_torch(tmp_path / f"ep_{n}.pt", {"model": small_state(n), "epoch": 0})
+    found = discover(tmp_path)
+    assert [(c.name, c.time) for c in found.checkpoints] == [("ep_1.pt", 1), ("ep_3.pt", 3)]
+    assert found.time_source == "name"
+
+
+def test_safetensors_metadata_time(tmp_path):
+    save_safetensors(tmp_path / "x.safetensors", small_state(0), metadata={"step": "40"})
+    save_safetensors(tmp_path / "y.safetensors", small_state(1), metadata={"step": "20"})
+    found = discover(tmp_path)
+    assert [(c.name, c.time) for c in found.checkpoints] == [("y.safetensors", 20), ("x.safetensors", 40)]
+    assert found.time_source == "step"
+
+
+def test_same_file_reached_twice_counts_once(tmp_path):
+    for n in (1, 2):
+        save_safetensors(tmp_path / f"epoch_{n}.safetensors", small_state(n))
+    (tmp_path / "epoch_3.safetensors").hardlink_to(tmp_path / "epoch_2.safetensors")
+    (tmp_path / "epoch_4.safetensors").symlink_to(tmp_path / "epoch_1.safetensors")
+    found = discover(tmp_path)
+    assert [c.name for c in found.checkpoints] == ["epoch_1.safetensors", "epoch_2.safetensors"]
+    assert [(s.path.name, s.reason) for s in found.skipped] == [
+        ("epoch_3.safetensors", "same file as epoch_2.safetensors"),
+        ("epoch_4.safetensors", "same file as epoch_1.safetensors")]
+    assert found.warnings == []
+
+
+def test_huggingface_folder_roles(tmp_path):
+    folder = tmp_path / "checkpoint-500"
+    folder.mkdir()
+    save_safetensors(folder / "model-00001-of-00002.safetensors", {"a.weight": torch.ones(2)})
+    save_safetensors(folder / "model-00002-of-00002.safetensors", {"b.weight": torch.zeros(3)})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({
+        "metadata": {"total_size": 20}, "weight_map": {"a.weight": "model-00001-of-00002.safetensors",
+                                                       "b.weight": "model-00002-of-00002.safetensors"}}))
+    (folder / "config.json").write_text("{}")
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    save_torch(folder / "optimizer.pt", {"state": {}})
+    (folder / "global_step500").mkdir()  # DeepSpeed's shards beside consolidated weights: not needed
+    (folder / "global_step500" / "mp_rank_00_model_states.pt").write_bytes(b"x")
+    [c] = discover(tmp_path).checkpoints
+    assert (c.stack, c.format, c.time) == ("huggingface", "safetensors", 500)  # no trainer_state.json: the name
+    assert c.folder.weights == ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors")
+    assert (c.folder.index, c.folder.copied, c.folder.dropped) == (
+        "model.safetensors.index.json", ("config.json", "tokenizer.json"), ("optimizer.pt",))
+    with c.open() as reader:
+        assert reader.signature == {"a.weight": ((2,), "float32"), "b.weight": ((3,), "float32")}
+        assert torch.equal(reader.tensor("b.weight"), torch.zeros(3))
+        assert reader.info.shards == {"model-00001-of-00002.safetensors": ["a.weight"],
+                                      "model-00002-of-00002.safetensors": ["b.weight"]}
+        assert set(reader.info.files) == {"config.json", "tokenizer.json"}
+
+
+def test_ema_reads_state_dict_ema(tmp_path):
+    path = save_torch(tmp_path / "checkpoint-1.pth.tar",
+                      {"state_dict": small_state(0), "state_dict_ema": small_state(1), "epoch": 1, "arch": "x"})
+    with CheckpointReader(path, "torch", ema=True) as reader:
+        assert torch.equal(reader.tensor("layer.weight"), small_state(1)["layer.weight"])
+        assert (reader.info.wrapper, reader.info.dropped, reader.info.stack) == ("state_dict_ema", ["state_dict"], "timm")
+    with CheckpointReader(path, "torch") as reader:
+        assert (reader.info.wrapper, reader.info.dropped, reader.info.stack) == ("state_dict", ["state_dict_ema"], "timm")
+
+
+def test_info_from_before_huggingface_folders_still_reads():
+    """Mode files written before issue 4 have checkpoint_info without shards, index and files."""
+    old = '{"format": "torch", "wrapper": "model", "extras": {"epoch": 3}, "dropped": ["optimizer"], "metadata": null}'
+    info = CheckpointInfo.from_json(old)
+    assert (info.wrapper, info.extras, info.is_folder, info.files) == ("model", {"epoch": 3}, False, {})
+
+
+def test_plain_values_kept_training_state_dropped(tmp_path):
+    obj = {"state_dict": small_state(), "hyper_parameters": {"lr": 0.1, "layers": [2, 3], "betas": (0.9, 0.99), "name": None},
+           "lr_schedulers": [{"step_size": 1}], "optimizer_states": [{"state": {}}], "bad": float("nan")}
+    _, info, _ = read_all(save_torch(tmp_path / "x.ckpt", obj), "torch")
+    assert CheckpointInfo.from_json(info.to_json()).extras == {  # as the mode file keeps them: tuples as lists
+        "hyper_parameters": {"lr": 0.1, "layers": [2, 3], "betas": [0.9, 0.99], "name": None}}
+    assert info.dropped == ["lr_schedulers", "optimizer_states", "bad"]

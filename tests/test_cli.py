@@ -17,10 +17,11 @@ from conftest import plant, write_run
 
 
 @pytest.mark.parametrize("command, expected", [
-    ([], ["fit", "reconstruct", "info", "Exit codes"]),
+    ([], ["fit", "reconstruct", "info", "ls", "Exit codes"]),
     (["fit"], ["--output", "--modes", "--samples", "--seed", "--start", "--stop", "--every",
-               "--include", "--exclude", "--trajectory", "--force", "--json"]),
-    (["reconstruct"], ["--output", "--at", "--force"]),
+               "--include", "--exclude", "--ema", "--trajectory", "--force", "--json"]),
+    (["reconstruct"], ["--output", "--at", "--force", "--format"]),
+    (["ls"], ["CKPT_DIR", "--json"]),
     (["info"], ["--json", "MODEFILE"]),
 ])
 def test_help_lists_every_option(runner, command, expected):
@@ -79,3 +80,28 @@ def test_human_output_goes_to_stdout_and_messages_to_stderr(tmp_path, runner, pl
     result = runner.invoke(app, ["info", str(out)], terminal_width=200)
     assert "reference parameter" in result.stdout
     assert re.search(r"^\s*0\s+[\d,]+\s+[\d.]+%\s+(conv|bn|fc)\.\w+\[[\d, ]+\]", result.stdout, re.M)
+
+
+def test_ls_lists_checkpoints_and_skips(tmp_path, runner):
+    run = write_run(tmp_path / "run", plant(T=3).states(), fmt="torch", wrapper="model")
+    (run / "last.ckpt").write_bytes((run / "epoch_2.pt").read_bytes())
+    (run / "checkpoint-9").mkdir()
+    result = runner.invoke(app, ["ls", str(run), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout) == {
+        "folder": str(run), "time_source": "epoch",
+        "checkpoints": [{"position": t, "time": t, "name": f"epoch_{t}.pt", "format": "plain torch"} for t in range(3)],
+        "skipped": [{"name": "checkpoint-9", "reason": "folder without model weights (no model.safetensors or pytorch_model.bin)"},
+                    {"name": "last.ckpt", "reason": "Lightning's copy of the latest checkpoint (save_last)"}]}
+    result = runner.invoke(app, ["ls", str(run)], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0] == f"3 checkpoints in {run}, time from the stored epoch"
+    assert lines[1:5] == ["position  time  checkpoint  format",
+                          "0         0     epoch_0.pt  plain torch",
+                          "1         1     epoch_1.pt  plain torch",
+                          "2         2     epoch_2.pt  plain torch"]
+    assert lines[5:] == ["skipped 2",
+                         "entry         reason",
+                         "checkpoint-9  folder without model weights (no model.safetensors or pytorch_model.bin)",
+                         "last.ckpt     Lightning's copy of the latest checkpoint (save_last)"]

@@ -11,7 +11,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from cmdtool.cli import app
 from conftest import plant, write_run
@@ -364,3 +364,67 @@ def test_wrapped_torch_state_dict_fits(runner, tmp_path):
     assert result.stderr.splitlines()[-1] == f"wrote {out}"
     assert out.is_file() and traj.is_file()
     assert sorted(tmp_path.rglob(".*.tmp")) == []
+
+
+# 9. checkpoint layouts that cannot be read on one machine, and options that do not fit the folder
+
+DCP = ("a torch.distributed.checkpoint folder (.distcp shards) cannot be read as one checkpoint; consolidate it "
+       "first with torch.distributed.checkpoint.format_utils.dcp_to_torch_save(folder, 'model.pt')")
+ZERO = ("a DeepSpeed ZeRO checkpoint (weights sharded across ranks) cannot be read as one checkpoint; consolidate "
+        "it first with DeepSpeed's zero_to_fp32.py (python zero_to_fp32.py CHECKPOINT_DIR OUTPUT_FILE)")
+
+
+@pytest.mark.parametrize("layout, refused, problem", [
+    ({"__0_0.distcp": b"x", ".metadata": b"x"}, ".", DCP),                                  # the folder itself
+    ({"epoch=0-step=5.ckpt/__0_0.distcp": b"x", "epoch=0-step=5.ckpt/.metadata": b"x"},      # Lightning FSDP
+     "epoch=0-step=5.ckpt", DCP),
+    ({"checkpoint-5/pytorch_model_fsdp_0/__0_0.distcp": b"x", "checkpoint-5/trainer_state.json": b"{}"},
+     "checkpoint-5/pytorch_model_fsdp_0", DCP),                                              # HF Trainer FSDP
+    ({"global_step5/mp_rank_00_model_states.pt": b"x",                                       # DeepSpeed
+      "global_step5/zero_pp_rank_0_mp_rank_00_optim_states.pt": b"x", "latest": b"global_step5"},
+     "global_step5", ZERO),
+    ({"checkpoint-5/global_step5/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt": b"x"},   # HF + DeepSpeed
+     "checkpoint-5/global_step5", ZERO),
+], ids=["dcp-folder", "lightning-fsdp", "hf-fsdp", "deepspeed", "hf-deepspeed"])
+def test_sharded_across_ranks_is_refused_with_the_consolidation_tool(runner, tmp_path, layout, refused, problem):
+    run = small_run(tmp_path)
+    for name, data in layout.items():
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_bytes(data)
+    expected = run if refused == "." else run / refused
+    assert error_line(fit(runner, tmp_path, run)) == f"{expected}: {problem}"
+    assert_nothing_written(tmp_path, *fit_outputs(tmp_path))
+    assert error_line(cmd(runner, "ls", run)) == f"{expected}: {problem}"
+
+
+def test_ema_without_state_dict_ema(runner, tmp_path):
+    run = write_run(tmp_path / "run", plant(T=3).states(), fmt="torch", wrapper="state_dict")
+    assert error_line(fit(runner, tmp_path, run, "--ema")) == (
+        f"{run / 'epoch_0.pt'}: --ema: no state_dict_ema in this checkpoint (timm writes it when trained with --model-ema)")
+    assert_nothing_written(tmp_path, *fit_outputs(tmp_path))
+
+
+def test_reconstruct_unknown_format(runner, tmp_path, mode_file):
+    out = tmp_path / "out"
+    assert error_line(cmd(runner, "reconstruct", mode_file, "-o", out, "--format", "onnx")) == (
+        "--format 'onnx': expected one of source, safetensors")
+    assert not out.exists()
+
+
+def test_huggingface_folder_target_needs_force(runner, tmp_path):
+    run = tmp_path / "run"
+    for step, state in zip((10, 20, 30), plant(T=3).states()):
+        (run / f"checkpoint-{step}").mkdir(parents=True)
+        save_file({k: v for k, v in state.items() if k != "bn.num_batches_tracked"},
+                  str(run / f"checkpoint-{step}" / "model.safetensors"), metadata={"format": "pt"})
+        (run / f"checkpoint-{step}" / "config.json").write_text('{"model_type": "toy"}')
+    assert fit(runner, tmp_path, run).exit_code == 0
+    out = tmp_path / "out"
+    (out / "checkpoint-30").mkdir(parents=True)
+    (out / "checkpoint-30" / "stale.txt").write_text("old")
+    reconstruct = ("reconstruct", tmp_path / "modes.cmd.h5", "-o", out)
+    assert error_line(cmd(runner, *reconstruct)) == f"{out / 'checkpoint-30'}: already exists (use --force to overwrite)"
+    assert sorted(p.name for p in (out / "checkpoint-30").iterdir()) == ["stale.txt"]
+    assert cmd(runner, *reconstruct, "--force").exit_code == 0
+    assert sorted(p.name for p in (out / "checkpoint-30").iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-30"]  # nothing temporary left

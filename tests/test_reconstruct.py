@@ -469,11 +469,11 @@ def test_failure_mid_write_leaves_nothing(tmp_path, run_dir, monkeypatch):
     cmdtool.fit(run_dir, mode_file, modes=3, trajectory=tmp_path / "traj.h5")
     real_write, calls = reconstruct_module.write_checkpoint, []
 
-    def failing_write(path, state, info):
+    def failing_write(path, state, info, *attachments):
         calls.append(path)
         if len(calls) == 3:
             raise OSError(28, "No space left on device", str(path))
-        real_write(path, state, info)
+        real_write(path, state, info, *attachments)
 
     monkeypatch.setattr(reconstruct_module, "write_checkpoint", failing_write)
     out = tmp_path / "out"

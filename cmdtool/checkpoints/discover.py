@@ -1,26 +1,84 @@
-"""Finding the checkpoints in a folder and putting them in training order."""
+"""Finding the checkpoints in a folder, as training stacks write them, and putting them in order.
+
+A checkpoint is a file (a state dict or a wrapper dict: plain scripts, Lightning ``*.ckpt``, timm
+``checkpoint-<epoch>.pth.tar``) or a Hugging Face ``checkpoint-<step>/`` folder. Copies that
+training stacks keep beside the real checkpoints (``last.ckpt``, ``model_best.pth.tar``, ...) and
+training-state files (``optimizer.pt``, ``training_args.bin``, ...) are skipped by name, with the
+reason, and never loaded. Folders that cannot be read on one machine (``torch.distributed.checkpoint``,
+DeepSpeed ZeRO) are refused with the tool that consolidates them.
+"""
 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import CmdError
-from .formats import sniff_format
+from .formats import CheckpointReader, FolderFiles, FolderReader, read_json, sniff_format
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
+
+# Files and folders that are not checkpoints of the run, whatever they hold: (pattern, reason).
+SKIPPED_NAMES = (
+    (r"last(-v\d+)?\.ckpt", "Lightning's copy of the latest checkpoint (save_last)"),
+    (r"last\.pth\.tar", "timm's copy of the latest checkpoint"),
+    (r"model_best\.pth\.tar", "timm's copy of the best checkpoint"),
+    (r"tmp\.pth\.tar", "timm's temporary file"),
+    (r"recovery-.*", "timm's mid-epoch recovery checkpoint"),
+    (r"tmp-checkpoint-.*", "leftover of an interrupted Hugging Face save"),
+    (r"(optimizer|scheduler|scaler)\.(pt|bin)|rng_state.*\.pth|training_args\.bin",
+     "training state, not weights (not loaded)"),
+)
+# Hugging Face weight files, by preference: (single file, index of shards).
+HF_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"),
+              ("pytorch_model.bin", "pytorch_model.bin.index.json"))
+DEEPSPEED_FILE = re.compile(r".*(mp_rank_\d+_model_states|_optim_states)\.pt")
+STORED_TIME_KEYS = ("global_step", "step", "epoch")
 
 
 @dataclass(frozen=True)
 class Checkpoint:
-    path: Path
-    format: str  # "safetensors" | "torch"
-    time: int    # the step or epoch number from the file name; the position when names have none
+    path: Path    # the file, or the Hugging Face folder
+    format: str   # how its tensors are stored: "safetensors" | "torch"
+    time: int     # stored step/epoch, else the number in the name, else the position
+    stack: str = "plain"               # "huggingface" | "lightning" | "timm" | "plain"
+    folder: FolderFiles | None = None  # the roles of a Hugging Face folder's files
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def files(self) -> list[Path]:
+        """Every file the checkpoint is made of (what the trajectory store's fingerprint covers)."""
+        if self.folder is None:
+            return [self.path]
+        f = self.folder
+        return [self.path / n for n in (*f.weights, *((f.index,) if f.index else ()), *f.copied)]
+
+    def open(self, ema: bool = False) -> CheckpointReader | FolderReader:
+        if self.folder is None:
+            return CheckpointReader(self.path, self.format, ema)
+        if ema:
+            raise CmdError(f"{self.path}: --ema applies to timm checkpoints (state_dict_ema); this is a Hugging Face folder")
+        return FolderReader(self.path, self.format, self.folder)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    path: Path
+    reason: str
+
+
+@dataclass
+class Discovery:
+    """What ``discover`` found: the checkpoints in training order, what it skipped and why."""
+    folder: Path
+    checkpoints: list[Checkpoint]
+    skipped: list[Skipped] = field(default_factory=list)
+    time_source: str = "position"  # "global_step" | "step" | "epoch" | "name" | "position"
+    warnings: list[str] = field(default_factory=list)
 
 
 def natural_key(name: str) -> list:
@@ -36,33 +94,163 @@ def _stem(name: str) -> str:
     return name
 
 
-def discover(folder: Path) -> list[Checkpoint]:
-    """All checkpoint files directly in ``folder``, in training order.
+def _skip_reason(name: str) -> str | None:
+    for pattern, reason in SKIPPED_NAMES:
+        if re.fullmatch(pattern, name):
+            return reason
+    return None
 
-    Order: natural sort of the file names. Time: the last number in each name (``epoch_12`` -> 12)
-    when every name has one and they differ, else the position.
+
+def _refuse_unreadable(folder: Path) -> None:
+    """Refuse a folder whose tensors are sharded across ranks, naming the consolidation tool."""
+    names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
+    if any(n.endswith(".distcp") for n in names):
+        raise CmdError(f"{folder}: a torch.distributed.checkpoint folder (.distcp shards) cannot be read "
+                       f"as one checkpoint; consolidate it first with "
+                       f"torch.distributed.checkpoint.format_utils.dcp_to_torch_save(folder, 'model.pt')")
+    if any(DEEPSPEED_FILE.fullmatch(n) for n in names):
+        raise CmdError(f"{folder}: a DeepSpeed ZeRO checkpoint (weights sharded across ranks) cannot be read "
+                       f"as one checkpoint; consolidate it first with DeepSpeed's zero_to_fp32.py "
+                       f"(python zero_to_fp32.py CHECKPOINT_DIR OUTPUT_FILE)")
+
+
+def _huggingface_files(folder: Path) -> FolderFiles | None:
+    """The roles of the files in a Hugging Face checkpoint folder; None if it holds no weights."""
+    names = sorted((p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")), key=natural_key)
+    for single, index in HF_WEIGHTS:
+        if index in names:
+            weight_map = read_json(folder / index).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise CmdError(f"{folder / index}: no weight_map in the index")
+            weights = tuple(sorted(set(map(str, weight_map.values())), key=natural_key))
+            for name in weights:
+                if name not in names:
+                    raise CmdError(f"{folder / name}: missing (listed in {index})")
+            break
+        if single in names:
+            weights, index = (single,), None
+            break
+    else:
+        return None
+    dropped = tuple(n for n in names if n not in weights and n != index and _skip_reason(n))
+    # Everything else that is not a pickle or another weight file is copied back (config.json,
+    # generation_config.json, tokenizer files, trainer_state.json).
+    copied = tuple(n for n in names if n not in weights and n != index and n not in dropped
+                   and sniff_format(folder / n) is None)
+    return FolderFiles(weights, index, copied, dropped)
+
+
+@dataclass
+class _Found:
+    checkpoint: Checkpoint
+    stored: dict[str, int]  # times stored in the checkpoint: global_step, step, epoch
+
+
+def _int_values(values: dict, keys=STORED_TIME_KEYS) -> dict[str, int]:
+    out = {}
+    for key in keys:
+        value = values.get(key)
+        if isinstance(value, str) and value.isdigit():  # safetensors metadata holds strings
+            value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool):
+            out[key] = value
+    return out
+
+
+def _examine_file(path: Path) -> _Found:
+    if path.stat().st_size == 0:
+        raise CmdError(f"{path}: empty file: not a safetensors or torch checkpoint (truncated or corrupt)")
+    fmt = sniff_format(path)
+    if fmt is None:
+        raise CmdError(f"{path}: not a safetensors or torch checkpoint (empty, truncated or corrupt)")
+    with CheckpointReader(path, fmt) as reader:
+        info = reader.info
+    stored = _int_values(info.extras) if info.wrapper else _int_values(info.metadata or {})
+    return _Found(Checkpoint(path, fmt, 0, info.stack), stored)
+
+
+def _examine_folder(folder: Path, files: FolderFiles) -> _Found:
+    formats = {sniff_format(folder / name) for name in files.weights}
+    if len(formats) != 1 or None in formats:
+        raise CmdError(f"{folder}: weight files are not all safetensors or all torch checkpoints")
+    state = folder / "trainer_state.json"
+    stored = _int_values(read_json(state), ("global_step",)) if state.is_file() else {}
+    return _Found(Checkpoint(folder, formats.pop(), 0, "huggingface", files), stored)
+
+
+def discover(folder: Path) -> Discovery:
+    """All checkpoints directly in ``folder`` (files, or Hugging Face folders), in training order.
+
+    Time: the first of ``global_step``, ``step``, ``epoch`` stored in every checkpoint (a wrapper
+    dict's value, safetensors metadata, or a Hugging Face folder's ``trainer_state.json``) that takes
+    at least two values; else the last number in each name (``epoch_12`` -> 12) when every name
+    has one; else the position in natural sort order. Never modification time. The same file reached
+    twice (hard link, symlink) counts once; of checkpoints with the same time the first in natural
+    order is kept, with a warning.
     """
     folder = Path(folder)
     if not folder.exists():
         raise CmdError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise CmdError(f"{folder}: is a file, expected a folder of checkpoints")
-    paths = sorted((p for p in folder.iterdir()
-                    if p.is_file() and p.name.endswith(CHECKPOINT_SUFFIXES) and not p.name.startswith(".")),
-                   key=lambda p: natural_key(p.name))
-    if not paths:
+    _refuse_unreadable(folder)
+    found: list[_Found] = []
+    skipped: list[Skipped] = []
+    seen: dict[tuple[int, int], Path] = {}
+    for path in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
+        if path.name.startswith("."):
+            continue
+        is_dir = path.is_dir()
+        if not is_dir and not path.name.endswith(CHECKPOINT_SUFFIXES):
+            continue
+        reason = _skip_reason(path.name)
+        if reason:
+            skipped.append(Skipped(path, reason))
+            continue
+        st = path.stat()
+        if (st.st_dev, st.st_ino) in seen:
+            skipped.append(Skipped(path, f"same file as {seen[st.st_dev, st.st_ino].name}"))
+            continue
+        seen[st.st_dev, st.st_ino] = path
+        if not is_dir:
+            found.append(_examine_file(path))
+            continue
+        files = _huggingface_files(path)
+        if files is not None:
+            found.append(_examine_folder(path, files))
+            continue
+        for sub in [path, *(p for p in path.iterdir() if p.is_dir())]:
+            _refuse_unreadable(sub)
+        skipped.append(Skipped(path, "folder without model weights (no model.safetensors or pytorch_model.bin)"))
+    if not found:
         raise CmdError(f"{folder}: no checkpoint files found "
-                       f"(looked for {', '.join('*' + s for s in CHECKPOINT_SUFFIXES)})")
-    checkpoints = []
-    for path in paths:
-        if path.stat().st_size == 0:
-            raise CmdError(f"{path}: empty file: not a safetensors or torch checkpoint (truncated or corrupt)")
-        fmt = sniff_format(path)
-        if fmt is None:
-            raise CmdError(f"{path}: not a safetensors or torch checkpoint (empty, truncated or corrupt)")
-        checkpoints.append((path, fmt))
-    numbers = [re.findall(r"\d+", _stem(p.name)) for p, _ in checkpoints]
-    times = [int(n[-1]) if n else None for n in numbers]
-    if None in times or len(set(times)) != len(times):
-        times = list(range(len(checkpoints)))
-    return [Checkpoint(path, fmt, time) for (path, fmt), time in zip(checkpoints, times)]
+                       f"(looked for {', '.join('*' + s for s in CHECKPOINT_SUFFIXES)} "
+                       f"and Hugging Face checkpoint-<step>/ folders)")
+    return _order(folder, found, skipped)
+
+
+def _order(folder: Path, found: list[_Found], skipped: list[Skipped]) -> Discovery:
+    """Times from the first source that every checkpoint has; sort; keep one per time."""
+    times, source = None, "position"
+    for key in STORED_TIME_KEYS:
+        values = [f.stored.get(key) for f in found]
+        if None not in values and len(set(values)) > 1:
+            times, source = values, key
+            break
+    if times is None:
+        numbers = [re.findall(r"\d+", _stem(f.checkpoint.name)) for f in found]
+        if all(numbers):
+            times, source = [int(n[-1]) for n in numbers], "name"
+        else:
+            times = list(range(len(found)))
+    ordered = sorted(zip(times, range(len(found))))  # stable: ties keep natural order
+    checkpoints, kept, messages = [], {}, []
+    for time, i in ordered:
+        c = found[i].checkpoint
+        if time in kept:
+            skipped.append(Skipped(c.path, f"same time {time} ({source}) as {kept[time].name}"))
+            messages.append(f"{c.path}: same time {time} ({source}) as {kept[time].name}; kept {kept[time].name}")
+            continue
+        kept[time] = c
+        checkpoints.append(replace(c, time=time))
+    return Discovery(folder, checkpoints, skipped, source, messages)

@@ -1,19 +1,25 @@
-"""Reading and writing one checkpoint file, safetensors or torch, without executing code.
+"""Reading and writing checkpoints, safetensors or torch, without executing code.
 
-A torch file holds either a state dict or a dict wrapping one (``{"state_dict": ..., "epoch": 3}``);
-the wrapper's small plain values (numbers, strings) are kept so that write-back can restore them.
+A checkpoint is one file, or a Hugging Face folder whose weights may be sharded over several files
+(``model-00001-of-00002.safetensors`` + ``model.safetensors.index.json``). A torch file holds either
+a state dict or a dict wrapping one (``{"state_dict": ..., "epoch": 3}``); the wrapper's plain values
+(numbers, strings, and lists and dicts of them, such as Lightning's ``hyper_parameters``) are kept so
+that write-back can restore them. Optimizer, scheduler and grad-scaler states are dropped: they no
+longer match reconstructed weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import pickle
 import re
 import struct
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from safetensors import safe_open
@@ -24,6 +30,11 @@ from ..errors import CmdError
 # Keys under which training scripts commonly nest the state dict, in order of preference.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module",
                 "model_state", "weights", "params", "state")
+# timm's --model-ema weights, chosen with ``ema=True`` (``cmd fit --ema``).
+EMA_KEY = "state_dict_ema"
+# Wrapper entries that describe the training state of the original weights: never written back.
+TRAINING_STATE_KEYS = ("optimizer", "optimizer_states", "optimizer_state_dict", "scheduler", "lr_scheduler",
+                       "lr_schedulers", "scheduler_state_dict", "scaler", "amp_scaler", "grad_scaler")
 
 Signature = dict[str, tuple[tuple[int, ...], str]]
 
@@ -47,28 +58,58 @@ def sniff_format(path: Path) -> str | None:
 
 @dataclass
 class CheckpointInfo:
-    """What write-back needs besides the tensors: wrapper key, plain wrapper values, metadata."""
+    """What write-back needs besides the tensors.
+
+    ``format`` is how the tensors are stored (``"safetensors"`` or ``"torch"``); ``wrapper`` the key
+    of a torch wrapper dict and ``extras`` its plain values; ``dropped`` what is not written back.
+    A Hugging Face folder also has ``shards`` (weight file -> its tensor names, in order), ``index``
+    (the index file's name and its ``metadata``, when the source had one) and ``files`` (the other
+    files copied back, such as ``config.json``: name -> SHA-256 of the bytes kept beside the modes).
+    """
     format: str
     wrapper: str | None = None
     extras: dict[str, Any] = field(default_factory=dict)
     dropped: list[str] = field(default_factory=list)
     metadata: dict[str, str] | None = None
+    shards: dict[str, list[str]] | None = None
+    index: dict[str, Any] | None = None
+    files: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_folder(self) -> bool:
+        return self.shards is not None
+
+    @property
+    def stack(self) -> str:
+        """Which training stack wrote it, as far as its content tells."""
+        if self.is_folder:
+            return "huggingface"
+        if "pytorch-lightning_version" in self.extras:
+            return "lightning"
+        if self.wrapper == EMA_KEY or (self.wrapper == "state_dict" and ("arch" in self.extras or EMA_KEY in self.dropped)):
+            return "timm"
+        return "plain"
 
     def to_json(self) -> str:
         return json.dumps({"format": self.format, "wrapper": self.wrapper, "extras": self.extras,
-                           "dropped": self.dropped, "metadata": self.metadata})
+                           "dropped": self.dropped, "metadata": self.metadata, "shards": self.shards,
+                           "index": self.index, "files": self.files})
 
     @classmethod
     def from_json(cls, text: str) -> "CheckpointInfo":
-        return cls(**json.loads(text))
+        return cls(**json.loads(text))  # fields added later have defaults: older files still read
 
 
 class CheckpointReader:
-    """Open one checkpoint; ``signature`` lists its tensors, ``tensor(name)`` reads one."""
+    """Open one checkpoint file; ``signature`` lists its tensors, ``tensor(name)`` reads one.
 
-    def __init__(self, path: Path, fmt: str):
+    ``ema=True`` takes timm's ``state_dict_ema`` instead of the model's state dict."""
+
+    def __init__(self, path: Path, fmt: str, ema: bool = False):
         self.path = path
+        self.ema = ema
         self._handle = None
+        self.attachments: dict[str, bytes] = {}  # a single file has no companion files to copy
         try:
             if fmt == "safetensors":
                 self._open_safetensors()
@@ -86,6 +127,8 @@ class CheckpointReader:
             raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt ({_first_sentence(e)})") from None
 
     def _open_safetensors(self) -> None:
+        if self.ema:
+            raise CmdError(f"{self.path}: --ema needs timm's {EMA_KEY} in a torch checkpoint; this is a safetensors file")
         self._handle = safe_open(str(self.path), framework="pt")
         self.info = CheckpointInfo("safetensors", metadata=self._handle.metadata())
         self.signature: Signature = {}
@@ -107,7 +150,7 @@ class CheckpointReader:
                 if "mmap" not in str(e):
                     raise
                 obj = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy format
-        self._state, self.info = unwrap_state_dict(obj, self.path)
+        self._state, self.info = unwrap_state_dict(obj, self.path, self.ema)
         self.signature = {name: (tuple(t.shape), dtype_name(t.dtype)) for name, t in self._state.items()}
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -126,6 +169,68 @@ class CheckpointReader:
         self.close()
 
 
+@dataclass(frozen=True)
+class FolderFiles:
+    """The files of a Hugging Face checkpoint folder, by role (names relative to the folder)."""
+    weights: tuple[str, ...]   # weight files, in shard order
+    index: str | None          # model.safetensors.index.json (or the .bin one) when sharded
+    copied: tuple[str, ...]    # config and tokenizer files, written back verbatim
+    dropped: tuple[str, ...]   # optimizer.pt, scheduler.pt, rng_state*.pth, training_args.bin: never loaded
+
+
+class FolderReader:
+    """A Hugging Face checkpoint folder read as one checkpoint: the tensors of all its weight files.
+
+    Tied weights (``lm_head.weight``) are absent from the files, and so from the signature: the
+    folder's own key set is the truth, and ``from_pretrained`` ties them again."""
+
+    def __init__(self, folder: Path, fmt: str, files: FolderFiles):
+        self.path = folder
+        self._readers = [CheckpointReader(folder / name, fmt) for name in files.weights]
+        self.signature: Signature = {}
+        self._owner: dict[str, CheckpointReader] = {}
+        for reader in self._readers:
+            self.signature.update(reader.signature)
+            self._owner.update(dict.fromkeys(reader.signature, reader))
+        index = None
+        if files.index is not None:
+            metadata = read_json(folder / files.index).get("metadata") or {}
+            index = {"name": files.index,
+                     "metadata": {k: v for k, v in metadata.items() if k != "total_size" and _is_plain(v)}}
+        self.attachments: dict[str, bytes] = {}
+        copied = {}
+        for name in files.copied:
+            digest, data = read_attachment(folder / name)
+            copied[name] = digest
+            self.attachments[digest] = data
+        self.info = CheckpointInfo(fmt, dropped=list(files.dropped), metadata=self._readers[0].info.metadata,
+                                   shards={name: list(r.signature) for name, r in zip(files.weights, self._readers)},
+                                   index=index, files=copied)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        return self._owner[name].tensor(name)
+
+    def close(self) -> None:
+        for reader in self._readers:
+            reader.close()
+
+    def __enter__(self) -> "FolderReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_json(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CmdError(f"{path}: not readable JSON ({_first_sentence(e)})") from None
+    if not isinstance(value, dict):
+        raise CmdError(f"{path}: expected a JSON object")
+    return value
+
+
 def _first_sentence(error: Exception) -> str:
     text = str(error).strip().split("\n")[0]
     return f"{type(error).__name__}: {text.split('. ')[0].rstrip('.')[:200]}"
@@ -142,20 +247,32 @@ def _is_state_dict(obj: Any) -> bool:
 
 
 def _is_plain(value: Any) -> bool:
-    return value is None or isinstance(value, (bool, int, float, str))
+    """A value JSON can keep: None, bool, int, finite float, str, and lists, tuples (they come back
+    as lists) and string-keyed dicts of them (Lightning's ``hyper_parameters``, ``loops``)."""
+    if value is None or isinstance(value, (bool, int, str)):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return all(_is_plain(v) for v in value)
+    if isinstance(value, dict):
+        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
+    return False
 
 
-def unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
-    """Find the state dict in what ``torch.load`` returned: the dict itself, or under a wrapper key."""
+def unwrap_state_dict(obj: Any, path: Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    """Find the state dict in what ``torch.load`` returned: the dict itself, or under a wrapper key
+    (timm's ``state_dict_ema`` when ``ema``)."""
+    if ema:
+        if not (isinstance(obj, Mapping) and _is_state_dict(obj.get(EMA_KEY))):
+            raise CmdError(f"{path}: --ema: no {EMA_KEY} in this checkpoint (timm writes it when trained with --model-ema)")
+        return _unwrap(obj, EMA_KEY)
     if _is_state_dict(obj):
         return dict(obj), CheckpointInfo("torch")
     if isinstance(obj, Mapping):
         for key in WRAPPER_KEYS:
             if _is_state_dict(obj.get(key)):
-                extras = {k: v for k, v in obj.items() if k != key and _is_plain(v)}
-                dropped = [str(k) for k, v in obj.items() if k != key and not _is_plain(v)]
-                return dict(obj[key]), CheckpointInfo("torch", wrapper=key, extras=extras,
-                                                      dropped=dropped)
+                return _unwrap(obj, key)
         if not obj:
             raise CmdError(f"{path}: no state dict found (the file holds an empty dict)")
         keys = ", ".join(map(str, list(obj)[:8]))
@@ -164,10 +281,47 @@ def unwrap_state_dict(obj: Any, path: Path) -> tuple[dict[str, torch.Tensor], Ch
     raise CmdError(f"{path}: no state dict found (the file holds a {type(obj).__name__})")
 
 
-def write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: CheckpointInfo) -> None:
-    """Write a state dict in the source's format, restoring its wrapper and metadata."""
-    if info.format == "safetensors":
-        save_file(state, str(path), metadata=info.metadata)
+def _unwrap(obj: Mapping, key: str) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
+    kept = {k: v for k, v in obj.items() if k != key and k not in TRAINING_STATE_KEYS and _is_plain(v)}
+    dropped = [str(k) for k in obj if k != key and k not in kept]
+    return dict(obj[key]), CheckpointInfo("torch", wrapper=key, extras=kept, dropped=dropped)
+
+
+def read_attachment(path: Path) -> tuple[str, bytes]:
+    """A file copied back verbatim (``config.json``): its SHA-256 and its bytes."""
+    data = path.read_bytes()
+    return hashlib.sha256(data).hexdigest(), data
+
+
+def write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: CheckpointInfo,
+                     attachment: Callable[[str], bytes] = lambda digest: b"") -> None:
+    """Write a state dict in the source's format, restoring its wrapper and metadata.
+
+    A Hugging Face checkpoint becomes the folder ``path``: the same weight files (the index rewritten
+    when there was one), safetensors metadata with ``format: pt`` (what ``from_pretrained`` checks),
+    and the copied files, whose bytes ``attachment(sha256)`` returns.
+    """
+    if not info.is_folder:
+        _write_file(path, state, info.format, info.metadata, info.wrapper, info.extras)
+        return
+    path.mkdir()
+    metadata = {**(info.metadata or {}), "format": "pt"}
+    weight_map, total_size = {}, 0
+    for file_name, names in info.shards.items():
+        _write_file(path / file_name, {n: state[n] for n in names}, info.format, metadata)
+        weight_map.update(dict.fromkeys(names, file_name))
+        total_size += sum(state[n].numel() * state[n].element_size() for n in names)
+    if info.index is not None:
+        index = {"metadata": {**info.index.get("metadata", {}), "total_size": total_size},
+                 "weight_map": weight_map}
+        (path / info.index["name"]).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    for file_name, digest in info.files.items():
+        (path / file_name).write_bytes(attachment(digest))
+
+
+def _write_file(path: Path, state: dict[str, torch.Tensor], fmt: str, metadata: dict[str, str] | None,
+                wrapper: str | None = None, extras: Mapping[str, Any] = {}) -> None:
+    if fmt == "safetensors":
+        save_file(state, str(path), metadata=metadata)
     else:
-        obj = {info.wrapper: state, **info.extras} if info.wrapper else state
-        torch.save(obj, path)
+        torch.save({wrapper: state, **extras} if wrapper else state, path)

@@ -109,11 +109,13 @@ def _replace_folder(tmp: Path, output: Path) -> None:
 def _open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progress) -> tuple[TrajectoryStore, dict]:
     settings = modes.settings
     if checkpoints is not None:
-        store, path, reused = prepare_store(
+        prepared = prepare_store(
             Path(checkpoints), start=settings["start"], stop=settings["stop"], every=settings["every"],
-            include=settings["include"], exclude=settings["exclude"], trajectory=trajectory, progress=progress)
-        source = {"kind": "checkpoints", "checkpoints": str(Path(checkpoints).resolve()), "trajectory": str(path),
-                  "trajectory_reused": reused}
+            include=settings["include"], exclude=settings["exclude"], ema=settings.get("ema", False),
+            trajectory=trajectory, progress=progress)
+        store = prepared.store
+        source = {"kind": "checkpoints", "checkpoints": str(Path(checkpoints).resolve()),
+                  "trajectory": str(prepared.path), "trajectory_reused": prepared.reused}
     else:
         path = Path(trajectory or settings["trajectory"])
         if not path.exists():
