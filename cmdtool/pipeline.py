@@ -54,11 +54,14 @@ class FitResult:
 def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samples: int = 1000,
         seed: int = 0, start: int | None = None, stop: int | None = None, every: int = 1,
         include: Sequence[str] = (), exclude: Sequence[str] = (), trajectory: str | Path | None = None,
-        force: bool = False, tile_columns: int | None = None, progress: Progress = no_progress) -> FitResult:
+        force: bool = False, tile_columns: int | None = None, progress: Progress = no_progress,
+        warmup: int | None = None) -> FitResult:
     """Post-hoc CMD of a folder of checkpoints; writes the mode file ``output``.
 
     ``modes`` (M) is the most modes to find, ``samples`` (K) the parameters sampled to find them,
     ``start/stop/every`` slice the checkpoint sequence like Python's ``[start:stop:every]``.
+    ``warmup`` (F) makes it online CMD (paper §3.3): modes and references from the first ``F``
+    selected checkpoints, then an exact update of ``a, b`` per later one (``online.fit_warmup``).
     """
     if modes < 1 or samples < 1 or every < 1:
         raise CmdError("--modes, --samples and --every must be at least 1")
@@ -70,6 +73,10 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samp
     settings = dict(modes=modes, samples=samples, seed=seed, start=start, stop=stop, every=every,
                     include=list(include), exclude=list(exclude), sampling="layer-balanced",
                     source=str(checkpoint_dir.resolve()), trajectory=str(store_path.resolve()))
+    if warmup is not None:
+        from .online import fit_warmup
+        fit_warmup(store, output, {**settings, "warmup": warmup}, warmup, tile_columns, progress)
+        return FitResult(output, store_path, reused, summarize(output))
     _decompose_store(store, output, settings, tile_columns, progress)
     return FitResult(output, store_path, reused, summarize(output))
 
@@ -180,6 +187,8 @@ def summarize(path: str | Path) -> dict:
             "time": [int(t) for t in modes.time],
             "checkpoint_names": list(modes.names),
             "settings": modes.settings,
+            "online": None if modes.online is None else {
+                "warmup": modes.online["warmup"], "updates": modes.T - modes.online["warmup"]},
         }
 
 
