@@ -203,13 +203,16 @@ def update_fit(a: np.ndarray, b: np.ndarray, labels: np.ndarray, w: np.ndarray, 
     a_old_frame = a + e * gain_a[labels]
     b_old_frame = b + e * gain_b[labels]
     # Renormalise over T + 1 points: r̃_new = (scale · r̃ + offset − offset_new) / scale_new.
+    # The mean moves by deviation / (T + 1); that difference is used as such, never as
+    # offset_new − offset, whose rounding (1e-16 of the offset) is large against a small scale.
     deviation = reference_values - offset
-    new_offset = offset + deviation / (T + 1)
+    moved = deviation / (T + 1)
+    new_offset = offset + moved
     new_scale = np.sqrt(scale ** 2 + deviation ** 2 * T / (T + 1))
-    raw_shifted = np.column_stack([scale[:, None] * references, deviation]) + (offset - new_offset)[:, None]
+    raw_shifted = np.column_stack([scale[:, None] * references, deviation]) - moved[:, None]
     new_references = raw_shifted / new_scale[:, None]
     # a r̃_old + b = (a · scale_new / scale) r̃_new + b + a (offset_new − offset) / scale
     ratio = (new_scale / scale)[labels]
-    shift = ((new_offset - offset) / scale)[labels]
+    shift = (moved / scale)[labels]
     return OnlineUpdate(a_old_frame * ratio, b_old_frame + a_old_frame * shift, new_references,
                         new_offset, new_scale, sse)

@@ -566,7 +566,8 @@ class OnlineCMD:
             raise CmdError("OnlineCMD needs modes >= 1, samples >= 1 and warmup >= 2")
         self.settings = dict(modes=modes, samples=samples, seed=seed, start=None, stop=None, every=1,
                              include=list(include), exclude=list(exclude), sampling="layer-balanced",
-                             source="OnlineCMD", trajectory="", warmup=warmup)
+                             source="an OnlineCMD training loop", trajectory="none (OnlineCMD keeps no trajectory)",
+                             warmup=warmup)
         self.warmup = warmup
         self.layout: Layout | None = None
         self._signature: dict | None = None
