@@ -33,8 +33,8 @@ from .decompose import label_dtype, update_fit
 from .errors import CmdError
 from .layout import Layout, build_layout
 from .modefile import ModeFile, ModeFileWriter, check_output_path, open_mode_file
-from .pipeline import Progress, _decompose_store, default_store_path, no_progress, summarize
-from .trajectory import TrajectoryStore, build_store, fingerprint, open_store, read_signatures, store_fingerprint
+from .pipeline import Progress, _decompose_store, no_progress, store_of, summarize
+from .trajectory import TrajectoryStore, open_store
 
 CARRIED_CHUNK_BYTES = 32 * 2**20  # carried rows are copied between mode files in blocks of this size
 
@@ -416,22 +416,6 @@ def _times_like_discover(names: Sequence[str]) -> list[int]:
     return numbers
 
 
-def _store_of(checkpoints: list[Checkpoint], folder: Path, include, exclude, trajectory, force, progress):
-    """The trajectory store of an explicit list of checkpoints (reused when its fingerprint matches)."""
-    store_path = Path(trajectory) if trajectory else default_store_path(folder)
-    key = fingerprint(checkpoints, include, exclude)
-    existing = store_fingerprint(store_path)
-    if existing == key:
-        return open_store(store_path), store_path
-    if store_path.exists() and existing is None and not force:
-        raise CmdError(f"{store_path}: exists and is not a cmdtool trajectory store (use --force to replace it)")
-    store_path.parent.mkdir(parents=True, exist_ok=True)
-    with progress("checking checkpoints", len(checkpoints)) as advance:
-        layout, infos = read_signatures(checkpoints, include, exclude, advance)
-    with progress("building trajectory store", len(checkpoints)) as advance:
-        return build_store(checkpoints, layout, infos, store_path, key, advance), store_path
-
-
 class _Folder:
     """Complete checkpoints of a folder that is being written to: a file counts once its size and
     modification time are the same at two polls in a row and it opens as a checkpoint."""
@@ -507,7 +491,8 @@ def watch(folder: str | Path, output: str | Path, *, warmup: int, until: int | N
             if len(ready) >= warmup:
                 times = _times_like_discover([c.name for c in ready])
                 checkpoints = [Checkpoint(c.path, c.format, t) for c, t in zip(ready, times)]
-                store, store_path = _store_of(checkpoints, folder, include, exclude, trajectory, force, progress)
+                store, store_path, _ = store_of(checkpoints, folder, include=include, exclude=exclude,
+                                                trajectory=trajectory, force=force, progress=progress)
                 settings = dict(modes=modes, samples=samples, seed=seed, start=None, stop=None, every=1,
                                 include=list(include), exclude=list(exclude), sampling="layer-balanced",
                                 source=str(folder.resolve()), trajectory=str(store_path.resolve()), warmup=warmup)

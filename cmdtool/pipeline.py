@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoints import discover
+from .checkpoints import Checkpoint, discover
 from .decompose import (choose_references, cluster, correlation_matrix, fit_tile, label_dtype,
                         normalise_references, sample_parameters)
 from .errors import CmdError
@@ -91,6 +91,15 @@ def prepare_store(checkpoint_dir: Path, *, start: int | None = None, stop: int |
     if len(checkpoints) < 2:
         raise CmdError(f"{checkpoint_dir}: CMD needs at least 2 checkpoints, "
                        f"{'found' if start is None and stop is None and every == 1 else 'selected'} {len(checkpoints)}")
+    return store_of(checkpoints, checkpoint_dir, include=include, exclude=exclude, trajectory=trajectory,
+                    force=force, progress=progress)
+
+
+def store_of(checkpoints: Sequence[Checkpoint], checkpoint_dir: Path, *, include: Sequence[str] = (),
+             exclude: Sequence[str] = (), trajectory: str | Path | None = None, force: bool = False,
+             progress: Progress = no_progress):
+    """The trajectory store of these checkpoints of ``checkpoint_dir`` (e.g. the complete ones of a
+    folder still being written): reused when its fingerprint matches. Returns ``(store, path, reused)``."""
     store_path = Path(trajectory) if trajectory else default_store_path(checkpoint_dir)
     if store_path.is_dir():
         raise CmdError(f"{store_path}: is a directory, expected a trajectory-store file path")
