@@ -4,5 +4,7 @@ __version__ = "0.1.0"
 
 from .errors import CmdError  # noqa: E402
 from .pipeline import FitResult, fit, reconstruct, reconstruct_checkpoints, summarize  # noqa: E402
+from .online import OnlineCMD, UpdateResult, update, watch  # noqa: E402
 
-__all__ = ["CmdError", "FitResult", "__version__", "fit", "reconstruct", "reconstruct_checkpoints", "summarize"]
+__all__ = ["CmdError", "FitResult", "OnlineCMD", "UpdateResult", "__version__", "fit", "reconstruct",
+           "reconstruct_checkpoints", "summarize", "update", "watch"]

@@ -106,6 +106,7 @@ def fit(
     force: bool = typer.Option(False, "--force", help="Overwrite an existing mode file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
     tile_columns: Optional[int] = typer.Option(None, "--tile-columns", min=1, hidden=True),
+    warmup: Optional[int] = typer.Option(None, "--warmup", metavar="F", min=2, help="Online CMD: find the modes and references on the first F selected checkpoints only, then update a, b exactly with each later one."),
 ) -> None:
     """Fit CMD modes to a folder of checkpoints and write a mode file.
 
@@ -113,12 +114,14 @@ def fit(
     stored in them, else by the numbers in their names (epoch_2 before epoch_10); `cmd ls` lists
     them. Every floating-point tensor is modelled; integer tensors are carried verbatim. The
     checkpoints are first stacked into a trajectory store, reused by later fits of the same
-    unchanged folder.
+    unchanged folder. With --warmup F it is the paper's online CMD: the result equals fitting the
+    first F checkpoints and then running cmd update with the rest.
     """
     with _errors_to_exit_code():
         result = fit_folder(checkpoint_dir, output, modes=modes, samples=samples, seed=seed, start=start,
                             stop=stop, every=every, include=include, exclude=exclude, ema=ema,
-                            trajectory=trajectory, force=force, tile_columns=tile_columns, progress=_progress)
+                            trajectory=trajectory, force=force, tile_columns=tile_columns, progress=_progress,
+                            warmup=warmup)
     for warning in result.discovery.warnings:
         _message(f"warning: {warning}")
     if result.discovery.skipped:
@@ -222,6 +225,72 @@ def reconstruct(
 
 
 @app.command()
+def update(
+    mode_file: Path = typer.Argument(..., metavar="MODEFILE", help="A mode file written by cmd fit (or an earlier update)."),
+    checkpoints: List[Path] = typer.Argument(..., metavar="NEW...", help="New checkpoint files, or folders of them."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
+) -> None:
+    """Online CMD: append checkpoints later than the mode file's last one, updating a, b exactly.
+
+    Modes and references stay as fitted; each new checkpoint extends every reference by its
+    reference parameter's value and updates every parameter's a, b through the normal equations,
+    without the earlier checkpoints. Checkpoints already in the mode file are skipped with a note;
+    an earlier or incompatible checkpoint is an error (exit 2) and the mode file is left untouched.
+    The mode file is replaced atomically.
+    """
+    with _errors_to_exit_code():
+        from .online import update as update_mode_file
+        result = update_mode_file(mode_file, checkpoints, progress=_progress)
+    if result.skipped:
+        _message(f"note: already in the mode file, skipped: {', '.join(result.skipped)}")
+    if result.absorbed:
+        _message(f"updated {mode_file} with {len(result.absorbed)} checkpoint{'s' * (len(result.absorbed) > 1)}: "
+                 f"{result.absorbed[0]} … {result.absorbed[-1]}")
+    else:
+        _message(f"nothing new: {mode_file} is unchanged")
+    if as_json:
+        print(json.dumps({**result.summary, "absorbed": result.absorbed, "skipped": result.skipped}))
+    else:
+        _print_summary(result.summary)
+
+
+@app.command()
+def watch(
+    checkpoint_dir: Path = typer.Argument(..., metavar="CKPT_DIR", help="The training run's checkpoint folder."),
+    output: Path = typer.Option(..., "--output", "-o", help="Mode file to keep up to date (resumed when it exists)."),
+    warmup: int = typer.Option(..., "--warmup", metavar="F", min=2, help="Fit the modes once F checkpoints exist; update with each later one."),
+    until: Optional[int] = typer.Option(None, "--until", metavar="N", min=1, help="Stop once the mode file holds N checkpoints (default: until Ctrl-C)."),
+    interval: float = typer.Option(10.0, "--interval", metavar="S", min=0.0, help="Seconds between looks at the folder."),
+    modes: int = typer.Option(10, "--modes", "-m", min=1, help="Most modes (M) to find."),
+    samples: int = typer.Option(1000, "--samples", "-k", min=1, help="Parameters sampled (K) to find the modes, layer-balanced."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the parameter sample."),
+    include: List[str] = typer.Option([], "--include", metavar="GLOB", help="Model only tensors whose name matches this glob (repeatable)."),
+    exclude: List[str] = typer.Option([], "--exclude", metavar="GLOB", help="Do not model tensors matching this glob (repeatable)."),
+    trajectory: Optional[Path] = typer.Option(None, "--trajectory", help="Where to keep the warm-up's trajectory store. Default: $CMDTOOL_CACHE or ~/.cache/cmdtool."),
+    force: bool = typer.Option(False, "--force", help="Refit an existing mode file instead of resuming it."),
+) -> None:
+    """Online CMD while training runs: follow a checkpoint folder and keep a mode file up to date.
+
+    Fits once F complete checkpoints exist, then updates with each new one in training order. A
+    file counts as complete once its size and modification time are unchanged between two looks
+    and it opens as a checkpoint, so files still being written are never read. The mode file is
+    replaced atomically at every change: killing the process never corrupts it, and running the
+    command again resumes. Stops on Ctrl-C (exit 130) or with --until.
+    """
+    from .online import watch as watch_folder
+    with _errors_to_exit_code():
+        try:
+            watch_folder(checkpoint_dir, output, warmup=warmup, until=until, interval=interval, modes=modes,
+                         samples=samples, seed=seed, include=include, exclude=exclude, trajectory=trajectory,
+                         force=force, progress=_progress, say=_message)
+        except KeyboardInterrupt:
+            _message(f"interrupted: {output} is intact (it is replaced atomically; run again to resume)"
+                     if output.exists() else "interrupted: no mode file was written yet")
+            raise typer.Exit(130) from None
+    _message(f"stopped: {output} holds {until} checkpoints or more (--until {until})")
+
+
+@app.command()
 def report(
     mode_file: Path = typer.Argument(..., metavar="MODEFILE", help="A mode file written by cmd fit."),
     output: Path = typer.Option(..., "--output", "-o", help="Report folder to write (report.html, report.md, report.json, PNG plots)."),
@@ -303,6 +372,10 @@ def _print_summary(s: dict, references: list | None = None) -> None:
     table.add_row("fitted on", f"{selection} of {settings['source']}"
                   + "".join(f" --include {p}" for p in settings["include"])
                   + "".join(f" --exclude {p}" for p in settings["exclude"]))
+    if s.get("online"):
+        F, names = s["online"]["warmup"], s["checkpoint_names"]
+        table.add_row("online", f"modes found on the first {F} checkpoints ({names[0]} … {names[F - 1]}), "
+                      f"then {s['online']['updates']} exact update{'s' * (s['online']['updates'] != 1)} of a, b")
     table.add_row("trajectory store", settings["trajectory"])
     table.add_row("compression", f"{s['compression_ratio']:.1f}× ({_bytes(s['checkpoint_bytes_float32'])} of float32 checkpoints)")
     table.add_row("rel_error", f"{s['rel_error']:.3g}  (‖W − Ŵ‖ / ‖W‖ over all checkpoints)")

@@ -165,3 +165,54 @@ def fit_tile(block: np.ndarray, references: np.ndarray) -> TileFit:
 def label_dtype(M: int) -> np.dtype:
     """uint8 labels up to 256 modes, wider beyond."""
     return np.dtype(np.uint8 if M <= 256 else np.uint16 if M <= 65536 else np.uint32)
+
+
+class OnlineUpdate(NamedTuple):
+    a: np.ndarray           # (n,) float64 slope against the new normalised reference
+    b: np.ndarray           # (n,) float64 intercept
+    references: np.ndarray  # (M, T + 1) float64, normalised over the T + 1 checkpoints
+    offset: np.ndarray      # (M,) new mean of the raw reference
+    scale: np.ndarray       # (M,) new norm of the centred raw reference
+    sse: np.ndarray         # (n,) increase of each parameter's least-squares error, summed over time
+
+
+def update_fit(a: np.ndarray, b: np.ndarray, labels: np.ndarray, w: np.ndarray, references: np.ndarray,
+               offset: np.ndarray, scale: np.ndarray, reference_values: np.ndarray) -> OnlineUpdate:
+    """Online CMD (paper §3.3): absorb checkpoint ``T + 1`` into a fit of ``T`` checkpoints.
+
+    Modes, labels and reference parameters stay fixed; ``w`` (n,) are the parameters' new values and
+    ``reference_values`` (M,) the reference parameters' new values ``r_m(T + 1)``. In the old
+    normalised frame ``x(t) = [r̃(t), 1]`` with ``r̃ = (r − offset) / scale``, so ``G = Σ xᵀx`` is
+    ``[[1, 0], [0, T]]`` for every mode and ``[a b]`` is the state of the normal equations. The new
+    point ``x = [ρ, 1]`` gives ``[a b]_new = ([a b] G + w x) G_new⁻¹ = [a b] + e · x G_new⁻¹`` with
+    the prediction error ``e = w − aρ − b`` (recursive least squares: no cancellation, and the
+    least-squares error grows by ``e² / (1 + x G⁻¹ xᵀ)``). The references are then renormalised over
+    ``T + 1`` checkpoints (running mean and centred norm, exact in float64) and ``a, b`` re-expressed
+    against them, so the stored frame keeps its precision when a reference barely moves.
+    """
+    M, T = references.shape
+    labels = np.asarray(labels, dtype=np.int64)
+    a, b, w = (np.asarray(v, dtype=np.float64) for v in (a, b, w))
+    reference_values = np.asarray(reference_values, dtype=np.float64)
+    rho = (reference_values - offset) / scale           # (M,) the new point in the old frame
+    det = T + 1 + T * rho ** 2                          # det G_new, G_new = [[1 + ρ², ρ], [ρ, T + 1]]
+    gain_a, gain_b = T * rho / det, 1.0 / det           # x G_new⁻¹
+    rho_i = rho[labels]
+    e = w - a * rho_i - b
+    sse = e * e / (1.0 + rho_i ** 2 + 1.0 / T)
+    a_old_frame = a + e * gain_a[labels]
+    b_old_frame = b + e * gain_b[labels]
+    # Renormalise over T + 1 points: r̃_new = (scale · r̃ + offset − offset_new) / scale_new.
+    # The mean moves by deviation / (T + 1); that difference is used as such, never as
+    # offset_new − offset, whose rounding (1e-16 of the offset) is large against a small scale.
+    deviation = reference_values - offset
+    moved = deviation / (T + 1)
+    new_offset = offset + moved
+    new_scale = np.sqrt(scale ** 2 + deviation ** 2 * T / (T + 1))
+    raw_shifted = np.column_stack([scale[:, None] * references, deviation]) - moved[:, None]
+    new_references = raw_shifted / new_scale[:, None]
+    # a r̃_old + b = (a · scale_new / scale) r̃_new + b + a (offset_new − offset) / scale
+    ratio = (new_scale / scale)[labels]
+    shift = (moved / scale)[labels]
+    return OnlineUpdate(a_old_frame * ratio, b_old_frame + a_old_frame * shift, new_references,
+                        new_offset, new_scale, sse)

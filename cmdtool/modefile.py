@@ -23,6 +23,11 @@ Root datasets (documented in the README for h5py users):
 ``files``); the new fields have defaults and the group may be absent, so older version-1 files read
 as before.
 
+Online fits (``cmd fit --warmup``, ``cmd update``, ``cmd watch``, ``OnlineCMD.save``) add a group
+``online`` that version-1 readers ignore: attribute ``warmup`` (F, the checkpoints the modes were
+found on), ``first`` (N,) f4 (the first checkpoint's values, for the displacement metric) and
+``mode_sse_least_squares`` (M,) f8 (the least-squares error per mode, without float32 rounding).
+
 Root attributes: ``format = "cmdtool-modes"``, ``format_version``, ``tool_version``, ``settings``
 (JSON) and ``metrics`` (JSON). Writers go to a temporary file renamed into place when complete.
 """
@@ -93,6 +98,23 @@ class ModeFileWriter:
     def write_attachment(self, digest: str, data: bytes) -> None:
         self.f.require_group("attachments").create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
 
+    def write_carried_rows(self, name: str, shape: tuple[int, int], chunks) -> None:
+        """A carried tensor written in row blocks (``chunks`` yields ``(T_block, bytes)`` arrays)."""
+        dataset = self.f["carried"].create_dataset(name, shape=shape, dtype=np.uint8)
+        row = 0
+        for chunk in chunks:
+            dataset[row:row + len(chunk)] = chunk
+            row += len(chunk)
+        if row != shape[0]:
+            raise ValueError(f"carried tensor {name!r}: wrote {row} rows, expected {shape[0]}")
+
+    def write_online(self, *, warmup: int, first: np.ndarray, mode_sse_least_squares: np.ndarray) -> None:
+        """The state an online update needs beyond version 1 (see the module docstring)."""
+        group = self.f.create_group("online")
+        group.attrs["warmup"] = int(warmup)
+        group.create_dataset("first", data=np.asarray(first, dtype=np.float32))
+        group.create_dataset("mode_sse_least_squares", data=np.asarray(mode_sse_least_squares, dtype=np.float64))
+
     def finish(self, *, mode_sizes: np.ndarray, settings: dict, metrics: dict, tool_version: str) -> Path:
         self.f.create_dataset("mode_sizes", data=np.asarray(mode_sizes, dtype=np.int64))
         self.f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, tool_version=tool_version,
@@ -126,6 +148,7 @@ class ModeFile:
     metrics: dict
     format_version: int
     tool_version: str
+    online: dict | None = None    # {"warmup": F} for an online fit (group ``online``), else None
 
     @property
     def M(self) -> int:
@@ -189,7 +212,8 @@ def open_mode_file(path: Path) -> ModeFile:
             infos=[CheckpointInfo.from_json(s) for s in read_strings(handle, "checkpoint_info")],
             mode_sizes=handle["mode_sizes"][()], settings=json.loads(handle.attrs["settings"]),
             metrics=json.loads(handle.attrs["metrics"]), format_version=version,
-            tool_version=str(handle.attrs.get("tool_version", "?")))
+            tool_version=str(handle.attrs.get("tool_version", "?")),
+            online={"warmup": int(handle["online"].attrs["warmup"])} if "online" in handle else None)
         _validate(mode_file)
         return mode_file
     except CmdError:
@@ -211,6 +235,11 @@ def _validate(mf: ModeFile) -> None:
             raise CmdError(f"{mf.path}: corrupt mode file ({name} has shape {h[name].shape}, expected {shape})")
     if len(mf.names) != T or len(mf.infos) != T:
         raise CmdError(f"{mf.path}: corrupt mode file (checkpoint list does not match T = {T})")
+    if mf.online is not None:
+        online = h["online"]
+        if (online["first"].shape != (N,) or online["mode_sse_least_squares"].shape != (M,)
+                or not 1 <= mf.online["warmup"] <= T):
+            raise CmdError(f"{mf.path}: corrupt mode file (online state does not match N, M or T)")
     for spec in mf.layout.carried:
         if spec.name not in h["carried"] or h["carried"][spec.name].shape[0] != T:
             raise CmdError(f"{mf.path}: corrupt mode file (carried tensor {spec.name!r} missing)")

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .checkpoints import Discovery, discover
+from .checkpoints import Checkpoint, Discovery, discover
 from .decompose import (choose_references, cluster, correlation_matrix, fit_tile, label_dtype,
                         normalise_references, sample_parameters)
 from .errors import CmdError
@@ -56,12 +56,14 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samp
         seed: int = 0, start: int | None = None, stop: int | None = None, every: int = 1,
         include: Sequence[str] = (), exclude: Sequence[str] = (), ema: bool = False,
         trajectory: str | Path | None = None, force: bool = False, tile_columns: int | None = None,
-        progress: Progress = no_progress) -> FitResult:
+        progress: Progress = no_progress, warmup: int | None = None) -> FitResult:
     """Post-hoc CMD of a folder of checkpoints; writes the mode file ``output``.
 
     ``modes`` (M) is the most modes to find, ``samples`` (K) the parameters sampled to find them,
     ``start/stop/every`` slice the checkpoint sequence like Python's ``[start:stop:every]``,
     ``ema`` models timm's ``state_dict_ema`` instead of the model's weights.
+    ``warmup`` (F) makes it online CMD (paper §3.3): modes and references from the first ``F``
+    selected checkpoints, then an exact update of ``a, b`` per later one (``online.fit_warmup``).
     """
     if modes < 1 or samples < 1 or every < 1:
         raise CmdError("--modes, --samples and --every must be at least 1")
@@ -72,7 +74,11 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samp
     settings = dict(modes=modes, samples=samples, seed=seed, start=start, stop=stop, every=every,
                     include=list(include), exclude=list(exclude), ema=ema, sampling="layer-balanced",
                     source=str(checkpoint_dir.resolve()), trajectory=str(prepared.path.resolve()))
-    _decompose_store(prepared.store, output, settings, tile_columns, progress)
+    if warmup is not None:
+        from .online import fit_warmup
+        fit_warmup(prepared.store, output, {**settings, "warmup": warmup}, warmup, tile_columns, progress)
+    else:
+        _decompose_store(prepared.store, output, settings, tile_columns, progress)
     return FitResult(output, prepared.path, prepared.reused, summarize(output), prepared.discovery)
 
 
@@ -95,13 +101,23 @@ def prepare_store(checkpoint_dir: Path, *, start: int | None = None, stop: int |
     if len(checkpoints) < 2:
         raise CmdError(f"{checkpoint_dir}: CMD needs at least 2 checkpoints, "
                        f"{'found' if start is None and stop is None and every == 1 else 'selected'} {len(checkpoints)}")
+    store, store_path, reused = store_of(checkpoints, checkpoint_dir, include=include, exclude=exclude, ema=ema,
+                                         trajectory=trajectory, force=force, progress=progress)
+    return PreparedStore(store, store_path, reused, discovery)
+
+
+def store_of(checkpoints: Sequence[Checkpoint], checkpoint_dir: Path, *, include: Sequence[str] = (),
+             exclude: Sequence[str] = (), ema: bool = False, trajectory: str | Path | None = None,
+             force: bool = False, progress: Progress = no_progress) -> tuple[TrajectoryStore, Path, bool]:
+    """The trajectory store of these checkpoints of ``checkpoint_dir`` (e.g. the complete ones of a
+    folder still being written): reused when its fingerprint matches. Returns ``(store, path, reused)``."""
     store_path = Path(trajectory) if trajectory else default_store_path(checkpoint_dir)
     if store_path.is_dir():
         raise CmdError(f"{store_path}: is a directory, expected a trajectory-store file path")
     key = fingerprint(checkpoints, include, exclude, ema)
     existing = store_fingerprint(store_path)
     if existing == key:
-        return PreparedStore(open_store(store_path), store_path, True, discovery)
+        return open_store(store_path), store_path, True
     if store_path.exists() and existing is None and not force:
         raise CmdError(f"{store_path}: exists and is not a cmdtool trajectory store (use --force to replace it)")
     store_path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +125,7 @@ def prepare_store(checkpoint_dir: Path, *, start: int | None = None, stop: int |
         layout, infos = read_signatures(checkpoints, include, exclude, ema, advance)
     with progress("building trajectory store", len(checkpoints)) as advance:
         store = build_store(checkpoints, layout, infos, store_path, key, ema, advance)
-    return PreparedStore(store, store_path, False, discovery)
+    return store, store_path, False
 
 
 def _decompose_store(store, output: Path, settings: dict, tile_columns: int | None, progress: Progress) -> None:
@@ -193,6 +209,8 @@ def summarize(path: str | Path) -> dict:
             "time": [int(t) for t in modes.time],
             "checkpoint_names": list(modes.names),
             "settings": modes.settings,
+            "online": None if modes.online is None else {
+                "warmup": modes.online["warmup"], "updates": modes.T - modes.online["warmup"]},
         }
 
 

@@ -113,6 +113,25 @@ def test_huggingface_trainer_folder(hf_run, tmp_path):
     assert not torch.equal(loaded["transformer.h.0.mlp.c_fc.weight"], source["transformer.h.0.mlp.c_fc.weight"])
 
 
+def test_huggingface_online_fit_and_update(hf_run, tmp_path):
+    """Online CMD on a Trainer folder: the updated mode file keeps the copied config files, and
+    `fit --warmup 2` equals fitting the first two folders and `cmd update` with the third."""
+    mode_file, [folder], _ = fit_and_reconstruct(hf_run, tmp_path, "--warmup", 2)
+    assert folder == tmp_path / "out" / "checkpoint-6"
+    assert (folder / "config.json").read_bytes() == (hf_run / "checkpoint-6" / "config.json").read_bytes()
+    assert_loaded_equals_reconstruction(GPT2LMHeadModel.from_pretrained(folder).state_dict(), mode_file)
+
+    partial = tmp_path / "partial.cmd.h5"
+    cmd("fit", hf_run, "-o", partial, "--modes", 3, "--samples", 200, "--stop", 2, "--trajectory", tmp_path / "first.h5")
+    cmd("update", partial, hf_run)
+    assert cmdtool.summarize(partial)["checkpoint_names"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    updated, warmed = cmdtool.reconstruct(partial), cmdtool.reconstruct(mode_file)
+    assert all(torch.equal(updated[name], warmed[name]) for name in warmed)
+    cmd("reconstruct", partial, "-o", tmp_path / "updated", "--at", "last")
+    assert_loaded_equals_reconstruction(
+        GPT2LMHeadModel.from_pretrained(tmp_path / "updated" / "checkpoint-6").state_dict(), partial)
+
+
 @pytest.fixture(scope="module")
 def hf_sharded_run(hf_run, tmp_path_factory) -> Path:
     """The same checkpoints saved by ``save_pretrained(max_shard_size="2KB")``: several

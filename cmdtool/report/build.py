@@ -109,10 +109,12 @@ def _replace_folder(tmp: Path, output: Path) -> None:
 def _open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progress) -> tuple[TrajectoryStore, dict]:
     settings = modes.settings
     if checkpoints is not None:
+        start, stop, every = settings["start"], settings["stop"], settings["every"]
+        if modes.online is not None:  # updates append checkpoints beyond the fit's selection
+            start, stop, every = _online_selection(modes, Path(checkpoints))
         prepared = prepare_store(
-            Path(checkpoints), start=settings["start"], stop=settings["stop"], every=settings["every"],
-            include=settings["include"], exclude=settings["exclude"], ema=settings.get("ema", False),
-            trajectory=trajectory, progress=progress)
+            Path(checkpoints), start=start, stop=stop, every=every, include=settings["include"],
+            exclude=settings["exclude"], ema=settings.get("ema", False), trajectory=trajectory, progress=progress)
         store = prepared.store
         source = {"kind": "checkpoints", "checkpoints": str(Path(checkpoints).resolve()),
                   "trajectory": str(prepared.path), "trajectory_reused": prepared.reused}
@@ -130,6 +132,28 @@ def _open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progres
                        f"(checkpoint names, times or tensors differ); pass --checkpoints with the folder "
                        f"given to cmd fit")
     return store, source
+
+
+def _online_selection(modes: ModeFile, folder: Path) -> tuple[int, int, int]:
+    """``start, stop, every`` of the folder's checkpoints that an online mode file holds."""
+    from ..checkpoints import discover
+    names = [c.name for c in discover(folder).checkpoints]
+    positions = [names.index(n) if n in names else -1 for n in modes.names]
+    steps = set(np.diff(positions).tolist())
+    if -1 in positions or len(steps) != 1 or steps.pop() < 1:
+        missing = [n for n, p in zip(modes.names, positions) if p < 0]
+        raise CmdError(f"{folder}: does not hold the checkpoints of {modes.path} as one evenly spaced slice"
+                       + (f" (missing {missing[0]})" if missing else ""))
+    return positions[0], positions[-1] + 1, positions[1] - positions[0]
+
+
+def _online(modes: ModeFile) -> dict | None:
+    """An online fit's warm-up (``cmd fit --warmup``, ``cmd update``, ``cmd watch``), or None."""
+    if modes.online is None:
+        return None
+    F, time = modes.online["warmup"], modes.time
+    return {"warmup": F, "updates": modes.T - F, "warmup_last": modes.names[F - 1],
+            "boundary_time": float(time[F - 1] + time[F]) / 2 if F < modes.T else None}
 
 
 def _clean(value):
@@ -230,11 +254,18 @@ def _compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path
     files["references"] = PLOTS["references"]
     series = {"CMD": metrics.ratio(measured.error_sq, measured.norm_sq)}
     series.update({f"PCA d={d}": metrics.ratio(pca.error_sq(d), measured.norm_sq) for d in PCA_RANKS})
-    plots.errors(time, series, "‖w_t − ŵ_t‖ / ‖w_t‖", folder / PLOTS["errors"])
+    online = _online(modes)
+    plots.errors(time, series, "‖w_t − ŵ_t‖ / ‖w_t‖", folder / PLOTS["errors"],
+                 boundary=online["boundary_time"] if online else None)
     files["errors"] = PLOTS["errors"]
     plots.mode_layers(measured.mode_layer_counts, [s.name for s in tensors], folder / PLOTS["mode_layers"])
     files["mode_layers"] = PLOTS["mode_layers"]
-    sample = sample_parameters([s.size for s in tensors], store.varies, modes.settings["samples"], modes.settings["seed"])
+    varies = store.varies
+    if online:  # the fit sampled parameters that move during the warm-up
+        varies = np.zeros(N, dtype=bool)
+        for start, stop, block in store.tiles(tile):
+            varies[start:stop] = (block[1:online["warmup"]] != block[0]).any(axis=0)
+    sample = sample_parameters([s.size for s in tensors], varies, modes.settings["samples"], modes.settings["seed"])
     sampled = store.columns(sample)
     C = correlation_matrix(sampled)
     sample_labels, sample_a, sample_b = (modes.handle[k][sample] for k in ("labels", "a", "b"))
@@ -253,6 +284,11 @@ def _compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path
         files["metric"] = PLOTS["metric"]
 
     notes = _notes(layout, evaluation)
+    if online:
+        notes.append(f"Online fit (paper §3.3): the modes and references were found on the first {online['warmup']} "
+                     f"checkpoints (up to {online['warmup_last']}, the dotted line in the error plot); "
+                     f"a, b were then updated exactly with each of the {online['updates']} later checkpoints, "
+                     "so errors after the warm-up show how well the warm-up's modes carry on.")
     report = _clean({
         "format": REPORT_FORMAT, "format_version": REPORT_VERSION, "tool_version": __version__,
         "mode_file": {"path": str(modes.path), "format_version": modes.format_version,
@@ -263,7 +299,7 @@ def _compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path
         "fit": fit, "compactness": compactness, "per_checkpoint": per_checkpoint, "per_tensor": per_tensor,
         "modes": mode_rows, "baselines": {"pca": baselines}, "evaluation": evaluation,
         "thresholds": threshold_rows, "passed": all(r["passed"] for r in threshold_rows),
-        "plots": files, "notes": notes})
+        "plots": files, "notes": notes, "online": online})
     blocks = _blocks(report, Heading, Paragraph, Table, Image)
     return report, blocks
 
@@ -404,7 +440,10 @@ def _blocks(r: dict, Heading, Paragraph, Table, Image) -> tuple[list, list]:
                   + (f" (+{run['tensors_carried']} carried verbatim)" if run["tensors_carried"] else "")
                   + f", modelled by **{run['modes']} modes**: every parameter follows `a·r(t) + b` of its "
                   f"mode's reference trajectory `r(t)`. Trajectory: {r['trajectory']['kind']} "
-                  f"`{r['trajectory']['trajectory']}`."),
+                  f"`{r['trajectory']['trajectory']}`."
+                  + (f" **Online fit**: modes from the first {r['online']['warmup']} checkpoints (warm-up, up to "
+                     f"{r['online']['warmup_last']}), then {r['online']['updates']} exact updates of `a, b`."
+                     if r.get("online") else "")),
         Heading(2, "How well the modes explain the run"),
         Paragraph("`rel_error` is ‖W − Ŵ‖ / ‖W‖ over all checkpoints; `rel_error_displacement` divides the same "
                   "error by how far the weights moved from the first checkpoint, ‖W − W₀‖, the harder figure. "
