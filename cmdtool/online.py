@@ -16,7 +16,6 @@ The jobs: ``fit_warmup`` (``cmd fit --warmup``), ``update`` (``cmd update``), ``
 from __future__ import annotations
 
 import os
-import re
 import tempfile
 import time as clock
 from dataclasses import dataclass, field, replace
@@ -28,7 +27,7 @@ import torch
 
 from . import __version__
 from .checkpoints import (CHECKPOINT_SUFFIXES, Checkpoint, CheckpointInfo, CheckpointReader, discover,
-                          dtype_name, natural_key, sniff_format)
+                          dtype_name, name_number, natural_key, sniff_format)
 from .decompose import label_dtype, update_fit
 from .errors import CmdError
 from .layout import Layout, build_layout
@@ -301,18 +300,6 @@ def fit_warmup(store: TrajectoryStore, output: Path, settings: dict, warmup: int
 # cmd update
 
 
-def _stem(name: str) -> str:
-    for suffix in CHECKPOINT_SUFFIXES:
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _name_number(name: str) -> int | None:
-    numbers = re.findall(r"\d+", _stem(name))
-    return int(numbers[-1]) if numbers else None
-
-
 def _gather(paths: Sequence[str | Path]) -> list[Checkpoint]:
     """Files, and the checkpoints directly in folders, in training order (time filled in later)."""
     found: dict[Path, Checkpoint] = {}
@@ -338,7 +325,7 @@ def plan_update(modes: ModeFile, checkpoints: Sequence[Checkpoint]) -> tuple[lis
     """Split into ``(skipped, new)``: checkpoints already in the mode file, and later ones with
     their times. A checkpoint that sorts before the mode file's last one is an error."""
     names, last = set(modes.names), modes.names[-1]
-    from_names = all(_name_number(n) == int(t) for n, t in zip(modes.names, modes.time))
+    from_names = all(name_number(n) == int(t) for n, t in zip(modes.names, modes.time))
     skipped = [c for c in checkpoints if c.name in names]
     new, previous = [], int(modes.time[-1])
     for c in (c for c in checkpoints if c.name not in names):
@@ -346,7 +333,7 @@ def plan_update(modes: ModeFile, checkpoints: Sequence[Checkpoint]) -> tuple[lis
             raise CmdError(f"{c.path}: comes before {last}, the last checkpoint in {modes.path}; "
                            f"online CMD only appends later checkpoints")
         if from_names:
-            t = _name_number(c.name)
+            t = name_number(c.name)
             if t is None or t <= previous:
                 raise CmdError(f"{c.path}: its step number ({t}) does not come after {previous}, the time of "
                                f"the last checkpoint in the mode file ({last})" if t is not None else
@@ -422,7 +409,7 @@ def update(mode_file: str | Path, checkpoints: Sequence[str | Path], progress: P
 
 
 def _times_like_discover(names: Sequence[str]) -> list[int]:
-    numbers = [_name_number(n) for n in names]
+    numbers = [name_number(n) for n in names]
     if None in numbers or len(set(numbers)) != len(numbers):
         return list(range(len(names)))
     return numbers

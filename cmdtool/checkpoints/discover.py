@@ -94,6 +94,12 @@ def _stem(name: str) -> str:
     return name
 
 
+def name_number(name: str) -> int | None:
+    """The last number in a checkpoint's name without its suffix (``epoch_12.pt`` → 12), if any."""
+    numbers = re.findall(r"\d+", _stem(name))
+    return int(numbers[-1]) if numbers else None
+
+
 def _skip_reason(name: str) -> str | None:
     for pattern, reason in SKIPPED_NAMES:
         if re.fullmatch(pattern, name):
@@ -238,9 +244,9 @@ def _order(folder: Path, found: list[_Found], skipped: list[Skipped]) -> Discove
             times, source = values, key
             break
     if times is None:
-        numbers = [re.findall(r"\d+", _stem(f.checkpoint.name)) for f in found]
-        if all(numbers):
-            times, source = [int(n[-1]) for n in numbers], "name"
+        numbers = [name_number(f.checkpoint.name) for f in found]
+        if None not in numbers:
+            times, source = numbers, "name"
         else:
             times = list(range(len(found)))
     ordered = sorted(zip(times, range(len(found))))  # stable: ties keep natural order
