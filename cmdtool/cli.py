@@ -34,7 +34,9 @@ app = typer.Typer(
          "models every parameter as a·r(t) + b of its mode's reference trajectory r: a whole run "
          "in a small mode file, from which any checkpoint can be regenerated.\n\n"
          "Typical use: `cmd fit RUN_DIR -o run.cmd.h5`, then `cmd info run.cmd.h5`, then "
-         "`cmd reconstruct run.cmd.h5 -o out/ --at last`. `cmd ls RUN_DIR` shows which checkpoints "
+         "`cmd reconstruct run.cmd.h5 -o out/ --at last`, and `cmd report run.cmd.h5 -o report/` for "
+         "how well the modes explain the run against PCA and weight averaging (with plots). "
+         "`cmd ls RUN_DIR` shows which checkpoints "
          "a fit would use, in which order, and what it skips.\n\n"
          "Exit codes: 0 ok, 1 a threshold failed, 2 bad input.")
 
