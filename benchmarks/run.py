@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -69,35 +70,43 @@ def _rss_anon(pid: int) -> int:
     return 0
 
 
-def measure(argv: list[str], interval: float = 0.005) -> tuple[float, int]:
-    """Wall seconds and peak anonymous bytes of one run of ``argv`` (which must succeed)."""
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(argv: list[str], interval: float = 0.005) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds and peak anonymous bytes of one run of ``argv`` (must succeed)."""
+    cpu = _cpu_seconds()
     start = time.perf_counter()
     child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     peak = 0
     while child.poll() is None:
         peak = max(peak, sum(_rss_anon(p) for p in [child.pid, *_children(child.pid)]))
         time.sleep(interval)
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     stderr = child.stderr.read().decode()
     if child.returncode != 0:
         raise SystemExit(f"benchmark command failed ({child.returncode}): {' '.join(argv)}\n{stderr}")
-    return wall, peak
+    return wall, cpu, peak
 
 
 def repeat(name: str, argv: list[str], n: int, before=None) -> dict:
-    walls, peaks = [], []
+    walls, cpus, peaks = [], [], []
     for _ in range(n):
         if before:
             before()
-        wall, peak = measure(argv)
+        wall, cpu, peak = measure(argv)
         walls.append(wall)
+        cpus.append(cpu)
         peaks.append(peak)
     row = dict(name=name, command=" ".join(Path(a).name if a.startswith("/") and i == 0 else a
                                               for i, a in enumerate(argv)),
                seconds=statistics.median(walls), seconds_all=[round(w, 3) for w in walls],
+               cpu_seconds=statistics.median(cpus), cpu_seconds_all=[round(c, 3) for c in cpus],
                peak_anon_bytes=int(statistics.median(peaks)), peak_anon_all=peaks)
-    print(f"  {name:38s} {row['seconds']:7.2f} s  {row['peak_anon_bytes'] / 2**20:7.0f} MiB"
-          f"   (runs: {', '.join(f'{w:.2f}' for w in walls)})", flush=True)
+    print(f"  {name:38s} {row['seconds']:7.2f} s  {row['cpu_seconds']:7.2f} s CPU  "
+          f"{row['peak_anon_bytes'] / 2**20:7.0f} MiB   (runs: {', '.join(f'{w:.2f}' for w in walls)})", flush=True)
     return row
 
 

@@ -11,10 +11,13 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, Sequence
 
 import numpy as np
-import torch
+from threadpoolctl import threadpool_limits
+
+if TYPE_CHECKING:
+    import torch
 
 from . import __version__
 from .checkpoints import discover
@@ -88,7 +91,8 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samp
     settings = dict(modes=modes, samples=samples, seed=seed, start=start, stop=stop, every=every,
                     include=list(include), exclude=list(exclude), sampling="layer-balanced",
                     source=str(checkpoint_dir.resolve()), trajectory=str(store_path.resolve()))
-    _decompose_store(store, output, settings, tile_columns, progress)
+    with threadpool_limits(limits=1, user_api="blas"):  # see pyproject.toml
+        _decompose_store(store, output, settings, tile_columns, progress)
     return FitResult(output, store_path, reused, summarize(output))
 
 

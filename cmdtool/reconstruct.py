@@ -7,7 +7,8 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
+
+from ._lazy import torch  # imported on first use
 
 from .checkpoints import write_checkpoint
 from .errors import CmdError
