@@ -62,8 +62,9 @@ def sample_parameters(tensor_sizes: Sequence[int], varies: np.ndarray, K: int, s
     for s, size, n in zip(tensors, capacity, even + proportional):
         if n > 0:  # the n-th non-constant parameter of one tensor at a time (memory: that tensor)
             positions = rng.choice(int(size), size=int(n), replace=False)
-            candidates = np.arange(s.start, s.stop) if size == s.stop - s.start else np.flatnonzero(varies[s]) + s.start
-            chosen.append(candidates[positions])
+            if size < s.stop - s.start:  # skip the constant ones
+                positions = np.flatnonzero(varies[s])[positions]
+            chosen.append(positions + s.start)
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
