@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DEMO   := demo-output
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,11 @@ demo: install
 	$(PY) -c "from safetensors.torch import load_file; from sample_checkpoints.model import evaluate; \
 	import glob; f = sorted(glob.glob('$(DEMO)/reconstructed/*.safetensors'))[0]; \
 	print('CMD-reconstructed', f, evaluate(load_file(f)))"
+
+# Speed and memory against the read floor and the naive baseline (README "Benchmarks"). Generates
+# its checkpoints once into benchmarks/.data (1.3 GB + 5.4 GB, plus as much again for the stores).
+bench: install
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

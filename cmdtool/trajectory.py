@@ -209,7 +209,7 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
                             row = tensor.detach().to(torch.float32).reshape(-1).numpy()
                             _check_finite(row, c, spec.name)
                             rows.write(row, offset + 4 * (t * N + spec.offset))
-                            if t > 0:
+                            if t > 0 and not varies[spec.columns].all():  # once moved, always varies
                                 varies[spec.columns] |= row != first_row[spec.columns]
                         else:
                             carried[spec.name][t] = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
