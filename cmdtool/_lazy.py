@@ -8,7 +8,7 @@ first attribute access imports the real module (then ``sys.modules`` serves ever
 from __future__ import annotations
 
 import importlib
-from typing import Any, Callable
+from typing import Any
 
 
 class lazy_module:  # noqa: N801 - used like the module it stands for
@@ -19,13 +19,16 @@ class lazy_module:  # noqa: N801 - used like the module it stands for
         return getattr(importlib.import_module(self._name), attribute)
 
 
-def lazy_function(module: str, name: str) -> Callable[..., Any]:
-    """``module.name``, imported when first called."""
-    def call(*args: Any, **kwargs: Any) -> Any:
-        return getattr(importlib.import_module(module), name)(*args, **kwargs)
-    call.__name__ = call.__qualname__ = name
-    return call
-
-
 torch = lazy_module("torch")
-save_file = lazy_function("safetensors.torch", "save_file")
+
+
+def save_file(tensors: dict, filename: str, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' ``save_file``: numpy arrays are written without importing torch (the same
+    bytes as torch tensors of the same values), torch tensors through ``safetensors.torch``."""
+    import numpy as np
+
+    if all(isinstance(value, np.ndarray) for value in tensors.values()):
+        from safetensors.numpy import save_file as save
+    else:
+        from safetensors.torch import save_file as save
+    save(tensors, filename, metadata=metadata)

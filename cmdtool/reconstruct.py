@@ -34,6 +34,27 @@ def _carried_tensor(raw: np.ndarray, shape: tuple[int, ...], dtype: str) -> torc
     return torch.from_numpy(raw.copy()).view(getattr(torch, dtype)).reshape(shape)
 
 
+# dtypes that numpy and safetensors' numpy writer share (not bfloat16): such checkpoints are
+# written without importing torch, which takes longer than the whole reconstruction.
+NUMPY_DTYPES = frozenset(("bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+                          "float16", "float32", "float64"))
+
+
+def arrays_at(modes: ModeFile, index: int) -> dict[str, np.ndarray]:
+    """``state_dict_at`` as numpy arrays (every tensor's dtype must be in ``NUMPY_DTYPES``);
+    the values are the same, rounded from float64 the same way."""
+    reference_values = modes.references[:, index].astype(np.float64)
+    state = {}
+    for spec in modes.layout.tensors:
+        if spec.modelled:
+            labels, a, b = modes.parameters(spec.columns)
+            values = a.astype(np.float64) * reference_values[labels] + b
+            state[spec.name] = values.astype(spec.dtype).reshape(spec.shape)
+        else:
+            state[spec.name] = modes.handle["carried"][spec.name][index].view(spec.dtype).reshape(spec.shape)
+    return state
+
+
 def state_dict_at(modes: ModeFile, index: int) -> dict[str, torch.Tensor]:
     """The CMD state dict at checkpoint ``index``: ``a · r[label, t] + b`` in float64, then cast to
     each tensor's source dtype; carried tensors as they were. Memory: one tensor at a time."""
@@ -72,7 +93,8 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
         for i, target in zip(indices, targets):
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             written.append((tmp, target))
-            write_checkpoint(tmp, state_dict_at(modes, i), modes.infos[i])
+            numpy = modes.infos[i].format == "safetensors" and all(s.dtype in NUMPY_DTYPES for s in modes.layout.tensors)
+            write_checkpoint(tmp, (arrays_at if numpy else state_dict_at)(modes, i), modes.infos[i])
             advance(1)
         for tmp, target in written:
             os.replace(tmp, target)
