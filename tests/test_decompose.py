@@ -225,3 +225,20 @@ def test_largest_magnitude_picks_the_first_of_equal_magnitudes_as_argmax_does():
     labels, a = _largest_magnitude(D)
     assert labels.tolist() == np.argmax(np.abs(D), axis=0).tolist() == [0, 2, 1, 0]
     assert a.tolist() == [1.0, -2.5, -3.0, 0.0]
+
+
+def test_fit_tile_slices_do_not_change_the_result(monkeypatch):
+    """fit_tile works through a tile in cache-sized slices; any slicing gives the same fit."""
+    import cmdtool.decompose as decompose
+
+    rng = np.random.default_rng(6)
+    T, n = 12, 1000
+    references = normalise_references(rng.standard_normal((4, T))).references
+    block = (rng.standard_normal((T, n)) + rng.standard_normal(n)).astype(np.float32)
+    whole = fit_tile(block, references)
+    for columns in (1, 7, 999):
+        monkeypatch.setattr(decompose, "CHUNK_BYTES", 8 * T * columns)
+        sliced = fit_tile(block, references)
+        assert np.array_equal(sliced.labels, whole.labels)
+        for field in ("a", "b", "sse", "sq_norm", "sq_displacement", "sq_centred"):
+            np.testing.assert_allclose(getattr(sliced, field), getattr(whole, field), rtol=1e-12, atol=1e-12)
