@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -12,6 +12,7 @@ from ._lazy import torch  # imported on first use
 
 from .checkpoints import write_checkpoint
 from .errors import CmdError
+from .layout import TensorSpec
 from .modefile import ModeFile
 
 
@@ -40,35 +41,30 @@ NUMPY_DTYPES = frozenset(("bool", "uint8", "int8", "int16", "uint16", "int32", "
                           "float16", "float32", "float64"))
 
 
-def arrays_at(modes: ModeFile, index: int) -> dict[str, np.ndarray]:
-    """``state_dict_at`` as numpy arrays (every tensor's dtype must be in ``NUMPY_DTYPES``);
-    the values are the same, rounded from float64 the same way."""
+def _values_at(modes: ModeFile, index: int) -> Iterator[tuple[TensorSpec, np.ndarray]]:
+    """Per tensor at checkpoint ``index``: a modelled tensor's ``a · r[label, t] + b`` in float64
+    (shaped), a carried tensor's raw bytes. Memory: one tensor at a time."""
     reference_values = modes.references[:, index].astype(np.float64)
-    state = {}
     for spec in modes.layout.tensors:
         if spec.modelled:
             labels, a, b = modes.parameters(spec.columns)
-            values = a.astype(np.float64) * reference_values[labels] + b
-            state[spec.name] = values.astype(spec.dtype).reshape(spec.shape)
+            yield spec, (a.astype(np.float64) * reference_values[labels] + b).reshape(spec.shape)
         else:
-            state[spec.name] = modes.handle["carried"][spec.name][index].view(spec.dtype).reshape(spec.shape)
-    return state
+            yield spec, modes.handle["carried"][spec.name][index]
+
+
+def arrays_at(modes: ModeFile, index: int) -> dict[str, np.ndarray]:
+    """``state_dict_at`` as numpy arrays (every tensor's dtype must be in ``NUMPY_DTYPES``);
+    the values are the same, rounded from float64 the same way."""
+    return {spec.name: values.astype(spec.dtype) if spec.modelled else values.view(spec.dtype).reshape(spec.shape)
+            for spec, values in _values_at(modes, index)}
 
 
 def state_dict_at(modes: ModeFile, index: int) -> dict[str, torch.Tensor]:
     """The CMD state dict at checkpoint ``index``: ``a · r[label, t] + b`` in float64, then cast to
     each tensor's source dtype; carried tensors as they were. Memory: one tensor at a time."""
-    reference_values = modes.references[:, index].astype(np.float64)
-    state = {}
-    for spec in modes.layout.tensors:
-        if spec.modelled:
-            labels, a, b = modes.parameters(spec.columns)
-            values = a.astype(np.float64) * reference_values[labels] + b
-            state[spec.name] = torch.from_numpy(values.reshape(spec.shape)).to(getattr(torch, spec.dtype))
-        else:
-            raw = modes.handle["carried"][spec.name][index]
-            state[spec.name] = _carried_tensor(raw, spec.shape, spec.dtype)
-    return state
+    return {spec.name: torch.from_numpy(values).to(getattr(torch, spec.dtype)) if spec.modelled
+            else _carried_tensor(values, spec.shape, spec.dtype) for spec, values in _values_at(modes, index)}
 
 
 def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], force: bool = False,
