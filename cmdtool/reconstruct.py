@@ -41,6 +41,10 @@ NUMPY_DTYPES = frozenset(("bool", "uint8", "int8", "int16", "uint16", "int32", "
                           "float16", "float32", "float64"))
 
 
+def _numpy_dtypes_only(modes: ModeFile) -> bool:
+    return all(spec.dtype in NUMPY_DTYPES for spec in modes.layout.tensors)
+
+
 def _values_at(modes: ModeFile, index: int) -> Iterator[tuple[TensorSpec, np.ndarray]]:
     """Per tensor at checkpoint ``index``: a modelled tensor's ``a · r[label, t] + b`` in float64
     (shaped), a carried tensor's raw bytes. Memory: one tensor at a time."""
@@ -89,8 +93,8 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
         for i, target in zip(indices, targets):
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             written.append((tmp, target))
-            numpy = modes.infos[i].format == "safetensors" and all(s.dtype in NUMPY_DTYPES for s in modes.layout.tensors)
-            write_checkpoint(tmp, (arrays_at if numpy else state_dict_at)(modes, i), modes.infos[i])
+            as_arrays = modes.infos[i].format == "safetensors" and _numpy_dtypes_only(modes)
+            write_checkpoint(tmp, (arrays_at if as_arrays else state_dict_at)(modes, i), modes.infos[i])
             advance(1)
         for tmp, target in written:
             os.replace(tmp, target)
