@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 DEMO   := demo-output
 
-.PHONY: install test demo clean
+.PHONY: install test demo bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,11 @@ demo: install
 	$(VENV)/bin/cmd reconstruct $(DEMO)/sample.cmd.h5 -o $(DEMO)/reconstructed --at last --force
 	$(VENV)/bin/cmd report $(DEMO)/sample.cmd.h5 -o $(DEMO)/report --force \
 		--eval sample_checkpoints.model:evaluate --max-rel-error 0.1 --require 'accuracy>=0.95'
+
+# Speed and memory against the read floor and the naive baseline (README "Benchmarks"). Generates
+# its checkpoints once into benchmarks/.data (1.3 GB + 5.4 GB, plus as much again for the stores).
+bench: install
+	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) $(DEMO) .pytest_cache

@@ -19,7 +19,6 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import numpy as np
-from scipy.cluster.hierarchy import fcluster, linkage
 
 
 def _allocate(total: int, capacity: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -54,14 +53,18 @@ def sample_parameters(tensor_sizes: Sequence[int], varies: np.ndarray, K: int, s
     """
     rng = np.random.default_rng(seed)
     offsets = np.concatenate([[0], np.cumsum(tensor_sizes)]).astype(np.int64)
-    candidates = [np.flatnonzero(varies[offsets[j]:offsets[j + 1]]) + offsets[j]
-                  for j in range(len(tensor_sizes))]
-    capacity = np.array([len(c) for c in candidates], dtype=np.int64)
+    tensors = [slice(offsets[j], offsets[j + 1]) for j in range(len(tensor_sizes))]
+    capacity = np.array([np.count_nonzero(varies[s]) for s in tensors], dtype=np.int64)
     K = min(K, int(capacity.sum()))
     even = _allocate(K // 2, capacity, np.ones(len(capacity)))
     proportional = _allocate(K - int(even.sum()), capacity - even, capacity.astype(np.float64))
-    chosen = [rng.choice(c, size=int(n), replace=False)
-              for c, n in zip(candidates, even + proportional) if n > 0]
+    chosen = []
+    for s, size, n in zip(tensors, capacity, even + proportional):
+        if n > 0:  # the n-th non-constant parameter of one tensor at a time (memory: that tensor)
+            positions = rng.choice(int(size), size=int(n), replace=False)
+            if size < s.stop - s.start:  # skip the constant ones
+                positions = np.flatnonzero(varies[s])[positions]
+            chosen.append(positions + s.start)
     return np.sort(np.concatenate(chosen)) if chosen else np.zeros(0, dtype=np.int64)
 
 
@@ -84,6 +87,8 @@ def cluster(C: np.ndarray, M: int) -> np.ndarray:
     Returns a mode label per sampled parameter, modes numbered by size, largest first (ties: the
     mode whose first member comes first).
     """
+    from scipy.cluster.hierarchy import fcluster, linkage  # a third of a second to import: only here
+
     K = C.shape[0]
     if K == 1 or M == 1:
         return np.zeros(K, dtype=np.int64)
@@ -137,7 +142,22 @@ class TileFit(NamedTuple):
     sq_centred: np.ndarray    # (n,) sum over time of (w − mean w)²
 
 
+CHUNK_BYTES = 2 * 2**20  # float64 bytes of the (T, columns) slices fit_tile works on: cache-sized
+
+
 def fit_tile(block: np.ndarray, references: np.ndarray) -> TileFit:
+    """Steps 5–6 for one ``(T, n)`` column block (see ``_fit_columns``), worked through in slices
+    of ``CHUNK_BYTES`` so that the float64 copies stay in the CPU cache. Columns are independent,
+    so the result does not depend on the slicing."""
+    T, n = block.shape
+    chunk = max(1, CHUNK_BYTES // (8 * T))
+    if n <= chunk:
+        return _fit_columns(block, references)
+    parts = [_fit_columns(block[:, start:start + chunk], references) for start in range(0, n, chunk)]
+    return TileFit(*(np.concatenate(field) for field in zip(*parts)))
+
+
+def _fit_columns(block: np.ndarray, references: np.ndarray) -> TileFit:
     """Steps 5–6 for one ``(T, n)`` column block: assign each parameter to the reference it
     correlates with most in absolute value, and fit ``a, b`` by least squares over time.
 
@@ -145,21 +165,40 @@ def fit_tile(block: np.ndarray, references: np.ndarray) -> TileFit:
     correlation with each reference times ``‖w − mean w‖``: the argmax of ``|D|`` is the mode, and
     the chosen entry is ``a``. Constant parameters get ``a = 0``, ``b = value`` exactly.
     ``SSE = ‖w − mean w‖² (1 − ρ²) = ‖w − mean w‖² − a²``.
+
+    Computed from the displacement ``y = w − w(0)`` (exact for float32 data in float64): since a
+    normalised reference sums to zero, ``references @ y = D``, and one product with
+    ``[references; 1]`` gives ``D`` and ``Σ y`` together; the other sums follow from ``Σ y`` and
+    ``Σ y²`` (shifting by a data point keeps ``‖w − mean w‖² = Σ y² − (Σ y)²/T`` accurate).
     """
-    X = block.astype(np.float64)
-    mean = X.mean(axis=0)
-    centred = X - mean
-    sq_centred = np.einsum("tn,tn->n", centred, centred)
-    D = references @ centred  # (M, n)
-    labels = np.argmax(np.abs(D), axis=0)
-    a = D[labels, np.arange(X.shape[1])]
-    constant = (X == X[0]).all(axis=0)
-    b = np.where(constant, X[0], mean)
+    T, n = block.shape
+    y = block.astype(np.float64)  # then in place: (T, n) displacement from the first checkpoint
+    first = y[0].copy()
+    y -= first
+    product = np.vstack([references, np.ones((1, T))]) @ y  # (M + 1, n)
+    D, total = product[:-1], product[-1]
+    sq_displacement = np.einsum("tn,tn->n", y, y)
+    shift = total / T  # mean(w) − w(0)
+    sq_centred = np.maximum(sq_displacement - total * shift, 0.0)
+    labels, a = _largest_magnitude(D)
+    constant = sq_displacement == 0  # every y is 0: no float32 difference squares to 0 in float64
     a[constant] = 0.0
+    b = first + shift  # constant: shift is exactly 0, so b is the value
     sse = np.maximum(sq_centred - a * a, 0.0)
-    displacement = X - X[0]
-    return TileFit(labels, a, b, sse, np.einsum("tn,tn->n", X, X),
-                   np.einsum("tn,tn->n", displacement, displacement), sq_centred)
+    sq_norm = sq_displacement + first * (2.0 * total + T * first)  # Σ (w(0) + y)²
+    return TileFit(labels, a, b, sse, sq_norm, sq_displacement, sq_centred)
+
+
+def _largest_magnitude(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``D`` (M, n): the row of largest ``|D|`` (the first on ties, as ``argmax``)
+    and that entry. The column maxima first, then the rows that reach them, last to first:
+    numpy's ``argmax`` along axis 0 is several times slower."""
+    magnitude = np.abs(D)
+    largest = magnitude.max(axis=0)
+    labels = np.full(D.shape[1], D.shape[0] - 1, dtype=np.intp)
+    for m in range(D.shape[0] - 2, -1, -1):
+        labels[magnitude[m] == largest] = m
+    return labels, np.take_along_axis(D, labels[None, :], axis=0)[0]
 
 
 def label_dtype(M: int) -> np.dtype:

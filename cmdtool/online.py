@@ -23,9 +23,9 @@ from pathlib import Path
 from typing import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
-import torch
 
 from . import __version__
+from ._lazy import torch  # imported on first use
 from .checkpoints import (CHECKPOINT_SUFFIXES, Checkpoint, CheckpointInfo, CheckpointReader, discover,
                           dtype_name, name_number, natural_key, sniff_format)
 from .decompose import label_dtype, update_fit

@@ -11,10 +11,13 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ContextManager, Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, NamedTuple, Sequence
 
 import numpy as np
-import torch
+from threadpoolctl import threadpool_limits
+
+if TYPE_CHECKING:
+    import torch
 
 from . import __version__
 from .checkpoints import Checkpoint, Discovery, discover
@@ -74,11 +77,12 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samp
     settings = dict(modes=modes, samples=samples, seed=seed, start=start, stop=stop, every=every,
                     include=list(include), exclude=list(exclude), ema=ema, sampling="layer-balanced",
                     source=str(checkpoint_dir.resolve()), trajectory=str(prepared.path.resolve()))
-    if warmup is not None:
-        from .online import fit_warmup
-        fit_warmup(prepared.store, output, {**settings, "warmup": warmup}, warmup, tile_columns, progress)
-    else:
-        _decompose_store(prepared.store, output, settings, tile_columns, progress)
+    with threadpool_limits(limits=1, user_api="blas"):  # see pyproject.toml
+        if warmup is not None:
+            from .online import fit_warmup
+            fit_warmup(prepared.store, output, {**settings, "warmup": warmup}, warmup, tile_columns, progress)
+        else:
+            _decompose_store(prepared.store, output, settings, tile_columns, progress)
     return FitResult(output, prepared.path, prepared.reused, summarize(output), prepared.discovery)
 
 

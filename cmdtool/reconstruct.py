@@ -5,10 +5,11 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
-import torch
+
+from ._lazy import torch  # imported on first use
 
 from .checkpoints import CHECKPOINT_SUFFIXES, CheckpointInfo, write_checkpoint
 from .errors import CmdError
@@ -49,16 +50,40 @@ def assemble_state_dict(layout: Layout, modelled: Callable[[TensorSpec], np.ndar
     return state
 
 
+# dtypes that numpy and safetensors' numpy writer share (not bfloat16): such checkpoints are
+# written without importing torch, which takes longer than the whole reconstruction.
+NUMPY_DTYPES = frozenset(("bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+                          "float16", "float32", "float64"))
+
+
+def _numpy_dtypes_only(modes: ModeFile) -> bool:
+    return all(spec.dtype in NUMPY_DTYPES for spec in modes.layout.tensors)
+
+
+def _values_at(modes: ModeFile, index: int) -> Iterator[tuple[TensorSpec, np.ndarray]]:
+    """Per tensor at checkpoint ``index``: a modelled tensor's ``a · r[label, t] + b`` in float64
+    (shaped), a carried tensor's raw bytes. Memory: one tensor at a time."""
+    reference_values = modes.references[:, index].astype(np.float64)
+    for spec in modes.layout.tensors:
+        if spec.modelled:
+            labels, a, b = modes.parameters(spec.columns)
+            yield spec, (a.astype(np.float64) * reference_values[labels] + b).reshape(spec.shape)
+        else:
+            yield spec, modes.handle["carried"][spec.name][index]
+
+
+def arrays_at(modes: ModeFile, index: int) -> dict[str, np.ndarray]:
+    """``state_dict_at`` as numpy arrays (every tensor's dtype must be in ``NUMPY_DTYPES``);
+    the values are the same, rounded from float64 the same way."""
+    return {spec.name: values.astype(spec.dtype) if spec.modelled else values.view(spec.dtype).reshape(spec.shape)
+            for spec, values in _values_at(modes, index)}
+
+
 def state_dict_at(modes: ModeFile, index: int) -> dict[str, torch.Tensor]:
     """The CMD state dict at checkpoint ``index``: ``a · r[label, t] + b`` in float64, then cast to
     each tensor's source dtype; carried tensors as they were. Memory: one tensor at a time."""
-    reference_values = modes.references[:, index].astype(np.float64)
-
-    def modelled(spec: TensorSpec) -> np.ndarray:
-        labels, a, b = modes.parameters(spec.columns)
-        return a.astype(np.float64) * reference_values[labels] + b
-
-    return assemble_state_dict(modes.layout, modelled, lambda spec: modes.handle["carried"][spec.name][index])
+    return {spec.name: torch.from_numpy(values).to(getattr(torch, spec.dtype)) if spec.modelled
+            else _carried_tensor(values, spec.shape, spec.dtype) for spec, values in _values_at(modes, index)}
 
 
 WRITE_FORMATS = ("source", "safetensors")
@@ -104,7 +129,8 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
         for i, target, (_, info, _) in zip(indices, targets, plans):
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             written.append((tmp, target))
-            write_checkpoint(tmp, state_dict_at(modes, i), info, modes.attachment)
+            as_arrays = info.format == "safetensors" and not info.is_folder and _numpy_dtypes_only(modes)
+            write_checkpoint(tmp, (arrays_at if as_arrays else state_dict_at)(modes, i), info, modes.attachment)
             advance(1)
         for tmp, target in written:
             _replace(tmp, target)

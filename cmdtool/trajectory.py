@@ -21,7 +21,8 @@ from typing import Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
-import torch
+
+from ._lazy import torch  # imported on first use
 
 from ._hdf5 import read_strings, read_text, write_text
 from .checkpoints import Checkpoint, CheckpointInfo
@@ -153,6 +154,39 @@ def _check_same_tensors(first: tuple[Checkpoint, dict], c: Checkpoint, signature
             raise CmdError(f"{c.path}: tensor {name!r} is not in {ref_ckpt.name}")
 
 
+def _check_finite(row: np.ndarray, checkpoint: Checkpoint, name: str) -> None:
+    """Refuse NaN and Inf. A finite sum proves every value finite without a mask the size of the
+    tensor; only a sum that overflowed or hit a NaN/Inf is looked at value by value."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.add.reduce(row)) or np.isfinite(row).all():
+            return
+    bad = "NaN" if np.isnan(row).any() else "Inf"
+    raise CmdError(f"{checkpoint.path}: tensor {name!r} contains {bad} values")
+
+
+class _RowWriter:
+    """Plain ``pwrite``s of trajectory rows into the store file, beside h5py's own handle."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = path, None
+
+    def write(self, data: np.ndarray, position: int) -> None:
+        """Write all of ``data`` at byte ``position`` (a single ``pwrite`` may be partial)."""
+        if self.fd is None:
+            self.fd = os.open(self.path, os.O_WRONLY)
+        view = memoryview(data).cast("B")
+        while view:
+            written = os.pwrite(self.fd, view, position)
+            view, position = view[written:], position + written
+
+    def __enter__(self) -> "_RowWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+
+
 def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequence[CheckpointInfo],
                 path: Path, fingerprint_: str, ema: bool = False, advance: Advance = lambda n: None) -> TrajectoryStore:
     """Stack the checkpoints into a new store at ``path``, one tensor at a time (bounded memory).
@@ -163,7 +197,7 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
     T, N = len(checkpoints), layout.n_parameters
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        with h5py.File(tmp, "w") as f:
+        with h5py.File(tmp, "w") as f, _RowWriter(tmp) as rows:
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
@@ -175,7 +209,9 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
                 nbytes = spec.size * torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
                 carried.create_dataset(spec.name, shape=(T, nbytes), dtype="u1")
             varies = np.zeros(N, dtype=bool)
-            W = np.memmap(tmp, dtype="<f4", mode="r+", offset=offset, shape=(T, N))
+            # Rows go in as plain sequential writes, one per tensor (no page faults on a writable
+            # map); the first row is read back through a read-only map to find what varies.
+            first_row = None
             for t, c in enumerate(checkpoints):
                 with c.open(ema) as reader:
                     for digest, data in reader.attachments.items():
@@ -185,17 +221,16 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
                         tensor = reader.tensor(spec.name)
                         if spec.modelled:
                             row = tensor.detach().to(torch.float32).reshape(-1).numpy()
-                            if not np.isfinite(row).all():
-                                bad = "NaN" if np.isnan(row).any() else "Inf"
-                                raise CmdError(f"{c.path}: tensor {spec.name!r} contains {bad} values")
-                            W[t, spec.columns] = row
-                            if t > 0:
-                                varies[spec.columns] |= row != W[0, spec.columns]
+                            _check_finite(row, c, spec.name)
+                            rows.write(row, offset + 4 * (t * N + spec.offset))
+                            if t > 0 and not varies[spec.columns].all():  # once moved, always varies
+                                varies[spec.columns] |= row != first_row[spec.columns]
                         else:
                             carried[spec.name][t] = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                if t == 0:
+                    first_row = np.memmap(tmp, dtype="<f4", mode="r", offset=offset, shape=(N,))
                 advance(1)
-            W.flush()
-            del W
+            del first_row
             f.create_dataset("varies", data=varies)
             f.create_dataset("time", data=np.array([c.time for c in checkpoints], dtype=np.int64))
             f.create_dataset("names", data=[c.name for c in checkpoints], dtype=h5py.string_dtype())

@@ -9,7 +9,7 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.special import comb
 
 import cmdtool
-from cmdtool.decompose import (_allocate, choose_references, cluster, correlation_matrix, fit_tile,
+from cmdtool.decompose import (_allocate, _largest_magnitude, choose_references, cluster, correlation_matrix, fit_tile,
                                normalise_references, sample_parameters)
 from cmdtool.modefile import open_mode_file
 from conftest import plant, write_run
@@ -177,3 +177,68 @@ def test_fit_tile_against_normalised_references():
     np.testing.assert_allclose(prediction[:, :2], block[:, :2], atol=1e-12)
     np.testing.assert_allclose(fit.sse[:2], 0, atol=1e-12 * fit.sq_centred[:2].max())
     assert fit.a[2] == 0 and fit.b[2] == np.float64(np.float32(0.1))  # constant: exact
+
+
+def direct_fit_tile(block: np.ndarray, references: np.ndarray) -> dict:
+    """Steps 5–6 the direct way (centre in float64, argmax of |D|): what ``fit_tile`` must equal."""
+    X = block.astype(np.float64)
+    mean = X.mean(axis=0)
+    centred = X - mean
+    D = references @ centred
+    labels = np.argmax(np.abs(D), axis=0)
+    a = D[labels, np.arange(X.shape[1])]
+    constant = (X == X[0]).all(axis=0)
+    a[constant] = 0.0
+    sq_centred = (centred ** 2).sum(axis=0)
+    return dict(labels=labels, a=a, b=np.where(constant, X[0], mean), sq_centred=sq_centred,
+                sse=np.maximum(sq_centred - a * a, 0.0), sq_norm=(X ** 2).sum(axis=0),
+                sq_displacement=((X - X[0]) ** 2).sum(axis=0))
+
+
+def test_fit_tile_equals_the_direct_computation():
+    """``fit_tile`` works from displacements and one product with ``[references; 1]``; it must give
+    what centring and ``argmax`` give, also for large offsets with tiny motion and constant columns."""
+    rng = np.random.default_rng(5)
+    T, M, n = 25, 6, 4000
+    references = normalise_references(np.cumsum(rng.standard_normal((M, T)), axis=1)).references
+    modes = rng.integers(0, M, n)
+    offset = rng.choice([0.0, 1.0, 100.0, -3e3], n)
+    motion = rng.choice([1.0, 1e-3, 1e-6], n)
+    W = offset + motion * (rng.standard_normal(n) * references[modes].T + 0.3 * rng.standard_normal((T, n)))
+    block = W.astype(np.float32)
+    block[:, :10] = block[0, :10]             # constant columns
+    block[:, 10] = block[:, 11]               # a duplicate
+    fit, direct = fit_tile(block, references), direct_fit_tile(block, references)
+    assert np.array_equal(fit.labels, direct["labels"])
+    scale = np.sqrt(direct["sq_centred"])    # how far each parameter moves
+    np.testing.assert_allclose(np.abs(fit.a - direct["a"]) / np.maximum(scale, 1e-300), 0, atol=1e-9)
+    np.testing.assert_allclose(fit.b - direct["b"], 0, atol=1e-12 * np.abs(offset).max())
+    assert np.array_equal(fit.b[:10], block[0, :10].astype(np.float64)) and (fit.a[:10] == 0).all()
+    np.testing.assert_allclose(fit.sq_centred, direct["sq_centred"], rtol=1e-9, atol=1e-12 * scale.max() ** 2)
+    np.testing.assert_allclose(fit.sq_displacement, direct["sq_displacement"], rtol=1e-12)
+    np.testing.assert_allclose(fit.sq_norm, direct["sq_norm"], rtol=1e-12)
+    np.testing.assert_allclose(fit.sse, direct["sse"], rtol=1e-6, atol=1e-9 * direct["sq_centred"].max())
+
+
+def test_largest_magnitude_picks_the_first_of_equal_magnitudes_as_argmax_does():
+    D = np.array([[1.0, -2.0, 0.5, 0.0], [-1.0, 2.0, -3.0, 0.0], [0.5, -2.5, 3.0, 0.0]])
+    labels, a = _largest_magnitude(D)
+    assert labels.tolist() == np.argmax(np.abs(D), axis=0).tolist() == [0, 2, 1, 0]
+    assert a.tolist() == [1.0, -2.5, -3.0, 0.0]
+
+
+def test_fit_tile_slices_do_not_change_the_result(monkeypatch):
+    """fit_tile works through a tile in cache-sized slices; any slicing gives the same fit."""
+    import cmdtool.decompose as decompose
+
+    rng = np.random.default_rng(6)
+    T, n = 12, 1000
+    references = normalise_references(rng.standard_normal((4, T))).references
+    block = (rng.standard_normal((T, n)) + rng.standard_normal(n)).astype(np.float32)
+    whole = fit_tile(block, references)
+    for columns in (1, 7, 999):
+        monkeypatch.setattr(decompose, "CHUNK_BYTES", 8 * T * columns)
+        sliced = fit_tile(block, references)
+        assert np.array_equal(sliced.labels, whole.labels)
+        for field in ("a", "b", "sse", "sq_norm", "sq_displacement", "sq_centred"):
+            np.testing.assert_allclose(getattr(sliced, field), getattr(whole, field), rtol=1e-12, atol=1e-12)

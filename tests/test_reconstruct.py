@@ -482,3 +482,26 @@ def test_failure_mid_write_leaves_nothing(tmp_path, run_dir, monkeypatch):
     assert len(calls) == 3
     assert all(p.parent == out and p.name.startswith(".") for p in calls)  # temporary names
     assert os.listdir(out) == []
+
+
+def test_safetensors_written_without_torch_are_the_same_bytes(tmp_path, planted):
+    """A safetensors run with no bfloat16 is written from numpy arrays (no torch import): the files
+    must be byte for byte what the torch state dict gives, float16 and carried int64 included."""
+    import subprocess
+    import sys
+
+    from safetensors.torch import save_file
+
+    states = [dict(s, **{"conv.weight": s["conv.weight"].to(torch.float16)}) for s in planted.states()]
+    run = write_run(tmp_path / "run", states)
+    cmdtool.fit(run, tmp_path / "m.cmd.h5", modes=3, trajectory=tmp_path / "t.h5")
+    code = ("import sys, cmdtool; cmdtool.reconstruct_checkpoints(sys.argv[1], sys.argv[2], at='0,-1'); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.cmd.h5"), str(tmp_path / "out")],
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False"]
+    with open_mode_file(tmp_path / "m.cmd.h5") as modes:
+        for index in (0, modes.T - 1):
+            expected = tmp_path / f"expected_{index}.safetensors"
+            save_file(state_dict_at(modes, index), str(expected), metadata=modes.infos[index].metadata)
+            assert (tmp_path / "out" / modes.names[index]).read_bytes() == expected.read_bytes()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import h5py
 import numpy as np
@@ -74,3 +76,24 @@ def test_default_store_lives_in_the_cache_folder(tmp_path, planted, isolated_cac
     assert result.trajectory == default_store_path(run)
     assert result.trajectory.parent == isolated_cache and result.trajectory.exists()
     assert result.trajectory.name.startswith("trajectory-run-")
+
+
+def test_huge_finite_weights_are_not_mistaken_for_inf(tmp_path):
+    """The finiteness check sums each tensor; a sum that overflows must not refuse finite values."""
+    planted = plant(M=2, T=4)
+    states = planted.states()
+    for state in states:
+        state["fc.weight"].view(-1)[:4] = 3e38  # float32 sum overflows to inf
+    run = write_run(tmp_path / "run", states)
+    store = open_store(cmdtool.fit(run, tmp_path / "m.cmd.h5", modes=2, trajectory=tmp_path / "t.h5").trajectory)
+    assert (np.asarray(store.W) == np.float32(3e38)).sum() == 4 * 4
+
+
+def test_importing_the_cli_loads_neither_torch_nor_scipy():
+    """``cmd --help``, ``cmd info`` and a fit on a reused store never need torch (over a second to
+    import); scipy is imported when clustering. ``cmdtool.reconstruct`` stays the API function."""
+    code = ("import sys, cmdtool.cli, cmdtool; from cmdtool import reconstruct; "
+            "print('torch' in sys.modules, 'scipy' in sys.modules, callable(reconstruct), "
+            "cmdtool.reconstruct is reconstruct)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False", "True", "True"]

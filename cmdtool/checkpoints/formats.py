@@ -21,10 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
+from .._lazy import save_file, torch  # imported on first use
 from ..errors import CmdError
 
 # Keys under which training scripts commonly nest the state dict, in order of preference.

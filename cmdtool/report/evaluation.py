@@ -10,13 +10,14 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Mapping, NamedTuple
-
-import torch
+from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple
 
 from ..errors import CmdError
 
-Evaluate = Callable[[dict[str, torch.Tensor]], Mapping[str, float]]
+if TYPE_CHECKING:
+    import torch
+
+Evaluate = Callable[[dict], Mapping[str, float]]  # state_dict -> {metric: value}
 
 
 def load_evaluate(spec: str) -> Evaluate:

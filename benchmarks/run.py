@@ -1,0 +1,234 @@
+"""``make bench``: time cmdtool against the read floor and the naive baseline; see README "Benchmarks".
+
+Every measurement runs a fresh child process (so interpreter start-up and imports count, as they
+do for a user) and is repeated; the median is reported. Peak memory is the largest sum of
+``RssAnon`` over the child and its descendants, sampled from ``/proc`` every few milliseconds:
+anonymous memory only, since pages of memory-mapped files belong to the page cache, not the
+program. Checkpoints are read from a warm page cache (the previous repeat read them), the
+steady state of fitting a run that was just written, and the hardest case for the ratio targets.
+
+    python benchmarks/run.py [--repeats 3] [--naive-repeats 3] [--skip-large]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from generate import generate  # noqa: E402
+from resnet18 import n_floats, resnet18_layout  # noqa: E402
+
+DATA = HERE / ".data"
+VENV_BIN = Path(sys.executable).parent
+CMD = [str(VENV_BIN / "cmd")]
+PY = [sys.executable]
+
+READ_ALL = """import glob, sys
+from safetensors.numpy import load_file
+for path in sorted(glob.glob(sys.argv[1] + '/*.safetensors')):
+    tensors = load_file(path)
+    del tensors
+"""
+READ_ONE_AND_MODE_FILE = """import sys, h5py
+from safetensors.numpy import load_file
+tensors = load_file(sys.argv[1])
+with h5py.File(sys.argv[2]) as f:
+    data = {name: f[name][()] for name in f if name != 'carried'}
+"""
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+    return kids + [g for k in kids for g in _children(k)]
+
+
+def _rss_anon(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def measure(argv: list[str], interval: float = 0.005) -> tuple[float, float, int]:
+    """Wall seconds, CPU seconds and peak anonymous bytes of one run of ``argv`` (must succeed)."""
+    cpu = _cpu_seconds()
+    start = time.perf_counter()
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    peak = 0
+    while child.poll() is None:
+        peak = max(peak, sum(_rss_anon(p) for p in [child.pid, *_children(child.pid)]))
+        time.sleep(interval)
+    wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
+    stderr = child.stderr.read().decode()
+    if child.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({child.returncode}): {' '.join(argv)}\n{stderr}")
+    return wall, cpu, peak
+
+
+def repeat(name: str, argv: list[str], n: int, before=None) -> dict:
+    walls, cpus, peaks = [], [], []
+    for _ in range(n):
+        if before:
+            before()
+        wall, cpu, peak = measure(argv)
+        walls.append(wall)
+        cpus.append(cpu)
+        peaks.append(peak)
+    row = dict(name=name, command=" ".join(Path(a).name if a.startswith("/") and i == 0 else a
+                                              for i, a in enumerate(argv)),
+               seconds=statistics.median(walls), seconds_all=[round(w, 3) for w in walls],
+               cpu_seconds=statistics.median(cpus), cpu_seconds_all=[round(c, 3) for c in cpus],
+               peak_anon_bytes=int(statistics.median(peaks)), peak_anon_all=peaks)
+    print(f"  {name:38s} {row['seconds']:7.2f} s  {row['cpu_seconds']:7.2f} s CPU  "
+          f"{row['peak_anon_bytes'] / 2**20:7.0f} MiB   (runs: {', '.join(f'{w:.2f}' for w in walls)})", flush=True)
+    return row
+
+
+def _remove(*paths: Path):
+    def clean():
+        for p in paths:
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
+    return clean
+
+
+def bench_run(label: str, folder: Path, out: Path, repeats: int, naive_repeats: int) -> dict:
+    """All measurements on one checkpoint folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    store, modes, rebuilt = out / "trajectory.h5", out / "run.cmd.h5", out / "reconstructed"
+    fit = CMD + ["fit", str(folder), "-o", str(modes), "--trajectory", str(store), "--force"]
+    rows = {}
+    print(f"{label}: {folder.name}", flush=True)
+    rows["read_floor"] = repeat("read floor (every checkpoint once)", PY + ["-c", READ_ALL, str(folder)], repeats)
+    if naive_repeats:
+        rows["naive"] = repeat("naive baseline (benchmarks/naive.py)",
+                               PY + [str(HERE / "naive.py"), str(folder), str(out / "naive.npz")], naive_repeats)
+    rows["fit"] = repeat("cmd fit (no store yet)", fit, repeats, before=_remove(store))
+    rows["fit_reused"] = repeat("cmd fit (store reused)", fit, repeats)
+    last = sorted(folder.glob("*.safetensors"), key=lambda p: int(p.stem.split("_")[-1]))[-1]
+    quick = 2 * repeats + 1  # sub-second runs: more repeats for a steadier median
+    rows["read_one"] = repeat("read last checkpoint + mode file", PY + ["-c", READ_ONE_AND_MODE_FILE,
+                              str(last), str(modes)], quick)
+    rows["reconstruct"] = repeat("cmd reconstruct --at last", CMD + ["reconstruct", str(modes), "-o", str(rebuilt),
+                                 "--at", "last", "--force"], quick)
+    if subprocess.run(CMD + ["report", "--help"], capture_output=True).returncode == 0:
+        rows["report"] = repeat("cmd report (store kept)", CMD + ["report", str(modes), "-o", str(out / "report")],
+                                repeats, before=_remove(out / "report"))
+    if naive_repeats:
+        import h5py
+        with h5py.File(modes) as f:
+            labels = f["labels"][()]
+        naive = np.load(out / "naive.npz")["labels"]
+        rows["label_agreement_with_naive"] = float((labels == naive).mean())
+        print(f"  labels equal to the naive baseline's:  {100 * rows['label_agreement_with_naive']:.4f} %")
+    return rows
+
+
+def machine() -> dict:
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")), "?")
+    mem = next(int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    import h5py
+    import scipy
+    return dict(cpu=cpu, cores=os.cpu_count(), memory_bytes=mem, os=platform.platform(),
+                python=platform.python_version(), numpy=np.__version__, scipy=scipy.__version__,
+                h5py=h5py.version.version, hdf5=h5py.version.hdf5_version)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--naive-repeats", type=int, default=3)
+    parser.add_argument("--skip-large", action="store_true", help="skip the 4× model (scaling check)")
+    parser.add_argument("--output", type=Path, default=HERE / "results.json")
+    args = parser.parse_args()
+
+    small = generate(DATA / "resnet18-T30", width=1)
+    runs = {"resnet18": dict(N=n_floats(resnet18_layout(1)), T=30)}
+    if not args.skip_large:
+        large = generate(DATA / "resnet18x4-T30", width=2)
+        runs["resnet18x4"] = dict(N=n_floats(resnet18_layout(2)), T=30)
+    load_before = os.getloadavg()
+    started = time.time()
+    runs["resnet18"].update(bench_run("ResNet-18", small, DATA / "out-resnet18", args.repeats, args.naive_repeats))
+    if not args.skip_large:
+        # No naive run here: its N × T float64 matrices alone would take over 20 GB.
+        runs["resnet18x4"].update(bench_run("ResNet-18, channels ×2 (4× the floats)", large,
+                                            DATA / "out-resnet18x4", args.repeats, 0))
+    results = dict(machine=machine(), load_average_before=load_before, load_average_after=os.getloadavg(),
+                   started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
+                   bench_seconds=round(time.time() - started, 1), repeats=args.repeats, runs=runs,
+                   targets=targets(runs))
+    args.output.write_text(json.dumps(results, indent=1) + "\n")
+    print_table(results)
+    print(f"wrote {args.output}")
+
+
+def targets(runs: dict) -> dict:
+    """The issue's targets, each as measured value, limit and whether it holds."""
+    r = runs["resnet18"]
+    t = lambda key: r[key]["seconds"]  # noqa: E731
+    checks = {}
+    if "naive" in r:
+        checks["fit <= naive / 10"] = (t("fit") / t("naive"), 0.1)
+    checks["fit <= 5 x read floor"] = (t("fit") / t("read_floor"), 5.0)
+    checks["fit (store reused) <= 2 x read floor"] = (t("fit_reused") / t("read_floor"), 2.0)
+    checks["fit peak anon memory <= 1 GB"] = (r["fit"]["peak_anon_bytes"] / 1e9, 1.0)
+    checks["reconstruct --at last <= 2 x (read one + mode file)"] = (t("reconstruct") / t("read_one"), 2.0)
+    if "resnet18x4" in runs:
+        big = runs["resnet18x4"]
+        growth = (big["fit"]["peak_anon_bytes"] - r["fit"]["peak_anon_bytes"]) / (big["N"] - r["N"])
+        checks["fit memory growth per added parameter <= 9 bytes"] = (growth, 9.0)
+    return {name: dict(value=round(value, 4), limit=limit, holds=bool(value <= limit))
+            for name, (value, limit) in checks.items()}
+
+
+def print_table(results: dict) -> None:
+    names = {"read_floor": "read floor: load every checkpoint once", "naive": "naive baseline (benchmarks/naive.py)",
+             "fit": "`cmd fit`, no store yet", "fit_reused": "`cmd fit`, store reused",
+             "read_one": "read last checkpoint + mode file", "reconstruct": "`cmd reconstruct --at last`",
+             "report": "`cmd report` (store kept)"}
+    runs = results["runs"]
+    header = "| run | " + " | ".join(f"{k} (N = {v['N'] / 1e6:.1f} M): time, peak anon" for k, v in runs.items()) + " |"
+    print("\n" + header)
+    print("|---" * (1 + len(runs)) + "|")
+    for key, label in names.items():
+        cells = []
+        for run in runs.values():
+            row = run.get(key)
+            cells.append(f"{row['seconds']:.2f} s, {row['peak_anon_bytes'] / 2**20:.0f} MiB" if row else "—")
+        if any(c != "—" for c in cells):
+            print(f"| {label} | " + " | ".join(cells) + " |")
+    print()
+    for name, check in results["targets"].items():
+        print(f"{'holds' if check['holds'] else 'FAILS'}  {name}: {check['value']:.3g} (limit {check['limit']})")
+    print(f"load average before {results['load_average_before']}, after {results['load_average_after']}; "
+          f"{results['machine']['cores']} × {results['machine']['cpu']}")
+
+
+if __name__ == "__main__":
+    main()
