@@ -37,6 +37,19 @@ class TensorSpec:
     def columns(self) -> slice:
         return slice(self.offset, self.offset + self.size)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the tensor in its own dtype."""
+        return self.size * _itemsize(self.dtype)
+
+
+def _itemsize(dtype: str) -> int:
+    try:
+        return np.dtype(dtype).itemsize
+    except TypeError:  # bfloat16, float8_*: numpy has no such dtype
+        import torch
+        return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+
 
 @dataclass(frozen=True)
 class Layout:

@@ -218,8 +218,7 @@ class OnlineState:
         try:
             writer.write_tile(0, self.labels.astype(label_dtype(M)), a32, b32)
             for spec in self.layout.carried:
-                nbytes = spec.size * torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
-                writer.write_carried_rows(spec.name, (self.T, nbytes), self._carried_chunks(spec.name))
+                writer.write_carried_rows(spec.name, (self.T, spec.nbytes), self._carried_chunks(spec.name))
             for digest, data in self.attachments.items():
                 writer.write_attachment(digest, data)
             writer.write_online(warmup=self.warmup, first=self.first,

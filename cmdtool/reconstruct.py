@@ -12,6 +12,7 @@ import numpy as np
 from ._lazy import torch  # imported on first use
 
 from .checkpoints import CHECKPOINT_SUFFIXES, CheckpointInfo, write_checkpoint
+from .checkpoints.formats import NUMPY_DTYPES  # written without importing torch, which takes longer than the work
 from .errors import CmdError
 from .layout import Layout, TensorSpec
 from .modefile import ModeFile
@@ -48,12 +49,6 @@ def assemble_state_dict(layout: Layout, modelled: Callable[[TensorSpec], np.ndar
         else:
             state[spec.name] = _carried_tensor(carried(spec), spec.shape, spec.dtype)
     return state
-
-
-# dtypes that numpy and safetensors' numpy writer share (not bfloat16): such checkpoints are
-# written without importing torch, which takes longer than the whole reconstruction.
-NUMPY_DTYPES = frozenset(("bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
-                          "float16", "float32", "float64"))
 
 
 def _numpy_dtypes_only(modes: ModeFile) -> bool:

@@ -22,8 +22,6 @@ from typing import Callable, Iterator, Sequence
 import h5py
 import numpy as np
 
-from ._lazy import torch  # imported on first use
-
 from ._hdf5 import read_strings, read_text, write_text
 from .checkpoints import Checkpoint, CheckpointInfo
 from .errors import CmdError
@@ -206,8 +204,7 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             carried = f.create_group("carried")
             attachments = f.create_group("attachments")
             for spec in layout.carried:
-                nbytes = spec.size * torch.empty((), dtype=getattr(torch, spec.dtype)).element_size()
-                carried.create_dataset(spec.name, shape=(T, nbytes), dtype="u1")
+                carried.create_dataset(spec.name, shape=(T, spec.nbytes), dtype="u1")
             varies = np.zeros(N, dtype=bool)
             # Rows go in as plain sequential writes, one per tensor (no page faults on a writable
             # map); the first row is read back through a read-only map to find what varies.
@@ -218,15 +215,14 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
                         if digest not in attachments:
                             attachments.create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
                     for spec in layout.tensors:
-                        tensor = reader.tensor(spec.name)
                         if spec.modelled:
-                            row = tensor.detach().to(torch.float32).reshape(-1).numpy()
+                            row = reader.float32_values(spec.name)
                             _check_finite(row, c, spec.name)
                             rows.write(row, offset + 4 * (t * N + spec.offset))
                             if t > 0 and not varies[spec.columns].all():  # once moved, always varies
                                 varies[spec.columns] |= row != first_row[spec.columns]
                         else:
-                            carried[spec.name][t] = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+                            carried[spec.name][t] = reader.raw_bytes(spec.name)
                 if t == 0:
                     first_row = np.memmap(tmp, dtype="<f4", mode="r", offset=offset, shape=(N,))
                 advance(1)

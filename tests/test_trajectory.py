@@ -97,3 +97,16 @@ def test_importing_the_cli_loads_neither_torch_nor_scipy():
             "cmdtool.reconstruct is reconstruct)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False", "True", "True"]
+
+
+def test_fitting_a_safetensors_run_never_imports_torch(run_dir, tmp_path):
+    """Safetensors files of numpy dtypes are read as numpy arrays: building the store, fitting and
+    reconstructing a float32 run leave torch unimported (its import alone costs over a second)."""
+    code = ("import sys, cmdtool; from pathlib import Path; out = Path(sys.argv[1]); "
+            "cmdtool.fit(sys.argv[2], out / 'run.cmd.h5', trajectory=out / 'store.h5'); "
+            "cmdtool.reconstruct_checkpoints(out / 'run.cmd.h5', out / 'rebuilt', at='last'); "
+            "print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path), str(run_dir)], capture_output=True, text=True,
+                         check=True).stdout
+    assert out.split() == ["False"]
+    assert (tmp_path / "rebuilt" / "epoch_19.safetensors").is_file()

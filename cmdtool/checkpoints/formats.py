@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+import numpy as np
 from safetensors import safe_open
 
 from .._lazy import save_file, torch  # imported on first use
@@ -108,6 +109,7 @@ class CheckpointReader:
         self.path = path
         self.ema = ema
         self._handle = None
+        self._numpy = False  # safetensors read as numpy arrays (torch files: torch tensors)
         self.attachments: dict[str, bytes] = {}  # a single file has no companion files to copy
         try:
             if fmt == "safetensors":
@@ -128,13 +130,18 @@ class CheckpointReader:
     def _open_safetensors(self) -> None:
         if self.ema:
             raise CmdError(f"{self.path}: --ema needs timm's {EMA_KEY} in a torch checkpoint; this is a safetensors file")
-        self._handle = safe_open(str(self.path), framework="pt")
+        # numpy first: reading a file whose dtypes numpy has (all but bfloat16 and float8) needs no
+        # torch import, which costs more than a large model's ingest.
+        self._handle = safe_open(str(self.path), framework="np")
         self.info = CheckpointInfo("safetensors", metadata=self._handle.metadata())
         self.signature: Signature = {}
         for name in self._handle.keys():
             sl = self._handle.get_slice(name)
             dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype().lower())
             self.signature[name] = (tuple(sl.get_shape()), dtype)
+        self._numpy = all(dtype in NUMPY_DTYPES for _, dtype in self.signature.values())
+        if not self._numpy:
+            self._handle = safe_open(str(self.path), framework="pt")
 
     def _open_torch(self) -> None:
         with warnings.catch_warnings():  # torch warns about odd pickles; the error says what matters
@@ -154,8 +161,21 @@ class CheckpointReader:
 
     def tensor(self, name: str) -> torch.Tensor:
         if self._handle is not None:
-            return self._handle.get_tensor(name)
+            value = self._handle.get_tensor(name)
+            return torch.from_numpy(value) if self._numpy else value
         return self._state[name]
+
+    def float32_values(self, name: str) -> np.ndarray:
+        """A tensor's values as a flat float32 array (what the trajectory store holds)."""
+        if self._numpy:
+            return self._handle.get_tensor(name).astype(np.float32, copy=False).reshape(-1)
+        return self.tensor(name).detach().to(torch.float32).reshape(-1).numpy()
+
+    def raw_bytes(self, name: str) -> np.ndarray:
+        """A tensor's bytes in its own dtype, flat uint8 (how carried tensors are kept)."""
+        if self._numpy:
+            return np.ascontiguousarray(self._handle.get_tensor(name)).reshape(-1).view(np.uint8)
+        return self.tensor(name).detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
     def close(self) -> None:
         self._handle = None
@@ -209,6 +229,12 @@ class FolderReader:
     def tensor(self, name: str) -> torch.Tensor:
         return self._owner[name].tensor(name)
 
+    def float32_values(self, name: str) -> np.ndarray:
+        return self._owner[name].float32_values(name)
+
+    def raw_bytes(self, name: str) -> np.ndarray:
+        return self._owner[name].raw_bytes(name)
+
     def close(self) -> None:
         for reader in self._readers:
             reader.close()
@@ -238,6 +264,9 @@ def _first_sentence(error: Exception) -> str:
 _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
                        "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "U8": "uint8",
                        "BOOL": "bool"}
+# dtypes numpy represents as they are (safetensors' numpy reader refuses bfloat16 and float8)
+NUMPY_DTYPES = frozenset(("bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
+                          "float16", "float32", "float64"))
 
 
 def _is_state_dict(obj: Any) -> bool:
