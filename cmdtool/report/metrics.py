@@ -13,6 +13,8 @@ from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 
+CHUNK_BYTES = 2 * 2**20  # float64 bytes of one slice of a tile: stays in the CPU cache
+
 
 class FitMeasures(NamedTuple):
     """Sums of squares from one pass. Per checkpoint ``(T,)``, per tensor ``(n_tensors,)``."""
@@ -50,30 +52,49 @@ def measure(tiles: Iterable[tuple[int, int, np.ndarray]], parameters: Callable[[
     counts = np.zeros(M * n_tensors, dtype=np.int64)
     corr_sum, varying = np.zeros(M), np.zeros(M, dtype=np.int64)
     gram = np.zeros((T, T))
+    sums = (per_t, per_tensor, counts, corr_sum, varying, gram)
     for start, stop, block in tiles:
         labels, a, b = parameters(start, stop)
-        labels = labels.astype(np.int64)
-        X = block.astype(np.float64)
-        curves = R[labels].T                                  # (T, n) each column's reference
-        error = X - (a.astype(np.float64) * curves + b.astype(np.float64))
-        displacement = X - X[0]
-        centred = X - X.mean(axis=0)
-        tensors = tensor_of_column[start:stop]
-        for name, values in (("error_sq", error), ("norm_sq", X), ("displacement_sq", displacement)):
-            squares = values * values
-            per_t[name] += squares.sum(axis=1)
-            per_tensor[f"tensor_{name}"] += np.bincount(tensors, squares.sum(axis=0), minlength=n_tensors)
-            per_tensor[f"tensor_{name}_last"] += np.bincount(tensors, squares[-1], minlength=n_tensors)
-        counts += np.bincount(labels * n_tensors + tensors, minlength=M * n_tensors)
-        centred_norm = np.sqrt(np.einsum("tn,tn->n", centred, centred))
-        moving = centred_norm > 0
-        corr = np.abs(np.einsum("tn,tn->n", curves[:, moving], centred[:, moving])) / centred_norm[moving]
-        corr_sum += np.bincount(labels[moving], corr, minlength=M)
-        varying += np.bincount(labels[moving], minlength=M)
-        gram += centred @ centred.T
+        chunk = max(1, CHUNK_BYTES // (8 * T))  # slices whose float64 copies stay in the CPU cache
+        for first in range(0, stop - start, chunk):
+            columns = slice(first, min(first + chunk, stop - start))
+            _measure_columns(block[:, columns], labels[columns].astype(np.int64), a[columns].astype(np.float64),
+                             b[columns].astype(np.float64), R, tensor_of_column[start:stop][columns], n_tensors, sums)
         advance(stop - start)
     return FitMeasures(**per_t, **per_tensor, mode_layer_counts=counts.reshape(M, n_tensors),
                        mode_abs_corr_sum=corr_sum, mode_varying=varying, gram=gram)
+
+
+def _measure_columns(block: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np.ndarray, R: np.ndarray,
+                     tensors: np.ndarray, n_tensors: int, sums: tuple) -> None:
+    """Add one ``(T, n)`` column slice's sums to ``sums`` (see ``measure``), reusing two buffers."""
+    per_t, per_tensor, counts, corr_sum, varying, gram = sums
+    M = R.shape[0]
+    X = block.astype(np.float64)
+    squares = np.empty_like(X)
+    work = np.take(R.T, labels, axis=1)             # (T, n) each column's reference
+    np.multiply(work, a, out=work)
+    work += b
+    np.subtract(X, work, out=work)                   # the error of the reconstruction
+    for name, values in (("norm_sq", X), ("error_sq", work)):
+        np.multiply(values, values, out=squares)
+        per_t[name] += squares.sum(axis=1)
+        per_tensor[f"tensor_{name}"] += np.bincount(tensors, squares.sum(axis=0), minlength=n_tensors)
+        per_tensor[f"tensor_{name}_last"] += np.bincount(tensors, squares[-1], minlength=n_tensors)
+    np.subtract(X, X[0], out=work)                   # the displacement from the first checkpoint
+    np.multiply(work, work, out=squares)
+    per_t["displacement_sq"] += squares.sum(axis=1)
+    per_tensor["tensor_displacement_sq"] += np.bincount(tensors, squares.sum(axis=0), minlength=n_tensors)
+    per_tensor["tensor_displacement_sq_last"] += np.bincount(tensors, squares[-1], minlength=n_tensors)
+    work -= work.mean(axis=0)                        # centred (the displacement's centring is w's)
+    counts += np.bincount(labels * n_tensors + tensors, minlength=M * n_tensors)
+    centred_norm = np.sqrt(np.einsum("tn,tn->n", work, work))
+    moving = centred_norm > 0
+    dots = np.take_along_axis(R @ work, labels[None, :], axis=0)[0]  # <r̃_label, w − mean w>
+    corr = np.abs(dots[moving]) / centred_norm[moving]
+    corr_sum += np.bincount(labels[moving], corr, minlength=M)
+    varying += np.bincount(labels[moving], minlength=M)
+    gram += work @ work.T
 
 
 def ratio(error_sq, reference_sq):
