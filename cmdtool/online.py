@@ -26,8 +26,8 @@ import numpy as np
 
 from . import __version__
 from ._lazy import torch  # imported on first use
-from .checkpoints import (CHECKPOINT_SUFFIXES, Checkpoint, CheckpointInfo, CheckpointReader, discover,
-                          dtype_name, name_number, natural_key, sniff_format)
+from .checkpoints import (CHECKPOINT_SUFFIXES, Checkpoint, CheckpointInfo, CheckpointReader, checkpoint_at,
+                          discover, dtype_name, name_number, natural_key, skip_reason, sniff_format)
 from .decompose import label_dtype, update_fit
 from .errors import CmdError
 from .layout import Layout, build_layout
@@ -61,31 +61,32 @@ def check_layout(path: Path | str, signature: Mapping[str, tuple], layout: Layou
             raise CmdError(f"{path}: tensor {name!r} is not in {first_name}")
 
 
-def flatten(source: str, tensor: Callable[[str], torch.Tensor], layout: Layout) -> tuple[np.ndarray, dict]:
+def flatten(source: str, values: Callable[[str], np.ndarray], raw_bytes: Callable[[str], np.ndarray],
+            layout: Layout) -> tuple[np.ndarray, dict]:
     """One checkpoint as the trajectory store would hold it: the modelled values as one float32
-    row ``(N,)`` and each carried tensor's raw bytes. Non-finite values are an error naming ``source``."""
+    row ``(N,)`` (``values(name)``, flat float32) and each carried tensor's raw bytes
+    (``raw_bytes(name)``). Non-finite values are an error naming ``source``."""
     w = np.empty(layout.n_parameters, dtype=np.float32)
     carried = {}
     for spec in layout.tensors:
-        value = tensor(spec.name).detach()
         if spec.modelled:
-            row = value.to(torch.float32).reshape(-1).numpy()
+            row = values(spec.name)
             if not np.isfinite(row).all():
                 bad = "NaN" if np.isnan(row).any() else "Inf"
                 raise CmdError(f"{source}: tensor {spec.name!r} contains {bad} values")
             w[spec.columns] = row
         else:
-            carried[spec.name] = value.contiguous().reshape(-1).view(torch.uint8).numpy().copy()
+            carried[spec.name] = raw_bytes(spec.name).copy()
     return w, carried
 
 
-def read_checkpoint(checkpoint: Checkpoint, layout: Layout,
-                    first_name: str) -> tuple[np.ndarray, dict, CheckpointInfo, dict[str, bytes]]:
-    """One checkpoint (file or Hugging Face folder): its row, carried tensors, write-back info and
-    the files its folder copies back (by SHA-256)."""
-    with checkpoint.open() as reader:
+def read_checkpoint(checkpoint: Checkpoint, layout: Layout, first_name: str,
+                    ema: bool = False) -> tuple[np.ndarray, dict, CheckpointInfo, dict[str, bytes]]:
+    """One checkpoint (file or Hugging Face folder; timm's EMA weights with ``ema``): its row,
+    carried tensors, write-back info and the files its folder copies back (by SHA-256)."""
+    with checkpoint.open(ema) as reader:
         check_layout(checkpoint.path, reader.signature, layout, first_name)
-        w, carried = flatten(str(checkpoint.path), reader.tensor, layout)
+        w, carried = flatten(str(checkpoint.path), reader.float32_values, reader.raw_bytes, layout)
         return w, carried, reader.info, reader.attachments
 
 
@@ -303,16 +304,11 @@ def _gather(paths: Sequence[str | Path]) -> list[Checkpoint]:
     """Files, and the checkpoints directly in folders, in training order (time filled in later)."""
     found: dict[Path, Checkpoint] = {}
     for p in map(Path, paths):
-        if p.is_dir():
-            for c in discover(p).checkpoints:
-                found.setdefault(c.path.resolve(), c)
-        elif p.exists():
-            fmt = sniff_format(p) if p.stat().st_size else None
-            if fmt is None:
-                raise CmdError(f"{p}: not a safetensors or torch checkpoint (empty, truncated or corrupt)")
-            found.setdefault(p.resolve(), Checkpoint(p, fmt, 0))
-        else:
+        if not p.exists():
             raise CmdError(f"{p}: no such file or folder")
+        single = checkpoint_at(p)  # a file, or one Hugging Face checkpoint-<step>/ folder
+        for c in [single] if single is not None else discover(p).checkpoints:
+            found.setdefault(c.path.resolve(), c)
     checkpoints = sorted(found.values(), key=lambda c: natural_key(c.name))
     for before, after in zip(checkpoints, checkpoints[1:]):
         if before.name == after.name:
@@ -348,10 +344,10 @@ def plan_update(modes: ModeFile, checkpoints: Sequence[Checkpoint]) -> tuple[lis
 def _first_checkpoint(modes: ModeFile, candidates: Sequence[Checkpoint]) -> np.ndarray:
     """The first checkpoint's values, for a mode file without online state (a plain ``cmd fit``):
     from a given checkpoint of that name, the fit's trajectory store, or the fit's folder."""
-    name = modes.names[0]
+    name, ema = modes.names[0], bool(modes.settings.get("ema", False))
     for c in candidates:
         if c.name == name:
-            return read_checkpoint(c, modes.layout, name)[0]
+            return read_checkpoint(c, modes.layout, name, ema)[0]
     store_path = Path(modes.settings.get("trajectory") or "")
     if modes.settings.get("trajectory") and store_path.is_file():
         try:
@@ -361,10 +357,10 @@ def _first_checkpoint(modes: ModeFile, candidates: Sequence[Checkpoint]) -> np.n
         except CmdError:
             pass
     source = Path(modes.settings.get("source") or "") / name
-    if modes.settings.get("source") and source.is_file():
-        fmt = sniff_format(source)
-        if fmt is not None:
-            return read_checkpoint(Checkpoint(source, fmt, 0), modes.layout, name)[0]
+    if modes.settings.get("source") and source.exists():
+        checkpoint = checkpoint_at(source)
+        if checkpoint is not None:
+            return read_checkpoint(checkpoint, modes.layout, name, ema)[0]
     raise CmdError(f"{modes.path}: the first update of a mode file needs its first checkpoint ({name}) "
                    f"for the displacement error, and neither the fit's trajectory store nor "
                    f"{source} is there; pass {name} along with the new checkpoints")
@@ -388,15 +384,15 @@ def update(mode_file: str | Path, checkpoints: Sequence[str | Path], progress: P
     with open_mode_file(mode_file) as modes:
         skipped, new = plan_update(modes, candidates)
         if new:
-            first_name = modes.names[0]
+            first_name, ema = modes.names[0], bool(modes.settings.get("ema", False))
             for c in new:
-                with c.open() as reader:
+                with c.open(ema) as reader:
                     check_layout(c.path, reader.signature, modes.layout, first_name)
             first = None if modes.online is not None else _first_checkpoint(modes, candidates)
             state = OnlineState.from_mode_file(modes, first)
             with progress("updating modes", len(new)) as advance:
                 for c in new:
-                    w, carried, info, attachments = read_checkpoint(c, modes.layout, first_name)
+                    w, carried, info, attachments = read_checkpoint(c, modes.layout, first_name, ema)
                     state.observe(w, c.name, c.time, info, carried, attachments)
                     advance(1)
             state.save(mode_file)
@@ -434,7 +430,7 @@ class _Folder:
                 st = p.stat()
             except FileNotFoundError:
                 continue
-            if not p.is_file():
+            if not p.is_file() or skip_reason(p.name):  # last.ckpt, optimizer.pt, …: never checkpoints
                 continue
             current[p] = (st.st_size, st.st_mtime_ns)
             ready = st.st_size > 0 and self.seen.get(p) == current[p]
@@ -586,7 +582,10 @@ class OnlineCMD:
         check_layout(f"observation {t} ({name})", signature, self.layout, "the first observation")
         if self._times and time <= self._times[-1]:
             raise CmdError(f"observation {t} ({name}): time {time} does not come after {self._times[-1]}")
-        w, carried = flatten(f"observation {t} ({name})", lambda k: state_dict[k], self.layout)
+        w, carried = flatten(f"observation {t} ({name})",
+                             lambda k: state_dict[k].detach().to(torch.float32).reshape(-1).numpy(),
+                             lambda k: state_dict[k].detach().contiguous().reshape(-1).view(torch.uint8).numpy(),
+                             self.layout)
         self._latest_carried = carried
         self._names.append(name)
         self._times.append(time)

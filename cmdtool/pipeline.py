@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, ContextManager, Iterator, NamedTuple, Sequence
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 if TYPE_CHECKING:
     import torch
@@ -77,12 +76,11 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samp
     settings = dict(modes=modes, samples=samples, seed=seed, start=start, stop=stop, every=every,
                     include=list(include), exclude=list(exclude), ema=ema, sampling="layer-balanced",
                     source=str(checkpoint_dir.resolve()), trajectory=str(prepared.path.resolve()))
-    with threadpool_limits(limits=1, user_api="blas"):  # see pyproject.toml
-        if warmup is not None:
-            from .online import fit_warmup
-            fit_warmup(prepared.store, output, {**settings, "warmup": warmup}, warmup, tile_columns, progress)
-        else:
-            _decompose_store(prepared.store, output, settings, tile_columns, progress)
+    if warmup is not None:
+        from .online import fit_warmup
+        fit_warmup(prepared.store, output, {**settings, "warmup": warmup}, warmup, tile_columns, progress)
+    else:
+        _decompose_store(prepared.store, output, settings, tile_columns, progress)
     return FitResult(output, prepared.path, prepared.reused, summarize(output), prepared.discovery)
 
 
@@ -133,7 +131,14 @@ def store_of(checkpoints: Sequence[Checkpoint], checkpoint_dir: Path, *, include
 
 
 def _decompose_store(store, output: Path, settings: dict, tile_columns: int | None, progress: Progress) -> None:
-    """Steps 1–6 of CMD over a trajectory store, streaming the mode file out tile by tile."""
+    """Steps 1–6 of CMD over a trajectory store, streaming the mode file out tile by tile, with
+    BLAS on one thread: its products are too skinny to share (see pyproject.toml)."""
+    from threadpoolctl import threadpool_limits
+    with threadpool_limits(limits=1, user_api="blas"):
+        _decompose(store, output, settings, tile_columns, progress)
+
+
+def _decompose(store, output: Path, settings: dict, tile_columns: int | None, progress: Progress) -> None:
     layout = store.layout
     sample = sample_parameters([s.size for s in layout.modelled], store.varies, settings["samples"], settings["seed"])
     if len(sample) == 0:

@@ -474,3 +474,58 @@ def test_help_lists_the_online_options(runner, command, expected):
     assert result.exit_code == 0, result.output
     for word in expected:
         assert word in result.stdout, word
+
+
+# ---------------------------------------------------------------------------------------------
+# Online CMD meets the formats of real training stacks
+
+
+def test_update_of_an_ema_fit_reads_the_ema_weights(tmp_path, runner):
+    """timm-style files: `fit --ema` models state_dict_ema, and `cmd update` must absorb the EMA
+    weights too (the model's weights here are far away: absorbing them would move b by ~1000)."""
+    planted = plant(T=6, seed=4)
+    run = tmp_path / "timm"
+    run.mkdir()
+    for t, state in enumerate(planted.states()):
+        weights = {k: (v - 1000.0 if v.is_floating_point() else v) for k, v in state.items()}
+        torch.save({"epoch": t, "state_dict": weights, "state_dict_ema": state}, run / f"checkpoint-{t}.pth.tar")
+    whole, part = tmp_path / "whole.cmd.h5", tmp_path / "part.cmd.h5"
+    def cmd(*args):
+        result = runner.invoke(app, [str(a) for a in args])
+        assert result.exit_code == 0, result.stderr
+        return result
+
+    cmd("fit", run, "-o", whole, "--warmup", 5, "--ema", "--modes", 3, "--trajectory", tmp_path / "t.h5")
+    cmd("fit", run, "-o", part, "--stop", 5, "--ema", "--modes", 3, "--trajectory", tmp_path / "p.h5")
+    cmd("update", part, run / "checkpoint-5.pth.tar")
+    with open_mode_file(part) as got, open_mode_file(whole) as want:
+        assert got.names == want.names and got.T == 6
+        np.testing.assert_array_equal(got.handle["a"][()], want.handle["a"][()])
+        np.testing.assert_array_equal(got.handle["b"][()], want.handle["b"][()])
+
+
+def test_update_with_numpy_safetensors_never_imports_torch(tmp_path, online_run):
+    """Reading new safetensors checkpoints of numpy dtypes goes through numpy, as the fit does."""
+    planted, run = online_run
+    out = tmp_path / "w.cmd.h5"
+    cmdtool.fit(run, out, modes=3, warmup=F, stop=F + 2, trajectory=tmp_path / "t.h5")
+    code = ("import sys, cmdtool; cmdtool.update(sys.argv[1], [sys.argv[2]]); "
+            "print('torch' in sys.modules, cmdtool.summarize(sys.argv[1])['checkpoints'])")
+    printed = subprocess.run([sys.executable, "-c", code, str(out), str(run / f"epoch_{F + 2}.safetensors")],
+                             capture_output=True, text=True, check=True).stdout
+    assert printed.split() == ["False", str(F + 3)]
+
+
+def test_watch_never_takes_last_ckpt_for_a_checkpoint(tmp_path, online_run):
+    """Lightning writes last.ckpt beside epoch files: cmd watch skips it as cmd fit does."""
+    planted, run = online_run
+    live = tmp_path / "live"
+    live.mkdir()
+    for t in range(F + 2):
+        (live / f"epoch_{t}.safetensors").write_bytes((run / f"epoch_{t}.safetensors").read_bytes())
+    (live / "last.ckpt").write_bytes((run / f"epoch_{F + 1}.safetensors").read_bytes())
+    out = tmp_path / "w.cmd.h5"
+    watch(live, out, warmup=F, until=F + 2, interval=0.01, modes=3, trajectory=tmp_path / "t.h5",
+          sleep=lambda seconds: None)
+    with open_mode_file(out) as modes:
+        assert modes.names == [f"epoch_{t}.safetensors" for t in range(F + 2)]

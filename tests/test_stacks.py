@@ -123,7 +123,7 @@ def test_huggingface_online_fit_and_update(hf_run, tmp_path):
 
     partial = tmp_path / "partial.cmd.h5"
     cmd("fit", hf_run, "-o", partial, "--modes", 3, "--samples", 200, "--stop", 2, "--trajectory", tmp_path / "first.h5")
-    cmd("update", partial, hf_run)
+    cmd("update", partial, hf_run / "checkpoint-6")  # one Hugging Face folder, named directly
     assert cmdtool.summarize(partial)["checkpoint_names"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     updated, warmed = cmdtool.reconstruct(partial), cmdtool.reconstruct(mode_file)
     assert all(torch.equal(updated[name], warmed[name]) for name in warmed)

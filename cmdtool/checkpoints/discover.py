@@ -100,7 +100,8 @@ def name_number(name: str) -> int | None:
     return int(numbers[-1]) if numbers else None
 
 
-def _skip_reason(name: str) -> str | None:
+def skip_reason(name: str) -> str | None:
+    """Why a file or folder of this name is never read as a checkpoint (``last.ckpt``, ``optimizer.pt``, …)."""
     for pattern, reason in SKIPPED_NAMES:
         if re.fullmatch(pattern, name):
             return reason
@@ -138,7 +139,7 @@ def _huggingface_files(folder: Path) -> FolderFiles | None:
             break
     else:
         return None
-    dropped = tuple(n for n in names if n not in weights and n != index and _skip_reason(n))
+    dropped = tuple(n for n in names if n not in weights and n != index and skip_reason(n))
     # Everything else that is not a pickle or another weight file is copied back (config.json,
     # generation_config.json, tokenizer files, trainer_state.json).
     copied = tuple(n for n in names if n not in weights and n != index and n not in dropped
@@ -175,6 +176,16 @@ def _examine_file(path: Path) -> _Found:
     return _Found(Checkpoint(path, fmt, 0, info.stack), stored)
 
 
+def checkpoint_at(path: Path) -> Checkpoint | None:
+    """One checkpoint file, or one Hugging Face ``checkpoint-<step>/`` folder, examined as ``discover``
+    examines the entries of a run (time still 0); None for another folder. Bad files are a CmdError."""
+    path = Path(path)
+    if path.is_dir():
+        files = _huggingface_files(path)
+        return None if files is None else _examine_folder(path, files).checkpoint
+    return _examine_file(path).checkpoint
+
+
 def _examine_folder(folder: Path, files: FolderFiles) -> _Found:
     formats = {sniff_format(folder / name) for name in files.weights}
     if len(formats) != 1 or None in formats:
@@ -209,7 +220,7 @@ def discover(folder: Path) -> Discovery:
         is_dir = path.is_dir()
         if not is_dir and not path.name.endswith(CHECKPOINT_SUFFIXES):
             continue
-        reason = _skip_reason(path.name)
+        reason = skip_reason(path.name)
         if reason:
             skipped.append(Skipped(path, reason))
             continue
