@@ -32,14 +32,10 @@ from .decompose import label_dtype, update_fit
 from .errors import CmdError
 from .layout import Layout, build_layout
 from .modefile import ModeFile, ModeFileWriter, check_output_path, open_mode_file
-from .pipeline import Progress, _decompose_store, no_progress, store_of, summarize
+from .pipeline import Progress, _decompose_store, _ratio, no_progress, store_of, summarize
 from .trajectory import TrajectoryStore, open_store
 
 CARRIED_CHUNK_BYTES = 32 * 2**20  # carried rows are copied between mode files in blocks of this size
-
-
-def _ratio(error_sq: float, reference_sq: float) -> float:
-    return float(np.sqrt(error_sq / reference_sq)) if reference_sq > 0 else 0.0
 
 
 # ---------------------------------------------------------------------------------------------
@@ -254,7 +250,8 @@ class _TrajectoryView(TrajectoryStore):
         return {} if self.path is None else super().attachments()
 
 
-def _varies(W, tile_columns: int = 1 << 20) -> np.ndarray:
+def moving_parameters(W, tile_columns: int = 1 << 20) -> np.ndarray:
+    """Which columns of the rows ``W`` (e.g. a warm-up's) are not constant, read in column tiles."""
     varies = np.zeros(W.shape[1], dtype=bool)
     for start in range(0, W.shape[1], tile_columns):
         block = np.asarray(W[:, start:start + tile_columns])
@@ -285,7 +282,7 @@ def fit_warmup(store: TrajectoryStore, output: Path, settings: dict, warmup: int
     F = warmup
     carried_all = {spec.name: store.carried(spec.name) for spec in store.layout.carried}
     view = _TrajectoryView(store.path, store.layout, store.time[:F], store.names[:F], store.infos[:F],
-                           _varies(store.W[:F]), store.W[:F],
+                           moving_parameters(store.W[:F]), store.W[:F],
                            carried_rows={name: rows[:F] for name, rows in carried_all.items()})
     state = _warmup_state(view, settings, tile_columns, progress, output.parent)
     with progress("updating modes", store.T - F) as advance:
@@ -598,7 +595,7 @@ class OnlineCMD:
         if len(self._rows) == self.warmup:
             W = np.stack(self._rows)
             view = _TrajectoryView(None, self.layout, np.asarray(self._times, dtype=np.int64), list(self._names),
-                                   [CheckpointInfo("safetensors") for _ in self._names], _varies(W), W,
+                                   [CheckpointInfo("safetensors") for _ in self._names], moving_parameters(W), W,
                                    carried_rows={k: np.stack(v) for k, v in self._carried.items()})
             with tempfile.TemporaryDirectory(prefix="cmdtool-online-") as folder:
                 self.state = _warmup_state(view, self.settings, None, no_progress, Path(folder))

@@ -262,9 +262,8 @@ def _compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path
     files["mode_layers"] = PLOTS["mode_layers"]
     varies = store.varies
     if online:  # the fit sampled parameters that move during the warm-up
-        varies = np.zeros(N, dtype=bool)
-        for start, stop, block in store.tiles(tile):
-            varies[start:stop] = (block[1:online["warmup"]] != block[0]).any(axis=0)
+        from ..online import moving_parameters
+        varies = moving_parameters(store.W[:online["warmup"]])
     sample = sample_parameters([s.size for s in tensors], varies, modes.settings["samples"], modes.settings["seed"])
     sampled = store.columns(sample)
     C = correlation_matrix(sampled)
