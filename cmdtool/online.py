@@ -35,6 +35,7 @@ from .modefile import ModeFile, ModeFileWriter, check_output_path, open_mode_fil
 from .pipeline import Progress, _decompose_store, _ratio, no_progress, store_of, summarize
 from .trajectory import TrajectoryStore, open_store
 
+ONLINECMD_SOURCE = "an OnlineCMD training loop"  # settings.source of a mode file OnlineCMD wrote
 CARRIED_CHUNK_BYTES = 32 * 2**20  # carried rows are copied between mode files in blocks of this size
 
 
@@ -542,7 +543,7 @@ class OnlineCMD:
             raise CmdError("OnlineCMD needs modes >= 1, samples >= 1 and warmup >= 2")
         self.settings = dict(modes=modes, samples=samples, seed=seed, start=None, stop=None, every=1,
                              include=list(include), exclude=list(exclude), sampling="layer-balanced",
-                             source="an OnlineCMD training loop", trajectory="none (OnlineCMD keeps no trajectory)",
+                             source=ONLINECMD_SOURCE, trajectory="none (OnlineCMD keeps no trajectory)",
                              warmup=warmup)
         self.warmup = warmup
         self.layout: Layout | None = None

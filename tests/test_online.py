@@ -306,6 +306,13 @@ def test_online_cmd_in_a_loop_equals_fit_warmup(tmp_path, online_run):
     with pytest.raises(CmdError, match=r"observation 30 \(checkpoint_30.safetensors\): tensor 'fc.bias' is float32 \[3\]"):
         online.observe({**states[0], "fc.bias": torch.zeros(3)})
 
+    # It keeps no trajectory: cmd report says where the originals must come from, and takes them.
+    from cmdtool.report import make_report
+    with pytest.raises(CmdError, match="written by OnlineCMD, which keeps no trajectory; pass --checkpoints DIR"):
+        make_report(saved, tmp_path / "report")
+    report = make_report(saved, tmp_path / "report", checkpoints=run, trajectory=tmp_path / "t.h5").report
+    assert report["online"]["warmup"] == F and report["run"]["checkpoints"] == 30
+
 
 # ---------------------------------------------------------------------------------------------
 # cmd watch

@@ -119,6 +119,10 @@ def _open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progres
         source = {"kind": "checkpoints", "checkpoints": str(Path(checkpoints).resolve()),
                   "trajectory": str(prepared.path), "trajectory_reused": prepared.reused}
     else:
+        from ..online import ONLINECMD_SOURCE
+        if trajectory is None and settings["source"] == ONLINECMD_SOURCE:
+            raise CmdError(f"{modes.path}: written by OnlineCMD, which keeps no trajectory; pass --checkpoints DIR "
+                           f"with the checkpoints it observed, saved under the names it was given")
         path = Path(trajectory or settings["trajectory"])
         if not path.exists():
             raise CmdError(f"{path}: the trajectory store this mode file was fitted from is gone "
