@@ -547,7 +547,6 @@ class OnlineCMD:
                              warmup=warmup)
         self.warmup = warmup
         self.layout: Layout | None = None
-        self._signature: dict | None = None
         self._rows: list[np.ndarray] = []
         self._carried: dict[str, list[np.ndarray]] = {}
         self._names: list[str] = []
@@ -575,7 +574,6 @@ class OnlineCMD:
         signature = {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in state_dict.items()}
         if self.layout is None:
             self.layout = build_layout(signature, self.settings["include"], self.settings["exclude"])
-            self._signature = signature
             self._carried = {spec.name: [] for spec in self.layout.carried}
         check_layout(f"observation {t} ({name})", signature, self.layout, "the first observation")
         if self._times and time <= self._times[-1]:
