@@ -128,14 +128,14 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
             write_checkpoint(tmp, (arrays_at if as_arrays else state_dict_at)(modes, i), info, modes.attachment)
             advance(1)
         for tmp, target in written:
-            _replace(tmp, target)
+            replace_path(tmp, target)
     finally:
         for tmp, _ in written:
             _remove(tmp)
     return targets
 
 
-def _replace(tmp: Path, target: Path) -> None:
+def replace_path(tmp: Path, target: Path) -> None:
     """Rename ``tmp`` (a file or folder) to ``target``, moving an existing folder out of the way."""
     if target.is_dir():
         old = target.with_name(f".{target.name}.{os.getpid()}.old")

@@ -21,7 +21,7 @@ from ..decompose import correlation_matrix, sample_parameters
 from ..errors import CmdError
 from ..modefile import ModeFile, open_mode_file
 from ..pipeline import TILE_BYTES, Progress, no_progress, prepare_store
-from ..reconstruct import assemble_state_dict, state_dict_at
+from ..reconstruct import assemble_state_dict, replace_path, state_dict_at
 from ..trajectory import TrajectoryStore, open_store
 from . import metrics
 from .evaluation import Evaluate, Requirement, run_evaluate
@@ -76,7 +76,7 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
             report, blocks = _compose(modes, store, source, tmp, evaluate, eval_spec, tail, ema_decay,
                                       thresholds, progress)
             _write_outputs(report, blocks, tmp)
-            _replace_folder(tmp, output)
+            replace_path(tmp, output)  # an old report goes only once the new one is in place
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -95,15 +95,6 @@ def _check_report_folder(output: Path, force: bool) -> None:
         raise CmdError(f"{output}: already exists and is not empty (use --force to replace it)")
     if not output.parent.exists():
         raise CmdError(f"{output.parent}: no such folder for the report")
-
-
-def _replace_folder(tmp: Path, output: Path) -> None:
-    """Move the finished report into place; an old report is removed only once the new one is there."""
-    old = output.with_name(f".{output.name}.{os.getpid()}.old")
-    if output.exists():
-        os.replace(output, old)
-    os.replace(tmp, output)
-    shutil.rmtree(old, ignore_errors=True)
 
 
 def _open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progress) -> tuple[TrajectoryStore, dict]:
