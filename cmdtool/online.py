@@ -36,6 +36,7 @@ from .pipeline import Progress, _decompose_store, _ratio, no_progress, store_of,
 from .trajectory import TrajectoryStore, open_store
 
 ONLINECMD_SOURCE = "an OnlineCMD training loop"  # settings.source of a mode file OnlineCMD wrote
+TRAINING_SOURCE = "a cmdtool.training run"  # settings.source of a mode file cmdtool.training wrote
 CARRIED_CHUNK_BYTES = 32 * 2**20  # carried rows are copied between mode files in blocks of this size
 
 

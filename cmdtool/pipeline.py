@@ -23,7 +23,7 @@ from .checkpoints import Checkpoint, Discovery, discover
 from .decompose import (choose_references, cluster, correlation_matrix, fit_tile, label_dtype,
                         normalise_references, sample_parameters)
 from .errors import CmdError
-from .modefile import ModeFileWriter, check_output_path, open_mode_file
+from .modefile import ModeFileWriter, check_output_path, embedding_summary, open_mode_file
 from .reconstruct import output_plan, parse_at, state_dict_at, write_checkpoints
 from .trajectory import TrajectoryStore, build_store, fingerprint, open_store, read_signatures, store_fingerprint
 
@@ -220,6 +220,7 @@ def summarize(path: str | Path) -> dict:
             "settings": modes.settings,
             "online": None if modes.online is None else {
                 "warmup": modes.online["warmup"], "updates": modes.T - modes.online["warmup"]},
+            "embedding": embedding_summary(modes),
         }
 
 

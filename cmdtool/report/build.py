@@ -19,7 +19,7 @@ import numpy as np
 from .. import __version__
 from ..decompose import correlation_matrix, sample_parameters
 from ..errors import CmdError
-from ..modefile import ModeFile, open_mode_file
+from ..modefile import ModeFile, embedding_summary, open_mode_file
 from ..pipeline import TILE_BYTES, Progress, no_progress, prepare_store
 from ..reconstruct import assemble_state_dict, replace_path, state_dict_at
 from ..trajectory import TrajectoryStore, open_store
@@ -110,9 +110,10 @@ def _open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progres
         source = {"kind": "checkpoints", "checkpoints": str(Path(checkpoints).resolve()),
                   "trajectory": str(prepared.path), "trajectory_reused": prepared.reused}
     else:
-        from ..online import ONLINECMD_SOURCE
-        if trajectory is None and settings["source"] == ONLINECMD_SOURCE:
-            raise CmdError(f"{modes.path}: written by OnlineCMD, which keeps no trajectory; pass --checkpoints DIR "
+        from ..online import ONLINECMD_SOURCE, TRAINING_SOURCE
+        if trajectory is None and settings["source"] in (ONLINECMD_SOURCE, TRAINING_SOURCE):
+            writer = "OnlineCMD" if settings["source"] == ONLINECMD_SOURCE else "cmdtool.training"
+            raise CmdError(f"{modes.path}: written by {writer}, which keeps no trajectory; pass --checkpoints DIR "
                            f"with the checkpoints it observed, saved under the names it was given")
         path = Path(trajectory or settings["trajectory"])
         if not path.exists():
@@ -283,6 +284,9 @@ def _compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path
                      f"checkpoints (up to {online['warmup_last']}, the dotted line in the error plot); "
                      f"a, b were then updated exactly with each of the {online['updates']} later checkpoints, "
                      "so errors after the warm-up show how well the warm-up's modes carry on.")
+    embedding = embedding_summary(modes)
+    if embedding:
+        notes.append(_embedding_note(embedding, modes.names))
     report = _clean({
         "format": REPORT_FORMAT, "format_version": REPORT_VERSION, "tool_version": __version__,
         "mode_file": {"path": str(modes.path), "format_version": modes.format_version,
@@ -293,7 +297,7 @@ def _compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path
         "fit": fit, "compactness": compactness, "per_checkpoint": per_checkpoint, "per_tensor": per_tensor,
         "modes": mode_rows, "baselines": {"pca": baselines}, "evaluation": evaluation,
         "thresholds": threshold_rows, "passed": all(r["passed"] for r in threshold_rows),
-        "plots": files, "notes": notes, "online": online})
+        "plots": files, "notes": notes, "online": online, "embedding": embedding})
     blocks = _blocks(report, Heading, Paragraph, Table, Image)
     return report, blocks
 
@@ -420,6 +424,16 @@ def _bytes(n: int) -> str:
         if n < 1000 or unit == "TB":
             return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
+
+
+def _embedding_note(e: dict, names: list[str]) -> str:
+    """Embedded CMD (paper §3.4): how much was embedded, and when (``embedding.fraction`` in report.json)."""
+    steps = [f"{100 * f:.0f}% after {n}" for i, (f, n) in enumerate(zip(e["fraction"], names))
+             if f > 0 and (i == 0 or f != e["fraction"][i - 1])]
+    return (f"Embedded CMD (paper §3.4): {100 * e['embedded_fraction']:.1f}% of the {e['embeddable']:,} trainable "
+            f"parameters were embedded by the end (F = {e['warmup']}, L = {e['window']}, P = {e['percent']:g}%): "
+            + (", ".join(steps) if steps else "none") + ". Once embedded, a parameter follows a·r(t) + b exactly, "
+            "so its error before the embedding is what the frozen fit leaves.")
 
 
 def _blocks(r: dict, Heading, Paragraph, Table, Image) -> tuple[list, list]:
