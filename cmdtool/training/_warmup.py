@@ -5,6 +5,7 @@ public in-memory fit (``cmdtool.fitting.decompose``) when it lands."""
 from __future__ import annotations
 
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -16,14 +17,22 @@ from ..online import OnlineState, _TrajectoryView, _warmup_state, moving_paramet
 from ..pipeline import no_progress
 
 
+@dataclass
+class _InMemory(_TrajectoryView):
+    """The warm-up rows, with the files a Hugging Face folder copies back (config.json, ...)."""
+    files: dict | None = None
+
+    def attachments(self) -> dict[str, bytes]:
+        return dict(self.files or {})
+
+
 def warmup_state(rows: np.ndarray, layout: Layout, time: Sequence[int], names: Sequence[str],
                  infos: Sequence[CheckpointInfo], carried: Mapping[str, np.ndarray], settings: dict,
                  attachments: Mapping[str, bytes] | None = None) -> OnlineState:
     """Modes, references and the fit of the ``(F, N)`` float32 ``rows``, as an online state
     (numpy, float64 ``a, b``): what ``cmd fit --warmup F`` holds after its warm-up."""
-    view = _TrajectoryView(None, layout, np.asarray(time, dtype=np.int64), list(names), list(infos),
-                           moving_parameters(rows), rows, carried_rows=dict(carried))
+    view = _InMemory(None, layout, np.asarray(time, dtype=np.int64), list(names), list(infos),
+                     moving_parameters(rows), rows, carried_rows=dict(carried), files=dict(attachments or {}))
     with tempfile.TemporaryDirectory(prefix="cmdtool-training-") as folder:
         state = _warmup_state(view, settings, None, no_progress, Path(folder))
-    state.attachments.update(attachments or {})
     return state
