@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from . import __version__
+from .version import __version__
 from .checkpoints import discover
 from .errors import CmdError
 from .modefile import open_mode_file

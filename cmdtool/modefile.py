@@ -43,7 +43,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from . import __version__
+from .version import __version__
 from ._files import temporary_sibling
 from ._hdf5 import read_strings, read_text, write_text
 from .checkpoints import CheckpointInfo
