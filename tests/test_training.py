@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import plant, write_run
+from helpers import plant, write_run
 from torch import nn
 from typer.testing import CliRunner
 

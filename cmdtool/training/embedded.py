@@ -12,16 +12,18 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
+from .._files import temporary_sibling
 from ..checkpoints import CheckpointInfo, dtype_name
 from ..errors import CmdError
-from ..layout import Layout, build_layout
-from ..modefile import write_embedding
+from ..layout import Layout, build_layout, check_same_tensors
+from ..modefile import write_embedding, write_mode_file
+from ..modes import FitSettings
 from ..online import TRAINING_SOURCE as SOURCE
-from ..online import check_layout
 from ._warmup import warmup_state
 from .state import DeviceState
 
 STATE_FORMAT = "cmdtool-training-state"
+TRAINING_TRAJECTORY = "none (a training run keeps no trajectory)"
 
 
 @dataclass(frozen=True)
@@ -53,11 +55,10 @@ class TrainingSettings:
         if self.every_n_steps is not None and self.every_n_steps < 1:
             raise CmdError(f"every_n_steps {self.every_n_steps}: must be at least 1")
 
-    def fit_settings(self) -> dict:
+    def fit_settings(self) -> FitSettings:
         """The mode file's ``settings``, as ``OnlineCMD`` writes them."""
-        return dict(modes=self.modes, samples=self.samples, seed=self.seed, start=None, stop=None, every=1,
-                    include=list(self.include), exclude=list(self.exclude), ema=False, sampling="layer-balanced",
-                    source=SOURCE, trajectory="none (a training run keeps no trajectory)", warmup=self.warmup)
+        return FitSettings(modes=self.modes, samples=self.samples, seed=self.seed, include=self.include,
+                           exclude=self.exclude, source=SOURCE, trajectory=TRAINING_TRAJECTORY, warmup=self.warmup)
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
@@ -167,7 +168,7 @@ class EmbeddedCMD:
         if self.layout is None:
             self.layout = build_layout(signature, self.settings.include, self.settings.exclude)
             self._warmup_carried = {spec.name: [] for spec in self.layout.carried}
-        check_layout(where, signature, self.layout, "the first observation")
+        check_same_tensors(where, signature, self.layout.signature, "the first observation")
         last = self.last_time
         if last is not None and time <= last:
             raise CmdError(f"{where}: time {time} does not come after {last}")
@@ -315,9 +316,9 @@ class EmbeddedCMD:
         state, path = self._require("save"), Path(path)
         if not path.parent.is_dir():
             raise CmdError(f"{path.parent}: no such folder for the mode file")
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.training.tmp")
+        tmp = temporary_sibling(path, "training")
         try:
-            state.to_online().save(tmp)
+            write_mode_file(tmp, state.to_online().to_modes())
             if self.settings.embed_percent > 0:
                 write_embedding(tmp, state.embedded_at.cpu().numpy(), warmup=state.warmup,
                                 window=self.settings.embed_window, percent=self.settings.embed_percent,

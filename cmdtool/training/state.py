@@ -20,7 +20,8 @@ from ..checkpoints import CheckpointInfo
 from ..decompose import FrameUpdate, update_frame, update_parameters
 from ..errors import CmdError
 from ..layout import Layout
-from ..online import OnlineState
+from ..modes import FitSettings
+from ..online.state import OnlineState
 
 NEVER = -1  # embedded_at of a parameter that was never embedded
 
@@ -29,7 +30,7 @@ NEVER = -1  # embedded_at of a parameter that was never embedded
 class DeviceState:
     """What ``OnlineState`` holds, with the per-parameter part as device tensors, plus the embedding."""
     layout: Layout
-    settings: dict
+    settings: FitSettings
     warmup: int
     labels: torch.Tensor          # (N,) int64
     a: torch.Tensor               # (N,) float64, against the normalised references
@@ -74,8 +75,8 @@ class DeviceState:
         def put(array, dtype):
             return torch.as_tensor(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
         carried = {name: [np.asarray(row, dtype=np.uint8) for row in rows]
-                   for name, rows in state.carried_rows.items()}
-        out = cls(layout=state.layout, settings=dict(state.settings), warmup=state.warmup,
+                   for name, rows in _carried_rows(state).items()}
+        out = cls(layout=state.layout, settings=state.settings, warmup=state.warmup,
                   labels=put(state.labels, torch.int64), a=put(state.a, torch.float64), b=put(state.b, torch.float64),
                   first=put(state.first, torch.float32), references=state.references.copy(),
                   offset=state.offset.copy(), scale=state.scale.copy(), reference_index=state.reference_index.copy(),
@@ -157,16 +158,17 @@ class DeviceState:
             layout=self.layout, labels=self.labels.cpu().numpy(), a=self.a.cpu().numpy(), b=self.b.cpu().numpy(),
             first=self.first.cpu().numpy(), references=self.references, offset=self.offset, scale=self.scale,
             reference_index=self.reference_index, time=list(self.time), names=list(self.names),
-            infos=list(self.infos), mode_sizes=self.mode_sizes, settings=dict(self.settings), warmup=self.warmup,
+            infos=list(self.infos), mode_sizes=self.mode_sizes, settings=self.settings, warmup=self.warmup,
             mode_sse_least_squares=self.mode_sse.copy(), sq_norm=self.sq_norm, sq_displacement=self.sq_displacement,
-            sq_centred=self.sq_centred, carried_rows={k: list(v) for k, v in self.carried.items()},
-            attachments=dict(self.attachments))
+            sq_centred=self.sq_centred, attachments=dict(self.attachments),
+            carried_before={k: np.stack(v[:1]) for k, v in self.carried.items()},
+            carried_new={k: list(v[1:]) for k, v in self.carried.items()})
 
     # -- resuming: plain tensors, numbers and strings only (torch.load(weights_only=True) reads them)
 
     def state_dict(self) -> dict:
         return dict(
-            layout=self.layout.to_json(), settings=dict(self.settings), warmup=self.warmup, labels=self.labels,
+            layout=self.layout.to_json(), settings=self.settings.to_json(), warmup=self.warmup, labels=self.labels,
             a=self.a, b=self.b, first=self.first, references=torch.from_numpy(self.references.copy()),
             offset=torch.from_numpy(self.offset.copy()), scale=torch.from_numpy(self.scale.copy()),
             reference_index=torch.from_numpy(self.reference_index.copy()),
@@ -184,7 +186,7 @@ class DeviceState:
             def dev(key, dtype):
                 return state[key].to(device=device, dtype=dtype)
             return cls(
-                layout=Layout.from_json(state["layout"]), settings=dict(state["settings"]),
+                layout=Layout.from_json(state["layout"]), settings=FitSettings.from_json(state["settings"]),
                 warmup=int(state["warmup"]),
                 labels=dev("labels", torch.int64), a=dev("a", torch.float64), b=dev("b", torch.float64),
                 first=dev("first", torch.float32), references=state["references"].numpy().copy(),
@@ -200,3 +202,12 @@ class DeviceState:
                 snapshot_b=dev("snapshot_b", torch.float64))
         except (KeyError, AttributeError, TypeError, ValueError) as e:
             raise CmdError(f"the saved CMD state is incomplete or corrupt ({type(e).__name__}: {e})") from None
+
+
+def _carried_rows(state: OnlineState) -> dict[str, list[np.ndarray]]:
+    """Every carried tensor's rows of an online state held in memory (a warm-up's), per checkpoint."""
+    out = {}
+    for name, before in state.carried_before.items():
+        blocks = before.blocks() if hasattr(before, "blocks") else [before]
+        out[name] = [row for block in blocks for row in np.asarray(block)] + list(state.carried_new[name])
+    return out
