@@ -65,6 +65,32 @@ def test_update_parameters_runs_the_same_on_torch_and_numpy():
     assert (sse_f[frozen] == 0).all() and (sse_f[~frozen] == expected.sse[~frozen]).all()
 
 
+def test_device_update_equals_cmd_update():
+    """The in-place torch port in ``DeviceState.observe`` gives what ``OnlineState.observe`` (the
+    numpy update of ``cmd update``) gives, to float64 rounding."""
+    from cmdtool.checkpoints import CheckpointInfo
+    from cmdtool.layout import build_layout
+    from cmdtool.modes import FitSettings
+    from cmdtool.training._warmup import warmup_state
+    from cmdtool.training.state import DeviceState
+
+    planted = plant(M=3, T=12, noise=1e-3)
+    rows = planted.W.astype(np.float32)
+    layout = build_layout({name: (shape, "float32") for name, shape in planted.shapes.items()})
+    info = CheckpointInfo("safetensors")
+    online = warmup_state(rows[:5], layout, range(5), [f"{t}" for t in range(5)], [info] * 5, {},
+                          FitSettings(modes=3, samples=300, warmup=5))
+    device = DeviceState.from_online(online, torch.device("cpu"))
+    for t in range(5, 12):
+        online.observe(rows[t], f"{t}", t, info, {})
+        device.observe(torch.from_numpy(rows[t]), f"{t}", t, info, {})
+    np.testing.assert_allclose(device.a.numpy(), online.a, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(device.b.numpy(), online.b, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(device.references, online.references, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(device.mode_sse, online.mode_sse_least_squares, rtol=1e-10)
+    assert device.sq_centred == pytest.approx(online.sq_centred, rel=1e-12)
+
+
 def test_online_state_equals_fit_warmup(tmp_path):
     """Observing the checkpoints of a folder gives what ``cmd fit --warmup`` writes (float32 rounding)."""
     planted = plant(M=3, T=16, noise=1e-3)

@@ -174,7 +174,7 @@ class EmbeddedCMD:
             raise CmdError(f"{where}: time {time} does not come after {last}")
         with torch.no_grad():
             w = torch.cat([tensors[s.name].detach().reshape(-1).to(torch.float32) for s in self.layout.modelled])
-        if not bool(torch.isfinite(w).all()):
+        if not bool(torch.isfinite(w.sum())) and not bool(torch.isfinite(w).all()):  # a finite sum proves it
             bad = next(s for s in self.layout.modelled if not bool(torch.isfinite(w[s.columns]).all()))
             kind = "NaN" if bool(torch.isnan(w[bad.columns]).any()) else "Inf"
             raise CmdError(f"{where}: tensor {bad.name!r} contains {kind} values")
@@ -247,18 +247,18 @@ class EmbeddedCMD:
         self._references = [(name, int(i) - offsets[name]) for name, i in zip(names, state.reference_index)]
         if self.settings.embed_percent > 0:
             self._embeddable_mask()
-        if not bool(state.embedded.any()):
+        columns = torch.nonzero(state.embedded).reshape(-1)  # sorted
+        if columns.numel() == 0:
             return
         parameters = dict(self.model.named_parameters())
-        for spec in self.layout.modelled:
-            mask = state.embedded[spec.columns]
-            if spec.name not in parameters or not bool(mask.any()):
+        a, b, labels = state.a[columns], state.b[columns], state.labels[columns]
+        bounds = torch.tensor([[s.offset, s.offset + s.size] for s in self.layout.modelled], device=columns.device)
+        bounds = torch.searchsorted(columns, bounds.reshape(-1)).reshape(-1, 2).tolist()
+        for spec, (lo, hi) in zip(self.layout.modelled, bounds):
+            if hi == lo or spec.name not in parameters:
                 continue
-            positions = torch.nonzero(mask).reshape(-1)
-            columns = positions + spec.offset
-            self._embedded_tensors.append((spec.name, positions, state.a[columns], state.b[columns],
-                                           state.labels[columns]))
-            shaped = mask.view(spec.shape)
+            self._embedded_tensors.append((spec.name, columns[lo:hi] - spec.offset, a[lo:hi], b[lo:hi], labels[lo:hi]))
+            shaped = state.embedded[spec.columns].view(spec.shape)
             self._hooks.append(parameters[spec.name].register_hook(lambda g, m=shaped: g.masked_fill(m, 0)))
         self.step()
 

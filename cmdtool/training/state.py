@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from ..checkpoints import CheckpointInfo
-from ..decompose import FrameUpdate, update_frame, update_parameters
+from ..decompose import update_frame
 from ..errors import CmdError
 from ..layout import Layout
 from ..modes import FitSettings
@@ -54,6 +54,8 @@ class DeviceState:
     snapshot_a: torch.Tensor      # (N,) float64: a, b against the raw reference at the previous window
     snapshot_b: torch.Tensor
     embedded: torch.Tensor = field(init=False)  # (N,) bool, embedded_at != NEVER
+    _labels32: np.ndarray | None = field(init=False, default=None, repr=False)
+    _work: list | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self):
         self.embedded = self.embedded_at != NEVER
@@ -90,26 +92,50 @@ class DeviceState:
         out.snapshot_a, out.snapshot_b = out.raw_fit()
         return out
 
-    def _frame_on_device(self, frame: FrameUpdate) -> FrameUpdate:
-        return FrameUpdate(*(torch.as_tensor(np.asarray(v)).to(self.device) if i < 6 else v
-                             for i, v in enumerate(frame)))
+    def per_parameter(self, per_mode: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``per_mode[labels]`` as an (N,) float64 tensor on the device (into ``out``). On the CPU
+        through ``np.take`` with int32 labels, several times faster than torch's gather there."""
+        if self.device.type == "cpu":
+            if self._labels32 is None:
+                self._labels32 = self.labels.numpy().astype(np.int32)
+            out = out if out is not None else torch.empty(self.labels.shape, dtype=torch.float64)
+            # mode="clip": with the default "raise" numpy buffers ``out``, five times slower
+            np.take(np.asarray(per_mode, dtype=np.float64), self._labels32, out=out.numpy(), mode="clip")
+            return out
+        values = torch.as_tensor(np.asarray(per_mode, dtype=np.float64), device=self.device)
+        return torch.index_select(values, 0, self.labels, out=out) if out is not None else values[self.labels]
 
     def observe(self, w: torch.Tensor, name: str, time: int, info: CheckpointInfo,
                 carried: dict[str, np.ndarray]) -> None:
-        """Absorb one observation: ``w`` (N,) float32 on the device, laid out as ``self.layout``."""
+        """Absorb one observation: ``w`` (N,) float32 on the device, laid out as ``self.layout``.
+
+        ``decompose.update_fit`` ported to torch and written in place, with three (N,) float64
+        work buffers kept between observations: the same recursive least squares (``e = w − aρ − b``,
+        ``[a b] += e · x G_new⁻¹``, then re-expressed against the renormalised references), with the
+        per-mode factors of ``decompose.update_frame``. Frozen (embedded) fits get ``e = 0``."""
         T = self.T
-        w64 = w.to(torch.float64)
+        if self._work is None:
+            self._work = [torch.empty(self.labels.shape, dtype=torch.float64, device=self.device) for _ in range(3)]
+        w64, e, factor = self._work
+        w64.copy_(w)
         frame = update_frame(self.references, self.offset, self.scale,
                              w64[torch.as_tensor(self.reference_index, device=self.device)].cpu().numpy())
-        frozen = self.embedded if bool(self.embedded.any()) else None
-        a, b, sse = update_parameters(self.a, self.b, self.labels, w64, self._frame_on_device(frame), frozen)
-        displacement = w64 - self.first
-        centred = w64 - self.b                      # b is each parameter's mean over the T observations
-        self.sq_norm += float(w64 @ w64)
-        self.sq_displacement += float(displacement @ displacement)
-        self.sq_centred += float(centred @ centred) * T / (T + 1)   # Welford
-        self.mode_sse += torch.bincount(self.labels, weights=sse, minlength=self.M).cpu().numpy()
-        self.a, self.b = a, b
+        torch.sub(w64, e.copy_(self.first), out=e)  # float64 by float64: mixed dtypes take a slow path
+        self.sq_displacement += float(torch.dot(e, e))
+        torch.sub(w64, self.b, out=e)               # b is each parameter's mean over the T observations
+        self.sq_centred += float(torch.dot(e, e)) * T / (T + 1)   # Welford
+        self.sq_norm += float(torch.dot(w64, w64))
+        torch.mul(self.a, self.per_parameter(frame.rho, factor), out=e)
+        torch.sub(w64, e, out=e).sub_(self.b)       # e = w − aρ − b, the prediction error
+        if bool(self.embedded.any()):
+            e.masked_fill_(self.embedded, 0.0)
+        torch.mul(e, e, out=w64)
+        squares = torch.zeros(self.M, dtype=torch.float64, device=self.device).index_add_(0, self.labels, w64)
+        self.mode_sse += squares.cpu().numpy() / frame.sse_weight   # the error grows by e² / (1 + x G⁻¹ xᵀ)
+        self.a.addcmul_(e, self.per_parameter(frame.gain_a, factor))
+        self.b.addcmul_(e, self.per_parameter(frame.gain_b, factor))
+        self.b.addcmul_(self.a, self.per_parameter(frame.shift, factor))
+        self.a.mul_(self.per_parameter(frame.ratio, factor))
         self.references, self.offset, self.scale = frame.references, frame.offset, frame.scale
         self.time.append(int(time))
         self.names.append(name)
@@ -120,33 +146,38 @@ class DeviceState:
     def raw_fit(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``a, b`` against the raw reference (``w ≈ a · r + b``), the frame the authors measure
         the change of a fit in."""
-        scale = torch.as_tensor(self.scale, device=self.device)[self.labels]
-        offset = torch.as_tensor(self.offset, device=self.device)[self.labels]
-        a = self.a / scale
-        return a, self.b - a * offset
+        scale = self.per_parameter(self.scale)
+        a = torch.div(self.a, scale, out=scale)
+        b = self.per_parameter(self.offset).mul_(a)
+        return a, torch.sub(self.b, b, out=b)
 
     def embed(self, percent: float, relative: bool, embeddable: torch.Tensor) -> int:
         """One window of embedded CMD: freeze the ``percent`` % of the embeddable, not yet embedded
         parameters (of all embeddable ones when not ``relative``) whose raw ``(a, b)`` changed least,
         by ``sqrt(Δa² + Δb²)``, since the previous window. Returns how many were embedded."""
         a, b = self.raw_fit()
-        change = torch.sqrt((a - self.snapshot_a) ** 2 + (b - self.snapshot_b) ** 2)
+        change = self.snapshot_a.sub_(a).square_()   # Δa² + Δb², in the old snapshot's memory; the
+        change.add_(self.snapshot_b.sub_(b).square_())  # square root would not change the order
         self.snapshot_a, self.snapshot_b = a, b
         candidates = embeddable & ~self.embedded
         free = int(candidates.sum())
         count = min(free, math.ceil((free if relative else int(embeddable.sum())) * percent / 100))
         if count == 0:
             return 0
-        change = torch.where(candidates, change, torch.full_like(change, math.inf))
-        chosen = torch.topk(change, count, largest=False).indices
+        change.masked_fill_(~candidates, math.inf)
+        # The count smallest: all below the count-th value, then ties at it in column order (kthvalue
+        # selects in linear time; topk of a million out of ten took seconds and breaks ties arbitrarily).
+        threshold = torch.kthvalue(change, count).values
+        below = torch.nonzero(change < threshold).reshape(-1)
+        ties = torch.nonzero(change == threshold).reshape(-1)[:count - below.numel()]
+        chosen = torch.cat([below, ties])
         self.embedded_at[chosen] = self.T - 1
         self.embedded[chosen] = True
         return count
 
     def values(self) -> torch.Tensor:
         """The CMD weights at the latest observation, ``a · r̃(T) + b``, float64 (N,) on the device."""
-        r = torch.as_tensor(self.references[:, -1], device=self.device)
-        return self.a * r[self.labels] + self.b
+        return self.a * self.per_parameter(self.references[:, -1]) + self.b
 
     def least_squares_rel_error(self) -> float:
         """``rel_error`` of the fit so far, without the float32 rounding a saved file adds."""
