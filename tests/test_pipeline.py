@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cmdtool
-from cmdtool.cli import _in_cli_words
+from cmdtool.cli import in_cli_words
 from cmdtool.errors import CmdError
 from cmdtool.modefile import open_mode_file, write_mode_file
 from cmdtool.modes import FitMetrics, FitSettings, model_values
@@ -94,7 +94,7 @@ def test_settings_are_checked_in_the_library_words(changes, parameter):
         FitSettings(**changes)
     assert raised.value.parameter == parameter
     assert str(raised.value).startswith(f"{parameter} must be an integer")
-    assert _in_cli_words(raised.value).startswith(f"--{parameter} must be an integer")
+    assert in_cli_words(raised.value).startswith(f"--{parameter} must be an integer")
 
 
 def test_fit_refuses_bad_settings_before_touching_the_folder(tmp_path, run_dir):

@@ -9,7 +9,6 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from helpers import plant, write_run
 from torch import nn
 from typer.testing import CliRunner
 
@@ -19,6 +18,7 @@ from cmdtool.cli import app
 from cmdtool.decompose import update_fit, update_frame, update_parameters
 from cmdtool.modefile import open_mode_file
 from cmdtool.training import EmbeddedCMD
+from helpers import plant, write_run
 
 torch.set_num_threads(1)
 
