@@ -102,7 +102,10 @@ class EmbeddedCMD:
         self._infos: list[CheckpointInfo] = []
         self.attachments: dict[str, bytes] = {}
         self._hooks: list = []
-        self._embedded_tensors: list = []  # (name, positions, a, b, labels) of tensors with embedded parameters
+        self._embedded_tensors: list = []  # (name, positions, lo, hi) of tensors with embedded parameters
+        self._columns: torch.Tensor | None = None  # the embedded columns, sorted; lo:hi of them per tensor
+        self._frozen_labels: torch.Tensor | None = None
+        self._frozen: tuple = ()       # a, b of the embedded columns in the current frame
         self._embeddable: torch.Tensor | None = None
         self._references: list[tuple[str, int]] = []
 
@@ -184,9 +187,10 @@ class EmbeddedCMD:
         if self.state is not None:
             self.state.observe(w, name, time, info, carried)
             settings = self.settings
-            if settings.embed_percent > 0 and (self.T - self.state.warmup) % settings.embed_window == 0:
+            window = settings.embed_percent > 0 and (self.T - self.state.warmup) % settings.embed_window == 0
+            if window:
                 self.state.embed(settings.embed_percent, settings.relative, self._embeddable_mask())
-            self._bind()
+            self._bind(rebuild=window)
             return
         self._rows.append(w.cpu().numpy())
         self._times.append(time)
@@ -213,9 +217,11 @@ class EmbeddedCMD:
             live = torch.stack([tensors[n].detach().reshape(-1)[p] for n, p in self._references]).to(torch.float64)
             rho = (live - torch.as_tensor(state.offset, device=state.device)) / torch.as_tensor(
                 state.scale, device=state.device)
-            for name, positions, a, b, labels in self._embedded_tensors:
+            a, b = self._frozen
+            values = a * rho[self._frozen_labels] + b
+            for name, positions, lo, hi in self._embedded_tensors:
                 target = tensors[name].detach().view(-1)
-                target.index_copy_(0, positions, (a * rho[labels] + b).to(target.dtype))
+                target.index_copy_(0, positions, values[lo:hi].to(target.dtype))
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Call ``step()`` after every ``optimizer.step()``; returns the hook's handle."""
@@ -235,32 +241,34 @@ class EmbeddedCMD:
             self._embeddable = mask
         return self._embeddable
 
-    def _bind(self) -> None:
-        """Gather the frozen fits of the embedded parameters per tensor (after every observation:
-        the frame moves) and mask their gradients."""
-        for handle in self._hooks:
-            handle.remove()
-        self._hooks, self._embedded_tensors = [], []
+    def _bind(self, rebuild: bool = True) -> None:
+        """Gather the frozen fits of the embedded parameters (after every observation: the frame
+        moves) and, when the embedded set changed (``rebuild``), find them per tensor and mask
+        their gradients."""
         state = self.state
-        offsets = {spec.name: spec.offset for spec in self.layout.modelled}
-        names = [self.layout.locate(int(i))[0] for i in state.reference_index]
-        self._references = [(name, int(i) - offsets[name]) for name, i in zip(names, state.reference_index)]
-        if self.settings.embed_percent > 0:
-            self._embeddable_mask()
-        columns = torch.nonzero(state.embedded).reshape(-1)  # sorted
-        if columns.numel() == 0:
-            return
-        parameters = dict(self.model.named_parameters())
-        a, b, labels = state.a[columns], state.b[columns], state.labels[columns]
-        bounds = torch.tensor([[s.offset, s.offset + s.size] for s in self.layout.modelled], device=columns.device)
-        bounds = torch.searchsorted(columns, bounds.reshape(-1)).reshape(-1, 2).tolist()
-        for spec, (lo, hi) in zip(self.layout.modelled, bounds):
-            if hi == lo or spec.name not in parameters:
-                continue
-            self._embedded_tensors.append((spec.name, columns[lo:hi] - spec.offset, a[lo:hi], b[lo:hi], labels[lo:hi]))
-            shaped = state.embedded[spec.columns].view(spec.shape)
-            self._hooks.append(parameters[spec.name].register_hook(lambda g, m=shaped: g.masked_fill(m, 0)))
-        self.step()
+        if rebuild:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks, self._embedded_tensors = [], []
+            offsets = {spec.name: spec.offset for spec in self.layout.modelled}
+            names = [self.layout.locate(int(i))[0] for i in state.reference_index]
+            self._references = [(name, int(i) - offsets[name]) for name, i in zip(names, state.reference_index)]
+            if self.settings.embed_percent > 0:
+                self._embeddable_mask()
+            self._columns = columns = torch.nonzero(state.embedded).reshape(-1)  # sorted
+            self._frozen_labels = state.labels[columns]
+            parameters = dict(self.model.named_parameters())
+            bounds = torch.tensor([[s.offset, s.offset + s.size] for s in self.layout.modelled], device=columns.device)
+            bounds = torch.searchsorted(columns, bounds.reshape(-1)).reshape(-1, 2).tolist()
+            for spec, (lo, hi) in zip(self.layout.modelled, bounds):
+                if hi == lo or spec.name not in parameters:
+                    continue
+                self._embedded_tensors.append((spec.name, columns[lo:hi] - spec.offset, lo, hi))
+                shaped = state.embedded[spec.columns].view(spec.shape)
+                self._hooks.append(parameters[spec.name].register_hook(lambda g, m=shaped: g.masked_fill(m, 0)))
+        if self._embedded_tensors:
+            self._frozen = (state.a[self._columns], state.b[self._columns])
+            self.step()
 
     def close(self) -> None:
         """Remove the gradient hooks (the embedded parameters are trained again from here)."""
