@@ -20,7 +20,7 @@ from ..modefile import write_embedding, write_mode_file
 from ..modes import FitSettings
 from ..online import TRAINING_SOURCE as SOURCE
 from ._warmup import warmup_state
-from .state import DeviceState
+from .state import DeviceState, gather
 
 STATE_FORMAT = "cmdtool-training-state"
 TRAINING_TRAJECTORY = "none (a training run keeps no trajectory)"
@@ -217,8 +217,8 @@ class EmbeddedCMD:
             live = torch.stack([tensors[n].detach().reshape(-1)[p] for n, p in self._references]).to(torch.float64)
             rho = (live - torch.as_tensor(state.offset, device=state.device)) / torch.as_tensor(
                 state.scale, device=state.device)
-            a, b = self._frozen
-            values = a * rho[self._frozen_labels] + b
+            a, b, labels32, values = self._frozen
+            gather(rho, self._frozen_labels, labels32, out=values).mul_(a).add_(b)
             for name, positions, lo, hi in self._embedded_tensors:
                 target = tensors[name].detach().view(-1)
                 target.index_copy_(0, positions, values[lo:hi].to(target.dtype))
@@ -257,6 +257,7 @@ class EmbeddedCMD:
                 self._embeddable_mask()
             self._columns = columns = torch.nonzero(state.embedded).reshape(-1)  # sorted
             self._frozen_labels = state.labels[columns]
+            self._frozen_labels32 = self._frozen_labels.numpy().astype(np.int32) if columns.device.type == "cpu" else None
             parameters = dict(self.model.named_parameters())
             bounds = torch.tensor([[s.offset, s.offset + s.size] for s in self.layout.modelled], device=columns.device)
             bounds = torch.searchsorted(columns, bounds.reshape(-1)).reshape(-1, 2).tolist()
@@ -267,7 +268,8 @@ class EmbeddedCMD:
                 shaped = state.embedded[spec.columns].view(spec.shape)
                 self._hooks.append(parameters[spec.name].register_hook(lambda g, m=shaped: g.masked_fill(m, 0)))
         if self._embedded_tensors:
-            self._frozen = (state.a[self._columns], state.b[self._columns])
+            self._frozen = (state.a[self._columns], state.b[self._columns], self._frozen_labels32,
+                            torch.empty(self._columns.shape, dtype=torch.float64, device=state.device))
             self.step()
 
     def close(self) -> None:

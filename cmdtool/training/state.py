@@ -93,17 +93,10 @@ class DeviceState:
         return out
 
     def per_parameter(self, per_mode: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``per_mode[labels]`` as an (N,) float64 tensor on the device (into ``out``). On the CPU
-        through ``np.take`` with int32 labels, several times faster than torch's gather there."""
-        if self.device.type == "cpu":
-            if self._labels32 is None:
-                self._labels32 = self.labels.numpy().astype(np.int32)
-            out = out if out is not None else torch.empty(self.labels.shape, dtype=torch.float64)
-            # mode="clip": with the default "raise" numpy buffers ``out``, five times slower
-            np.take(np.asarray(per_mode, dtype=np.float64), self._labels32, out=out.numpy(), mode="clip")
-            return out
-        values = torch.as_tensor(np.asarray(per_mode, dtype=np.float64), device=self.device)
-        return torch.index_select(values, 0, self.labels, out=out) if out is not None else values[self.labels]
+        """``per_mode[labels]`` as an (N,) float64 tensor on the device (into ``out``)."""
+        if self.device.type == "cpu" and self._labels32 is None:
+            self._labels32 = self.labels.numpy().astype(np.int32)
+        return gather(per_mode, self.labels, self._labels32, out)
 
     def observe(self, w: torch.Tensor, name: str, time: int, info: CheckpointInfo,
                 carried: dict[str, np.ndarray]) -> None:
@@ -242,3 +235,17 @@ def _carried_rows(state: OnlineState) -> dict[str, list[np.ndarray]]:
         blocks = before.blocks() if hasattr(before, "blocks") else [before]
         out[name] = [row for block in blocks for row in np.asarray(block)] + list(state.carried_new[name])
     return out
+
+
+def gather(per_mode, labels: torch.Tensor, labels32: np.ndarray | None = None,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """``per_mode[labels]``, float64, on the labels' device (into ``out``). On the CPU through
+    ``np.take`` with the int32 copy ``labels32``, several times faster than torch's gather there."""
+    if labels.device.type == "cpu":
+        out = out if out is not None else torch.empty(labels.shape, dtype=torch.float64)
+        per_mode = per_mode.numpy() if isinstance(per_mode, torch.Tensor) else np.asarray(per_mode, dtype=np.float64)
+        # mode="clip": with the default "raise" numpy buffers ``out``, five times slower
+        np.take(per_mode, labels32 if labels32 is not None else labels.numpy(), out=out.numpy(), mode="clip")
+        return out
+    values = torch.as_tensor(per_mode, dtype=torch.float64, device=labels.device)
+    return torch.index_select(values, 0, labels, out=out) if out is not None else values[labels]
