@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
@@ -113,6 +114,9 @@ def test_lightning_trainer_writes_a_mode_file_its_loader_accepts(package, tmp_pa
     # The module trained on: validation swapped the CMD weights in and back out.
     assert not torch.equal(module.state_dict()["net.0.weight"], expected["net.0.weight"])
     cmd("report", mode_file, "-o", tmp_path / "report", "--checkpoints", tmp_path / "checkpoints")
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["embedding"]["fraction"] == summary["embedding"]["fraction"]
+    assert any(note.startswith("Embedded CMD (paper §3.4)") for note in report["notes"])
 
 
 @pytest.mark.parametrize("package", PACKAGES)

@@ -249,6 +249,12 @@ def test_cli_reads_an_embedded_mode_file(tmp_path):
     result = runner.invoke(app, ["reconstruct", str(path), "-o", str(tmp_path / "out")])
     assert result.exit_code == 0, result.output
     assert (tmp_path / "out" / "epoch_15.safetensors").is_file()
+    # cmd update continues it as an online fit, without the embedding record
+    state = {k: v.detach().clone() for k, v in cmd.model.state_dict().items()}
+    write_run(tmp_path / "new", [state] * 17)  # epoch_16.safetensors is the one that comes after
+    result = runner.invoke(app, ["update", str(path), str(tmp_path / "new" / "epoch_16.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert cmdtool.summarize(path)["checkpoints"] == 17 and cmdtool.summarize(path)["embedding"] is None
 
 
 # --------------------------------------------------------------------------- bad input

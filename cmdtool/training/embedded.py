@@ -257,7 +257,8 @@ class EmbeddedCMD:
                 self._embeddable_mask()
             self._columns = columns = torch.nonzero(state.embedded).reshape(-1)  # sorted
             self._frozen_labels = state.labels[columns]
-            self._frozen_labels32 = self._frozen_labels.numpy().astype(np.int32) if columns.device.type == "cpu" else None
+            on_cpu = columns.device.type == "cpu"
+            self._frozen_labels32 = self._frozen_labels.numpy().astype(np.int32) if on_cpu else None
             parameters = dict(self.model.named_parameters())
             bounds = torch.tensor([[s.offset, s.offset + s.size] for s in self.layout.modelled], device=columns.device)
             bounds = torch.searchsorted(columns, bounds.reshape(-1)).reshape(-1, 2).tolist()
