@@ -21,7 +21,7 @@ from .modes import FitMetrics, FitSettings, Modes
 from .progress import Progress, no_progress
 
 TILE_BYTES = 32 * 2**20  # float64 bytes of one (T, tile) block in the streaming pass
-GROUP_COLUMNS = 1 << 22  # columns of one group of tiles (one Dask task; one shard of a sharded store)
+GROUP_COLUMNS = 1 << 20  # columns of one group of tiles (one Dask task; one shard of a sharded store)
 
 
 class TrajectorySource(Protocol):

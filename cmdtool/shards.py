@@ -149,7 +149,7 @@ def write_shard(job: ShardJob) -> int:
 
 
 def build_sharded(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequence[CheckpointInfo], path: Path,
-                  fingerprint: str, ema: bool = False, shard_columns: int = 1 << 22,
+                  fingerprint: str, ema: bool = False, shard_columns: int = 1 << 20,
                   map_shards: Callable[[Callable, list], Iterable] = map) -> ShardedStore:
     """Build the sharded store at ``path`` (a folder): one ``write_shard`` per shard through
     ``map_shards`` (the builtin ``map``, or Dask's through ``cmdtool.distributed``), then the index.

@@ -50,8 +50,10 @@ class Engine:
             raise CmdError("give one of --workers N (a Dask cluster on this machine) and --scheduler ADDRESS")
         try:
             from dask.distributed import Client, LocalCluster
-        except ImportError:
+        except ModuleNotFoundError:
             raise CmdError("--workers and --scheduler need Dask: pip install 'cmdtool[dask]'") from None
+        except ImportError as e:  # installed but broken (or shadowed by a local distributed.py)
+            raise CmdError(f"--workers and --scheduler need Dask, which failed to import ({e})") from None
         if scheduler is not None:
             try:
                 return cls(Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s"))
@@ -92,7 +94,9 @@ class Engine:
                     f.cancel()
 
     def map_shards(self, function: Callable, jobs: list) -> list:
-        """``map`` for ``shards.build_sharded``: one ingest task per shard."""
+        """``map`` for ``shards.build_sharded``: one ingest task per shard (``function`` is
+        ``shards.write_shard``, run through ``tasks.ingest_shard``)."""
+        function = tasks.ingest_shard if function is tasks.write_shard else function
         read = list(self._in_order(function, [(job,) for job in jobs]))
         self.stats["checkpoint_bytes_read"] += sum(read)
         return read
