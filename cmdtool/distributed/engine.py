@@ -12,6 +12,7 @@ rescheduled by Dask (its scheduler retries a task whose worker died, up to
 from __future__ import annotations
 
 import uuid
+import warnings
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -62,7 +63,10 @@ class Engine:
                                f"{str(e).splitlines()[0] if str(e) else 'no answer'})") from None
         if workers < 1:
             raise CmdError(f"--workers must be at least 1 (got {workers})")
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None)
+        with warnings.catch_warnings():  # its HTTP server (health, metrics) takes any free port
+            warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                   dashboard_address=None)
         return cls(Client(cluster), cluster)
 
     def close(self) -> None:
