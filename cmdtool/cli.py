@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
@@ -42,6 +42,17 @@ app = typer.Typer(
          "Exit codes: 0 ok, 1 a threshold failed, 2 bad input.")
 
 stderr = Console(stderr=True, highlight=False)
+WORKERS_HELP = "Run on a Dask cluster of N worker processes on this machine (needs pip install 'cmdtool[dask]')."
+SCHEDULER_HELP = ("Run on an existing Dask cluster (e.g. tcp://host:8786); its workers must see the checkpoint "
+                  "folder and the trajectory store path.")
+
+
+def _engine(workers: Optional[int], scheduler: Optional[str]):
+    """A Dask engine for --workers / --scheduler, else nothing (Dask is imported only then)."""
+    if workers is None and scheduler is None:
+        return nullcontext(None)
+    from .distributed import engine_for
+    return engine_for(workers, scheduler)
 
 
 def _message(text: str) -> None:
@@ -117,6 +128,9 @@ def fit(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
     tile_columns: Optional[int] = typer.Option(None, "--tile-columns", min=1, hidden=True),
     warmup: Optional[int] = typer.Option(None, "--warmup", metavar="F", min=2, help="Online CMD: find the modes and references on the first F selected checkpoints only, then update a, b exactly with each later one."),
+    workers: Optional[int] = typer.Option(None, "--workers", metavar="N", min=1, help=WORKERS_HELP),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="ADDRESS", help=SCHEDULER_HELP),
+    shard_columns: Optional[int] = typer.Option(None, "--shard-columns", min=1, hidden=True),
 ) -> None:
     """Fit CMD modes to a folder of checkpoints and write a mode file.
 
@@ -131,13 +145,15 @@ def fit(
         result = fit_folder(checkpoint_dir, output, modes=modes, samples=samples, seed=seed, start=start,
                             stop=stop, every=every, include=include, exclude=exclude, ema=ema,
                             trajectory=trajectory, force=force, tile_columns=tile_columns, progress=_progress,
-                            warmup=warmup)
+                            warmup=warmup, workers=workers, scheduler=scheduler, shard_columns=shard_columns)
     for warning in result.discovery.warnings:
         _message(f"warning: {warning}")
     if result.discovery.skipped:
         _message(f"note: skipped {len(result.discovery.skipped)} entries of {checkpoint_dir} "
                  f"(`cmd ls {checkpoint_dir}` says which and why)")
-    _message(f"trajectory store: {result.trajectory} ({human_bytes(result.trajectory.stat().st_size)}, "
+    size = sum(f.stat().st_size for f in result.trajectory.iterdir()) if result.trajectory.is_dir() \
+        else result.trajectory.stat().st_size  # a sharded store is a folder (cmdtool.shards)
+    _message(f"trajectory store: {result.trajectory} ({human_bytes(size)}, "
              f"{'reused' if result.trajectory_reused else 'built'}; a cache, safe to delete)")
     _message(f"wrote {result.mode_file}")
     summary = {**result.summary, "trajectory": str(result.trajectory), "trajectory_reused": result.trajectory_reused}
@@ -293,6 +309,8 @@ def report(
     require: List[str] = typer.Option([], "--require", metavar="METRIC>=VALUE", help="Fail (exit 1) unless an evaluated metric of the CMD weights at the last checkpoint meets this (>=, <=, >, <; repeatable; needs --eval)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of a summary."),
+    workers: Optional[int] = typer.Option(None, "--workers", metavar="N", min=1, help=WORKERS_HELP),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="ADDRESS", help=SCHEDULER_HELP),
 ) -> None:
     """Report how well the modes explain the run, against PCA of the trajectory and weight averaging.
 
@@ -304,9 +322,10 @@ def report(
         from .report import Thresholds, load_evaluate, make_report, parse_requirement
         thresholds = Thresholds(max_rel_error, max_rel_error_displacement, [parse_requirement(r) for r in require])
         function = load_evaluate(evaluate) if evaluate else None
-        result = make_report(mode_file, output, checkpoints=checkpoints, trajectory=trajectory, evaluate=function,
-                             eval_spec=evaluate or "", tail=tail, ema_decay=ema_decay, thresholds=thresholds,
-                             force=force, progress=_progress)
+        with _engine(workers, scheduler) as engine:
+            result = make_report(mode_file, output, checkpoints=checkpoints, trajectory=trajectory, evaluate=function,
+                                 eval_spec=evaluate or "", tail=tail, ema_decay=ema_decay, thresholds=thresholds,
+                                 force=force, progress=_progress, measure_pass=engine and engine.measure_pass)
     r = result.report
     _message(f"wrote {result.folder / 'report.html'} (also report.md, report.json and {len(r['plots'])} plots)")
     if as_json:

@@ -8,7 +8,7 @@ and ``OnlineCMD`` all call it.
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from .modes import FitMetrics, FitSettings, Modes
 from .progress import Progress, no_progress
 
 TILE_BYTES = 32 * 2**20  # float64 bytes of one (T, tile) block in the streaming pass
+GROUP_COLUMNS = 1 << 20  # columns of one group of tiles (one Dask task; one shard of a sharded store)
 
 
 class TrajectorySource(Protocol):
@@ -51,18 +52,70 @@ def tile_width(T: int, tile_columns: int | None = None) -> int:
     return tile_columns or max(1, TILE_BYTES // (8 * T))
 
 
+class TileResult(NamedTuple):
+    """Steps 5–6 of one column tile ``start:stop``: what a fit keeps per parameter and its sums."""
+    start: int
+    stop: int
+    labels: np.ndarray      # (n,) in label_dtype(M)
+    a: np.ndarray           # (n,) float32, as stored
+    b: np.ndarray           # (n,) float32
+    mode_sizes: np.ndarray  # (M,) int64
+    mode_sse: np.ndarray    # (M,) float64
+    sse: float
+    sq_norm: float
+    sq_displacement: float
+    sq_centred: float
+
+
+# Steps 5–6 over every tile of the trajectory, given the normalised references and the tile width:
+# yields one TileResult per tile of the grid ``range(0, N, width)``, in that order.
+MapTiles = Callable[[np.ndarray, int], Iterable[TileResult]]
+
+
+def fit_tile_result(start: int, stop: int, block: np.ndarray, references: np.ndarray) -> TileResult:
+    """Steps 5–6 of one ``(T, stop − start)`` tile, reduced to its sums in a fixed order, so that
+    the same tile gives the same bits in this process or on a Dask worker."""
+    T, M = block.shape[0], references.shape[0]
+    result = fit_tile(block, references)
+    a32, b32 = result.a.astype(np.float32), result.b.astype(np.float32)
+    # The error of what the mode file stores: the float32 rounding of a and b adds
+    # (a − a32)² + T (b − b32)² to the least-squares residual.
+    sse = result.sse + (result.a - a32) ** 2 + T * (result.b - b32) ** 2
+    return TileResult(start, stop, result.labels.astype(label_dtype(M)), a32, b32,
+                      np.bincount(result.labels, minlength=M), np.bincount(result.labels, weights=sse, minlength=M),
+                      float(sse.sum()), float(result.sq_norm.sum()), float(result.sq_displacement.sum()),
+                      float(result.sq_centred.sum()))
+
+
+def group_step(width: int, group_columns: int = GROUP_COLUMNS) -> int:
+    """Columns of one group of whole tiles: the largest multiple of ``width`` up to ``group_columns``."""
+    return max(1, group_columns // width) * width
+
+
+def column_groups(N: int, width: int, group_columns: int = GROUP_COLUMNS) -> list[tuple[int, int]]:
+    """Consecutive ranges of whole tiles (``width`` columns each) of about ``group_columns``:
+    the units a distributed pass hands to one task, and over which the report reduces its sums
+    before adding them up in order, so that its figures do not depend on the number of tasks."""
+    step = group_step(width, group_columns)
+    return [(start, min(start + step, N)) for start in range(0, N, step)]
+
+
 def fit_trajectory(source: TrajectorySource, settings: FitSettings, *, tile_columns: int | None = None,
-              progress: Progress = no_progress) -> Modes:
+                   progress: Progress = no_progress, map_tiles: MapTiles | None = None) -> Modes:
     """Steps 1–6 of CMD over ``source``, with BLAS on one thread: the products are too skinny to
-    share (see pyproject.toml). Memory: the ``(T, K)`` sample, one tile, and ``labels, a, b``."""
+    share (see pyproject.toml). Memory: the ``(T, K)`` sample, one tile, and ``labels, a, b``.
+
+    ``map_tiles`` runs steps 5–6 elsewhere (``cmdtool.distributed``: one Dask task per group of
+    tiles); the sums are added here, tile by tile in column order, so the mode file is the same
+    bit for bit however the tiles were spread."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
-        return _decompose(source, settings, tile_columns, progress)
+        return _decompose(source, settings, tile_columns, progress, map_tiles)
 
 
 def _decompose(source: TrajectorySource, settings: FitSettings, tile_columns: int | None,
-               progress: Progress) -> Modes:
+               progress: Progress, map_tiles: MapTiles | None) -> Modes:
     layout, T, N = source.layout, source.T, source.N
     sample = sample_parameters([s.size for s in layout.modelled], source.varies, settings.samples, settings.seed)
     if len(sample) == 0:
@@ -75,26 +128,31 @@ def _decompose(source: TrajectorySource, settings: FitSettings, tile_columns: in
     references = normalised.references
     M = len(reference_positions)
 
+    if map_tiles is None:
+        def map_tiles(references: np.ndarray, width: int) -> Iterator[TileResult]:
+            for start, stop, block in source.tiles(width):
+                yield fit_tile_result(start, stop, block, references)
     labels = np.empty(N, dtype=label_dtype(M))
     a = np.empty(N, dtype=np.float32)
     b = np.empty(N, dtype=np.float32)
     totals = dict.fromkeys(("sse", "sq_norm", "sq_displacement", "sq_centred"), 0.0)
     mode_sizes = np.zeros(M, dtype=np.int64)
     mode_sse = np.zeros(M)
+    expected = 0
     with progress("fitting modes", N) as advance:
-        for start, stop, block in source.tiles(tile_width(T, tile_columns)):
-            result = fit_tile(block, references)
-            a32, b32 = result.a.astype(np.float32), result.b.astype(np.float32)
-            # The error of what the mode file stores: the float32 rounding of a and b adds
-            # (a − a32)² + T (b − b32)² to the least-squares residual.
-            sse = result.sse + (result.a - a32) ** 2 + T * (result.b - b32) ** 2
-            labels[start:stop], a[start:stop], b[start:stop] = result.labels, a32, b32
-            mode_sizes += np.bincount(result.labels, minlength=M)
-            mode_sse += np.bincount(result.labels, weights=sse, minlength=M)
-            totals["sse"] += float(sse.sum())
-            for name in ("sq_norm", "sq_displacement", "sq_centred"):
-                totals[name] += float(getattr(result, name).sum())
+        for tile in map_tiles(references, tile_width(T, tile_columns)):
+            start, stop = tile.start, tile.stop
+            if start != expected:
+                raise RuntimeError(f"tiles out of order: got columns {start}:{stop}, expected {expected}")
+            labels[start:stop], a[start:stop], b[start:stop] = tile.labels, tile.a, tile.b
+            mode_sizes += tile.mode_sizes
+            mode_sse += tile.mode_sse
+            for name in totals:
+                totals[name] += getattr(tile, name)
+            expected = stop
             advance(stop - start)
+    if expected != N:
+        raise RuntimeError(f"tiles ended at column {expected} of {N}")
     return Modes(
         layout=layout, references=references.astype(np.float32), reference_offset=normalised.offset,
         reference_scale=normalised.scale, reference_index=sample[reference_positions].astype(np.int64),

@@ -38,7 +38,8 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samp
         seed: int = 0, start: int | None = None, stop: int | None = None, every: int = 1,
         include: Sequence[str] = (), exclude: Sequence[str] = (), ema: bool = False,
         trajectory: str | Path | None = None, force: bool = False, tile_columns: int | None = None,
-        progress: Progress = no_progress, warmup: int | None = None) -> FitResult:
+        progress: Progress = no_progress, warmup: int | None = None, workers: int | None = None,
+        scheduler: str | None = None, shard_columns: int | None = None) -> FitResult:
     """Post-hoc CMD of a folder of checkpoints; writes the mode file ``output``.
 
     ``modes`` (M) is the most modes to find, ``samples`` (K) the parameters sampled to find them,
@@ -46,12 +47,27 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samp
     ``ema`` models timm's ``state_dict_ema`` instead of the model's weights.
     ``warmup`` (F) makes it online CMD (paper §3.3): modes and references from the first ``F``
     selected checkpoints, then an exact update of ``a, b`` per later one (``online.fit_warmup``).
+    ``workers`` (a Dask ``LocalCluster``) or ``scheduler`` (an existing cluster's address) build a
+    sharded store and run the fit's pass on Dask (``cmdtool.distributed``): the same mode file.
     """
     checkpoint_dir, output = Path(checkpoint_dir), Path(output)
     settings = FitSettings(modes=modes, samples=samples, seed=seed, start=start, stop=stop, every=every,
                            include=tuple(include), exclude=tuple(exclude), ema=ema,
                            source=str(checkpoint_dir.resolve()), warmup=warmup)
     check_output_path(output, force)
+    if workers is not None or scheduler is not None:
+        if warmup is not None:
+            raise CmdError("--warmup runs on one machine: leave out --workers and --scheduler")
+        from .distributed import Engine, prepare_sharded_store
+        with Engine.start(workers, scheduler) as engine:
+            prepared = prepare_sharded_store(engine, checkpoint_dir, start=start, stop=stop, every=every,
+                                             include=include, exclude=exclude, ema=ema, trajectory=trajectory,
+                                             force=force, shard_columns=shard_columns, progress=progress)
+            settings = settings.replace(trajectory=str(prepared.path.resolve()))
+            result = fit_trajectory(prepared.store, settings, tile_columns=tile_columns, progress=progress,
+                                    map_tiles=engine.map_tiles(prepared.store, shard_columns))
+        write_mode_file(output, result)
+        return FitResult(output, prepared.path, prepared.reused, summarize(output), prepared.discovery)
     prepared = prepare_store(checkpoint_dir, start=start, stop=stop, every=every, include=include,
                              exclude=exclude, ema=ema, trajectory=trajectory, force=force, progress=progress)
     settings = settings.replace(trajectory=str(prepared.path.resolve()))

@@ -10,6 +10,7 @@ from typing import NamedTuple, Sequence
 from .checkpoints import Checkpoint, Discovery, discover
 from .errors import CmdError
 from .progress import Progress, no_progress
+from .shards import is_sharded, open_sharded
 from .trajectory import TrajectoryStore, build_store, fingerprint, open_store, read_signatures, store_fingerprint
 
 
@@ -20,6 +21,11 @@ def default_store_path(checkpoint_dir: Path) -> Path:
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmdtool"
     key = hashlib.sha256(str(Path(checkpoint_dir).resolve()).encode()).hexdigest()[:16]
     return Path(cache) / f"trajectory-{Path(checkpoint_dir).resolve().name}-{key}.h5"
+
+
+def open_trajectory_store(path: Path) -> TrajectoryStore:
+    """A single-file store, or a sharded one (a folder with an index, ``cmdtool.shards``)."""
+    return open_sharded(path) if is_sharded(path) else open_store(path)
 
 
 class PreparedStore(NamedTuple):

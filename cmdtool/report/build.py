@@ -37,13 +37,14 @@ class ReportResult:
 def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str | Path | None = None,
                 trajectory: str | Path | None = None, evaluate: Evaluate | None = None, eval_spec: str = "",
                 tail: Sequence[int] = (5, 10), ema_decay: float = 0.9, thresholds: Thresholds = Thresholds(),
-                force: bool = False, progress: Progress = no_progress) -> ReportResult:
+                force: bool = False, progress: Progress = no_progress, measure_pass=None) -> ReportResult:
     """Write the report of ``mode_file`` into the folder ``output`` (replaced only with ``force``).
 
     The trajectory is the store the fit kept (``settings.trajectory``), another store given as
     ``trajectory``, or built from the checkpoint folder ``checkpoints``. ``evaluate`` is a function
     ``state_dict -> {metric: float}``; with it the report scores every checkpoint (original and CMD)
-    and the final candidates.
+    and the final candidates. ``measure_pass(modes, store, advance)`` runs the streaming pass
+    elsewhere (``cmdtool.distributed.Engine.measure_pass``).
     """
     output = Path(output)
     if evaluate is not None and not eval_spec:
@@ -61,7 +62,7 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
         try:
             with threadpool_limits(limits=1, user_api="blas"):  # as in the fit: skinny products, busy cores
                 report, document = compose(modes, store, source, tmp, evaluate, eval_spec, tail, ema_decay,
-                                           thresholds, progress)
+                                           thresholds, progress, measure_pass)
             write_outputs(report, document, tmp)
             replace_path(tmp, output)  # an old report goes only once the new one is in place
         except BaseException:

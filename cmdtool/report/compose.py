@@ -12,7 +12,7 @@ import numpy as np
 from ..version import __version__
 from ..decompose import correlation_matrix, sample_parameters
 from ..errors import CmdError
-from ..fitting import tile_width
+from ..fitting import group_step, tile_width
 from ..modefile import ModeFile, embedding_summary
 from ..modes import model_values
 from ..progress import Progress
@@ -55,7 +55,8 @@ def _clean(value):
 
 
 def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path, evaluate, eval_spec: str,
-             tail: Sequence[int], ema_decay: float, thresholds: Thresholds, progress: Progress):
+             tail: Sequence[int], ema_decay: float, thresholds: Thresholds, progress: Progress,
+             measure_pass=None):
     from . import plots  # matplotlib is imported only when a report is drawn
 
     layout, T, N, M = modes.layout, modes.T, modes.N, modes.M
@@ -63,9 +64,12 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
     tensor_of_column = np.repeat(np.arange(len(tensors)), [s.size for s in tensors])
     tile = tile_width(T)
     with progress("measuring the fit", N) as advance:
-        measured = metrics.measure(
-            store.tiles(tile), lambda start, stop: modes.parameters(slice(start, stop)),
-            modes.references, tensor_of_column, len(tensors), advance)
+        if measure_pass is not None:  # on Dask workers (cmdtool.distributed): the same sums, bit for bit
+            measured = measure_pass(modes, store, advance)
+        else:
+            measured = metrics.measure(
+                store.tiles(tile), lambda start, stop: modes.parameters(slice(start, stop)),
+                modes.references, tensor_of_column, len(tensors), advance, group_columns=group_step(tile))
     time = modes.time.astype(np.int64)
     pca = metrics.pca_from_gram(measured.gram)
 
