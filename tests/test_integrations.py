@@ -154,6 +154,7 @@ class TokenRun(torch.utils.data.Dataset):
 
 
 def hf_train(out: Path, epochs: int, resume=None, **options):
+    pytest.importorskip("transformers")
     from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 
     from cmdtool.integrations.transformers import CMDCallback
@@ -171,7 +172,7 @@ def hf_train(out: Path, epochs: int, resume=None, **options):
 
 
 def test_huggingface_trainer_writes_a_mode_file_from_pretrained_loads(tmp_path):
-    from transformers import GPT2LMHeadModel
+    GPT2LMHeadModel = pytest.importorskip("transformers").GPT2LMHeadModel
 
     mode_file = tmp_path / "hf.cmd.h5"
     trainer, callback = hf_train(tmp_path / "output", 6, mode_file=mode_file, validate_with_cmd=True)

@@ -303,7 +303,8 @@ class EmbeddedCMD:
     @contextmanager
     def cmd_weights(self) -> Iterator[None]:
         """Inside the block the model holds the CMD weights (e.g. to validate them), then its own."""
-        state, tensors = self._require("cmd_weights"), self._tensors()
+        self._require("cmd_weights")
+        tensors = self._tensors()
         saved = {s.name: tensors[s.name].detach().clone() for s in self.layout.modelled}
         try:
             self.load_cmd_weights()
@@ -312,7 +313,6 @@ class EmbeddedCMD:
             with torch.no_grad():
                 for name, value in saved.items():
                     tensors[name].detach().copy_(value)
-            del state
 
     def load_cmd_weights(self) -> None:
         """Put the CMD weights of the latest observation into the model, in place."""
