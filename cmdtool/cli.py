@@ -298,7 +298,10 @@ def report(
     output: Path = typer.Option(..., "--output", "-o", help="Report folder to write (report.html, report.md, report.json, PNG plots)."),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", metavar="DIR", help="Read the original checkpoints from this folder (default: the trajectory store kept by cmd fit)."),
     trajectory: Optional[Path] = typer.Option(None, "--trajectory", help="Trajectory store to use, or where to build one with --checkpoints."),
-    evaluate: Optional[str] = typer.Option(None, "--eval", metavar="MODULE:FUNCTION", help="Score weights with your function state_dict -> {metric: float}: module:function (importable from here) or path/to/file.py:function."),
+    evaluate: Optional[str] = typer.Option(None, "--eval", metavar="MODULE:FUNCTION", help="Score weights with your function state_dict -> {metric: float} or {split: {metric: float}} (e.g. val and test): module:function (importable from here) or path/to/file.py:function."),
+    select: Optional[str] = typer.Option(None, "--select", metavar="METRIC[:max|min]", help="Choose each candidate family's best epoch by this metric on the validation split (val) and report it on the others; max unless the name says loss or error."),
+    eval_every: int = typer.Option(1, "--eval-every", metavar="K", min=1, help="Score the candidate families at every K-th checkpoint (and the last) only."),
+    candidates_only: bool = typer.Option(False, "--candidates-only", help="Score the candidates at the last checkpoint only (no per-epoch curves, no selection)."),
     tail: List[int] = typer.Option([5, 10], "--tail", metavar="K", min=1, help="Tail averages of the last K checkpoints to compare (repeatable)."),
     ema_decay: float = typer.Option(0.9, "--ema-decay", help="Decay of the EMA over checkpoints that is compared."),
     max_rel_error: Optional[float] = typer.Option(None, "--max-rel-error", metavar="X", help="Fail (exit 1) when rel_error is above X."),
@@ -310,7 +313,9 @@ def report(
     """Report how well the modes explain the run, against PCA of the trajectory and weight averaging.
 
     Writes report.html (self-contained), report.md, report.json and PNG plots into the report
-    folder; with --eval also scores every checkpoint, original and CMD, and the final candidates.
+    folder; with --eval also scores every candidate family (original, CMD, tail means, EMA, PCA) at
+    every checkpoint, and with --select and a validation split chooses each family's best epoch on
+    validation and reports it on test.
     When GITHUB_STEP_SUMMARY is set, the summary is appended to it. Exit 1 when a threshold fails.
     """
     with _errors_to_exit_code():
@@ -319,8 +324,14 @@ def report(
         function = load_evaluate(evaluate) if evaluate else None
         result = make_report(mode_file, output, checkpoints=checkpoints, trajectory=trajectory, evaluate=function,
                              eval_spec=evaluate or "", tail=tail, ema_decay=ema_decay, thresholds=thresholds,
-                             force=force, progress=_progress)
+                             force=force, progress=_progress, select=select, eval_every=eval_every,
+                             candidates_only=candidates_only)
     r = result.report
+    if r["evaluation"]:
+        e = r["evaluation"]
+        _message(f"evaluated {e['evaluations']} state dicts: {len(e['per_epoch'])} candidate families at "
+                 f"{len(e['epochs'])} of {r['run']['checkpoints']} checkpoints (--eval-every, --candidates-only "
+                 "score fewer)")
     _message(f"wrote {result.folder / 'report.html'} (also report.md, report.json and {len(r['plots'])} plots)")
     if as_json:
         print(json.dumps(r))
@@ -353,8 +364,21 @@ def _print_report(r: dict) -> None:
         for candidate, scores in evaluation["candidates"].items():
             candidates.add_row(candidate, *(f"{scores[k]:.4g}" if scores.get(k) is not None else "–" for k in names))
         stdout.print(candidates, markup=False)
+        chosen = evaluation["selection"]
+        if chosen:
+            columns = [chosen["key"], *chosen["reported"]]
+            table = Table(box=None, pad_edge=False)
+            for column in ("chosen on validation", "epoch", *columns):
+                table.add_column(column, justify="left" if column == "chosen on validation" else "right")
+            for row in chosen["rows"]:
+                table.add_row(("★ " if row["family"] == chosen["chosen"] else "") + row["family"], str(row["epoch"]),
+                              *(f"{row['scores'][k]:.4g}" if row["scores"].get(k) is not None else "–"
+                                for k in columns))
+            stdout.print(table, markup=False)
+        elif evaluation["selection_impossible"]:
+            stdout.print("no selection: the evaluation returned no validation split", markup=False)
     for t in r["thresholds"]:
-        stdout.print(f"{'pass' if t['passed'] else 'FAIL'}: {t['description']}", markup=False)
+        stdout.print(f"{'pass' if t['passed'] else 'FAIL'}: {t['description']}", markup=False, soft_wrap=True)
 
 
 def _print_summary(s: dict, references: list | None = None) -> None:

@@ -21,17 +21,19 @@ from ..decompose import correlation_matrix, sample_parameters
 from ..errors import CmdError
 from ..modefile import ModeFile, open_mode_file
 from ..pipeline import TILE_BYTES, Progress, no_progress, prepare_store
-from ..reconstruct import assemble_state_dict, replace_path, state_dict_at
+from ..reconstruct import replace_path
 from ..trajectory import TrajectoryStore, open_store
-from . import metrics
+from . import families, metrics, selection_blocks
 from .evaluation import Evaluate, Requirement, run_evaluate
+from .selection import Selection, parse_select
 
 REPORT_FORMAT = "cmdtool-report"
 REPORT_VERSION = 1
 PCA_RANKS = (1, 2)
 PLOTS = {"references": "references.png", "errors": "error_per_checkpoint.png",
          "mode_layers": "modes_by_layer.png", "correlation": "correlation.png",
-         "parameters": "sampled_parameters.png", "metric": "metric_per_checkpoint.png"}
+         "parameters": "sampled_parameters.png", "metric": "metric_per_checkpoint.png",
+         "candidates": "candidates_per_epoch.png"}
 
 
 @dataclass
@@ -39,6 +41,16 @@ class Thresholds:
     max_rel_error: float | None = None
     max_rel_error_displacement: float | None = None
     require: Sequence[Requirement] = ()
+
+
+@dataclass
+class Scoring:
+    """How the ``--eval`` function is used: which function, ``--select``, ``--eval-every``, ``--candidates-only``."""
+    evaluate: Evaluate | None
+    spec: str
+    select: Selection | None = None
+    every: int = 1
+    candidates_only: bool = False
 
 
 @dataclass
@@ -51,13 +63,16 @@ class ReportResult:
 def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str | Path | None = None,
                 trajectory: str | Path | None = None, evaluate: Evaluate | None = None, eval_spec: str = "",
                 tail: Sequence[int] = (5, 10), ema_decay: float = 0.9, thresholds: Thresholds = Thresholds(),
-                force: bool = False, progress: Progress = no_progress) -> ReportResult:
+                force: bool = False, progress: Progress = no_progress, select: Selection | str | None = None,
+                eval_every: int = 1, candidates_only: bool = False) -> ReportResult:
     """Write the report of ``mode_file`` into the folder ``output`` (replaced only with ``force``).
 
     The trajectory is the store the fit kept (``settings.trajectory``), another store given as
     ``trajectory``, or built from the checkpoint folder ``checkpoints``. ``evaluate`` is a function
     ``state_dict -> {metric: float}``; with it the report scores every checkpoint (original and CMD)
-    and the final candidates.
+    and the final candidates; every candidate family is scored per epoch (every ``eval_every``-th, or
+    only the last with ``candidates_only``) and, with ``select`` (``--select``) and a validation
+    split, each family's best epoch is chosen on validation and reported on the other splits.
     """
     output = Path(output)
     if evaluate is not None and not eval_spec:
@@ -65,6 +80,12 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
     _check_report_folder(output, force)
     if any(k < 1 for k in tail) or not 0 < ema_decay < 1:
         raise CmdError("--tail must be at least 1 and --ema-decay between 0 and 1 (exclusive)")
+    if isinstance(select, str):
+        select = parse_select(select)
+    if eval_every < 1:
+        raise CmdError("--eval-every must be at least 1")
+    if select is not None and evaluate is None:
+        raise CmdError("--select needs --eval: it chooses epochs by an evaluated metric")
     if thresholds.require and evaluate is None:
         raise CmdError("--require needs --eval: it checks a metric of the evaluated CMD weights")
     with open_mode_file(Path(mode_file)) as modes:
@@ -73,8 +94,8 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            report, blocks = _compose(modes, store, source, tmp, evaluate, eval_spec, tail, ema_decay,
-                                      thresholds, progress)
+            scoring = Scoring(evaluate, eval_spec, select, eval_every, candidates_only)
+            report, blocks = _compose(modes, store, source, tmp, scoring, tail, ema_decay, thresholds, progress)
             _write_outputs(report, blocks, tmp)
             replace_path(tmp, output)  # an old report goes only once the new one is in place
         except BaseException:
@@ -166,7 +187,7 @@ def _clean(value):
     return value
 
 
-def _compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path, evaluate, eval_spec: str,
+def _compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path, scoring: Scoring,
              tail: Sequence[int], ema_decay: float, thresholds: Thresholds, progress: Progress):
     from . import plots  # matplotlib is imported only when a report is drawn
     from .render import Heading, Image, Paragraph, Table
@@ -175,6 +196,9 @@ def _compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path
     tensors = layout.modelled
     tensor_of_column = np.repeat(np.arange(len(tensors)), [s.size for s in tensors])
     tile = max(1, TILE_BYTES // (8 * T))
+    first = None
+    if scoring.evaluate is not None:  # a failing function fails now, not after the measuring pass
+        first = families.trial(scoring.evaluate, store, modes, scoring.spec, run_evaluate, scoring.select)
     with progress("measuring the fit", N) as advance:
         measured = metrics.measure(
             store.tiles(tile), lambda start, stop: modes.parameters(slice(start, stop)),
@@ -223,8 +247,11 @@ def _compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path
 
     # 5. Model quality, when the user gave an evaluation function.
     evaluation = None
-    if evaluate is not None:
-        evaluation = _evaluate_all(modes, store, evaluate, eval_spec, tail, ema_decay, pca, progress)
+    if scoring.evaluate is not None:
+        epochs = families.evaluation_epochs(T, scoring.every, scoring.candidates_only)
+        evaluation = families.score_families(modes, store, scoring.evaluate, scoring.spec, run_evaluate, tail=tail,
+                                             ema_decay=ema_decay, pca=pca, epochs=epochs, first=first,
+                                             selection=scoring.select, progress=progress)
 
     # 8. Thresholds.
     checks = []
@@ -273,9 +300,7 @@ def _compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path
         plots.parameters(time, sampled[:, shown], rebuilt, titles, folder / PLOTS["parameters"])
         files["parameters"] = PLOTS["parameters"]
     if evaluation is not None:
-        plots.metric(time, evaluation["per_checkpoint"]["original"], evaluation["per_checkpoint"]["cmd"],
-                     folder / PLOTS["metric"])
-        files["metric"] = PLOTS["metric"]
+        files.update(selection_blocks.draw(plots, time, evaluation, folder, PLOTS))
 
     notes = _notes(layout, evaluation)
     if online:
@@ -327,59 +352,6 @@ def _representatives(modes: ModeFile, sample: np.ndarray, labels: np.ndarray, C:
     return positions, titles
 
 
-def _evaluate_all(modes: ModeFile, store: TrajectoryStore, evaluate, spec: str, tail: Sequence[int],
-                  ema_decay: float, pca: metrics.PCA, progress: Progress) -> dict:
-    """Score every checkpoint (original and CMD) and the final candidates with the user's function."""
-    T = modes.T
-    carried = {tensor.name: store.carried(tensor.name) for tensor in modes.layout.carried}
-
-    def combination(weights: np.ndarray, carried_from: int) -> dict:
-        """``Σ_t weights[t] · w(t)`` as a state dict; carried tensors from checkpoint ``carried_from``."""
-        flat = np.zeros(modes.N)
-        for t in np.flatnonzero(weights):
-            flat += weights[t] * store.W[t].astype(np.float64)
-        return assemble_state_dict(modes.layout, lambda s: flat[s.columns],
-                                   lambda s: carried[s.name][carried_from])
-
-    original, cmd = {}, {}
-    with progress("evaluating checkpoints", 2 * T) as advance:
-        for t in range(T):
-            scores = run_evaluate(evaluate, combination(metrics.unit_weights(T, t), t),
-                                  f"checkpoint {modes.names[t]}", spec)
-            advance(1)
-            reconstructed = run_evaluate(evaluate, state_dict_at(modes, t), f"the CMD reconstruction of {modes.names[t]}", spec)
-            advance(1)
-            for key in scores:
-                original.setdefault(key, []).append(scores[key])
-                cmd.setdefault(key, []).append(reconstructed.get(key, math.nan))
-
-    candidates = {"last": {"description": f"the last checkpoint ({modes.names[-1]})", "weights": metrics.unit_weights(T, T - 1)},
-                  "cmd": {"description": "CMD reconstruction of the last checkpoint", "weights": None}}
-    for k in tail:
-        candidates[f"tail_{k}"] = {"description": f"mean of the last {min(k, T)} checkpoints",
-                                   "weights": metrics.tail_weights(T, k)}
-    candidates["ema"] = {"description": f"EMA over checkpoints, decay {ema_decay:g}",
-                         "weights": metrics.ema_weights(T, ema_decay)}
-    for d in PCA_RANKS:
-        candidates[f"pca_{d}"] = {"description": f"PCA of the trajectory, mean + {d} direction{'s' * (d > 1)}, at the last checkpoint",
-                                  "weights": pca.weights_at(d, T - 1)}
-    scores = {}
-    with progress("evaluating final candidates", len(candidates)) as advance:
-        for name, candidate in candidates.items():
-            if name == "last":
-                scores[name] = {k: v[-1] for k, v in original.items()}
-            elif name == "cmd":
-                scores[name] = {k: v[-1] for k, v in cmd.items()}
-            else:
-                scores[name] = run_evaluate(evaluate, combination(candidate["weights"], T - 1),
-                                            f"candidate {name}", spec)
-            advance(1)
-    return {"function": spec, "checkpoint_names": modes.names, "per_checkpoint": {"original": original, "cmd": cmd},
-            "candidates": scores,
-            "candidate_descriptions": {name: c["description"] for name, c in candidates.items()}}
-
-
-
 def _notes(layout, evaluation: dict | None) -> list[str]:
     notes = ["Errors are those of the weights `cmd reconstruct` writes: `a·r(t) + b` from the mode file's "
              "stored values, against the trajectory store (float32). The PCA errors are those of the exact "
@@ -393,17 +365,7 @@ def _notes(layout, evaluation: dict | None) -> list[str]:
         notes.append("Original checkpoints are scored from the trajectory store, which holds float64 tensors "
                      "rounded to float32.")
     if evaluated:
-        names = evaluation["checkpoint_names"]
-        bad = [f"{kind} {names[t]} ({key})"
-               for kind, scores in (("original", evaluation["per_checkpoint"]["original"]),
-                                    ("CMD reconstruction of", evaluation["per_checkpoint"]["cmd"]))
-               for key, values in scores.items() for t, v in enumerate(values) if not math.isfinite(v)]
-        bad += [f"candidate {name} ({key})" for name, scores in evaluation["candidates"].items()
-                for key, v in scores.items() if not math.isfinite(v)]
-        if bad:
-            notes.append("Not finite (– in the tables, null in report.json): " + "; ".join(bad) + "."
-                         + (" A modelled BatchNorm running_var can dip below zero where the run moves fast."
-                            if statistics else ""))
+        notes += selection_blocks.notes(evaluation, bool(statistics))
     return notes
 
 
@@ -460,10 +422,10 @@ def _blocks(r: dict, Heading, Paragraph, Table, Image) -> tuple[list, list]:
                       "otherwise keep: the last checkpoint, averages of the last checkpoints (LAWA / SWA style), an "
                       "EMA over checkpoints, and PCA of the trajectory."),
             Table(["candidate", "what it is", *metric_names],
-                  [[name, evaluation["candidate_descriptions"][name], *(_number(scores.get(k)) for k in metric_names)]
-                   for name, scores in evaluation["candidates"].items()],
+                  selection_blocks.final_rows(evaluation, metric_names, _number),
                   numeric=[False, False, *[True] * len(metric_names)]),
         ]
+        summary += selection_blocks.summary(evaluation, _number, Heading, Paragraph, Table)
     if r["thresholds"]:
         summary += [Heading(2, "Thresholds"),
                     Table(["check", "value", "required", "result"],
@@ -474,6 +436,8 @@ def _blocks(r: dict, Heading, Paragraph, Table, Image) -> tuple[list, list]:
 
     plots = r["plots"]
     details = [Image(plots["errors"], "Relative error per checkpoint: CMD against PCA of the trajectory")]
+    if "candidates" in plots:
+        details.append(Image(plots["candidates"], selection_blocks.CANDIDATES_CAPTION))
     if "metric" in plots:
         details.append(Image(plots["metric"], "Evaluated metric per checkpoint: original weights against CMD reconstruction"))
     per_metric = list(evaluation["per_checkpoint"]["original"]) if evaluation else []

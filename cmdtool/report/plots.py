@@ -119,3 +119,25 @@ def parameters(time: np.ndarray, original: np.ndarray, reconstructed: np.ndarray
             ax.legend(fontsize=7)
     fig.suptitle("Sampled parameters: original trajectory and CMD reconstruction", fontsize=11)
     _save(fig, path)
+
+
+def families(time: np.ndarray, series: Mapping[str, Mapping[str, Sequence[float]]], labels: Mapping[str, str],
+             chosen: Mapping[str, int], path: Path) -> None:
+    """Every candidate family per epoch, one panel per plotted metric (e.g. val and test accuracy);
+    a star on each family's chosen epoch."""
+    keys = list(next(iter(series.values())))
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.2 * len(keys), 4.0), squeeze=False, sharey=True)
+    for ax, key in zip(axes.flat, keys):
+        for i, (family, scores) in enumerate(series.items()):
+            values = np.array([np.nan if v is None else v for v in scores[key]], dtype=np.float64)
+            style = "-" if family in ("original", "cmd") else "--"
+            ax.plot(time, values, style, marker="o", markersize=2.5, linewidth=1.2, label=labels[family],
+                    color=f"C{i}")
+            if family in chosen:
+                ax.plot(time[chosen[family]], values[chosen[family]], "*", markersize=12, color=f"C{i}",
+                        markeredgecolor="black", markeredgewidth=0.6)
+        ax.set_title(key)
+        ax.set_xlabel("checkpoint time")
+        ax.grid(True, alpha=0.3)
+    axes.flat[0].legend(fontsize=8)
+    _save(fig, path)
