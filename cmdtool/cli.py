@@ -22,8 +22,9 @@ from . import __version__
 from .checkpoints import discover
 from .errors import CmdError
 from .modefile import open_mode_file
+from .modefile import summarize
 from .pipeline import fit as fit_folder
-from .pipeline import not_restored, reconstruct_checkpoints, summarize
+from .pipeline import not_restored, reconstruct_checkpoints
 from .reconstruct import WRITE_FORMATS
 
 app = typer.Typer(
@@ -54,12 +55,20 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def _in_cli_words(error: CmdError) -> str:
+    """The library names a bad argument as its parameter (``modes must be ...``); say the option."""
+    message, parameter = str(error), error.parameter
+    if parameter and message.startswith(parameter):
+        return "--" + parameter.replace("_", "-") + message[len(parameter):]
+    return message
+
+
 @contextmanager
 def _errors_to_exit_code() -> Iterator[None]:
     try:
         yield
     except CmdError as e:
-        raise _fail(str(e)) from None
+        raise _fail(_in_cli_words(e)) from None
     except OSError as e:
         raise _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
     except KeyboardInterrupt:

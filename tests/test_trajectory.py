@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 import cmdtool
-from cmdtool.pipeline import default_store_path
+from cmdtool.stores import default_store_path
 from cmdtool.trajectory import open_store
 from conftest import plant, write_run
 

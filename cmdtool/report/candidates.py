@@ -1,4 +1,4 @@
-"""Candidate families scored per epoch with the user's ``--eval`` function.
+"""Scoring weights with the user's ``--eval`` function: every candidate family at every epoch.
 
 At every evaluated epoch ``t`` each family gives one set of weights:
 
@@ -24,9 +24,8 @@ import numpy as np
 
 from ..reconstruct import assemble_state_dict, state_dict_at
 from . import metrics
-from .selection import Selection, check_selection, flatten_scores, select
-
-PCA_RANKS = (1, 2)
+from .metrics import PCA_RANKS
+from .selection import Selection, check_selection, select
 
 
 def evaluation_epochs(T: int, every: int, candidates_only: bool) -> list[int]:
@@ -148,6 +147,3 @@ def trial(evaluate: Callable, store, modes, spec: str, run_evaluate: Callable, s
                           f"checkpoint {modes.names[0]}", spec)
     check_selection(selection, list(scores))
     return scores
-
-
-__all__ = ["PCA_RANKS", "evaluation_epochs", "score_families", "trial", "flatten_scores"]
