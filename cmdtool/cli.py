@@ -104,9 +104,10 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 def fit(
     checkpoint_dir: Path = typer.Argument(..., metavar="CKPT_DIR", help="Folder of per-epoch checkpoints (safetensors or torch files)."),
     output: Path = typer.Option(..., "--output", "-o", help="Mode file to write (conventionally *.cmd.h5)."),
-    modes: int = typer.Option(10, "--modes", "-m", min=1, help="Most modes (M) to find."),
+    modes: str = typer.Option("10", "--modes", "-m", metavar="M|auto", help="Most modes (M) to find, or auto (auto:MAX): the smallest M within 5 % of the smallest error of an error-vs-M curve (M = 1 … 20) measured on a second, independent parameter sample."),
     samples: int = typer.Option(1000, "--samples", "-k", min=1, help="Parameters sampled (K) to find the modes, layer-balanced."),
     seed: int = typer.Option(0, "--seed", help="Seed of the parameter sample."),
+    refine: int = typer.Option(0, "--refine", metavar="P", min=0, help="Lloyd-style passes that re-pick each mode's reference from its members and reassign (0: the paper's references)."),
     start: Optional[int] = typer.Option(None, "--start", help="First checkpoint to use (position in the sorted folder; Python slice rules)."),
     stop: Optional[int] = typer.Option(None, "--stop", help="Stop before this checkpoint position."),
     every: int = typer.Option(1, "--every", min=1, help="Use every n-th checkpoint."),
@@ -129,7 +130,7 @@ def fit(
     first F checkpoints and then running cmd update with the rest.
     """
     with _errors_to_exit_code():
-        result = fit_folder(checkpoint_dir, output, modes=modes, samples=samples, seed=seed, start=start,
+        result = fit_folder(checkpoint_dir, output, modes=modes, refine=refine, samples=samples, seed=seed, start=start,
                             stop=stop, every=every, include=include, exclude=exclude, ema=ema,
                             trajectory=trajectory, force=force, tile_columns=tile_columns, progress=_progress,
                             warmup=warmup)
@@ -399,7 +400,9 @@ def _print_summary(s: dict, references: list | None = None) -> None:
     table.add_row("checkpoints (T)", f"{s['checkpoints']}: {s['checkpoint_names'][0]} … {s['checkpoint_names'][-1]} (time {time[0]} … {time[-1]})")
     table.add_row("parameters (N)", f"{s['parameters']:,} in {s['tensors_modelled']} tensors"
                   + (f" (+{s['tensors_carried']} carried verbatim)" if s["tensors_carried"] else ""))
-    table.add_row("modes (M)", f"{s['modes']} (asked for at most {s['settings']['modes']}; sampled K = {s['settings']['samples']}, seed {s['settings']['seed']})")
+    asked = (f"chosen by --modes auto among 1 … {s['settings']['auto_modes']}" if s["settings"].get("auto_modes")
+             else f"asked for at most {s['settings']['modes']}")
+    table.add_row("modes (M)", f"{s['modes']} ({asked}; sampled K = {s['settings']['samples']}, seed {s['settings']['seed']})")
     settings = s["settings"]
     start, stop, every = settings["start"], settings["stop"], settings["every"]
     selection = ("all checkpoints" if start is None and stop is None and every == 1 else
@@ -415,6 +418,13 @@ def _print_summary(s: dict, references: list | None = None) -> None:
     table.add_row("compression", f"{s['compression_ratio']:.1f}× ({_bytes(s['checkpoint_bytes_float32'])} of float32 checkpoints)")
     table.add_row("rel_error", f"{s['rel_error']:.3g}  (‖W − Ŵ‖ / ‖W‖ over all checkpoints)")
     table.add_row("rel_error_displacement", f"{s['rel_error_displacement']:.3g}  (error ÷ how far weights moved from the first checkpoint)")
+    curve = s.get("error_curve")
+    if curve:
+        table.add_row("modes chosen", f"M = {curve['chosen']}: {curve['rule']} (--modes auto; measured on "
+                      f"{curve['measured_on']})")
+        table.add_row("error vs M", "  ".join(f"{m}:{e:.3g}" for m, e in zip(curve["modes"], curve["rel_error"])))
+    if s["settings"].get("refine"):
+        table.add_row("refined", f"{s['settings']['refine']} Lloyd-style passes over the references")
     stdout.print(table, markup=False)
     modes = Table(title=None, box=None, pad_edge=False)
     for column in ("mode", "parameters", "share") + (("reference parameter",) if references else ()):

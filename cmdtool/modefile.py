@@ -300,6 +300,7 @@ def summarize(path: str | Path) -> dict:
             "compression_ratio": checkpoint_bytes / file_bytes,
             "rel_error": modes.metrics.rel_error,
             "rel_error_displacement": modes.metrics.rel_error_displacement,
+            "error_curve": modes.metrics.error_curve,
             "time": [int(t) for t in modes.time],
             "checkpoint_names": list(modes.names),
             "settings": modes.settings.to_json(),

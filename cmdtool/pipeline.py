@@ -34,11 +34,36 @@ class FitResult:
     discovery: Discovery  # every checkpoint found, what was skipped and why, warnings
 
 
-def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samples: int = 1000,
+AUTO_MODES = 20  # the largest M that --modes auto tries, unless auto:MAX says otherwise
+REFINE = 0       # Lloyd-style passes over the references by default (README: "Choosing M")
+
+
+def parse_modes(modes: int | str) -> tuple[int, int | None]:
+    """``10`` -> ``(10, None)``; ``"auto"`` -> ``(20, 20)``; ``"auto:30"`` -> ``(30, 30)``: the M to fit
+    (the largest tried, for auto) and the largest M of the error-vs-M curve (None: no curve)."""
+    if isinstance(modes, str):
+        word, _, largest = modes.strip().partition(":")
+        if word == "auto":
+            try:
+                top = int(largest) if largest else AUTO_MODES
+            except ValueError:
+                top = 0
+            if top < 1:
+                raise CmdError(f"modes {modes!r}: expected a number, auto or auto:MAX (MAX at least 1)",
+                               parameter="modes")
+            return top, top
+        try:
+            modes = int(modes)
+        except ValueError:
+            raise CmdError(f"modes {modes!r}: expected a number, auto or auto:MAX", parameter="modes") from None
+    return modes, None
+
+
+def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int | str = 10, samples: int = 1000,
         seed: int = 0, start: int | None = None, stop: int | None = None, every: int = 1,
         include: Sequence[str] = (), exclude: Sequence[str] = (), ema: bool = False,
         trajectory: str | Path | None = None, force: bool = False, tile_columns: int | None = None,
-        progress: Progress = no_progress, warmup: int | None = None) -> FitResult:
+        progress: Progress = no_progress, warmup: int | None = None, refine: int = REFINE) -> FitResult:
     """Post-hoc CMD of a folder of checkpoints; writes the mode file ``output``.
 
     ``modes`` (M) is the most modes to find, ``samples`` (K) the parameters sampled to find them,
@@ -46,11 +71,16 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samp
     ``ema`` models timm's ``state_dict_ema`` instead of the model's weights.
     ``warmup`` (F) makes it online CMD (paper §3.3): modes and references from the first ``F``
     selected checkpoints, then an exact update of ``a, b`` per later one (``online.fit_warmup``).
+    ``modes="auto"`` (or ``"auto:MAX"``) chooses M from an error-vs-M curve measured on a second,
+    independent sample (``decompose.error_curve``); ``refine`` Lloyd-style passes re-pick the
+    references (``decompose.refine_references``).
     """
     checkpoint_dir, output = Path(checkpoint_dir), Path(output)
+    modes, auto_modes = parse_modes(modes)
     settings = FitSettings(modes=modes, samples=samples, seed=seed, start=start, stop=stop, every=every,
                            include=tuple(include), exclude=tuple(exclude), ema=ema,
-                           source=str(checkpoint_dir.resolve()), warmup=warmup)
+                           source=str(checkpoint_dir.resolve()), warmup=warmup, auto_modes=auto_modes,
+                           refine=refine)
     check_output_path(output, force)
     prepared = prepare_store(checkpoint_dir, start=start, stop=stop, every=every, include=include,
                              exclude=exclude, ema=ema, trajectory=trajectory, force=force, progress=progress)

@@ -242,3 +242,78 @@ def test_fit_tile_slices_do_not_change_the_result(monkeypatch):
         assert np.array_equal(sliced.labels, whole.labels)
         for field in ("a", "b", "sse", "sq_norm", "sq_displacement", "sq_centred"):
             np.testing.assert_allclose(getattr(sliced, field), getattr(whole, field), rtol=1e-12, atol=1e-12)
+
+
+# Choosing M (--modes auto) and refining the references (--refine)
+
+@pytest.mark.parametrize("M, noise", [(2, 1e-4), (3, 1e-4), (3, 1e-2), (5, 1e-3)])
+def test_error_curve_recovers_the_planted_number_of_modes(M, noise):
+    from cmdtool.decompose import error_curve
+    planted = plant(M=M, T=20, noise=noise, seed=0)
+    N = planted.W.shape[1]
+    first = sample_parameters([N], np.ones(N, bool), 300, 0)
+    second = np.setdiff1d(sample_parameters([N], np.ones(N, bool), 300, 1), first)
+    C = correlation_matrix(planted.W[:, first])
+    curve = error_curve(planted.W[:, first], C, planted.W[:, second], range(1, 9))
+    assert curve.chosen == M
+    assert list(curve.modes) == list(range(1, 9)) and list(curve.found[:M]) == list(range(1, M + 1))
+    assert curve.rel_error[M - 2] > 10 * curve.rel_error[M - 1]  # one mode too few explains much less
+    assert curve.rel_error[M - 1] < 3 * noise / planted.W[:, second].std()  # at M the error is the noise's
+
+
+def test_choose_modes_takes_the_smallest_within_five_percent_of_the_best():
+    from cmdtool.decompose import choose_modes
+    assert choose_modes([1, 2, 5, 10, 20], [0.5, 0.3, 0.2, 0.161, 0.154]) == 10  # 0.161 <= 1.05 · 0.154 = 0.1617
+    assert choose_modes([1, 2, 3], [0.2, 0.1, 0.1]) == 2
+    assert choose_modes([1, 2, 3], [0.1, 0.2, 0.3]) == 1
+
+
+def test_heldout_error_is_the_fit_relative_centred_error():
+    from cmdtool.decompose import heldout_error
+    planted = plant(M=3, T=15, noise=1e-2, seed=2)
+    references = normalise_references(planted.references).references
+    X = planted.W
+    centred = X - X.mean(axis=0)
+    R = references.T  # (T, M)
+    best = np.max(np.abs(R.T @ centred), axis=0)  # |<r̃_m, w − mean w>| of the mode fitted
+    expected = np.sqrt(((centred ** 2).sum(axis=0) - best ** 2).sum() / (centred ** 2).sum())
+    assert heldout_error(X, references) == pytest.approx(expected, rel=1e-9)
+
+
+def test_refinement_never_raises_the_sample_error_and_keeps_its_conventions():
+    from cmdtool.decompose import find_modes, heldout_error
+    rng = np.random.default_rng(0)
+    T, K = 25, 400
+    t = np.linspace(0, 1, T)[:, None]
+    # Smoothly varying families of trajectories, not exact copies: the clustering's references are
+    # not the least-squares best and the passes have room to improve them.
+    X = (np.sin(6 * t * rng.uniform(0.5, 1.5, K)) + rng.normal(0, 0.3, (T, K)) * t
+         + rng.normal(0, 1, K)).astype(np.float64)
+    C = correlation_matrix(X)
+    errors = []
+    for passes in (0, 1, 3):
+        labels, positions = find_modes(X, C, 5, passes)
+        sizes = np.bincount(labels)
+        assert (np.diff(sizes) <= 0).all() and len(positions) == len(sizes)  # modes by size, largest first
+        assert (labels[positions] == np.arange(len(positions))).all()  # each reference in its own mode
+        errors.append(heldout_error(X, normalise_references(X[:, positions].T).references))
+    assert errors[1] <= errors[0] + 1e-12 and errors[2] <= errors[1] + 1e-12
+    assert errors[2] < errors[0]  # it does improve here
+
+
+def test_fit_modes_auto_writes_the_curve_and_info_shows_it(tmp_path, run_dir, runner):
+    from cmdtool.cli import app
+    result = cmdtool.fit(run_dir, tmp_path / "auto.cmd.h5", modes="auto", trajectory=tmp_path / "t.h5")
+    summary = result.summary
+    assert summary["modes"] == 3  # the planted number (conftest: plant() has M = 3)
+    assert summary["settings"]["modes"] == 3 and summary["settings"]["auto_modes"] == 20
+    curve = summary["error_curve"]
+    assert curve["modes"] == list(range(1, 21)) and curve["chosen"] == 3 and len(curve["rel_error"]) == 20
+    assert curve["rule"] == "smallest M within 5% of the smallest held-out error"
+    fixed = cmdtool.fit(run_dir, tmp_path / "fixed.cmd.h5", modes=3, trajectory=tmp_path / "t.h5").summary
+    assert fixed["rel_error"] == summary["rel_error"]  # the same fit as asking for 3
+    assert fixed["error_curve"] is None and "auto_modes" not in fixed["settings"] and "refine" not in fixed["settings"]
+    info = runner.invoke(app, ["info", str(tmp_path / "auto.cmd.h5")])
+    assert info.exit_code == 0
+    assert "M = 3: smallest M within 5% of the smallest held-out error" in " ".join(info.stdout.split())
+    assert f"3:{curve['rel_error'][2]:.3g}" in info.stdout
