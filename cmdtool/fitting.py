@@ -17,7 +17,7 @@ from .decompose import (AUTO_TOLERANCE, choose_modes, correlation_matrix, error_
                         label_dtype, normalise_references, sample_parameters)
 from .errors import CmdError
 from .layout import Layout
-from .modes import FitMetrics, FitSettings, Modes
+from .modes import FitMetrics, FitSettings, Modes, dropped
 from .progress import Progress, no_progress
 
 TILE_BYTES = 32 * 2**20  # float64 bytes of one (T, tile) block in the streaming pass
@@ -132,5 +132,6 @@ def _decompose(source: TrajectorySource, settings: FitSettings, tile_columns: in
         labels=labels, a=a, b=b, mode_sizes=mode_sizes, time=np.asarray(source.time, dtype=np.int64),
         names=list(source.names), infos=list(source.infos), settings=settings,
         metrics=FitMetrics.of(mode_sse=mode_sse, error_curve=curve, **totals),
-        carried={spec.name: source.carried(spec.name) for spec in layout.carried},
+        carried={spec.name: source.carried(spec.name) for spec in layout.carried
+                 if spec.name not in dropped(layout, settings)},
         attachments=source.attachments())

@@ -19,6 +19,7 @@ from .errors import CmdError
 from .layout import Layout
 
 SAMPLING = "layer-balanced"
+REFINE = 3  # Lloyd-style passes over the references by default: lower error on every run measured (README)
 
 
 def _at_least(parameter: str, value: int | None, least: int) -> None:
@@ -37,7 +38,8 @@ class FitSettings:
     were; ``warmup`` (F) is set for an online fit (paper §3.3). ``auto_modes`` is set by
     ``--modes auto``: the largest M its error-vs-M curve tried (``modes`` is then the M it chose);
     ``refine`` is the number of Lloyd-style passes that re-picked the references
-    (``decompose.refine_references``).
+    (``decompose.refine_references``). ``drop_unmodelled`` leaves the floating-point tensors that
+    are not modelled out of the mode file (``dropped``): it then cannot rebuild whole checkpoints.
     """
     modes: int = 10
     samples: int = 1000
@@ -53,7 +55,8 @@ class FitSettings:
     trajectory: str = ""
     warmup: int | None = None
     auto_modes: int | None = None
-    refine: int = 0
+    refine: int = REFINE
+    drop_unmodelled: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "include", tuple(self.include))
@@ -77,7 +80,7 @@ class FitSettings:
         """The JSON object stored in the mode file (``warmup`` only for an online fit)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
-        for name, default in (("warmup", None), ("auto_modes", None), ("refine", 0)):
+        for name, default in (("warmup", None), ("auto_modes", None), ("refine", 0), ("drop_unmodelled", False)):
             if out[name] == default:  # absent as in files written before these options
                 del out[name]
         return out
@@ -88,7 +91,17 @@ class FitSettings:
         if not isinstance(data, Mapping):
             raise ValueError("settings must be a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{"refine": 0, **{k: v for k, v in data.items() if k in names}})  # files before --refine: 0
+
+
+def is_float(dtype: str) -> bool:
+    """A floating-point tensor dtype name (``float32``, ``bfloat16``, ``float8_e4m3fn``, …)."""
+    return dtype.startswith(("float", "bfloat"))
+
+
+def dropped(layout: Layout, settings: FitSettings) -> list[str]:
+    """The carried tensors a mode file leaves out (``drop_unmodelled``): the floating-point ones."""
+    return [s.name for s in layout.carried if settings.drop_unmodelled and is_float(s.dtype)]
 
 
 def ratio(error_sq: float, reference_sq: float) -> float:

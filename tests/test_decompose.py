@@ -34,8 +34,10 @@ def dense_reconstruction(path) -> np.ndarray:
         return f["a"][()] * references[labels].T + f["b"][()].astype(np.float64)
 
 
-def naive_cmd(W: np.ndarray, sample: np.ndarray, M: int):
-    """The same steps written the plain way, all in memory, against the raw references.
+def naive_cmd(W: np.ndarray, sample: np.ndarray, M: int, refine: int = 0):
+    """The same steps written the plain way, all in memory, against the raw references; with
+    ``refine``, that many Lloyd passes over the sample (assign by |corr|, re-pick each reference as
+    the member of least total squared error).
 
     Returns (labels, predictions Ŵ) for comparison with the streaming implementation.
     """
@@ -47,6 +49,21 @@ def naive_cmd(W: np.ndarray, sample: np.ndarray, M: int):
     for members in clusters:
         mean_corr = [np.mean([C[i, j] for j in members if j != i]) if len(members) > 1 else 1.0 for i in members]
         reference_columns.append(sample[members[int(np.argmax(mean_corr))]])
+    for _ in range(refine):
+        position = {c: i for i, c in enumerate(sample)}
+        refs = [position[c] for c in reference_columns]
+        assigned = [int(np.argmax([C[i, r] for r in refs])) for i in range(len(sample))]
+        for m, r in enumerate(refs):
+            assigned[r] = m
+        new = []
+        for m in range(len(refs)):
+            members = [i for i in range(len(sample)) if assigned[i] == m]
+            sq = [np.sum((S[:, i] - S[:, i].mean()) ** 2) for i in members]
+            errors = [sum(sq[k] * (1 - C[i, j] ** 2) for k, i in enumerate(members)) for j in members]
+            new.append(sample[members[int(np.argmin(errors))]])
+        if new == reference_columns:
+            break
+        reference_columns = new
     R = W[:, reference_columns]  # (T, M) raw reference trajectories
     labels = np.empty(W.shape[1], dtype=int)
     prediction = np.empty_like(W)
@@ -86,15 +103,16 @@ def test_planted_modes_are_recovered(tmp_path):
     assert result.summary["rel_error"] == pytest.approx(np.linalg.norm(dense_reconstruction(out) - W32) / np.linalg.norm(W32), rel=1e-4)
 
 
-def test_streaming_fit_equals_naive_in_memory_implementation(tmp_path):
+@pytest.mark.parametrize("refine", [0, 3])
+def test_streaming_fit_equals_naive_in_memory_implementation(tmp_path, refine):
     planted = plant(M=3, T=15, noise=0.05, seed=2)  # noisy enough that choices are not trivial
-    _, out, order = fit_run(tmp_path, planted, modes=5, samples=200, seed=3, tile_columns=97)
+    _, out, order = fit_run(tmp_path, planted, modes=5, samples=200, seed=3, tile_columns=97, refine=refine)
     W32 = planted.W[:, order].astype(np.float32).astype(np.float64)
     with open_mode_file(out) as modes:
         store_varies = np.ptp(W32, axis=0) > 0
         sample = sample_parameters([s.size for s in modes.layout.modelled], store_varies, 200, 3)
         labels = modes.parameters()[0]
-        naive_labels, naive_prediction = naive_cmd(W32, sample, 5)
+        naive_labels, naive_prediction = naive_cmd(W32, sample, 5, refine)
         assert np.array_equal(sample[np.isin(sample, modes.reference_index)], np.sort(modes.reference_index))
     assert np.array_equal(labels, naive_labels)
     np.testing.assert_allclose(dense_reconstruction(out), naive_prediction, rtol=0, atol=1e-5 * np.abs(W32).max())
@@ -312,7 +330,9 @@ def test_fit_modes_auto_writes_the_curve_and_info_shows_it(tmp_path, run_dir, ru
     assert curve["rule"] == "smallest M within 5% of the smallest held-out error"
     fixed = cmdtool.fit(run_dir, tmp_path / "fixed.cmd.h5", modes=3, trajectory=tmp_path / "t.h5").summary
     assert fixed["rel_error"] == summary["rel_error"]  # the same fit as asking for 3
-    assert fixed["error_curve"] is None and "auto_modes" not in fixed["settings"] and "refine" not in fixed["settings"]
+    assert fixed["error_curve"] is None and "auto_modes" not in fixed["settings"] and fixed["settings"]["refine"] == 3
+    paper = cmdtool.fit(run_dir, tmp_path / "paper.cmd.h5", modes=3, refine=0, trajectory=tmp_path / "t.h5").summary
+    assert "refine" not in paper["settings"]  # the paper's references: settings as before --refine existed
     info = runner.invoke(app, ["info", str(tmp_path / "auto.cmd.h5")])
     assert info.exit_code == 0
     assert "M = 3: smallest M within 5% of the smallest held-out error" in " ".join(info.stdout.split())

@@ -249,8 +249,12 @@ def test_compactness(fitted):
     r = read_report(fitted.evaluated)
     N = fitted.W.shape[1]
     size = fitted.mode_file.stat().st_size
+    carried = T * 8  # bn.num_batches_tracked, one int64 per checkpoint, carried verbatim
     assert r["compactness"] == {"mode_file_bytes": size, "checkpoint_bytes_float32": 4 * N * T,
-                                "compression_ratio": pytest.approx(4 * N * T / size, rel=1e-12)}
+                                "compression_ratio": pytest.approx(4 * N * T / size, rel=1e-12),
+                                "carried_bytes": carried, "carried_tensors": 1, "dropped_tensors": [],
+                                "modelled_bytes": size - carried,
+                                "compression_ratio_modelled": pytest.approx(4 * N * T / (size - carried), rel=1e-12)}
 
 
 # 2. PCA of the trajectory
@@ -585,8 +589,8 @@ def test_plots_are_valid_png(fitted):
                   "mode_layers": "modes_by_layer.png", "correlation": "correlation.png",
                   "parameters": "sampled_parameters.png", "metric": "metric_per_checkpoint.png",
                   "candidates": "candidates_per_epoch.png"}
-    for folder, expected in ((fitted.evaluated, everything),
-                             (fitted.plain, {k: v for k, v in everything.items() if k not in ("metric", "candidates")})):
+    plain = {k: v for k, v in everything.items() if k not in ("metric", "candidates")}
+    for folder, expected in ((fitted.evaluated, everything), (fitted.plain, plain)):
         plots = read_report(folder)["plots"]
         assert plots == expected  # the metric and candidate plots only with --eval
         assert sorted(p.name for p in folder.glob("*.png")) == sorted(expected.values())
@@ -612,7 +616,7 @@ def test_markdown_tables_plots_and_numbers(fitted):
     text = (fitted.evaluated / "report.md").read_text()
     rows = markdown_rows(text)
     cmd_row, pca_rows = rows[f"CMD, {M} modes"], [rows["PCA d=1"], rows["PCA d=2"]]
-    assert cmd_row[3:] == [f"{r['compactness']['compression_ratio']:.1f}×", f"{r['fit']['rel_error']:.4g}",
+    assert cmd_row[3:] == [f"{r['compactness']['compression_ratio_modelled']:.1f}×", f"{r['fit']['rel_error']:.4g}",
                            f"{r['fit']['rel_error_displacement']:.4g}"]
     for row, p in zip(pca_rows, r["baselines"]["pca"]):
         assert row[1] == str(p["d"] + 1)

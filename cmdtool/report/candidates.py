@@ -140,6 +140,7 @@ def score_families(modes, store, evaluate: Callable, spec: str, run_evaluate: Ca
 def trial(evaluate: Callable, store, modes, spec: str, run_evaluate: Callable, selection: Selection | None) -> dict:
     """The user's function on the first checkpoint, before any long pass: a failing function or a
     ``--select`` metric it does not return is reported at once."""
+    modes.require_whole("scoring CMD reconstructions with --eval")
     carried = {tensor.name: store.carried(tensor.name) for tensor in modes.layout.carried}
     w = store.W[0].astype(np.float64)
     scores = run_evaluate(evaluate, assemble_state_dict(modes.layout, lambda s: w[s.columns],

@@ -99,7 +99,8 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
             "rel_error_displacement": metrics.ratio(error_sq.sum(), measured.displacement_sq.sum()),
             "explained_variance": _share(pca.eigenvalues[:d].sum(), pca.eigenvalues.sum())})
     fit = {"rel_error": metrics.ratio(measured.error_sq.sum(), measured.norm_sq.sum()),
-           "rel_error_displacement": metrics.ratio(measured.error_sq.sum(), measured.displacement_sq.sum())}
+           "rel_error_displacement": metrics.ratio(measured.error_sq.sum(), measured.displacement_sq.sum()),
+           "error_curve": modes.metrics.error_curve}
     per_tensor = [{
         "name": spec.name, "shape": list(spec.shape), "parameters": spec.size,
         "rel_error": metrics.ratio(measured.tensor_error_sq[j], measured.tensor_norm_sq[j]),
@@ -122,7 +123,7 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
     # 2. Compactness.
     mode_file_bytes = modes.path.stat().st_size
     compactness = {"mode_file_bytes": mode_file_bytes, "checkpoint_bytes_float32": 4 * N * T,
-                   "compression_ratio": 4 * N * T / mode_file_bytes}
+                   "compression_ratio": 4 * N * T / mode_file_bytes, **carried_storage(modes, N, T, mode_file_bytes)}
 
     # 5. Model quality, when the user gave an evaluation function.
     evaluation = None
@@ -197,6 +198,17 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
         "thresholds": threshold_rows, "passed": all(r["passed"] for r in threshold_rows),
         "plots": files, "notes": report_notes, "online": online})
     return report, blocks(report)
+
+
+def carried_storage(modes: ModeFile, N: int, T: int, mode_file_bytes: int) -> dict:
+    """Storage at equal tensors: the bytes of the tensors carried verbatim (which PCA would carry
+    too), the mode file without them, and the compression of the modelled tensors alone."""
+    carried = sum(int(np.prod(modes.carried_rows(s.name).shape)) for s in modes.layout.carried
+                  if s.name not in modes.dropped)
+    modelled = max(mode_file_bytes - carried, 1)
+    return {"carried_bytes": carried, "carried_tensors": len(modes.layout.carried) - len(modes.dropped),
+            "dropped_tensors": modes.dropped, "modelled_bytes": modelled,
+            "compression_ratio_modelled": 4 * N * T / modelled}
 
 
 def _errors(error_sq: np.ndarray, measured: metrics.FitMeasures) -> dict:

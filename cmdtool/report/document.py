@@ -26,6 +26,28 @@ def notes(layout, evaluation: dict | None) -> list[str]:
     return notes
 
 
+def storage_sentence(compact: dict, size) -> str:
+    """Which tensors the sizes count: the modelled ones only, for CMD and PCA alike."""
+    text = (" Sizes and compression count the modelled tensors only, for CMD and PCA alike (the mode file "
+            "without the tensors it carries verbatim")
+    if compact.get("carried_tensors"):
+        text += f": {compact['carried_tensors']} tensors, {size(compact['carried_bytes'])}, which PCA would carry too"
+    text += ")."
+    if compact.get("dropped_tensors"):
+        text += (f" {len(compact['dropped_tensors'])} floating-point tensors that are not modelled were left out "
+                 "(`--drop-unmodelled`): this mode file cannot rebuild whole checkpoints.")
+    return text
+
+
+def curve_sentence(curve: dict | None) -> list:
+    """The error-vs-M curve of ``--modes auto``, as a paragraph."""
+    if not curve:
+        return []
+    points = ", ".join(f"{m}: {e:.3g}" for m, e in zip(curve["modes"], curve["rel_error"]))
+    return [Paragraph(f"**M = {curve['chosen']}** was chosen by `--modes auto` ({curve['rule']}; measured on "
+                      f"{curve['measured_on']}). Held-out relative error against M: {points}.")]
+
+
 def _number(value, digits: int = 4) -> str:
     if value is None:
         return "–"
@@ -61,14 +83,17 @@ def blocks(r: dict) -> tuple[list, list]:
         Paragraph("`rel_error` is ‖W − Ŵ‖ / ‖W‖ over all checkpoints; `rel_error_displacement` divides the same "
                   "error by how far the weights moved from the first checkpoint, ‖W − W₀‖, the harder figure. "
                   "PCA of the trajectory (mean + d principal directions, as in DLDR / P-BFGS) is the baseline: "
-                  "d = 1 stores the same two numbers per parameter as CMD's `a, b`."),
+                  "d = 1 stores the same two numbers per parameter as CMD's `a, b`."
+                  + storage_sentence(compact, _bytes)),
         Table(["model", "numbers per parameter", "stored (float32)", "compression", "rel_error", "rel_error_displacement"],
-              [[f"CMD, {run['modes']} modes", "2 + mode label", _bytes(compact["mode_file_bytes"]) + " (mode file)",
-                f"{compact['compression_ratio']:.1f}×", _number(fit["rel_error"]), _number(fit["rel_error_displacement"])]]
+              [[f"CMD, {run['modes']} modes", "2 + mode label", _bytes(compact["modelled_bytes"]) + " (mode file)",
+                f"{compact['compression_ratio_modelled']:.1f}×", _number(fit["rel_error"]),
+                _number(fit["rel_error_displacement"])]]
               + [[f"PCA d={p['d']}", str(p["d"] + 1), _bytes(p["bytes_float32"]),
                   f"{compact['checkpoint_bytes_float32'] / p['bytes_float32']:.1f}×",
                   _number(p["rel_error"]), _number(p["rel_error_displacement"])] for p in r["baselines"]["pca"]],
               numeric=[False, False, True, True, True, True]),
+        *curve_sentence(r["fit"].get("error_curve")),
     ]
     evaluation = r["evaluation"]
     if evaluation:
