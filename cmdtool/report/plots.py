@@ -139,5 +139,15 @@ def families(time: np.ndarray, series: Mapping[str, Mapping[str, Sequence[float]
         ax.set_title(key)
         ax.set_xlabel("checkpoint time")
         ax.grid(True, alpha=0.3)
+    values = np.array([np.nan if v is None else v for scores in series.values() for key in keys for v in scores[key]],
+                      dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) > 10:  # zoom on the better 90 % of the scores: the early epochs' are far off
+        lower_is_better = keys[0].rpartition("/")[2].lower().find("loss") >= 0
+        low, high = ((values.min(), np.percentile(values, 90)) if lower_is_better
+                     else (np.percentile(values, 10), values.max()))
+        margin = 0.05 * (high - low) or 0.01
+        axes.flat[0].set_ylim(low - margin, high + margin)
+        fig.suptitle("Scores below the 10th percentile (above the 90th for a loss) are off the chart", fontsize=8)
     axes.flat[0].legend(fontsize=8)
     _save(fig, path)
