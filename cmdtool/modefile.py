@@ -43,7 +43,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from . import __version__
+from .version import __version__
 from ._files import temporary_sibling
 from ._hdf5 import read_strings, read_text, write_text
 from .checkpoints import CheckpointInfo
@@ -173,7 +173,8 @@ class ModeFile:
     def require_whole(self, what: str) -> None:
         """Refuse ``what`` (rebuilding whole checkpoints) when tensors were dropped."""
         if self.dropped:
-            shown = ", ".join(self.dropped[:3]) + (f" and {len(self.dropped) - 3} more" if len(self.dropped) > 3 else "")
+            more = len(self.dropped) - 3
+            shown = ", ".join(self.dropped[:3]) + (f" and {more} more" if more > 0 else "")
             raise CmdError(f"{self.path}: fitted with --drop-unmodelled, it does not hold {shown}: {what} needs "
                            "every tensor (refit without --drop-unmodelled to rebuild whole checkpoints)")
 

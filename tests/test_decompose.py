@@ -12,7 +12,7 @@ import cmdtool
 from cmdtool.decompose import (_allocate, _largest_magnitude, choose_references, cluster, correlation_matrix, fit_tile,
                                normalise_references, sample_parameters)
 from cmdtool.modefile import open_mode_file
-from conftest import plant, write_run
+from helpers import plant, write_run
 
 
 def adjusted_rand_index(x: np.ndarray, y: np.ndarray) -> float:

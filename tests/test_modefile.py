@@ -15,7 +15,7 @@ from cmdtool.errors import CmdError
 from cmdtool.layout import build_layout
 from cmdtool.modefile import FORMAT_VERSION, open_mode_file, write_mode_file
 from cmdtool.modes import FitMetrics, FitSettings, Modes
-from conftest import plant, write_run
+from helpers import plant, write_run
 
 
 def write_single_mode_file(path, W: np.ndarray, reference_column: int):

@@ -24,7 +24,7 @@ from cmdtool.decompose import normalise_references, update_fit
 from cmdtool.errors import CmdError
 from cmdtool.modefile import open_mode_file
 from cmdtool.online import watch
-from conftest import plant, write_run
+from helpers import plant, write_run
 
 F = 8  # warm-up checkpoints in these tests
 

@@ -8,6 +8,9 @@ import math
 
 import numpy as np
 import pytest
+
+from cmdtool.errors import CmdError
+from cmdtool.report import selection
 from test_report import (
     TAILS,
     Fitted,
@@ -21,9 +24,6 @@ from test_report import (
     read_report,
     state_of,
 )
-
-from cmdtool.errors import CmdError
-from cmdtool.report import selection
 
 # Scores planted on the epoch (the integer buffer counts 100 steps per checkpoint, and every family
 # takes its integer buffers from the epoch it stands for) and on one weight.

@@ -10,7 +10,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .. import __version__
+from ..version import __version__
 from ..decompose import correlation_matrix, sample_parameters
 from ..errors import CmdError
 from ..fitting import tile_width
