@@ -52,7 +52,7 @@ def print_report(r: dict) -> None:
         stdout.print(candidates, markup=False)
         print_selection(evaluation)
     for t in r["thresholds"]:
-        stdout.print(f"{'pass' if t['passed'] else 'FAIL'}: {t['description']}", markup=False)
+        stdout.print(f"{'pass' if t['passed'] else 'FAIL'}: {t['description']}", markup=False, soft_wrap=True)
 
 
 def print_selection(evaluation: dict) -> None:
