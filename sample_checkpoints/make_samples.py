@@ -17,12 +17,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from model import HELDOUT_PATH, DigitsCNN, evaluate  # sibling module when run as a script
 from safetensors.torch import save_file
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from torch.nn import functional as F
-
-from model import HELDOUT_PATH, DigitsCNN, evaluate  # sibling module when run as a script
 
 HERE = Path(__file__).resolve().parent
 

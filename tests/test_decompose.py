@@ -337,3 +337,7 @@ def test_fit_modes_auto_writes_the_curve_and_info_shows_it(tmp_path, run_dir, ru
     assert info.exit_code == 0
     assert "M = 3: smallest M within 5% of the smallest held-out error" in " ".join(info.stdout.split())
     assert f"3:{curve['rel_error'][2]:.3g}" in info.stdout
+    from cmdtool.report import make_report
+    report = make_report(tmp_path / "auto.cmd.h5", tmp_path / "report").report
+    assert report["fit"]["error_curve"] == curve
+    assert "**M = 3** was chosen by `--modes auto`" in (tmp_path / "report" / "report.md").read_text()
