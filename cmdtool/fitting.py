@@ -13,15 +13,16 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 import numpy as np
 
 from .checkpoints import CheckpointInfo
-from .decompose import (choose_references, cluster, correlation_matrix, fit_tile, label_dtype, normalise_references,
-                        sample_parameters)
+from .decompose import (AUTO_TOLERANCE, choose_modes, correlation_matrix, error_curve, find_modes, fit_tile,
+                        label_dtype, normalise_references, sample_parameters)
 from .errors import CmdError
 from .layout import Layout
-from .modes import FitMetrics, FitSettings, Modes
+from .modes import FitMetrics, FitSettings, Modes, dropped
 from .progress import Progress, no_progress
 
 TILE_BYTES = 32 * 2**20  # float64 bytes of one (T, tile) block in the streaming pass
 GROUP_COLUMNS = 1 << 20  # columns of one group of tiles (one Dask task; one shard of a sharded store)
+MIN_HELD_OUT = 100       # --modes auto: fewer parameters left out of the sample than this, split the sample
 
 
 class TrajectorySource(Protocol):
@@ -114,6 +115,33 @@ def fit_trajectory(source: TrajectorySource, settings: FitSettings, *, tile_colu
         return _decompose(source, settings, tile_columns, progress, map_tiles)
 
 
+def _error_curve(source: TrajectorySource, sample: np.ndarray, trajectories: np.ndarray, C: np.ndarray,
+                 settings: FitSettings) -> dict:
+    """``--modes auto``: the error-vs-M curve for M = 1 … ``auto_modes``, modes found on the fit's
+    sample and measured on a second, independent sample (seed + 1, the first sample's parameters
+    left out); the chosen M is the smallest within 5 % of the curve's smallest error. When fewer
+    than ``MIN_HELD_OUT`` parameters are left (the sample took nearly all of them), the curve is
+    the mean of a 2-fold split of the sample instead: modes found on one half, measured on the other."""
+    Ms = range(1, settings.auto_modes + 1)
+    second = sample_parameters([s.size for s in source.layout.modelled], source.varies, settings.samples,
+                               settings.seed + 1)
+    held_out = np.setdiff1d(second, sample)
+    if len(held_out) >= MIN_HELD_OUT:
+        curve = error_curve(trajectories, C, source.columns(held_out), Ms, settings.refine)
+        found, errors, measured = curve.found, curve.rel_error, f"{len(held_out)} held-out parameters"
+    else:
+        halves = np.random.default_rng(settings.seed + 1).permutation(len(sample))
+        halves = (np.sort(halves[: len(sample) // 2]), np.sort(halves[len(sample) // 2:]))
+        curves = [error_curve(trajectories[:, fit], C[np.ix_(fit, fit)], trajectories[:, check], Ms, settings.refine)
+                  for fit, check in (halves, halves[::-1])]
+        found = np.minimum(curves[0].found, curves[1].found)
+        errors = (curves[0].rel_error + curves[1].rel_error) / 2
+        measured = f"2-fold split of the {len(sample)} sampled parameters (too few left to hold out)"
+    return {"modes": list(Ms), "found": [int(v) for v in found], "rel_error": [float(e) for e in errors],
+            "chosen": choose_modes(Ms, errors), "measured_on": measured,
+            "rule": f"smallest M within {AUTO_TOLERANCE:.0%} of the smallest held-out error"}
+
+
 def _decompose(source: TrajectorySource, settings: FitSettings, tile_columns: int | None,
                progress: Progress, map_tiles: MapTiles | None) -> Modes:
     layout, T, N = source.layout, source.T, source.N
@@ -122,8 +150,11 @@ def _decompose(source: TrajectorySource, settings: FitSettings, tile_columns: in
         raise CmdError(f"every modelled parameter is constant over the {T} checkpoints: nothing to decompose")
     trajectories = source.columns(sample)                       # (T, K)
     C = correlation_matrix(trajectories)
-    sample_labels = cluster(C, settings.modes)
-    reference_positions = choose_references(C, sample_labels)
+    curve = None
+    if settings.auto_modes is not None:
+        curve = _error_curve(source, sample, trajectories, C, settings)
+        settings = settings.replace(modes=curve["chosen"])
+    sample_labels, reference_positions = find_modes(trajectories, C, settings.modes, settings.refine)
     normalised = normalise_references(trajectories[:, reference_positions].T)
     references = normalised.references
     M = len(reference_positions)
@@ -158,6 +189,7 @@ def _decompose(source: TrajectorySource, settings: FitSettings, tile_columns: in
         reference_scale=normalised.scale, reference_index=sample[reference_positions].astype(np.int64),
         labels=labels, a=a, b=b, mode_sizes=mode_sizes, time=np.asarray(source.time, dtype=np.int64),
         names=list(source.names), infos=list(source.infos), settings=settings,
-        metrics=FitMetrics.of(mode_sse=mode_sse, **totals),
-        carried={spec.name: source.carried(spec.name) for spec in layout.carried},
+        metrics=FitMetrics.of(mode_sse=mode_sse, error_curve=curve, **totals),
+        carried={spec.name: source.carried(spec.name) for spec in layout.carried
+                 if spec.name not in dropped(layout, settings)},
         attachments=source.attachments())

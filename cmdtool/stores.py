@@ -16,11 +16,14 @@ from .trajectory import TrajectoryStore, build_store, fingerprint, open_store, r
 
 def default_store_path(checkpoint_dir: Path) -> Path:
     """Where a folder's trajectory store lives unless ``--trajectory`` says otherwise:
-    ``$CMDTOOL_CACHE`` (default ``$XDG_CACHE_HOME/cmdtool`` or ``~/.cache/cmdtool``), one file per folder."""
+    ``$CMDTOOL_CACHE`` (default ``$XDG_CACHE_HOME/cmdtool`` or ``~/.cache/cmdtool``), one file per folder,
+    named after the folder and its parent (``trajectory-<parent>-<folder>-<hash>.h5``)."""
     cache = os.environ.get("CMDTOOL_CACHE") or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmdtool"
-    key = hashlib.sha256(str(Path(checkpoint_dir).resolve()).encode()).hexdigest()[:16]
-    return Path(cache) / f"trajectory-{Path(checkpoint_dir).resolve().name}-{key}.h5"
+    folder = Path(checkpoint_dir).resolve()
+    key = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    named = "-".join(part for part in (folder.parent.name, folder.name) if part)  # runs/seed0/ckpt: seed0-ckpt
+    return Path(cache) / f"trajectory-{named}-{key}.h5"
 
 
 def open_trajectory_store(path: Path) -> TrajectoryStore:
