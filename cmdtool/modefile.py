@@ -28,6 +28,12 @@ Online fits (``cmd fit --warmup``, ``cmd update``, ``cmd watch``, ``OnlineCMD.sa
 found on), ``first`` (N,) f4 (the first checkpoint's values, for the displacement metric) and
 ``mode_sse_least_squares`` (M,) f8 (the least-squares error per mode, without float32 rounding).
 
+Embedded CMD (``cmdtool.training``, paper §3.4) adds a group ``embedding`` that version-1 readers
+ignore (the embedded parameters' ``a, b`` are ordinary fitted values, so older readers reconstruct
+them correctly): attributes ``warmup`` (F), ``window`` (L), ``percent`` (P), ``relative`` and
+``embeddable`` (how many parameters could be embedded: trainable, not references), and dataset
+``embedded_at`` (N,) i4 (the checkpoint position after which each parameter was embedded, -1 never).
+
 Root attributes: ``format = "cmdtool-modes"``, ``format_version``, ``tool_version``, ``settings``
 (JSON) and ``metrics`` (JSON). Writers go to a temporary file renamed into place when complete.
 """
@@ -144,6 +150,7 @@ class ModeFile:
     format_version: int
     tool_version: str
     warmup: int | None = None     # F of an online fit (group ``online``), else None
+    embedding: dict | None = None  # attributes of the group ``embedding`` (embedded CMD), else None
 
     @property
     def M(self) -> int:
@@ -181,6 +188,17 @@ class ModeFile:
     def carried(self, name: str) -> np.ndarray:
         """A carried tensor's raw bytes at every checkpoint, ``(T, nbytes)`` uint8."""
         return self.handle["carried"][name][()]
+
+    def embedded_at(self) -> np.ndarray | None:
+        """Embedded CMD: per parameter the checkpoint position after which it was embedded (-1 never)."""
+        return None if self.embedding is None else self.handle["embedding"]["embedded_at"][()]
+
+    def embedded_counts(self) -> list[int] | None:
+        """Embedded CMD: how many parameters were embedded at each checkpoint (a list of T)."""
+        embedded_at = self.embedded_at()
+        if embedded_at is None:
+            return None
+        return np.cumsum(np.bincount(embedded_at[embedded_at >= 0], minlength=self.T)).tolist()
 
     def carried_row(self, name: str, index: int) -> np.ndarray:
         """A carried tensor's raw bytes at checkpoint ``index``."""
@@ -259,7 +277,8 @@ def open_mode_file(path: Path) -> ModeFile:
             mode_sizes=handle["mode_sizes"][()], settings=FitSettings.from_json(json.loads(handle.attrs["settings"])),
             metrics=FitMetrics.from_json(json.loads(handle.attrs["metrics"])), format_version=version,
             tool_version=str(handle.attrs.get("tool_version", "?")),
-            warmup=int(handle["online"].attrs["warmup"]) if "online" in handle else None)
+            warmup=int(handle["online"].attrs["warmup"]) if "online" in handle else None,
+            embedding=_embedding_attributes(handle))
         _validate(mode_file)
         return mode_file
     except CmdError:
@@ -268,6 +287,37 @@ def open_mode_file(path: Path) -> ModeFile:
     except (KeyError, ValueError, TypeError, OSError) as e:
         handle.close()
         raise CmdError(f"{path}: corrupt mode file ({type(e).__name__}: {e})") from None
+
+
+EMBEDDING_ATTRIBUTES = {"warmup": int, "window": int, "percent": float, "relative": bool, "embeddable": int}
+
+
+def _embedding_attributes(handle: h5py.File) -> dict | None:
+    if "embedding" not in handle:
+        return None
+    attrs = handle["embedding"].attrs
+    return {key: kind(attrs[key]) for key, kind in EMBEDDING_ATTRIBUTES.items()}
+
+
+def write_embedding(path: Path, embedded_at: np.ndarray, **attributes) -> None:
+    """Add the group ``embedding`` to a finished mode file that no reader sees yet (a temporary
+    name): ``embedded_at`` (N,) and the attributes of ``EMBEDDING_ATTRIBUTES``."""
+    with h5py.File(path, "r+") as f:
+        group = f.create_group("embedding")
+        group.create_dataset("embedded_at", data=np.asarray(embedded_at, dtype=np.int32))
+        for key, kind in EMBEDDING_ATTRIBUTES.items():
+            group.attrs[key] = kind(attributes[key])
+
+
+def embedding_summary(modes: ModeFile) -> dict | None:
+    """Embedded CMD's settings and the embedded fraction (of the embeddable parameters) at every
+    checkpoint, for ``cmd info`` and ``cmd report``; None for a file without embedding."""
+    counts = modes.embedded_counts()
+    if counts is None:
+        return None
+    total = modes.embedding["embeddable"]
+    fraction = [c / total if total else 0.0 for c in counts]
+    return {**modes.embedding, "embedded": counts[-1], "embedded_fraction": fraction[-1], "fraction": fraction}
 
 
 def _validate(mf: ModeFile) -> None:
@@ -286,6 +336,12 @@ def _validate(mf: ModeFile) -> None:
         if (online["first"].shape != (N,) or online["mode_sse_least_squares"].shape != (M,)
                 or not 1 <= mf.warmup <= T):
             raise CmdError(f"{mf.path}: corrupt mode file (online state does not match N, M or T)")
+    if mf.embedding is not None:
+        embedded_at = h["embedding"]["embedded_at"]
+        values = embedded_at[()] if embedded_at.shape == (N,) else None
+        if (values is None or (N and not (values.min() >= -1 and values.max() < T))
+                or not 0 <= mf.embedding["embeddable"] <= N):
+            raise CmdError(f"{mf.path}: corrupt mode file (embedding does not match N or T)")
     for spec in mf.layout.carried:
         if spec.name in dropped(mf.layout, mf.settings):
             continue
@@ -323,4 +379,5 @@ def summarize(path: str | Path) -> dict:
             "checkpoint_names": list(modes.names),
             "settings": modes.settings.to_json(),
             "online": None if modes.warmup is None else {"warmup": modes.warmup, "updates": modes.T - modes.warmup},
+            "embedding": embedding_summary(modes),
         }
