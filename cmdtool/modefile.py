@@ -42,10 +42,10 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ._hdf5 import read_strings, read_text, write_text
+from ._hdf5 import read_strings, read_text, check_space, write_text
 from .checkpoints import CheckpointInfo
 from .errors import CmdError
-from .layout import Layout
+from .layout import Layout, dataset_key
 
 FORMAT = "cmdtool-modes"
 FORMAT_VERSION = 1
@@ -72,6 +72,13 @@ class ModeFileWriter:
         self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
         N = layout.n_parameters
         self.f = h5py.File(self.tmp, "w")
+        try:  # a, b, labels, references, carried rows and text, and room for HDF5's own
+            text = sum(len(i.to_json()) + len(n) for i, n in zip(infos, names)) + len(layout.to_json())
+            check_space(self.tmp, N * (8 + np.dtype(label_dtype).itemsize) + 4 * np.size(references) + text
+                    + len(time) * sum(spec.nbytes for spec in layout.carried) + 2**16, self.path)
+        except BaseException:
+            self.abort()
+            raise
         f = self.f
         f.create_dataset("references", data=references.astype(np.float32))
         f.create_dataset("reference_offset", data=np.asarray(reference_offset, dtype=np.float64))
@@ -93,14 +100,14 @@ class ModeFileWriter:
         self.f["b"][start:stop] = b.astype(np.float32)
 
     def write_carried(self, name: str, raw: np.ndarray) -> None:
-        self.f["carried"].create_dataset(name, data=raw)
+        self.f["carried"].create_dataset(dataset_key(name), data=raw)
 
     def write_attachment(self, digest: str, data: bytes) -> None:
         self.f.require_group("attachments").create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
 
     def write_carried_rows(self, name: str, shape: tuple[int, int], chunks) -> None:
         """A carried tensor written in row blocks (``chunks`` yields ``(T_block, bytes)`` arrays)."""
-        dataset = self.f["carried"].create_dataset(name, shape=shape, dtype=np.uint8)
+        dataset = self.f["carried"].create_dataset(dataset_key(name), shape=shape, dtype=np.uint8)
         row = 0
         for chunk in chunks:
             dataset[row:row + len(chunk)] = chunk
@@ -170,7 +177,7 @@ class ModeFile:
         return labels, self.handle["a"][columns], self.handle["b"][columns]
 
     def carried(self, name: str) -> np.ndarray:
-        return self.handle["carried"][name][()]
+        return self.handle["carried"][dataset_key(name)][()]
 
     def attachment(self, digest: str) -> bytes:
         """A file copied back with a Hugging Face folder, by the SHA-256 of its content."""
@@ -241,7 +248,7 @@ def _validate(mf: ModeFile) -> None:
                 or not 1 <= mf.online["warmup"] <= T):
             raise CmdError(f"{mf.path}: corrupt mode file (online state does not match N, M or T)")
     for spec in mf.layout.carried:
-        if spec.name not in h["carried"] or h["carried"][spec.name].shape[0] != T:
+        if spec.key not in h["carried"] or h["carried"][spec.key].shape != (T, spec.nbytes):
             raise CmdError(f"{mf.path}: corrupt mode file (carried tensor {spec.name!r} missing)")
     for info in mf.infos:
         for name, digest in info.files.items():

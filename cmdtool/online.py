@@ -30,7 +30,7 @@ from .checkpoints import (CHECKPOINT_SUFFIXES, Checkpoint, CheckpointInfo, Check
                           discover, dtype_name, name_number, natural_key, skip_reason, sniff_format)
 from .decompose import label_dtype, update_fit
 from .errors import CmdError
-from .layout import Layout, build_layout
+from .layout import Layout, build_layout, dataset_key
 from .modefile import ModeFile, ModeFileWriter, check_output_path, open_mode_file
 from .pipeline import Progress, _decompose_store, _ratio, no_progress, store_of, summarize
 from .trajectory import TrajectoryStore, open_store
@@ -185,7 +185,7 @@ class OnlineState:
 
     def _carried_chunks(self, name: str) -> Iterator[np.ndarray]:
         if self.carried_source is not None:
-            dataset = self.carried_source.handle["carried"][name]
+            dataset = self.carried_source.handle["carried"][dataset_key(name)]
             step = max(1, CARRIED_CHUNK_BYTES // max(1, dataset.shape[1]))
             for start in range(0, dataset.shape[0], step):
                 yield dataset[start:start + step]

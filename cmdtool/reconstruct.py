@@ -64,7 +64,7 @@ def _values_at(modes: ModeFile, index: int) -> Iterator[tuple[TensorSpec, np.nda
             labels, a, b = modes.parameters(spec.columns)
             yield spec, (a.astype(np.float64) * reference_values[labels] + b).reshape(spec.shape)
         else:
-            yield spec, modes.handle["carried"][spec.name][index]
+            yield spec, modes.handle["carried"][spec.key][index]
 
 
 def arrays_at(modes: ModeFile, index: int) -> dict[str, np.ndarray]:
@@ -118,20 +118,26 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
             raise CmdError(f"{target}: is a directory")
         if target.exists() and not force:
             raise CmdError(f"{target}: already exists (use --force to overwrite)")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     written: list[tuple[Path, Path]] = []
+    done = False
     try:
         for i, target, (_, info, _) in zip(indices, targets, plans):
             tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
             written.append((tmp, target))
             as_arrays = info.format == "safetensors" and not info.is_folder and _numpy_dtypes_only(modes)
-            write_checkpoint(tmp, (arrays_at if as_arrays else state_dict_at)(modes, i), info, modes.attachment)
+            write_checkpoint(tmp, (arrays_at if as_arrays else state_dict_at)(modes, i), info, modes.attachment,
+                             shown=target)
             advance(1)
         for tmp, target in written:
             replace_path(tmp, target)
+        done = True
     finally:
         for tmp, _ in written:
             _remove(tmp)
+        if created and not done:
+            shutil.rmtree(out_dir, ignore_errors=True)  # it was made for this run, and holds nothing of it
     return targets
 
 

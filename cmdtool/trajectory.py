@@ -22,10 +22,10 @@ from typing import Callable, Iterator, Sequence
 import h5py
 import numpy as np
 
-from ._hdf5 import read_strings, read_text, write_text
+from ._hdf5 import read_strings, read_text, check_space, write_text
 from .checkpoints import Checkpoint, CheckpointInfo
 from .errors import CmdError
-from .layout import Layout, build_layout
+from .layout import Layout, build_layout, dataset_key
 
 STORE_KIND = "cmdtool-trajectory"
 STORE_VERSION = 2  # 2: attachments, --ema
@@ -77,7 +77,7 @@ class TrajectoryStore:
     def carried(self, name: str) -> np.ndarray:
         """A carried tensor's raw bytes, ``(T, nbytes)`` uint8."""
         with h5py.File(self.path, "r") as f:
-            return f["carried"][name][()]
+            return f["carried"][dataset_key(name)][()]
 
     def attachments(self) -> dict[str, bytes]:
         """The files copied back with Hugging Face folders, by SHA-256."""
@@ -199,12 +199,13 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            check_space(tmp, 4 * T * N + T * sum(spec.nbytes for spec in layout.carried) + 2**16, path)
             h5py.h5d.create(f.id, b"W", h5py.h5t.IEEE_F32LE, h5py.h5s.create_simple((T, N)), dcpl=dcpl)
             offset = f["W"].id.get_offset()
             carried = f.create_group("carried")
             attachments = f.create_group("attachments")
             for spec in layout.carried:
-                carried.create_dataset(spec.name, shape=(T, spec.nbytes), dtype="u1")
+                carried.create_dataset(spec.key, shape=(T, spec.nbytes), dtype="u1")
             varies = np.zeros(N, dtype=bool)
             # Rows go in as plain sequential writes, one per tensor (no page faults on a writable
             # map); the first row is read back through a read-only map to find what varies.
@@ -222,7 +223,7 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
                             if t > 0 and not varies[spec.columns].all():  # once moved, always varies
                                 varies[spec.columns] |= row != first_row[spec.columns]
                         else:
-                            carried[spec.name][t] = reader.raw_bytes(spec.name)
+                            carried[spec.key][t] = reader.raw_bytes(spec.name)
                 if t == 0:
                     first_row = np.memmap(tmp, dtype="<f4", mode="r", offset=offset, shape=(N,))
                 advance(1)

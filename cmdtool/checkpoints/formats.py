@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import pickle
 import re
 import struct
@@ -26,6 +25,8 @@ from safetensors import safe_open
 
 from .._lazy import save_file, torch  # imported on first use
 from ..errors import CmdError
+from ..layout import DTYPE_SIZES
+from .untrusted import check_tensor, check_zip_records, is_plain
 
 # Keys under which training scripts commonly nest the state dict, in order of preference.
 WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module",
@@ -37,6 +38,8 @@ TRAINING_STATE_KEYS = ("optimizer", "optimizer_states", "optimizer_state_dict", 
                        "lr_schedulers", "scheduler_state_dict", "scaler", "amp_scaler", "grad_scaler")
 
 Signature = dict[str, tuple[tuple[int, ...], str]]
+# torch 2.13 words a refused global either way, depending on whether its module is blocked outright
+_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -86,7 +89,8 @@ class CheckpointInfo:
             return "huggingface"
         if "pytorch-lightning_version" in self.extras:
             return "lightning"
-        if self.wrapper == EMA_KEY or (self.wrapper == "state_dict" and ("arch" in self.extras or EMA_KEY in self.dropped)):
+        if self.wrapper == EMA_KEY or (self.wrapper == "state_dict"
+                                       and ("arch" in self.extras or EMA_KEY in self.dropped)):
             return "timm"
         return "plain"
 
@@ -119,13 +123,20 @@ class CheckpointReader:
         except CmdError:
             raise
         except pickle.UnpicklingError as e:
-            unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            unsafe = _UNSAFE_GLOBAL.search(str(e))
             if unsafe is None:
-                raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt ({_first_sentence(e)})") from None
+                raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt "
+                               f"({_first_sentence(e)})") from None
             raise CmdError(f"{path}: refused: the file holds a pickled {unsafe.group(1)}, and loading it "
                            f"could run code; keep only tensors and plain values in checkpoints") from None
+        except RecursionError:
+            raise CmdError(f"{path}: refused: values nested too deeply to read safely") from None
         except Exception as e:  # torch and safetensors raise assorted types on corrupt input
             raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt ({_first_sentence(e)})") from None
+        for name, (_, dtype) in self.signature.items():
+            if dtype not in DTYPE_SIZES:
+                raise CmdError(f"{path}: tensor {name!r} has dtype {dtype}, which cmdtool cannot carry or model "
+                               f"(supported: {', '.join(DTYPE_SIZES)})")
 
     def _open_safetensors(self) -> None:
         if self.ema:
@@ -146,6 +157,7 @@ class CheckpointReader:
     def _open_torch(self) -> None:
         with warnings.catch_warnings():  # torch warns about odd pickles; the error says what matters
             warnings.simplefilter("ignore")
+            check_zip_records(self.path)
             try:
                 if self.path.name.endswith(".safetensors"):  # torch.load would route it by name
                     with open(self.path, "rb") as f:
@@ -157,6 +169,8 @@ class CheckpointReader:
                     raise
                 obj = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy format
         self._state, self.info = unwrap_state_dict(obj, self.path, self.ema)
+        for name, t in self._state.items():
+            check_tensor(self.path, name, t)
         self.signature = {name: (tuple(t.shape), dtype_name(t.dtype)) for name, t in self._state.items()}
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -215,7 +229,7 @@ class FolderReader:
         if files.index is not None:
             metadata = read_json(folder / files.index).get("metadata") or {}
             index = {"name": files.index,
-                     "metadata": {k: v for k, v in metadata.items() if k != "total_size" and _is_plain(v)}}
+                     "metadata": {k: v for k, v in metadata.items() if k != "total_size" and is_plain(v)}}
         self.attachments: dict[str, bytes] = {}
         copied = {}
         for name in files.copied:
@@ -251,6 +265,8 @@ def read_json(path: Path) -> dict:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CmdError(f"{path}: not readable JSON ({_first_sentence(e)})") from None
+    except RecursionError:
+        raise CmdError(f"{path}: refused: JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise CmdError(f"{path}: expected a JSON object")
     return value
@@ -261,9 +277,12 @@ def _first_sentence(error: Exception) -> str:
     return f"{type(error).__name__}: {text.split('. ')[0].rstrip('.')[:200]}"
 
 
+# safetensors dtype codes -> torch dtype names; other codes (F4, F6_*) are refused by name
 _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
                        "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "U8": "uint8",
-                       "BOOL": "bool"}
+                       "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+                       "C64": "complex64"}
 # dtypes numpy represents as they are (safetensors' numpy reader refuses bfloat16 and float8)
 NUMPY_DTYPES = frozenset(("bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
                           "float16", "float32", "float64"))
@@ -274,26 +293,13 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _is_plain(value: Any) -> bool:
-    """A value JSON can keep: None, bool, int, finite float, str, and lists, tuples (they come back
-    as lists) and string-keyed dicts of them (Lightning's ``hyper_parameters``, ``loops``)."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return True
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
-
-
 def unwrap_state_dict(obj: Any, path: Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """Find the state dict in what ``torch.load`` returned: the dict itself, or under a wrapper key
     (timm's ``state_dict_ema`` when ``ema``)."""
     if ema:
         if not (isinstance(obj, Mapping) and _is_state_dict(obj.get(EMA_KEY))):
-            raise CmdError(f"{path}: --ema: no {EMA_KEY} in this checkpoint (timm writes it when trained with --model-ema)")
+            raise CmdError(f"{path}: --ema: no {EMA_KEY} in this checkpoint "
+                           f"(timm writes it when trained with --model-ema)")
         return _unwrap(obj, EMA_KEY)
     if _is_state_dict(obj):
         return dict(obj), CheckpointInfo("torch")
@@ -310,7 +316,7 @@ def unwrap_state_dict(obj: Any, path: Path, ema: bool = False) -> tuple[dict[str
 
 
 def _unwrap(obj: Mapping, key: str) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
-    kept = {k: v for k, v in obj.items() if k != key and k not in TRAINING_STATE_KEYS and _is_plain(v)}
+    kept = {k: v for k, v in obj.items() if k != key and k not in TRAINING_STATE_KEYS and is_plain(v)}
     dropped = [str(k) for k in obj if k != key and k not in kept]
     return dict(obj[key]), CheckpointInfo("torch", wrapper=key, extras=kept, dropped=dropped)
 
@@ -322,13 +328,26 @@ def read_attachment(path: Path) -> tuple[str, bytes]:
 
 
 def write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: CheckpointInfo,
-                     attachment: Callable[[str], bytes] = lambda digest: b"") -> None:
+                     attachment: Callable[[str], bytes] = lambda digest: b"", shown: Path | None = None) -> None:
     """Write a state dict in the source's format, restoring its wrapper and metadata.
 
     A Hugging Face checkpoint becomes the folder ``path``: the same weight files (the index rewritten
     when there was one), safetensors metadata with ``format: pt`` (what ``from_pretrained`` checks),
-    and the copied files, whose bytes ``attachment(sha256)`` returns.
+    and the copied files, whose bytes ``attachment(sha256)`` returns. A failed write (full disk, a
+    dtype the format cannot hold) is a CmdError naming ``shown`` (default ``path``).
     """
+    try:
+        _write_checkpoint(path, state, info, attachment)
+    except CmdError:
+        raise
+    except OSError as e:
+        raise CmdError(f"{shown or path}: cannot write: {e.strerror or e}") from None
+    except Exception as e:  # safetensors' SafetensorError, torch's RuntimeError from its zip writer
+        raise CmdError(f"{shown or path}: cannot write ({_first_sentence(e)})") from None
+
+
+def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: CheckpointInfo,
+                      attachment: Callable[[str], bytes]) -> None:
     if not info.is_folder:
         _write_file(path, state, info.format, info.metadata, info.wrapper, info.extras)
         return
