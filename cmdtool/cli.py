@@ -7,7 +7,9 @@ Data goes to stdout, messages and progress bars to stderr.
 
 from __future__ import annotations
 
+import importlib
 import json
+import math
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from . import __version__
+from ._interrupt import restore as restore_interrupt
 from .checkpoints import discover
 from .errors import CmdError
 from .modefile import open_mode_file
@@ -26,8 +29,44 @@ from .pipeline import fit as fit_folder
 from .pipeline import not_restored, reconstruct_checkpoints, summarize
 from .reconstruct import WRITE_FORMATS
 
+
+# click's exceptions, from the copy typer uses (recent typer versions vendor click)
+_click = importlib.import_module(typer.BadParameter.__module__)
+
+
+class _OneLineErrors(typer.core.TyperGroup):
+    """Usage errors (unknown option, missing argument, bad value) as one ``error:`` line, exit 2,
+    instead of click's usage text and typer's box."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except _click.NoArgsIsHelpError as e:
+            e.show()
+            sys.exit(e.exit_code)
+        except _click.ClickException as e:
+            ctx = getattr(e, "ctx", None)
+            where = f"{ctx.command_path}: " if ctx else ""
+            hint = f" (see {ctx.command_path} --help)" if ctx and isinstance(e, _click.UsageError) else ""
+            _message(f"error: {where}{' '.join(e.format_message().split())}{hint}")
+            sys.exit(2)
+        except (getattr(_click, "Abort", typer.Abort), typer.Abort):
+            _message("interrupted: no output was written")
+            sys.exit(130)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def _finite(value: float | None) -> float | None:
+    """A float option must be a number: ``inf`` and ``nan`` are refused."""
+    if value is not None and not math.isfinite(value):
+        raise typer.BadParameter(f"{value} is not a finite number")
+    return value
+
+
 app = typer.Typer(
-    name="cmd", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    name="cmd", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_OneLineErrors,
     rich_markup_mode="markdown",
     help="Correlation Mode Decomposition (CMD) of training checkpoints.\n\n"
          "CMD finds a few groups of parameters (modes) that move together during training and "
@@ -55,13 +94,16 @@ def _fail(message: str) -> typer.Exit:
 
 
 @contextmanager
-def _errors_to_exit_code() -> Iterator[None]:
+def _errors_to_exit_code(output: Path | None = None) -> Iterator[None]:
+    """CmdError and OSError as one ``error:`` line, exit 2; an OSError that names no file (a write
+    that failed on a full disk, deep inside a library) is attributed to the command's ``output``."""
     try:
         yield
     except CmdError as e:
         raise _fail(str(e)) from None
     except OSError as e:
-        raise _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
+        where = e.filename or output or ""
+        raise _fail(f"{where}: {e.strerror or e}".lstrip(": ")) from None
     except KeyboardInterrupt:
         _message("interrupted: no output was written")
         raise typer.Exit(130) from None
@@ -97,7 +139,7 @@ def fit(
     output: Path = typer.Option(..., "--output", "-o", help="Mode file to write (conventionally *.cmd.h5)."),
     modes: int = typer.Option(10, "--modes", "-m", min=1, help="Most modes (M) to find."),
     samples: int = typer.Option(1000, "--samples", "-k", min=1, help="Parameters sampled (K) to find the modes, layer-balanced."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the parameter sample."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the parameter sample."),
     start: Optional[int] = typer.Option(None, "--start", help="First checkpoint to use (position in the sorted folder; Python slice rules)."),
     stop: Optional[int] = typer.Option(None, "--stop", help="Stop before this checkpoint position."),
     every: int = typer.Option(1, "--every", min=1, help="Use every n-th checkpoint."),
@@ -119,7 +161,7 @@ def fit(
     unchanged folder. With --warmup F it is the paper's online CMD: the result equals fitting the
     first F checkpoints and then running cmd update with the rest.
     """
-    with _errors_to_exit_code():
+    with _errors_to_exit_code(output):
         result = fit_folder(checkpoint_dir, output, modes=modes, samples=samples, seed=seed, start=start,
                             stop=stop, every=every, include=include, exclude=exclude, ema=ema,
                             trajectory=trajectory, force=force, tile_columns=tile_columns, progress=_progress,
@@ -217,7 +259,7 @@ def reconstruct(
     dtypes; integer buffers are restored exactly. Hugging Face checkpoints come back as
     checkpoint-<step>/ folders that from_pretrained loads.
     """
-    with _errors_to_exit_code():
+    with _errors_to_exit_code(output):
         paths = reconstruct_checkpoints(mode_file, output, at, force, progress=_progress, format=write_format)
         dropped = not_restored(mode_file, at, write_format)
     if dropped:
@@ -240,7 +282,7 @@ def update(
     an earlier or incompatible checkpoint is an error (exit 2) and the mode file is left untouched.
     The mode file is replaced atomically.
     """
-    with _errors_to_exit_code():
+    with _errors_to_exit_code(mode_file):
         from .online import update as update_mode_file
         result = update_mode_file(mode_file, checkpoints, progress=_progress)
     if result.skipped:
@@ -262,10 +304,11 @@ def watch(
     output: Path = typer.Option(..., "--output", "-o", help="Mode file to keep up to date (resumed when it exists)."),
     warmup: int = typer.Option(..., "--warmup", metavar="F", min=2, help="Fit the modes once F checkpoints exist; update with each later one."),
     until: Optional[int] = typer.Option(None, "--until", metavar="N", min=1, help="Stop once the mode file holds N checkpoints (default: until Ctrl-C)."),
-    interval: float = typer.Option(10.0, "--interval", metavar="S", min=0.0, help="Seconds between looks at the folder."),
+    interval: float = typer.Option(10.0, "--interval", metavar="S", min=0.0, max=86400.0, callback=_finite,
+                                   help="Seconds between looks at the folder (at most a day)."),
     modes: int = typer.Option(10, "--modes", "-m", min=1, help="Most modes (M) to find."),
     samples: int = typer.Option(1000, "--samples", "-k", min=1, help="Parameters sampled (K) to find the modes, layer-balanced."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the parameter sample."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the parameter sample."),
     include: List[str] = typer.Option([], "--include", metavar="GLOB", help="Model only tensors whose name matches this glob (repeatable)."),
     exclude: List[str] = typer.Option([], "--exclude", metavar="GLOB", help="Do not model tensors matching this glob (repeatable)."),
     trajectory: Optional[Path] = typer.Option(None, "--trajectory", help="Where to keep the warm-up's trajectory store. Default: $CMDTOOL_CACHE or ~/.cache/cmdtool."),
@@ -280,7 +323,7 @@ def watch(
     command again resumes. Stops on Ctrl-C (exit 130) or with --until.
     """
     from .online import watch as watch_folder
-    with _errors_to_exit_code():
+    with _errors_to_exit_code(output):
         try:
             watch_folder(checkpoint_dir, output, warmup=warmup, until=until, interval=interval, modes=modes,
                          samples=samples, seed=seed, include=include, exclude=exclude, trajectory=trajectory,
@@ -300,9 +343,9 @@ def report(
     trajectory: Optional[Path] = typer.Option(None, "--trajectory", help="Trajectory store to use, or where to build one with --checkpoints."),
     evaluate: Optional[str] = typer.Option(None, "--eval", metavar="MODULE:FUNCTION", help="Score weights with your function state_dict -> {metric: float}: module:function (importable from here) or path/to/file.py:function."),
     tail: List[int] = typer.Option([5, 10], "--tail", metavar="K", min=1, help="Tail averages of the last K checkpoints to compare (repeatable)."),
-    ema_decay: float = typer.Option(0.9, "--ema-decay", help="Decay of the EMA over checkpoints that is compared."),
-    max_rel_error: Optional[float] = typer.Option(None, "--max-rel-error", metavar="X", help="Fail (exit 1) when rel_error is above X."),
-    max_rel_error_displacement: Optional[float] = typer.Option(None, "--max-rel-error-displacement", metavar="X", help="Fail (exit 1) when rel_error_displacement is above X."),
+    ema_decay: float = typer.Option(0.9, "--ema-decay", callback=_finite, help="Decay of the EMA over checkpoints that is compared."),
+    max_rel_error: Optional[float] = typer.Option(None, "--max-rel-error", metavar="X", callback=_finite, help="Fail (exit 1) when rel_error is above X."),
+    max_rel_error_displacement: Optional[float] = typer.Option(None, "--max-rel-error-displacement", metavar="X", callback=_finite, help="Fail (exit 1) when rel_error_displacement is above X."),
     require: List[str] = typer.Option([], "--require", metavar="METRIC>=VALUE", help="Fail (exit 1) unless an evaluated metric of the CMD weights at the last checkpoint meets this (>=, <=, >, <; repeatable; needs --eval)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of a summary."),
@@ -313,7 +356,7 @@ def report(
     folder; with --eval also scores every checkpoint, original and CMD, and the final candidates.
     When GITHUB_STEP_SUMMARY is set, the summary is appended to it. Exit 1 when a threshold fails.
     """
-    with _errors_to_exit_code():
+    with _errors_to_exit_code(output):
         from .report import Thresholds, load_evaluate, make_report, parse_requirement
         thresholds = Thresholds(max_rel_error, max_rel_error_displacement, [parse_requirement(r) for r in require])
         function = load_evaluate(evaluate) if evaluate else None
@@ -404,4 +447,5 @@ def _bytes(n: float) -> str:
 
 
 def main() -> None:
+    restore_interrupt()
     app()

@@ -38,10 +38,10 @@ def load_evaluate(spec: str) -> Evaluate:
             if os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
             module = importlib.import_module(target)
-    except CmdError:
+    except (CmdError, KeyboardInterrupt):
         raise
-    except Exception as e:  # the user's module failed to import: say so in one line
-        raise CmdError(f"--eval {spec!r}: importing {target} failed: {type(e).__name__}: {e}") from None
+    except BaseException as e:  # the user's module failed to import (or called sys.exit): say so in one line
+        raise CmdError(f"--eval {spec!r}: importing {target} failed: {_describe(e)}") from None
     function = getattr(module, name, None)
     if not callable(function):
         raise CmdError(f"--eval {spec!r}: {target} has no function {name!r}")
@@ -52,8 +52,10 @@ def run_evaluate(evaluate: Evaluate, state: dict[str, torch.Tensor], what: str, 
     """Call the user's function on one state dict; its answer must map names to finite numbers."""
     try:
         result = evaluate(state)
-    except Exception as e:
-        raise CmdError(f"--eval {spec}: failed on {what}: {type(e).__name__}: {e}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # SystemExit too: the user's function ending the process is its failure
+        raise CmdError(f"--eval {spec}: failed on {what}: {_describe(e)}") from None
     if not isinstance(result, Mapping) or not result:
         raise CmdError(f"--eval {spec}: returned {type(result).__name__} on {what}, expected a dict of metrics")
     metrics = {}
@@ -63,6 +65,14 @@ def run_evaluate(evaluate: Evaluate, state: dict[str, torch.Tensor], what: str, 
         except (TypeError, ValueError):
             raise CmdError(f"--eval {spec}: metric {key!r} on {what} is {value!r}, not a number") from None
     return metrics
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` on one line (``SystemExit: 0`` for ``sys.exit()``)."""
+    if isinstance(error, SystemExit):
+        return f"called sys.exit({error.code!r})"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
 
 
 class Requirement(NamedTuple):
@@ -87,11 +97,14 @@ _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt
 
 def parse_requirement(text: str) -> Requirement:
     """``METRIC>=VALUE`` (also ``<=``, ``>``, ``<``), on a metric of the CMD weights at the last checkpoint."""
-    match = re.fullmatch(r"\s*([^<>=\s]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+|[-+]?inf)\s*", text)
+    match = re.fullmatch(r"\s*([^<>=\s]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+|[-+]?inf(?:inity)?|nan)\s*", text,
+                         re.IGNORECASE)
     if not match:
         raise CmdError(f"--require {text!r}: expected METRIC>=VALUE (or <=, >, <), e.g. accuracy>=0.9")
     try:
         threshold = float(match.group(3))
     except ValueError:
         raise CmdError(f"--require {text!r}: {match.group(3)!r} is not a number") from None
+    if not math.isfinite(threshold):
+        raise CmdError(f"--require {text!r}: the threshold must be a finite number")
     return Requirement(f"--require {text.strip()}", match.group(1), match.group(2), threshold)
