@@ -31,3 +31,6 @@ def restore() -> None:
     """Ctrl-C raises KeyboardInterrupt again: commands remove their temporary files and exit 130."""
     if signal.getsignal(signal.SIGINT) is _interrupted:
         signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+quiet_while_importing()  # on import: ``cmdtool/__init__.py`` imports this module first

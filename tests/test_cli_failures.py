@@ -15,9 +15,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from conftest import plant, write_run
-from test_errors import cmd, error_line
-from test_untrusted_checkpoints import snapshot
+from helpers import cmd, error_line, plant, snapshot, write_run
 
 ROOT = Path(__file__).resolve().parent.parent
 

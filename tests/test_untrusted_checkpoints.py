@@ -20,15 +20,13 @@ from cmdtool.checkpoints import discover
 from cmdtool.layout import DTYPE_SIZES, dataset_key
 from cmdtool.modefile import open_mode_file
 from cmdtool.trajectory import open_store
-from conftest import plant, write_run
-from test_errors import cmd, error_line, fit
+from helpers import cmd, error_line, plant, snapshot, write_run
 
 warnings.filterwarnings("ignore", message=".*(deprecated|experimental|beta state|prototype stage).*")
 
 
-def snapshot(root) -> dict:
-    """Every file under ``root`` with its size and modification time: what a failed run must not change."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}
+def fit(runner, tmp_path, run, *extra):
+    return cmd(runner, "fit", run, "-o", tmp_path / "modes.cmd.h5", "--trajectory", tmp_path / "traj.h5", *extra)
 
 
 def refused(runner, tmp_path, run, expected: str) -> None:

@@ -16,26 +16,18 @@ import pickle
 import re
 import struct
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 from safetensors import safe_open
 
-from .._lazy import save_file, torch  # imported on first use
+from .._lazy import torch  # imported on first use
 from ..errors import CmdError
+from .schema import EMA_KEY, TRAINING_STATE_KEYS, WRAPPER_KEYS, CheckpointInfo, is_plain
 from ..layout import DTYPE_SIZES
-from .untrusted import check_tensor, check_zip_records, is_plain
-
-# Keys under which training scripts commonly nest the state dict, in order of preference.
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module",
-                "model_state", "weights", "params", "state")
-# timm's --model-ema weights, chosen with ``ema=True`` (``cmd fit --ema``).
-EMA_KEY = "state_dict_ema"
-# Wrapper entries that describe the training state of the original weights: never written back.
-TRAINING_STATE_KEYS = ("optimizer", "optimizer_states", "optimizer_state_dict", "scheduler", "lr_scheduler",
-                       "lr_schedulers", "scheduler_state_dict", "scaler", "amp_scaler", "grad_scaler")
+from .untrusted import check_tensor, check_zip_records
 
 Signature = dict[str, tuple[tuple[int, ...], str]]
 # torch 2.13 words a refused global either way, depending on whether its module is blocked outright
@@ -57,51 +49,6 @@ def sniff_format(path: Path) -> str | None:
         if 0 < header_len < path.stat().st_size:
             return "safetensors"
     return None
-
-
-@dataclass
-class CheckpointInfo:
-    """What write-back needs besides the tensors.
-
-    ``format`` is how the tensors are stored (``"safetensors"`` or ``"torch"``); ``wrapper`` the key
-    of a torch wrapper dict and ``extras`` its plain values; ``dropped`` what is not written back.
-    A Hugging Face folder also has ``shards`` (weight file -> its tensor names, in order), ``index``
-    (the index file's name and its ``metadata``, when the source had one) and ``files`` (the other
-    files copied back, such as ``config.json``: name -> SHA-256 of the bytes kept beside the modes).
-    """
-    format: str
-    wrapper: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    dropped: list[str] = field(default_factory=list)
-    metadata: dict[str, str] | None = None
-    shards: dict[str, list[str]] | None = None
-    index: dict[str, Any] | None = None
-    files: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def is_folder(self) -> bool:
-        return self.shards is not None
-
-    @property
-    def stack(self) -> str:
-        """Which training stack wrote it, as far as its content tells."""
-        if self.is_folder:
-            return "huggingface"
-        if "pytorch-lightning_version" in self.extras:
-            return "lightning"
-        if self.wrapper == EMA_KEY or (self.wrapper == "state_dict"
-                                       and ("arch" in self.extras or EMA_KEY in self.dropped)):
-            return "timm"
-        return "plain"
-
-    def to_json(self) -> str:
-        return json.dumps({"format": self.format, "wrapper": self.wrapper, "extras": self.extras,
-                           "dropped": self.dropped, "metadata": self.metadata, "shards": self.shards,
-                           "index": self.index, "files": self.files})
-
-    @classmethod
-    def from_json(cls, text: str) -> "CheckpointInfo":
-        return cls(**json.loads(text))  # fields added later have defaults: older files still read
 
 
 class CheckpointReader:
@@ -327,48 +274,3 @@ def read_attachment(path: Path) -> tuple[str, bytes]:
     return hashlib.sha256(data).hexdigest(), data
 
 
-def write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: CheckpointInfo,
-                     attachment: Callable[[str], bytes] = lambda digest: b"", shown: Path | None = None) -> None:
-    """Write a state dict in the source's format, restoring its wrapper and metadata.
-
-    A Hugging Face checkpoint becomes the folder ``path``: the same weight files (the index rewritten
-    when there was one), safetensors metadata with ``format: pt`` (what ``from_pretrained`` checks),
-    and the copied files, whose bytes ``attachment(sha256)`` returns. A failed write (full disk, a
-    dtype the format cannot hold) is a CmdError naming ``shown`` (default ``path``).
-    """
-    try:
-        _write_checkpoint(path, state, info, attachment)
-    except CmdError:
-        raise
-    except OSError as e:
-        raise CmdError(f"{shown or path}: cannot write: {e.strerror or e}") from None
-    except Exception as e:  # safetensors' SafetensorError, torch's RuntimeError from its zip writer
-        raise CmdError(f"{shown or path}: cannot write ({_first_sentence(e)})") from None
-
-
-def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: CheckpointInfo,
-                      attachment: Callable[[str], bytes]) -> None:
-    if not info.is_folder:
-        _write_file(path, state, info.format, info.metadata, info.wrapper, info.extras)
-        return
-    path.mkdir()
-    metadata = {**(info.metadata or {}), "format": "pt"}
-    weight_map, total_size = {}, 0
-    for file_name, names in info.shards.items():
-        _write_file(path / file_name, {n: state[n] for n in names}, info.format, metadata)
-        weight_map.update(dict.fromkeys(names, file_name))
-        total_size += sum(state[n].numel() * state[n].element_size() for n in names)
-    if info.index is not None:
-        index = {"metadata": {**info.index.get("metadata", {}), "total_size": total_size},
-                 "weight_map": weight_map}
-        (path / info.index["name"]).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    for file_name, digest in info.files.items():
-        (path / file_name).write_bytes(attachment(digest))
-
-
-def _write_file(path: Path, state: dict[str, torch.Tensor], fmt: str, metadata: dict[str, str] | None,
-                wrapper: str | None = None, extras: Mapping[str, Any] = {}) -> None:
-    if fmt == "safetensors":
-        save_file(state, str(path), metadata=metadata)
-    else:
-        torch.save({wrapper: state, **extras} if wrapper else state, path)

@@ -9,11 +9,9 @@ that are not plain dense values on the CPU (sparse, nested, meta, quantized) are
 
 from __future__ import annotations
 
-import math
 import struct
 import zipfile
 from pathlib import Path
-from typing import Any
 
 from .._lazy import torch
 from ..errors import CmdError
@@ -82,33 +80,3 @@ def check_tensor(path: Path, name: str, tensor) -> None:
     if any(stride < 0 for stride in tensor.stride()) or needed > available:
         raise CmdError(f"{where} needs {needed} bytes of its storage, which holds {available} "
                        f"(truncated or crafted file)")
-
-
-MAX_DEPTH = 64  # nesting of kept wrapper values; deeper ones are dropped, not recursed into
-
-
-def is_plain(value: Any, depth: int = 0) -> bool:
-    """A value JSON can keep: None, bool, int, finite float, str, and lists, tuples (they come back
-    as lists) and string-keyed dicts of them (Lightning's ``hyper_parameters``, ``loops``), nested
-    at most ``MAX_DEPTH`` deep; strings must be valid Unicode (no lone surrogates)."""
-    if value is None or isinstance(value, (bool, int)):
-        return True
-    if isinstance(value, str):
-        return _is_text(value)
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if depth >= MAX_DEPTH:
-        return False
-    if isinstance(value, (list, tuple)):
-        return all(is_plain(v, depth + 1) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_text(k) and is_plain(v, depth + 1) for k, v in value.items())
-    return False
-
-
-def _is_text(value: str) -> bool:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
