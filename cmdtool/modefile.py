@@ -50,6 +50,7 @@ from .checkpoints import CheckpointInfo
 from .decompose import label_dtype
 from .errors import CmdError
 from .layout import Layout, dataset_key
+from .modefile_checks import check_contents, check_settings, check_storage, is_integer, parse_json_object
 from .modes import CarriedRows, FitMetrics, FitSettings, Modes, OnlineInfo
 
 FORMAT = "cmdtool-modes"
@@ -242,28 +243,47 @@ def open_mode_file(path: Path) -> ModeFile:
     try:
         if handle.attrs.get("format") != FORMAT:
             raise CmdError(f"{path}: not a cmdtool mode file")
-        version = int(handle.attrs.get("format_version", -1))
+        version = handle.attrs.get("format_version", -1)
+        if not is_integer(version):
+            shown = version.item() if isinstance(version, np.generic) else version
+            raise CmdError(f"{path}: corrupt mode file (format_version {shown!r} is not an integer)")
         if version != FORMAT_VERSION:
             raise CmdError(f"{path}: mode-file format version {version} is not supported "
                            f"(this cmdtool reads version {FORMAT_VERSION}; upgrade cmdtool)")
+        version = int(version)
+        check_storage(handle, path.stat().st_size)
+        settings = parse_json_object(handle.attrs["settings"], "settings")
+        check_settings(settings)
+        try:
+            settings = FitSettings.from_json(settings)
+        except CmdError as e:
+            raise ValueError(f"settings: {e}") from None
+        warmup = handle["online"].attrs["warmup"] if "online" in handle else None
+        if warmup is not None and not is_integer(warmup):
+            raise ValueError(f"online warmup {warmup!r} is not an integer")
         mode_file = ModeFile(
             path=path, handle=handle, layout=Layout.from_json(read_text(handle, "layout")),
             references=handle["references"][()], reference_offset=handle["reference_offset"][()],
             reference_scale=handle["reference_scale"][()], reference_index=handle["reference_index"][()],
             time=handle["time"][()], names=read_strings(handle, "checkpoints"),
             infos=[CheckpointInfo.from_json(s) for s in read_strings(handle, "checkpoint_info")],
-            mode_sizes=handle["mode_sizes"][()], settings=FitSettings.from_json(json.loads(handle.attrs["settings"])),
-            metrics=FitMetrics.from_json(json.loads(handle.attrs["metrics"])), format_version=version,
-            tool_version=str(handle.attrs.get("tool_version", "?")),
-            warmup=int(handle["online"].attrs["warmup"]) if "online" in handle else None)
+            mode_sizes=handle["mode_sizes"][()], settings=settings,
+            metrics=FitMetrics.from_json(parse_json_object(handle.attrs["metrics"], "metrics")),
+            format_version=version, tool_version=str(handle.attrs.get("tool_version", "?")),
+            warmup=None if warmup is None else int(warmup))
         _validate(mode_file)
+        check_contents(mode_file)
         return mode_file
     except CmdError:
         handle.close()
         raise
-    except (KeyError, ValueError, TypeError, OSError) as e:
+    except ValueError as e:
         handle.close()
-        raise CmdError(f"{path}: corrupt mode file ({type(e).__name__}: {e})") from None
+        raise CmdError(f"{path}: corrupt mode file ({e})") from None
+    except (KeyError, TypeError, OSError, AttributeError, RecursionError, OverflowError) as e:
+        handle.close()
+        text = " ".join(str(e).split())[:200]
+        raise CmdError(f"{path}: corrupt mode file ({type(e).__name__}: {text})") from None
 
 
 def _validate(mf: ModeFile) -> None:

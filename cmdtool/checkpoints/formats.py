@@ -25,8 +25,8 @@ from safetensors import safe_open
 
 from .._lazy import torch  # imported on first use
 from ..errors import CmdError
-from .schema import EMA_KEY, TRAINING_STATE_KEYS, WRAPPER_KEYS, CheckpointInfo, is_plain
 from ..layout import DTYPE_SIZES
+from .schema import EMA_KEY, TRAINING_STATE_KEYS, WRAPPER_KEYS, CheckpointInfo, is_plain
 from .untrusted import check_tensor, check_zip_records
 
 Signature = dict[str, tuple[tuple[int, ...], str]]

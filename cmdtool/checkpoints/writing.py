@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .._files import plain_name
 from .._lazy import save_file, torch  # imported on first use
 from ..errors import CmdError
 from .schema import CheckpointInfo
@@ -37,6 +38,14 @@ def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: Checkpoi
     if not info.is_folder:
         _write_file(path, state, info.format, info.metadata, info.wrapper, info.extras)
         return
+    files = [*info.shards, *info.files, *([info.index["name"]] if info.index is not None else [])]
+    for name in files:  # each becomes a file in the folder, never a path elsewhere (the mode file says them)
+        try:
+            plain_name(name, "file name")
+        except ValueError as e:
+            raise CmdError(f"{path}: {e}") from None
+    if len(set(files)) != len(files):
+        raise CmdError(f"{path}: a file name is used twice in the folder")
     path.mkdir()
     metadata = {**(info.metadata or {}), "format": "pt"}
     weight_map, total_size = {}, 0
@@ -57,4 +66,4 @@ def _write_file(path: Path, state: dict[str, torch.Tensor], fmt: str, metadata: 
     if fmt == "safetensors":
         save_file(state, str(path), metadata=metadata)
     else:
-        torch.save({wrapper: state, **extras} if wrapper else state, path)
+        torch.save({**extras, wrapper: state} if wrapper else state, path)
