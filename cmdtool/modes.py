@@ -49,6 +49,7 @@ class FitSettings:
     source: str = ""
     trajectory: str = ""
     warmup: int | None = None
+    trajectory_fingerprint: str = ""  # of the store fitted on: report and update refuse a store rebuilt since
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "include", tuple(self.include))

@@ -54,7 +54,8 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samp
     check_output_path(output, force)
     prepared = prepare_store(checkpoint_dir, start=start, stop=stop, every=every, include=include,
                              exclude=exclude, ema=ema, trajectory=trajectory, force=force, progress=progress)
-    settings = settings.replace(trajectory=str(prepared.path.resolve()))
+    settings = settings.replace(trajectory=str(prepared.path.resolve()),
+                                trajectory_fingerprint=prepared.store.fingerprint)
     if warmup is not None:
         result = fit_warmup(prepared.store, settings, tile_columns, progress)
     else:
