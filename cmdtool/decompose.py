@@ -255,3 +255,96 @@ def update_fit(a: np.ndarray, b: np.ndarray, labels: np.ndarray, w: np.ndarray, 
     shift = (moved / scale)[labels]
     return OnlineUpdate(a_old_frame * ratio, b_old_frame + a_old_frame * shift, new_references,
                         new_offset, new_scale, sse)
+
+
+# Choosing M and refining the modes (not in the paper): pure functions on the sampled trajectories.
+
+def heldout_error(held_out: np.ndarray, references: np.ndarray) -> float:
+    """Relative error ``sqrt(Σ SSE / Σ ‖w − mean w‖²)`` of steps 5–6 on a ``(T, K')`` sample of
+    parameters that took no part in finding the (normalised) ``references``: an out-of-sample
+    estimate of the fit's ``rel_error_centred``."""
+    fit = fit_tile(held_out, references)
+    total = float(fit.sq_centred.sum())
+    return float(np.sqrt(fit.sse.sum() / total)) if total > 0 else 0.0
+
+
+def refine_references(trajectories: np.ndarray, C: np.ndarray, reference_positions: np.ndarray,
+                      passes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd-style passes over the sample that lower the least-squares error at the same ``M``.
+
+    Each pass assigns every sampled parameter to the reference it correlates with most (step 5 on
+    the sample), then re-picks each mode's reference as the member that explains its members best:
+    the member ``j`` maximising ``Σ_i ‖w_i − mean w_i‖² ρ_ij²``, which minimises the mode's total
+    squared error ``Σ_i ‖w_i − mean w_i‖² (1 − ρ_ij²)`` over the choices of reference (step 4 picks
+    the largest mean ``|corr|`` instead). Stops early when no reference changes. Returns ``labels``
+    of the sample and ``reference_positions``, modes numbered by size, largest first (ties: the
+    mode whose first member comes first); a mode left without members is dropped.
+    """
+    X = trajectories.astype(np.float64)
+    weight = ((X - X.mean(axis=0)) ** 2).sum(axis=0)   # ‖w_i − mean w_i‖²
+    references = np.asarray(reference_positions, dtype=np.int64)
+    labels = np.zeros(len(weight), dtype=np.int64)
+    for _ in range(max(0, passes)):
+        labels = np.argmax(C[:, references], axis=1)     # the first reference on ties, as step 5
+        labels[references] = np.arange(len(references))  # a reference stays in its own mode
+        chosen = []
+        for m in range(len(references)):
+            members = np.flatnonzero(labels == m)
+            if len(members) == 0:
+                continue
+            explained = (weight[members, None] * C[np.ix_(members, members)] ** 2).sum(axis=0)
+            chosen.append(int(members[int(np.argmax(explained))]))
+        chosen = np.array(chosen, dtype=np.int64)
+        if np.array_equal(chosen, references):
+            break
+        references = chosen
+    labels = np.argmax(C[:, references], axis=1)
+    labels[references] = np.arange(len(references))
+    ids, first, sizes = np.unique(labels, return_index=True, return_counts=True)
+    order = np.lexsort((first, -sizes))
+    rank = np.empty(len(references), dtype=np.int64)
+    rank[ids[order]] = np.arange(len(ids))
+    return rank[labels], references[ids[order]]
+
+
+def find_modes(trajectories: np.ndarray, C: np.ndarray, M: int, refine: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 3–4 (``cluster``, ``choose_references``), then ``refine`` passes of ``refine_references``:
+    ``(labels of the sample, reference positions)``."""
+    labels = cluster(C, M)
+    positions = choose_references(C, labels)
+    if refine > 0:
+        labels, positions = refine_references(trajectories, C, positions, refine)
+    return labels, positions
+
+
+class ErrorCurve(NamedTuple):
+    modes: np.ndarray      # (n,) the M asked for
+    found: np.ndarray      # (n,) the modes the clustering gave (at most M)
+    rel_error: np.ndarray  # (n,) held-out relative error of each
+    chosen: int            # the M chosen (see ``choose_modes``)
+
+
+AUTO_TOLERANCE = 0.05
+
+
+def choose_modes(modes: Sequence[int], rel_error: Sequence[float], tolerance: float = AUTO_TOLERANCE) -> int:
+    """The smallest ``M`` whose held-out error is within ``tolerance`` (relative, 5 %) of the
+    smallest error on the curve: more modes than that cost storage and buy less than 5 %."""
+    errors = np.asarray(rel_error, dtype=np.float64)
+    best = float(errors.min())
+    return int(np.asarray(modes)[np.flatnonzero(errors <= best * (1 + tolerance))[0]])
+
+
+def error_curve(trajectories: np.ndarray, C: np.ndarray, held_out: np.ndarray, modes: Sequence[int],
+                refine: int = 0, tolerance: float = AUTO_TOLERANCE) -> ErrorCurve:
+    """Held-out error against ``M``: modes and references found on the sample ``trajectories``
+    (``C`` its ``|corr|``), measured on the independent sample ``held_out``."""
+    found, errors = [], []
+    for M in modes:
+        _, positions = find_modes(trajectories, C, int(M), refine)
+        references = normalise_references(trajectories[:, positions].T).references
+        found.append(len(positions))
+        errors.append(heldout_error(held_out, references))
+    modes = np.asarray(modes, dtype=np.int64)
+    return ErrorCurve(modes, np.asarray(found, dtype=np.int64), np.asarray(errors),
+                      choose_modes(modes, errors, tolerance))

@@ -51,7 +51,7 @@ from .decompose import label_dtype
 from .errors import CmdError
 from .layout import Layout, dataset_key
 from .modefile_checks import check_contents, check_settings, check_storage, is_integer, parse_json_object
-from .modes import CarriedRows, FitMetrics, FitSettings, Modes, OnlineInfo
+from .modes import CarriedRows, FitMetrics, FitSettings, Modes, OnlineInfo, dropped
 
 FORMAT = "cmdtool-modes"
 FORMAT_VERSION = 1
@@ -111,6 +111,8 @@ def _write(f: h5py.File, modes: Modes) -> None:
     write_text(f, "layout", modes.layout.to_json())
     carried = f.create_group("carried")
     for spec in modes.layout.carried:
+        if spec.name in dropped(modes.layout, modes.settings):
+            continue  # --drop-unmodelled
         rows = modes.carried[spec.name]
         if isinstance(rows, CarriedRows):
             dataset = carried.create_dataset(spec.key, shape=rows.shape, dtype=np.uint8)
@@ -176,6 +178,19 @@ class ModeFile:
             raise CmdError(f"{self.path}: corrupt mode file (label out of range)")
         return labels, self.handle["a"][columns], self.handle["b"][columns]
 
+    @property
+    def dropped(self) -> list[str]:
+        """Floating-point tensors the file leaves out (``cmd fit --drop-unmodelled``)."""
+        return dropped(self.layout, self.settings)
+
+    def require_whole(self, what: str) -> None:
+        """Refuse ``what`` (rebuilding whole checkpoints) when tensors were dropped."""
+        if self.dropped:
+            more = len(self.dropped) - 3
+            shown = ", ".join(self.dropped[:3]) + (f" and {more} more" if more > 0 else "")
+            raise CmdError(f"{self.path}: fitted with --drop-unmodelled, it does not hold {shown}: {what} needs "
+                           "every tensor (refit without --drop-unmodelled to rebuild whole checkpoints)")
+
     def carried(self, name: str) -> np.ndarray:
         """A carried tensor's raw bytes at every checkpoint, ``(T, nbytes)`` uint8."""
         return self.handle["carried"][dataset_key(name)][()]
@@ -216,7 +231,8 @@ class ModeFile:
                      reference_scale=self.reference_scale, reference_index=self.reference_index, labels=labels,
                      a=a, b=b, mode_sizes=self.mode_sizes, time=self.time, names=list(self.names),
                      infos=list(self.infos), settings=self.settings, metrics=self.metrics,
-                     carried={spec.name: self.carried_rows(spec.name) for spec in self.layout.carried},
+                     carried={spec.name: self.carried_rows(spec.name) for spec in self.layout.carried
+                              if spec.name not in self.dropped},
                      attachments=self.attachments(), online=self.online())
 
     def close(self) -> None:
@@ -303,6 +319,8 @@ def _validate(mf: ModeFile) -> None:
                 or not 1 <= mf.warmup <= T):
             raise CmdError(f"{mf.path}: corrupt mode file (online state does not match N, M or T)")
     for spec in mf.layout.carried:
+        if spec.name in dropped(mf.layout, mf.settings):
+            continue
         if spec.key not in h["carried"] or h["carried"][spec.key].shape != (T, spec.nbytes):
             raise CmdError(f"{mf.path}: corrupt mode file (carried tensor {spec.name!r} missing)")
     for info in mf.infos:
@@ -332,6 +350,7 @@ def summarize(path: str | Path) -> dict:
             "compression_ratio": checkpoint_bytes / file_bytes,
             "rel_error": modes.metrics.rel_error,
             "rel_error_displacement": modes.metrics.rel_error_displacement,
+            "error_curve": modes.metrics.error_curve,
             "time": [int(t) for t in modes.time],
             "checkpoint_names": list(modes.names),
             "settings": modes.settings.to_json(),

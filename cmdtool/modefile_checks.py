@@ -101,7 +101,7 @@ def check_contents(mf) -> None:
     for name, info in zip(mf.names, mf.infos):
         check_info(info, tensors, attachments, name)
     for spec in mf.layout.carried:
-        if h["carried"][spec.key].dtype != np.uint8:
+        if spec.key in h["carried"] and h["carried"][spec.key].dtype != np.uint8:
             raise ValueError(f"carried tensor {spec.name!r} is not stored as bytes")
     if mf.warmup is not None and (h["online"]["first"].dtype.kind != "f"
                                   or h["online"]["mode_sse_least_squares"].dtype.kind != "f"):

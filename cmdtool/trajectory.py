@@ -120,9 +120,16 @@ class TrajectoryStore(Trajectory):
     handle: h5py.File | None = None
 
     def carried(self, name: str) -> np.ndarray:
+        if self.handle is None:  # a store made without open_store
+            with h5py.File(self.path, "r") as f:
+                return f["carried"][dataset_key(name)][()]
         return self.handle["carried"][dataset_key(name)][()]
 
     def attachments(self) -> dict[str, bytes]:
+        if self.handle is None:
+            with h5py.File(self.path, "r") as f:
+                group = f.get("attachments", {})
+                return {digest: group[digest][()].tobytes() for digest in group}
         group = self.handle.get("attachments", {})
         return {digest: group[digest][()].tobytes() for digest in group}
 

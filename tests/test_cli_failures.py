@@ -33,7 +33,7 @@ def fitted(tmp_path_factory) -> Path:
 @pytest.mark.parametrize("args, message", [
     (["fit", "--bogus"], "cmd fit: No such option: --bogus (see cmd fit --help)"),
     (["fit"], "cmd fit: Missing argument 'CKPT_DIR'. (see cmd fit --help)"),
-    (["fit", "run", "-o", "m.cmd.h5", "--modes", "many"], "cmd fit: Invalid value for '--modes' / '-m': "
+    (["fit", "run", "-o", "m.cmd.h5", "--samples", "many"], "cmd fit: Invalid value for '--samples' / '-k': "
      "Input should be a valid integer, unable to parse string as an integer (see cmd fit --help)"),
     (["fit", "run", "-o", "m.cmd.h5", "--seed", "-1"],
      "cmd fit: Invalid value for '--seed': Input should be greater than or equal to 0 (see cmd fit --help)"),

@@ -38,7 +38,8 @@ json_values = st.recursive(
     | st.sampled_from(["", ".", "..", "/", "../x", "/tmp/x", "state_dict", "float32", "int3", "config.json"]),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
     max_leaves=12)
-names = (st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=8)  # HDF5 text
+hdf5_text = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=("Cs",)), max_size=8)  # storable
+names = (hdf5_text
          | st.sampled_from(["", ".", "..", "../victim.sh", "/tmp/abs", "a/b", "epoch_0.pt"]))
 SOURCES = {"json_dataset": "layout", "strings": "checkpoints", "info_field": "checkpoint_info", "numeric": "a"}
 dtypes = st.sampled_from(["int8", "uint8", "int16", "int64", "float32", "float64", "bool"])
@@ -84,7 +85,7 @@ def mutate(f: h5py.File, draw) -> None:
         f.attrs[name] = json.dumps(mutate_json(json.loads(f.attrs[name]), draw))
     elif target == "plain_attr":
         f.attrs[draw(st.sampled_from(PLAIN_ATTRS))] = draw(
-            st.integers(-3, 3) | st.floats(0, 3) | st.text(max_size=5) | st.just("cmdtool-modes"))
+            st.integers(-3, 3) | st.floats(0, 3) | hdf5_text | st.just("cmdtool-modes"))
     elif target in SOURCES and SOURCES[target] not in f:
         return  # deleted by an earlier mutation
     elif target == "json_dataset":

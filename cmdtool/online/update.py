@@ -103,6 +103,7 @@ def update(mode_file: str | Path, checkpoints: Sequence[str | Path], progress: P
     if not mode_file.is_file():
         open_mode_file(mode_file).close()  # the message for a missing file or a folder; no lock file left
     with exclusive(mode_file), open_mode_file(mode_file) as modes:
+        modes.require_whole("cmd update")  # it appends every carried tensor's rows
         skipped, new = plan_update(modes, candidates)
         if new:
             first_name, ema = modes.names[0], modes.settings.ema

@@ -12,8 +12,8 @@ from ..errors import CmdError
 from ..modefile import ModeFile
 from ..online import ONLINECMD_SOURCE
 from ..progress import Progress
-from ..stores import prepare_store
-from ..trajectory import TrajectoryStore, open_store
+from ..stores import open_trajectory_store, prepare_store
+from ..trajectory import TrajectoryStore
 
 
 def open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progress) -> tuple[TrajectoryStore, dict]:
@@ -36,7 +36,7 @@ def open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progress
         if not path.exists():
             raise CmdError(f"{path}: the trajectory store this mode file was fitted from is gone "
                            f"(it is a cache); pass --checkpoints DIR to read the checkpoints again")
-        store = open_store(path)
+        store = open_trajectory_store(path)
         source = {"kind": "trajectory store", "checkpoints": settings.source, "trajectory": str(path),
                   "trajectory_reused": True}
     if (store.names != modes.names or not np.array_equal(store.time, modes.time)
