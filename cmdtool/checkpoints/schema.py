@@ -48,7 +48,8 @@ class CheckpointInfo:
             return "huggingface"
         if "pytorch-lightning_version" in self.extras:
             return "lightning"
-        if self.wrapper == EMA_KEY or (self.wrapper == "state_dict" and ("arch" in self.extras or EMA_KEY in self.dropped)):
+        if self.wrapper == EMA_KEY or (self.wrapper == "state_dict"
+                                       and ("arch" in self.extras or EMA_KEY in self.dropped)):
             return "timm"
         return "plain"
 
