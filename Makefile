@@ -18,6 +18,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 test: install
+	$(PY) -m ruff check cmdtool tests benchmarks sample_checkpoints
 	$(PY) -m pytest -q
 
 demo: install

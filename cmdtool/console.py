@@ -95,6 +95,8 @@ def print_summary(s: dict, references: list | None = None) -> None:
         F, names = s["online"]["warmup"], s["checkpoint_names"]
         table.add_row("online", f"modes found on the first {F} checkpoints ({names[0]} … {names[F - 1]}), "
                       f"then {s['online']['updates']} exact update{'s' * (s['online']['updates'] != 1)} of a, b")
+    if s.get("embedding"):
+        table.add_row("embedded", embedding_line(s["embedding"], s["time"]))
     table.add_row("trajectory store", settings["trajectory"])
     table.add_row("compression", f"{s['compression_ratio']:.1f}× ({human_bytes(s['checkpoint_bytes_float32'])} of float32 checkpoints)")
     table.add_row("rel_error", f"{s['rel_error']:.3g}  (‖W − Ŵ‖ / ‖W‖ over all checkpoints)")
@@ -125,3 +127,13 @@ def human_bytes(n: float) -> str:
             return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n} TB"
+
+
+def embedding_line(e: dict, time: list) -> str:
+    """Embedded CMD: the final fraction, the settings, and the fraction after each window."""
+    steps = [f"{100 * f:.0f}% at {t}" for i, (f, t) in enumerate(zip(e["fraction"], time))
+             if f > 0 and (i == 0 or f != e["fraction"][i - 1])]
+    return (f"{100 * e['embedded_fraction']:.1f}% of {e['embeddable']:,} trainable parameters ({e['embedded']:,}; "
+            f"F = {e['warmup']}, L = {e['window']}, P = {e['percent']:g}%, "
+            f"{'of those not yet embedded' if e['relative'] else 'of all'}); over time: "
+            + (", ".join(steps) if steps else "none embedded"))

@@ -215,6 +215,59 @@ class OnlineUpdate(NamedTuple):
     sse: np.ndarray         # (n,) increase of each parameter's least-squares error, summed over time
 
 
+class FrameUpdate(NamedTuple):
+    """The per-mode part of one online update (``update_frame``): ``(M,)`` float64 each, plus the
+    renormalised references."""
+    rho: np.ndarray         # the new point in the old normalised frame
+    gain_a: np.ndarray      # x G_new⁻¹, first and second entry
+    gain_b: np.ndarray
+    sse_weight: np.ndarray  # 1 / (1 + x G⁻¹ xᵀ) is 1 / sse_weight
+    ratio: np.ndarray       # scale_new / scale
+    shift: np.ndarray       # (offset_new − offset) / scale
+    references: np.ndarray  # (M, T + 1) normalised over the T + 1 checkpoints
+    offset: np.ndarray
+    scale: np.ndarray
+
+
+def update_frame(references: np.ndarray, offset: np.ndarray, scale: np.ndarray,
+                 reference_values: np.ndarray) -> FrameUpdate:
+    """The ``O(M · T)`` half of ``update_fit``: where the new point lies in the old frame, the gains
+    of the recursive least squares, and the renormalised references (see ``update_fit``)."""
+    M, T = references.shape
+    reference_values = np.asarray(reference_values, dtype=np.float64)
+    rho = (reference_values - offset) / scale           # (M,) the new point in the old frame
+    det = T + 1 + T * rho ** 2                          # det G_new, G_new = [[1 + ρ², ρ], [ρ, T + 1]]
+    # Renormalise over T + 1 points: r̃_new = (scale · r̃ + offset − offset_new) / scale_new.
+    # The mean moves by deviation / (T + 1); that difference is used as such, never as
+    # offset_new − offset, whose rounding (1e-16 of the offset) is large against a small scale.
+    deviation = reference_values - offset
+    moved = deviation / (T + 1)
+    new_scale = np.sqrt(scale ** 2 + deviation ** 2 * T / (T + 1))
+    raw_shifted = np.column_stack([scale[:, None] * references, deviation]) - moved[:, None]
+    return FrameUpdate(rho, T * rho / det, 1.0 / det, 1.0 + rho ** 2 + 1.0 / T, new_scale / scale, moved / scale,
+                       raw_shifted / new_scale[:, None], offset + moved, new_scale)
+
+
+def update_parameters(a, b, labels, w, frame: FrameUpdate, frozen=None):
+    """The ``O(N)`` half of ``update_fit``: returns ``(a, b, sse)`` in the new frame.
+
+    Written with arithmetic operators and indexing only, so that it runs unchanged on numpy arrays
+    and on torch tensors (``cmdtool.training`` keeps ``a, b`` on the model's device; the fields of
+    ``frame`` must then be tensors there). ``frozen`` (bool, optional) marks parameters whose fit is
+    frozen (embedded CMD, §3.4): their prediction error counts as 0, so they are only re-expressed
+    in the new frame and follow the same function of the raw reference as before.
+    """
+    rho_i = frame.rho[labels]
+    e = w - a * rho_i - b
+    if frozen is not None:
+        e = e * ~frozen
+    sse = e * e / frame.sse_weight[labels]
+    a_old_frame = a + e * frame.gain_a[labels]
+    b_old_frame = b + e * frame.gain_b[labels]
+    # a r̃_old + b = (a · scale_new / scale) r̃_new + b + a (offset_new − offset) / scale
+    return a_old_frame * frame.ratio[labels], b_old_frame + a_old_frame * frame.shift[labels], sse
+
+
 def update_fit(a: np.ndarray, b: np.ndarray, labels: np.ndarray, w: np.ndarray, references: np.ndarray,
                offset: np.ndarray, scale: np.ndarray, reference_values: np.ndarray) -> OnlineUpdate:
     """Online CMD (paper §3.3): absorb checkpoint ``T + 1`` into a fit of ``T`` checkpoints.
@@ -228,33 +281,13 @@ def update_fit(a: np.ndarray, b: np.ndarray, labels: np.ndarray, w: np.ndarray, 
     least-squares error grows by ``e² / (1 + x G⁻¹ xᵀ)``). The references are then renormalised over
     ``T + 1`` checkpoints (running mean and centred norm, exact in float64) and ``a, b`` re-expressed
     against them, so the stored frame keeps its precision when a reference barely moves.
+    Two halves: ``update_frame`` (per mode) and ``update_parameters`` (per parameter).
     """
-    M, T = references.shape
     labels = np.asarray(labels, dtype=np.int64)
     a, b, w = (np.asarray(v, dtype=np.float64) for v in (a, b, w))
-    reference_values = np.asarray(reference_values, dtype=np.float64)
-    rho = (reference_values - offset) / scale           # (M,) the new point in the old frame
-    det = T + 1 + T * rho ** 2                          # det G_new, G_new = [[1 + ρ², ρ], [ρ, T + 1]]
-    gain_a, gain_b = T * rho / det, 1.0 / det           # x G_new⁻¹
-    rho_i = rho[labels]
-    e = w - a * rho_i - b
-    sse = e * e / (1.0 + rho_i ** 2 + 1.0 / T)
-    a_old_frame = a + e * gain_a[labels]
-    b_old_frame = b + e * gain_b[labels]
-    # Renormalise over T + 1 points: r̃_new = (scale · r̃ + offset − offset_new) / scale_new.
-    # The mean moves by deviation / (T + 1); that difference is used as such, never as
-    # offset_new − offset, whose rounding (1e-16 of the offset) is large against a small scale.
-    deviation = reference_values - offset
-    moved = deviation / (T + 1)
-    new_offset = offset + moved
-    new_scale = np.sqrt(scale ** 2 + deviation ** 2 * T / (T + 1))
-    raw_shifted = np.column_stack([scale[:, None] * references, deviation]) - moved[:, None]
-    new_references = raw_shifted / new_scale[:, None]
-    # a r̃_old + b = (a · scale_new / scale) r̃_new + b + a (offset_new − offset) / scale
-    ratio = (new_scale / scale)[labels]
-    shift = (moved / scale)[labels]
-    return OnlineUpdate(a_old_frame * ratio, b_old_frame + a_old_frame * shift, new_references,
-                        new_offset, new_scale, sse)
+    frame = update_frame(references, offset, scale, reference_values)
+    a_new, b_new, sse = update_parameters(a, b, labels, w, frame)
+    return OnlineUpdate(a_new, b_new, frame.references, frame.offset, frame.scale, sse)
 
 
 # Choosing M and refining the modes (not in the paper): pure functions on the sampled trajectories.

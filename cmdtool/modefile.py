@@ -28,6 +28,12 @@ Online fits (``cmd fit --warmup``, ``cmd update``, ``cmd watch``, ``OnlineCMD.sa
 found on), ``first`` (N,) f4 (the first checkpoint's values, for the displacement metric) and
 ``mode_sse_least_squares`` (M,) f8 (the least-squares error per mode, without float32 rounding).
 
+Embedded CMD (``cmdtool.training``, paper §3.4) adds a group ``embedding`` that version-1 readers
+ignore (the embedded parameters' ``a, b`` are ordinary fitted values, so older readers reconstruct
+them correctly): attributes ``warmup`` (F), ``window`` (L), ``percent`` (P), ``relative`` and
+``embeddable`` (how many parameters could be embedded: trainable, not references), and dataset
+``embedded_at`` (N,) i4 (the checkpoint position after which each parameter was embedded, -1 never).
+
 Root attributes: ``format = "cmdtool-modes"``, ``format_version``, ``tool_version``, ``settings``
 (JSON) and ``metrics`` (JSON). Writers go to a temporary file renamed into place when complete.
 """
@@ -43,15 +49,15 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from .version import __version__
+from . import modefile_checks as checks
 from ._files import temporary_sibling
 from ._hdf5 import check_space, read_strings, read_text, write_text
 from .checkpoints import CheckpointInfo
 from .decompose import label_dtype
 from .errors import CmdError
 from .layout import Layout, dataset_key
-from .modefile_checks import check_contents, check_settings, check_storage, is_integer, parse_json_object
 from .modes import CarriedRows, FitMetrics, FitSettings, Modes, OnlineInfo, dropped
+from .version import __version__
 
 FORMAT = "cmdtool-modes"
 FORMAT_VERSION = 1
@@ -78,23 +84,12 @@ def write_mode_file(path: Path, modes: Modes) -> Path:
     tmp = temporary_sibling(path)
     try:
         with h5py.File(tmp, "w") as f:
-            check_space(tmp, _expected_bytes(modes), path)
+            check_space(tmp, checks.expected_bytes(modes), path)
             _write(f, modes)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
-
-
-def _expected_bytes(modes: Modes) -> int:
-    """About the size of the mode file of ``modes``: its arrays, carried rows, attachments and text,
-    with room for HDF5's own structures."""
-    N, T = modes.layout.n_parameters, len(modes.time)
-    text = sum(len(i.to_json()) + len(n) for i, n in zip(modes.infos, modes.names)) + len(modes.layout.to_json())
-    carried = T * sum(spec.nbytes for spec in modes.layout.carried)
-    online = 4 * N if modes.online is not None else 0
-    return (N * (8 + label_dtype(modes.M).itemsize) + 4 * np.size(modes.references) + text + carried + online
-            + sum(len(data) for data in modes.attachments.values()) + 2**16)
 
 
 def _write(f: h5py.File, modes: Modes) -> None:
@@ -157,6 +152,7 @@ class ModeFile:
     format_version: int
     tool_version: str
     warmup: int | None = None     # F of an online fit (group ``online``), else None
+    embedding: dict | None = None  # attributes of the group ``embedding`` (embedded CMD), else None
 
     @property
     def M(self) -> int:
@@ -194,6 +190,17 @@ class ModeFile:
     def carried(self, name: str) -> np.ndarray:
         """A carried tensor's raw bytes at every checkpoint, ``(T, nbytes)`` uint8."""
         return self.handle["carried"][dataset_key(name)][()]
+
+    def embedded_at(self) -> np.ndarray | None:
+        """Embedded CMD: per parameter the checkpoint position after which it was embedded (-1 never)."""
+        return None if self.embedding is None else self.handle["embedding"]["embedded_at"][()]
+
+    def embedded_counts(self) -> list[int] | None:
+        """Embedded CMD: how many parameters were embedded at each checkpoint (a list of T)."""
+        embedded_at = self.embedded_at()
+        if embedded_at is None:
+            return None
+        return np.cumsum(np.bincount(embedded_at[embedded_at >= 0], minlength=self.T)).tolist()
 
     def carried_row(self, name: str, index: int) -> np.ndarray:
         """A carried tensor's raw bytes at checkpoint ``index``."""
@@ -260,23 +267,15 @@ def open_mode_file(path: Path) -> ModeFile:
         if handle.attrs.get("format") != FORMAT:
             raise CmdError(f"{path}: not a cmdtool mode file")
         version = handle.attrs.get("format_version", -1)
-        if not is_integer(version):
+        if not checks.is_integer(version):
             shown = version.item() if isinstance(version, np.generic) else version
             raise CmdError(f"{path}: corrupt mode file (format_version {shown!r} is not an integer)")
         if version != FORMAT_VERSION:
             raise CmdError(f"{path}: mode-file format version {version} is not supported "
                            f"(this cmdtool reads version {FORMAT_VERSION}; upgrade cmdtool)")
         version = int(version)
-        check_storage(handle, path.stat().st_size)
-        settings = parse_json_object(handle.attrs["settings"], "settings")
-        check_settings(settings)
-        try:
-            settings = FitSettings.from_json(settings)
-        except CmdError as e:
-            raise ValueError(f"settings: {e}") from None
-        warmup = handle["online"].attrs["warmup"] if "online" in handle else None
-        if warmup is not None and not is_integer(warmup):
-            raise ValueError(f"online warmup {warmup!r} is not an integer")
+        checks.check_storage(handle, path.stat().st_size)
+        settings, warmup = checks.read_settings(handle)
         mode_file = ModeFile(
             path=path, handle=handle, layout=Layout.from_json(read_text(handle, "layout")),
             references=handle["references"][()], reference_offset=handle["reference_offset"][()],
@@ -284,11 +283,11 @@ def open_mode_file(path: Path) -> ModeFile:
             time=handle["time"][()], names=read_strings(handle, "checkpoints"),
             infos=[CheckpointInfo.from_json(s) for s in read_strings(handle, "checkpoint_info")],
             mode_sizes=handle["mode_sizes"][()], settings=settings,
-            metrics=FitMetrics.from_json(parse_json_object(handle.attrs["metrics"], "metrics")),
+            metrics=FitMetrics.from_json(checks.parse_json_object(handle.attrs["metrics"], "metrics")),
             format_version=version, tool_version=str(handle.attrs.get("tool_version", "?")),
-            warmup=None if warmup is None else int(warmup))
+            warmup=None if warmup is None else int(warmup), embedding=_embedding_attributes(handle))
         _validate(mode_file)
-        check_contents(mode_file)
+        checks.check_contents(mode_file)
         return mode_file
     except CmdError:
         handle.close()
@@ -300,6 +299,37 @@ def open_mode_file(path: Path) -> ModeFile:
         handle.close()
         text = " ".join(str(e).split())[:200]
         raise CmdError(f"{path}: corrupt mode file ({type(e).__name__}: {text})") from None
+
+
+EMBEDDING_ATTRIBUTES = {"warmup": int, "window": int, "percent": float, "relative": bool, "embeddable": int}
+
+
+def _embedding_attributes(handle: h5py.File) -> dict | None:
+    if "embedding" not in handle:
+        return None
+    attrs = handle["embedding"].attrs
+    return {key: kind(attrs[key]) for key, kind in EMBEDDING_ATTRIBUTES.items()}
+
+
+def write_embedding(path: Path, embedded_at: np.ndarray, **attributes) -> None:
+    """Add the group ``embedding`` to a finished mode file that no reader sees yet (a temporary
+    name): ``embedded_at`` (N,) and the attributes of ``EMBEDDING_ATTRIBUTES``."""
+    with h5py.File(path, "r+") as f:
+        group = f.create_group("embedding")
+        group.create_dataset("embedded_at", data=np.asarray(embedded_at, dtype=np.int32))
+        for key, kind in EMBEDDING_ATTRIBUTES.items():
+            group.attrs[key] = kind(attributes[key])
+
+
+def embedding_summary(modes: ModeFile) -> dict | None:
+    """Embedded CMD's settings and the embedded fraction (of the embeddable parameters) at every
+    checkpoint, for ``cmd info`` and ``cmd report``; None for a file without embedding."""
+    counts = modes.embedded_counts()
+    if counts is None:
+        return None
+    total = modes.embedding["embeddable"]
+    fraction = [c / total if total else 0.0 for c in counts]
+    return {**modes.embedding, "embedded": counts[-1], "embedded_fraction": fraction[-1], "fraction": fraction}
 
 
 def _validate(mf: ModeFile) -> None:
@@ -318,6 +348,12 @@ def _validate(mf: ModeFile) -> None:
         if (online["first"].shape != (N,) or online["mode_sse_least_squares"].shape != (M,)
                 or not 1 <= mf.warmup <= T):
             raise CmdError(f"{mf.path}: corrupt mode file (online state does not match N, M or T)")
+    if mf.embedding is not None:
+        embedded_at = h["embedding"]["embedded_at"]
+        values = embedded_at[()] if embedded_at.shape == (N,) else None
+        if (values is None or (N and not (values.min() >= -1 and values.max() < T))
+                or not 0 <= mf.embedding["embeddable"] <= N):
+            raise CmdError(f"{mf.path}: corrupt mode file (embedding does not match N or T)")
     for spec in mf.layout.carried:
         if spec.name in dropped(mf.layout, mf.settings):
             continue
@@ -355,4 +391,5 @@ def summarize(path: str | Path) -> dict:
             "checkpoint_names": list(modes.names),
             "settings": modes.settings.to_json(),
             "online": None if modes.warmup is None else {"warmup": modes.warmup, "updates": modes.T - modes.warmup},
+            "embedding": embedding_summary(modes),
         }

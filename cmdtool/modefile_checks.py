@@ -22,6 +22,9 @@ import numpy as np
 from ._files import plain_name
 from .checkpoints import CheckpointInfo
 from .checkpoints.schema import is_plain
+from .decompose import label_dtype
+from .errors import CmdError
+from .modes import FitSettings
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # FitSettings fields and the JSON types they must have (ints are checked by FitSettings itself)
@@ -57,6 +60,20 @@ def parse_json_object(text: Any, what: str) -> dict:
     if not isinstance(value, dict):
         raise ValueError(f"{what} is not a JSON object")
     return value
+
+
+def read_settings(handle: h5py.File) -> tuple[FitSettings, int | None]:
+    """The fit settings (JSON of the right field types) and an online fit's ``warmup``."""
+    data = parse_json_object(handle.attrs["settings"], "settings")
+    check_settings(data)
+    try:
+        settings = FitSettings.from_json(data)
+    except CmdError as e:
+        raise ValueError(f"settings: {e}") from None
+    warmup = handle["online"].attrs["warmup"] if "online" in handle else None
+    if warmup is not None and not is_integer(warmup):
+        raise ValueError(f"online warmup {warmup!r} is not an integer")
+    return settings, warmup
 
 
 def check_settings(data: Mapping[str, Any]) -> None:
@@ -159,3 +176,14 @@ def check_info(info: CheckpointInfo, tensors: list[str], attachments, name: str)
 def is_integer(value: Any) -> bool:
     """An HDF5 attribute holding an integer (numpy or Python, not bool, not a float)."""
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def expected_bytes(modes) -> int:
+    """About the size of the mode file of ``modes``: its arrays, carried rows, attachments and text,
+    with room for HDF5's own structures."""
+    N, T = modes.layout.n_parameters, len(modes.time)
+    text = sum(len(i.to_json()) + len(n) for i, n in zip(modes.infos, modes.names)) + len(modes.layout.to_json())
+    carried = T * sum(spec.nbytes for spec in modes.layout.carried)
+    online = 4 * N if modes.online is not None else 0
+    return (N * (8 + label_dtype(modes.M).itemsize) + 4 * np.size(modes.references) + text + carried + online
+            + sum(len(data) for data in modes.attachments.values()) + 2**16)

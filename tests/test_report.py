@@ -128,7 +128,7 @@ def test_report_json_has_every_field(fitted):
     r = read_report(fitted.evaluated)
     assert list(r) == ["format", "format_version", "tool_version", "mode_file", "trajectory", "run", "fit",
                        "compactness", "per_checkpoint", "per_tensor", "modes", "baselines", "evaluation",
-                       "thresholds", "passed", "plots", "notes", "online"]
+                       "thresholds", "passed", "plots", "notes", "online", "embedding"]
     assert r["online"] is None  # a post-hoc fit
     assert (r["format"], r["format_version"], r["tool_version"]) == ("cmdtool-report", 1, cmdtool.__version__)
     summary = cmdtool.summarize(fitted.mode_file)

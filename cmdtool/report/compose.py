@@ -14,13 +14,13 @@ from ..version import __version__
 from ..decompose import correlation_matrix, sample_parameters
 from ..errors import CmdError
 from ..fitting import group_step, tile_width
-from ..modefile import ModeFile
+from ..modefile import ModeFile, embedding_summary
 from ..modes import model_values
 from ..progress import Progress
 from ..trajectory import TrajectoryStore, moving_parameters
 from . import metrics
 from . import candidates, selection_blocks
-from .document import blocks, notes
+from .document import blocks, embedding_note, notes
 from .evaluation import Evaluate, Requirement, Thresholds, run_evaluate
 from .metrics import PCA_RANKS
 from .selection import Selection
@@ -183,7 +183,8 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
     if evaluation is not None:
         files.update(selection_blocks.draw(plots, time, evaluation, folder, PLOTS))
 
-    report_notes = notes(layout, evaluation)
+    embedding = embedding_summary(modes)
+    report_notes = notes(layout, evaluation) + ([embedding_note(embedding, modes.names)] if embedding else [])
     if online:
         report_notes.append(f"Online fit (paper §3.3): the modes and references were found on the first {online['warmup']} "
                      f"checkpoints (up to {online['warmup_last']}, the dotted line in the error plot); "
@@ -199,7 +200,7 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
         "fit": fit, "compactness": compactness, "per_checkpoint": per_checkpoint, "per_tensor": per_tensor,
         "modes": mode_rows, "baselines": {"pca": baselines}, "evaluation": evaluation,
         "thresholds": threshold_rows, "passed": all(r["passed"] for r in threshold_rows),
-        "plots": files, "notes": report_notes, "online": online})
+        "plots": files, "notes": report_notes, "online": online, "embedding": embedding})
     return report, blocks(report)
 
 

@@ -8,6 +8,15 @@ from pathlib import Path
 from . import selection_blocks
 from .render import Heading, Image, Paragraph, Table
 
+def embedding_note(e: dict, names: list[str]) -> str:
+    """Embedded CMD (paper §3.4): how much was embedded, and when (``embedding.fraction`` in report.json)."""
+    steps = [f"{100 * f:.0f}% after {n}" for i, (f, n) in enumerate(zip(e["fraction"], names))
+             if f > 0 and (i == 0 or f != e["fraction"][i - 1])]
+    return (f"Embedded CMD (paper §3.4): {100 * e['embedded_fraction']:.1f}% of the {e['embeddable']:,} trainable "
+            f"parameters were embedded by the end (F = {e['warmup']}, L = {e['window']}, P = {e['percent']:g}%): "
+            + (", ".join(steps) if steps else "none") + ". Once embedded, a parameter follows a·r(t) + b exactly, "
+            "so its error before the embedding is what the frozen fit leaves.")
+
 
 def notes(layout, evaluation: dict | None) -> list[str]:
     notes = ["Errors are those of the weights `cmd reconstruct` writes: `a·r(t) + b` from the mode file's "

@@ -10,7 +10,7 @@ import numpy as np
 from ..checkpoints import discover
 from ..errors import CmdError
 from ..modefile import ModeFile
-from ..online import ONLINECMD_SOURCE
+from ..online import ONLINECMD_SOURCE, TRAINING_SOURCE
 from ..progress import Progress
 from ..stores import open_trajectory_store, prepare_store
 from ..trajectory import TrajectoryStore
@@ -29,8 +29,9 @@ def open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progress
         source = {"kind": "checkpoints", "checkpoints": str(Path(checkpoints).resolve()),
                   "trajectory": str(prepared.path), "trajectory_reused": prepared.reused}
     else:
-        if trajectory is None and settings.source == ONLINECMD_SOURCE:
-            raise CmdError(f"{modes.path}: written by OnlineCMD, which keeps no trajectory; pass --checkpoints DIR "
+        if trajectory is None and settings.source in (ONLINECMD_SOURCE, TRAINING_SOURCE):
+            writer = "OnlineCMD" if settings.source == ONLINECMD_SOURCE else "cmdtool.training"
+            raise CmdError(f"{modes.path}: written by {writer}, which keeps no trajectory; pass --checkpoints DIR "
                            f"with the checkpoints it observed, saved under the names it was given")
         path = Path(trajectory or settings.trajectory)
         if not path.exists():
