@@ -1,5 +1,6 @@
 """cmdtool: Correlation Mode Decomposition (CMD, ICLR 2024) of neural-network training checkpoints."""
 
+from ._interrupt import quiet_while_importing  # noqa: F401 - first: as the command line, Ctrl-C here is one line
 from .errors import CmdError
 from .fitting import fit_trajectory
 from .modefile import open_mode_file, summarize, write_mode_file

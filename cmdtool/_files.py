@@ -3,15 +3,58 @@ into place only when complete, so that a reader, a kill or a failure never leave
 
 from __future__ import annotations
 
+import fcntl
+import glob
 import os
+import re
 import shutil
+import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
+
+from .errors import CmdError
+
+LOCK_WAIT_S = 60.0  # how long a second writer of the same mode file waits for the first
 
 
 def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
-    """``.NAME.PID.TAG`` beside ``path``: hidden, unique to this process, same filesystem."""
+    """``.NAME.PID.TAG`` beside ``path``: hidden, unique to this process, same filesystem. Those
+    of ``path`` that a killed run left (``remove_stale``) are removed first."""
     path = Path(path)
+    remove_stale(path)
     return path.with_name(f".{path.name}.{os.getpid()}.{tag}")
+
+
+def remove_stale(path: Path) -> list[Path]:
+    """Remove the temporary siblings of ``path`` (``.NAME.PID.tmp`` / ``.old``, files or folders)
+    whose process is gone: left by a run that was killed (SIGKILL, a power cut). Only these names,
+    and never one of a live process (or of this one)."""
+    removed = []
+    try:
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.*"))
+    except OSError:
+        return removed
+    for candidate in candidates:
+        match = re.fullmatch(rf"\.{re.escape(path.name)}\.([0-9]{{1,10}})\.(tmp|old)", candidate.name)
+        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+            continue
+        try:
+            remove_path(candidate)
+            removed.append(candidate)
+        except OSError:
+            pass  # another run removed it first, or it is not ours to remove
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # someone else's process, or not a pid we can ask about: leave its files
+    return True
 
 
 def replace_path(tmp: Path, target: Path) -> None:
@@ -33,3 +76,49 @@ def remove_path(path: Path) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def plain_name(name: Any, what: str) -> str:
+    """A name that becomes one path component under the output folder: a non-empty string without
+    separators or NUL, not ``.`` or ``..``, at most 255 bytes."""
+    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name
+            or len(name.encode("utf-8", "surrogatepass")) > 255):
+        raise ValueError(f"{what} {str(name)[:80]!r} is not a plain file name")
+    return name
+
+
+@contextmanager
+def exclusive(path: Path, wait: float | None = None) -> Iterator[None]:
+    """Hold an advisory lock (``fcntl.flock``) on ``.NAME.lock`` beside ``path`` for a
+    read-modify-write of ``path`` (``cmd update``, ``cmd watch``): a second writer waits for the
+    first, then reads what the first wrote, instead of both writing and one change being lost.
+
+    The lock file is removed on release; a waiter that then holds the lock of a removed file sees
+    that the name no longer leads to it and locks afresh (the usual lock-file protocol)."""
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    wait = LOCK_WAIT_S if wait is None else wait
+    deadline = time.monotonic() + wait
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            if time.monotonic() >= deadline:
+                raise CmdError(f"{path}: another cmd update or cmd watch is writing it (waited {wait:g} s); "
+                               f"try again when it has finished") from None
+            time.sleep(0.05)
+            continue
+        try:
+            same = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the holder before us removed this file: lock the new one
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)

@@ -17,18 +17,19 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from .version import __version__
+from ._interrupt import restore as restore_interrupt
 from .checkpoints import discover
+from .cli_errors import OneLineErrors, finite
 from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary
 from .errors import CmdError
-from .modefile import open_mode_file
-from .modefile import summarize
+from .modefile import open_mode_file, summarize
 from .pipeline import fit as fit_folder
 from .pipeline import not_restored, reconstruct_checkpoints
 from .reconstruct import WRITE_FORMATS
+from .version import __version__
 
 app = typer.Typer(
-    name="cmd", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+    name="cmd", add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=OneLineErrors,
     rich_markup_mode="markdown",
     help="Correlation Mode Decomposition (CMD) of training checkpoints.\n\n"
          "CMD finds a few groups of parameters (modes) that move together during training and "
@@ -74,13 +75,16 @@ def in_cli_words(error: CmdError) -> str:
 
 
 @contextmanager
-def _errors_to_exit_code() -> Iterator[None]:
+def _errors_to_exit_code(output: Path | None = None) -> Iterator[None]:
+    """CmdError and OSError as one ``error:`` line, exit 2; an OSError that names no file (a write
+    that failed on a full disk, deep inside a library) is attributed to the command's ``output``."""
     try:
         yield
     except CmdError as e:
         raise _fail(in_cli_words(e)) from None
     except OSError as e:
-        raise _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
+        where = e.filename or output or ""
+        raise _fail(f"{where}: {e.strerror or e}".lstrip(": ")) from None
     except KeyboardInterrupt:
         _message("interrupted: no output was written")
         raise typer.Exit(130) from None
@@ -119,7 +123,7 @@ def fit(
         help="Most modes (M) to find, or auto (auto:MAX): the smallest M within 5 % of the smallest error of an "
              "error-vs-M curve (M = 1 … 20) measured on a second, independent parameter sample."),
     samples: int = typer.Option(1000, "--samples", "-k", min=1, help="Parameters sampled (K) to find the modes, layer-balanced."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the parameter sample."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the parameter sample."),
     refine: int = typer.Option(
         3, "--refine", metavar="P", min=0,
         help="Lloyd-style passes that re-pick each mode's reference from its members and reassign, lowering the "
@@ -152,7 +156,7 @@ def fit(
     unchanged folder. With --warmup F it is the paper's online CMD: the result equals fitting the
     first F checkpoints and then running cmd update with the rest.
     """
-    with _errors_to_exit_code():
+    with _errors_to_exit_code(output):
         result = fit_folder(checkpoint_dir, output, modes=modes, refine=refine, samples=samples, seed=seed,
                             start=start,
                             stop=stop, every=every, include=include, exclude=exclude, ema=ema,
@@ -233,7 +237,7 @@ def reconstruct(
     dtypes; integer buffers are restored exactly. Hugging Face checkpoints come back as
     checkpoint-<step>/ folders that from_pretrained loads.
     """
-    with _errors_to_exit_code():
+    with _errors_to_exit_code(output):
         paths = reconstruct_checkpoints(mode_file, output, at, force, progress=_progress, format=write_format)
         dropped = not_restored(mode_file, at, write_format)
     if dropped:
@@ -256,7 +260,7 @@ def update(
     an earlier or incompatible checkpoint is an error (exit 2) and the mode file is left untouched.
     The mode file is replaced atomically.
     """
-    with _errors_to_exit_code():
+    with _errors_to_exit_code(mode_file):
         from .online import update as update_mode_file
         result = update_mode_file(mode_file, checkpoints, progress=_progress)
     if result.skipped:
@@ -278,10 +282,11 @@ def watch(
     output: Path = typer.Option(..., "--output", "-o", help="Mode file to keep up to date (resumed when it exists)."),
     warmup: int = typer.Option(..., "--warmup", metavar="F", min=2, help="Fit the modes once F checkpoints exist; update with each later one."),
     until: Optional[int] = typer.Option(None, "--until", metavar="N", min=1, help="Stop once the mode file holds N checkpoints (default: until Ctrl-C)."),
-    interval: float = typer.Option(10.0, "--interval", metavar="S", min=0.0, help="Seconds between looks at the folder."),
+    interval: float = typer.Option(10.0, "--interval", metavar="S", min=0.0, max=86400.0, callback=finite,
+                                   help="Seconds between looks at the folder (at most a day)."),
     modes: int = typer.Option(10, "--modes", "-m", min=1, help="Most modes (M) to find."),
     samples: int = typer.Option(1000, "--samples", "-k", min=1, help="Parameters sampled (K) to find the modes, layer-balanced."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the parameter sample."),
+    seed: int = typer.Option(0, "--seed", min=0, help="Seed of the parameter sample."),
     include: List[str] = typer.Option([], "--include", metavar="GLOB", help="Model only tensors whose name matches this glob (repeatable)."),
     exclude: List[str] = typer.Option([], "--exclude", metavar="GLOB", help="Do not model tensors matching this glob (repeatable)."),
     trajectory: Optional[Path] = typer.Option(None, "--trajectory", help="Where to keep the warm-up's trajectory store. Default: $CMDTOOL_CACHE or ~/.cache/cmdtool."),
@@ -296,7 +301,7 @@ def watch(
     command again resumes. Stops on Ctrl-C (exit 130) or with --until.
     """
     from .online import watch as watch_folder
-    with _errors_to_exit_code():
+    with _errors_to_exit_code(output):
         try:
             watch_folder(checkpoint_dir, output, warmup=warmup, until=until, interval=interval, modes=modes,
                          samples=samples, seed=seed, include=include, exclude=exclude, trajectory=trajectory,
@@ -328,9 +333,13 @@ def report(
         False, "--candidates-only",
         help="Score the candidates at the last checkpoint only (no per-epoch curves, no selection)."),
     tail: List[int] = typer.Option([5, 10], "--tail", metavar="K", min=1, help="Tail averages of the last K checkpoints to compare (repeatable)."),
-    ema_decay: float = typer.Option(0.9, "--ema-decay", help="Decay of the EMA over checkpoints that is compared."),
-    max_rel_error: Optional[float] = typer.Option(None, "--max-rel-error", metavar="X", help="Fail (exit 1) when rel_error is above X."),
-    max_rel_error_displacement: Optional[float] = typer.Option(None, "--max-rel-error-displacement", metavar="X", help="Fail (exit 1) when rel_error_displacement is above X."),
+    ema_decay: float = typer.Option(0.9, "--ema-decay", callback=finite,
+        help="Decay of the EMA over checkpoints that is compared."),
+    max_rel_error: Optional[float] = typer.Option(None, "--max-rel-error", metavar="X", callback=finite,
+        help="Fail (exit 1) when rel_error is above X."),
+    max_rel_error_displacement: Optional[float] = typer.Option(
+        None, "--max-rel-error-displacement", metavar="X", callback=finite,
+        help="Fail (exit 1) when rel_error_displacement is above X."),
     require: List[str] = typer.Option([], "--require", metavar="METRIC>=VALUE", help="Fail (exit 1) unless an evaluated metric of the CMD weights at the last checkpoint meets this (>=, <=, >, <; repeatable; needs --eval)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of a summary."),
@@ -345,7 +354,7 @@ def report(
     validation and reports it on test.
     When GITHUB_STEP_SUMMARY is set, the summary is appended to it. Exit 1 when a threshold fails.
     """
-    with _errors_to_exit_code():
+    with _errors_to_exit_code(output):
         from .report import Thresholds, load_evaluate, make_report, parse_requirement
         thresholds = Thresholds(max_rel_error, max_rel_error_displacement, [parse_requirement(r) for r in require])
         function = load_evaluate(evaluate) if evaluate else None
@@ -372,4 +381,5 @@ def report(
 
 
 def main() -> None:
+    restore_interrupt()
     app()

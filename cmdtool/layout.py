@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterable, Mapping, Sequence
 
@@ -19,6 +20,13 @@ import numpy as np
 from .errors import CmdError
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+# Every dtype a layout may hold, with its size in bytes: the floats above are modelled, the rest
+# carried as raw bytes (torch dtype names). Anything else (quantized, sub-byte, unknown) is refused
+# when a checkpoint is read, and a mode file that names one is corrupt.
+DTYPE_SIZES = {"float16": 2, "bfloat16": 2, "float32": 4, "float64": 8,
+               "bool": 1, "uint8": 1, "int8": 1, "int16": 2, "uint16": 2, "int32": 4, "uint32": 4,
+               "int64": 8, "uint64": 8, "float8_e4m3fn": 1, "float8_e5m2": 1, "float8_e4m3fnuz": 1,
+               "float8_e5m2fnuz": 1, "float8_e8m0fnu": 1, "complex32": 4, "complex64": 8, "complex128": 16}
 
 
 @dataclass(frozen=True)
@@ -40,15 +48,21 @@ class TensorSpec:
     @property
     def nbytes(self) -> int:
         """Bytes of the tensor in its own dtype."""
-        return self.size * _itemsize(self.dtype)
+        return self.size * DTYPE_SIZES[self.dtype]
+
+    @property
+    def key(self) -> str:
+        """The HDF5 dataset name under which a carried tensor is stored (see ``dataset_key``)."""
+        return dataset_key(self.name)
 
 
-def _itemsize(dtype: str) -> int:
-    try:
-        return np.dtype(dtype).itemsize
-    except TypeError:  # bfloat16, float8_*: numpy has no such dtype
-        import torch
-        return torch.empty((), dtype=getattr(torch, dtype)).element_size()
+def dataset_key(name: str) -> str:
+    """A tensor name as one HDF5 link name: ``%`` and ``/`` percent-encoded, and ``""``, ``.``,
+    ``..`` prefixed with ``%``, so that a name can never address another object (``/W``) or a
+    group; lone surrogates (from odd pickles) become ``%uXXXX``. Ordinary names are unchanged."""
+    key = name.replace("%", "%25").replace("/", "%2F")
+    key = re.sub("[\ud800-\udfff]", lambda m: f"%u{ord(m.group()):04X}", key)
+    return "%" + key if key in ("", ".", "..") else key
 
 
 @dataclass(frozen=True)
@@ -86,19 +100,50 @@ class Layout:
 
     @classmethod
     def from_json(cls, text: str) -> "Layout":
-        specs = tuple(TensorSpec(name, tuple(shape), dtype, bool(modelled), int(offset))
-                      for name, shape, dtype, modelled, offset in json.loads(text))
-        layout = cls(specs)
+        """Parse and check a stored layout; anything malformed is a ValueError (the caller names the file)."""
+        try:
+            entries = json.loads(text)
+        except RecursionError:
+            raise ValueError("layout nested too deeply") from None
+        if not isinstance(entries, list):
+            raise ValueError("layout is not a list")
+        specs = []
+        for entry in entries:
+            if not (isinstance(entry, list) and len(entry) == 5):
+                raise ValueError(f"layout entry {str(entry)[:80]!r} is not [name, shape, dtype, modelled, offset]")
+            name, shape, dtype, modelled, offset = entry
+            if (not isinstance(name, str) or not isinstance(shape, list)
+                    or not all(_is_int(d) and d >= 0 for d in shape)
+                    or not isinstance(modelled, bool) or not _is_int(offset)):
+                raise ValueError(f"layout entry for tensor {str(name)[:80]!r} has fields of the wrong type")
+            if dtype not in DTYPE_SIZES or (modelled and dtype not in FLOAT_DTYPES):
+                raise ValueError(f"tensor {name!r} has dtype {str(dtype)[:40]!r}, not one of {', '.join(DTYPE_SIZES)}"
+                                 + (" (modelled tensors are floating point)" if dtype in DTYPE_SIZES else ""))
+            specs.append(TensorSpec(name, tuple(shape), dtype, modelled, offset))
+        layout = cls(tuple(specs))
         layout.validate()
         return layout
 
     def validate(self) -> None:
-        """Offsets must tile ``0 .. N`` exactly; refuse a layout that does not (corrupt file)."""
-        expected = 0
-        for spec in self.modelled:
-            if spec.offset != expected or any(d < 0 for d in spec.shape):
+        """Offsets must tile ``0 .. N`` exactly, names be unique and carried offsets -1; refuse a
+        layout that does not (corrupt file)."""
+        expected, names = 0, set()
+        for spec in self.tensors:
+            if spec.name in names:
+                raise ValueError(f"tensor {spec.name!r} appears twice in the layout")
+            names.add(spec.name)
+            if any(d < 0 for d in spec.shape) or (not spec.modelled and spec.offset != -1):
                 raise ValueError(f"inconsistent layout at tensor {spec.name!r}")
-            expected += spec.size
+            if spec.modelled:
+                if spec.offset != expected:
+                    raise ValueError(f"inconsistent layout at tensor {spec.name!r}")
+                expected += spec.size
+            if spec.size >= 2**62:
+                raise ValueError(f"tensor {spec.name!r} declares {spec.size} elements")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def select(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:

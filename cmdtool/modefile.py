@@ -49,14 +49,15 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from .version import __version__
+from . import modefile_checks as checks
 from ._files import temporary_sibling
-from ._hdf5 import read_strings, read_text, write_text
+from ._hdf5 import check_space, read_strings, read_text, write_text
 from .checkpoints import CheckpointInfo
 from .decompose import label_dtype
 from .errors import CmdError
-from .layout import Layout
+from .layout import Layout, dataset_key
 from .modes import CarriedRows, FitMetrics, FitSettings, Modes, OnlineInfo, dropped
+from .version import __version__
 
 FORMAT = "cmdtool-modes"
 FORMAT_VERSION = 1
@@ -83,6 +84,7 @@ def write_mode_file(path: Path, modes: Modes) -> Path:
     tmp = temporary_sibling(path)
     try:
         with h5py.File(tmp, "w") as f:
+            check_space(tmp, checks.expected_bytes(modes), path)
             _write(f, modes)
         os.replace(tmp, path)
     finally:
@@ -108,7 +110,7 @@ def _write(f: h5py.File, modes: Modes) -> None:
             continue  # --drop-unmodelled
         rows = modes.carried[spec.name]
         if isinstance(rows, CarriedRows):
-            dataset = carried.create_dataset(spec.name, shape=rows.shape, dtype=np.uint8)
+            dataset = carried.create_dataset(spec.key, shape=rows.shape, dtype=np.uint8)
             row = 0
             for block in rows.blocks():
                 dataset[row:row + len(block)] = block
@@ -116,7 +118,7 @@ def _write(f: h5py.File, modes: Modes) -> None:
             if row != rows.shape[0]:
                 raise ValueError(f"carried tensor {spec.name!r}: wrote {row} rows, expected {rows.shape[0]}")
         else:
-            carried.create_dataset(spec.name, data=rows)
+            carried.create_dataset(spec.key, data=rows)
     for digest, data in modes.attachments.items():
         f.require_group("attachments").create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
     if modes.online is not None:
@@ -187,7 +189,7 @@ class ModeFile:
 
     def carried(self, name: str) -> np.ndarray:
         """A carried tensor's raw bytes at every checkpoint, ``(T, nbytes)`` uint8."""
-        return self.handle["carried"][name][()]
+        return self.handle["carried"][dataset_key(name)][()]
 
     def embedded_at(self) -> np.ndarray | None:
         """Embedded CMD: per parameter the checkpoint position after which it was embedded (-1 never)."""
@@ -202,11 +204,11 @@ class ModeFile:
 
     def carried_row(self, name: str, index: int) -> np.ndarray:
         """A carried tensor's raw bytes at checkpoint ``index``."""
-        return self.handle["carried"][name][index]
+        return self.handle["carried"][dataset_key(name)][index]
 
     def carried_rows(self, name: str) -> CarriedRows:
         """A carried tensor's rows, read in blocks of ``CARRIED_BLOCK_BYTES`` when written out."""
-        dataset = self.handle["carried"][name]
+        dataset = self.handle["carried"][dataset_key(name)]
 
         def blocks() -> Iterator[np.ndarray]:
             step = max(1, CARRIED_BLOCK_BYTES // max(1, dataset.shape[1]))
@@ -264,29 +266,39 @@ def open_mode_file(path: Path) -> ModeFile:
     try:
         if handle.attrs.get("format") != FORMAT:
             raise CmdError(f"{path}: not a cmdtool mode file")
-        version = int(handle.attrs.get("format_version", -1))
+        version = handle.attrs.get("format_version", -1)
+        if not checks.is_integer(version):
+            shown = version.item() if isinstance(version, np.generic) else version
+            raise CmdError(f"{path}: corrupt mode file (format_version {shown!r} is not an integer)")
         if version != FORMAT_VERSION:
             raise CmdError(f"{path}: mode-file format version {version} is not supported "
                            f"(this cmdtool reads version {FORMAT_VERSION}; upgrade cmdtool)")
+        version = int(version)
+        checks.check_storage(handle, path.stat().st_size)
+        settings, warmup = checks.read_settings(handle)
         mode_file = ModeFile(
             path=path, handle=handle, layout=Layout.from_json(read_text(handle, "layout")),
             references=handle["references"][()], reference_offset=handle["reference_offset"][()],
             reference_scale=handle["reference_scale"][()], reference_index=handle["reference_index"][()],
             time=handle["time"][()], names=read_strings(handle, "checkpoints"),
             infos=[CheckpointInfo.from_json(s) for s in read_strings(handle, "checkpoint_info")],
-            mode_sizes=handle["mode_sizes"][()], settings=FitSettings.from_json(json.loads(handle.attrs["settings"])),
-            metrics=FitMetrics.from_json(json.loads(handle.attrs["metrics"])), format_version=version,
-            tool_version=str(handle.attrs.get("tool_version", "?")),
-            warmup=int(handle["online"].attrs["warmup"]) if "online" in handle else None,
-            embedding=_embedding_attributes(handle))
+            mode_sizes=handle["mode_sizes"][()], settings=settings,
+            metrics=FitMetrics.from_json(checks.parse_json_object(handle.attrs["metrics"], "metrics")),
+            format_version=version, tool_version=str(handle.attrs.get("tool_version", "?")),
+            warmup=None if warmup is None else int(warmup), embedding=_embedding_attributes(handle))
         _validate(mode_file)
+        checks.check_contents(mode_file)
         return mode_file
     except CmdError:
         handle.close()
         raise
-    except (KeyError, ValueError, TypeError, OSError) as e:
+    except ValueError as e:
         handle.close()
-        raise CmdError(f"{path}: corrupt mode file ({type(e).__name__}: {e})") from None
+        raise CmdError(f"{path}: corrupt mode file ({e})") from None
+    except (KeyError, TypeError, OSError, AttributeError, RecursionError, OverflowError) as e:
+        handle.close()
+        text = " ".join(str(e).split())[:200]
+        raise CmdError(f"{path}: corrupt mode file ({type(e).__name__}: {text})") from None
 
 
 EMBEDDING_ATTRIBUTES = {"warmup": int, "window": int, "percent": float, "relative": bool, "embeddable": int}
@@ -345,7 +357,7 @@ def _validate(mf: ModeFile) -> None:
     for spec in mf.layout.carried:
         if spec.name in dropped(mf.layout, mf.settings):
             continue
-        if spec.name not in h["carried"] or h["carried"][spec.name].shape[0] != T:
+        if spec.key not in h["carried"] or h["carried"][spec.key].shape != (T, spec.nbytes):
             raise CmdError(f"{mf.path}: corrupt mode file (carried tensor {spec.name!r} missing)")
     for info in mf.infos:
         for name, digest in info.files.items():

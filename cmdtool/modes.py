@@ -57,6 +57,7 @@ class FitSettings:
     auto_modes: int | None = None
     refine: int = REFINE
     drop_unmodelled: bool = False
+    trajectory_fingerprint: str = ""  # of the store fitted on: report and update refuse a store rebuilt since
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "include", tuple(self.include))
@@ -80,7 +81,8 @@ class FitSettings:
         """The JSON object stored in the mode file (``warmup`` only for an online fit)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
-        for name, default in (("warmup", None), ("auto_modes", None), ("refine", 0), ("drop_unmodelled", False)):
+        for name, default in (("warmup", None), ("auto_modes", None), ("refine", 0), ("drop_unmodelled", False),
+                              ("trajectory_fingerprint", "")):
             if out[name] == default:  # absent as in files written before these options
                 del out[name]
         return out

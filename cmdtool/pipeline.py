@@ -101,7 +101,8 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int | str = 10
         return FitResult(output, prepared.path, prepared.reused, summarize(output), prepared.discovery)
     prepared = prepare_store(checkpoint_dir, start=start, stop=stop, every=every, include=include,
                              exclude=exclude, ema=ema, trajectory=trajectory, force=force, progress=progress)
-    settings = settings.replace(trajectory=str(prepared.path.resolve()))
+    settings = settings.replace(trajectory=str(prepared.path.resolve()),
+                                trajectory_fingerprint=prepared.store.fingerprint)
     if warmup is not None:
         result = fit_warmup(prepared.store, settings, tile_columns, progress)
     else:

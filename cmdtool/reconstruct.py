@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from ._lazy import torch  # imported on first use
 
-from ._files import remove_path, replace_path, temporary_sibling
+from ._files import plain_name, remove_path, replace_path, temporary_sibling
 from .checkpoints import CHECKPOINT_SUFFIXES, CheckpointInfo, write_checkpoint
 from .checkpoints.formats import NUMPY_DTYPES  # written without importing torch, which takes longer than the work
 from .errors import CmdError
@@ -114,32 +115,48 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
     (``fmt="safetensors"``: as plain safetensors files, see ``output_plan``).
 
     All files (and Hugging Face folders) go to temporary names first and are renamed into place
-    only when every one is written; nothing existing is overwritten without ``force``.
+    only when every one is written; nothing existing is overwritten without ``force``, and nothing
+    outside ``out_dir`` is ever created, replaced or deleted: every name is one plain file name
+    (``open_mode_file`` checks that too), two checkpoints never share one, links are not replaced.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise CmdError(f"{out_dir}: is a file, expected an output folder")
     plans = [output_plan(modes.names[i], modes.infos[i], fmt) for i in indices]
-    targets = [out_dir / name for name, _, _ in plans]
+    targets = []
+    for name, _, _ in plans:
+        try:
+            targets.append(out_dir / plain_name(name, "checkpoint name"))
+        except ValueError as e:
+            raise CmdError(f"{modes.path}: {e}; refusing to write outside {out_dir}") from None
     for target, (_, info, _) in zip(targets, plans):
+        if targets.count(target) > 1:
+            raise CmdError(f"{target}: two checkpoints would be written under this name")
+        if target.is_symlink():
+            raise CmdError(f"{target}: is a symbolic link; cmdtool does not replace links (remove it first)")
         if target.is_dir() and not info.is_folder:
             raise CmdError(f"{target}: is a directory")
         if target.exists() and not force:
             raise CmdError(f"{target}: already exists (use --force to overwrite)")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     parameters = modes.parameters() if len(indices) > 1 else None  # read once for many checkpoints
     written: list[tuple[Path, Path]] = []
+    done = False
     try:
         for i, target, (_, info, _) in zip(indices, targets, plans):
             tmp = temporary_sibling(target)
             written.append((tmp, target))
             as_arrays = info.format == "safetensors" and not info.is_folder and _numpy_dtypes_only(modes)
             write_checkpoint(tmp, (arrays_at if as_arrays else state_dict_at)(modes, i, parameters), info,
-                             modes.attachment)
+                             modes.attachment, shown=target)
             advance(1)
         for tmp, target in written:
             replace_path(tmp, target)
+        done = True
     finally:
         for tmp, _ in written:
             remove_path(tmp)
+        if created and not done:
+            shutil.rmtree(out_dir, ignore_errors=True)  # it was made for this run, and holds nothing of it
     return targets

@@ -167,14 +167,14 @@ def build_sharded(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequ
         with h5py.File(tmp / INDEX, "w") as f:
             carried, attachments = f.create_group("carried"), f.create_group("attachments")
             for spec in layout.carried:
-                carried.create_dataset(spec.name, shape=(len(checkpoints), spec.nbytes), dtype="u1")
+                carried.create_dataset(spec.key, shape=(len(checkpoints), spec.nbytes), dtype="u1")
             for t, c in enumerate(checkpoints):
                 with c.open(ema) as reader:
                     for digest, data in reader.attachments.items():
                         if digest not in attachments:
                             attachments.create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
                     for spec in layout.carried:
-                        carried[spec.name][t] = reader.raw_bytes(spec.name)
+                        carried[spec.key][t] = reader.raw_bytes(spec.name)
             f.create_dataset("bounds", data=bounds)
             f.create_dataset("time", data=np.array([c.time for c in checkpoints], dtype=np.int64))
             f.create_dataset("names", data=[c.name for c in checkpoints], dtype=h5py.string_dtype())

@@ -64,10 +64,13 @@ def store_of(checkpoints: Sequence[Checkpoint], checkpoint_dir: Path, *, include
     if store_path.is_dir():
         raise CmdError(f"{store_path}: is a directory, expected a trajectory-store file path")
     key = fingerprint(checkpoints, include, exclude, ema)
+    present = store_path.exists()  # before the fingerprint: a store another fit renames in meanwhile is no stranger
     existing = store_fingerprint(store_path)
     if existing == key:
-        return open_store(store_path), store_path, True
-    if store_path.exists() and existing is None and not force:
+        store = open_store(store_path)
+        if store.fingerprint == key:  # still the same file (another fit may have replaced it meanwhile)
+            return store, store_path, True
+    if present and existing is None and not force:
         raise CmdError(f"{store_path}: exists and is not a cmdtool trajectory store (use --force to replace it)")
     store_path.parent.mkdir(parents=True, exist_ok=True)
     with progress("checking checkpoints", len(checkpoints)) as advance:

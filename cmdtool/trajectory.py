@@ -23,10 +23,10 @@ import h5py
 import numpy as np
 
 from ._files import temporary_sibling
-from ._hdf5 import read_strings, read_text, write_text
+from ._hdf5 import check_space, read_strings, read_text, write_text
 from .checkpoints import Checkpoint, CheckpointInfo
 from .errors import CmdError
-from .layout import Layout, build_layout, check_same_tensors
+from .layout import Layout, build_layout, check_same_tensors, dataset_key
 
 STORE_KIND = "cmdtool-trajectory"
 STORE_VERSION = 2  # 2: attachments, --ema
@@ -110,38 +110,58 @@ def moving_parameters(W, tile_columns: int = 1 << 20) -> np.ndarray:
 
 @dataclass
 class TrajectoryStore(Trajectory):
-    """A trajectory store on disk (see the module docstring); ``W`` is a read-only memory map."""
+    """A trajectory store on disk (see the module docstring); ``W`` is a read-only memory map.
+
+    Everything is read through the file opened by ``open_store`` (``handle``, and ``W`` mapped from
+    the same descriptor), never by path again: another process may replace the store at ``path``
+    meanwhile (a fit of another selection of the folder), and a fit must not mix two stores."""
     path: Path | None = None
+    fingerprint: str = ""
+    handle: h5py.File | None = None
 
     def carried(self, name: str) -> np.ndarray:
-        with h5py.File(self.path, "r") as f:
-            return f["carried"][name][()]
+        if self.handle is None:  # a store made without open_store
+            with h5py.File(self.path, "r") as f:
+                return f["carried"][dataset_key(name)][()]
+        return self.handle["carried"][dataset_key(name)][()]
 
     def attachments(self) -> dict[str, bytes]:
-        with h5py.File(self.path, "r") as f:
-            group = f.get("attachments", {})
-            return {digest: group[digest][()].tobytes() for digest in group}
+        if self.handle is None:
+            with h5py.File(self.path, "r") as f:
+                group = f.get("attachments", {})
+                return {digest: group[digest][()].tobytes() for digest in group}
+        group = self.handle.get("attachments", {})
+        return {digest: group[digest][()].tobytes() for digest in group}
 
 
 def open_store(path: Path) -> TrajectoryStore:
     """Open a complete store read-only; raise CmdError if it is not one."""
+    f = None
     try:
-        with h5py.File(path, "r") as f:
-            if f.attrs.get("kind") != STORE_KIND or not f.attrs.get("complete"):
-                raise CmdError(f"{path}: not a complete cmdtool trajectory store")
-            layout = Layout.from_json(read_text(f, "layout"))
-            time = f["time"][()]
-            names = read_strings(f, "names")
-            infos = [CheckpointInfo.from_json(s) for s in read_strings(f, "infos")]
-            varies = f["varies"][()].astype(bool)
-            ds = f["W"]
-            shape, offset = ds.shape, ds.id.get_offset()
-    except (OSError, KeyError, ValueError) as e:
+        f = h5py.File(path, "r")
+        if f.attrs.get("kind") != STORE_KIND or not f.attrs.get("complete"):
+            raise CmdError(f"{path}: not a complete cmdtool trajectory store")
+        layout = Layout.from_json(read_text(f, "layout"))
+        time = f["time"][()]
+        names = read_strings(f, "names")
+        infos = [CheckpointInfo.from_json(s) for s in read_strings(f, "infos")]
+        varies = f["varies"][()].astype(bool)
+        ds = f["W"]
+        shape, offset = ds.shape, ds.id.get_offset()
+        if offset is None or shape != (len(names), layout.n_parameters):
+            raise CmdError(f"{path}: trajectory store is inconsistent")
+        with os.fdopen(os.dup(f.id.get_vfd_handle()), "rb") as same_file:  # the inode h5py opened
+            W = np.memmap(same_file, dtype="<f4", mode="r", offset=offset, shape=shape)
+        return TrajectoryStore(layout, time, names, infos, varies, W, path=Path(path),
+                               fingerprint=str(f.attrs.get("fingerprint", "")), handle=f)
+    except CmdError:
+        if f is not None:
+            f.close()
+        raise
+    except (OSError, KeyError, ValueError, TypeError) as e:
+        if f is not None:
+            f.close()
         raise CmdError(f"{path}: not a readable cmdtool trajectory store ({e})") from None
-    if offset is None or shape != (len(names), layout.n_parameters):
-        raise CmdError(f"{path}: trajectory store is inconsistent")
-    W = np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=shape)
-    return TrajectoryStore(layout, time, names, infos, varies, W, path=Path(path))
 
 
 def store_fingerprint(path: Path) -> str | None:
@@ -222,12 +242,13 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            check_space(tmp, 4 * T * N + T * sum(spec.nbytes for spec in layout.carried) + 2**16, path)
             h5py.h5d.create(f.id, b"W", h5py.h5t.IEEE_F32LE, h5py.h5s.create_simple((T, N)), dcpl=dcpl)
             offset = f["W"].id.get_offset()
             carried = f.create_group("carried")
             attachments = f.create_group("attachments")
             for spec in layout.carried:
-                carried.create_dataset(spec.name, shape=(T, spec.nbytes), dtype="u1")
+                carried.create_dataset(spec.key, shape=(T, spec.nbytes), dtype="u1")
             varies = np.zeros(N, dtype=bool)
             # Rows go in as plain sequential writes, one per tensor (no page faults on a writable
             # map); the first row is read back through a read-only map to find what varies.
@@ -245,7 +266,7 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
                             if t > 0 and not varies[spec.columns].all():  # once moved, always varies
                                 varies[spec.columns] |= row != first_row[spec.columns]
                         else:
-                            carried[spec.name][t] = reader.raw_bytes(spec.name)
+                            carried[spec.key][t] = reader.raw_bytes(spec.name)
                 if t == 0:
                     first_row = np.memmap(tmp, dtype="<f4", mode="r", offset=offset, shape=(N,))
                 advance(1)
@@ -256,7 +277,9 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             f.create_dataset("infos", data=[i.to_json() for i in infos], dtype=h5py.string_dtype())
             write_text(f, "layout", layout.to_json())
             f.attrs.update(kind=STORE_KIND, version=STORE_VERSION, fingerprint=fingerprint_, complete=True)
+        store = open_store(tmp)  # opened before the rename: this store, whatever replaces it at ``path`` later
+        store.path = path
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return open_store(path)
+    return store

@@ -104,3 +104,8 @@ def error_line(result) -> str:
     assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
     assert lines[0].startswith("error: "), lines[0]
     return lines[0].removeprefix("error: ")
+
+
+def snapshot(root: Path) -> dict:
+    """Every file under ``root`` with its size and modification time: what a failed run must not change."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file()}

@@ -16,7 +16,7 @@ from cmdtool.errors import CmdError
 from cmdtool.modefile import open_mode_file, write_mode_file
 from cmdtool.modes import FitMetrics, FitSettings, model_values
 from cmdtool.stores import prepare_store
-from cmdtool.trajectory import InMemoryTrajectory, moving_parameters
+from cmdtool.trajectory import InMemoryTrajectory, moving_parameters, open_store
 
 
 def datasets(path) -> dict:
@@ -43,14 +43,16 @@ def test_fit_writes_the_modes_of_fit_trajectory_and_its_settings(tmp_path, run_d
     result = cmdtool.fit(run_dir, out, modes=3, samples=200, seed=2, trajectory=store_path)
     assert result.mode_file == out and result.trajectory == store_path and not result.trajectory_reused
     assert result.summary == cmdtool.summarize(out)
+    store_fingerprint = open_store(store_path).fingerprint  # the store fitted on (issue 11: report checks it)
     settings = FitSettings(modes=3, samples=200, seed=2, source=str(run_dir.resolve()),
-                           trajectory=str(store_path.resolve()))
+                           trajectory=str(store_path.resolve()), trajectory_fingerprint=store_fingerprint)
     with open_mode_file(out) as modes:
         assert modes.settings == settings
         assert datasets(out)["settings"] == {
             "modes": 3, "samples": 200, "seed": 2, "start": None, "stop": None, "every": 1, "include": [],
             "exclude": [], "ema": False, "sampling": "layer-balanced", "source": str(run_dir.resolve()),
-            "trajectory": str(store_path.resolve()), "refine": 3}  # refine: written unless 0 (the paper's)
+            "trajectory": str(store_path.resolve()), "refine": 3,  # refine: written unless 0 (the paper's)
+            "trajectory_fingerprint": store_fingerprint}
     prepared = prepare_store(run_dir, trajectory=store_path)
     assert prepared.reused
     direct = tmp_path / "direct.cmd.h5"

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import cmdtool
+from cmdtool.errors import CmdError
 from cmdtool.modefile import open_mode_file
 from cmdtool.report import parse_requirement
 from helpers import cmd, error_line, ok, plant, write_run
@@ -460,17 +461,21 @@ def test_one_failed_threshold_fails_the_run(fitted, runner, tmp_path):
     assert report["thresholds"][0]["value"] == error
 
 
-@pytest.mark.parametrize(
-    "text, expected",
-    [
-        ("accuracy>=0.9", ("--require accuracy>=0.9", "accuracy", ">=", 0.9)),
-        (" loss <= 1e-2 ", ("--require loss <= 1e-2", "loss", "<=", 0.01)),
-        ("top1>-inf", ("--require top1>-inf", "top1", ">", -math.inf)),
-        ("x<3", ("--require x<3", "x", "<", 3.0)),
-    ],
-)
+@pytest.mark.parametrize("text, expected", [
+    ("accuracy>=0.9", ("--require accuracy>=0.9", "accuracy", ">=", 0.9)),
+    (" loss <= 1e-2 ", ("--require loss <= 1e-2", "loss", "<=", 0.01)),
+    ("x<3", ("--require x<3", "x", "<", 3.0)),
+])
 def test_parse_requirement(text, expected):
     assert tuple(parse_requirement(text)) == expected
+
+
+@pytest.mark.parametrize("text", ["top1>-inf", "s<inf", "s<Infinity", "s>nan", "s<1e999"])
+def test_requirement_threshold_must_be_finite(text):
+    """An infinite threshold cannot be written into report.json and compares nothing (issue 11)."""
+    with pytest.raises(CmdError) as caught:
+        parse_requirement(text)
+    assert str(caught.value) == f"--require {text!r}: the threshold must be a finite number"
 
 
 # 5. bad input: exit 2, one error line, no report folder

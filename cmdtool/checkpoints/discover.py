@@ -61,7 +61,8 @@ class Checkpoint:
         if self.folder is None:
             return CheckpointReader(self.path, self.format, ema)
         if ema:
-            raise CmdError(f"{self.path}: --ema applies to timm checkpoints (state_dict_ema); this is a Hugging Face folder")
+            raise CmdError(f"{self.path}: --ema applies to timm checkpoints (state_dict_ema); "
+                           f"this is a Hugging Face folder")
         return FolderReader(self.path, self.format, self.folder)
 
 
@@ -81,10 +82,23 @@ class Discovery:
     warnings: list[str] = field(default_factory=list)
 
 
+INT64_MAX = 2**63 - 1  # times are stored as int64
+_DIGITS = re.compile(r"([0-9]+)")  # ASCII digits only: "²" or "١" are letters here, never numbers
+
+
 def natural_key(name: str) -> list:
-    """Sort key that orders ``epoch_2`` before ``epoch_10``."""
-    return [(0, int(part), "") if part.isdigit() else (1, 0, part)
-            for part in re.split(r"(\d+)", name) if part]
+    """Sort key that orders ``epoch_2`` before ``epoch_10`` (numbers of any length compare by value
+    without converting them)."""
+    return [(0, len(part.lstrip("0")), part.lstrip("0"), part) if _DIGITS.fullmatch(part) else (1, 0, part, "")
+            for part in _DIGITS.split(name) if part]
+
+
+def parse_time(text: str) -> int | None:
+    """A time written as ASCII digits that fits int64, else None."""
+    if not (isinstance(text, str) and _DIGITS.fullmatch(text)) or len(text.lstrip("0")) > 19:
+        return None
+    value = int(text)
+    return value if value <= INT64_MAX else None
 
 
 def _stem(name: str) -> str:
@@ -95,9 +109,11 @@ def _stem(name: str) -> str:
 
 
 def name_number(name: str) -> int | None:
-    """The last number in a checkpoint's name without its suffix (``epoch_12.pt`` → 12), if any."""
-    numbers = re.findall(r"\d+", _stem(name))
-    return int(numbers[-1]) if numbers else None
+    """The last number in a checkpoint's name without its suffix (``epoch_12.pt`` → 12), if any
+    (ASCII digits; a number beyond int64 is none: such names are ordered by position, which is
+    their natural order)."""
+    numbers = _DIGITS.findall(_stem(name))
+    return parse_time(numbers[-1]) if numbers else None
 
 
 def times_from_names(names: list[str]) -> list[int] | None:
@@ -108,9 +124,15 @@ def times_from_names(names: list[str]) -> list[int] | None:
 
 def candidate_entries(folder: Path) -> list[Path]:
     """The entries of ``folder`` that may be checkpoints, in natural order: folders and files with a
-    checkpoint suffix, hidden names (temporary files) left out."""
-    return [p for p in sorted(folder.iterdir(), key=lambda p: natural_key(p.name))
-            if not p.name.startswith(".") and (p.name.endswith(CHECKPOINT_SUFFIXES) or p.is_dir())]
+    checkpoint suffix, hidden names (temporary files) left out. One whose name is not UTF-8 is
+    refused: it could not be recorded in a mode file."""
+    entries = [p for p in sorted(folder.iterdir(), key=lambda p: natural_key(p.name))
+               if not p.name.startswith(".") and (p.name.endswith(CHECKPOINT_SUFFIXES) or p.is_dir())]
+    for path in entries:
+        if not _is_utf8(path.name):
+            raise CmdError(f"{folder}: entry {ascii(path.name)}: the name is not valid UTF-8, so it cannot "
+                           f"be recorded in a mode file; rename it")
+    return entries
 
 
 def skip_reason(name: str) -> str | None:
@@ -167,14 +189,24 @@ class _Found:
 
 
 def _int_values(values: dict, keys=STORED_TIME_KEYS) -> dict[str, int]:
+    """The stored times among ``values``: ints, or strings of ASCII digits (safetensors metadata),
+    within int64; other values are not times."""
     out = {}
     for key in keys:
         value = values.get(key)
-        if isinstance(value, str) and value.isdigit():  # safetensors metadata holds strings
-            value = int(value)
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, str):
+            value = parse_time(value)
+        if isinstance(value, int) and not isinstance(value, bool) and -INT64_MAX <= value <= INT64_MAX:
             out[key] = value
     return out
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:  # os.listdir gives undecodable bytes as lone surrogates
+        return False
+    return True
 
 
 def _examine_file(path: Path) -> _Found:

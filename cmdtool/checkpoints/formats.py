@@ -25,9 +25,13 @@ from safetensors import safe_open
 
 from .._lazy import torch  # imported on first use
 from ..errors import CmdError
+from ..layout import DTYPE_SIZES
 from .schema import EMA_KEY, TRAINING_STATE_KEYS, WRAPPER_KEYS, CheckpointInfo, is_plain
+from .untrusted import check_tensor, check_zip_records
 
 Signature = dict[str, tuple[tuple[int, ...], str]]
+# torch 2.13 words a refused global either way, depending on whether its module is blocked outright
+_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -66,13 +70,20 @@ class CheckpointReader:
         except CmdError:
             raise
         except pickle.UnpicklingError as e:
-            unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+            unsafe = _UNSAFE_GLOBAL.search(str(e))
             if unsafe is None:
-                raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt ({_first_sentence(e)})") from None
+                raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt "
+                               f"({_first_sentence(e)})") from None
             raise CmdError(f"{path}: refused: the file holds a pickled {unsafe.group(1)}, and loading it "
                            f"could run code; keep only tensors and plain values in checkpoints") from None
+        except RecursionError:
+            raise CmdError(f"{path}: refused: values nested too deeply to read safely") from None
         except Exception as e:  # torch and safetensors raise assorted types on corrupt input
             raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt ({_first_sentence(e)})") from None
+        for name, (_, dtype) in self.signature.items():
+            if dtype not in DTYPE_SIZES:
+                raise CmdError(f"{path}: tensor {name!r} has dtype {dtype}, which cmdtool cannot carry or model "
+                               f"(supported: {', '.join(DTYPE_SIZES)})")
 
     def _open_safetensors(self) -> None:
         if self.ema:
@@ -93,6 +104,7 @@ class CheckpointReader:
     def _open_torch(self) -> None:
         with warnings.catch_warnings():  # torch warns about odd pickles; the error says what matters
             warnings.simplefilter("ignore")
+            check_zip_records(self.path)
             try:
                 if self.path.name.endswith(".safetensors"):  # torch.load would route it by name
                     with open(self.path, "rb") as f:
@@ -104,6 +116,8 @@ class CheckpointReader:
                     raise
                 obj = torch.load(self.path, map_location="cpu", weights_only=True)  # legacy format
         self._state, self.info = unwrap_state_dict(obj, self.path, self.ema)
+        for name, t in self._state.items():
+            check_tensor(self.path, name, t)
         self.signature = {name: (tuple(t.shape), dtype_name(t.dtype)) for name, t in self._state.items()}
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -198,6 +212,8 @@ def read_json(path: Path) -> dict:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CmdError(f"{path}: not readable JSON ({_first_sentence(e)})") from None
+    except RecursionError:
+        raise CmdError(f"{path}: refused: JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise CmdError(f"{path}: expected a JSON object")
     return value
@@ -208,9 +224,12 @@ def _first_sentence(error: Exception) -> str:
     return f"{type(error).__name__}: {text.split('. ')[0].rstrip('.')[:200]}"
 
 
+# safetensors dtype codes -> torch dtype names; other codes (F4, F6_*) are refused by name
 _SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
                        "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "U8": "uint8",
-                       "BOOL": "bool"}
+                       "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
+                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
+                       "C64": "complex64"}
 # dtypes numpy represents as they are (safetensors' numpy reader refuses bfloat16 and float8)
 NUMPY_DTYPES = frozenset(("bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
                           "float16", "float32", "float64"))
@@ -226,7 +245,8 @@ def unwrap_state_dict(obj: Any, path: Path, ema: bool = False) -> tuple[dict[str
     (timm's ``state_dict_ema`` when ``ema``)."""
     if ema:
         if not (isinstance(obj, Mapping) and _is_state_dict(obj.get(EMA_KEY))):
-            raise CmdError(f"{path}: --ema: no {EMA_KEY} in this checkpoint (timm writes it when trained with --model-ema)")
+            raise CmdError(f"{path}: --ema: no {EMA_KEY} in this checkpoint "
+                           f"(timm writes it when trained with --model-ema)")
         return _unwrap(obj, EMA_KEY)
     if _is_state_dict(obj):
         return dict(obj), CheckpointInfo("torch")

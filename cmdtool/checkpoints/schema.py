@@ -48,7 +48,8 @@ class CheckpointInfo:
             return "huggingface"
         if "pytorch-lightning_version" in self.extras:
             return "lightning"
-        if self.wrapper == EMA_KEY or (self.wrapper == "state_dict" and ("arch" in self.extras or EMA_KEY in self.dropped)):
+        if self.wrapper == EMA_KEY or (self.wrapper == "state_dict"
+                                       and ("arch" in self.extras or EMA_KEY in self.dropped)):
             return "timm"
         return "plain"
 
@@ -62,15 +63,31 @@ class CheckpointInfo:
         return cls(**json.loads(text))  # fields added later have defaults: older files still read
 
 
-def is_plain(value: Any) -> bool:
+MAX_DEPTH = 64  # nesting of kept wrapper values; deeper ones are dropped, not recursed into
+
+
+def is_plain(value: Any, depth: int = 0) -> bool:
     """A value JSON can keep: None, bool, int, finite float, str, and lists, tuples (they come back
-    as lists) and string-keyed dicts of them (Lightning's ``hyper_parameters``, ``loops``)."""
-    if value is None or isinstance(value, (bool, int, str)):
+    as lists) and string-keyed dicts of them (Lightning's ``hyper_parameters``, ``loops``), nested
+    at most ``MAX_DEPTH`` deep; strings must be valid Unicode (no lone surrogates)."""
+    if value is None or isinstance(value, (bool, int)):
         return True
+    if isinstance(value, str):
+        return _is_text(value)
     if isinstance(value, float):
         return math.isfinite(value)
+    if depth >= MAX_DEPTH:
+        return False
     if isinstance(value, (list, tuple)):
-        return all(is_plain(v) for v in value)
+        return all(is_plain(v, depth + 1) for v in value)
     if isinstance(value, dict):
-        return all(isinstance(k, str) and is_plain(v) for k, v in value.items())
+        return all(isinstance(k, str) and _is_text(k) and is_plain(v, depth + 1) for k, v in value.items())
     return False
+
+
+def _is_text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

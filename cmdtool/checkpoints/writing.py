@@ -7,21 +7,45 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
+from .._files import plain_name
 from .._lazy import save_file, torch  # imported on first use
+from ..errors import CmdError
 from .schema import CheckpointInfo
 
 
 def write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: CheckpointInfo,
-                     attachment: Callable[[str], bytes] = lambda digest: b"") -> None:
+                     attachment: Callable[[str], bytes] = lambda digest: b"", shown: Path | None = None) -> None:
     """Write a state dict in the source's format, restoring its wrapper and metadata.
 
     A Hugging Face checkpoint becomes the folder ``path``: the same weight files (the index rewritten
     when there was one), safetensors metadata with ``format: pt`` (what ``from_pretrained`` checks),
-    and the copied files, whose bytes ``attachment(sha256)`` returns.
+    and the copied files, whose bytes ``attachment(sha256)`` returns. A failed write (full disk, a
+    dtype the format cannot hold) is a CmdError naming ``shown`` (default ``path``).
     """
+    try:
+        _write_checkpoint(path, state, info, attachment)
+    except CmdError:
+        raise
+    except OSError as e:
+        raise CmdError(f"{shown or path}: cannot write: {e.strerror or e}") from None
+    except Exception as e:  # safetensors' SafetensorError, torch's RuntimeError from its zip writer
+        text = " ".join(str(e).split())[:200]
+        raise CmdError(f"{shown or path}: cannot write ({type(e).__name__}: {text})") from None
+
+
+def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: CheckpointInfo,
+                      attachment: Callable[[str], bytes]) -> None:
     if not info.is_folder:
         _write_file(path, state, info.format, info.metadata, info.wrapper, info.extras)
         return
+    files = [*info.shards, *info.files, *([info.index["name"]] if info.index is not None else [])]
+    for name in files:  # each becomes a file in the folder, never a path elsewhere (the mode file says them)
+        try:
+            plain_name(name, "file name")
+        except ValueError as e:
+            raise CmdError(f"{path}: {e}") from None
+    if len(set(files)) != len(files):
+        raise CmdError(f"{path}: a file name is used twice in the folder")
     path.mkdir()
     metadata = {**(info.metadata or {}), "format": "pt"}
     weight_map, total_size = {}, 0
@@ -42,4 +66,4 @@ def _write_file(path: Path, state: dict[str, torch.Tensor], fmt: str, metadata: 
     if fmt == "safetensors":
         save_file(state, str(path), metadata=metadata)
     else:
-        torch.save({wrapper: state, **extras} if wrapper else state, path)
+        torch.save({**extras, wrapper: state} if wrapper else state, path)

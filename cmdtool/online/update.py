@@ -8,6 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
+from .._files import exclusive
 from ..checkpoints import Checkpoint, checkpoint_at, discover, name_number, natural_key, times_from_names
 from ..errors import CmdError
 from ..layout import check_same_tensors
@@ -69,7 +70,8 @@ def _first_checkpoint(modes: ModeFile, candidates: Sequence[Checkpoint]) -> np.n
     if settings.trajectory and store_path.is_file():
         try:
             store = open_store(store_path)
-            if store.names[0] == name and store.layout.to_json() == modes.layout.to_json():
+            fresh = not settings.trajectory_fingerprint or store.fingerprint == settings.trajectory_fingerprint
+            if fresh and store.names[0] == name and store.layout.to_json() == modes.layout.to_json():
                 return np.array(store.W[0])
         except CmdError:
             pass
@@ -98,7 +100,9 @@ def update(mode_file: str | Path, checkpoints: Sequence[str | Path], progress: P
     the new file replaces the old one only when complete)."""
     mode_file = Path(mode_file)
     candidates = _gather(checkpoints)
-    with open_mode_file(mode_file) as modes:
+    if not mode_file.is_file():
+        open_mode_file(mode_file).close()  # the message for a missing file or a folder; no lock file left
+    with exclusive(mode_file), open_mode_file(mode_file) as modes:
         modes.require_whole("cmd update")  # it appends every carried tensor's rows
         skipped, new = plan_update(modes, candidates)
         if new:

@@ -6,6 +6,7 @@ import time as clock
 from pathlib import Path
 from typing import Callable, Sequence
 
+from .._files import exclusive
 from ..checkpoints import Checkpoint, CheckpointReader, candidate_entries, natural_key, skip_reason, sniff_format
 from ..checkpoints import times_from_names
 from ..errors import CmdError
@@ -94,8 +95,11 @@ def watch(folder: str | Path, output: str | Path, *, warmup: int, until: int | N
                 checkpoints = [Checkpoint(c.path, c.format, t) for c, t in zip(ready, times)]
                 store, store_path, _ = store_of(checkpoints, folder, include=include, exclude=exclude,
                                                 trajectory=trajectory, force=force, progress=progress)
-                write_mode_file(output, fit_warmup(store, settings.replace(trajectory=str(store_path.resolve())),
-                                                   progress=progress))
+                fitted_on = settings.replace(trajectory=str(store_path.resolve()),
+                                             trajectory_fingerprint=store.fingerprint)
+                modes_fitted = fit_warmup(store, fitted_on, progress=progress)
+                with exclusive(output):  # not while a cmd update (or another watch) rewrites it
+                    write_mode_file(output, modes_fitted)
                 fitted = True
                 say(f"fitted {output} on the warm-up {ready[0].name} … {ready[warmup - 1].name}"
                     + (f" and updated it with {len(ready) - warmup} more" if len(ready) > warmup else ""))

@@ -44,10 +44,10 @@ def load_evaluate(spec: str) -> Evaluate:
             if os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
             module = importlib.import_module(target)
-    except CmdError:
+    except (CmdError, KeyboardInterrupt):
         raise
-    except Exception as e:  # the user's module failed to import: say so in one line
-        raise CmdError(f"--eval {spec!r}: importing {target} failed: {type(e).__name__}: {e}") from None
+    except BaseException as e:  # the user's module failed to import (or called sys.exit): say so in one line
+        raise CmdError(f"--eval {spec!r}: importing {target} failed: {_describe(e)}") from None
     function = getattr(module, name, None)
     if not callable(function):
         raise CmdError(f"--eval {spec!r}: {target} has no function {name!r}")
@@ -59,9 +59,19 @@ def run_evaluate(evaluate: Evaluate, state: dict[str, torch.Tensor], what: str, 
     to such maps (``{"val": {...}, "test": {...}}``, keyed ``val/accuracy`` from then on)."""
     try:
         result = evaluate(state)
-    except Exception as e:
-        raise CmdError(f"--eval {spec}: failed on {what}: {type(e).__name__}: {e}") from None
+    except KeyboardInterrupt:
+        raise
+    except BaseException as e:  # SystemExit too: the user's function ending the process is its failure
+        raise CmdError(f"--eval {spec}: failed on {what}: {_describe(e)}") from None
     return flatten_scores(result, what, spec)
+
+
+def _describe(error: BaseException) -> str:
+    """``Type: message`` on one line (``SystemExit: 0`` for ``sys.exit()``)."""
+    if isinstance(error, SystemExit):
+        return f"called sys.exit({error.code!r})"
+    text = " ".join(str(error).split())
+    return f"{type(error).__name__}: {text[:300]}" if text else type(error).__name__
 
 
 class Requirement(NamedTuple):
@@ -86,13 +96,16 @@ _OPS = {">=": operator.ge, "<=": operator.le, ">": operator.gt, "<": operator.lt
 
 def parse_requirement(text: str) -> Requirement:
     """``METRIC>=VALUE`` (also ``<=``, ``>``, ``<``), on a metric of the CMD weights at the last checkpoint."""
-    match = re.fullmatch(r"\s*([^<>=\s]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+|[-+]?inf)\s*", text)
+    match = re.fullmatch(r"\s*([^<>=\s]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+|[-+]?inf(?:inity)?|nan)\s*", text,
+                         re.IGNORECASE)
     if not match:
         raise CmdError(f"--require {text!r}: expected METRIC>=VALUE (or <=, >, <), e.g. accuracy>=0.9")
     try:
         threshold = float(match.group(3))
     except ValueError:
         raise CmdError(f"--require {text!r}: {match.group(3)!r} is not a number") from None
+    if not math.isfinite(threshold):
+        raise CmdError(f"--require {text!r}: the threshold must be a finite number")
     return Requirement(f"--require {text.strip()}", match.group(1), match.group(2), threshold)
 
 

@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 DPI = 100
+MAX_METRIC_PANELS = 12  # an --eval with many metrics (per-class accuracy) plots the first ones; tables list all
 
 
 def _save(fig, path: Path) -> None:
@@ -87,9 +88,18 @@ def correlation(C: np.ndarray, labels: np.ndarray, path: Path) -> None:
 
 def metric(time: np.ndarray, original: Mapping[str, Sequence[float]], cmd: Mapping[str, Sequence[float]],
            path: Path) -> None:
-    """Each evaluated metric per checkpoint: the original weights against their CMD reconstruction."""
-    names = list(original)
-    fig, axes = plt.subplots(1, len(names), figsize=(5.2 * len(names), 3.6), squeeze=False)
+    """Each evaluated metric per checkpoint: the original weights against their CMD reconstruction.
+
+    At most ``MAX_METRIC_PANELS`` panels, four to a row (the figure stays bounded however many
+    metrics there are); the report's tables hold every metric."""
+    names = list(original)[:MAX_METRIC_PANELS]
+    cols = min(len(names), 4)
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 3.6 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    if len(original) > len(names):
+        fig.suptitle(f"The first {len(names)} of {len(original)} metrics (all are in the tables)", fontsize=11)
     for ax, name in zip(axes.flat, names):
         ax.plot(time, original[name], marker="o", markersize=3, label="original")
         ax.plot(time, cmd[name], marker="s", markersize=3, label="CMD reconstruction")

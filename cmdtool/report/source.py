@@ -45,6 +45,11 @@ def open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progress
         raise CmdError(f"{source['trajectory']}: does not hold the checkpoints this mode file was fitted on "
                        f"(checkpoint names, times or tensors differ); pass --checkpoints with the folder "
                        f"given to cmd fit")
+    fitted_on = modes.settings.trajectory_fingerprint
+    if checkpoints is None and fitted_on and store.fingerprint != fitted_on:
+        raise CmdError(f"{source['trajectory']}: this trajectory store was rebuilt after {modes.path} was fitted "
+                       f"(its checkpoints changed, or another selection was fitted); pass --checkpoints DIR "
+                       f"with the checkpoints the mode file was fitted on")
     return store, source
 
 

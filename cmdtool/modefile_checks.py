@@ -1,0 +1,189 @@
+"""Checks of a mode file before anything in it is trusted: mode files are shared ("here is my
+run, 200 KB"), so each is untrusted input. Two stages, both raising ``ValueError`` with what is
+wrong (``open_mode_file`` names the file and calls it corrupt):
+
+- ``check_storage`` before any dataset is read: no dataset may hold more than the file's own
+  size (so a 19 KB file cannot declare 2^34 parameters and make a reader allocate 64 GiB), and
+  contiguous ones must be fully stored;
+- ``check_contents`` once the small parts are parsed: names that become paths are single plain
+  file names and unique, indices and labels in range, dtypes and JSON fields of the right kinds,
+  references finite, the write-back fields consistent with the layout.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any, Mapping
+
+import h5py
+import numpy as np
+
+from ._files import plain_name
+from .checkpoints import CheckpointInfo
+from .checkpoints.schema import is_plain
+from .decompose import label_dtype
+from .errors import CmdError
+from .modes import FitSettings
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# FitSettings fields and the JSON types they must have (ints are checked by FitSettings itself)
+_SETTING_TYPES = {"include": list, "exclude": list, "ema": bool, "sampling": str, "source": str, "trajectory": str,
+                  "trajectory_fingerprint": str}
+
+
+def check_storage(handle: h5py.File, file_size: int) -> None:
+    """No dataset declares more elements than the file could hold, and a contiguous dataset is
+    stored whole (one that is not reads back as fill values)."""
+    problems = []
+
+    def visit(name: str, obj) -> None:
+        if not isinstance(obj, h5py.Dataset) or problems:
+            return
+        element = 16 if obj.dtype.kind == "O" else obj.dtype.itemsize  # variable-length: a heap reference
+        declared = obj.size * max(element, 1)
+        if declared > file_size:
+            problems.append(f"dataset {name!r} declares {declared} bytes, more than the file's {file_size}")
+        elif obj.dtype.kind != "O" and obj.chunks is None and declared and obj.id.get_storage_size() < declared:
+            problems.append(f"dataset {name!r} is not stored whole")
+
+    handle.visititems(visit)
+    if problems:
+        raise ValueError(problems[0])
+
+
+def parse_json_object(text: Any, what: str) -> dict:
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} nested too deeply") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} is not a JSON object")
+    return value
+
+
+def read_settings(handle: h5py.File) -> tuple[FitSettings, int | None]:
+    """The fit settings (JSON of the right field types) and an online fit's ``warmup``."""
+    data = parse_json_object(handle.attrs["settings"], "settings")
+    check_settings(data)
+    try:
+        settings = FitSettings.from_json(data)
+    except CmdError as e:
+        raise ValueError(f"settings: {e}") from None
+    warmup = handle["online"].attrs["warmup"] if "online" in handle else None
+    if warmup is not None and not is_integer(warmup):
+        raise ValueError(f"online warmup {warmup!r} is not an integer")
+    return settings, warmup
+
+
+def check_settings(data: Mapping[str, Any]) -> None:
+    for name, kind in _SETTING_TYPES.items():
+        if name in data and not isinstance(data[name], kind):
+            raise ValueError(f"settings.{name} is {type(data[name]).__name__}, expected {kind.__name__}")
+    for name in ("include", "exclude"):
+        if not all(isinstance(p, str) for p in data.get(name, [])):
+            raise ValueError(f"settings.{name} must be a list of strings")
+
+
+def check_contents(mf) -> None:
+    """The checks that need the parsed file (``ModeFile`` ``mf``); see the module docstring."""
+    h, M, T, N = mf.handle, mf.M, mf.T, mf.N
+    if M < 1 or T < 1:
+        raise ValueError(f"references have shape {mf.references.shape}: no modes or no checkpoints")
+    kinds = {"references": "f", "reference_offset": "f", "reference_scale": "f", "a": "f", "b": "f",
+             "reference_index": "iu", "labels": "iu", "time": "iu", "mode_sizes": "iu"}
+    for name, kind in kinds.items():
+        if h[name].dtype.kind not in kind:
+            raise ValueError(f"{name} has dtype {h[name].dtype}, expected {'floats' if kind == 'f' else 'integers'}")
+    for name in ("references", "reference_offset", "reference_scale"):
+        if not np.isfinite(getattr(mf, name)).all():
+            raise ValueError(f"{name} holds NaN or Inf")
+    if ((mf.reference_index < 0) | (mf.reference_index >= N)).any():
+        raise ValueError(f"reference_index out of range (N = {N})")
+    labels = h["labels"][()]
+    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= M):
+        raise ValueError(f"labels out of range (M = {M})")
+    if not np.array_equal(np.bincount(labels.astype(np.intp), minlength=M), mf.mode_sizes):
+        raise ValueError("mode_sizes do not count the labels")
+    for name in mf.names:
+        plain_name(name, "checkpoint name")
+    if len(set(mf.names)) != T:
+        raise ValueError("checkpoint names are not unique")
+    tensors = [spec.name for spec in mf.layout.tensors]
+    attachments = h.get("attachments", {})
+    for digest in attachments:
+        data = attachments[digest]
+        if not _SHA256.fullmatch(digest) or not isinstance(data, h5py.Dataset) or data.dtype != np.uint8:
+            raise ValueError(f"attachment {digest[:80]!r} is not a SHA-256 named byte array")
+    for name, info in zip(mf.names, mf.infos):
+        check_info(info, tensors, attachments, name)
+    for spec in mf.layout.carried:
+        if spec.key in h["carried"] and h["carried"][spec.key].dtype != np.uint8:
+            raise ValueError(f"carried tensor {spec.name!r} is not stored as bytes")
+    if mf.warmup is not None and (h["online"]["first"].dtype.kind != "f"
+                                  or h["online"]["mode_sse_least_squares"].dtype.kind != "f"):
+        raise ValueError("online state is not floating point")
+
+
+def check_info(info: CheckpointInfo, tensors: list[str], attachments, name: str) -> None:
+    """One checkpoint's write-back fields: kinds, and names that become paths."""
+    where = f"checkpoint_info of {name!r}"
+    if info.format not in ("safetensors", "torch"):
+        raise ValueError(f"{where}: format {str(info.format)[:40]!r}")
+    if info.wrapper is not None and not isinstance(info.wrapper, str):
+        raise ValueError(f"{where}: wrapper is not a string")
+    if not isinstance(info.extras, dict) or not is_plain(info.extras):
+        raise ValueError(f"{where}: extras are not plain values")
+    if info.wrapper is not None and info.wrapper in info.extras:
+        raise ValueError(f"{where}: extras hold the wrapper key {info.wrapper!r}")
+    if not isinstance(info.dropped, list) or not all(isinstance(d, str) for d in info.dropped):
+        raise ValueError(f"{where}: dropped is not a list of strings")
+    if info.metadata is not None and not (isinstance(info.metadata, dict) and all(
+            isinstance(k, str) and isinstance(v, str) for k, v in info.metadata.items())):
+        raise ValueError(f"{where}: metadata is not a string-to-string map")
+    if not isinstance(info.files, dict):
+        raise ValueError(f"{where}: files is not a map")
+    if info.shards is None:
+        if info.files or info.index is not None:
+            raise ValueError(f"{where}: copied files or an index without shards")
+        return
+    if not isinstance(info.shards, dict) or not info.shards:
+        raise ValueError(f"{where}: shards is not a map of weight files")
+    listed = []
+    for shard, names in info.shards.items():
+        plain_name(shard, "shard")
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            raise ValueError(f"{where}: shard {shard!r} does not list tensor names")
+        listed += names
+    if sorted(listed) != sorted(tensors):
+        unknown = sorted(set(listed) - set(tensors))
+        problem = (f"lists the unknown tensor {unknown[0]!r}" if unknown else
+                   "do not list every tensor exactly once")
+        raise ValueError(f"{where}: the shards {problem}")
+    paths = list(info.shards)
+    for file_name, digest in info.files.items():
+        paths.append(plain_name(file_name, "copied file"))
+        if not isinstance(digest, str) or digest not in attachments:
+            raise ValueError(f"{where}: copied file {file_name!r} has no attachment")
+    if info.index is not None:
+        if not (isinstance(info.index, dict) and isinstance(info.index.get("metadata", {}), dict)):
+            raise ValueError(f"{where}: index is not a map")
+        paths.append(plain_name(info.index.get("name"), "index"))
+    if len(set(paths)) != len(paths):
+        raise ValueError(f"{where}: a file name is used twice")
+
+
+def is_integer(value: Any) -> bool:
+    """An HDF5 attribute holding an integer (numpy or Python, not bool, not a float)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def expected_bytes(modes) -> int:
+    """About the size of the mode file of ``modes``: its arrays, carried rows, attachments and text,
+    with room for HDF5's own structures."""
+    N, T = modes.layout.n_parameters, len(modes.time)
+    text = sum(len(i.to_json()) + len(n) for i, n in zip(modes.infos, modes.names)) + len(modes.layout.to_json())
+    carried = T * sum(spec.nbytes for spec in modes.layout.carried)
+    online = 4 * N if modes.online is not None else 0
+    return (N * (8 + label_dtype(modes.M).itemsize) + 4 * np.size(modes.references) + text + carried + online
+            + sum(len(data) for data in modes.attachments.values()) + 2**16)
