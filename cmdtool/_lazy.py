@@ -1,7 +1,8 @@
 """Modules imported on first use, so that commands that need no torch start without it.
 
 ``import torch`` takes over a second; ``cmd --help``, ``cmd info`` and fitting, updating or
-reconstructing a run of safetensors checkpoints in numpy dtypes never touch torch. Modules write ``from ._lazy import torch``: a stand-in whose
+reconstructing a run of safetensors checkpoints in numpy dtypes never touch torch. Modules write
+``from ._lazy import torch``: a stand-in whose
 first attribute access imports the real module (then ``sys.modules`` serves every later access).
 """
 

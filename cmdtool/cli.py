@@ -109,40 +109,59 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+def _main(version: bool = typer.Option(
+              False, "--version", callback=_version, is_eager=True,
+              help="Print the version and exit.")) -> None:
     pass
 
 
 @app.command()
 def fit(
-    checkpoint_dir: Path = typer.Argument(..., metavar="CKPT_DIR", help="Folder of per-epoch checkpoints (safetensors or torch files)."),
+    checkpoint_dir: Path = typer.Argument(
+        ..., metavar="CKPT_DIR",
+        help="Folder of per-epoch checkpoints (safetensors or torch files)."),
     output: Path = typer.Option(..., "--output", "-o", help="Mode file to write (conventionally *.cmd.h5)."),
     modes: str = typer.Option(
         "10", "--modes", "-m", metavar="M|auto",
         help="Most modes (M) to find, or auto (auto:MAX): the smallest M within 5 % of the smallest error of an "
              "error-vs-M curve (M = 1 … 20) measured on a second, independent parameter sample."),
-    samples: int = typer.Option(1000, "--samples", "-k", min=1, help="Parameters sampled (K) to find the modes, layer-balanced."),
+    samples: int = typer.Option(
+        1000, "--samples", "-k", min=1,
+        help="Parameters sampled (K) to find the modes, layer-balanced."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the parameter sample."),
     refine: int = typer.Option(
         3, "--refine", metavar="P", min=0,
         help="Lloyd-style passes that re-pick each mode's reference from its members and reassign, lowering the "
              "error at the same M (0: the paper's references)."),
-    start: Optional[int] = typer.Option(None, "--start", help="First checkpoint to use (position in the sorted folder; Python slice rules)."),
+    start: Optional[int] = typer.Option(
+        None, "--start",
+        help="First checkpoint to use (position in the sorted folder; Python slice rules)."),
     stop: Optional[int] = typer.Option(None, "--stop", help="Stop before this checkpoint position."),
     every: int = typer.Option(1, "--every", min=1, help="Use every n-th checkpoint."),
-    include: List[str] = typer.Option([], "--include", metavar="GLOB", help="Model only tensors whose name matches this glob (repeatable)."),
-    exclude: List[str] = typer.Option([], "--exclude", metavar="GLOB", help="Do not model tensors matching this glob (repeatable); they are carried verbatim."),
-    ema: bool = typer.Option(False, "--ema", help="Model timm's EMA weights (state_dict_ema) instead of the model's state_dict."),
+    include: List[str] = typer.Option(
+        [], "--include", metavar="GLOB",
+        help="Model only tensors whose name matches this glob (repeatable)."),
+    exclude: List[str] = typer.Option(
+        [], "--exclude", metavar="GLOB",
+        help="Do not model tensors matching this glob (repeatable); they are carried verbatim."),
+    ema: bool = typer.Option(
+        False, "--ema",
+        help="Model timm's EMA weights (state_dict_ema) instead of the model's state_dict."),
     drop_unmodelled: bool = typer.Option(
         False, "--drop-unmodelled",
         help="Leave the floating-point tensors that are not modelled (see --include/--exclude) out of the mode "
              "file; it then cannot rebuild whole checkpoints."),
-    trajectory: Optional[Path] = typer.Option(None, "--trajectory", help="Where to keep the trajectory store (as large as the checkpoints in float32). Default: $CMDTOOL_CACHE or ~/.cache/cmdtool."),
+    trajectory: Optional[Path] = typer.Option(
+        None, "--trajectory",
+        help="Where to keep the trajectory store (as large as the checkpoints in float32). Default: $CMDTOOL_CACHE "
+             "or ~/.cache/cmdtool."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing mode file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
     tile_columns: Optional[int] = typer.Option(None, "--tile-columns", min=1, hidden=True),
-    warmup: Optional[int] = typer.Option(None, "--warmup", metavar="F", min=2, help="Online CMD: find the modes and references on the first F selected checkpoints only, then update a, b exactly with each later one."),
+    warmup: Optional[int] = typer.Option(
+        None, "--warmup", metavar="F", min=2,
+        help="Online CMD: find the modes and references on the first F selected checkpoints only, then update a, b "
+             "exactly with each later one."),
     workers: Optional[int] = typer.Option(None, "--workers", metavar="N", min=1, help=WORKERS_HELP),
     scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="ADDRESS", help=SCHEDULER_HELP),
     shard_columns: Optional[int] = typer.Option(None, "--shard-columns", min=1, hidden=True),
@@ -225,11 +244,17 @@ def info(
 @app.command()
 def reconstruct(
     mode_file: Path = typer.Argument(..., metavar="MODEFILE", help="A mode file written by cmd fit."),
-    output: Path = typer.Option(..., "--output", "-o", help="Folder to write the checkpoints into (created if missing)."),
-    at: str = typer.Option("last", "--at", help="Which checkpoints: last, first, all, or positions such as 0,10,-1 (0-based, as listed by cmd info)."),
+    output: Path = typer.Option(
+        ..., "--output", "-o",
+        help="Folder to write the checkpoints into (created if missing)."),
+    at: str = typer.Option(
+        "last", "--at",
+        help="Which checkpoints: last, first, all, or positions such as 0,10,-1 (0-based, as listed by cmd info)."),
     force: bool = typer.Option(False, "--force", help="Overwrite existing files in the output folder."),
-    write_format: str = typer.Option("source", "--format", metavar="|".join(WRITE_FORMATS),
-                                     help="source: as the source was (file, wrapper dict or Hugging Face folder); safetensors: plain safetensors state dicts."),
+    write_format: str = typer.Option(
+        "source", "--format", metavar="|".join(WRITE_FORMATS),
+        help="source: as the source was (file, wrapper dict or Hugging Face folder); safetensors: plain safetensors "
+             "state dicts."),
 ) -> None:
     """Regenerate checkpoints from a mode file, in the source format and under the source names.
 
@@ -248,7 +273,9 @@ def reconstruct(
 
 @app.command()
 def update(
-    mode_file: Path = typer.Argument(..., metavar="MODEFILE", help="A mode file written by cmd fit (or an earlier update)."),
+    mode_file: Path = typer.Argument(
+        ..., metavar="MODEFILE",
+        help="A mode file written by cmd fit (or an earlier update)."),
     checkpoints: List[Path] = typer.Argument(..., metavar="NEW...", help="New checkpoint files, or folders of them."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
 ) -> None:
@@ -280,16 +307,29 @@ def update(
 def watch(
     checkpoint_dir: Path = typer.Argument(..., metavar="CKPT_DIR", help="The training run's checkpoint folder."),
     output: Path = typer.Option(..., "--output", "-o", help="Mode file to keep up to date (resumed when it exists)."),
-    warmup: int = typer.Option(..., "--warmup", metavar="F", min=2, help="Fit the modes once F checkpoints exist; update with each later one."),
-    until: Optional[int] = typer.Option(None, "--until", metavar="N", min=1, help="Stop once the mode file holds N checkpoints (default: until Ctrl-C)."),
-    interval: float = typer.Option(10.0, "--interval", metavar="S", min=0.0, max=86400.0, callback=finite,
-                                   help="Seconds between looks at the folder (at most a day)."),
+    warmup: int = typer.Option(
+        ..., "--warmup", metavar="F", min=2,
+        help="Fit the modes once F checkpoints exist; update with each later one."),
+    until: Optional[int] = typer.Option(
+        None, "--until", metavar="N", min=1,
+        help="Stop once the mode file holds N checkpoints (default: until Ctrl-C)."),
+    interval: float = typer.Option(
+        10.0, "--interval", metavar="S", min=0.0, max=86400.0, callback=finite,
+        help="Seconds between looks at the folder (at most a day)."),
     modes: int = typer.Option(10, "--modes", "-m", min=1, help="Most modes (M) to find."),
-    samples: int = typer.Option(1000, "--samples", "-k", min=1, help="Parameters sampled (K) to find the modes, layer-balanced."),
+    samples: int = typer.Option(
+        1000, "--samples", "-k", min=1,
+        help="Parameters sampled (K) to find the modes, layer-balanced."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the parameter sample."),
-    include: List[str] = typer.Option([], "--include", metavar="GLOB", help="Model only tensors whose name matches this glob (repeatable)."),
-    exclude: List[str] = typer.Option([], "--exclude", metavar="GLOB", help="Do not model tensors matching this glob (repeatable)."),
-    trajectory: Optional[Path] = typer.Option(None, "--trajectory", help="Where to keep the warm-up's trajectory store. Default: $CMDTOOL_CACHE or ~/.cache/cmdtool."),
+    include: List[str] = typer.Option(
+        [], "--include", metavar="GLOB",
+        help="Model only tensors whose name matches this glob (repeatable)."),
+    exclude: List[str] = typer.Option(
+        [], "--exclude", metavar="GLOB",
+        help="Do not model tensors matching this glob (repeatable)."),
+    trajectory: Optional[Path] = typer.Option(
+        None, "--trajectory",
+        help="Where to keep the warm-up's trajectory store. Default: $CMDTOOL_CACHE or ~/.cache/cmdtool."),
     force: bool = typer.Option(False, "--force", help="Refit an existing mode file instead of resuming it."),
 ) -> None:
     """Online CMD while training runs: follow a checkpoint folder and keep a mode file up to date.
@@ -316,31 +356,45 @@ def watch(
 @app.command()
 def report(
     mode_file: Path = typer.Argument(..., metavar="MODEFILE", help="A mode file written by cmd fit."),
-    output: Path = typer.Option(..., "--output", "-o", help="Report folder to write (report.html, report.md, report.json, PNG plots)."),
-    checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", metavar="DIR", help="Read the original checkpoints from this folder (default: the trajectory store kept by cmd fit)."),
-    trajectory: Optional[Path] = typer.Option(None, "--trajectory", help="Trajectory store to use, or where to build one with --checkpoints."),
+    output: Path = typer.Option(
+        ..., "--output", "-o",
+        help="Report folder to write (report.html, report.md, report.json, PNG plots)."),
+    checkpoints: Optional[Path] = typer.Option(
+        None, "--checkpoints", metavar="DIR",
+        help="Read the original checkpoints from this folder (default: the trajectory store kept by cmd fit)."),
+    trajectory: Optional[Path] = typer.Option(
+        None, "--trajectory",
+        help="Trajectory store to use, or where to build one with --checkpoints."),
     evaluate: Optional[str] = typer.Option(
         None, "--eval", metavar="MODULE:FUNCTION",
-        help="Score weights with your function state_dict -> {metric: float} or {split: {metric: float}} (e.g. "
-             "val and test): module:function (importable from here) or path/to/file.py:function."),
+        help="Score weights with your function state_dict -> {metric: float} or {split: {metric: float}} (e.g. val "
+             "and test): module:function (importable from here) or path/to/file.py:function."),
     select: Optional[str] = typer.Option(
         None, "--select", metavar="METRIC[:max|min]",
-        help="Choose each candidate family's best epoch by this metric on the validation split (val) and report "
-             "it on the others; max unless the name says loss or error."),
-    eval_every: int = typer.Option(1, "--eval-every", metavar="K", min=1,
-                                   help="Score the candidate families at every K-th checkpoint (and the last) only."),
+        help="Choose each candidate family's best epoch by this metric on the validation split (val) and report it "
+             "on the others; max unless the name says loss or error."),
+    eval_every: int = typer.Option(
+        1, "--eval-every", metavar="K", min=1,
+        help="Score the candidate families at every K-th checkpoint (and the last) only."),
     candidates_only: bool = typer.Option(
         False, "--candidates-only",
         help="Score the candidates at the last checkpoint only (no per-epoch curves, no selection)."),
-    tail: List[int] = typer.Option([5, 10], "--tail", metavar="K", min=1, help="Tail averages of the last K checkpoints to compare (repeatable)."),
-    ema_decay: float = typer.Option(0.9, "--ema-decay", callback=finite,
+    tail: List[int] = typer.Option(
+        [5, 10], "--tail", metavar="K", min=1,
+        help="Tail averages of the last K checkpoints to compare (repeatable)."),
+    ema_decay: float = typer.Option(
+        0.9, "--ema-decay", callback=finite,
         help="Decay of the EMA over checkpoints that is compared."),
-    max_rel_error: Optional[float] = typer.Option(None, "--max-rel-error", metavar="X", callback=finite,
+    max_rel_error: Optional[float] = typer.Option(
+        None, "--max-rel-error", metavar="X", callback=finite,
         help="Fail (exit 1) when rel_error is above X."),
     max_rel_error_displacement: Optional[float] = typer.Option(
         None, "--max-rel-error-displacement", metavar="X", callback=finite,
         help="Fail (exit 1) when rel_error_displacement is above X."),
-    require: List[str] = typer.Option([], "--require", metavar="METRIC>=VALUE", help="Fail (exit 1) unless an evaluated metric of the CMD weights at the last checkpoint meets this (>=, <=, >, <; repeatable; needs --eval)."),
+    require: List[str] = typer.Option(
+        [], "--require", metavar="METRIC>=VALUE",
+        help="Fail (exit 1) unless an evaluated metric of the CMD weights at the last checkpoint meets this (>=, "
+             "<=, >, <; repeatable; needs --eval)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of a summary."),
     workers: Optional[int] = typer.Option(None, "--workers", metavar="N", min=1, help=WORKERS_HELP),

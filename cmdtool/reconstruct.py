@@ -8,9 +8,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from ._lazy import torch  # imported on first use
-
 from ._files import plain_name, remove_path, replace_path, temporary_sibling
+from ._lazy import torch  # imported on first use
 from .checkpoints import CHECKPOINT_SUFFIXES, CheckpointInfo, write_checkpoint
 from .checkpoints.formats import NUMPY_DTYPES  # written without importing torch, which takes longer than the work
 from .errors import CmdError
@@ -87,7 +86,8 @@ def state_dict_at(modes: ModeFile, index: int, parameters: Parameters | None = N
     """The CMD state dict at checkpoint ``index``: ``a · r[label, t] + b`` in float64, then cast to
     each tensor's source dtype; carried tensors as they were. Memory: one tensor at a time."""
     return {spec.name: torch.from_numpy(values).to(getattr(torch, spec.dtype)) if spec.modelled
-            else _carried_tensor(values, spec.shape, spec.dtype) for spec, values in _values_at(modes, index, parameters)}
+            else _carried_tensor(values, spec.shape, spec.dtype)
+            for spec, values in _values_at(modes, index, parameters)}
 
 
 WRITE_FORMATS = ("source", "safetensors")

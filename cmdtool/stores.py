@@ -49,7 +49,8 @@ def prepare_store(checkpoint_dir: Path, *, start: int | None = None, stop: int |
     checkpoints = discovery.checkpoints[start:stop:every]
     if len(checkpoints) < 2:
         raise CmdError(f"{checkpoint_dir}: CMD needs at least 2 checkpoints, "
-                       f"{'found' if start is None and stop is None and every == 1 else 'selected'} {len(checkpoints)}")
+                       f"{'found' if start is None and stop is None and every == 1 else 'selected'} "
+                       f"{len(checkpoints)}")
     store, store_path, reused = store_of(checkpoints, checkpoint_dir, include=include, exclude=exclude, ema=ema,
                                          trajectory=trajectory, force=force, progress=progress)
     return PreparedStore(store, store_path, reused, discovery)

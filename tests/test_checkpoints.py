@@ -533,9 +533,14 @@ def test_ema_reads_state_dict_ema(tmp_path):
                       {"state_dict": small_state(0), "state_dict_ema": small_state(1), "epoch": 1, "arch": "x"})
     with CheckpointReader(path, "torch", ema=True) as reader:
         assert torch.equal(reader.tensor("layer.weight"), small_state(1)["layer.weight"])
-        assert (reader.info.wrapper, reader.info.dropped, reader.info.stack) == ("state_dict_ema", ["state_dict"], "timm")
+        info = reader.info
+        assert (info.wrapper, info.dropped, info.stack) == ("state_dict_ema", ["state_dict"], "timm")
     with CheckpointReader(path, "torch") as reader:
-        assert (reader.info.wrapper, reader.info.dropped, reader.info.stack) == ("state_dict", ["state_dict_ema"], "timm")
+        assert (reader.info.wrapper, reader.info.dropped, reader.info.stack) == (
+            "state_dict",
+            ["state_dict_ema"],
+            "timm",
+        )
 
 
 def test_info_from_before_huggingface_folders_still_reads():
@@ -546,9 +551,15 @@ def test_info_from_before_huggingface_folders_still_reads():
 
 
 def test_plain_values_kept_training_state_dropped(tmp_path):
-    obj = {"state_dict": small_state(), "hyper_parameters": {"lr": 0.1, "layers": [2, 3], "betas": (0.9, 0.99), "name": None},
-           "lr_schedulers": [{"step_size": 1}], "optimizer_states": [{"state": {}}], "bad": float("nan")}
+    obj = {
+        "state_dict": small_state(),
+        "hyper_parameters": {"lr": 0.1, "layers": [2, 3], "betas": (0.9, 0.99), "name": None},
+        "lr_schedulers": [{"step_size": 1}],
+        "optimizer_states": [{"state": {}}],
+        "bad": float("nan"),
+    }
     _, info, _ = read_all(save_torch(tmp_path / "x.ckpt", obj), "torch")
     assert CheckpointInfo.from_json(info.to_json()).extras == {  # as the mode file keeps them: tuples as lists
-        "hyper_parameters": {"lr": 0.1, "layers": [2, 3], "betas": [0.9, 0.99], "name": None}}
+        "hyper_parameters": {"lr": 0.1, "layers": [2, 3], "betas": [0.9, 0.99], "name": None}
+    }
     assert info.dropped == ["lr_schedulers", "optimizer_states", "bad"]

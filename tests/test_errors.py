@@ -263,12 +263,14 @@ def test_directory_where_file_expected(runner, tmp_path, command):
 def test_reconstruct_output_is_a_file(runner, tmp_path, mode_file):
     out = tmp_path / "out"
     out.write_bytes(b"precious")
-    assert error_line(cmd(runner, "reconstruct", mode_file, "-o", out)) == f"{out}: is a file, expected an output folder"
+    message = error_line(cmd(runner, "reconstruct", mode_file, "-o", out))
+    assert message == f"{out}: is a file, expected an output folder"
     assert out.read_bytes() == b"precious"
     assert_nothing_written(tmp_path)
 
 
 # 11. info on things that are not mode files
+
 
 def test_info_not_hdf5(runner, tmp_path):
     path = tmp_path / "notes.cmd.h5"
@@ -290,11 +292,16 @@ def test_info_missing_file(runner, tmp_path):
 
 # 12. reconstruct --at
 
-@pytest.mark.parametrize("at, expected", [
-    ("20", "--at '20': position 20 is out of range (the mode file has 20 checkpoints, 0..19)"),
-    ("0,-21", "--at '0,-21': position -21 is out of range (the mode file has 20 checkpoints, 0..19)"),
-    ("foo", "--at 'foo': expected last, first, all or positions like 0,5,-1"),
-], ids=["too-large", "too-negative", "garbage"])
+
+@pytest.mark.parametrize(
+    "at, expected",
+    [
+        ("20", "--at '20': position 20 is out of range (the mode file has 20 checkpoints, 0..19)"),
+        ("0,-21", "--at '0,-21': position -21 is out of range (the mode file has 20 checkpoints, 0..19)"),
+        ("foo", "--at 'foo': expected last, first, all or positions like 0,5,-1"),
+    ],
+    ids=["too-large", "too-negative", "garbage"],
+)
 def test_reconstruct_bad_at(runner, tmp_path, mode_file, at, expected):
     out = tmp_path / "out"
     assert error_line(cmd(runner, "reconstruct", mode_file, "-o", out, "--at", at)) == expected
@@ -302,6 +309,7 @@ def test_reconstruct_bad_at(runner, tmp_path, mode_file, at, expected):
 
 
 # 13. a selection that leaves nothing to model
+
 
 def test_include_matches_nothing(runner, tmp_path):
     run = small_run(tmp_path)
@@ -314,10 +322,15 @@ def test_include_matches_nothing(runner, tmp_path):
 
 # 14. torch files without a state dict
 
-@pytest.mark.parametrize("obj, problem", [
-    ([1, 2, 3], "no state dict found (the file holds a list)"),
-    ({"epoch": 3, "lr": 0.1}, "no state dict found (top-level keys: epoch, lr;"),
-], ids=["list", "dict-of-non-tensors"])
+
+@pytest.mark.parametrize(
+    "obj, problem",
+    [
+        ([1, 2, 3], "no state dict found (the file holds a list)"),
+        ({"epoch": 3, "lr": 0.1}, "no state dict found (top-level keys: epoch, lr;"),
+    ],
+    ids=["list", "dict-of-non-tensors"],
+)
 def test_torch_file_without_state_dict(runner, tmp_path, obj, problem):
     run = small_run(tmp_path, fmt="torch")
     bad = run / "epoch_1.pt"
@@ -327,6 +340,7 @@ def test_torch_file_without_state_dict(runner, tmp_path, obj, problem):
 
 
 # positive control: the errors above are specific, a wrapped torch state dict is fine
+
 
 def test_wrapped_torch_state_dict_fits(runner, tmp_path):
     run = tmp_path / "run"
@@ -343,24 +357,47 @@ def test_wrapped_torch_state_dict_fits(runner, tmp_path):
 
 # 9. checkpoint layouts that cannot be read on one machine, and options that do not fit the folder
 
-DCP = ("a torch.distributed.checkpoint folder (.distcp shards) cannot be read as one checkpoint; consolidate it "
-       "first with torch.distributed.checkpoint.format_utils.dcp_to_torch_save(folder, 'model.pt')")
-ZERO = ("a DeepSpeed ZeRO checkpoint (weights sharded across ranks) cannot be read as one checkpoint; consolidate "
-        "it first with DeepSpeed's zero_to_fp32.py (python zero_to_fp32.py CHECKPOINT_DIR OUTPUT_FILE)")
+DCP = (
+    "a torch.distributed.checkpoint folder (.distcp shards) cannot be read as one checkpoint; consolidate it "
+    "first with torch.distributed.checkpoint.format_utils.dcp_to_torch_save(folder, 'model.pt')"
+)
+ZERO = (
+    "a DeepSpeed ZeRO checkpoint (weights sharded across ranks) cannot be read as one checkpoint; consolidate "
+    "it first with DeepSpeed's zero_to_fp32.py (python zero_to_fp32.py CHECKPOINT_DIR OUTPUT_FILE)"
+)
 
 
-@pytest.mark.parametrize("layout, refused, problem", [
-    ({"__0_0.distcp": b"x", ".metadata": b"x"}, ".", DCP),                                  # the folder itself
-    ({"epoch=0-step=5.ckpt/__0_0.distcp": b"x", "epoch=0-step=5.ckpt/.metadata": b"x"},      # Lightning FSDP
-     "epoch=0-step=5.ckpt", DCP),
-    ({"checkpoint-5/pytorch_model_fsdp_0/__0_0.distcp": b"x", "checkpoint-5/trainer_state.json": b"{}"},
-     "checkpoint-5/pytorch_model_fsdp_0", DCP),                                              # HF Trainer FSDP
-    ({"global_step5/mp_rank_00_model_states.pt": b"x",                                       # DeepSpeed
-      "global_step5/zero_pp_rank_0_mp_rank_00_optim_states.pt": b"x", "latest": b"global_step5"},
-     "global_step5", ZERO),
-    ({"checkpoint-5/global_step5/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt": b"x"},   # HF + DeepSpeed
-     "checkpoint-5/global_step5", ZERO),
-], ids=["dcp-folder", "lightning-fsdp", "hf-fsdp", "deepspeed", "hf-deepspeed"])
+@pytest.mark.parametrize(
+    "layout, refused, problem",
+    [
+        ({"__0_0.distcp": b"x", ".metadata": b"x"}, ".", DCP),  # the folder itself
+        (
+            {"epoch=0-step=5.ckpt/__0_0.distcp": b"x", "epoch=0-step=5.ckpt/.metadata": b"x"},  # Lightning FSDP
+            "epoch=0-step=5.ckpt",
+            DCP,
+        ),
+        (
+            {"checkpoint-5/pytorch_model_fsdp_0/__0_0.distcp": b"x", "checkpoint-5/trainer_state.json": b"{}"},
+            "checkpoint-5/pytorch_model_fsdp_0",
+            DCP,
+        ),  # HF Trainer FSDP
+        (
+            {
+                "global_step5/mp_rank_00_model_states.pt": b"x",  # DeepSpeed
+                "global_step5/zero_pp_rank_0_mp_rank_00_optim_states.pt": b"x",
+                "latest": b"global_step5",
+            },
+            "global_step5",
+            ZERO,
+        ),
+        (
+            {"checkpoint-5/global_step5/bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt": b"x"},  # HF + DeepSpeed
+            "checkpoint-5/global_step5",
+            ZERO,
+        ),
+    ],
+    ids=["dcp-folder", "lightning-fsdp", "hf-fsdp", "deepspeed", "hf-deepspeed"],
+)
 def test_sharded_across_ranks_is_refused_with_the_consolidation_tool(runner, tmp_path, layout, refused, problem):
     run = small_run(tmp_path)
     for name, data in layout.items():
@@ -375,14 +412,17 @@ def test_sharded_across_ranks_is_refused_with_the_consolidation_tool(runner, tmp
 def test_ema_without_state_dict_ema(runner, tmp_path):
     run = write_run(tmp_path / "run", plant(T=3).states(), fmt="torch", wrapper="state_dict")
     assert error_line(fit(runner, tmp_path, run, "--ema")) == (
-        f"{run / 'epoch_0.pt'}: --ema: no state_dict_ema in this checkpoint (timm writes it when trained with --model-ema)")
+        f"{run / 'epoch_0.pt'}: --ema: no state_dict_ema in this checkpoint (timm writes it when trained with "
+        "--model-ema)"
+    )
     assert_nothing_written(tmp_path, *fit_outputs(tmp_path))
 
 
 def test_reconstruct_unknown_format(runner, tmp_path, mode_file):
     out = tmp_path / "out"
     assert error_line(cmd(runner, "reconstruct", mode_file, "-o", out, "--format", "onnx")) == (
-        "--format 'onnx': expected one of source, safetensors")
+        "--format 'onnx': expected one of source, safetensors"
+    )
     assert not out.exists()
 
 
@@ -390,15 +430,20 @@ def test_huggingface_folder_target_needs_force(runner, tmp_path):
     run = tmp_path / "run"
     for step, state in zip((10, 20, 30), plant(T=3).states()):
         (run / f"checkpoint-{step}").mkdir(parents=True)
-        save_file({k: v for k, v in state.items() if k != "bn.num_batches_tracked"},
-                  str(run / f"checkpoint-{step}" / "model.safetensors"), metadata={"format": "pt"})
+        save_file(
+            {k: v for k, v in state.items() if k != "bn.num_batches_tracked"},
+            str(run / f"checkpoint-{step}" / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
         (run / f"checkpoint-{step}" / "config.json").write_text('{"model_type": "toy"}')
     assert fit(runner, tmp_path, run).exit_code == 0
     out = tmp_path / "out"
     (out / "checkpoint-30").mkdir(parents=True)
     (out / "checkpoint-30" / "stale.txt").write_text("old")
     reconstruct = ("reconstruct", tmp_path / "modes.cmd.h5", "-o", out)
-    assert error_line(cmd(runner, *reconstruct)) == f"{out / 'checkpoint-30'}: already exists (use --force to overwrite)"
+    assert (
+        error_line(cmd(runner, *reconstruct)) == f"{out / 'checkpoint-30'}: already exists (use --force to overwrite)"
+    )
     assert sorted(p.name for p in (out / "checkpoint-30").iterdir()) == ["stale.txt"]
     assert cmd(runner, *reconstruct, "--force").exit_code == 0
     assert sorted(p.name for p in (out / "checkpoint-30").iterdir()) == ["config.json", "model.safetensors"]

@@ -356,8 +356,13 @@ def test_reference_parameters_reconstruct_to_float32_rounding(tmp_path, planted)
             rebuilt = float(reconstructions[t][name][index])
             assert abs(rebuilt - source) <= atol, (m, name, index, t, rebuilt, source)
         # ... whereas an ordinary member of the same mode carries the noise
-    errors = [max(abs(float(reconstructions[t]["fc.weight"].reshape(-1)[i]) - float(states[t]["fc.weight"].reshape(-1)[i]))
-                  for t in range(len(states))) for i in range(50)]
+    errors = [
+        max(
+            abs(float(reconstructions[t]["fc.weight"].reshape(-1)[i]) - float(states[t]["fc.weight"].reshape(-1)[i]))
+            for t in range(len(states))
+        )
+        for i in range(50)
+    ]
     assert max(errors) > 1e-5
 
 
@@ -465,6 +470,7 @@ def test_reconstruct_leaves_source_untouched_into_same_names(runner, tmp_path, p
 def test_failure_mid_write_leaves_nothing(tmp_path, run_dir, monkeypatch):
     """A write that fails on the third file leaves neither finished targets nor temporary files."""
     import sys
+
     reconstruct_module = sys.modules["cmdtool.reconstruct"]  # the package attribute is the function
     mode_file = tmp_path / "m.cmd.h5"
     cmdtool.fit(run_dir, mode_file, modes=3, trajectory=tmp_path / "traj.h5")
@@ -496,10 +502,16 @@ def test_safetensors_written_without_torch_are_the_same_bytes(tmp_path, planted)
     states = [dict(s, **{"conv.weight": s["conv.weight"].to(torch.float16)}) for s in planted.states()]
     run = write_run(tmp_path / "run", states)
     cmdtool.fit(run, tmp_path / "m.cmd.h5", modes=3, trajectory=tmp_path / "t.h5")
-    code = ("import sys, cmdtool; cmdtool.reconstruct_checkpoints(sys.argv[1], sys.argv[2], at='0,-1'); "
-            "print('torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.cmd.h5"), str(tmp_path / "out")],
-                         capture_output=True, text=True, check=True).stdout
+    code = (
+        "import sys, cmdtool; cmdtool.reconstruct_checkpoints(sys.argv[1], sys.argv[2], at='0,-1'); "
+        "print('torch' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "m.cmd.h5"), str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert out.split() == ["False"]
     with open_mode_file(tmp_path / "m.cmd.h5") as modes:
         for index in (0, modes.T - 1):

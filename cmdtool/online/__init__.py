@@ -12,5 +12,5 @@ from .state import OnlineState, fit_warmup, flatten, read_checkpoint
 from .update import UpdateResult, plan_update, update
 from .watch import watch
 
-__all__ = ["ONLINECMD_SOURCE", "TRAINING_SOURCE", "OnlineCMD", "OnlineState", "UpdateResult", "fit_warmup", "flatten", "plan_update",
-           "read_checkpoint", "update", "watch"]
+__all__ = ["ONLINECMD_SOURCE", "TRAINING_SOURCE", "OnlineCMD", "OnlineState", "UpdateResult", "fit_warmup", "flatten",
+           "plan_update", "read_checkpoint", "update", "watch"]

@@ -61,7 +61,8 @@ class OnlineCMD:
         """Whether the warm-up is over and the modes exist."""
         return self.state is not None
 
-    def observe(self, state_dict: Mapping[str, torch.Tensor], name: str | None = None, time: int | None = None) -> None:
+    def observe(self, state_dict: Mapping[str, torch.Tensor], name: str | None = None,
+                time: int | None = None) -> None:
         """Absorb the weights of one checkpoint (e.g. ``model.state_dict()`` once per epoch).
         ``name`` is the file name ``cmd reconstruct`` uses for it (default ``checkpoint_{t}.safetensors``),
         ``time`` its step or epoch number (default the count of observations)."""

@@ -7,8 +7,15 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from .._files import exclusive
-from ..checkpoints import Checkpoint, CheckpointReader, candidate_entries, natural_key, skip_reason, sniff_format
-from ..checkpoints import times_from_names
+from ..checkpoints import (
+    Checkpoint,
+    CheckpointReader,
+    candidate_entries,
+    natural_key,
+    skip_reason,
+    sniff_format,
+    times_from_names,
+)
 from ..errors import CmdError
 from ..modefile import check_output_path, open_mode_file, write_mode_file
 from ..modes import FitSettings
@@ -64,13 +71,15 @@ def watch(folder: str | Path, output: str | Path, *, warmup: int, until: int | N
           progress: Progress = no_progress, say: Callable[[str], None] = lambda s: None,
           sleep: Callable[[float], None] = clock.sleep) -> Path:
     """``cmd watch``: follow a training folder. Once ``warmup`` complete checkpoints exist, fit on
-    them (``fit_warmup``, as ``cmd fit --warmup``), then ``update`` with each new complete checkpoint, in training order.
+    them (``fit_warmup``, as ``cmd fit --warmup``), then ``update`` with each new complete
+    checkpoint, in training order.
     An existing ``output`` is resumed (``force`` refits it). Returns when the mode file holds
     ``until`` checkpoints; Ctrl-C raises KeyboardInterrupt. The mode file is replaced atomically at
     every change, so it is valid at every moment."""
     folder, output = Path(folder), Path(output)
     if not folder.is_dir():
-        raise CmdError(f"{folder}: no such folder" if not folder.exists() else f"{folder}: is a file, expected a folder of checkpoints")
+        raise CmdError(f"{folder}: no such folder" if not folder.exists() else f"{folder}: is a file, expected a "
+                                                                               "folder of checkpoints")
     settings = FitSettings(modes=modes, samples=samples, seed=seed, include=tuple(include), exclude=tuple(exclude),
                            source=str(folder.resolve()), warmup=warmup)
     fitted = output.exists() and not force
@@ -120,7 +129,8 @@ def watch(folder: str | Path, output: str | Path, *, warmup: int, until: int | N
                 new.append(c.path)
             if new:
                 result = update(output, new, progress)
-                say(f"absorbed {', '.join(result.absorbed)}: {output} holds {result.summary['checkpoints']} checkpoints")
+                say(f"absorbed {', '.join(result.absorbed)}: {output} holds {result.summary['checkpoints']} "
+                    "checkpoints")
         if fitted and until is not None:
             with open_mode_file(output) as m:
                 if m.T >= until:
