@@ -185,15 +185,29 @@ class _RowWriter:
             os.close(self.fd)
 
 
-def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequence[CheckpointInfo],
-                path: Path, fingerprint_: str, ema: bool = False, advance: Advance = lambda n: None) -> TrajectoryStore:
+def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequence[CheckpointInfo], path: Path,
+                fingerprint_: str, ema: bool = False, advance: Advance = lambda n: None) -> TrajectoryStore:
     """Stack the checkpoints into a new store at ``path``, one tensor at a time (bounded memory).
 
-    Written to a temporary file beside ``path`` and renamed into place only when complete.
+    Each tensor is read into one reused buffer (a safetensors float32 tensor straight from the
+    file, no memory map), checked for NaN/Inf, compared in place with the first checkpoint's values
+    (``varies``) and written with one ``pwrite`` into the preallocated ``W``. Carried tensors are
+    gathered in memory and written once each. Written to a temporary file beside ``path`` and
+    renamed into place only when complete.
     """
     path = Path(path)
     T, N = len(checkpoints), layout.n_parameters
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    modelled = layout.modelled
+    largest = max(spec.size for spec in modelled)
+    buffer = np.empty(largest, dtype=np.float32)
+    converted = [spec.nbytes for spec in modelled if spec.dtype != "float32"]
+    scratch = np.empty(max(converted), dtype=np.uint8) if converted else None  # other dtypes' bytes
+    differs = np.empty(largest, dtype=bool)
+    carried = {spec.name: np.empty((T, spec.nbytes), dtype=np.uint8) for spec in layout.carried}
+    moving = np.zeros(len(modelled), dtype=bool)      # every parameter of the tensor already varies
+    varies = np.zeros(N, dtype=bool)
+    first = None  # the first checkpoint's row, read back through a read-only map of the store
     try:
         with h5py.File(tmp, "w") as f, _RowWriter(tmp) as rows:
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
@@ -201,32 +215,30 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
             h5py.h5d.create(f.id, b"W", h5py.h5t.IEEE_F32LE, h5py.h5s.create_simple((T, N)), dcpl=dcpl)
             offset = f["W"].id.get_offset()
-            carried = f.create_group("carried")
             attachments = f.create_group("attachments")
-            for spec in layout.carried:
-                carried.create_dataset(spec.name, shape=(T, spec.nbytes), dtype="u1")
-            varies = np.zeros(N, dtype=bool)
-            # Rows go in as plain sequential writes, one per tensor (no page faults on a writable
-            # map); the first row is read back through a read-only map to find what varies.
-            first_row = None
             for t, c in enumerate(checkpoints):
                 with c.open(ema) as reader:
                     for digest, data in reader.attachments.items():
                         if digest not in attachments:
                             attachments.create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
-                    for spec in layout.tensors:
-                        if spec.modelled:
-                            row = reader.float32_values(spec.name)
-                            _check_finite(row, c, spec.name)
-                            rows.write(row, offset + 4 * (t * N + spec.offset))
-                            if t > 0 and not varies[spec.columns].all():  # once moved, always varies
-                                varies[spec.columns] |= row != first_row[spec.columns]
-                        else:
-                            carried[spec.name][t] = reader.raw_bytes(spec.name)
+                    for j, spec in enumerate(modelled):
+                        values = buffer[:spec.size]
+                        reader.read_float32(spec.name, values, scratch)
+                        _check_finite(values, c, spec.name)
+                        rows.write(values, offset + 4 * (t * N + spec.offset))
+                        if t > 0 and not moving[j]:  # once moved, always varies
+                            np.not_equal(values, first[spec.columns], out=differs[:spec.size])
+                            np.logical_or(varies[spec.columns], differs[:spec.size], out=varies[spec.columns])
+                            moving[j] = bool(differs[:spec.size].all())
+                    for name, raw in carried.items():
+                        reader.raw_bytes(name, raw[t])
                 if t == 0:
-                    first_row = np.memmap(tmp, dtype="<f4", mode="r", offset=offset, shape=(N,))
+                    first = np.memmap(tmp, dtype="<f4", mode="r", offset=offset, shape=(N,))
                 advance(1)
-            del first_row
+            del first
+            group = f.create_group("carried")
+            for name, raw in carried.items():
+                group.create_dataset(name, data=raw)
             f.create_dataset("varies", data=varies)
             f.create_dataset("time", data=np.array([c.time for c in checkpoints], dtype=np.int64))
             f.create_dataset("names", data=[c.name for c in checkpoints], dtype=h5py.string_dtype())
