@@ -162,7 +162,7 @@ def _decompose(store, output: Path, settings: dict, tile_columns: int | None, pr
         mode_sse = np.zeros(M)
         with progress("fitting modes", store.N) as advance:
             for start, stop, block in store.tiles(tile):
-                result = fit_tile(block, references)
+                result = fit_tile(block, references, store.varies[start:stop])  # constants skipped
                 a32, b32 = result.a.astype(np.float32), result.b.astype(np.float32)
                 # The error of what the mode file stores: the float32 rounding of a and b adds
                 # (a − a32)² + T (b − b32)² to the least-squares residual.
