@@ -73,8 +73,10 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            report, blocks = _compose(modes, store, source, tmp, evaluate, eval_spec, tail, ema_decay,
-                                      thresholds, progress)
+            from threadpoolctl import threadpool_limits  # BLAS on one thread, as in the fit
+            with threadpool_limits(limits=1, user_api="blas"):
+                report, blocks = _compose(modes, store, source, tmp, evaluate, eval_spec, tail, ema_decay,
+                                          thresholds, progress)
             _write_outputs(report, blocks, tmp)
             replace_path(tmp, output)  # an old report goes only once the new one is in place
         except BaseException:
