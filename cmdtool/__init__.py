@@ -1,10 +1,13 @@
 """cmdtool: Correlation Mode Decomposition (CMD, ICLR 2024) of neural-network training checkpoints."""
 
-__version__ = "0.1.0"
+from .errors import CmdError
+from .fitting import fit_trajectory
+from .modefile import open_mode_file, summarize, write_mode_file
+from .modes import FitMetrics, FitSettings, Modes
+from .online import OnlineCMD, UpdateResult, update, watch
+from .pipeline import FitResult, fit, reconstruct, reconstruct_checkpoints
+from .version import __version__
 
-from .errors import CmdError  # noqa: E402
-from .pipeline import FitResult, fit, reconstruct, reconstruct_checkpoints, summarize  # noqa: E402
-from .online import OnlineCMD, UpdateResult, update, watch  # noqa: E402
-
-__all__ = ["CmdError", "FitResult", "OnlineCMD", "UpdateResult", "__version__", "fit", "reconstruct",
-           "reconstruct_checkpoints", "summarize", "update", "watch"]
+__all__ = ["CmdError", "FitMetrics", "FitResult", "FitSettings", "Modes", "OnlineCMD", "UpdateResult", "__version__",
+           "fit", "fit_trajectory", "open_mode_file", "reconstruct", "reconstruct_checkpoints", "summarize", "update",
+           "watch", "write_mode_file"]

@@ -16,14 +16,15 @@ from typing import Callable, Iterator, List, Optional
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from rich.table import Table
 
-from . import __version__
+from .version import __version__
 from .checkpoints import discover
+from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary
 from .errors import CmdError
 from .modefile import open_mode_file
+from .modefile import summarize
 from .pipeline import fit as fit_folder
-from .pipeline import not_restored, reconstruct_checkpoints, summarize
+from .pipeline import not_restored, reconstruct_checkpoints
 from .reconstruct import WRITE_FORMATS
 
 app = typer.Typer(
@@ -41,7 +42,6 @@ app = typer.Typer(
          "Exit codes: 0 ok, 1 a threshold failed, 2 bad input.")
 
 stderr = Console(stderr=True, highlight=False)
-stdout = Console(highlight=False)
 
 
 def _message(text: str) -> None:
@@ -54,12 +54,20 @@ def _fail(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+def in_cli_words(error: CmdError) -> str:
+    """The library names a bad argument as its parameter (``modes must be ...``); say the option."""
+    message, parameter = str(error), error.parameter
+    if parameter and message.startswith(parameter):
+        return "--" + parameter.replace("_", "-") + message[len(parameter):]
+    return message
+
+
 @contextmanager
 def _errors_to_exit_code() -> Iterator[None]:
     try:
         yield
     except CmdError as e:
-        raise _fail(str(e)) from None
+        raise _fail(in_cli_words(e)) from None
     except OSError as e:
         raise _fail(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) from None
     except KeyboardInterrupt:
@@ -129,14 +137,14 @@ def fit(
     if result.discovery.skipped:
         _message(f"note: skipped {len(result.discovery.skipped)} entries of {checkpoint_dir} "
                  f"(`cmd ls {checkpoint_dir}` says which and why)")
-    _message(f"trajectory store: {result.trajectory} ({_bytes(result.trajectory.stat().st_size)}, "
+    _message(f"trajectory store: {result.trajectory} ({human_bytes(result.trajectory.stat().st_size)}, "
              f"{'reused' if result.trajectory_reused else 'built'}; a cache, safe to delete)")
     _message(f"wrote {result.mode_file}")
     summary = {**result.summary, "trajectory": str(result.trajectory), "trajectory_reused": result.trajectory_reused}
     if as_json:
         print(json.dumps(summary))
     else:
-        _print_summary(summary)
+        print_summary(summary)
 
 
 @app.command("ls")
@@ -148,42 +156,21 @@ def list_checkpoints(
     skips and why. Positions are what --start/--stop/--every select."""
     with _errors_to_exit_code():
         found = discover(checkpoint_dir)
-    checkpoints = [{"position": i, "time": c.time, "name": c.name, "format": _describe(c)}
+    checkpoints = [{"position": i, "time": c.time, "name": c.name, "format": describe(c)}
                    for i, c in enumerate(found.checkpoints)]
     skipped = [{"name": s.path.name, "reason": s.reason} for s in found.skipped]
     if as_json:
         print(json.dumps({"folder": str(checkpoint_dir), "time_source": found.time_source,
                           "checkpoints": checkpoints, "skipped": skipped}))
     else:
-        print(f"{len(checkpoints)} checkpoints in {checkpoint_dir}, time from {_TIME_SOURCES[found.time_source]}")
-        _print_columns(["position", "time", "checkpoint", "format"],
+        print(f"{len(checkpoints)} checkpoints in {checkpoint_dir}, time from {TIME_SOURCES[found.time_source]}")
+        print_columns(["position", "time", "checkpoint", "format"],
                        [[c["position"], c["time"], c["name"], c["format"]] for c in checkpoints])
         if skipped:
             print(f"skipped {len(skipped)}")
-            _print_columns(["entry", "reason"], [[s["name"], s["reason"]] for s in skipped])
+            print_columns(["entry", "reason"], [[s["name"], s["reason"]] for s in skipped])
     for warning in found.warnings:
         _message(f"warning: {warning}")
-
-
-_TIME_SOURCES = {"global_step": "the stored global_step", "step": "the stored step",
-                 "epoch": "the stored epoch", "name": "the numbers in the names",
-                 "position": "the position in natural sort order"}
-
-
-def _print_columns(header: list[str], rows: list[list]) -> None:
-    """Left-aligned columns that never wrap (names and paths stay whole for scripts)."""
-    cells = [header] + [[str(v) for v in row] for row in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
-    for row in cells:
-        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
-
-
-def _describe(checkpoint) -> str:
-    """``huggingface safetensors, 4 shards``, ``lightning torch``, ``plain safetensors``."""
-    text = f"{checkpoint.stack} {checkpoint.format}"
-    if checkpoint.folder is not None and len(checkpoint.folder.weights) > 1:
-        text += f", {len(checkpoint.folder.weights)} shards"
-    return text
 
 
 @app.command()
@@ -199,7 +186,7 @@ def info(
     if as_json:
         print(json.dumps(summary))
         return
-    _print_summary(summary, references)
+    print_summary(summary, references)
 
 
 @app.command()
@@ -253,7 +240,7 @@ def update(
     if as_json:
         print(json.dumps({**result.summary, "absorbed": result.absorbed, "skipped": result.skipped}))
     else:
-        _print_summary(result.summary)
+        print_summary(result.summary)
 
 
 @app.command()
@@ -325,82 +312,11 @@ def report(
     if as_json:
         print(json.dumps(r))
     else:
-        _print_report(r)
+        print_report(r)
     for line in result.failures:
         _message(f"threshold failed: {line}")
     if result.failures:
         raise typer.Exit(1)
-
-
-def _print_report(r: dict) -> None:
-    fit, compact = r["fit"], r["compactness"]
-    table = Table(box=None, pad_edge=False)
-    for column in ("model", "compression", "rel_error", "rel_error_displacement"):
-        table.add_column(column, justify="left" if column == "model" else "right")
-    table.add_row(f"CMD, {r['run']['modes']} modes", f"{compact['compression_ratio']:.1f}×",
-                  f"{fit['rel_error']:.4g}", f"{fit['rel_error_displacement']:.4g}")
-    for p in r["baselines"]["pca"]:
-        table.add_row(f"PCA d={p['d']}", f"{compact['checkpoint_bytes_float32'] / p['bytes_float32']:.1f}×",
-                      f"{p['rel_error']:.4g}", f"{p['rel_error_displacement']:.4g}")
-    stdout.print(table, markup=False)
-    evaluation = r["evaluation"]
-    if evaluation:
-        names = list(evaluation["per_checkpoint"]["original"])
-        candidates = Table(box=None, pad_edge=False)
-        candidates.add_column("candidate")
-        for name in names:
-            candidates.add_column(name, justify="right")
-        for candidate, scores in evaluation["candidates"].items():
-            candidates.add_row(candidate, *(f"{scores[k]:.4g}" if scores.get(k) is not None else "–" for k in names))
-        stdout.print(candidates, markup=False)
-    for t in r["thresholds"]:
-        stdout.print(f"{'pass' if t['passed'] else 'FAIL'}: {t['description']}", markup=False)
-
-
-def _print_summary(s: dict, references: list | None = None) -> None:
-    table = Table(show_header=False, box=None, pad_edge=False)
-    table.add_column(style="bold")
-    table.add_column()
-    time = s["time"]
-    table.add_row("mode file", f"{s['mode_file']} ({_bytes(s['mode_file_bytes'])}, format v{s['format_version']}, cmdtool {s['tool_version']})")
-    table.add_row("checkpoints (T)", f"{s['checkpoints']}: {s['checkpoint_names'][0]} … {s['checkpoint_names'][-1]} (time {time[0]} … {time[-1]})")
-    table.add_row("parameters (N)", f"{s['parameters']:,} in {s['tensors_modelled']} tensors"
-                  + (f" (+{s['tensors_carried']} carried verbatim)" if s["tensors_carried"] else ""))
-    table.add_row("modes (M)", f"{s['modes']} (asked for at most {s['settings']['modes']}; sampled K = {s['settings']['samples']}, seed {s['settings']['seed']})")
-    settings = s["settings"]
-    start, stop, every = settings["start"], settings["stop"], settings["every"]
-    selection = ("all checkpoints" if start is None and stop is None and every == 1 else
-                 f"checkpoints[{'' if start is None else start}:{'' if stop is None else stop}:{every}]")
-    table.add_row("fitted on", f"{selection} of {settings['source']}"
-                  + "".join(f" --include {p}" for p in settings["include"])
-                  + "".join(f" --exclude {p}" for p in settings["exclude"]))
-    if s.get("online"):
-        F, names = s["online"]["warmup"], s["checkpoint_names"]
-        table.add_row("online", f"modes found on the first {F} checkpoints ({names[0]} … {names[F - 1]}), "
-                      f"then {s['online']['updates']} exact update{'s' * (s['online']['updates'] != 1)} of a, b")
-    table.add_row("trajectory store", settings["trajectory"])
-    table.add_row("compression", f"{s['compression_ratio']:.1f}× ({_bytes(s['checkpoint_bytes_float32'])} of float32 checkpoints)")
-    table.add_row("rel_error", f"{s['rel_error']:.3g}  (‖W − Ŵ‖ / ‖W‖ over all checkpoints)")
-    table.add_row("rel_error_displacement", f"{s['rel_error_displacement']:.3g}  (error ÷ how far weights moved from the first checkpoint)")
-    stdout.print(table, markup=False)
-    modes = Table(title=None, box=None, pad_edge=False)
-    for column in ("mode", "parameters", "share") + (("reference parameter",) if references else ()):
-        modes.add_column(column, justify="left" if column == "reference parameter" else "right")
-    for m, size in enumerate(s["mode_sizes"]):
-        row = [str(m), f"{size:,}", f"{100 * size / s['parameters']:.1f}%"]
-        if references:
-            name, index = references[m]
-            row.append(f"{name}[{', '.join(map(str, index))}]")
-        modes.add_row(*row)
-    stdout.print(modes, markup=False)
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n} TB"
 
 
 def main() -> None:

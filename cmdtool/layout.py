@@ -76,6 +76,11 @@ class Layout:
                 return spec.name, index
         raise IndexError(column)
 
+    @property
+    def signature(self) -> dict[str, tuple[tuple[int, ...], str]]:
+        """``name -> (shape, dtype)`` of every tensor, as a checkpoint reader's ``signature``."""
+        return {spec.name: (tuple(spec.shape), spec.dtype) for spec in self.tensors}
+
     def to_json(self) -> str:
         return json.dumps([[s.name, list(s.shape), s.dtype, s.modelled, s.offset] for s in self.tensors])
 
@@ -119,3 +124,19 @@ def build_layout(signature: Mapping[str, tuple[tuple[int, ...], str]],
         raise CmdError(f"no floating-point tensors to model ({chosen} left none of {floats})" if chosen
                        else "no floating-point tensors to model")
     return layout
+
+
+def check_same_tensors(path: object, signature: Mapping[str, tuple], expected: Mapping[str, tuple],
+                       expected_name: str) -> None:
+    """A checkpoint (``path``, its ``name -> (shape, dtype)``) must have exactly the tensor names,
+    shapes and dtypes of ``expected`` (those of the checkpoint or mode file ``expected_name``)."""
+    for name, (shape, dtype) in expected.items():
+        if name not in signature:
+            raise CmdError(f"{path}: tensor {name!r} is missing (present in {expected_name})")
+        got_shape, got_dtype = tuple(signature[name][0]), signature[name][1]
+        if (got_shape, got_dtype) != (tuple(shape), dtype):
+            raise CmdError(f"{path}: tensor {name!r} is {got_dtype} {list(got_shape)}, "
+                           f"but {dtype} {list(shape)} in {expected_name}")
+    for name in signature:
+        if name not in expected:
+            raise CmdError(f"{path}: tensor {name!r} is not in {expected_name}")

@@ -38,14 +38,19 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
 
+from .version import __version__
+from ._files import temporary_sibling
 from ._hdf5 import read_strings, read_text, write_text
 from .checkpoints import CheckpointInfo
+from .decompose import label_dtype
 from .errors import CmdError
 from .layout import Layout
+from .modes import CarriedRows, FitMetrics, FitSettings, Modes, OnlineInfo
 
 FORMAT = "cmdtool-modes"
 FORMAT_VERSION = 1
@@ -62,77 +67,65 @@ def check_output_path(path: Path, force: bool) -> None:
         raise CmdError(f"{path.parent}: no such folder for the output")
 
 
-class ModeFileWriter:
-    """Create a mode file: ``write_tile`` per column block, then ``finish`` renames it into place."""
+CARRIED_BLOCK_BYTES = 32 * 2**20  # carried rows are read from a mode file in blocks of this size
 
-    def __init__(self, path: Path, *, layout: Layout, time: np.ndarray, names: list[str],
-                 infos: list[CheckpointInfo], references: np.ndarray, reference_offset: np.ndarray,
-                 reference_scale: np.ndarray, reference_index: np.ndarray, label_dtype: np.dtype):
-        self.path = Path(path)
-        self.tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        N = layout.n_parameters
-        self.f = h5py.File(self.tmp, "w")
-        f = self.f
-        f.create_dataset("references", data=references.astype(np.float32))
-        f.create_dataset("reference_offset", data=np.asarray(reference_offset, dtype=np.float64))
-        f.create_dataset("reference_scale", data=np.asarray(reference_scale, dtype=np.float64))
-        f.create_dataset("reference_index", data=np.asarray(reference_index, dtype=np.int64))
-        f.create_dataset("labels", shape=(N,), dtype=label_dtype)
-        f.create_dataset("a", shape=(N,), dtype=np.float32)
-        f.create_dataset("b", shape=(N,), dtype=np.float32)
-        f.create_dataset("time", data=np.asarray(time, dtype=np.int64))
-        f.create_dataset("checkpoints", data=names, dtype=h5py.string_dtype())
-        f.create_dataset("checkpoint_info", data=[i.to_json() for i in infos], dtype=h5py.string_dtype())
-        write_text(f, "layout", layout.to_json())
-        f.create_group("carried")
 
-    def write_tile(self, start: int, labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-        stop = start + len(labels)
-        self.f["labels"][start:stop] = labels
-        self.f["a"][start:stop] = a.astype(np.float32)
-        self.f["b"][start:stop] = b.astype(np.float32)
+def write_mode_file(path: Path, modes: Modes) -> Path:
+    """Write ``modes`` as the mode file ``path``: to a temporary name beside it, renamed over it
+    only when complete, so that a reader (or a kill) never sees a partial file."""
+    path = Path(path)
+    tmp = temporary_sibling(path)
+    try:
+        with h5py.File(tmp, "w") as f:
+            _write(f, modes)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
-    def write_carried(self, name: str, raw: np.ndarray) -> None:
-        self.f["carried"].create_dataset(name, data=raw)
 
-    def write_attachment(self, digest: str, data: bytes) -> None:
-        self.f.require_group("attachments").create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
-
-    def write_carried_rows(self, name: str, shape: tuple[int, int], chunks) -> None:
-        """A carried tensor written in row blocks (``chunks`` yields ``(T_block, bytes)`` arrays)."""
-        dataset = self.f["carried"].create_dataset(name, shape=shape, dtype=np.uint8)
-        row = 0
-        for chunk in chunks:
-            dataset[row:row + len(chunk)] = chunk
-            row += len(chunk)
-        if row != shape[0]:
-            raise ValueError(f"carried tensor {name!r}: wrote {row} rows, expected {shape[0]}")
-
-    def write_online(self, *, warmup: int, first: np.ndarray, mode_sse_least_squares: np.ndarray) -> None:
-        """The state an online update needs beyond version 1 (see the module docstring)."""
-        group = self.f.create_group("online")
-        group.attrs["warmup"] = int(warmup)
-        group.create_dataset("first", data=np.asarray(first, dtype=np.float32))
-        group.create_dataset("mode_sse_least_squares", data=np.asarray(mode_sse_least_squares, dtype=np.float64))
-
-    def finish(self, *, mode_sizes: np.ndarray, settings: dict, metrics: dict, tool_version: str) -> Path:
-        self.f.create_dataset("mode_sizes", data=np.asarray(mode_sizes, dtype=np.int64))
-        self.f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, tool_version=tool_version,
-                            settings=json.dumps(settings), metrics=json.dumps(metrics))
-        self.f.close()
-        os.replace(self.tmp, self.path)
-        return self.path
-
-    def abort(self) -> None:
-        try:
-            self.f.close()
-        finally:
-            self.tmp.unlink(missing_ok=True)
+def _write(f: h5py.File, modes: Modes) -> None:
+    f.create_dataset("references", data=np.asarray(modes.references, dtype=np.float32))
+    f.create_dataset("reference_offset", data=np.asarray(modes.reference_offset, dtype=np.float64))
+    f.create_dataset("reference_scale", data=np.asarray(modes.reference_scale, dtype=np.float64))
+    f.create_dataset("reference_index", data=np.asarray(modes.reference_index, dtype=np.int64))
+    f.create_dataset("labels", data=np.asarray(modes.labels, dtype=label_dtype(modes.M)))
+    f.create_dataset("a", data=np.asarray(modes.a, dtype=np.float32))
+    f.create_dataset("b", data=np.asarray(modes.b, dtype=np.float32))
+    f.create_dataset("time", data=np.asarray(modes.time, dtype=np.int64))
+    f.create_dataset("checkpoints", data=modes.names, dtype=h5py.string_dtype())
+    f.create_dataset("checkpoint_info", data=[i.to_json() for i in modes.infos], dtype=h5py.string_dtype())
+    write_text(f, "layout", modes.layout.to_json())
+    carried = f.create_group("carried")
+    for spec in modes.layout.carried:
+        rows = modes.carried[spec.name]
+        if isinstance(rows, CarriedRows):
+            dataset = carried.create_dataset(spec.name, shape=rows.shape, dtype=np.uint8)
+            row = 0
+            for block in rows.blocks():
+                dataset[row:row + len(block)] = block
+                row += len(block)
+            if row != rows.shape[0]:
+                raise ValueError(f"carried tensor {spec.name!r}: wrote {row} rows, expected {rows.shape[0]}")
+        else:
+            carried.create_dataset(spec.name, data=rows)
+    for digest, data in modes.attachments.items():
+        f.require_group("attachments").create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
+    if modes.online is not None:
+        group = f.create_group("online")
+        group.attrs["warmup"] = int(modes.online.warmup)
+        group.create_dataset("first", data=np.asarray(modes.online.first, dtype=np.float32))
+        group.create_dataset("mode_sse_least_squares",
+                             data=np.asarray(modes.online.mode_sse_least_squares, dtype=np.float64))
+    f.create_dataset("mode_sizes", data=np.asarray(modes.mode_sizes, dtype=np.int64))
+    f.attrs.update(format=FORMAT, format_version=FORMAT_VERSION, tool_version=__version__,
+                   settings=json.dumps(modes.settings.to_json()), metrics=json.dumps(modes.metrics.to_json()))
 
 
 @dataclass
 class ModeFile:
-    """An open, validated mode file. ``a``, ``b``, ``labels`` stay on disk; slice them per tensor."""
+    """An open, validated mode file. ``labels``, ``a``, ``b`` and carried tensors stay on disk until
+    asked for: per tensor (``parameters``), at sampled columns (``sampled``), or all at once (``load``)."""
     path: Path
     handle: h5py.File
     layout: Layout
@@ -144,11 +137,11 @@ class ModeFile:
     names: list[str]
     infos: list[CheckpointInfo]
     mode_sizes: np.ndarray
-    settings: dict
-    metrics: dict
+    settings: FitSettings
+    metrics: FitMetrics
     format_version: int
     tool_version: str
-    online: dict | None = None    # {"warmup": F} for an online fit (group ``online``), else None
+    warmup: int | None = None     # F of an online fit (group ``online``), else None
 
     @property
     def M(self) -> int:
@@ -162,19 +155,56 @@ class ModeFile:
     def N(self) -> int:
         return self.layout.n_parameters
 
-    def parameters(self, columns: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``labels, a, b`` of the parameters in ``columns`` (one tensor's range)."""
+    def parameters(self, columns: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``labels, a, b`` of the parameters ``columns``: a slice (one tensor's range; all by
+        default) or sorted column indices."""
         labels = self.handle["labels"][columns]
         if labels.size and int(labels.max()) >= self.M:
             raise CmdError(f"{self.path}: corrupt mode file (label out of range)")
         return labels, self.handle["a"][columns], self.handle["b"][columns]
 
     def carried(self, name: str) -> np.ndarray:
+        """A carried tensor's raw bytes at every checkpoint, ``(T, nbytes)`` uint8."""
         return self.handle["carried"][name][()]
+
+    def carried_row(self, name: str, index: int) -> np.ndarray:
+        """A carried tensor's raw bytes at checkpoint ``index``."""
+        return self.handle["carried"][name][index]
+
+    def carried_rows(self, name: str) -> CarriedRows:
+        """A carried tensor's rows, read in blocks of ``CARRIED_BLOCK_BYTES`` when written out."""
+        dataset = self.handle["carried"][name]
+
+        def blocks() -> Iterator[np.ndarray]:
+            step = max(1, CARRIED_BLOCK_BYTES // max(1, dataset.shape[1]))
+            for start in range(0, dataset.shape[0], step):
+                yield dataset[start:start + step]
+
+        return CarriedRows(tuple(dataset.shape), blocks)
 
     def attachment(self, digest: str) -> bytes:
         """A file copied back with a Hugging Face folder, by the SHA-256 of its content."""
         return self.handle["attachments"][digest][()].tobytes()
+
+    def attachments(self) -> dict[str, bytes]:
+        return {digest: self.attachment(digest) for digest in self.handle.get("attachments", {})}
+
+    def online(self) -> OnlineInfo | None:
+        """An online fit's state (``cmd fit --warmup``, ``cmd update``), else None."""
+        if self.warmup is None:
+            return None
+        group = self.handle["online"]
+        return OnlineInfo(self.warmup, group["first"][()], group["mode_sse_least_squares"][()])
+
+    def load(self) -> Modes:
+        """The whole fit in memory (carried tensors stay on disk, read in blocks when written)."""
+        labels, a, b = self.parameters()
+        return Modes(layout=self.layout, references=self.references, reference_offset=self.reference_offset,
+                     reference_scale=self.reference_scale, reference_index=self.reference_index, labels=labels,
+                     a=a, b=b, mode_sizes=self.mode_sizes, time=self.time, names=list(self.names),
+                     infos=list(self.infos), settings=self.settings, metrics=self.metrics,
+                     carried={spec.name: self.carried_rows(spec.name) for spec in self.layout.carried},
+                     attachments=self.attachments(), online=self.online())
 
     def close(self) -> None:
         self.handle.close()
@@ -210,10 +240,10 @@ def open_mode_file(path: Path) -> ModeFile:
             reference_scale=handle["reference_scale"][()], reference_index=handle["reference_index"][()],
             time=handle["time"][()], names=read_strings(handle, "checkpoints"),
             infos=[CheckpointInfo.from_json(s) for s in read_strings(handle, "checkpoint_info")],
-            mode_sizes=handle["mode_sizes"][()], settings=json.loads(handle.attrs["settings"]),
-            metrics=json.loads(handle.attrs["metrics"]), format_version=version,
+            mode_sizes=handle["mode_sizes"][()], settings=FitSettings.from_json(json.loads(handle.attrs["settings"])),
+            metrics=FitMetrics.from_json(json.loads(handle.attrs["metrics"])), format_version=version,
             tool_version=str(handle.attrs.get("tool_version", "?")),
-            online={"warmup": int(handle["online"].attrs["warmup"])} if "online" in handle else None)
+            warmup=int(handle["online"].attrs["warmup"]) if "online" in handle else None)
         _validate(mode_file)
         return mode_file
     except CmdError:
@@ -235,10 +265,10 @@ def _validate(mf: ModeFile) -> None:
             raise CmdError(f"{mf.path}: corrupt mode file ({name} has shape {h[name].shape}, expected {shape})")
     if len(mf.names) != T or len(mf.infos) != T:
         raise CmdError(f"{mf.path}: corrupt mode file (checkpoint list does not match T = {T})")
-    if mf.online is not None:
+    if mf.warmup is not None:
         online = h["online"]
         if (online["first"].shape != (N,) or online["mode_sse_least_squares"].shape != (M,)
-                or not 1 <= mf.online["warmup"] <= T):
+                or not 1 <= mf.warmup <= T):
             raise CmdError(f"{mf.path}: corrupt mode file (online state does not match N, M or T)")
     for spec in mf.layout.carried:
         if spec.name not in h["carried"] or h["carried"][spec.name].shape[0] != T:
@@ -247,3 +277,31 @@ def _validate(mf: ModeFile) -> None:
         for name, digest in info.files.items():
             if digest not in h.get("attachments", {}):
                 raise CmdError(f"{mf.path}: corrupt mode file (copied file {name!r} missing)")
+
+
+def summarize(path: str | Path) -> dict:
+    """The facts ``cmd info`` and ``cmd fit --json`` report about a mode file."""
+    path = Path(path)
+    with open_mode_file(path) as modes:
+        file_bytes = path.stat().st_size
+        checkpoint_bytes = 4 * modes.N * modes.T
+        return {
+            "format_version": modes.format_version,
+            "tool_version": modes.tool_version,
+            "mode_file": str(path),
+            "mode_file_bytes": file_bytes,
+            "checkpoints": modes.T,
+            "parameters": modes.N,
+            "modes": modes.M,
+            "mode_sizes": [int(n) for n in modes.mode_sizes],
+            "tensors_modelled": len(modes.layout.modelled),
+            "tensors_carried": len(modes.layout.carried),
+            "checkpoint_bytes_float32": checkpoint_bytes,
+            "compression_ratio": checkpoint_bytes / file_bytes,
+            "rel_error": modes.metrics.rel_error,
+            "rel_error_displacement": modes.metrics.rel_error_displacement,
+            "time": [int(t) for t in modes.time],
+            "checkpoint_names": list(modes.names),
+            "settings": modes.settings.to_json(),
+            "online": None if modes.warmup is None else {"warmup": modes.warmup, "updates": modes.T - modes.warmup},
+        }

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -11,11 +9,13 @@ import numpy as np
 
 from ._lazy import torch  # imported on first use
 
+from ._files import remove_path, replace_path, temporary_sibling
 from .checkpoints import CHECKPOINT_SUFFIXES, CheckpointInfo, write_checkpoint
 from .checkpoints.formats import NUMPY_DTYPES  # written without importing torch, which takes longer than the work
 from .errors import CmdError
 from .layout import Layout, TensorSpec
 from .modefile import ModeFile
+from .modes import model_values
 
 
 def parse_at(at: str, T: int) -> list[int]:
@@ -26,10 +26,11 @@ def parse_at(at: str, T: int) -> list[int]:
     try:
         positions = [int(part) for part in at.split(",")]
     except ValueError:
-        raise CmdError(f"--at {at!r}: expected last, first, all or positions like 0,5,-1") from None
+        raise CmdError(f"at {at!r}: expected last, first, all or positions like 0,5,-1", parameter="at") from None
     for p in positions:
         if not -T <= p < T:
-            raise CmdError(f"--at {at!r}: position {p} is out of range (the mode file has {T} checkpoints, 0..{T - 1})")
+            raise CmdError(f"at {at!r}: position {p} is out of range (the mode file has {T} checkpoints, 0..{T - 1})",
+                           parameter="at")
     return sorted({p % T for p in positions})
 
 
@@ -55,30 +56,36 @@ def _numpy_dtypes_only(modes: ModeFile) -> bool:
     return all(spec.dtype in NUMPY_DTYPES for spec in modes.layout.tensors)
 
 
-def _values_at(modes: ModeFile, index: int) -> Iterator[tuple[TensorSpec, np.ndarray]]:
+Parameters = tuple[np.ndarray, np.ndarray, np.ndarray]
+
+
+def _values_at(modes: ModeFile, index: int, parameters: Parameters | None = None
+               ) -> Iterator[tuple[TensorSpec, np.ndarray]]:
     """Per tensor at checkpoint ``index``: a modelled tensor's ``a · r[label, t] + b`` in float64
-    (shaped), a carried tensor's raw bytes. Memory: one tensor at a time."""
+    (shaped), a carried tensor's raw bytes. ``parameters``: every ``labels, a, b`` read once for
+    many checkpoints; else each tensor's are read from the file (memory: one tensor at a time)."""
     reference_values = modes.references[:, index].astype(np.float64)
     for spec in modes.layout.tensors:
         if spec.modelled:
-            labels, a, b = modes.parameters(spec.columns)
-            yield spec, (a.astype(np.float64) * reference_values[labels] + b).reshape(spec.shape)
+            labels, a, b = ((v[spec.columns] for v in parameters) if parameters is not None
+                            else modes.parameters(spec.columns))
+            yield spec, model_values(labels, a, b, reference_values).reshape(spec.shape)
         else:
-            yield spec, modes.handle["carried"][spec.name][index]
+            yield spec, modes.carried_row(spec.name, index)
 
 
-def arrays_at(modes: ModeFile, index: int) -> dict[str, np.ndarray]:
+def arrays_at(modes: ModeFile, index: int, parameters: Parameters | None = None) -> dict[str, np.ndarray]:
     """``state_dict_at`` as numpy arrays (every tensor's dtype must be in ``NUMPY_DTYPES``);
     the values are the same, rounded from float64 the same way."""
     return {spec.name: values.astype(spec.dtype) if spec.modelled else values.view(spec.dtype).reshape(spec.shape)
-            for spec, values in _values_at(modes, index)}
+            for spec, values in _values_at(modes, index, parameters)}
 
 
-def state_dict_at(modes: ModeFile, index: int) -> dict[str, torch.Tensor]:
+def state_dict_at(modes: ModeFile, index: int, parameters: Parameters | None = None) -> dict[str, torch.Tensor]:
     """The CMD state dict at checkpoint ``index``: ``a · r[label, t] + b`` in float64, then cast to
     each tensor's source dtype; carried tensors as they were. Memory: one tensor at a time."""
     return {spec.name: torch.from_numpy(values).to(getattr(torch, spec.dtype)) if spec.modelled
-            else _carried_tensor(values, spec.shape, spec.dtype) for spec, values in _values_at(modes, index)}
+            else _carried_tensor(values, spec.shape, spec.dtype) for spec, values in _values_at(modes, index, parameters)}
 
 
 WRITE_FORMATS = ("source", "safetensors")
@@ -93,7 +100,7 @@ def output_plan(name: str, info: CheckpointInfo, fmt: str = "source") -> tuple[s
     if fmt == "source":
         return name, info, list(info.dropped)
     if fmt != "safetensors":
-        raise CmdError(f"--format {fmt!r}: expected one of {', '.join(WRITE_FORMATS)}")
+        raise CmdError(f"format {fmt!r}: expected one of {', '.join(WRITE_FORMATS)}", parameter="format")
     stem = next((name[: -len(s)] for s in CHECKPOINT_SUFFIXES if name.endswith(s)), name)
     metadata = {**(info.metadata or {}), "format": "pt"} if info.format == "safetensors" else {"format": "pt"}
     lost = [*info.dropped, *info.extras, *info.files, *([info.index["name"]] if info.index else [])]
@@ -119,37 +126,19 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
         if target.exists() and not force:
             raise CmdError(f"{target}: already exists (use --force to overwrite)")
     out_dir.mkdir(parents=True, exist_ok=True)
+    parameters = modes.parameters() if len(indices) > 1 else None  # read once for many checkpoints
     written: list[tuple[Path, Path]] = []
     try:
         for i, target, (_, info, _) in zip(indices, targets, plans):
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+            tmp = temporary_sibling(target)
             written.append((tmp, target))
             as_arrays = info.format == "safetensors" and not info.is_folder and _numpy_dtypes_only(modes)
-            write_checkpoint(tmp, (arrays_at if as_arrays else state_dict_at)(modes, i), info, modes.attachment)
+            write_checkpoint(tmp, (arrays_at if as_arrays else state_dict_at)(modes, i, parameters), info,
+                             modes.attachment)
             advance(1)
         for tmp, target in written:
             replace_path(tmp, target)
     finally:
         for tmp, _ in written:
-            _remove(tmp)
+            remove_path(tmp)
     return targets
-
-
-def replace_path(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` (a file or folder) to ``target``, moving an existing folder out of the way."""
-    if target.is_dir():
-        old = target.with_name(f".{target.name}.{os.getpid()}.old")
-        os.replace(target, old)
-        os.replace(tmp, target)
-        shutil.rmtree(old)
-    else:
-        if tmp.is_dir() and target.exists():  # a folder replaces a file: rename cannot do that
-            target.unlink()
-        os.replace(tmp, target)
-
-
-def _remove(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    else:
-        path.unlink(missing_ok=True)

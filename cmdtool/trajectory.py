@@ -15,17 +15,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
 
+from ._files import temporary_sibling
 from ._hdf5 import read_strings, read_text, write_text
 from .checkpoints import Checkpoint, CheckpointInfo
 from .errors import CmdError
-from .layout import Layout, build_layout
+from .layout import Layout, build_layout, check_same_tensors
 
 STORE_KIND = "cmdtool-trajectory"
 STORE_VERSION = 2  # 2: attachments, --ema
@@ -47,14 +48,16 @@ def fingerprint(checkpoints: Sequence[Checkpoint], include: Sequence[str], exclu
 
 
 @dataclass
-class TrajectoryStore:
-    path: Path
+class Trajectory:
+    """A ``(T, N)`` float32 trajectory with its layout and checkpoints: what a fit reads
+    (``fitting.TrajectorySource``). ``W`` is any array-like of rows: a store's memory map, or rows
+    held in memory; ``carried`` and ``attachments`` are read by the subclasses."""
     layout: Layout
     time: np.ndarray           # (T,) step or epoch numbers
     names: list[str]           # (T,) checkpoint file names
     infos: list[CheckpointInfo]
     varies: np.ndarray         # (N,) bool: the parameter is not constant over the run
-    W: np.memmap               # (T, N) float32, read-only
+    W: np.ndarray              # (T, N) float32, read-only
 
     @property
     def T(self) -> int:
@@ -76,11 +79,45 @@ class TrajectoryStore:
 
     def carried(self, name: str) -> np.ndarray:
         """A carried tensor's raw bytes, ``(T, nbytes)`` uint8."""
+        raise NotImplementedError
+
+    def attachments(self) -> dict[str, bytes]:
+        """The files copied back with Hugging Face folders, by SHA-256."""
+        raise NotImplementedError
+
+
+@dataclass
+class InMemoryTrajectory(Trajectory):
+    """Rows held in memory (or a view of a store's rows), with their carried tensors and attachments."""
+    carried_rows: dict[str, np.ndarray] = field(default_factory=dict)   # name -> (T, nbytes) uint8
+    attachment_files: dict[str, bytes] = field(default_factory=dict)
+
+    def carried(self, name: str) -> np.ndarray:
+        return self.carried_rows[name]
+
+    def attachments(self) -> dict[str, bytes]:
+        return dict(self.attachment_files)
+
+
+def moving_parameters(W, tile_columns: int = 1 << 20) -> np.ndarray:
+    """Which columns of the rows ``W`` are not constant, read in column tiles."""
+    varies = np.zeros(W.shape[1], dtype=bool)
+    for start in range(0, W.shape[1], tile_columns):
+        block = np.asarray(W[:, start:start + tile_columns])
+        varies[start:start + tile_columns] = (block[1:] != block[0]).any(axis=0)
+    return varies
+
+
+@dataclass
+class TrajectoryStore(Trajectory):
+    """A trajectory store on disk (see the module docstring); ``W`` is a read-only memory map."""
+    path: Path | None = None
+
+    def carried(self, name: str) -> np.ndarray:
         with h5py.File(self.path, "r") as f:
             return f["carried"][name][()]
 
     def attachments(self) -> dict[str, bytes]:
-        """The files copied back with Hugging Face folders, by SHA-256."""
         with h5py.File(self.path, "r") as f:
             group = f.get("attachments", {})
             return {digest: group[digest][()].tobytes() for digest in group}
@@ -104,7 +141,7 @@ def open_store(path: Path) -> TrajectoryStore:
     if offset is None or shape != (len(names), layout.n_parameters):
         raise CmdError(f"{path}: trajectory store is inconsistent")
     W = np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=shape)
-    return TrajectoryStore(Path(path), layout, time, names, infos, varies, W)
+    return TrajectoryStore(layout, time, names, infos, varies, W, path=Path(path))
 
 
 def store_fingerprint(path: Path) -> str | None:
@@ -132,34 +169,20 @@ def read_signatures(checkpoints: Sequence[Checkpoint], include: Sequence[str], e
                 except CmdError as e:
                     raise CmdError(f"{c.path.parent}: {e}") from None
             else:
-                _check_same_tensors(first, c, reader.signature)
+                check_same_tensors(c.path, reader.signature, first[1], first[0].name)
             infos.append(reader.info)
         advance(1)
     return layout, infos
 
 
-def _check_same_tensors(first: tuple[Checkpoint, dict], c: Checkpoint, signature: dict) -> None:
-    ref_ckpt, ref = first
-    for name in ref:
-        if name not in signature:
-            raise CmdError(f"{c.path}: tensor {name!r} is missing (present in {ref_ckpt.name})")
-        if signature[name] != ref[name]:
-            (s1, d1), (s2, d2) = ref[name], signature[name]
-            raise CmdError(f"{c.path}: tensor {name!r} is {d2} {list(s2)}, "
-                           f"but {d1} {list(s1)} in {ref_ckpt.name}")
-    for name in signature:
-        if name not in ref:
-            raise CmdError(f"{c.path}: tensor {name!r} is not in {ref_ckpt.name}")
-
-
-def _check_finite(row: np.ndarray, checkpoint: Checkpoint, name: str) -> None:
-    """Refuse NaN and Inf. A finite sum proves every value finite without a mask the size of the
+def check_finite(row: np.ndarray, source: object, name: str) -> None:
+    """Refuse NaN and Inf in tensor ``name`` of ``source`` (a path, or words such as "observation 3"). A finite sum proves every value finite without a mask the size of the
     tensor; only a sum that overflowed or hit a NaN/Inf is looked at value by value."""
     with np.errstate(over="ignore", invalid="ignore"):
         if np.isfinite(np.add.reduce(row)) or np.isfinite(row).all():
             return
     bad = "NaN" if np.isnan(row).any() else "Inf"
-    raise CmdError(f"{checkpoint.path}: tensor {name!r} contains {bad} values")
+    raise CmdError(f"{source}: tensor {name!r} contains {bad} values")
 
 
 class _RowWriter:
@@ -197,7 +220,7 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
     """
     path = Path(path)
     T, N = len(checkpoints), layout.n_parameters
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = temporary_sibling(path)
     modelled = layout.modelled
     largest = max(spec.size for spec in modelled)
     buffer = np.empty(largest, dtype=np.float32)
@@ -224,7 +247,7 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
                     for j, spec in enumerate(modelled):
                         values = buffer[:spec.size]
                         reader.read_float32(spec.name, values, scratch)
-                        _check_finite(values, c, spec.name)
+                        check_finite(values, c.path, spec.name)
                         rows.write(values, offset + 4 * (t * N + spec.offset))
                         if t > 0 and not moving[j]:  # once moved, always varies
                             np.not_equal(values, first[spec.columns], out=differs[:spec.size])

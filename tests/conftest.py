@@ -1,74 +1,14 @@
-"""Shared fixtures: planted CMD runs written as checkpoint folders, an isolated cache, a CLI runner."""
+"""Fixtures shared by the tests: an isolated cache, the planted run and its folder, a CLI runner.
+Helper functions are in helpers.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
-from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-SHAPES = {"conv.weight": (8, 3, 3, 3), "conv.bias": (8,), "bn.weight": (8,), "bn.running_mean": (8,),
-          "fc.weight": (10, 72), "fc.bias": (10,)}
-
-
-@dataclass
-class Planted:
-    """A run whose answer is known: ``W = a·r[labels] + b + noise`` (T, N), float64 before saving."""
-    W: np.ndarray          # (T, N)
-    references: np.ndarray  # (M, T) the planted reference curves
-    labels: np.ndarray      # (N,) planted mode of each parameter
-    a: np.ndarray
-    b: np.ndarray
-    shapes: dict
-
-    def permutation(self, layout) -> np.ndarray:
-        """Planted columns in the order of a fitted layout (safetensors sorts tensor names)."""
-        offsets = dict(zip(self.shapes, np.cumsum([0] + [int(np.prod(s)) for s in self.shapes.values()])))
-        return np.concatenate([offsets[spec.name] + np.arange(spec.size) for spec in layout.modelled])
-
-    def states(self, dtype=torch.float32) -> list[dict[str, torch.Tensor]]:
-        """One state dict per checkpoint, plus an integer buffer that counts steps."""
-        out, offset = [], 0
-        for t in range(self.W.shape[0]):
-            state, offset = {}, 0
-            for name, shape in self.shapes.items():
-                size = int(np.prod(shape))
-                state[name] = torch.from_numpy(self.W[t, offset:offset + size].reshape(shape).copy()).to(dtype)
-                offset += size
-            state["bn.num_batches_tracked"] = torch.tensor(100 * t, dtype=torch.int64)
-            out.append(state)
-        return out
-
-
-def plant(M: int = 3, T: int = 20, noise: float = 1e-4, seed: int = 0, shapes: dict = SHAPES) -> Planted:
-    """M smooth, mutually distinct reference curves; each parameter an affine copy of one, plus noise."""
-    rng = np.random.default_rng(seed)
-    N = sum(int(np.prod(s)) for s in shapes.values())
-    t = np.linspace(0, 1, T)
-    curves = [np.exp(-3 * t), np.sin(2 * np.pi * t), t ** 2, np.cos(5 * t), np.sqrt(t + 0.1), np.tanh(4 * t - 2)]
-    references = np.stack([curves[m % len(curves)] * (1 + m // len(curves)) for m in range(M)])
-    labels = rng.integers(0, M, size=N)
-    a = rng.choice([-1, 1], size=N) * rng.uniform(0.2, 2.0, size=N)
-    b = rng.normal(0, 0.5, size=N)
-    W = a * references[labels].T + b + noise * rng.normal(size=(T, N))
-    return Planted(W, references, labels, a, b, dict(shapes))
-
-
-def write_run(folder: Path, states: list[dict], fmt: str = "safetensors", wrapper: str | None = None,
-              name: str = "epoch_{}") -> Path:
-    """Write one checkpoint per state dict: ``epoch_0.safetensors`` ... (or ``.pt``)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for t, state in enumerate(states):
-        if fmt == "safetensors":
-            save_file(state, str(folder / f"{name.format(t)}.safetensors"), metadata={"epoch": str(t)})
-        else:
-            obj = {wrapper: state, "epoch": t, "optimizer": {"lr": 0.1, "momentum": [torch.zeros(1)]}} if wrapper else state
-            torch.save(obj, folder / f"{name.format(t)}.pt")
-    return folder
+from helpers import Planted, plant, write_run
 
 
 @pytest.fixture(autouse=True)

@@ -13,7 +13,7 @@ import pytest
 
 from cmdtool.cli import app
 from cmdtool.modefile import open_mode_file
-from conftest import plant, write_run
+from helpers import plant, write_run
 
 
 @pytest.mark.parametrize("command, expected", [

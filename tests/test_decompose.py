@@ -12,7 +12,7 @@ import cmdtool
 from cmdtool.decompose import (_allocate, _largest_magnitude, choose_references, cluster, correlation_matrix, fit_tile,
                                normalise_references, sample_parameters)
 from cmdtool.modefile import open_mode_file
-from conftest import plant, write_run
+from helpers import plant, write_run
 
 
 def adjusted_rand_index(x: np.ndarray, y: np.ndarray) -> float:
@@ -76,7 +76,7 @@ def test_planted_modes_are_recovered(tmp_path):
     planted = plant(M=4, T=24, noise=1e-4, seed=1)
     result, out, order = fit_run(tmp_path, planted, modes=4, samples=400)
     with open_mode_file(out) as modes:
-        labels = modes.handle["labels"][()]
+        labels = modes.parameters()[0]
         assert modes.M == 4
     assert adjusted_rand_index(labels, planted.labels[order]) >= 0.99
     # Error at the noise level: the planted noise is 1e-4 per entry.
@@ -93,7 +93,7 @@ def test_streaming_fit_equals_naive_in_memory_implementation(tmp_path):
     with open_mode_file(out) as modes:
         store_varies = np.ptp(W32, axis=0) > 0
         sample = sample_parameters([s.size for s in modes.layout.modelled], store_varies, 200, 3)
-        labels = modes.handle["labels"][()]
+        labels = modes.parameters()[0]
         naive_labels, naive_prediction = naive_cmd(W32, sample, 5)
         assert np.array_equal(sample[np.isin(sample, modes.reference_index)], np.sort(modes.reference_index))
     assert np.array_equal(labels, naive_labels)

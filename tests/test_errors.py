@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import warnings
 
 import h5py
 import numpy as np
@@ -13,8 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from cmdtool.cli import app
-from conftest import plant, write_run
+from helpers import cmd, error_line, plant, write_run
 
 
 class Evil:
@@ -27,32 +25,9 @@ class Evil:
         return (pathlib.Path.touch, (self.marker,))
 
 
-def cmd(runner, *args):
-    """Run ``cmd ARGS``; Python warnings raised meanwhile are kept on ``result.warnings`` (the real
-    CLI prints them to stderr, beside the one error line; the runner and pytest swallow them)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = runner.invoke(app, [str(a) for a in args])
-    result.warnings = [f"{w.category.__name__}: {w.message}" for w in caught]
-    return result
-
-
 def fit(runner, tmp_path, ckpt_dir, *extra, out=None):
     out = out or tmp_path / "modes.cmd.h5"
     return cmd(runner, "fit", ckpt_dir, "-o", out, "--trajectory", tmp_path / "traj.h5", *extra)
-
-
-def error_line(result) -> str:
-    """Assert the bad-input contract and return the message after ``error: ``."""
-    assert result.exit_code == 2, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught exception
-    assert "Traceback" not in result.output
-    assert result.stdout == ""
-    assert result.warnings == [], "warnings would reach stderr"
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0].removeprefix("error: ")
 
 
 def assert_nothing_written(tmp_path, *paths):

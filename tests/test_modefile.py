@@ -13,23 +13,25 @@ from cmdtool.cli import app
 from cmdtool.decompose import fit_tile, label_dtype, normalise_references
 from cmdtool.errors import CmdError
 from cmdtool.layout import build_layout
-from cmdtool.modefile import FORMAT_VERSION, ModeFileWriter, open_mode_file
-from conftest import plant, write_run
+from cmdtool.modefile import FORMAT_VERSION, open_mode_file, write_mode_file
+from cmdtool.modes import FitMetrics, FitSettings, Modes
+from helpers import plant, write_run
 
 
 def write_single_mode_file(path, W: np.ndarray, reference_column: int):
     """A mode file for one tensor ``w`` with one mode, built with the fit's own functions."""
     T, N = W.shape
     normalised = normalise_references(W[:, [reference_column]].T)
-    writer = ModeFileWriter(
-        path, layout=build_layout({"w": ((N,), "float32")}), time=np.arange(T),
-        names=[f"epoch_{t}.safetensors" for t in range(T)], infos=[CheckpointInfo("safetensors")] * T,
-        references=normalised.references, reference_offset=normalised.offset,
-        reference_scale=normalised.scale, reference_index=[reference_column], label_dtype=label_dtype(1))
     fit = fit_tile(W, normalised.references)
-    writer.write_tile(0, fit.labels.astype(np.uint8), fit.a, fit.b)
-    writer.finish(mode_sizes=[N], settings={}, metrics={"rel_error": 0.0, "rel_error_displacement": 0.0},
-                  tool_version="test")
+    modes = Modes(
+        layout=build_layout({"w": ((N,), "float32")}), references=normalised.references.astype(np.float32),
+        reference_offset=normalised.offset, reference_scale=normalised.scale,
+        reference_index=np.array([reference_column]), labels=fit.labels.astype(label_dtype(1)),
+        a=fit.a.astype(np.float32), b=fit.b.astype(np.float32), mode_sizes=np.array([N]), time=np.arange(T),
+        names=[f"epoch_{t}.safetensors" for t in range(T)], infos=[CheckpointInfo("safetensors")] * T,
+        settings=FitSettings(), metrics=FitMetrics.of(sse=0.0, mode_sse=[0.0], sq_norm=1.0, sq_displacement=1.0,
+                                                     sq_centred=1.0))
+    write_mode_file(path, modes)
 
 
 def test_barely_moving_reference_adds_no_storage_error(tmp_path, runner):

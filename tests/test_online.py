@@ -24,7 +24,7 @@ from cmdtool.decompose import normalise_references, update_fit
 from cmdtool.errors import CmdError
 from cmdtool.modefile import open_mode_file
 from cmdtool.online import watch
-from conftest import plant, write_run
+from helpers import plant, write_run
 
 F = 8  # warm-up checkpoints in these tests
 
@@ -115,10 +115,10 @@ def test_update_equals_batch_fit_with_the_same_labels_and_references(tmp_path, o
     with open_mode_file(out) as modes:
         order = planted.permutation(modes.layout)
         W = trajectory_of(planted)[:, order]
-        labels = modes.handle["labels"][()].astype(np.int64)
-        a_cmd, b_cmd = modes.handle["a"][()], modes.handle["b"][()]
+        labels = modes.parameters()[0].astype(np.int64)
+        a_cmd, b_cmd = modes.parameters()[1], modes.parameters()[2]
         a, b, normalised, sse = batch_fit(W, labels, modes.reference_index)
-        assert modes.T == 30 and modes.online == {"warmup": F}
+        assert modes.T == 30 and modes.warmup == F
         assert modes.names == [f"epoch_{t}.safetensors" for t in range(30)] and modes.time.tolist() == list(range(30))
         assert_relative(a_cmd, a, 1e-5)
         assert_relative(b_cmd, b, 1e-5)
@@ -126,14 +126,14 @@ def test_update_equals_batch_fit_with_the_same_labels_and_references(tmp_path, o
         np.testing.assert_allclose(modes.reference_offset, normalised.offset, rtol=1e-7)
         np.testing.assert_allclose(modes.reference_scale, normalised.scale, rtol=1e-6)
         metrics = modes.metrics
-        assert metrics["sq_norm"] == pytest.approx((W ** 2).sum(), rel=1e-12)
-        assert metrics["sq_displacement"] == pytest.approx(((W - W[0]) ** 2).sum(), rel=1e-12)
-        assert metrics["sq_centred"] == pytest.approx(((W - W.mean(0)) ** 2).sum(), rel=1e-6)
-        assert metrics["sse"] == pytest.approx(sse, rel=1e-5)
-        assert metrics["rel_error"] == pytest.approx(np.sqrt(sse / (W ** 2).sum()), rel=1e-5)
-        assert metrics["rel_error_displacement"] == pytest.approx(np.sqrt(sse / ((W - W[0]) ** 2).sum()), rel=1e-5)
+        assert metrics.sq_norm == pytest.approx((W ** 2).sum(), rel=1e-12)
+        assert metrics.sq_displacement == pytest.approx(((W - W[0]) ** 2).sum(), rel=1e-12)
+        assert metrics.sq_centred == pytest.approx(((W - W.mean(0)) ** 2).sum(), rel=1e-6)
+        assert metrics.sse == pytest.approx(sse, rel=1e-5)
+        assert metrics.rel_error == pytest.approx(np.sqrt(sse / (W ** 2).sum()), rel=1e-5)
+        assert metrics.rel_error_displacement == pytest.approx(np.sqrt(sse / ((W - W[0]) ** 2).sum()), rel=1e-5)
         mode_sse = np.bincount(labels, ((W - (a * normalised.references[labels].T + b)) ** 2).sum(0), minlength=modes.M)
-        np.testing.assert_allclose(metrics["mode_sse"], mode_sse, rtol=1e-4)
+        np.testing.assert_allclose(metrics.mode_sse, mode_sse, rtol=1e-4)
 
 
 def test_updated_mode_file_reconstructs_and_is_readable_as_version_1(tmp_path, online_run, runner):
@@ -250,7 +250,7 @@ def test_first_update_of_a_plain_fit_needs_the_first_checkpoint(runner, tmp_path
     W = trajectory_of(planted)[:F + 1]
     with open_mode_file(out) as modes:
         W = W[:, planted.permutation(modes.layout)]
-        assert modes.metrics["sq_displacement"] == pytest.approx(((W - W[0]) ** 2).sum(), rel=1e-12)
+        assert modes.metrics.sq_displacement == pytest.approx(((W - W[0]) ** 2).sum(), rel=1e-12)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,9 +356,9 @@ def test_watch_absorbs_complete_files_only_and_stops_at_until(tmp_path, online_r
     cmdtool.fit(write_run(tmp_path / "first12", states[:12]), reference, modes=3, warmup=F, trajectory=tmp_path / "r.h5")
     with open_mode_file(out) as got, open_mode_file(reference) as want:
         assert got.names == want.names and got.T == 12
-        np.testing.assert_array_equal(got.handle["labels"][()], want.handle["labels"][()])
-        assert_relative(got.handle["a"][()], want.handle["a"][()], 1e-5)
-        assert_relative(got.handle["b"][()], want.handle["b"][()], 1e-5)
+        np.testing.assert_array_equal(got.parameters()[0], want.parameters()[0])
+        assert_relative(got.parameters()[1], want.parameters()[1], 1e-5)
+        assert_relative(got.parameters()[2], want.parameters()[2], 1e-5)
 
 
 def _cmd(*args) -> list[str]:
@@ -507,8 +507,8 @@ def test_update_of_an_ema_fit_reads_the_ema_weights(tmp_path, runner):
     cmd("update", part, run / "checkpoint-5.pth.tar")
     with open_mode_file(part) as got, open_mode_file(whole) as want:
         assert got.names == want.names and got.T == 6
-        np.testing.assert_array_equal(got.handle["a"][()], want.handle["a"][()])
-        np.testing.assert_array_equal(got.handle["b"][()], want.handle["b"][()])
+        np.testing.assert_array_equal(got.parameters()[1], want.parameters()[1])
+        np.testing.assert_array_equal(got.parameters()[2], want.parameters()[2])
 
 
 def test_update_with_numpy_safetensors_never_imports_torch(tmp_path, online_run):

@@ -21,7 +21,7 @@ from cmdtool.errors import CmdError
 from cmdtool.modefile import open_mode_file
 from cmdtool.reconstruct import parse_at, state_dict_at
 
-from conftest import SHAPES, write_run
+from helpers import SHAPES, write_run
 
 EPS32 = 2.0 ** -23  # float32 machine epsilon
 
@@ -95,8 +95,10 @@ def test_parse_at_words_and_positions():
 
 @pytest.mark.parametrize("at", ["5", "-6", "0,5", "latest", "", "1.5", "0;1"])
 def test_parse_at_refuses(at):
-    with pytest.raises(CmdError, match="--at"):
+    """The library names its parameter (``at``); the CLI says ``--at`` (tests/test_errors.py)."""
+    with pytest.raises(CmdError, match=f"^at {at!r}: ") as raised:
         parse_at(at, 5)
+    assert raised.value.parameter == "at"
 
 
 # --------------------------------------------------------------------------- round trips
@@ -341,7 +343,7 @@ def test_reference_parameters_reconstruct_to_float32_rounding(tmp_path, planted)
         assert modes.M == 3
         reference_index = [int(c) for c in modes.reference_index]
         located = [modes.layout.locate(c) for c in reference_index]
-        labels, a, b = modes.handle["labels"][()], modes.handle["a"][()], modes.handle["b"][()]
+        labels, a, b = modes.parameters()[0], modes.parameters()[1], modes.parameters()[2]
         references = modes.references.astype(np.float64)
         reconstructions = [state_dict_at(modes, t) for t in range(modes.T)]
     assert len(set(reference_index)) == 3

@@ -11,7 +11,6 @@ import math
 import re
 import struct
 import sys
-import warnings
 from dataclasses import dataclass
 from html.parser import HTMLParser
 from pathlib import Path
@@ -25,10 +24,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import cmdtool
-from cmdtool.cli import app
 from cmdtool.modefile import open_mode_file
 from cmdtool.report import parse_requirement
-from conftest import plant, write_run
+from helpers import cmd, error_line, ok, plant, write_run
 
 T, M, EMA_DECAY, TAILS = 12, 3, 0.7, (5, 10, 30)  # tail 30 > T: the mean of all checkpoints
 
@@ -48,30 +46,6 @@ def evaluate(state):
 _namespace: dict = {}
 exec(EVALUATE, _namespace)
 checksum = _namespace["evaluate"]
-
-
-def cmd(runner, *args):
-    """``cmd ARGS``; warnings raised meanwhile are kept on ``result.warnings`` (the real CLI prints them)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        result = runner.invoke(app, [str(a) for a in args])
-    result.warnings = [f"{w.category.__name__}: {w.message}" for w in caught]
-    return result
-
-
-def ok(result):
-    assert result.exit_code == 0, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    return result
-
-
-def error_line(result) -> str:
-    """The bad-input contract (exit 2, one ``error:`` line, nothing on stdout); the message."""
-    assert result.exit_code == 2, f"exit {result.exit_code}\nstdout: {result.stdout}\nstderr: {result.stderr}"
-    assert isinstance(result.exception, SystemExit), result.exception
-    assert result.stdout == "" and result.warnings == []
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
-    return lines[0].removeprefix("error: ")
 
 
 def read_report(folder: Path) -> dict:

@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import save_file
 
 import cmdtool
-from cmdtool.pipeline import default_store_path
+from cmdtool.stores import default_store_path
 from cmdtool.trajectory import open_store
-from conftest import plant, write_run
+from helpers import plant, write_run
 
 
 def test_store_holds_the_checkpoints_as_a_contiguous_float32_matrix(tmp_path, planted):

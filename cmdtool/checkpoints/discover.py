@@ -100,6 +100,19 @@ def name_number(name: str) -> int | None:
     return int(numbers[-1]) if numbers else None
 
 
+def times_from_names(names: list[str]) -> list[int] | None:
+    """The rule for time from names: the last number in each name, when every name has one."""
+    numbers = [name_number(n) for n in names]
+    return None if None in numbers else numbers
+
+
+def candidate_entries(folder: Path) -> list[Path]:
+    """The entries of ``folder`` that may be checkpoints, in natural order: folders and files with a
+    checkpoint suffix, hidden names (temporary files) left out."""
+    return [p for p in sorted(folder.iterdir(), key=lambda p: natural_key(p.name))
+            if not p.name.startswith(".") and (p.name.endswith(CHECKPOINT_SUFFIXES) or p.is_dir())]
+
+
 def skip_reason(name: str) -> str | None:
     """Why a file or folder of this name is never read as a checkpoint (``last.ckpt``, ``optimizer.pt``, …)."""
     for pattern, reason in SKIPPED_NAMES:
@@ -214,12 +227,8 @@ def discover(folder: Path) -> Discovery:
     found: list[_Found] = []
     skipped: list[Skipped] = []
     seen: dict[tuple[int, int], Path] = {}
-    for path in sorted(folder.iterdir(), key=lambda p: natural_key(p.name)):
-        if path.name.startswith("."):
-            continue
+    for path in candidate_entries(folder):
         is_dir = path.is_dir()
-        if not is_dir and not path.name.endswith(CHECKPOINT_SUFFIXES):
-            continue
         reason = skip_reason(path.name)
         if reason:
             skipped.append(Skipped(path, reason))
@@ -255,8 +264,8 @@ def _order(folder: Path, found: list[_Found], skipped: list[Skipped]) -> Discove
             times, source = values, key
             break
     if times is None:
-        numbers = [name_number(f.checkpoint.name) for f in found]
-        if None not in numbers:
+        numbers = times_from_names([f.checkpoint.name for f in found])
+        if numbers is not None:
             times, source = numbers, "name"
         else:
             times = list(range(len(found)))

@@ -17,24 +17,16 @@ import pickle
 import re
 import struct
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Mapping
 
 import numpy as np
 
-from .._lazy import save_file, torch  # imported on first use
+from .._lazy import torch  # imported on first use
 from ..errors import CmdError
 from .safetensors_file import SafetensorsFile
-
-# Keys under which training scripts commonly nest the state dict, in order of preference.
-WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "module",
-                "model_state", "weights", "params", "state")
-# timm's --model-ema weights, chosen with ``ema=True`` (``cmd fit --ema``).
-EMA_KEY = "state_dict_ema"
-# Wrapper entries that describe the training state of the original weights: never written back.
-TRAINING_STATE_KEYS = ("optimizer", "optimizer_states", "optimizer_state_dict", "scheduler", "lr_scheduler",
-                       "lr_schedulers", "scheduler_state_dict", "scaler", "amp_scaler", "grad_scaler")
+from .schema import EMA_KEY, TRAINING_STATE_KEYS, WRAPPER_KEYS, CheckpointInfo, is_plain
 
 Signature = dict[str, tuple[tuple[int, ...], str]]
 
@@ -54,50 +46,6 @@ def sniff_format(path: Path) -> str | None:
         if 0 < header_len < path.stat().st_size:
             return "safetensors"
     return None
-
-
-@dataclass
-class CheckpointInfo:
-    """What write-back needs besides the tensors.
-
-    ``format`` is how the tensors are stored (``"safetensors"`` or ``"torch"``); ``wrapper`` the key
-    of a torch wrapper dict and ``extras`` its plain values; ``dropped`` what is not written back.
-    A Hugging Face folder also has ``shards`` (weight file -> its tensor names, in order), ``index``
-    (the index file's name and its ``metadata``, when the source had one) and ``files`` (the other
-    files copied back, such as ``config.json``: name -> SHA-256 of the bytes kept beside the modes).
-    """
-    format: str
-    wrapper: str | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
-    dropped: list[str] = field(default_factory=list)
-    metadata: dict[str, str] | None = None
-    shards: dict[str, list[str]] | None = None
-    index: dict[str, Any] | None = None
-    files: dict[str, str] = field(default_factory=dict)
-
-    @property
-    def is_folder(self) -> bool:
-        return self.shards is not None
-
-    @property
-    def stack(self) -> str:
-        """Which training stack wrote it, as far as its content tells."""
-        if self.is_folder:
-            return "huggingface"
-        if "pytorch-lightning_version" in self.extras:
-            return "lightning"
-        if self.wrapper == EMA_KEY or (self.wrapper == "state_dict" and ("arch" in self.extras or EMA_KEY in self.dropped)):
-            return "timm"
-        return "plain"
-
-    def to_json(self) -> str:
-        return json.dumps({"format": self.format, "wrapper": self.wrapper, "extras": self.extras,
-                           "dropped": self.dropped, "metadata": self.metadata, "shards": self.shards,
-                           "index": self.index, "files": self.files})
-
-    @classmethod
-    def from_json(cls, text: str) -> "CheckpointInfo":
-        return cls(**json.loads(text))  # fields added later have defaults: older files still read
 
 
 class CheckpointReader:
@@ -237,7 +185,7 @@ class FolderReader:
         if files.index is not None:
             metadata = read_json(folder / files.index).get("metadata") or {}
             index = {"name": files.index,
-                     "metadata": {k: v for k, v in metadata.items() if k != "total_size" and _is_plain(v)}}
+                     "metadata": {k: v for k, v in metadata.items() if k != "total_size" and is_plain(v)}}
         self.attachments: dict[str, bytes] = {}
         copied = {}
         for name in files.copied:
@@ -304,20 +252,6 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
-def _is_plain(value: Any) -> bool:
-    """A value JSON can keep: None, bool, int, finite float, str, and lists, tuples (they come back
-    as lists) and string-keyed dicts of them (Lightning's ``hyper_parameters``, ``loops``)."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return True
-    if isinstance(value, float):
-        return math.isfinite(value)
-    if isinstance(value, (list, tuple)):
-        return all(_is_plain(v) for v in value)
-    if isinstance(value, dict):
-        return all(isinstance(k, str) and _is_plain(v) for k, v in value.items())
-    return False
-
-
 def unwrap_state_dict(obj: Any, path: Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """Find the state dict in what ``torch.load`` returned: the dict itself, or under a wrapper key
     (timm's ``state_dict_ema`` when ``ema``)."""
@@ -340,7 +274,7 @@ def unwrap_state_dict(obj: Any, path: Path, ema: bool = False) -> tuple[dict[str
 
 
 def _unwrap(obj: Mapping, key: str) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
-    kept = {k: v for k, v in obj.items() if k != key and k not in TRAINING_STATE_KEYS and _is_plain(v)}
+    kept = {k: v for k, v in obj.items() if k != key and k not in TRAINING_STATE_KEYS and is_plain(v)}
     dropped = [str(k) for k in obj if k != key and k not in kept]
     return dict(obj[key]), CheckpointInfo("torch", wrapper=key, extras=kept, dropped=dropped)
 
@@ -351,35 +285,3 @@ def read_attachment(path: Path) -> tuple[str, bytes]:
     return hashlib.sha256(data).hexdigest(), data
 
 
-def write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: CheckpointInfo,
-                     attachment: Callable[[str], bytes] = lambda digest: b"") -> None:
-    """Write a state dict in the source's format, restoring its wrapper and metadata.
-
-    A Hugging Face checkpoint becomes the folder ``path``: the same weight files (the index rewritten
-    when there was one), safetensors metadata with ``format: pt`` (what ``from_pretrained`` checks),
-    and the copied files, whose bytes ``attachment(sha256)`` returns.
-    """
-    if not info.is_folder:
-        _write_file(path, state, info.format, info.metadata, info.wrapper, info.extras)
-        return
-    path.mkdir()
-    metadata = {**(info.metadata or {}), "format": "pt"}
-    weight_map, total_size = {}, 0
-    for file_name, names in info.shards.items():
-        _write_file(path / file_name, {n: state[n] for n in names}, info.format, metadata)
-        weight_map.update(dict.fromkeys(names, file_name))
-        total_size += sum(state[n].numel() * state[n].element_size() for n in names)
-    if info.index is not None:
-        index = {"metadata": {**info.index.get("metadata", {}), "total_size": total_size},
-                 "weight_map": weight_map}
-        (path / info.index["name"]).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
-    for file_name, digest in info.files.items():
-        (path / file_name).write_bytes(attachment(digest))
-
-
-def _write_file(path: Path, state: dict[str, torch.Tensor], fmt: str, metadata: dict[str, str] | None,
-                wrapper: str | None = None, extras: Mapping[str, Any] = {}) -> None:
-    if fmt == "safetensors":
-        save_file(state, str(path), metadata=metadata)
-    else:
-        torch.save({wrapper: state, **extras} if wrapper else state, path)

@@ -9,8 +9,9 @@ import operator
 import os
 import re
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Sequence
 
 from ..errors import CmdError
 
@@ -95,3 +96,12 @@ def parse_requirement(text: str) -> Requirement:
     except ValueError:
         raise CmdError(f"--require {text!r}: {match.group(3)!r} is not a number") from None
     return Requirement(f"--require {text.strip()}", match.group(1), match.group(2), threshold)
+
+
+@dataclass
+class Thresholds:
+    """What ``cmd report`` checks (exit 1 when one fails): ``rel_error`` and
+    ``rel_error_displacement`` at most these, and ``--require`` conditions on evaluated metrics."""
+    max_rel_error: float | None = None
+    max_rel_error_displacement: float | None = None
+    require: Sequence[Requirement] = ()

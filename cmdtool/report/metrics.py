@@ -13,6 +13,9 @@ from typing import Callable, Iterable, NamedTuple
 
 import numpy as np
 
+from ..modes import model_values
+
+PCA_RANKS = (1, 2)  # the PCA baselines: mean + d principal directions of the trajectory
 CHUNK_BYTES = 2 * 2**20  # float64 bytes of one slice of a tile: stays in the CPU cache
 
 
@@ -72,10 +75,8 @@ def _measure_columns(block: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np
     M = R.shape[0]
     X = block.astype(np.float64)
     squares = np.empty_like(X)
-    work = np.take(R.T, labels, axis=1)             # (T, n) each column's reference
-    np.multiply(work, a, out=work)
-    work += b
-    np.subtract(X, work, out=work)                   # the error of the reconstruction
+    work = model_values(labels, a, b, R.T)           # (T, n) the reconstruction
+    np.subtract(X, work, out=work)                   # its error
     for name, values in (("norm_sq", X), ("error_sq", work)):
         np.multiply(values, values, out=squares)
         per_t[name] += squares.sum(axis=1)

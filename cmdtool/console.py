@@ -1,0 +1,100 @@
+"""What the commands print on stdout: tables of a mode file's summary, a report, a checkpoint listing.
+Never wrapped, so that names and paths stay whole for scripts."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+stdout = Console(highlight=False)
+
+TIME_SOURCES = {"global_step": "the stored global_step", "step": "the stored step",
+                 "epoch": "the stored epoch", "name": "the numbers in the names",
+                 "position": "the position in natural sort order"}
+
+
+def print_columns(header: list[str], rows: list[list]) -> None:
+    """Left-aligned columns that never wrap (names and paths stay whole for scripts)."""
+    cells = [header] + [[str(v) for v in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
+
+
+def describe(checkpoint) -> str:
+    """``huggingface safetensors, 4 shards``, ``lightning torch``, ``plain safetensors``."""
+    text = f"{checkpoint.stack} {checkpoint.format}"
+    if checkpoint.folder is not None and len(checkpoint.folder.weights) > 1:
+        text += f", {len(checkpoint.folder.weights)} shards"
+    return text
+
+
+def print_report(r: dict) -> None:
+    fit, compact = r["fit"], r["compactness"]
+    table = Table(box=None, pad_edge=False)
+    for column in ("model", "compression", "rel_error", "rel_error_displacement"):
+        table.add_column(column, justify="left" if column == "model" else "right")
+    table.add_row(f"CMD, {r['run']['modes']} modes", f"{compact['compression_ratio']:.1f}×",
+                  f"{fit['rel_error']:.4g}", f"{fit['rel_error_displacement']:.4g}")
+    for p in r["baselines"]["pca"]:
+        table.add_row(f"PCA d={p['d']}", f"{compact['checkpoint_bytes_float32'] / p['bytes_float32']:.1f}×",
+                      f"{p['rel_error']:.4g}", f"{p['rel_error_displacement']:.4g}")
+    stdout.print(table, markup=False)
+    evaluation = r["evaluation"]
+    if evaluation:
+        names = list(evaluation["per_checkpoint"]["original"])
+        candidates = Table(box=None, pad_edge=False)
+        candidates.add_column("candidate")
+        for name in names:
+            candidates.add_column(name, justify="right")
+        for candidate, scores in evaluation["candidates"].items():
+            candidates.add_row(candidate, *(f"{scores[k]:.4g}" if scores.get(k) is not None else "–" for k in names))
+        stdout.print(candidates, markup=False)
+    for t in r["thresholds"]:
+        stdout.print(f"{'pass' if t['passed'] else 'FAIL'}: {t['description']}", markup=False)
+
+
+def print_summary(s: dict, references: list | None = None) -> None:
+    table = Table(show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    time = s["time"]
+    table.add_row("mode file", f"{s['mode_file']} ({human_bytes(s['mode_file_bytes'])}, format v{s['format_version']}, cmdtool {s['tool_version']})")
+    table.add_row("checkpoints (T)", f"{s['checkpoints']}: {s['checkpoint_names'][0]} … {s['checkpoint_names'][-1]} (time {time[0]} … {time[-1]})")
+    table.add_row("parameters (N)", f"{s['parameters']:,} in {s['tensors_modelled']} tensors"
+                  + (f" (+{s['tensors_carried']} carried verbatim)" if s["tensors_carried"] else ""))
+    table.add_row("modes (M)", f"{s['modes']} (asked for at most {s['settings']['modes']}; sampled K = {s['settings']['samples']}, seed {s['settings']['seed']})")
+    settings = s["settings"]
+    start, stop, every = settings["start"], settings["stop"], settings["every"]
+    selection = ("all checkpoints" if start is None and stop is None and every == 1 else
+                 f"checkpoints[{'' if start is None else start}:{'' if stop is None else stop}:{every}]")
+    table.add_row("fitted on", f"{selection} of {settings['source']}"
+                  + "".join(f" --include {p}" for p in settings["include"])
+                  + "".join(f" --exclude {p}" for p in settings["exclude"]))
+    if s.get("online"):
+        F, names = s["online"]["warmup"], s["checkpoint_names"]
+        table.add_row("online", f"modes found on the first {F} checkpoints ({names[0]} … {names[F - 1]}), "
+                      f"then {s['online']['updates']} exact update{'s' * (s['online']['updates'] != 1)} of a, b")
+    table.add_row("trajectory store", settings["trajectory"])
+    table.add_row("compression", f"{s['compression_ratio']:.1f}× ({human_bytes(s['checkpoint_bytes_float32'])} of float32 checkpoints)")
+    table.add_row("rel_error", f"{s['rel_error']:.3g}  (‖W − Ŵ‖ / ‖W‖ over all checkpoints)")
+    table.add_row("rel_error_displacement", f"{s['rel_error_displacement']:.3g}  (error ÷ how far weights moved from the first checkpoint)")
+    stdout.print(table, markup=False)
+    modes = Table(title=None, box=None, pad_edge=False)
+    for column in ("mode", "parameters", "share") + (("reference parameter",) if references else ()):
+        modes.add_column(column, justify="left" if column == "reference parameter" else "right")
+    for m, size in enumerate(s["mode_sizes"]):
+        row = [str(m), f"{size:,}", f"{100 * size / s['parameters']:.1f}%"]
+        if references:
+            name, index = references[m]
+            row.append(f"{name}[{', '.join(map(str, index))}]")
+        modes.add_row(*row)
+    stdout.print(modes, markup=False)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return f"{n} TB"

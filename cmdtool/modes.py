@@ -1,0 +1,206 @@
+"""A fit's result in memory: ``Modes`` (what a mode file holds), its typed ``FitSettings`` and
+``FitMetrics``, and the one function that evaluates the model ``a · r(t) + b``.
+
+Every producer of modes (``cmd fit``, the warm-up of an online fit, ``cmd update``, ``OnlineCMD``)
+returns a ``Modes``; ``modefile.write_mode_file`` is the only code that turns one into a file, and
+``modefile.open_mode_file`` the only code that reads one back. No I/O here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+
+from .checkpoints import CheckpointInfo
+from .errors import CmdError
+from .layout import Layout
+
+SAMPLING = "layer-balanced"
+
+
+def _at_least(parameter: str, value: int | None, least: int) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+        raise CmdError(f"{parameter} must be an integer of at least {least} (got {value!r})", parameter=parameter)
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """How a mode file was fitted (the mode file's ``settings`` attribute, as JSON).
+
+    ``modes`` (M) is the most modes to find, ``samples`` (K) the parameters sampled to find them,
+    ``seed`` the sample's seed; ``start, stop, every`` slice the checkpoint sequence like Python's
+    ``[start:stop:every]``; ``include, exclude`` are the tensor-name globs; ``ema`` models timm's
+    EMA weights; ``source`` and ``trajectory`` say where the checkpoints and the trajectory store
+    were; ``warmup`` (F) is set for an online fit (paper §3.3).
+    """
+    modes: int = 10
+    samples: int = 1000
+    seed: int = 0
+    start: int | None = None
+    stop: int | None = None
+    every: int = 1
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    ema: bool = False
+    sampling: str = SAMPLING
+    source: str = ""
+    trajectory: str = ""
+    warmup: int | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        _at_least("modes", self.modes, 1)
+        _at_least("samples", self.samples, 1)
+        _at_least("every", self.every, 1)
+        _at_least("seed", self.seed, 0)
+        _at_least("warmup", self.warmup, 2)
+        for name in ("start", "stop"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise CmdError(f"{name} must be an integer or None (got {value!r})", parameter=name)
+
+    def replace(self, **changes: Any) -> "FitSettings":
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict:
+        """The JSON object stored in the mode file (``warmup`` only for an online fit)."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["include"], out["exclude"] = list(self.include), list(self.exclude)
+        if self.warmup is None:
+            del out["warmup"]
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "FitSettings":
+        """Settings read from a mode file; keys that older files lack take their defaults."""
+        if not isinstance(data, Mapping):
+            raise ValueError("settings must be a JSON object")
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def ratio(error_sq: float, reference_sq: float) -> float:
+    """``sqrt(error² / reference²)``; 0 when both vanish."""
+    return float(np.sqrt(error_sq / reference_sq)) if reference_sq > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class FitMetrics:
+    """How well the stored model explains the run (the mode file's ``metrics`` attribute).
+
+    ``sse`` is ``Σ ‖w − ŵ‖²`` over all parameters and checkpoints of what the mode file stores
+    (float32 ``a, b`` included); ``mode_sse`` the same per mode; ``sq_norm``, ``sq_displacement``
+    and ``sq_centred`` are ``Σ w²``, ``Σ (w − w(0))²`` and ``Σ (w − mean w)²``.
+    """
+    rel_error: float
+    rel_error_displacement: float
+    rel_error_centred: float
+    mode_sse: tuple[float, ...]
+    sse: float
+    sq_norm: float
+    sq_displacement: float
+    sq_centred: float
+
+    @classmethod
+    def of(cls, *, sse: float, mode_sse, sq_norm: float, sq_displacement: float, sq_centred: float) -> "FitMetrics":
+        return cls(rel_error=ratio(sse, sq_norm), rel_error_displacement=ratio(sse, sq_displacement),
+                   rel_error_centred=ratio(sse, sq_centred), mode_sse=tuple(float(v) for v in mode_sse),
+                   sse=float(sse), sq_norm=float(sq_norm), sq_displacement=float(sq_displacement),
+                   sq_centred=float(sq_centred))
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["mode_sse"] = list(self.mode_sse)
+        return out
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "FitMetrics":
+        if not isinstance(data, Mapping):
+            raise ValueError("metrics must be a JSON object")
+        values = {}
+        for f in dataclasses.fields(cls):
+            value = data[f.name]
+            if f.name == "mode_sse":
+                if not isinstance(value, list):
+                    raise ValueError("metrics.mode_sse must be a list")
+                values[f.name] = tuple(float(v) for v in value)
+            else:
+                values[f.name] = float(value)
+        return cls(**values)
+
+
+@dataclass(frozen=True)
+class OnlineInfo:
+    """What an online fit keeps beyond post-hoc CMD (the mode file's ``online`` group)."""
+    warmup: int                          # F: the checkpoints the modes were found on
+    first: np.ndarray                    # (N,) float32, the first checkpoint (for rel_error_displacement)
+    mode_sse_least_squares: np.ndarray   # (M,) float64, least-squares error per mode, before float32 rounding
+
+
+@dataclass(frozen=True)
+class CarriedRows:
+    """A carried tensor's ``(T, nbytes)`` raw bytes, read block by block (e.g. from a mode file,
+    without holding all ``T`` rows): ``blocks()`` yields ``(rows, nbytes)`` uint8 arrays in order."""
+    shape: tuple[int, int]
+    blocks: Callable[[], Iterator[np.ndarray]]
+
+
+@dataclass
+class Modes:
+    """CMD of one run (paper §3.2): every parameter ``i`` follows ``a_i · references[labels_i](t) + b_i``.
+
+    The arrays are those the mode file stores: ``references`` (M, T) float32, normalised to zero
+    mean and unit norm over time (raw = ``references · reference_scale + reference_offset``);
+    ``labels`` (N,) in ``decompose.label_dtype(M)``; ``a, b`` (N,) float32. ``carried`` holds each carried
+    tensor's raw bytes per checkpoint, ``(T, nbytes)`` uint8 (or ``CarriedRows``), ``attachments``
+    the files a Hugging Face folder copies back, by SHA-256.
+    """
+    layout: Layout
+    references: np.ndarray
+    reference_offset: np.ndarray
+    reference_scale: np.ndarray
+    reference_index: np.ndarray
+    labels: np.ndarray
+    a: np.ndarray
+    b: np.ndarray
+    mode_sizes: np.ndarray
+    time: np.ndarray
+    names: list[str]
+    infos: list[CheckpointInfo]
+    settings: FitSettings
+    metrics: FitMetrics
+    carried: dict[str, np.ndarray | CarriedRows] = field(default_factory=dict)
+    attachments: dict[str, bytes] = field(default_factory=dict)
+    online: OnlineInfo | None = None
+
+    @property
+    def M(self) -> int:
+        return self.references.shape[0]
+
+    @property
+    def T(self) -> int:
+        return self.references.shape[1]
+
+    @property
+    def N(self) -> int:
+        return self.layout.n_parameters
+
+    def values_at(self, index: int, columns: slice = slice(None)) -> np.ndarray:
+        """The modelled parameters ``columns`` at checkpoint ``index``, float64."""
+        return model_values(self.labels[columns], self.a[columns], self.b[columns],
+                            self.references[:, index].astype(np.float64))
+
+
+def model_values(labels: np.ndarray, a: np.ndarray, b: np.ndarray, reference_values: np.ndarray,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """``a · r[label] + b`` in float64, the model of CMD: ``reference_values`` (M,) at one
+    checkpoint gives ``(n,)``; ``(T, M)`` over checkpoints gives ``(T, n)`` (``out``: a reused
+    float64 buffer of that shape). The one place the model is evaluated."""
+    r = np.take(np.asarray(reference_values, dtype=np.float64), np.asarray(labels, dtype=np.intp), axis=-1, out=out)
+    r *= a
+    r += b
+    return r

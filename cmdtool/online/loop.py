@@ -1,0 +1,110 @@
+"""Online CMD inside a training loop: ``OnlineCMD`` (paper §3.3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .._lazy import torch  # imported on first use
+from ..checkpoints import CheckpointInfo, dtype_name
+from ..errors import CmdError
+from ..fitting import fit_trajectory
+from ..layout import Layout, build_layout, check_same_tensors
+from ..modefile import write_mode_file
+from ..modes import FitSettings
+from .state import OnlineState, flatten, warmup_trajectory
+
+ONLINECMD_SOURCE = "an OnlineCMD training loop"  # settings.source of a mode file OnlineCMD wrote
+ONLINECMD_TRAJECTORY = "none (OnlineCMD keeps no trajectory)"
+
+
+class OnlineCMD:
+    """Online CMD inside a training loop (paper §3.3)::
+
+        online = cmdtool.OnlineCMD(modes=10, warmup=20)
+        for epoch in range(epochs):
+            train_one_epoch(model)
+            online.observe(model.state_dict())
+        model.load_state_dict(online.reconstruct())   # the CMD weights at the latest epoch
+        online.save("run.cmd.h5")                     # a mode file, as cmd fit --warmup writes
+
+    The first ``warmup`` observations are kept (as float32, ``warmup · N · 4`` bytes) to find the
+    modes, with the same sampling, clustering and references as ``cmd fit``; after that each
+    observation updates ``a, b`` in place and is dropped. Observing the checkpoints of a folder gives
+    the mode file ``cmd fit --warmup`` writes.
+    """
+
+    def __init__(self, modes: int = 10, warmup: int = 10, samples: int = 1000, seed: int = 0,
+                 include: Sequence[str] = (), exclude: Sequence[str] = ()):
+        self.settings = FitSettings(modes=modes, samples=samples, seed=seed, include=tuple(include),
+                                    exclude=tuple(exclude), source=ONLINECMD_SOURCE, trajectory=ONLINECMD_TRAJECTORY,
+                                    warmup=warmup)
+        self.warmup = warmup
+        self.layout: Layout | None = None
+        self._rows: list[np.ndarray] = []
+        self._carried: dict[str, list[np.ndarray]] = {}
+        self._names: list[str] = []
+        self._times: list[int] = []
+        self._latest_carried: dict = {}
+        self.state: OnlineState | None = None
+
+    @property
+    def T(self) -> int:
+        """Observations so far."""
+        return self.state.T if self.state is not None else len(self._rows)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the warm-up is over and the modes exist."""
+        return self.state is not None
+
+    def observe(self, state_dict: Mapping[str, torch.Tensor], name: str | None = None, time: int | None = None) -> None:
+        """Absorb the weights of one checkpoint (e.g. ``model.state_dict()`` once per epoch).
+        ``name`` is the file name ``cmd reconstruct`` uses for it (default ``checkpoint_{t}.safetensors``),
+        ``time`` its step or epoch number (default the count of observations)."""
+        t = self.T
+        name = name or f"checkpoint_{t}.safetensors"
+        time = t if time is None else int(time)
+        signature = {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in state_dict.items()}
+        if self.layout is None:
+            self.layout = build_layout(signature, self.settings.include, self.settings.exclude)
+            self._carried = {spec.name: [] for spec in self.layout.carried}
+        check_same_tensors(f"observation {t} ({name})", signature, self.layout.signature, "the first observation")
+        if self._times and time <= self._times[-1]:
+            raise CmdError(f"observation {t} ({name}): time {time} does not come after {self._times[-1]}")
+        w, carried = flatten(f"observation {t} ({name})",
+                             lambda k: state_dict[k].detach().to(torch.float32).reshape(-1).numpy(),
+                             lambda k: state_dict[k].detach().contiguous().reshape(-1).view(torch.uint8).numpy(),
+                             self.layout)
+        self._latest_carried = carried
+        self._names.append(name)
+        self._times.append(time)
+        if self.state is not None:
+            self.state.observe(w, name, time, CheckpointInfo("safetensors"), carried)
+            return
+        self._rows.append(w)
+        for key, rows in self._carried.items():
+            rows.append(carried[key])
+        if len(self._rows) == self.warmup:
+            W = np.stack(self._rows)
+            warmup = warmup_trajectory(W, self.layout, self._times, self._names,
+                                       [CheckpointInfo("safetensors") for _ in self._names],
+                                       {k: np.stack(v) for k, v in self._carried.items()}, {})
+            self.state = OnlineState.from_modes(fit_trajectory(warmup, self.settings), W[0])
+            self._rows, self._carried = [], {}
+
+    def _require_modes(self, what: str) -> OnlineState:
+        if self.state is None:
+            raise CmdError(f"OnlineCMD.{what}: no modes yet; the warm-up needs {self.warmup} observations, "
+                           f"{self.T} so far")
+        return self.state
+
+    def reconstruct(self) -> dict[str, torch.Tensor]:
+        """The CMD state dict at the latest observation, loadable with ``load_state_dict(strict=True)``."""
+        return self._require_modes("reconstruct").state_dict(self._latest_carried)
+
+    def save(self, path: str | Path) -> Path:
+        """Write (or atomically replace) a mode file: ``cmd info``, ``reconstruct`` and ``update`` read it."""
+        return write_mode_file(Path(path), self._require_modes("save").to_modes())

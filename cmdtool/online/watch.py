@@ -1,0 +1,124 @@
+"""``cmd watch``: follow a training folder and keep a mode file up to date (online CMD, paper §3.3)."""
+
+from __future__ import annotations
+
+import time as clock
+from pathlib import Path
+from typing import Callable, Sequence
+
+from ..checkpoints import Checkpoint, CheckpointReader, candidate_entries, natural_key, skip_reason, sniff_format
+from ..checkpoints import times_from_names
+from ..errors import CmdError
+from ..modefile import check_output_path, open_mode_file, write_mode_file
+from ..modes import FitSettings
+from ..progress import Progress, no_progress
+from ..stores import store_of
+from .state import fit_warmup
+from .update import update
+
+
+class _Folder:
+    """Complete checkpoints of a folder that is being written to: a file counts once its size and
+    modification time are the same at two polls in a row and it opens as a checkpoint."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.seen: dict[Path, tuple[int, int]] = {}
+        self.parsed: dict[Path, tuple[int, int]] = {}
+        self.waiting: set = set()
+
+    def poll(self, say: Callable[[str], None]) -> list[tuple[Checkpoint, bool]]:
+        """Every checkpoint file in training order, with whether it is complete."""
+        current, out = {}, []
+        for p in candidate_entries(self.folder):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            if not p.is_file() or skip_reason(p.name):  # last.ckpt, optimizer.pt, …: never checkpoints
+                continue
+            current[p] = (st.st_size, st.st_mtime_ns)
+            ready = st.st_size > 0 and self.seen.get(p) == current[p]
+            fmt = sniff_format(p) if ready else None
+            if ready and self.parsed.get(p) != current[p]:
+                try:
+                    if fmt is None:
+                        raise CmdError(f"{p}: not a checkpoint yet")
+                    with CheckpointReader(p, fmt):
+                        pass
+                    self.parsed[p] = current[p]
+                except CmdError as e:
+                    ready = False
+                    if (p, current[p]) not in self.waiting:
+                        self.waiting.add((p, current[p]))
+                        say(f"waiting: {e}")
+            out.append((Checkpoint(p, fmt or "", 0), ready))
+        self.seen = current
+        return out
+
+
+def watch(folder: str | Path, output: str | Path, *, warmup: int, until: int | None = None, interval: float = 10.0,
+          modes: int = 10, samples: int = 1000, seed: int = 0, include: Sequence[str] = (),
+          exclude: Sequence[str] = (), trajectory: str | Path | None = None, force: bool = False,
+          progress: Progress = no_progress, say: Callable[[str], None] = lambda s: None,
+          sleep: Callable[[float], None] = clock.sleep) -> Path:
+    """``cmd watch``: follow a training folder. Once ``warmup`` complete checkpoints exist, fit on
+    them (``fit_warmup``, as ``cmd fit --warmup``), then ``update`` with each new complete checkpoint, in training order.
+    An existing ``output`` is resumed (``force`` refits it). Returns when the mode file holds
+    ``until`` checkpoints; Ctrl-C raises KeyboardInterrupt. The mode file is replaced atomically at
+    every change, so it is valid at every moment."""
+    folder, output = Path(folder), Path(output)
+    if not folder.is_dir():
+        raise CmdError(f"{folder}: no such folder" if not folder.exists() else f"{folder}: is a file, expected a folder of checkpoints")
+    settings = FitSettings(modes=modes, samples=samples, seed=seed, include=tuple(include), exclude=tuple(exclude),
+                           source=str(folder.resolve()), warmup=warmup)
+    fitted = output.exists() and not force
+    if fitted:
+        with open_mode_file(output) as m:
+            say(f"resuming {output}: it holds {m.T} checkpoints ({m.names[0]} … {m.names[-1]})")
+    else:
+        check_output_path(output, force)
+    files = _Folder(folder)
+    while True:
+        listing = files.poll(say)
+        if not fitted:
+            ready = []
+            for c, complete in listing:
+                if not complete:
+                    break
+                ready.append(c)
+            if len(ready) >= warmup:
+                times = times_from_names([c.name for c in ready])
+                if times is None or len(set(times)) != len(times):  # as discover: else positions
+                    times = list(range(len(ready)))
+                checkpoints = [Checkpoint(c.path, c.format, t) for c, t in zip(ready, times)]
+                store, store_path, _ = store_of(checkpoints, folder, include=include, exclude=exclude,
+                                                trajectory=trajectory, force=force, progress=progress)
+                write_mode_file(output, fit_warmup(store, settings.replace(trajectory=str(store_path.resolve())),
+                                                   progress=progress))
+                fitted = True
+                say(f"fitted {output} on the warm-up {ready[0].name} … {ready[warmup - 1].name}"
+                    + (f" and updated it with {len(ready) - warmup} more" if len(ready) > warmup else ""))
+        else:
+            with open_mode_file(output) as m:
+                names, last = set(m.names), m.names[-1]
+            new = []
+            for c, complete in listing:
+                if c.name in names:
+                    continue
+                if natural_key(c.name) <= natural_key(last):
+                    if (c.path, "early") not in files.waiting:
+                        files.waiting.add((c.path, "early"))
+                        say(f"note: {c.path} comes before {last}, the last checkpoint absorbed; ignored")
+                    continue
+                if not complete:
+                    break
+                new.append(c.path)
+            if new:
+                result = update(output, new, progress)
+                say(f"absorbed {', '.join(result.absorbed)}: {output} holds {result.summary['checkpoints']} checkpoints")
+        if fitted and until is not None:
+            with open_mode_file(output) as m:
+                if m.T >= until:
+                    return output
+        sleep(interval)

@@ -1,0 +1,211 @@
+"""The numbers of a report: the fit measured against the trajectory, the PCA baseline, the
+evaluation, thresholds and plots, composed into what report.json holds."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from ..version import __version__
+from ..decompose import correlation_matrix, sample_parameters
+from ..errors import CmdError
+from ..fitting import tile_width
+from ..modefile import ModeFile
+from ..modes import model_values
+from ..progress import Progress
+from ..trajectory import TrajectoryStore, moving_parameters
+from . import metrics
+from .candidates import evaluate_all
+from .document import blocks, notes
+from .evaluation import Requirement, Thresholds
+from .metrics import PCA_RANKS
+
+REPORT_FORMAT = "cmdtool-report"
+REPORT_VERSION = 1
+PLOTS = {"references": "references.png", "errors": "error_per_checkpoint.png",
+         "mode_layers": "modes_by_layer.png", "correlation": "correlation.png",
+         "parameters": "sampled_parameters.png", "metric": "metric_per_checkpoint.png"}
+
+
+def _online(modes: ModeFile) -> dict | None:
+    """An online fit's warm-up (``cmd fit --warmup``, ``cmd update``, ``cmd watch``), or None."""
+    if modes.warmup is None:
+        return None
+    F, time = modes.warmup, modes.time
+    return {"warmup": F, "updates": modes.T - F, "warmup_last": modes.names[F - 1],
+            "boundary_time": float(time[F - 1] + time[F]) / 2 if F < modes.T else None}
+
+
+def _clean(value):
+    """JSON-safe: NaN and infinities become null, numpy numbers plain ones."""
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _clean(value.tolist())
+    if isinstance(value, (np.floating, float)):
+        return None if not math.isfinite(float(value)) else float(value)
+    if isinstance(value, np.integer):
+        return int(value)
+    return value
+
+
+def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path, evaluate, eval_spec: str,
+             tail: Sequence[int], ema_decay: float, thresholds: Thresholds, progress: Progress):
+    from . import plots  # matplotlib is imported only when a report is drawn
+
+    layout, T, N, M = modes.layout, modes.T, modes.N, modes.M
+    tensors = layout.modelled
+    tensor_of_column = np.repeat(np.arange(len(tensors)), [s.size for s in tensors])
+    tile = tile_width(T)
+    with progress("measuring the fit", N) as advance:
+        measured = metrics.measure(
+            store.tiles(tile), lambda start, stop: modes.parameters(slice(start, stop)),
+            modes.references, tensor_of_column, len(tensors), advance)
+    time = modes.time.astype(np.int64)
+    pca = metrics.pca_from_gram(measured.gram)
+
+    # 1. Fit quality: per checkpoint, per tensor, per mode.
+    per_checkpoint = {"name": modes.names, "time": time,
+                      "cmd": _errors(measured.error_sq, measured)}
+    baselines = []
+    for d in PCA_RANKS:
+        error_sq = pca.error_sq(d)
+        per_checkpoint[f"pca_{d}"] = _errors(error_sq, measured)
+        floats = metrics.pca_storage_floats(d, N, T)
+        baselines.append({
+            "name": f"pca_{d}", "d": d, "floats_stored": floats, "bytes_float32": 4 * floats,
+            "rel_error": metrics.ratio(error_sq.sum(), measured.norm_sq.sum()),
+            "rel_error_displacement": metrics.ratio(error_sq.sum(), measured.displacement_sq.sum()),
+            "explained_variance": _share(pca.eigenvalues[:d].sum(), pca.eigenvalues.sum())})
+    fit = {"rel_error": metrics.ratio(measured.error_sq.sum(), measured.norm_sq.sum()),
+           "rel_error_displacement": metrics.ratio(measured.error_sq.sum(), measured.displacement_sq.sum())}
+    per_tensor = [{
+        "name": spec.name, "shape": list(spec.shape), "parameters": spec.size,
+        "rel_error": metrics.ratio(measured.tensor_error_sq[j], measured.tensor_norm_sq[j]),
+        "rel_error_displacement": metrics.ratio(measured.tensor_error_sq[j], measured.tensor_displacement_sq[j]),
+        "rel_error_last": metrics.ratio(measured.tensor_error_sq_last[j], measured.tensor_norm_sq_last[j]),
+        "rel_error_displacement_last": metrics.ratio(measured.tensor_error_sq_last[j],
+                                                     measured.tensor_displacement_sq_last[j]),
+    } for j, spec in enumerate(tensors)]
+    mode_rows = []
+    for m in range(M):
+        name, index = layout.locate(int(modes.reference_index[m]))
+        counts = measured.mode_layer_counts[m]
+        mode_rows.append({
+            "mode": m, "parameters": int(counts.sum()), "share": counts.sum() / N,
+            "mean_abs_corr": measured.mode_abs_corr_sum[m] / measured.mode_varying[m] if measured.mode_varying[m] else None,
+            "constant_members": int(counts.sum() - measured.mode_varying[m]),
+            "reference": {"tensor": name, "index": list(index), "column": int(modes.reference_index[m])},
+            "layers": {spec.name: int(c) for spec, c in zip(tensors, counts)}})
+
+    # 2. Compactness.
+    mode_file_bytes = modes.path.stat().st_size
+    compactness = {"mode_file_bytes": mode_file_bytes, "checkpoint_bytes_float32": 4 * N * T,
+                   "compression_ratio": 4 * N * T / mode_file_bytes}
+
+    # 5. Model quality, when the user gave an evaluation function.
+    evaluation = None
+    if evaluate is not None:
+        evaluation = evaluate_all(modes, store, evaluate, eval_spec, tail, ema_decay, pca, progress)
+
+    # 8. Thresholds.
+    checks = []
+    for option, key, limit in (("--max-rel-error", "rel_error", thresholds.max_rel_error),
+                               ("--max-rel-error-displacement", "rel_error_displacement",
+                                thresholds.max_rel_error_displacement)):
+        if limit is not None:
+            requirement = Requirement(f"{option} {float(limit)!r}", key, "<=", float(limit))
+            checks.append((requirement, fit[key]))
+    for requirement in thresholds.require:
+        cmd_metrics = evaluation["candidates"]["cmd"]
+        if requirement.metric not in cmd_metrics:
+            raise CmdError(f"{requirement.option}: the evaluation has no metric {requirement.metric!r} "
+                           f"(it returned {', '.join(sorted(cmd_metrics))})")
+        checks.append((requirement, cmd_metrics[requirement.metric]))
+    threshold_rows = [{**r.check(value), "description": r.describe(value)} for r, value in checks]
+
+    # 6. Plots.
+    files = {}
+    raw_references = modes.references.astype(np.float64) * modes.reference_scale[:, None] + modes.reference_offset[:, None]
+    plots.references(time, raw_references, modes.mode_sizes, folder / PLOTS["references"])
+    files["references"] = PLOTS["references"]
+    series = {"CMD": metrics.ratio(measured.error_sq, measured.norm_sq)}
+    series.update({f"PCA d={d}": metrics.ratio(pca.error_sq(d), measured.norm_sq) for d in PCA_RANKS})
+    online = _online(modes)
+    plots.errors(time, series, "‖w_t − ŵ_t‖ / ‖w_t‖", folder / PLOTS["errors"],
+                 boundary=online["boundary_time"] if online else None)
+    files["errors"] = PLOTS["errors"]
+    plots.mode_layers(measured.mode_layer_counts, [s.name for s in tensors], folder / PLOTS["mode_layers"])
+    files["mode_layers"] = PLOTS["mode_layers"]
+    varies = store.varies
+    if online:  # the fit sampled parameters that move during the warm-up
+        varies = moving_parameters(store.W[:online["warmup"]])
+    sample = sample_parameters([s.size for s in tensors], varies, modes.settings.samples, modes.settings.seed)
+    sampled = store.columns(sample)
+    C = correlation_matrix(sampled)
+    sample_labels, sample_a, sample_b = modes.parameters(sample)
+    sample_labels = sample_labels.astype(np.int64)
+    plots.correlation(C, sample_labels, folder / PLOTS["correlation"])
+    files["correlation"] = PLOTS["correlation"]
+    shown, titles = _representatives(modes, sample, sample_labels, C)
+    if shown:
+        rebuilt = model_values(sample_labels[shown], sample_a[shown], sample_b[shown], modes.references.T)
+        plots.parameters(time, sampled[:, shown], rebuilt, titles, folder / PLOTS["parameters"])
+        files["parameters"] = PLOTS["parameters"]
+    if evaluation is not None:
+        plots.metric(time, evaluation["per_checkpoint"]["original"], evaluation["per_checkpoint"]["cmd"],
+                     folder / PLOTS["metric"])
+        files["metric"] = PLOTS["metric"]
+
+    report_notes = notes(layout, evaluation)
+    if online:
+        report_notes.append(f"Online fit (paper §3.3): the modes and references were found on the first {online['warmup']} "
+                     f"checkpoints (up to {online['warmup_last']}, the dotted line in the error plot); "
+                     f"a, b were then updated exactly with each of the {online['updates']} later checkpoints, "
+                     "so errors after the warm-up show how well the warm-up's modes carry on.")
+    report = _clean({
+        "format": REPORT_FORMAT, "format_version": REPORT_VERSION, "tool_version": __version__,
+        "mode_file": {"path": str(modes.path), "format_version": modes.format_version,
+                      "tool_version": modes.tool_version, "settings": modes.settings.to_json()},
+        "trajectory": source,
+        "run": {"checkpoints": T, "parameters": N, "modes": M, "tensors_modelled": len(tensors),
+                "tensors_carried": len(layout.carried)},
+        "fit": fit, "compactness": compactness, "per_checkpoint": per_checkpoint, "per_tensor": per_tensor,
+        "modes": mode_rows, "baselines": {"pca": baselines}, "evaluation": evaluation,
+        "thresholds": threshold_rows, "passed": all(r["passed"] for r in threshold_rows),
+        "plots": files, "notes": report_notes, "online": online})
+    return report, blocks(report)
+
+
+def _errors(error_sq: np.ndarray, measured: metrics.FitMeasures) -> dict:
+    return {"rel_error": metrics.ratio(error_sq, measured.norm_sq),
+            "rel_error_displacement": metrics.ratio(error_sq, measured.displacement_sq)}
+
+
+def _share(part: float, whole: float) -> float:
+    return float(part / whole) if whole > 0 else 1.0
+
+
+def _representatives(modes: ModeFile, sample: np.ndarray, labels: np.ndarray, C: np.ndarray, most: int = 6):
+    """Up to ``most`` sampled parameters, one per mode (largest modes first): the member whose
+    |corr| with its reference is the median of the mode's sampled members; a typical parameter."""
+    positions, titles = [], []
+    reference_positions = np.searchsorted(sample, modes.reference_index)
+    for m in range(min(modes.M, most)):
+        members = np.flatnonzero(labels == m)
+        if m >= len(reference_positions) or reference_positions[m] >= len(sample):
+            continue
+        members = members[members != reference_positions[m]]
+        if len(members) == 0:
+            continue
+        corr = C[members, reference_positions[m]]
+        chosen = int(members[np.argsort(corr, kind="stable")[len(members) // 2]])
+        name, index = modes.layout.locate(int(sample[chosen]))
+        positions.append(chosen)
+        titles.append(f"mode {m}: {name}[{', '.join(map(str, index))}] |corr| {C[chosen, reference_positions[m]]:.3f}")
+    return positions, titles

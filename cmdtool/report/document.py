@@ -1,0 +1,158 @@
+"""The report as a document: notes, the blocks of report.md / report.html / summary.md, and writing them."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from .render import Heading, Image, Paragraph, Table
+
+def notes(layout, evaluation: dict | None) -> list[str]:
+    notes = ["Errors are those of the weights `cmd reconstruct` writes: `a·r(t) + b` from the mode file's "
+             "stored values, against the trajectory store (float32). The PCA errors are those of the exact "
+             "projection."]
+    statistics = [s.name for s in layout.modelled if s.name.endswith(("running_mean", "running_var"))]
+    evaluated = evaluation is not None
+    if statistics and evaluated:
+        notes.append(f"BatchNorm running statistics ({len(statistics)} tensor{'s' * (len(statistics) > 1)}) are modelled by CMD and averaged "
+                     "by the averaging baselines like any other weight; they are not recalibrated on data.")
+    if evaluated and any(s.dtype == "float64" for s in layout.modelled):
+        notes.append("Original checkpoints are scored from the trajectory store, which holds float64 tensors "
+                     "rounded to float32.")
+    if evaluated:
+        names = evaluation["checkpoint_names"]
+        bad = [f"{kind} {names[t]} ({key})"
+               for kind, scores in (("original", evaluation["per_checkpoint"]["original"]),
+                                    ("CMD reconstruction of", evaluation["per_checkpoint"]["cmd"]))
+               for key, values in scores.items() for t, v in enumerate(values) if not math.isfinite(v)]
+        bad += [f"candidate {name} ({key})" for name, scores in evaluation["candidates"].items()
+                for key, v in scores.items() if not math.isfinite(v)]
+        if bad:
+            notes.append("Not finite (– in the tables, null in report.json): " + "; ".join(bad) + "."
+                         + (" A modelled BatchNorm running_var can dip below zero where the run moves fast."
+                            if statistics else ""))
+    return notes
+
+
+def _number(value, digits: int = 4) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return f"{value:.{digits}g}"
+
+
+def _bytes(n: int) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+
+
+def blocks(r: dict) -> tuple[list, list]:
+    """The report as blocks: ``(summary, details)``; the summary alone goes to a CI step summary."""
+    run, fit, compact, per_checkpoint = r["run"], r["fit"], r["compactness"], r["per_checkpoint"]
+    names, time = per_checkpoint["name"], per_checkpoint["time"]
+    mode_file = Path(r["mode_file"]["path"]).name
+    summary = [
+        Heading(1, f"CMD report: {mode_file}"),
+        Paragraph(f"{run['checkpoints']} checkpoints ({names[0]} … {names[-1]}, time {time[0]} … {time[-1]}) of "
+                  f"{run['parameters']:,} parameters in {run['tensors_modelled']} tensors"
+                  + (f" (+{run['tensors_carried']} carried verbatim)" if run["tensors_carried"] else "")
+                  + f", modelled by **{run['modes']} modes**: every parameter follows `a·r(t) + b` of its "
+                  f"mode's reference trajectory `r(t)`. Trajectory: {r['trajectory']['kind']} "
+                  f"`{r['trajectory']['trajectory']}`."
+                  + (f" **Online fit**: modes from the first {r['online']['warmup']} checkpoints (warm-up, up to "
+                     f"{r['online']['warmup_last']}), then {r['online']['updates']} exact updates of `a, b`."
+                     if r.get("online") else "")),
+        Heading(2, "How well the modes explain the run"),
+        Paragraph("`rel_error` is ‖W − Ŵ‖ / ‖W‖ over all checkpoints; `rel_error_displacement` divides the same "
+                  "error by how far the weights moved from the first checkpoint, ‖W − W₀‖, the harder figure. "
+                  "PCA of the trajectory (mean + d principal directions, as in DLDR / P-BFGS) is the baseline: "
+                  "d = 1 stores the same two numbers per parameter as CMD's `a, b`."),
+        Table(["model", "numbers per parameter", "stored (float32)", "compression", "rel_error", "rel_error_displacement"],
+              [[f"CMD, {run['modes']} modes", "2 + mode label", _bytes(compact["mode_file_bytes"]) + " (mode file)",
+                f"{compact['compression_ratio']:.1f}×", _number(fit["rel_error"]), _number(fit["rel_error_displacement"])]]
+              + [[f"PCA d={p['d']}", str(p["d"] + 1), _bytes(p["bytes_float32"]),
+                  f"{compact['checkpoint_bytes_float32'] / p['bytes_float32']:.1f}×",
+                  _number(p["rel_error"]), _number(p["rel_error_displacement"])] for p in r["baselines"]["pca"]],
+              numeric=[False, False, True, True, True, True]),
+    ]
+    evaluation = r["evaluation"]
+    if evaluation:
+        metric_names = list(evaluation["per_checkpoint"]["original"])
+        summary += [
+            Heading(2, "Final weights"),
+            Paragraph(f"Scored by `{evaluation['function']}`. CMD's reconstructed weights against what one would "
+                      "otherwise keep: the last checkpoint, averages of the last checkpoints (LAWA / SWA style), an "
+                      "EMA over checkpoints, and PCA of the trajectory."),
+            Table(["candidate", "what it is", *metric_names],
+                  [[name, evaluation["candidate_descriptions"][name], *(_number(scores.get(k)) for k in metric_names)]
+                   for name, scores in evaluation["candidates"].items()],
+                  numeric=[False, False, *[True] * len(metric_names)]),
+        ]
+    if r["thresholds"]:
+        summary += [Heading(2, "Thresholds"),
+                    Table(["check", "value", "required", "result"],
+                          [[t["option"], _number(t["value"], 6), f"{t['op']} {t['threshold']:g}",
+                            "pass" if t["passed"] else "**FAIL**"] for t in r["thresholds"]],
+                          numeric=[False, True, False, False])]
+    summary += [Paragraph(f"Note: {note}") for note in r["notes"]]
+
+    plots = r["plots"]
+    details = [Image(plots["errors"], "Relative error per checkpoint: CMD against PCA of the trajectory")]
+    if "metric" in plots:
+        details.append(Image(plots["metric"], "Evaluated metric per checkpoint: original weights against CMD reconstruction"))
+    per_metric = list(evaluation["per_checkpoint"]["original"]) if evaluation else []
+    details += [
+        Heading(2, "Per checkpoint"),
+        Table(["#", "checkpoint", "time", "CMD rel_error", "CMD rel_error_displacement", "PCA d=1 rel_error",
+               "PCA d=2 rel_error", *(f"{k} original" for k in per_metric), *(f"{k} CMD" for k in per_metric)],
+              [[str(t), names[t], str(time[t]), _number(per_checkpoint["cmd"]["rel_error"][t]),
+                _number(per_checkpoint["cmd"]["rel_error_displacement"][t]),
+                _number(per_checkpoint["pca_1"]["rel_error"][t]), _number(per_checkpoint["pca_2"]["rel_error"][t]),
+                *(_number(evaluation["per_checkpoint"]["original"][k][t]) for k in per_metric),
+                *(_number(evaluation["per_checkpoint"]["cmd"][k][t]) for k in per_metric)]
+               for t in range(len(names))],
+              numeric=[True, False, True, *[True] * (4 + 2 * len(per_metric))]),
+        Heading(2, "Modes"),
+        Paragraph("Each mode's size, how closely its members follow its reference (mean |corr| over members that "
+                  "move; 1 is lock-step) and which parameter is the reference."),
+        Table(["mode", "parameters", "share", "mean |corr|", "reference parameter"],
+              [[str(m["mode"]), f"{m['parameters']:,}", f"{100 * m['share']:.1f}%", _number(m["mean_abs_corr"], 3),
+                f"{m['reference']['tensor']}[{', '.join(map(str, m['reference']['index']))}]"] for m in r["modes"]],
+              numeric=[True, True, True, True, False]),
+        Image(plots["references"], "Reference trajectory of each mode"),
+        Image(plots["correlation"], "|corr| of the sampled parameters, grouped by mode (the paper's figure 1)"),
+    ]
+    if "parameters" in plots:
+        details.append(Image(plots["parameters"], "Typical sampled parameters: original against CMD reconstruction"))
+    layers = r["per_tensor"]
+    modes = r["modes"]
+    details += [
+        Heading(2, "Layers"),
+        Paragraph("Error of each tensor over the run and at the last checkpoint, and the share of its parameters "
+                  "in each mode (each row sums to 100%; the paper observes every mode spread over all layers)."),
+        Table(["tensor", "parameters", "rel_error", "rel_error last", "rel_error_displacement last",
+               *(f"mode {m['mode']}" for m in modes)],
+              [[layer["name"], f"{layer['parameters']:,}", _number(layer["rel_error"]), _number(layer["rel_error_last"]),
+                _number(layer["rel_error_displacement_last"]),
+                *(f"{100 * m['layers'][layer['name']] / layer['parameters']:.0f}%" for m in modes)]
+               for layer in layers]
+              + [["layers present in the mode", "", "", "", "",
+                  *(f"{sum(1 for c in m['layers'].values() if c)}/{len(layers)}" for m in modes)]],
+              numeric=[False, True, True, True, True, *[True] * len(modes)]),
+        Image(plots["mode_layers"], "Share of each layer's parameters in each mode"),
+    ]
+    return summary, details
+
+
+def write_outputs(report: dict, document: tuple[list, list], folder: Path) -> None:
+    from .render import to_html, to_markdown
+    summary, details = document
+    (folder / "report.json").write_text(json.dumps(report, indent=1, allow_nan=False) + "\n")
+    (folder / "report.md").write_text(to_markdown(summary + details))
+    title = f"CMD report: {Path(report['mode_file']['path']).name}"
+    (folder / "report.html").write_text(to_html(summary + details, folder, title))
+    (folder / "summary.md").write_text(to_markdown([b for b in summary if not isinstance(b, Image)]))

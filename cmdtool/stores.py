@@ -1,0 +1,68 @@
+"""Which trajectory store holds which checkpoints: the cache path, reuse by fingerprint, build."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+from .checkpoints import Checkpoint, Discovery, discover
+from .errors import CmdError
+from .progress import Progress, no_progress
+from .trajectory import TrajectoryStore, build_store, fingerprint, open_store, read_signatures, store_fingerprint
+
+
+def default_store_path(checkpoint_dir: Path) -> Path:
+    """Where a folder's trajectory store lives unless ``--trajectory`` says otherwise:
+    ``$CMDTOOL_CACHE`` (default ``$XDG_CACHE_HOME/cmdtool`` or ``~/.cache/cmdtool``), one file per folder."""
+    cache = os.environ.get("CMDTOOL_CACHE") or Path(
+        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmdtool"
+    key = hashlib.sha256(str(Path(checkpoint_dir).resolve()).encode()).hexdigest()[:16]
+    return Path(cache) / f"trajectory-{Path(checkpoint_dir).resolve().name}-{key}.h5"
+
+
+class PreparedStore(NamedTuple):
+    store: TrajectoryStore
+    path: Path
+    reused: bool
+    discovery: Discovery
+
+
+def prepare_store(checkpoint_dir: Path, *, start: int | None = None, stop: int | None = None, every: int = 1,
+                  include: Sequence[str] = (), exclude: Sequence[str] = (), ema: bool = False,
+                  trajectory: str | Path | None = None, force: bool = False,
+                  progress: Progress = no_progress) -> PreparedStore:
+    """The trajectory store of the checkpoints ``[start:stop:every]`` of a folder: reused when its
+    fingerprint matches, built otherwise."""
+    checkpoint_dir = Path(checkpoint_dir)
+    discovery = discover(checkpoint_dir)
+    checkpoints = discovery.checkpoints[start:stop:every]
+    if len(checkpoints) < 2:
+        raise CmdError(f"{checkpoint_dir}: CMD needs at least 2 checkpoints, "
+                       f"{'found' if start is None and stop is None and every == 1 else 'selected'} {len(checkpoints)}")
+    store, store_path, reused = store_of(checkpoints, checkpoint_dir, include=include, exclude=exclude, ema=ema,
+                                         trajectory=trajectory, force=force, progress=progress)
+    return PreparedStore(store, store_path, reused, discovery)
+
+
+def store_of(checkpoints: Sequence[Checkpoint], checkpoint_dir: Path, *, include: Sequence[str] = (),
+             exclude: Sequence[str] = (), ema: bool = False, trajectory: str | Path | None = None,
+             force: bool = False, progress: Progress = no_progress) -> tuple[TrajectoryStore, Path, bool]:
+    """The trajectory store of these checkpoints of ``checkpoint_dir`` (e.g. the complete ones of a
+    folder still being written): reused when its fingerprint matches. Returns ``(store, path, reused)``."""
+    store_path = Path(trajectory) if trajectory else default_store_path(checkpoint_dir)
+    if store_path.is_dir():
+        raise CmdError(f"{store_path}: is a directory, expected a trajectory-store file path")
+    key = fingerprint(checkpoints, include, exclude, ema)
+    existing = store_fingerprint(store_path)
+    if existing == key:
+        return open_store(store_path), store_path, True
+    if store_path.exists() and existing is None and not force:
+        raise CmdError(f"{store_path}: exists and is not a cmdtool trajectory store (use --force to replace it)")
+    store_path.parent.mkdir(parents=True, exist_ok=True)
+    with progress("checking checkpoints", len(checkpoints)) as advance:
+        layout, infos = read_signatures(checkpoints, include, exclude, ema, advance)
+    with progress("building trajectory store", len(checkpoints)) as advance:
+        store = build_store(checkpoints, layout, infos, store_path, key, ema, advance)
+    return store, store_path, False
