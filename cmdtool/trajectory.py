@@ -133,7 +133,7 @@ def open_store(path: Path) -> TrajectoryStore:
             time = f["time"][()]
             names = read_strings(f, "names")
             infos = [CheckpointInfo.from_json(s) for s in read_strings(f, "infos")]
-            varies = f["varies"][()].astype(bool)
+            varies = f["varies"][()].astype(bool, copy=False)
             ds = f["W"]
             shape, offset = ds.shape, ds.id.get_offset()
     except (OSError, KeyError, ValueError) as e:
