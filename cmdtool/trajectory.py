@@ -133,14 +133,19 @@ def open_store(path: Path) -> TrajectoryStore:
             time = f["time"][()]
             names = read_strings(f, "names")
             infos = [CheckpointInfo.from_json(s) for s in read_strings(f, "infos")]
-            varies = f["varies"][()].astype(bool, copy=False)
+            flags = f["varies"]
+            flags_shape, flags_offset = flags.shape, flags.id.get_offset() if flags.dtype == bool else None
+            if flags_offset is None:
+                varies = flags[()].astype(bool, copy=False)
             ds = f["W"]
             shape, offset = ds.shape, ds.id.get_offset()
     except (OSError, KeyError, ValueError) as e:
         raise CmdError(f"{path}: not a readable cmdtool trajectory store ({e})") from None
-    if offset is None or shape != (len(names), layout.n_parameters):
+    if offset is None or shape != (len(names), layout.n_parameters) or flags_shape != (layout.n_parameters,):
         raise CmdError(f"{path}: trajectory store is inconsistent")
     W = np.memmap(path, dtype="<f4", mode="r", offset=offset, shape=shape)
+    if flags_offset is not None:  # mapped like W: page cache, not a byte per parameter of the process's own
+        varies = np.memmap(path, dtype=np.bool_, mode="r", offset=flags_offset, shape=flags_shape)
     return TrajectoryStore(layout, time, names, infos, varies, W, path=Path(path))
 
 
