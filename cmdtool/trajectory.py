@@ -196,10 +196,22 @@ class _RowWriter:
     def __init__(self, path: Path):
         self.path, self.fd = path, None
 
-    def write(self, data: np.ndarray, position: int) -> None:
-        """Write all of ``data`` at byte ``position`` (a single ``pwrite`` may be partial)."""
+    def reserve(self, position: int, nbytes: int) -> None:
+        """Allocate the file's blocks for ``nbytes`` at ``position`` before the rows are written:
+        writing into a hole makes the filesystem allocate as it goes, measured 1.2–7× slower."""
+        self._open()
+        try:
+            os.posix_fallocate(self.fd, position, nbytes)
+        except OSError:  # a filesystem without fallocate: the writes allocate instead
+            pass
+
+    def _open(self) -> None:
         if self.fd is None:
             self.fd = os.open(self.path, os.O_WRONLY)
+
+    def write(self, data: np.ndarray, position: int) -> None:
+        """Write all of ``data`` at byte ``position`` (a single ``pwrite`` may be partial)."""
+        self._open()
         view = memoryview(data).cast("B")
         while view:
             written = os.pwrite(self.fd, view, position)
@@ -243,6 +255,7 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
             h5py.h5d.create(f.id, b"W", h5py.h5t.IEEE_F32LE, h5py.h5s.create_simple((T, N)), dcpl=dcpl)
             offset = f["W"].id.get_offset()
+            rows.reserve(offset, 4 * T * N)
             attachments = f.create_group("attachments")
             for t, c in enumerate(checkpoints):
                 with c.open(ema) as reader:
