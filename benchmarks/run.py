@@ -45,6 +45,8 @@ MEASUREMENTS = ("floors", "naive", "fit", "reconstruct", "reconstruct_all", "rep
 VENV_BIN = Path(sys.executable).parent
 CMD = [str(VENV_BIN / "cmd")]
 PY = [sys.executable]
+# Children import the cmdtool of this checkout, whichever checkout the venv's `cmd` was installed from.
+ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE.parent), os.environ.get("PYTHONPATH")]))}
 
 READ_ALL = """import glob, sys
 from safetensors.numpy import load_file
@@ -89,7 +91,7 @@ def measure(argv: list[str], interval: float = 0.005) -> tuple[float, float, int
     """Wall seconds, CPU seconds and peak anonymous bytes of one run of ``argv`` (must succeed)."""
     cpu = _cpu_seconds()
     start = time.perf_counter()
-    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
     peak = 0
     while child.poll() is None:
         peak = max(peak, sum(_rss_anon(p) for p in [child.pid, *_children(child.pid)]))
@@ -130,7 +132,7 @@ def _remove(*paths: Path):
 def floor(name: str, argv: list[str], n: int) -> dict:
     """A floor timed inside its own process (``floors.py`` prints its seconds), median of ``n``."""
     runs = [float(subprocess.run(PY + [str(HERE / "floors.py"), *argv], check=True, capture_output=True,
-                                 text=True).stdout) for _ in range(n)]
+                                 text=True, env=ENV).stdout) for _ in range(n)]
     print(f"  {name:38s} {statistics.median(runs):7.2f} s  (in process; runs: {', '.join(f'{r:.2f}' for r in runs)})",
           flush=True)
     return dict(name=name, seconds=statistics.median(runs), seconds_all=[round(r, 3) for r in runs])
@@ -238,10 +240,13 @@ def main() -> None:
     started = time.time()
     runs = {}
     for key, (label, folder) in folders.items():
-        # No naive run at 4×: its N × T float64 matrices alone would take over 20 GB.
+        # No naive run at 4×: its N × T float64 matrices alone would take over 20 GB. The 4× run is
+        # the memory-scaling check: floors, fit and reconstruct --at last only (the report alone
+        # would take minutes there).
         naive = args.naive_repeats if key == "resnet18" else 0
+        chosen_here = only & {"floors", "fit", "reconstruct"} if key == "resnet18x4" else only
         runs[key] = dict(N=n_floats(resnet18_layout(2 if key == "resnet18x4" else 1)), T=30)
-        runs[key].update(bench_run(label, folder, DATA / f"out-{key}", args.repeats, naive, only))
+        runs[key].update(bench_run(label, folder, DATA / f"out-{key}", args.repeats, naive, chosen_here))
     results = dict(machine=machine(), load_average_before=load_before, load_average_after=os.getloadavg(),
                    started=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(started)),
                    bench_seconds=round(time.time() - started, 1), repeats=args.repeats, runs=runs,
