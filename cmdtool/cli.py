@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional
 
@@ -42,6 +42,17 @@ app = typer.Typer(
          "Exit codes: 0 ok, 1 a threshold failed, 2 bad input.")
 
 stderr = Console(stderr=True, highlight=False)
+WORKERS_HELP = "Run on a Dask cluster of N worker processes on this machine (needs pip install 'cmdtool[dask]')."
+SCHEDULER_HELP = ("Run on an existing Dask cluster (e.g. tcp://host:8786); its workers must see the checkpoint "
+                  "folder and the trajectory store path.")
+
+
+def _engine(workers: Optional[int], scheduler: Optional[str]):
+    """A Dask engine for --workers / --scheduler, else nothing (Dask is imported only then)."""
+    if workers is None and scheduler is None:
+        return nullcontext(None)
+    from .distributed import engine_for
+    return engine_for(workers, scheduler)
 
 
 def _message(text: str) -> None:
@@ -103,20 +114,34 @@ def _main(version: bool = typer.Option(False, "--version", callback=_version, is
 def fit(
     checkpoint_dir: Path = typer.Argument(..., metavar="CKPT_DIR", help="Folder of per-epoch checkpoints (safetensors or torch files)."),
     output: Path = typer.Option(..., "--output", "-o", help="Mode file to write (conventionally *.cmd.h5)."),
-    modes: int = typer.Option(10, "--modes", "-m", min=1, help="Most modes (M) to find."),
+    modes: str = typer.Option(
+        "10", "--modes", "-m", metavar="M|auto",
+        help="Most modes (M) to find, or auto (auto:MAX): the smallest M within 5 % of the smallest error of an "
+             "error-vs-M curve (M = 1 … 20) measured on a second, independent parameter sample."),
     samples: int = typer.Option(1000, "--samples", "-k", min=1, help="Parameters sampled (K) to find the modes, layer-balanced."),
     seed: int = typer.Option(0, "--seed", help="Seed of the parameter sample."),
+    refine: int = typer.Option(
+        3, "--refine", metavar="P", min=0,
+        help="Lloyd-style passes that re-pick each mode's reference from its members and reassign, lowering the "
+             "error at the same M (0: the paper's references)."),
     start: Optional[int] = typer.Option(None, "--start", help="First checkpoint to use (position in the sorted folder; Python slice rules)."),
     stop: Optional[int] = typer.Option(None, "--stop", help="Stop before this checkpoint position."),
     every: int = typer.Option(1, "--every", min=1, help="Use every n-th checkpoint."),
     include: List[str] = typer.Option([], "--include", metavar="GLOB", help="Model only tensors whose name matches this glob (repeatable)."),
     exclude: List[str] = typer.Option([], "--exclude", metavar="GLOB", help="Do not model tensors matching this glob (repeatable); they are carried verbatim."),
     ema: bool = typer.Option(False, "--ema", help="Model timm's EMA weights (state_dict_ema) instead of the model's state_dict."),
+    drop_unmodelled: bool = typer.Option(
+        False, "--drop-unmodelled",
+        help="Leave the floating-point tensors that are not modelled (see --include/--exclude) out of the mode "
+             "file; it then cannot rebuild whole checkpoints."),
     trajectory: Optional[Path] = typer.Option(None, "--trajectory", help="Where to keep the trajectory store (as large as the checkpoints in float32). Default: $CMDTOOL_CACHE or ~/.cache/cmdtool."),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing mode file."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
     tile_columns: Optional[int] = typer.Option(None, "--tile-columns", min=1, hidden=True),
     warmup: Optional[int] = typer.Option(None, "--warmup", metavar="F", min=2, help="Online CMD: find the modes and references on the first F selected checkpoints only, then update a, b exactly with each later one."),
+    workers: Optional[int] = typer.Option(None, "--workers", metavar="N", min=1, help=WORKERS_HELP),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="ADDRESS", help=SCHEDULER_HELP),
+    shard_columns: Optional[int] = typer.Option(None, "--shard-columns", min=1, hidden=True),
 ) -> None:
     """Fit CMD modes to a folder of checkpoints and write a mode file.
 
@@ -128,16 +153,20 @@ def fit(
     first F checkpoints and then running cmd update with the rest.
     """
     with _errors_to_exit_code():
-        result = fit_folder(checkpoint_dir, output, modes=modes, samples=samples, seed=seed, start=start,
+        result = fit_folder(checkpoint_dir, output, modes=modes, refine=refine, samples=samples, seed=seed,
+                            start=start,
                             stop=stop, every=every, include=include, exclude=exclude, ema=ema,
                             trajectory=trajectory, force=force, tile_columns=tile_columns, progress=_progress,
-                            warmup=warmup)
+                            warmup=warmup, drop_unmodelled=drop_unmodelled, workers=workers,
+                            scheduler=scheduler, shard_columns=shard_columns)
     for warning in result.discovery.warnings:
         _message(f"warning: {warning}")
     if result.discovery.skipped:
         _message(f"note: skipped {len(result.discovery.skipped)} entries of {checkpoint_dir} "
                  f"(`cmd ls {checkpoint_dir}` says which and why)")
-    _message(f"trajectory store: {result.trajectory} ({human_bytes(result.trajectory.stat().st_size)}, "
+    size = sum(f.stat().st_size for f in result.trajectory.iterdir()) if result.trajectory.is_dir() \
+        else result.trajectory.stat().st_size  # a sharded store is a folder (cmdtool.shards)
+    _message(f"trajectory store: {result.trajectory} ({human_bytes(size)}, "
              f"{'reused' if result.trajectory_reused else 'built'}; a cache, safe to delete)")
     _message(f"wrote {result.mode_file}")
     summary = {**result.summary, "trajectory": str(result.trajectory), "trajectory_reused": result.trajectory_reused}
@@ -285,7 +314,19 @@ def report(
     output: Path = typer.Option(..., "--output", "-o", help="Report folder to write (report.html, report.md, report.json, PNG plots)."),
     checkpoints: Optional[Path] = typer.Option(None, "--checkpoints", metavar="DIR", help="Read the original checkpoints from this folder (default: the trajectory store kept by cmd fit)."),
     trajectory: Optional[Path] = typer.Option(None, "--trajectory", help="Trajectory store to use, or where to build one with --checkpoints."),
-    evaluate: Optional[str] = typer.Option(None, "--eval", metavar="MODULE:FUNCTION", help="Score weights with your function state_dict -> {metric: float}: module:function (importable from here) or path/to/file.py:function."),
+    evaluate: Optional[str] = typer.Option(
+        None, "--eval", metavar="MODULE:FUNCTION",
+        help="Score weights with your function state_dict -> {metric: float} or {split: {metric: float}} (e.g. "
+             "val and test): module:function (importable from here) or path/to/file.py:function."),
+    select: Optional[str] = typer.Option(
+        None, "--select", metavar="METRIC[:max|min]",
+        help="Choose each candidate family's best epoch by this metric on the validation split (val) and report "
+             "it on the others; max unless the name says loss or error."),
+    eval_every: int = typer.Option(1, "--eval-every", metavar="K", min=1,
+                                   help="Score the candidate families at every K-th checkpoint (and the last) only."),
+    candidates_only: bool = typer.Option(
+        False, "--candidates-only",
+        help="Score the candidates at the last checkpoint only (no per-epoch curves, no selection)."),
     tail: List[int] = typer.Option([5, 10], "--tail", metavar="K", min=1, help="Tail averages of the last K checkpoints to compare (repeatable)."),
     ema_decay: float = typer.Option(0.9, "--ema-decay", help="Decay of the EMA over checkpoints that is compared."),
     max_rel_error: Optional[float] = typer.Option(None, "--max-rel-error", metavar="X", help="Fail (exit 1) when rel_error is above X."),
@@ -293,21 +334,32 @@ def report(
     require: List[str] = typer.Option([], "--require", metavar="METRIC>=VALUE", help="Fail (exit 1) unless an evaluated metric of the CMD weights at the last checkpoint meets this (>=, <=, >, <; repeatable; needs --eval)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of a summary."),
+    workers: Optional[int] = typer.Option(None, "--workers", metavar="N", min=1, help=WORKERS_HELP),
+    scheduler: Optional[str] = typer.Option(None, "--scheduler", metavar="ADDRESS", help=SCHEDULER_HELP),
 ) -> None:
     """Report how well the modes explain the run, against PCA of the trajectory and weight averaging.
 
     Writes report.html (self-contained), report.md, report.json and PNG plots into the report
-    folder; with --eval also scores every checkpoint, original and CMD, and the final candidates.
+    folder; with --eval also scores every candidate family (original, CMD, tail means, EMA, PCA) at
+    every checkpoint, and with --select and a validation split chooses each family's best epoch on
+    validation and reports it on test.
     When GITHUB_STEP_SUMMARY is set, the summary is appended to it. Exit 1 when a threshold fails.
     """
     with _errors_to_exit_code():
         from .report import Thresholds, load_evaluate, make_report, parse_requirement
         thresholds = Thresholds(max_rel_error, max_rel_error_displacement, [parse_requirement(r) for r in require])
         function = load_evaluate(evaluate) if evaluate else None
-        result = make_report(mode_file, output, checkpoints=checkpoints, trajectory=trajectory, evaluate=function,
-                             eval_spec=evaluate or "", tail=tail, ema_decay=ema_decay, thresholds=thresholds,
-                             force=force, progress=_progress)
+        with _engine(workers, scheduler) as engine:
+            result = make_report(mode_file, output, checkpoints=checkpoints, trajectory=trajectory, evaluate=function,
+                                 eval_spec=evaluate or "", tail=tail, ema_decay=ema_decay, thresholds=thresholds,
+                                 force=force, progress=_progress, select=select, eval_every=eval_every,
+                                 candidates_only=candidates_only, measure_pass=engine and engine.measure_pass)
     r = result.report
+    if r["evaluation"]:
+        e = r["evaluation"]
+        _message(f"evaluated {e['evaluations']} state dicts: {len(e['per_epoch'])} candidate families at "
+                 f"{len(e['epochs'])} of {r['run']['checkpoints']} checkpoints (--eval-every, --candidates-only "
+                 "score fewer)")
     _message(f"wrote {result.folder / 'report.html'} (also report.md, report.json and {len(r['plots'])} plots)")
     if as_json:
         print(json.dumps(r))

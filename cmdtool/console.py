@@ -34,7 +34,7 @@ def print_report(r: dict) -> None:
     table = Table(box=None, pad_edge=False)
     for column in ("model", "compression", "rel_error", "rel_error_displacement"):
         table.add_column(column, justify="left" if column == "model" else "right")
-    table.add_row(f"CMD, {r['run']['modes']} modes", f"{compact['compression_ratio']:.1f}×",
+    table.add_row(f"CMD, {r['run']['modes']} modes", f"{compact['compression_ratio_modelled']:.1f}×",
                   f"{fit['rel_error']:.4g}", f"{fit['rel_error_displacement']:.4g}")
     for p in r["baselines"]["pca"]:
         table.add_row(f"PCA d={p['d']}", f"{compact['checkpoint_bytes_float32'] / p['bytes_float32']:.1f}×",
@@ -50,8 +50,25 @@ def print_report(r: dict) -> None:
         for candidate, scores in evaluation["candidates"].items():
             candidates.add_row(candidate, *(f"{scores[k]:.4g}" if scores.get(k) is not None else "–" for k in names))
         stdout.print(candidates, markup=False)
+        print_selection(evaluation)
     for t in r["thresholds"]:
-        stdout.print(f"{'pass' if t['passed'] else 'FAIL'}: {t['description']}", markup=False)
+        stdout.print(f"{'pass' if t['passed'] else 'FAIL'}: {t['description']}", markup=False, soft_wrap=True)
+
+
+def print_selection(evaluation: dict) -> None:
+    """``--select``: each family's epoch chosen on validation and its other splits' scores."""
+    chosen = evaluation["selection"]
+    if chosen:
+        columns = [chosen["key"], *chosen["reported"]]
+        table = Table(box=None, pad_edge=False)
+        for column in ("chosen on validation", "epoch", *columns):
+            table.add_column(column, justify="left" if column == "chosen on validation" else "right")
+        for row in chosen["rows"]:
+            table.add_row(("★ " if row["family"] == chosen["chosen"] else "") + row["family"], str(row["epoch"]),
+                          *(f"{row['scores'][k]:.4g}" if row["scores"].get(k) is not None else "–" for k in columns))
+        stdout.print(table, markup=False)
+    elif evaluation["selection_impossible"]:
+        stdout.print("no selection: the evaluation returned no validation split", markup=False)
 
 
 def print_summary(s: dict, references: list | None = None) -> None:
@@ -63,7 +80,10 @@ def print_summary(s: dict, references: list | None = None) -> None:
     table.add_row("checkpoints (T)", f"{s['checkpoints']}: {s['checkpoint_names'][0]} … {s['checkpoint_names'][-1]} (time {time[0]} … {time[-1]})")
     table.add_row("parameters (N)", f"{s['parameters']:,} in {s['tensors_modelled']} tensors"
                   + (f" (+{s['tensors_carried']} carried verbatim)" if s["tensors_carried"] else ""))
-    table.add_row("modes (M)", f"{s['modes']} (asked for at most {s['settings']['modes']}; sampled K = {s['settings']['samples']}, seed {s['settings']['seed']})")
+    asked = (f"chosen by --modes auto among 1 … {s['settings']['auto_modes']}" if s["settings"].get("auto_modes")
+             else f"asked for at most {s['settings']['modes']}")
+    table.add_row("modes (M)", f"{s['modes']} ({asked}; sampled K = {s['settings']['samples']}, "
+                  f"seed {s['settings']['seed']})")
     settings = s["settings"]
     start, stop, every = settings["start"], settings["stop"], settings["every"]
     selection = ("all checkpoints" if start is None and stop is None and every == 1 else
@@ -75,10 +95,19 @@ def print_summary(s: dict, references: list | None = None) -> None:
         F, names = s["online"]["warmup"], s["checkpoint_names"]
         table.add_row("online", f"modes found on the first {F} checkpoints ({names[0]} … {names[F - 1]}), "
                       f"then {s['online']['updates']} exact update{'s' * (s['online']['updates'] != 1)} of a, b")
+    if s.get("embedding"):
+        table.add_row("embedded", embedding_line(s["embedding"], s["time"]))
     table.add_row("trajectory store", settings["trajectory"])
     table.add_row("compression", f"{s['compression_ratio']:.1f}× ({human_bytes(s['checkpoint_bytes_float32'])} of float32 checkpoints)")
     table.add_row("rel_error", f"{s['rel_error']:.3g}  (‖W − Ŵ‖ / ‖W‖ over all checkpoints)")
     table.add_row("rel_error_displacement", f"{s['rel_error_displacement']:.3g}  (error ÷ how far weights moved from the first checkpoint)")
+    curve = s.get("error_curve")
+    if curve:
+        table.add_row("modes chosen", f"M = {curve['chosen']}: {curve['rule']} (--modes auto; measured on "
+                      f"{curve['measured_on']})")
+        table.add_row("error vs M", "  ".join(f"{m}:{e:.3g}" for m, e in zip(curve["modes"], curve["rel_error"])))
+    if s["settings"].get("refine"):
+        table.add_row("refined", f"{s['settings']['refine']} Lloyd-style passes over the references")
     stdout.print(table, markup=False)
     modes = Table(title=None, box=None, pad_edge=False)
     for column in ("mode", "parameters", "share") + (("reference parameter",) if references else ()):
@@ -98,3 +127,13 @@ def human_bytes(n: float) -> str:
             return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n} TB"
+
+
+def embedding_line(e: dict, time: list) -> str:
+    """Embedded CMD: the final fraction, the settings, and the fraction after each window."""
+    steps = [f"{100 * f:.0f}% at {t}" for i, (f, t) in enumerate(zip(e["fraction"], time))
+             if f > 0 and (i == 0 or f != e["fraction"][i - 1])]
+    return (f"{100 * e['embedded_fraction']:.1f}% of {e['embeddable']:,} trainable parameters ({e['embedded']:,}; "
+            f"F = {e['warmup']}, L = {e['window']}, P = {e['percent']:g}%, "
+            f"{'of those not yet embedded' if e['relative'] else 'of all'}); over time: "
+            + (", ".join(steps) if steps else "none embedded"))

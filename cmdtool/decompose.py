@@ -147,37 +147,28 @@ MERGE_COLUMNS = 4096     # constant runs shorter than this inside a tile are com
 
 
 def fit_tile(block: np.ndarray, references: np.ndarray, varies: np.ndarray | None = None) -> TileFit:
-    """Steps 5–6 for one ``(T, n)`` column block (see ``_fit_columns``), worked through in slices
-    of ``CHUNK_BYTES`` so that the float64 copies stay in the CPU cache. Columns are independent,
-    so the result does not depend on the slicing.
-
-    ``varies`` (n,) bool, when given, marks the columns that are not constant (known at ingest):
-    runs of constant columns are not read past the first row, and get exactly what the streaming
-    fit gives a constant column (mode 0, ``a = 0``, ``b`` = the value, no error)."""
+    """Steps 5–6 for one ``(T, n)`` column block (see ``_fit_columns``), in slices of ``CHUNK_BYTES``
+    so that the float64 copies stay in the CPU cache; columns are independent, so the result does
+    not depend on the slicing. ``varies`` (n,) marks the columns that move (known at ingest): runs of
+    constant ones are not read past the first row and get what ``_fit_columns`` gives them, exactly."""
     T, n = block.shape
     if varies is None or n == 0 or varies.all():
         return _fit_slices(block, references)
-    first = block[0].astype(np.float64)
-    zeros = np.zeros(n)  # the formulas of _fit_columns with y = 0, signs of zero included
+    first, zeros = block[0].astype(np.float64), np.zeros(n)  # _fit_columns with y = 0, signs of zero included
     result = TileFit(labels=np.zeros(n, dtype=np.intp), a=zeros.copy(), b=first + 0.0, sse=zeros.copy(),
                      sq_norm=0.0 + first * (2.0 * 0.0 + T * first), sq_displacement=zeros.copy(), sq_centred=zeros)
     for start, stop in _varying_runs(varies, MERGE_COLUMNS):
-        part = _fit_slices(block[:, start:stop], references)
-        for whole, piece in zip(result, part):
+        for whole, piece in zip(result, _fit_slices(block[:, start:stop], references)):
             whole[start:stop] = piece
     return result
 
 
 def _varying_runs(varies: np.ndarray, gap: int) -> list[tuple[int, int]]:
     """``[start, stop)`` runs covering every True of ``varies``, runs closer than ``gap`` merged."""
-    edges = np.flatnonzero(np.diff(np.concatenate([[False], varies, [False]]).astype(np.int8)))
-    runs = []
-    for start, stop in zip(edges[0::2].tolist(), edges[1::2].tolist()):
-        if runs and start - runs[-1][1] < gap:
-            runs[-1] = (runs[-1][0], stop)
-        else:
-            runs.append((start, stop))
-    return runs
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], varies, [False]]).astype(np.int8))).reshape(-1, 2)
+    leads = np.concatenate([[len(edges) > 0], edges[1:, 0] - edges[:-1, 1] >= gap])[:len(edges)]  # starts a run
+    ends = np.concatenate([leads[1:], [True]])[:len(edges)]  # ends one
+    return list(zip(edges[leads, 0].tolist(), edges[ends, 1].tolist()))
 
 
 def _fit_slices(block: np.ndarray, references: np.ndarray) -> TileFit:
@@ -222,8 +213,7 @@ def _fit_columns(block: np.ndarray, references: np.ndarray) -> TileFit:
 
 
 def _largest_magnitude(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column of ``D`` (M, n): the row of largest ``|D|`` (the first on ties) and that entry,
-    in one pass over ``|D|``."""
+    """Per column of ``D`` (M, n): the row of largest ``|D|`` (the first on ties) and that entry."""
     labels = np.abs(D).argmax(axis=0)
     return labels, np.take_along_axis(D, labels[None, :], axis=0)[0]
 
@@ -242,6 +232,59 @@ class OnlineUpdate(NamedTuple):
     sse: np.ndarray         # (n,) increase of each parameter's least-squares error, summed over time
 
 
+class FrameUpdate(NamedTuple):
+    """The per-mode part of one online update (``update_frame``): ``(M,)`` float64 each, plus the
+    renormalised references."""
+    rho: np.ndarray         # the new point in the old normalised frame
+    gain_a: np.ndarray      # x G_new⁻¹, first and second entry
+    gain_b: np.ndarray
+    sse_weight: np.ndarray  # 1 / (1 + x G⁻¹ xᵀ) is 1 / sse_weight
+    ratio: np.ndarray       # scale_new / scale
+    shift: np.ndarray       # (offset_new − offset) / scale
+    references: np.ndarray  # (M, T + 1) normalised over the T + 1 checkpoints
+    offset: np.ndarray
+    scale: np.ndarray
+
+
+def update_frame(references: np.ndarray, offset: np.ndarray, scale: np.ndarray,
+                 reference_values: np.ndarray) -> FrameUpdate:
+    """The ``O(M · T)`` half of ``update_fit``: where the new point lies in the old frame, the gains
+    of the recursive least squares, and the renormalised references (see ``update_fit``)."""
+    M, T = references.shape
+    reference_values = np.asarray(reference_values, dtype=np.float64)
+    rho = (reference_values - offset) / scale           # (M,) the new point in the old frame
+    det = T + 1 + T * rho ** 2                          # det G_new, G_new = [[1 + ρ², ρ], [ρ, T + 1]]
+    # Renormalise over T + 1 points: r̃_new = (scale · r̃ + offset − offset_new) / scale_new.
+    # The mean moves by deviation / (T + 1); that difference is used as such, never as
+    # offset_new − offset, whose rounding (1e-16 of the offset) is large against a small scale.
+    deviation = reference_values - offset
+    moved = deviation / (T + 1)
+    new_scale = np.sqrt(scale ** 2 + deviation ** 2 * T / (T + 1))
+    raw_shifted = np.column_stack([scale[:, None] * references, deviation]) - moved[:, None]
+    return FrameUpdate(rho, T * rho / det, 1.0 / det, 1.0 + rho ** 2 + 1.0 / T, new_scale / scale, moved / scale,
+                       raw_shifted / new_scale[:, None], offset + moved, new_scale)
+
+
+def update_parameters(a, b, labels, w, frame: FrameUpdate, frozen=None):
+    """The ``O(N)`` half of ``update_fit``: returns ``(a, b, sse)`` in the new frame.
+
+    Written with arithmetic operators and indexing only, so that it runs unchanged on numpy arrays
+    and on torch tensors (``cmdtool.training`` keeps ``a, b`` on the model's device; the fields of
+    ``frame`` must then be tensors there). ``frozen`` (bool, optional) marks parameters whose fit is
+    frozen (embedded CMD, §3.4): their prediction error counts as 0, so they are only re-expressed
+    in the new frame and follow the same function of the raw reference as before.
+    """
+    rho_i = frame.rho[labels]
+    e = w - a * rho_i - b
+    if frozen is not None:
+        e = e * ~frozen
+    sse = e * e / frame.sse_weight[labels]
+    a_old_frame = a + e * frame.gain_a[labels]
+    b_old_frame = b + e * frame.gain_b[labels]
+    # a r̃_old + b = (a · scale_new / scale) r̃_new + b + a (offset_new − offset) / scale
+    return a_old_frame * frame.ratio[labels], b_old_frame + a_old_frame * frame.shift[labels], sse
+
+
 def update_fit(a: np.ndarray, b: np.ndarray, labels: np.ndarray, w: np.ndarray, references: np.ndarray,
                offset: np.ndarray, scale: np.ndarray, reference_values: np.ndarray) -> OnlineUpdate:
     """Online CMD (paper §3.3): absorb checkpoint ``T + 1`` into a fit of ``T`` checkpoints.
@@ -255,30 +298,103 @@ def update_fit(a: np.ndarray, b: np.ndarray, labels: np.ndarray, w: np.ndarray, 
     least-squares error grows by ``e² / (1 + x G⁻¹ xᵀ)``). The references are then renormalised over
     ``T + 1`` checkpoints (running mean and centred norm, exact in float64) and ``a, b`` re-expressed
     against them, so the stored frame keeps its precision when a reference barely moves.
+    Two halves: ``update_frame`` (per mode) and ``update_parameters`` (per parameter).
     """
-    M, T = references.shape
     labels = np.asarray(labels, dtype=np.int64)
     a, b, w = (np.asarray(v, dtype=np.float64) for v in (a, b, w))
-    reference_values = np.asarray(reference_values, dtype=np.float64)
-    rho = (reference_values - offset) / scale           # (M,) the new point in the old frame
-    det = T + 1 + T * rho ** 2                          # det G_new, G_new = [[1 + ρ², ρ], [ρ, T + 1]]
-    gain_a, gain_b = T * rho / det, 1.0 / det           # x G_new⁻¹
-    rho_i = rho[labels]
-    e = w - a * rho_i - b
-    sse = e * e / (1.0 + rho_i ** 2 + 1.0 / T)
-    a_old_frame = a + e * gain_a[labels]
-    b_old_frame = b + e * gain_b[labels]
-    # Renormalise over T + 1 points: r̃_new = (scale · r̃ + offset − offset_new) / scale_new.
-    # The mean moves by deviation / (T + 1); that difference is used as such, never as
-    # offset_new − offset, whose rounding (1e-16 of the offset) is large against a small scale.
-    deviation = reference_values - offset
-    moved = deviation / (T + 1)
-    new_offset = offset + moved
-    new_scale = np.sqrt(scale ** 2 + deviation ** 2 * T / (T + 1))
-    raw_shifted = np.column_stack([scale[:, None] * references, deviation]) - moved[:, None]
-    new_references = raw_shifted / new_scale[:, None]
-    # a r̃_old + b = (a · scale_new / scale) r̃_new + b + a (offset_new − offset) / scale
-    ratio = (new_scale / scale)[labels]
-    shift = (moved / scale)[labels]
-    return OnlineUpdate(a_old_frame * ratio, b_old_frame + a_old_frame * shift, new_references,
-                        new_offset, new_scale, sse)
+    frame = update_frame(references, offset, scale, reference_values)
+    a_new, b_new, sse = update_parameters(a, b, labels, w, frame)
+    return OnlineUpdate(a_new, b_new, frame.references, frame.offset, frame.scale, sse)
+
+
+# Choosing M and refining the modes (not in the paper): pure functions on the sampled trajectories.
+
+def heldout_error(held_out: np.ndarray, references: np.ndarray) -> float:
+    """Relative error ``sqrt(Σ SSE / Σ ‖w − mean w‖²)`` of steps 5–6 on a ``(T, K')`` sample of
+    parameters that took no part in finding the (normalised) ``references``: an out-of-sample
+    estimate of the fit's ``rel_error_centred``."""
+    fit = fit_tile(held_out, references)
+    total = float(fit.sq_centred.sum())
+    return float(np.sqrt(fit.sse.sum() / total)) if total > 0 else 0.0
+
+
+def refine_references(trajectories: np.ndarray, C: np.ndarray, reference_positions: np.ndarray,
+                      passes: int) -> tuple[np.ndarray, np.ndarray]:
+    """Lloyd-style passes over the sample that lower the least-squares error at the same ``M``.
+
+    Each pass assigns every sampled parameter to the reference it correlates with most (step 5 on
+    the sample), then re-picks each mode's reference as the member that explains its members best:
+    the member ``j`` maximising ``Σ_i ‖w_i − mean w_i‖² ρ_ij²``, which minimises the mode's total
+    squared error ``Σ_i ‖w_i − mean w_i‖² (1 − ρ_ij²)`` over the choices of reference (step 4 picks
+    the largest mean ``|corr|`` instead). Stops early when no reference changes. Returns ``labels``
+    of the sample and ``reference_positions``, modes numbered by size, largest first (ties: the
+    mode whose first member comes first); a mode left without members is dropped.
+    """
+    X = trajectories.astype(np.float64)
+    weight = ((X - X.mean(axis=0)) ** 2).sum(axis=0)   # ‖w_i − mean w_i‖²
+    references = np.asarray(reference_positions, dtype=np.int64)
+    labels = np.zeros(len(weight), dtype=np.int64)
+    for _ in range(max(0, passes)):
+        labels = np.argmax(C[:, references], axis=1)     # the first reference on ties, as step 5
+        labels[references] = np.arange(len(references))  # a reference stays in its own mode
+        chosen = []
+        for m in range(len(references)):
+            members = np.flatnonzero(labels == m)
+            if len(members) == 0:
+                continue
+            explained = (weight[members, None] * C[np.ix_(members, members)] ** 2).sum(axis=0)
+            chosen.append(int(members[int(np.argmax(explained))]))
+        chosen = np.array(chosen, dtype=np.int64)
+        if np.array_equal(chosen, references):
+            break
+        references = chosen
+    labels = np.argmax(C[:, references], axis=1)
+    labels[references] = np.arange(len(references))
+    ids, first, sizes = np.unique(labels, return_index=True, return_counts=True)
+    order = np.lexsort((first, -sizes))
+    rank = np.empty(len(references), dtype=np.int64)
+    rank[ids[order]] = np.arange(len(ids))
+    return rank[labels], references[ids[order]]
+
+
+def find_modes(trajectories: np.ndarray, C: np.ndarray, M: int, refine: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Steps 3–4 (``cluster``, ``choose_references``), then ``refine`` passes of ``refine_references``:
+    ``(labels of the sample, reference positions)``."""
+    labels = cluster(C, M)
+    positions = choose_references(C, labels)
+    if refine > 0:
+        labels, positions = refine_references(trajectories, C, positions, refine)
+    return labels, positions
+
+
+class ErrorCurve(NamedTuple):
+    modes: np.ndarray      # (n,) the M asked for
+    found: np.ndarray      # (n,) the modes the clustering gave (at most M)
+    rel_error: np.ndarray  # (n,) held-out relative error of each
+    chosen: int            # the M chosen (see ``choose_modes``)
+
+
+AUTO_TOLERANCE = 0.05
+
+
+def choose_modes(modes: Sequence[int], rel_error: Sequence[float], tolerance: float = AUTO_TOLERANCE) -> int:
+    """The smallest ``M`` whose held-out error is within ``tolerance`` (relative, 5 %) of the
+    smallest error on the curve: more modes than that cost storage and buy less than 5 %."""
+    errors = np.asarray(rel_error, dtype=np.float64)
+    best = float(errors.min())
+    return int(np.asarray(modes)[np.flatnonzero(errors <= best * (1 + tolerance))[0]])
+
+
+def error_curve(trajectories: np.ndarray, C: np.ndarray, held_out: np.ndarray, modes: Sequence[int],
+                refine: int = 0, tolerance: float = AUTO_TOLERANCE) -> ErrorCurve:
+    """Held-out error against ``M``: modes and references found on the sample ``trajectories``
+    (``C`` its ``|corr|``), measured on the independent sample ``held_out``."""
+    found, errors = [], []
+    for M in modes:
+        _, positions = find_modes(trajectories, C, int(M), refine)
+        references = normalise_references(trajectories[:, positions].T).references
+        found.append(len(positions))
+        errors.append(heldout_error(held_out, references))
+    modes = np.asarray(modes, dtype=np.int64)
+    return ErrorCurve(modes, np.asarray(found, dtype=np.int64), np.asarray(errors),
+                      choose_modes(modes, errors, tolerance))

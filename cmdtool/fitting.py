@@ -8,19 +8,21 @@ and ``OnlineCMD`` all call it.
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 
 from .checkpoints import CheckpointInfo
-from .decompose import (choose_references, cluster, correlation_matrix, fit_tile, label_dtype, normalise_references,
-                        sample_parameters)
+from .decompose import (AUTO_TOLERANCE, choose_modes, correlation_matrix, error_curve, find_modes, fit_tile,
+                        label_dtype, normalise_references, sample_parameters)
 from .errors import CmdError
 from .layout import Layout
-from .modes import FitMetrics, FitSettings, Modes
+from .modes import FitMetrics, FitSettings, Modes, dropped
 from .progress import Progress, no_progress
 
 TILE_BYTES = 32 * 2**20  # float64 bytes of one (T, tile) block in the streaming pass
+GROUP_COLUMNS = 1 << 20  # columns of one group of tiles (one Dask task; one shard of a sharded store)
+MIN_HELD_OUT = 100       # --modes auto: fewer parameters left out of the sample than this, split the sample
 
 
 class TrajectorySource(Protocol):
@@ -51,55 +53,145 @@ def tile_width(T: int, tile_columns: int | None = None) -> int:
     return tile_columns or max(1, TILE_BYTES // (8 * T))
 
 
+class TileResult(NamedTuple):
+    """Steps 5–6 of one column tile ``start:stop``: what a fit keeps per parameter and its sums."""
+    start: int
+    stop: int
+    labels: np.ndarray      # (n,) in label_dtype(M)
+    a: np.ndarray           # (n,) float32, as stored
+    b: np.ndarray           # (n,) float32
+    mode_sizes: np.ndarray  # (M,) int64
+    mode_sse: np.ndarray    # (M,) float64
+    sse: float
+    sq_norm: float
+    sq_displacement: float
+    sq_centred: float
+
+
+# Steps 5–6 over every tile of the trajectory, given the normalised references and the tile width:
+# yields one TileResult per tile of the grid ``range(0, N, width)``, in that order.
+MapTiles = Callable[[np.ndarray, int], Iterable[TileResult]]
+
+
+def fit_tile_result(start: int, stop: int, block: np.ndarray, references: np.ndarray,
+                    varies: np.ndarray | None = None) -> TileResult:
+    """Steps 5–6 of one ``(T, stop − start)`` tile, reduced to its sums in a fixed order, so that
+    the same tile gives the same bits in this process or on a Dask worker. ``varies`` (the tile's
+    flags) lets ``fit_tile`` skip constant columns; the result is the same bit for bit."""
+    T, M = block.shape[0], references.shape[0]
+    result = fit_tile(block, references, varies)
+    a32, b32 = result.a.astype(np.float32), result.b.astype(np.float32)
+    # The error of what the mode file stores: the float32 rounding of a and b adds
+    # (a − a32)² + T (b − b32)² to the least-squares residual.
+    sse = result.sse + (result.a - a32) ** 2 + T * (result.b - b32) ** 2
+    return TileResult(start, stop, result.labels.astype(label_dtype(M)), a32, b32,
+                      np.bincount(result.labels, minlength=M), np.bincount(result.labels, weights=sse, minlength=M),
+                      float(sse.sum()), float(result.sq_norm.sum()), float(result.sq_displacement.sum()),
+                      float(result.sq_centred.sum()))
+
+
+def group_step(width: int, group_columns: int = GROUP_COLUMNS) -> int:
+    """Columns of one group of whole tiles: the largest multiple of ``width`` up to ``group_columns``."""
+    return max(1, group_columns // width) * width
+
+
+def column_groups(N: int, width: int, group_columns: int = GROUP_COLUMNS) -> list[tuple[int, int]]:
+    """Consecutive ranges of whole tiles (``width`` columns each) of about ``group_columns``:
+    the units a distributed pass hands to one task, and over which the report reduces its sums
+    before adding them up in order, so that its figures do not depend on the number of tasks."""
+    step = group_step(width, group_columns)
+    return [(start, min(start + step, N)) for start in range(0, N, step)]
+
+
 def fit_trajectory(source: TrajectorySource, settings: FitSettings, *, tile_columns: int | None = None,
-              progress: Progress = no_progress) -> Modes:
+                   progress: Progress = no_progress, map_tiles: MapTiles | None = None) -> Modes:
     """Steps 1–6 of CMD over ``source``, with BLAS on one thread: the products are too skinny to
-    share (see pyproject.toml). Memory: the ``(T, K)`` sample, one tile, and ``labels, a, b``."""
+    share (see pyproject.toml). Memory: the ``(T, K)`` sample, one tile, and ``labels, a, b``.
+
+    ``map_tiles`` runs steps 5–6 elsewhere (``cmdtool.distributed``: one Dask task per group of
+    tiles); the sums are added here, tile by tile in column order, so the mode file is the same
+    bit for bit however the tiles were spread."""
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
-        return _decompose(source, settings, tile_columns, progress)
+        return _decompose(source, settings, tile_columns, progress, map_tiles)
+
+
+def _error_curve(source: TrajectorySource, sample: np.ndarray, trajectories: np.ndarray, C: np.ndarray,
+                 settings: FitSettings) -> dict:
+    """``--modes auto``: the error-vs-M curve for M = 1 … ``auto_modes``, modes found on the fit's
+    sample and measured on a second, independent sample (seed + 1, the first sample's parameters
+    left out); the chosen M is the smallest within 5 % of the curve's smallest error. When fewer
+    than ``MIN_HELD_OUT`` parameters are left (the sample took nearly all of them), the curve is
+    the mean of a 2-fold split of the sample instead: modes found on one half, measured on the other."""
+    Ms = range(1, settings.auto_modes + 1)
+    second = sample_parameters([s.size for s in source.layout.modelled], source.varies, settings.samples,
+                               settings.seed + 1)
+    held_out = np.setdiff1d(second, sample)
+    if len(held_out) >= MIN_HELD_OUT:
+        curve = error_curve(trajectories, C, source.columns(held_out), Ms, settings.refine)
+        found, errors, measured = curve.found, curve.rel_error, f"{len(held_out)} held-out parameters"
+    else:
+        halves = np.random.default_rng(settings.seed + 1).permutation(len(sample))
+        halves = (np.sort(halves[: len(sample) // 2]), np.sort(halves[len(sample) // 2:]))
+        curves = [error_curve(trajectories[:, fit], C[np.ix_(fit, fit)], trajectories[:, check], Ms, settings.refine)
+                  for fit, check in (halves, halves[::-1])]
+        found = np.minimum(curves[0].found, curves[1].found)
+        errors = (curves[0].rel_error + curves[1].rel_error) / 2
+        measured = f"2-fold split of the {len(sample)} sampled parameters (too few left to hold out)"
+    return {"modes": list(Ms), "found": [int(v) for v in found], "rel_error": [float(e) for e in errors],
+            "chosen": choose_modes(Ms, errors), "measured_on": measured,
+            "rule": f"smallest M within {AUTO_TOLERANCE:.0%} of the smallest held-out error"}
 
 
 def _decompose(source: TrajectorySource, settings: FitSettings, tile_columns: int | None,
-               progress: Progress) -> Modes:
+               progress: Progress, map_tiles: MapTiles | None) -> Modes:
     layout, T, N = source.layout, source.T, source.N
     sample = sample_parameters([s.size for s in layout.modelled], source.varies, settings.samples, settings.seed)
     if len(sample) == 0:
         raise CmdError(f"every modelled parameter is constant over the {T} checkpoints: nothing to decompose")
     trajectories = source.columns(sample)                       # (T, K)
     C = correlation_matrix(trajectories)
-    sample_labels = cluster(C, settings.modes)
-    reference_positions = choose_references(C, sample_labels)
+    curve = None
+    if settings.auto_modes is not None:
+        curve = _error_curve(source, sample, trajectories, C, settings)
+        settings = settings.replace(modes=curve["chosen"])
+    sample_labels, reference_positions = find_modes(trajectories, C, settings.modes, settings.refine)
     normalised = normalise_references(trajectories[:, reference_positions].T)
     references = normalised.references
     M = len(reference_positions)
 
+    if map_tiles is None:
+        def map_tiles(references: np.ndarray, width: int) -> Iterator[TileResult]:
+            for start, stop, block in source.tiles(width):
+                yield fit_tile_result(start, stop, block, references, source.varies[start:stop])
     labels = np.empty(N, dtype=label_dtype(M))
     a = np.empty(N, dtype=np.float32)
     b = np.empty(N, dtype=np.float32)
     totals = dict.fromkeys(("sse", "sq_norm", "sq_displacement", "sq_centred"), 0.0)
     mode_sizes = np.zeros(M, dtype=np.int64)
     mode_sse = np.zeros(M)
+    expected = 0
     with progress("fitting modes", N) as advance:
-        for start, stop, block in source.tiles(tile_width(T, tile_columns)):
-            result = fit_tile(block, references, source.varies[start:stop])  # constant columns skipped
-            a32, b32 = result.a.astype(np.float32), result.b.astype(np.float32)
-            # The error of what the mode file stores: the float32 rounding of a and b adds
-            # (a − a32)² + T (b − b32)² to the least-squares residual.
-            sse = result.sse + (result.a - a32) ** 2 + T * (result.b - b32) ** 2
-            labels[start:stop], a[start:stop], b[start:stop] = result.labels, a32, b32
-            mode_sizes += np.bincount(result.labels, minlength=M)
-            mode_sse += np.bincount(result.labels, weights=sse, minlength=M)
-            totals["sse"] += float(sse.sum())
-            for name in ("sq_norm", "sq_displacement", "sq_centred"):
-                totals[name] += float(getattr(result, name).sum())
+        for tile in map_tiles(references, tile_width(T, tile_columns)):
+            start, stop = tile.start, tile.stop
+            if start != expected:
+                raise RuntimeError(f"tiles out of order: got columns {start}:{stop}, expected {expected}")
+            labels[start:stop], a[start:stop], b[start:stop] = tile.labels, tile.a, tile.b
+            mode_sizes += tile.mode_sizes
+            mode_sse += tile.mode_sse
+            for name in totals:
+                totals[name] += getattr(tile, name)
+            expected = stop
             advance(stop - start)
+    if expected != N:
+        raise RuntimeError(f"tiles ended at column {expected} of {N}")
     return Modes(
         layout=layout, references=references.astype(np.float32), reference_offset=normalised.offset,
         reference_scale=normalised.scale, reference_index=sample[reference_positions].astype(np.int64),
         labels=labels, a=a, b=b, mode_sizes=mode_sizes, time=np.asarray(source.time, dtype=np.int64),
         names=list(source.names), infos=list(source.infos), settings=settings,
-        metrics=FitMetrics.of(mode_sse=mode_sse, **totals),
-        carried={spec.name: source.carried(spec.name) for spec in layout.carried},
+        metrics=FitMetrics.of(mode_sse=mode_sse, error_curve=curve, **totals),
+        carried={spec.name: source.carried(spec.name) for spec in layout.carried
+                 if spec.name not in dropped(layout, settings)},
         attachments=source.attachments())

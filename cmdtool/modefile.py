@@ -28,6 +28,12 @@ Online fits (``cmd fit --warmup``, ``cmd update``, ``cmd watch``, ``OnlineCMD.sa
 found on), ``first`` (N,) f4 (the first checkpoint's values, for the displacement metric) and
 ``mode_sse_least_squares`` (M,) f8 (the least-squares error per mode, without float32 rounding).
 
+Embedded CMD (``cmdtool.training``, paper §3.4) adds a group ``embedding`` that version-1 readers
+ignore (the embedded parameters' ``a, b`` are ordinary fitted values, so older readers reconstruct
+them correctly): attributes ``warmup`` (F), ``window`` (L), ``percent`` (P), ``relative`` and
+``embeddable`` (how many parameters could be embedded: trainable, not references), and dataset
+``embedded_at`` (N,) i4 (the checkpoint position after which each parameter was embedded, -1 never).
+
 Root attributes: ``format = "cmdtool-modes"``, ``format_version``, ``tool_version``, ``settings``
 (JSON) and ``metrics`` (JSON). Writers go to a temporary file renamed into place when complete.
 """
@@ -50,7 +56,7 @@ from .checkpoints import CheckpointInfo
 from .decompose import label_dtype
 from .errors import CmdError
 from .layout import Layout
-from .modes import CarriedRows, FitMetrics, FitSettings, Modes, OnlineInfo
+from .modes import CarriedRows, FitMetrics, FitSettings, Modes, OnlineInfo, dropped
 
 FORMAT = "cmdtool-modes"
 FORMAT_VERSION = 1
@@ -98,6 +104,8 @@ def _write(f: h5py.File, modes: Modes) -> None:
     write_text(f, "layout", modes.layout.to_json())
     carried = f.create_group("carried")
     for spec in modes.layout.carried:
+        if spec.name in dropped(modes.layout, modes.settings):
+            continue  # --drop-unmodelled
         rows = modes.carried[spec.name]
         if isinstance(rows, CarriedRows):
             dataset = carried.create_dataset(spec.name, shape=rows.shape, dtype=np.uint8)
@@ -142,6 +150,7 @@ class ModeFile:
     format_version: int
     tool_version: str
     warmup: int | None = None     # F of an online fit (group ``online``), else None
+    embedding: dict | None = None  # attributes of the group ``embedding`` (embedded CMD), else None
 
     @property
     def M(self) -> int:
@@ -163,9 +172,33 @@ class ModeFile:
             raise CmdError(f"{self.path}: corrupt mode file (label out of range)")
         return labels, self.handle["a"][columns], self.handle["b"][columns]
 
+    @property
+    def dropped(self) -> list[str]:
+        """Floating-point tensors the file leaves out (``cmd fit --drop-unmodelled``)."""
+        return dropped(self.layout, self.settings)
+
+    def require_whole(self, what: str) -> None:
+        """Refuse ``what`` (rebuilding whole checkpoints) when tensors were dropped."""
+        if self.dropped:
+            more = len(self.dropped) - 3
+            shown = ", ".join(self.dropped[:3]) + (f" and {more} more" if more > 0 else "")
+            raise CmdError(f"{self.path}: fitted with --drop-unmodelled, it does not hold {shown}: {what} needs "
+                           "every tensor (refit without --drop-unmodelled to rebuild whole checkpoints)")
+
     def carried(self, name: str) -> np.ndarray:
         """A carried tensor's raw bytes at every checkpoint, ``(T, nbytes)`` uint8."""
         return self.handle["carried"][name][()]
+
+    def embedded_at(self) -> np.ndarray | None:
+        """Embedded CMD: per parameter the checkpoint position after which it was embedded (-1 never)."""
+        return None if self.embedding is None else self.handle["embedding"]["embedded_at"][()]
+
+    def embedded_counts(self) -> list[int] | None:
+        """Embedded CMD: how many parameters were embedded at each checkpoint (a list of T)."""
+        embedded_at = self.embedded_at()
+        if embedded_at is None:
+            return None
+        return np.cumsum(np.bincount(embedded_at[embedded_at >= 0], minlength=self.T)).tolist()
 
     def carried_row(self, name: str, index: int) -> np.ndarray:
         """A carried tensor's raw bytes at checkpoint ``index``."""
@@ -203,7 +236,8 @@ class ModeFile:
                      reference_scale=self.reference_scale, reference_index=self.reference_index, labels=labels,
                      a=a, b=b, mode_sizes=self.mode_sizes, time=self.time, names=list(self.names),
                      infos=list(self.infos), settings=self.settings, metrics=self.metrics,
-                     carried={spec.name: self.carried_rows(spec.name) for spec in self.layout.carried},
+                     carried={spec.name: self.carried_rows(spec.name) for spec in self.layout.carried
+                              if spec.name not in self.dropped},
                      attachments=self.attachments(), online=self.online())
 
     def close(self) -> None:
@@ -243,7 +277,8 @@ def open_mode_file(path: Path) -> ModeFile:
             mode_sizes=handle["mode_sizes"][()], settings=FitSettings.from_json(json.loads(handle.attrs["settings"])),
             metrics=FitMetrics.from_json(json.loads(handle.attrs["metrics"])), format_version=version,
             tool_version=str(handle.attrs.get("tool_version", "?")),
-            warmup=int(handle["online"].attrs["warmup"]) if "online" in handle else None)
+            warmup=int(handle["online"].attrs["warmup"]) if "online" in handle else None,
+            embedding=_embedding_attributes(handle))
         _validate(mode_file)
         return mode_file
     except CmdError:
@@ -252,6 +287,37 @@ def open_mode_file(path: Path) -> ModeFile:
     except (KeyError, ValueError, TypeError, OSError) as e:
         handle.close()
         raise CmdError(f"{path}: corrupt mode file ({type(e).__name__}: {e})") from None
+
+
+EMBEDDING_ATTRIBUTES = {"warmup": int, "window": int, "percent": float, "relative": bool, "embeddable": int}
+
+
+def _embedding_attributes(handle: h5py.File) -> dict | None:
+    if "embedding" not in handle:
+        return None
+    attrs = handle["embedding"].attrs
+    return {key: kind(attrs[key]) for key, kind in EMBEDDING_ATTRIBUTES.items()}
+
+
+def write_embedding(path: Path, embedded_at: np.ndarray, **attributes) -> None:
+    """Add the group ``embedding`` to a finished mode file that no reader sees yet (a temporary
+    name): ``embedded_at`` (N,) and the attributes of ``EMBEDDING_ATTRIBUTES``."""
+    with h5py.File(path, "r+") as f:
+        group = f.create_group("embedding")
+        group.create_dataset("embedded_at", data=np.asarray(embedded_at, dtype=np.int32))
+        for key, kind in EMBEDDING_ATTRIBUTES.items():
+            group.attrs[key] = kind(attributes[key])
+
+
+def embedding_summary(modes: ModeFile) -> dict | None:
+    """Embedded CMD's settings and the embedded fraction (of the embeddable parameters) at every
+    checkpoint, for ``cmd info`` and ``cmd report``; None for a file without embedding."""
+    counts = modes.embedded_counts()
+    if counts is None:
+        return None
+    total = modes.embedding["embeddable"]
+    fraction = [c / total if total else 0.0 for c in counts]
+    return {**modes.embedding, "embedded": counts[-1], "embedded_fraction": fraction[-1], "fraction": fraction}
 
 
 def _validate(mf: ModeFile) -> None:
@@ -270,7 +336,15 @@ def _validate(mf: ModeFile) -> None:
         if (online["first"].shape != (N,) or online["mode_sse_least_squares"].shape != (M,)
                 or not 1 <= mf.warmup <= T):
             raise CmdError(f"{mf.path}: corrupt mode file (online state does not match N, M or T)")
+    if mf.embedding is not None:
+        embedded_at = h["embedding"]["embedded_at"]
+        values = embedded_at[()] if embedded_at.shape == (N,) else None
+        if (values is None or (N and not (values.min() >= -1 and values.max() < T))
+                or not 0 <= mf.embedding["embeddable"] <= N):
+            raise CmdError(f"{mf.path}: corrupt mode file (embedding does not match N or T)")
     for spec in mf.layout.carried:
+        if spec.name in dropped(mf.layout, mf.settings):
+            continue
         if spec.name not in h["carried"] or h["carried"][spec.name].shape[0] != T:
             raise CmdError(f"{mf.path}: corrupt mode file (carried tensor {spec.name!r} missing)")
     for info in mf.infos:
@@ -300,8 +374,10 @@ def summarize(path: str | Path) -> dict:
             "compression_ratio": checkpoint_bytes / file_bytes,
             "rel_error": modes.metrics.rel_error,
             "rel_error_displacement": modes.metrics.rel_error_displacement,
+            "error_curve": modes.metrics.error_curve,
             "time": [int(t) for t in modes.time],
             "checkpoint_names": list(modes.names),
             "settings": modes.settings.to_json(),
             "online": None if modes.warmup is None else {"warmup": modes.warmup, "updates": modes.T - modes.warmup},
+            "embedding": embedding_summary(modes),
         }

@@ -19,6 +19,7 @@ from .errors import CmdError
 from .layout import Layout
 
 SAMPLING = "layer-balanced"
+REFINE = 3  # Lloyd-style passes over the references by default: lower error on every run measured (README)
 
 
 def _at_least(parameter: str, value: int | None, least: int) -> None:
@@ -34,7 +35,11 @@ class FitSettings:
     ``seed`` the sample's seed; ``start, stop, every`` slice the checkpoint sequence like Python's
     ``[start:stop:every]``; ``include, exclude`` are the tensor-name globs; ``ema`` models timm's
     EMA weights; ``source`` and ``trajectory`` say where the checkpoints and the trajectory store
-    were; ``warmup`` (F) is set for an online fit (paper §3.3).
+    were; ``warmup`` (F) is set for an online fit (paper §3.3). ``auto_modes`` is set by
+    ``--modes auto``: the largest M its error-vs-M curve tried (``modes`` is then the M it chose);
+    ``refine`` is the number of Lloyd-style passes that re-picked the references
+    (``decompose.refine_references``). ``drop_unmodelled`` leaves the floating-point tensors that
+    are not modelled out of the mode file (``dropped``): it then cannot rebuild whole checkpoints.
     """
     modes: int = 10
     samples: int = 1000
@@ -49,6 +54,9 @@ class FitSettings:
     source: str = ""
     trajectory: str = ""
     warmup: int | None = None
+    auto_modes: int | None = None
+    refine: int = REFINE
+    drop_unmodelled: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "include", tuple(self.include))
@@ -58,6 +66,8 @@ class FitSettings:
         _at_least("every", self.every, 1)
         _at_least("seed", self.seed, 0)
         _at_least("warmup", self.warmup, 2)
+        _at_least("auto_modes", self.auto_modes, 1)
+        _at_least("refine", self.refine, 0)
         for name in ("start", "stop"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -70,8 +80,9 @@ class FitSettings:
         """The JSON object stored in the mode file (``warmup`` only for an online fit)."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["include"], out["exclude"] = list(self.include), list(self.exclude)
-        if self.warmup is None:
-            del out["warmup"]
+        for name, default in (("warmup", None), ("auto_modes", None), ("refine", 0), ("drop_unmodelled", False)):
+            if out[name] == default:  # absent as in files written before these options
+                del out[name]
         return out
 
     @classmethod
@@ -80,7 +91,17 @@ class FitSettings:
         if not isinstance(data, Mapping):
             raise ValueError("settings must be a JSON object")
         names = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in data.items() if k in names})
+        return cls(**{"refine": 0, **{k: v for k, v in data.items() if k in names}})  # files before --refine: 0
+
+
+def is_float(dtype: str) -> bool:
+    """A floating-point tensor dtype name (``float32``, ``bfloat16``, ``float8_e4m3fn``, …)."""
+    return dtype.startswith(("float", "bfloat"))
+
+
+def dropped(layout: Layout, settings: FitSettings) -> list[str]:
+    """The carried tensors a mode file leaves out (``drop_unmodelled``): the floating-point ones."""
+    return [s.name for s in layout.carried if settings.drop_unmodelled and is_float(s.dtype)]
 
 
 def ratio(error_sq: float, reference_sq: float) -> float:
@@ -104,17 +125,21 @@ class FitMetrics:
     sq_norm: float
     sq_displacement: float
     sq_centred: float
+    error_curve: dict | None = None  # --modes auto: {"modes", "found", "rel_error", "chosen", "rule"}
 
     @classmethod
-    def of(cls, *, sse: float, mode_sse, sq_norm: float, sq_displacement: float, sq_centred: float) -> "FitMetrics":
+    def of(cls, *, sse: float, mode_sse, sq_norm: float, sq_displacement: float, sq_centred: float,
+           error_curve: dict | None = None) -> "FitMetrics":
         return cls(rel_error=ratio(sse, sq_norm), rel_error_displacement=ratio(sse, sq_displacement),
                    rel_error_centred=ratio(sse, sq_centred), mode_sse=tuple(float(v) for v in mode_sse),
                    sse=float(sse), sq_norm=float(sq_norm), sq_displacement=float(sq_displacement),
-                   sq_centred=float(sq_centred))
+                   sq_centred=float(sq_centred), error_curve=error_curve)
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(self)
         out["mode_sse"] = list(self.mode_sse)
+        if self.error_curve is None:
+            del out["error_curve"]
         return out
 
     @classmethod
@@ -123,6 +148,9 @@ class FitMetrics:
             raise ValueError("metrics must be a JSON object")
         values = {}
         for f in dataclasses.fields(cls):
+            if f.name == "error_curve":
+                values[f.name] = data.get("error_curve")  # only --modes auto writes it
+                continue
             value = data[f.name]
             if f.name == "mode_sse":
                 if not isinstance(value, list):

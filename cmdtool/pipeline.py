@@ -15,7 +15,7 @@ from .checkpoints import Discovery
 from .errors import CmdError
 from .fitting import fit_trajectory
 from .modefile import check_output_path, open_mode_file, summarize, write_mode_file
-from .modes import FitSettings
+from .modes import REFINE, FitSettings
 from .online import fit_warmup
 from .progress import Progress, no_progress
 from .reconstruct import output_plan, parse_at, state_dict_at, write_checkpoints
@@ -34,11 +34,37 @@ class FitResult:
     discovery: Discovery  # every checkpoint found, what was skipped and why, warnings
 
 
-def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samples: int = 1000,
+AUTO_MODES = 20  # the largest M that --modes auto tries, unless auto:MAX says otherwise
+
+
+def parse_modes(modes: int | str) -> tuple[int, int | None]:
+    """``10`` -> ``(10, None)``; ``"auto"`` -> ``(20, 20)``; ``"auto:30"`` -> ``(30, 30)``: the M to fit
+    (the largest tried, for auto) and the largest M of the error-vs-M curve (None: no curve)."""
+    if isinstance(modes, str):
+        word, _, largest = modes.strip().partition(":")
+        if word == "auto":
+            try:
+                top = int(largest) if largest else AUTO_MODES
+            except ValueError:
+                top = 0
+            if top < 1:
+                raise CmdError(f"modes {modes!r}: expected a number, auto or auto:MAX (MAX at least 1)",
+                               parameter="modes")
+            return top, top
+        try:
+            modes = int(modes)
+        except ValueError:
+            raise CmdError(f"modes {modes!r}: expected a number, auto or auto:MAX", parameter="modes") from None
+    return modes, None
+
+
+def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int | str = 10, samples: int = 1000,
         seed: int = 0, start: int | None = None, stop: int | None = None, every: int = 1,
         include: Sequence[str] = (), exclude: Sequence[str] = (), ema: bool = False,
         trajectory: str | Path | None = None, force: bool = False, tile_columns: int | None = None,
-        progress: Progress = no_progress, warmup: int | None = None) -> FitResult:
+        progress: Progress = no_progress, warmup: int | None = None, refine: int = REFINE,
+        drop_unmodelled: bool = False, workers: int | None = None, scheduler: str | None = None,
+        shard_columns: int | None = None) -> FitResult:
     """Post-hoc CMD of a folder of checkpoints; writes the mode file ``output``.
 
     ``modes`` (M) is the most modes to find, ``samples`` (K) the parameters sampled to find them,
@@ -46,12 +72,33 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int = 10, samp
     ``ema`` models timm's ``state_dict_ema`` instead of the model's weights.
     ``warmup`` (F) makes it online CMD (paper §3.3): modes and references from the first ``F``
     selected checkpoints, then an exact update of ``a, b`` per later one (``online.fit_warmup``).
+    ``modes="auto"`` (or ``"auto:MAX"``) chooses M from an error-vs-M curve measured on a second,
+    independent sample (``decompose.error_curve``); ``refine`` Lloyd-style passes re-pick the
+    references (``decompose.refine_references``). ``drop_unmodelled`` leaves the floating-point
+    tensors that are not modelled (``include``/``exclude``) out of the mode file.
+    ``workers`` (a Dask ``LocalCluster``) or ``scheduler`` (an existing cluster's address) build a
+    sharded store and run the fit's pass on Dask (``cmdtool.distributed``): the same mode file.
     """
     checkpoint_dir, output = Path(checkpoint_dir), Path(output)
+    modes, auto_modes = parse_modes(modes)
     settings = FitSettings(modes=modes, samples=samples, seed=seed, start=start, stop=stop, every=every,
                            include=tuple(include), exclude=tuple(exclude), ema=ema,
-                           source=str(checkpoint_dir.resolve()), warmup=warmup)
+                           source=str(checkpoint_dir.resolve()), warmup=warmup, auto_modes=auto_modes,
+                           refine=refine, drop_unmodelled=drop_unmodelled)
     check_output_path(output, force)
+    if workers is not None or scheduler is not None:
+        if warmup is not None:
+            raise CmdError("--warmup runs on one machine: leave out --workers and --scheduler")
+        from .distributed import Engine, prepare_sharded_store
+        with Engine.start(workers, scheduler) as engine:
+            prepared = prepare_sharded_store(engine, checkpoint_dir, start=start, stop=stop, every=every,
+                                             include=include, exclude=exclude, ema=ema, trajectory=trajectory,
+                                             force=force, shard_columns=shard_columns, progress=progress)
+            settings = settings.replace(trajectory=str(prepared.path.resolve()))
+            result = fit_trajectory(prepared.store, settings, tile_columns=tile_columns, progress=progress,
+                                    map_tiles=engine.map_tiles(prepared.store, shard_columns))
+        write_mode_file(output, result)
+        return FitResult(output, prepared.path, prepared.reused, summarize(output), prepared.discovery)
     prepared = prepare_store(checkpoint_dir, start=start, stop=stop, every=every, include=include,
                              exclude=exclude, ema=ema, trajectory=trajectory, force=force, progress=progress)
     settings = settings.replace(trajectory=str(prepared.path.resolve()))
@@ -80,6 +127,7 @@ def reconstruct_checkpoints(mode_file: str | Path, out_dir: str | Path, at: str 
     """Write the checkpoints selected by ``at`` (see ``parse_at``) into ``out_dir``, in the source
     format or (``format="safetensors"``) as plain safetensors state dicts."""
     with open_mode_file(Path(mode_file)) as modes:
+        modes.require_whole("reconstructing a checkpoint")  # before any folder is made
         indices = parse_at(at, modes.T)
         with progress("writing checkpoints", len(indices)) as advance:
             return write_checkpoints(modes, Path(out_dir), indices, force, advance, format)

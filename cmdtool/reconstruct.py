@@ -64,6 +64,7 @@ def _values_at(modes: ModeFile, index: int, parameters: Parameters | None = None
     """Per tensor at checkpoint ``index``: a modelled tensor's ``a · r[label, t] + b`` in float64
     (shaped), a carried tensor's raw bytes. ``parameters``: every ``labels, a, b`` read once for
     many checkpoints; else each tensor's are read from the file (memory: one tensor at a time)."""
+    modes.require_whole("reconstructing a checkpoint")
     reference_values = modes.references[:, index].astype(np.float64)
     for spec in modes.layout.tensors:
         if spec.modelled:

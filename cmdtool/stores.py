@@ -10,16 +10,25 @@ from typing import NamedTuple, Sequence
 from .checkpoints import Checkpoint, Discovery, discover
 from .errors import CmdError
 from .progress import Progress, no_progress
+from .shards import is_sharded, open_sharded
 from .trajectory import TrajectoryStore, build_store, fingerprint, open_store, read_signatures, store_fingerprint
 
 
 def default_store_path(checkpoint_dir: Path) -> Path:
     """Where a folder's trajectory store lives unless ``--trajectory`` says otherwise:
-    ``$CMDTOOL_CACHE`` (default ``$XDG_CACHE_HOME/cmdtool`` or ``~/.cache/cmdtool``), one file per folder."""
+    ``$CMDTOOL_CACHE`` (default ``$XDG_CACHE_HOME/cmdtool`` or ``~/.cache/cmdtool``), one file per folder,
+    named after the folder and its parent (``trajectory-<parent>-<folder>-<hash>.h5``)."""
     cache = os.environ.get("CMDTOOL_CACHE") or Path(
         os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmdtool"
-    key = hashlib.sha256(str(Path(checkpoint_dir).resolve()).encode()).hexdigest()[:16]
-    return Path(cache) / f"trajectory-{Path(checkpoint_dir).resolve().name}-{key}.h5"
+    folder = Path(checkpoint_dir).resolve()
+    key = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
+    named = "-".join(part for part in (folder.parent.name, folder.name) if part)  # runs/seed0/ckpt: seed0-ckpt
+    return Path(cache) / f"trajectory-{named}-{key}.h5"
+
+
+def open_trajectory_store(path: Path) -> TrajectoryStore:
+    """A single-file store, or a sharded one (a folder with an index, ``cmdtool.shards``)."""
+    return open_sharded(path) if is_sharded(path) else open_store(path)
 
 
 class PreparedStore(NamedTuple):

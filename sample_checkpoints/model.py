@@ -1,6 +1,6 @@
-"""Small CNN for the 8x8 scikit-learn digits, plus held-out evaluation.
+"""Small CNN for the 8x8 scikit-learn digits, plus held-out evaluation on a validation and a test split.
 
-Needs only torch and numpy; the held-out split is read from ``heldout.npz``
+Needs only torch and numpy; the held-out splits are read from ``heldout.npz``
 next to this file (written by ``make_samples.py``).
 """
 
@@ -12,6 +12,7 @@ from torch import nn
 from torch.nn import functional as F
 
 HELDOUT_PATH = Path(__file__).with_name("heldout.npz")
+SPLITS = ("val", "test")
 
 
 class DigitsCNN(nn.Module):
@@ -35,10 +36,11 @@ class DigitsCNN(nn.Module):
         return self.fc2(F.relu(self.fc1(x.flatten(start_dim=1))))
 
 
-def load_heldout() -> tuple[torch.Tensor, torch.Tensor]:
-    """Return the held-out images (n, 1, 8, 8) float32, normalised, and labels (n,) int64."""
+def load_heldout(split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Return one held-out split (``"val"`` or ``"test"``): images (n, 1, 8, 8) float32, normalised,
+    and labels (n,) int64."""
     with np.load(HELDOUT_PATH) as data:
-        return torch.from_numpy(data["X"]), torch.from_numpy(data["y"])
+        return torch.from_numpy(data[f"X_{split}"]), torch.from_numpy(data[f"y_{split}"])
 
 
 def accuracy_and_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
@@ -53,10 +55,11 @@ def accuracy_and_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tens
 
 
 def evaluate(state_dict: dict[str, torch.Tensor]) -> dict:
-    """Load ``state_dict`` (strictly) into a DigitsCNN and score it on the held-out split.
+    """Load ``state_dict`` (strictly) into a DigitsCNN and score it on both held-out splits.
 
-    Accepts e.g. ``safetensors.torch.load_file(path)``; returns ``{"accuracy", "loss"}``.
+    Accepts e.g. ``safetensors.torch.load_file(path)``; returns
+    ``{"val": {"accuracy", "loss"}, "test": {"accuracy", "loss"}}``: choose on ``val``, report ``test``.
     """
     model = DigitsCNN()
     model.load_state_dict(state_dict, strict=True)
-    return accuracy_and_loss(model, *load_heldout())
+    return {split: accuracy_and_loss(model, *load_heldout(split)) for split in SPLITS}

@@ -34,8 +34,10 @@ def dense_reconstruction(path) -> np.ndarray:
         return f["a"][()] * references[labels].T + f["b"][()].astype(np.float64)
 
 
-def naive_cmd(W: np.ndarray, sample: np.ndarray, M: int):
-    """The same steps written the plain way, all in memory, against the raw references.
+def naive_cmd(W: np.ndarray, sample: np.ndarray, M: int, refine: int = 0):
+    """The same steps written the plain way, all in memory, against the raw references; with
+    ``refine``, that many Lloyd passes over the sample (assign by |corr|, re-pick each reference as
+    the member of least total squared error).
 
     Returns (labels, predictions Ŵ) for comparison with the streaming implementation.
     """
@@ -47,6 +49,21 @@ def naive_cmd(W: np.ndarray, sample: np.ndarray, M: int):
     for members in clusters:
         mean_corr = [np.mean([C[i, j] for j in members if j != i]) if len(members) > 1 else 1.0 for i in members]
         reference_columns.append(sample[members[int(np.argmax(mean_corr))]])
+    for _ in range(refine):
+        position = {c: i for i, c in enumerate(sample)}
+        refs = [position[c] for c in reference_columns]
+        assigned = [int(np.argmax([C[i, r] for r in refs])) for i in range(len(sample))]
+        for m, r in enumerate(refs):
+            assigned[r] = m
+        new = []
+        for m in range(len(refs)):
+            members = [i for i in range(len(sample)) if assigned[i] == m]
+            sq = [np.sum((S[:, i] - S[:, i].mean()) ** 2) for i in members]
+            errors = [sum(sq[k] * (1 - C[i, j] ** 2) for k, i in enumerate(members)) for j in members]
+            new.append(sample[members[int(np.argmin(errors))]])
+        if new == reference_columns:
+            break
+        reference_columns = new
     R = W[:, reference_columns]  # (T, M) raw reference trajectories
     labels = np.empty(W.shape[1], dtype=int)
     prediction = np.empty_like(W)
@@ -86,15 +103,16 @@ def test_planted_modes_are_recovered(tmp_path):
     assert result.summary["rel_error"] == pytest.approx(np.linalg.norm(dense_reconstruction(out) - W32) / np.linalg.norm(W32), rel=1e-4)
 
 
-def test_streaming_fit_equals_naive_in_memory_implementation(tmp_path):
+@pytest.mark.parametrize("refine", [0, 3])
+def test_streaming_fit_equals_naive_in_memory_implementation(tmp_path, refine):
     planted = plant(M=3, T=15, noise=0.05, seed=2)  # noisy enough that choices are not trivial
-    _, out, order = fit_run(tmp_path, planted, modes=5, samples=200, seed=3, tile_columns=97)
+    _, out, order = fit_run(tmp_path, planted, modes=5, samples=200, seed=3, tile_columns=97, refine=refine)
     W32 = planted.W[:, order].astype(np.float32).astype(np.float64)
     with open_mode_file(out) as modes:
         store_varies = np.ptp(W32, axis=0) > 0
         sample = sample_parameters([s.size for s in modes.layout.modelled], store_varies, 200, 3)
         labels = modes.parameters()[0]
-        naive_labels, naive_prediction = naive_cmd(W32, sample, 5)
+        naive_labels, naive_prediction = naive_cmd(W32, sample, 5, refine)
         assert np.array_equal(sample[np.isin(sample, modes.reference_index)], np.sort(modes.reference_index))
     assert np.array_equal(labels, naive_labels)
     np.testing.assert_allclose(dense_reconstruction(out), naive_prediction, rtol=0, atol=1e-5 * np.abs(W32).max())
@@ -270,3 +288,84 @@ def test_skipping_constant_columns_gives_the_same_fit_bit_for_bit(monkeypatch):
     all_constant = fit_tile(block[:, constant], references, np.zeros(int(constant.sum()), dtype=bool))
     for want, got in zip(fit_tile(block[:, constant], references), all_constant):
         assert want.tobytes() == got.tobytes()
+
+
+# Choosing M (--modes auto) and refining the references (--refine)
+
+@pytest.mark.parametrize("M, noise", [(2, 1e-4), (3, 1e-4), (3, 1e-2), (5, 1e-3)])
+def test_error_curve_recovers_the_planted_number_of_modes(M, noise):
+    from cmdtool.decompose import error_curve
+    planted = plant(M=M, T=20, noise=noise, seed=0)
+    N = planted.W.shape[1]
+    first = sample_parameters([N], np.ones(N, bool), 300, 0)
+    second = np.setdiff1d(sample_parameters([N], np.ones(N, bool), 300, 1), first)
+    C = correlation_matrix(planted.W[:, first])
+    curve = error_curve(planted.W[:, first], C, planted.W[:, second], range(1, 9))
+    assert curve.chosen == M
+    assert list(curve.modes) == list(range(1, 9)) and list(curve.found[:M]) == list(range(1, M + 1))
+    assert curve.rel_error[M - 2] > 10 * curve.rel_error[M - 1]  # one mode too few explains much less
+    assert curve.rel_error[M - 1] < 3 * noise / planted.W[:, second].std()  # at M the error is the noise's
+
+
+def test_choose_modes_takes_the_smallest_within_five_percent_of_the_best():
+    from cmdtool.decompose import choose_modes
+    assert choose_modes([1, 2, 5, 10, 20], [0.5, 0.3, 0.2, 0.161, 0.154]) == 10  # 0.161 <= 1.05 · 0.154 = 0.1617
+    assert choose_modes([1, 2, 3], [0.2, 0.1, 0.1]) == 2
+    assert choose_modes([1, 2, 3], [0.1, 0.2, 0.3]) == 1
+
+
+def test_heldout_error_is_the_fit_relative_centred_error():
+    from cmdtool.decompose import heldout_error
+    planted = plant(M=3, T=15, noise=1e-2, seed=2)
+    references = normalise_references(planted.references).references
+    X = planted.W
+    centred = X - X.mean(axis=0)
+    R = references.T  # (T, M)
+    best = np.max(np.abs(R.T @ centred), axis=0)  # |<r̃_m, w − mean w>| of the mode fitted
+    expected = np.sqrt(((centred ** 2).sum(axis=0) - best ** 2).sum() / (centred ** 2).sum())
+    assert heldout_error(X, references) == pytest.approx(expected, rel=1e-9)
+
+
+def test_refinement_never_raises_the_sample_error_and_keeps_its_conventions():
+    from cmdtool.decompose import find_modes, heldout_error
+    rng = np.random.default_rng(0)
+    T, K = 25, 400
+    t = np.linspace(0, 1, T)[:, None]
+    # Smoothly varying families of trajectories, not exact copies: the clustering's references are
+    # not the least-squares best and the passes have room to improve them.
+    X = (np.sin(6 * t * rng.uniform(0.5, 1.5, K)) + rng.normal(0, 0.3, (T, K)) * t
+         + rng.normal(0, 1, K)).astype(np.float64)
+    C = correlation_matrix(X)
+    errors = []
+    for passes in (0, 1, 3):
+        labels, positions = find_modes(X, C, 5, passes)
+        sizes = np.bincount(labels)
+        assert (np.diff(sizes) <= 0).all() and len(positions) == len(sizes)  # modes by size, largest first
+        assert (labels[positions] == np.arange(len(positions))).all()  # each reference in its own mode
+        errors.append(heldout_error(X, normalise_references(X[:, positions].T).references))
+    assert errors[1] <= errors[0] + 1e-12 and errors[2] <= errors[1] + 1e-12
+    assert errors[2] < errors[0]  # it does improve here
+
+
+def test_fit_modes_auto_writes_the_curve_and_info_shows_it(tmp_path, run_dir, runner):
+    from cmdtool.cli import app
+    result = cmdtool.fit(run_dir, tmp_path / "auto.cmd.h5", modes="auto", trajectory=tmp_path / "t.h5")
+    summary = result.summary
+    assert summary["modes"] == 3  # the planted number (conftest: plant() has M = 3)
+    assert summary["settings"]["modes"] == 3 and summary["settings"]["auto_modes"] == 20
+    curve = summary["error_curve"]
+    assert curve["modes"] == list(range(1, 21)) and curve["chosen"] == 3 and len(curve["rel_error"]) == 20
+    assert curve["rule"] == "smallest M within 5% of the smallest held-out error"
+    fixed = cmdtool.fit(run_dir, tmp_path / "fixed.cmd.h5", modes=3, trajectory=tmp_path / "t.h5").summary
+    assert fixed["rel_error"] == summary["rel_error"]  # the same fit as asking for 3
+    assert fixed["error_curve"] is None and "auto_modes" not in fixed["settings"] and fixed["settings"]["refine"] == 3
+    paper = cmdtool.fit(run_dir, tmp_path / "paper.cmd.h5", modes=3, refine=0, trajectory=tmp_path / "t.h5").summary
+    assert "refine" not in paper["settings"]  # the paper's references: settings as before --refine existed
+    info = runner.invoke(app, ["info", str(tmp_path / "auto.cmd.h5")])
+    assert info.exit_code == 0
+    assert "M = 3: smallest M within 5% of the smallest held-out error" in " ".join(info.stdout.split())
+    assert f"3:{curve['rel_error'][2]:.3g}" in info.stdout
+    from cmdtool.report import make_report
+    report = make_report(tmp_path / "auto.cmd.h5", tmp_path / "report").report
+    assert report["fit"]["error_curve"] == curve
+    assert "**M = 3** was chosen by `--modes auto`" in (tmp_path / "report" / "report.md").read_text()

@@ -105,3 +105,40 @@ def test_reader_refuses_inconsistent_files(tmp_path):
         f.create_dataset("a", data=np.zeros(3, dtype=np.float32))
     with pytest.raises(CmdError, match=r"m\.cmd\.h5: corrupt mode file \(a has shape \(3,\), expected"):
         open_mode_file(out)
+
+
+def test_drop_unmodelled_leaves_float_tensors_out_and_refuses_whole_checkpoints(tmp_path, run_dir, runner):
+    """--include fc.*: the conv and bn float tensors are not modelled; --drop-unmodelled leaves them
+    out (the integer buffer stays), the report's storage figures count the same tensors for CMD and
+    PCA, and rebuilding or scoring whole checkpoints is refused with one clear line."""
+    kept, dropped = tmp_path / "kept.cmd.h5", tmp_path / "dropped.cmd.h5"
+    cmdtool.fit(run_dir, kept, modes=3, include=["fc.*"], trajectory=tmp_path / "t.h5")
+    summary = cmdtool.fit(run_dir, dropped, modes=3, include=["fc.*"], drop_unmodelled=True,
+                          trajectory=tmp_path / "t.h5").summary
+    assert summary["settings"]["drop_unmodelled"] is True and summary["parameters"] == 10 * 72 + 10
+    names = ["bn.running_mean", "bn.weight", "conv.bias", "conv.weight"]
+    with h5py.File(dropped, "r") as f, h5py.File(kept, "r") as g:
+        assert sorted(f["carried"]) == ["bn.num_batches_tracked"]
+        assert sorted(g["carried"]) == sorted(["bn.num_batches_tracked", *names])
+        for name in ("a", "b", "labels", "references"):
+            assert np.array_equal(f[name][()], g[name][()])  # the same fit
+    with open_mode_file(dropped) as modes:
+        assert sorted(modes.dropped) == names
+    saved = 20 * 4 * (8 * 27 + 8 + 8 + 8)  # T × float32 bytes of the dropped tensors
+    assert kept.stat().st_size - dropped.stat().st_size >= saved
+    result = runner.invoke(app, ["reconstruct", str(dropped), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2
+    assert result.stderr.startswith(f"error: {dropped}: fitted with --drop-unmodelled, it does not hold ")
+    assert "reconstructing a checkpoint needs every tensor" in result.stderr and not (tmp_path / "out").exists()
+    from cmdtool.report import make_report
+    for path, carried_tensors in ((kept, 5), (dropped, 1)):
+        compact = make_report(path, tmp_path / f"r-{path.stem}").report["compactness"]
+        assert compact["carried_tensors"] == carried_tensors
+        assert compact["modelled_bytes"] == compact["mode_file_bytes"] - compact["carried_bytes"]
+        assert compact["compression_ratio_modelled"] == pytest.approx(4 * 730 * 20 / compact["modelled_bytes"])
+    kept_compact = make_report(kept, tmp_path / "r2").report["compactness"]
+    assert kept_compact["carried_bytes"] == 20 * 8 + saved  # what --include carries per checkpoint
+    evaluate = tmp_path / "ev.py"
+    evaluate.write_text("def evaluate(state):\n    return {'x': 1.0}\n")
+    result = runner.invoke(app, ["report", str(dropped), "-o", str(tmp_path / "r3"), "--eval", f"{evaluate}:evaluate"])
+    assert result.exit_code == 2 and "scoring CMD reconstructions with --eval needs every tensor" in result.stderr

@@ -50,7 +50,7 @@ def test_fit_writes_the_modes_of_fit_trajectory_and_its_settings(tmp_path, run_d
         assert datasets(out)["settings"] == {
             "modes": 3, "samples": 200, "seed": 2, "start": None, "stop": None, "every": 1, "include": [],
             "exclude": [], "ema": False, "sampling": "layer-balanced", "source": str(run_dir.resolve()),
-            "trajectory": str(store_path.resolve())}
+            "trajectory": str(store_path.resolve()), "refine": 3}  # refine: written unless 0 (the paper's)
     prepared = prepare_store(run_dir, trajectory=store_path)
     assert prepared.reused
     direct = tmp_path / "direct.cmd.h5"

@@ -86,8 +86,11 @@ class Fitted:
 
 @pytest.fixture(scope="module")
 def fitted(tmp_path_factory) -> Fitted:
+    return fit_and_report(tmp_path_factory.mktemp("report"))
+
+
+def fit_and_report(folder: Path) -> Fitted:
     """One planted run (T = 12, M = 3, one constant parameter), fitted once, reported twice."""
-    folder = tmp_path_factory.mktemp("report")
     planted = plant(M=M, T=T, noise=1e-3, seed=1)
     planted.W[:, 5] = 0.25  # a constant parameter: no correlation, left out of mean |corr|
     run = write_run(folder / "run", planted.states())
@@ -124,7 +127,7 @@ def test_report_json_has_every_field(fitted):
     r = read_report(fitted.evaluated)
     assert list(r) == ["format", "format_version", "tool_version", "mode_file", "trajectory", "run", "fit",
                        "compactness", "per_checkpoint", "per_tensor", "modes", "baselines", "evaluation",
-                       "thresholds", "passed", "plots", "notes", "online"]
+                       "thresholds", "passed", "plots", "notes", "online", "embedding"]
     assert r["online"] is None  # a post-hoc fit
     assert (r["format"], r["format_version"], r["tool_version"]) == ("cmdtool-report", 1, cmdtool.__version__)
     summary = cmdtool.summarize(fitted.mode_file)
@@ -139,7 +142,8 @@ def test_report_json_has_every_field(fitted):
     assert list(r["per_checkpoint"]) == ["name", "time", "cmd", "pca_1", "pca_2"]
     assert r["thresholds"] == [] and r["passed"] is True
     assert list(r["evaluation"]) == ["function", "checkpoint_names", "per_checkpoint", "candidates",
-                                     "candidate_descriptions"]
+                                     "candidate_descriptions", "epochs", "evaluations", "per_epoch",
+                                     "family_descriptions", "selection", "selection_impossible"]
     assert any("BatchNorm running statistics (1 tensor)" in note and "not recalibrated" in note for note in r["notes"])
     assert len(read_report(fitted.plain)["notes"]) == 1  # no evaluation: nothing about BatchNorm or scores
     assert read_report(fitted.plain)["evaluation"] is None
@@ -219,8 +223,12 @@ def test_compactness(fitted):
     r = read_report(fitted.evaluated)
     N = fitted.W.shape[1]
     size = fitted.mode_file.stat().st_size
+    carried = T * 8  # bn.num_batches_tracked, one int64 per checkpoint, carried verbatim
     assert r["compactness"] == {"mode_file_bytes": size, "checkpoint_bytes_float32": 4 * N * T,
-                                "compression_ratio": pytest.approx(4 * N * T / size, rel=1e-12)}
+                                "compression_ratio": pytest.approx(4 * N * T / size, rel=1e-12),
+                                "carried_bytes": carried, "carried_tensors": 1, "dropped_tensors": [],
+                                "modelled_bytes": size - carried,
+                                "compression_ratio_modelled": pytest.approx(4 * N * T / (size - carried), rel=1e-12)}
 
 
 # 2. PCA of the trajectory
@@ -553,11 +561,12 @@ def png_size(data: bytes) -> tuple[int, int]:
 def test_plots_are_valid_png(fitted):
     everything = {"references": "references.png", "errors": "error_per_checkpoint.png",
                   "mode_layers": "modes_by_layer.png", "correlation": "correlation.png",
-                  "parameters": "sampled_parameters.png", "metric": "metric_per_checkpoint.png"}
-    for folder, expected in ((fitted.evaluated, everything),
-                             (fitted.plain, {k: v for k, v in everything.items() if k != "metric"})):
+                  "parameters": "sampled_parameters.png", "metric": "metric_per_checkpoint.png",
+                  "candidates": "candidates_per_epoch.png"}
+    plain = {k: v for k, v in everything.items() if k not in ("metric", "candidates")}
+    for folder, expected in ((fitted.evaluated, everything), (fitted.plain, plain)):
         plots = read_report(folder)["plots"]
-        assert plots == expected  # the metric plot only with --eval
+        assert plots == expected  # the metric and candidate plots only with --eval
         assert sorted(p.name for p in folder.glob("*.png")) == sorted(expected.values())
         for name in plots.values():
             width, height = png_size((folder / name).read_bytes())
@@ -581,7 +590,7 @@ def test_markdown_tables_plots_and_numbers(fitted):
     text = (fitted.evaluated / "report.md").read_text()
     rows = markdown_rows(text)
     cmd_row, pca_rows = rows[f"CMD, {M} modes"], [rows["PCA d=1"], rows["PCA d=2"]]
-    assert cmd_row[3:] == [f"{r['compactness']['compression_ratio']:.1f}×", f"{r['fit']['rel_error']:.4g}",
+    assert cmd_row[3:] == [f"{r['compactness']['compression_ratio_modelled']:.1f}×", f"{r['fit']['rel_error']:.4g}",
                            f"{r['fit']['rel_error_displacement']:.4g}"]
     for row, p in zip(pca_rows, r["baselines"]["pca"]):
         assert row[1] == str(p["d"] + 1)
@@ -595,7 +604,13 @@ def test_markdown_tables_plots_and_numbers(fitted):
         assert row[4] == ("–" if t == 0 else f"{displacement:.4g}")
         assert row[5:7] == [f"{r['per_checkpoint'][f'pca_{d}']['rel_error'][t]:.4g}" for d in (1, 2)]
     for name, scores in r["evaluation"]["candidates"].items():
-        assert rows[name][2:] == [f"{scores[k]:.4g}" for k in ("sum", "fc", "steps", "steps_int64")]
+        expected = [f"{scores[k]:.4g}" for k in ("sum", "fc", "steps", "steps_int64")]
+        assert [c.strip("*") for c in rows[name][2:]] == expected
+    for k in ("sum", "fc"):  # the best candidate of each metric is marked in bold (here: the largest value)
+        best = max(scores[k] for scores in r["evaluation"]["candidates"].values())
+        assert [rows[name][2 + ("sum", "fc").index(k)].startswith("**") for name in r["evaluation"]["candidates"]] == [
+            scores[k] == best for scores in r["evaluation"]["candidates"].values()]
+    assert not any(rows[name][4].startswith("**") for name in r["evaluation"]["candidates"])  # steps: all equal
     for layer in r["per_tensor"]:
         assert rows[layer["name"]][2] == f"{layer['rel_error']:.4g}"
 

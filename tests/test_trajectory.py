@@ -75,7 +75,7 @@ def test_default_store_lives_in_the_cache_folder(tmp_path, planted, isolated_cac
     result = cmdtool.fit(run, tmp_path / "m.cmd.h5", modes=3)
     assert result.trajectory == default_store_path(run)
     assert result.trajectory.parent == isolated_cache and result.trajectory.exists()
-    assert result.trajectory.name.startswith("trajectory-run-")
+    assert result.trajectory.name.startswith(f"trajectory-{tmp_path.name}-run-")  # parent folder too
 
 
 def test_huge_finite_weights_are_not_mistaken_for_inf(tmp_path):

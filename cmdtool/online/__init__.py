@@ -7,10 +7,10 @@ of checkpoints already absorbed, except the ``M × T`` references and the ``T`` 
 carried rows, which the mode file holds anyway.
 """
 
-from .loop import ONLINECMD_SOURCE, OnlineCMD
+from .loop import ONLINECMD_SOURCE, TRAINING_SOURCE, OnlineCMD
 from .state import OnlineState, fit_warmup, flatten, read_checkpoint
 from .update import UpdateResult, plan_update, update
 from .watch import watch
 
-__all__ = ["ONLINECMD_SOURCE", "OnlineCMD", "OnlineState", "UpdateResult", "fit_warmup", "flatten", "plan_update",
+__all__ = ["ONLINECMD_SOURCE", "TRAINING_SOURCE", "OnlineCMD", "OnlineState", "UpdateResult", "fit_warmup", "flatten", "plan_update",
            "read_checkpoint", "update", "watch"]

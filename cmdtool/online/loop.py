@@ -17,6 +17,7 @@ from ..modes import FitSettings
 from .state import OnlineState, flatten, warmup_trajectory
 
 ONLINECMD_SOURCE = "an OnlineCMD training loop"  # settings.source of a mode file OnlineCMD wrote
+TRAINING_SOURCE = "a cmdtool.training run"  # settings.source of a mode file cmdtool.training wrote
 ONLINECMD_TRAJECTORY = "none (OnlineCMD keeps no trajectory)"
 
 

@@ -99,6 +99,7 @@ def update(mode_file: str | Path, checkpoints: Sequence[str | Path], progress: P
     mode_file = Path(mode_file)
     candidates = _gather(checkpoints)
     with open_mode_file(mode_file) as modes:
+        modes.require_whole("cmd update")  # it appends every carried tensor's rows
         skipped, new = plan_update(modes, candidates)
         if new:
             first_name, ema = modes.names[0], modes.settings.ema

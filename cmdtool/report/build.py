@@ -21,9 +21,10 @@ from .._files import replace_path, temporary_sibling
 from ..errors import CmdError
 from ..modefile import open_mode_file
 from ..progress import Progress, no_progress
-from .compose import compose
+from .compose import Scoring, compose
 from .document import write_outputs
 from .evaluation import Evaluate, Thresholds
+from .selection import Selection, parse_select
 from .source import open_trajectory
 
 
@@ -37,13 +38,18 @@ class ReportResult:
 def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str | Path | None = None,
                 trajectory: str | Path | None = None, evaluate: Evaluate | None = None, eval_spec: str = "",
                 tail: Sequence[int] = (5, 10), ema_decay: float = 0.9, thresholds: Thresholds = Thresholds(),
-                force: bool = False, progress: Progress = no_progress) -> ReportResult:
+                force: bool = False, progress: Progress = no_progress, select: Selection | str | None = None,
+                eval_every: int = 1, candidates_only: bool = False, measure_pass=None) -> ReportResult:
     """Write the report of ``mode_file`` into the folder ``output`` (replaced only with ``force``).
 
     The trajectory is the store the fit kept (``settings.trajectory``), another store given as
     ``trajectory``, or built from the checkpoint folder ``checkpoints``. ``evaluate`` is a function
     ``state_dict -> {metric: float}``; with it the report scores every checkpoint (original and CMD)
-    and the final candidates.
+    and the final candidates; every candidate family is scored per epoch (every ``eval_every``-th, or
+    only the last with ``candidates_only``) and, with ``select`` (``--select``) and a validation
+    split, each family's best epoch is chosen on validation and reported on the other splits.
+    ``measure_pass(modes, store, advance)`` runs the streaming pass elsewhere
+    (``cmdtool.distributed.Engine.measure_pass``).
     """
     output = Path(output)
     if evaluate is not None and not eval_spec:
@@ -51,6 +57,12 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
     _check_report_folder(output, force)
     if any(k < 1 for k in tail) or not 0 < ema_decay < 1:
         raise CmdError("--tail must be at least 1 and --ema-decay between 0 and 1 (exclusive)")
+    if isinstance(select, str):
+        select = parse_select(select)
+    if eval_every < 1:
+        raise CmdError("--eval-every must be at least 1")
+    if select is not None and evaluate is None:
+        raise CmdError("--select needs --eval: it chooses epochs by an evaluated metric")
     if thresholds.require and evaluate is None:
         raise CmdError("--require needs --eval: it checks a metric of the evaluated CMD weights")
     with open_mode_file(Path(mode_file)) as modes:
@@ -60,8 +72,9 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
         tmp.mkdir(parents=True)
         try:
             with threadpool_limits(limits=1, user_api="blas"):  # as in the fit: skinny products, busy cores
-                report, document = compose(modes, store, source, tmp, evaluate, eval_spec, tail, ema_decay,
-                                           thresholds, progress)
+                scoring = Scoring(evaluate, eval_spec, select, eval_every, candidates_only)
+                report, document = compose(modes, store, source, tmp, scoring, tail, ema_decay, thresholds, progress,
+                                           measure_pass)
             write_outputs(report, document, tmp)
             replace_path(tmp, output)  # an old report goes only once the new one is in place
         except BaseException:

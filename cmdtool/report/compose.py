@@ -4,6 +4,7 @@ evaluation, thresholds and plots, composed into what report.json holds."""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -12,22 +13,34 @@ import numpy as np
 from ..version import __version__
 from ..decompose import correlation_matrix, sample_parameters
 from ..errors import CmdError
-from ..fitting import tile_width
-from ..modefile import ModeFile
+from ..fitting import group_step, tile_width
+from ..modefile import ModeFile, embedding_summary
 from ..modes import model_values
 from ..progress import Progress
 from ..trajectory import TrajectoryStore, moving_parameters
 from . import metrics
-from .candidates import evaluate_all
-from .document import blocks, notes
-from .evaluation import Requirement, Thresholds
+from . import candidates, selection_blocks
+from .document import blocks, embedding_note, notes
+from .evaluation import Evaluate, Requirement, Thresholds, run_evaluate
 from .metrics import PCA_RANKS
+from .selection import Selection
 
 REPORT_FORMAT = "cmdtool-report"
 REPORT_VERSION = 1
 PLOTS = {"references": "references.png", "errors": "error_per_checkpoint.png",
          "mode_layers": "modes_by_layer.png", "correlation": "correlation.png",
-         "parameters": "sampled_parameters.png", "metric": "metric_per_checkpoint.png"}
+         "parameters": "sampled_parameters.png", "metric": "metric_per_checkpoint.png",
+         "candidates": "candidates_per_epoch.png"}
+
+
+@dataclass
+class Scoring:
+    """How the ``--eval`` function is used: the function, ``--select``, ``--eval-every``, ``--candidates-only``."""
+    evaluate: Evaluate | None
+    spec: str
+    select: Selection | None = None
+    every: int = 1
+    candidates_only: bool = False
 
 
 def _online(modes: ModeFile) -> dict | None:
@@ -54,18 +67,24 @@ def _clean(value):
     return value
 
 
-def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path, evaluate, eval_spec: str,
-             tail: Sequence[int], ema_decay: float, thresholds: Thresholds, progress: Progress):
+def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path, scoring: Scoring,
+            tail: Sequence[int], ema_decay: float, thresholds: Thresholds, progress: Progress, measure_pass=None):
     from . import plots  # matplotlib is imported only when a report is drawn
 
     layout, T, N, M = modes.layout, modes.T, modes.N, modes.M
     tensors = layout.modelled
     tensor_of_column = np.repeat(np.arange(len(tensors)), [s.size for s in tensors])
     tile = tile_width(T)
+    first = None
+    if scoring.evaluate is not None:  # a failing function fails now, not after the measuring pass
+        first = candidates.trial(scoring.evaluate, store, modes, scoring.spec, run_evaluate, scoring.select)
     with progress("measuring the fit", N) as advance:
-        measured = metrics.measure(
-            store.tiles(tile), lambda start, stop: modes.parameters(slice(start, stop)),
-            modes.references, tensor_of_column, len(tensors), advance)
+        if measure_pass is not None:  # on Dask workers (cmdtool.distributed): the same sums, bit for bit
+            measured = measure_pass(modes, store, advance)
+        else:
+            measured = metrics.measure(
+                store.tiles(tile), lambda start, stop: modes.parameters(slice(start, stop)),
+                modes.references, tensor_of_column, len(tensors), advance, group_columns=group_step(tile))
     time = modes.time.astype(np.int64)
     pca = metrics.pca_from_gram(measured.gram)
 
@@ -83,7 +102,8 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
             "rel_error_displacement": metrics.ratio(error_sq.sum(), measured.displacement_sq.sum()),
             "explained_variance": _share(pca.eigenvalues[:d].sum(), pca.eigenvalues.sum())})
     fit = {"rel_error": metrics.ratio(measured.error_sq.sum(), measured.norm_sq.sum()),
-           "rel_error_displacement": metrics.ratio(measured.error_sq.sum(), measured.displacement_sq.sum())}
+           "rel_error_displacement": metrics.ratio(measured.error_sq.sum(), measured.displacement_sq.sum()),
+           "error_curve": modes.metrics.error_curve}
     per_tensor = [{
         "name": spec.name, "shape": list(spec.shape), "parameters": spec.size,
         "rel_error": metrics.ratio(measured.tensor_error_sq[j], measured.tensor_norm_sq[j]),
@@ -106,12 +126,15 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
     # 2. Compactness.
     mode_file_bytes = modes.path.stat().st_size
     compactness = {"mode_file_bytes": mode_file_bytes, "checkpoint_bytes_float32": 4 * N * T,
-                   "compression_ratio": 4 * N * T / mode_file_bytes}
+                   "compression_ratio": 4 * N * T / mode_file_bytes, **carried_storage(modes, N, T, mode_file_bytes)}
 
     # 5. Model quality, when the user gave an evaluation function.
     evaluation = None
-    if evaluate is not None:
-        evaluation = evaluate_all(modes, store, evaluate, eval_spec, tail, ema_decay, pca, progress)
+    if scoring.evaluate is not None:
+        epochs = candidates.evaluation_epochs(T, scoring.every, scoring.candidates_only)
+        evaluation = candidates.score_families(modes, store, scoring.evaluate, scoring.spec, run_evaluate, tail=tail,
+                                               ema_decay=ema_decay, pca=pca, epochs=epochs, first=first,
+                                               selection=scoring.select, progress=progress)
 
     # 8. Thresholds.
     checks = []
@@ -158,11 +181,10 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
         plots.parameters(time, sampled[:, shown], rebuilt, titles, folder / PLOTS["parameters"])
         files["parameters"] = PLOTS["parameters"]
     if evaluation is not None:
-        plots.metric(time, evaluation["per_checkpoint"]["original"], evaluation["per_checkpoint"]["cmd"],
-                     folder / PLOTS["metric"])
-        files["metric"] = PLOTS["metric"]
+        files.update(selection_blocks.draw(plots, time, evaluation, folder, PLOTS))
 
-    report_notes = notes(layout, evaluation)
+    embedding = embedding_summary(modes)
+    report_notes = notes(layout, evaluation) + ([embedding_note(embedding, modes.names)] if embedding else [])
     if online:
         report_notes.append(f"Online fit (paper §3.3): the modes and references were found on the first {online['warmup']} "
                      f"checkpoints (up to {online['warmup_last']}, the dotted line in the error plot); "
@@ -178,8 +200,19 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
         "fit": fit, "compactness": compactness, "per_checkpoint": per_checkpoint, "per_tensor": per_tensor,
         "modes": mode_rows, "baselines": {"pca": baselines}, "evaluation": evaluation,
         "thresholds": threshold_rows, "passed": all(r["passed"] for r in threshold_rows),
-        "plots": files, "notes": report_notes, "online": online})
+        "plots": files, "notes": report_notes, "online": online, "embedding": embedding})
     return report, blocks(report)
+
+
+def carried_storage(modes: ModeFile, N: int, T: int, mode_file_bytes: int) -> dict:
+    """Storage at equal tensors: the bytes of the tensors carried verbatim (which PCA would carry
+    too), the mode file without them, and the compression of the modelled tensors alone."""
+    carried = sum(int(np.prod(modes.carried_rows(s.name).shape)) for s in modes.layout.carried
+                  if s.name not in modes.dropped)
+    modelled = max(mode_file_bytes - carried, 1)
+    return {"carried_bytes": carried, "carried_tensors": len(modes.layout.carried) - len(modes.dropped),
+            "dropped_tensors": modes.dropped, "modelled_bytes": modelled,
+            "compression_ratio_modelled": 4 * N * T / modelled}
 
 
 def _errors(error_sq: np.ndarray, measured: metrics.FitMeasures) -> dict:

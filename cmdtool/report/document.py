@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
+from . import selection_blocks
 from .render import Heading, Image, Paragraph, Table
+
+def embedding_note(e: dict, names: list[str]) -> str:
+    """Embedded CMD (paper §3.4): how much was embedded, and when (``embedding.fraction`` in report.json)."""
+    steps = [f"{100 * f:.0f}% after {n}" for i, (f, n) in enumerate(zip(e["fraction"], names))
+             if f > 0 and (i == 0 or f != e["fraction"][i - 1])]
+    return (f"Embedded CMD (paper §3.4): {100 * e['embedded_fraction']:.1f}% of the {e['embeddable']:,} trainable "
+            f"parameters were embedded by the end (F = {e['warmup']}, L = {e['window']}, P = {e['percent']:g}%): "
+            + (", ".join(steps) if steps else "none") + ". Once embedded, a parameter follows a·r(t) + b exactly, "
+            "so its error before the embedding is what the frozen fit leaves.")
+
 
 def notes(layout, evaluation: dict | None) -> list[str]:
     notes = ["Errors are those of the weights `cmd reconstruct` writes: `a·r(t) + b` from the mode file's "
@@ -21,18 +31,30 @@ def notes(layout, evaluation: dict | None) -> list[str]:
         notes.append("Original checkpoints are scored from the trajectory store, which holds float64 tensors "
                      "rounded to float32.")
     if evaluated:
-        names = evaluation["checkpoint_names"]
-        bad = [f"{kind} {names[t]} ({key})"
-               for kind, scores in (("original", evaluation["per_checkpoint"]["original"]),
-                                    ("CMD reconstruction of", evaluation["per_checkpoint"]["cmd"]))
-               for key, values in scores.items() for t, v in enumerate(values) if not math.isfinite(v)]
-        bad += [f"candidate {name} ({key})" for name, scores in evaluation["candidates"].items()
-                for key, v in scores.items() if not math.isfinite(v)]
-        if bad:
-            notes.append("Not finite (– in the tables, null in report.json): " + "; ".join(bad) + "."
-                         + (" A modelled BatchNorm running_var can dip below zero where the run moves fast."
-                            if statistics else ""))
+        notes += selection_blocks.notes(evaluation, bool(statistics))
     return notes
+
+
+def storage_sentence(compact: dict, size) -> str:
+    """Which tensors the sizes count: the modelled ones only, for CMD and PCA alike."""
+    text = (" Sizes and compression count the modelled tensors only, for CMD and PCA alike (the mode file "
+            "without the tensors it carries verbatim")
+    if compact.get("carried_tensors"):
+        text += f": {compact['carried_tensors']} tensors, {size(compact['carried_bytes'])}, which PCA would carry too"
+    text += ")."
+    if compact.get("dropped_tensors"):
+        text += (f" {len(compact['dropped_tensors'])} floating-point tensors that are not modelled were left out "
+                 "(`--drop-unmodelled`): this mode file cannot rebuild whole checkpoints.")
+    return text
+
+
+def curve_sentence(curve: dict | None) -> list:
+    """The error-vs-M curve of ``--modes auto``, as a paragraph."""
+    if not curve:
+        return []
+    points = ", ".join(f"{m}: {e:.3g}" for m, e in zip(curve["modes"], curve["rel_error"]))
+    return [Paragraph(f"**M = {curve['chosen']}** was chosen by `--modes auto` ({curve['rule']}; measured on "
+                      f"{curve['measured_on']}). Held-out relative error against M: {points}.")]
 
 
 def _number(value, digits: int = 4) -> str:
@@ -70,14 +92,17 @@ def blocks(r: dict) -> tuple[list, list]:
         Paragraph("`rel_error` is ‖W − Ŵ‖ / ‖W‖ over all checkpoints; `rel_error_displacement` divides the same "
                   "error by how far the weights moved from the first checkpoint, ‖W − W₀‖, the harder figure. "
                   "PCA of the trajectory (mean + d principal directions, as in DLDR / P-BFGS) is the baseline: "
-                  "d = 1 stores the same two numbers per parameter as CMD's `a, b`."),
+                  "d = 1 stores the same two numbers per parameter as CMD's `a, b`."
+                  + storage_sentence(compact, _bytes)),
         Table(["model", "numbers per parameter", "stored (float32)", "compression", "rel_error", "rel_error_displacement"],
-              [[f"CMD, {run['modes']} modes", "2 + mode label", _bytes(compact["mode_file_bytes"]) + " (mode file)",
-                f"{compact['compression_ratio']:.1f}×", _number(fit["rel_error"]), _number(fit["rel_error_displacement"])]]
+              [[f"CMD, {run['modes']} modes", "2 + mode label", _bytes(compact["modelled_bytes"]) + " (mode file)",
+                f"{compact['compression_ratio_modelled']:.1f}×", _number(fit["rel_error"]),
+                _number(fit["rel_error_displacement"])]]
               + [[f"PCA d={p['d']}", str(p["d"] + 1), _bytes(p["bytes_float32"]),
                   f"{compact['checkpoint_bytes_float32'] / p['bytes_float32']:.1f}×",
                   _number(p["rel_error"]), _number(p["rel_error_displacement"])] for p in r["baselines"]["pca"]],
               numeric=[False, False, True, True, True, True]),
+        *curve_sentence(r["fit"].get("error_curve")),
     ]
     evaluation = r["evaluation"]
     if evaluation:
@@ -88,10 +113,10 @@ def blocks(r: dict) -> tuple[list, list]:
                       "otherwise keep: the last checkpoint, averages of the last checkpoints (LAWA / SWA style), an "
                       "EMA over checkpoints, and PCA of the trajectory."),
             Table(["candidate", "what it is", *metric_names],
-                  [[name, evaluation["candidate_descriptions"][name], *(_number(scores.get(k)) for k in metric_names)]
-                   for name, scores in evaluation["candidates"].items()],
+                  selection_blocks.final_rows(evaluation, metric_names, _number),
                   numeric=[False, False, *[True] * len(metric_names)]),
         ]
+        summary += selection_blocks.summary(evaluation, _number, Heading, Paragraph, Table)
     if r["thresholds"]:
         summary += [Heading(2, "Thresholds"),
                     Table(["check", "value", "required", "result"],
@@ -102,6 +127,8 @@ def blocks(r: dict) -> tuple[list, list]:
 
     plots = r["plots"]
     details = [Image(plots["errors"], "Relative error per checkpoint: CMD against PCA of the trajectory")]
+    if "candidates" in plots:
+        details.append(Image(plots["candidates"], selection_blocks.CANDIDATES_CAPTION))
     if "metric" in plots:
         details.append(Image(plots["metric"], "Evaluated metric per checkpoint: original weights against CMD reconstruction"))
     per_metric = list(evaluation["per_checkpoint"]["original"]) if evaluation else []

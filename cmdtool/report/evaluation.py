@@ -14,16 +14,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Sequence
 
 from ..errors import CmdError
+from .selection import flatten_scores
 
 if TYPE_CHECKING:
     import torch
 
-Evaluate = Callable[[dict], Mapping[str, float]]  # state_dict -> {metric: value}
+Evaluate = Callable[[dict], Mapping]  # state_dict -> {metric: value} or {split: {metric: value}}
 
 
 def load_evaluate(spec: str) -> Evaluate:
     """``module:function`` (imported with the current folder on the path, like ``python -m``) or
-    ``path/to/file.py:function``: a function ``state_dict -> {metric: float}``."""
+    ``path/to/file.py:function`` (imported with its own folder on the path, so it can import the
+    modules beside it): a function ``state_dict -> {metric: float}`` or ``{split: {metric: float}}``."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise CmdError(f"--eval {spec!r}: expected module:function or path.py:function")
@@ -32,6 +34,9 @@ def load_evaluate(spec: str) -> Evaluate:
             path = Path(target)
             if not path.is_file():
                 raise CmdError(f"--eval {spec!r}: {path}: no such file")
+            folder = str(path.resolve().parent)  # so that the file imports the modules beside it
+            if folder not in sys.path:
+                sys.path.insert(0, folder)
             module_spec = importlib.util.spec_from_file_location(f"cmdtool_eval_{path.stem}", path)
             module = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
@@ -50,20 +55,13 @@ def load_evaluate(spec: str) -> Evaluate:
 
 
 def run_evaluate(evaluate: Evaluate, state: dict[str, torch.Tensor], what: str, spec: str) -> dict[str, float]:
-    """Call the user's function on one state dict; its answer must map names to finite numbers."""
+    """Call the user's function on one state dict; its answer maps names to numbers, or split names
+    to such maps (``{"val": {...}, "test": {...}}``, keyed ``val/accuracy`` from then on)."""
     try:
         result = evaluate(state)
     except Exception as e:
         raise CmdError(f"--eval {spec}: failed on {what}: {type(e).__name__}: {e}") from None
-    if not isinstance(result, Mapping) or not result:
-        raise CmdError(f"--eval {spec}: returned {type(result).__name__} on {what}, expected a dict of metrics")
-    metrics = {}
-    for key, value in result.items():
-        try:
-            metrics[str(key)] = float(value)
-        except (TypeError, ValueError):
-            raise CmdError(f"--eval {spec}: metric {key!r} on {what} is {value!r}, not a number") from None
-    return metrics
+    return flatten_scores(result, what, spec)
 
 
 class Requirement(NamedTuple):

@@ -9,7 +9,7 @@ fixed linear combination of the checkpoints (``Σ_t c_t w(t)``), given by its we
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, NamedTuple
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -38,25 +38,26 @@ class FitMeasures(NamedTuple):
 
 def measure(tiles: Iterable[tuple[int, int, np.ndarray]], parameters: Callable[[int, int], tuple],
             references: np.ndarray, tensor_of_column: np.ndarray, n_tensors: int,
-            advance: Callable[[int], None] = lambda n: None) -> FitMeasures:
+            advance: Callable[[int], None] = lambda n: None, group_columns: int | None = None) -> FitMeasures:
     """One pass over ``(start, stop, W[:, start:stop])`` tiles of the trajectory.
 
     ``parameters(start, stop)`` gives the mode file's ``labels, a, b`` of those columns;
     ``references`` are the stored normalised references ``(M, T)``. The reconstruction is
     ``a · references[label] + b`` in float64 from the stored values, exactly what
-    ``cmd reconstruct`` writes before the cast to each tensor's dtype.
+    ``cmd reconstruct`` writes before the cast to each tensor's dtype. With ``group_columns``,
+    the sums of each group of columns ``[g · group_columns, (g + 1) · group_columns)`` are formed
+    apart and added up in order (``combine``): a distributed pass with one task per group
+    (``cmdtool.distributed``) then gives the same bits.
     """
     M, T = references.shape
     R = references.astype(np.float64)
-    per_t = {k: np.zeros(T) for k in ("error_sq", "norm_sq", "displacement_sq")}
-    per_tensor = {k: np.zeros(n_tensors) for k in (
-        "tensor_error_sq", "tensor_norm_sq", "tensor_displacement_sq",
-        "tensor_error_sq_last", "tensor_norm_sq_last", "tensor_displacement_sq_last")}
-    counts = np.zeros(M * n_tensors, dtype=np.int64)
-    corr_sum, varying = np.zeros(M), np.zeros(M, dtype=np.int64)
-    gram = np.zeros((T, T))
-    sums = (per_t, per_tensor, counts, corr_sum, varying, gram)
+    parts, sums, group = [], _zero_sums(M, T, n_tensors), None
     for start, stop, block in tiles:
+        if group_columns is not None and start // group_columns != group:
+            if group is not None:
+                parts.append(_as_measures(sums, M, n_tensors))
+                sums = _zero_sums(M, T, n_tensors)
+            group = start // group_columns
         labels, a, b = parameters(start, stop)
         chunk = max(1, CHUNK_BYTES // (8 * T))  # slices whose float64 copies stay in the CPU cache
         for first in range(0, stop - start, chunk):
@@ -64,8 +65,32 @@ def measure(tiles: Iterable[tuple[int, int, np.ndarray]], parameters: Callable[[
             _measure_columns(block[:, columns], labels[columns].astype(np.int64), a[columns].astype(np.float64),
                              b[columns].astype(np.float64), R, tensor_of_column[start:stop][columns], n_tensors, sums)
         advance(stop - start)
+    parts.append(_as_measures(sums, M, n_tensors))
+    return combine(parts)
+
+
+def _zero_sums(M: int, T: int, n_tensors: int) -> tuple:
+    per_t = {k: np.zeros(T) for k in ("error_sq", "norm_sq", "displacement_sq")}
+    per_tensor = {k: np.zeros(n_tensors) for k in (
+        "tensor_error_sq", "tensor_norm_sq", "tensor_displacement_sq",
+        "tensor_error_sq_last", "tensor_norm_sq_last", "tensor_displacement_sq_last")}
+    counts = np.zeros(M * n_tensors, dtype=np.int64)
+    return per_t, per_tensor, counts, np.zeros(M), np.zeros(M, dtype=np.int64), np.zeros((T, T))
+
+
+def _as_measures(sums: tuple, M: int, n_tensors: int) -> FitMeasures:
+    per_t, per_tensor, counts, corr_sum, varying, gram = sums
     return FitMeasures(**per_t, **per_tensor, mode_layer_counts=counts.reshape(M, n_tensors),
                        mode_abs_corr_sum=corr_sum, mode_varying=varying, gram=gram)
+
+
+def combine(parts: Sequence[FitMeasures]) -> FitMeasures:
+    """The sums of consecutive groups of columns, added up in the order given."""
+    total = [np.zeros_like(field) for field in parts[0]]
+    for part in parts:
+        for acc, field in zip(total, part):
+            acc += field
+    return FitMeasures(*total)
 
 
 def _measure_columns(block: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np.ndarray, R: np.ndarray,

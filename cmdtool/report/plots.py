@@ -144,3 +144,35 @@ def parameters(time: np.ndarray, original: np.ndarray, reconstructed: np.ndarray
     fig.suptitle("Sampled parameters: original trajectory and CMD reconstruction", fontsize=11)
     _layout(fig, rows, cols, left=0.6, right=0.15, bottom=0.35, top=0.7, wgap=0.65, hgap=0.55)
     _save(fig, path)
+
+
+def families(time: np.ndarray, series: Mapping[str, Mapping[str, Sequence[float]]], labels: Mapping[str, str],
+             chosen: Mapping[str, int], path: Path) -> None:
+    """Every candidate family per epoch, one panel per plotted metric (e.g. val and test accuracy);
+    a star on each family's chosen epoch."""
+    keys = list(next(iter(series.values())))
+    fig, axes = plt.subplots(1, len(keys), figsize=(6.2 * len(keys), 4.0), squeeze=False, sharey=True)
+    for ax, key in zip(axes.flat, keys):
+        for i, (family, scores) in enumerate(series.items()):
+            values = np.array([np.nan if v is None else v for v in scores[key]], dtype=np.float64)
+            style = "-" if family in ("original", "cmd") else "--"
+            ax.plot(time, values, style, marker="o", markersize=2.5, linewidth=1.2, label=labels[family],
+                    color=f"C{i}")
+            if family in chosen:
+                ax.plot(time[chosen[family]], values[chosen[family]], "*", markersize=12, color=f"C{i}",
+                        markeredgecolor="black", markeredgewidth=0.6)
+        ax.set_title(key)
+        ax.set_xlabel("checkpoint time")
+        ax.grid(True, alpha=0.3)
+    values = np.array([np.nan if v is None else v for scores in series.values() for key in keys for v in scores[key]],
+                      dtype=np.float64)
+    values = values[np.isfinite(values)]
+    if len(values) > 10:  # zoom on the better 90 % of the scores: the early epochs' are far off
+        lower_is_better = keys[0].rpartition("/")[2].lower().find("loss") >= 0
+        low, high = ((values.min(), np.percentile(values, 90)) if lower_is_better
+                     else (np.percentile(values, 10), values.max()))
+        margin = 0.05 * (high - low) or 0.01
+        axes.flat[0].set_ylim(low - margin, high + margin)
+        fig.suptitle("Scores below the 10th percentile (above the 90th for a loss) are off the chart", fontsize=8)
+    axes.flat[0].legend(fontsize=8)
+    _save(fig, path)

@@ -10,10 +10,10 @@ import numpy as np
 from ..checkpoints import discover
 from ..errors import CmdError
 from ..modefile import ModeFile
-from ..online import ONLINECMD_SOURCE
+from ..online import ONLINECMD_SOURCE, TRAINING_SOURCE
 from ..progress import Progress
-from ..stores import prepare_store
-from ..trajectory import TrajectoryStore, open_store
+from ..stores import open_trajectory_store, prepare_store
+from ..trajectory import TrajectoryStore
 
 
 def open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progress) -> tuple[TrajectoryStore, dict]:
@@ -29,14 +29,15 @@ def open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progress
         source = {"kind": "checkpoints", "checkpoints": str(Path(checkpoints).resolve()),
                   "trajectory": str(prepared.path), "trajectory_reused": prepared.reused}
     else:
-        if trajectory is None and settings.source == ONLINECMD_SOURCE:
-            raise CmdError(f"{modes.path}: written by OnlineCMD, which keeps no trajectory; pass --checkpoints DIR "
+        if trajectory is None and settings.source in (ONLINECMD_SOURCE, TRAINING_SOURCE):
+            writer = "OnlineCMD" if settings.source == ONLINECMD_SOURCE else "cmdtool.training"
+            raise CmdError(f"{modes.path}: written by {writer}, which keeps no trajectory; pass --checkpoints DIR "
                            f"with the checkpoints it observed, saved under the names it was given")
         path = Path(trajectory or settings.trajectory)
         if not path.exists():
             raise CmdError(f"{path}: the trajectory store this mode file was fitted from is gone "
                            f"(it is a cache); pass --checkpoints DIR to read the checkpoints again")
-        store = open_store(path)
+        store = open_trajectory_store(path)
         source = {"kind": "trajectory store", "checkpoints": settings.source, "trajectory": str(path),
                   "trajectory_reused": True}
     if (store.names != modes.names or not np.array_equal(store.time, modes.time)

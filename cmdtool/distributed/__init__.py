@@ -1,0 +1,12 @@
+"""CMD on a Dask cluster (DESIGN "Scale-out"): ingest into a sharded trajectory store, and the fit's
+and the report's streaming passes as one task per group of column tiles, with only the per-parameter
+results and small sums gathered by the client, which alone writes the mode file.
+
+Dask is an optional extra (``pip install cmdtool[dask]``), imported only when ``Engine.start`` runs.
+``engine`` (the client side), ``tasks`` (what runs on a worker), ``ingest`` (the sharded store of a folder).
+"""
+
+from .engine import Engine, engine_for
+from .ingest import prepare_sharded_store
+
+__all__ = ["Engine", "engine_for", "prepare_sharded_store"]

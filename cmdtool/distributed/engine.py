@@ -1,0 +1,160 @@
+"""The client side: a Dask client on a ``LocalCluster`` (``--workers N``) or an existing scheduler
+(``--scheduler ADDRESS``), and the three maps the library hands to it: ingest over shards
+(``map_shards``), the fit's steps 5–6 over groups of tiles (``map_tiles``, for
+``fitting.fit_trajectory``) and the report's pass (``measure_pass``, for ``report.make_report``).
+
+Results are gathered in column order and reduced here, in that order, so the mode file and the
+report are the same bit for bit whatever the number of workers. A worker lost mid-task is
+rescheduled by Dask (its scheduler retries a task whose worker died, up to
+``distributed.scheduler.allowed-failures`` times); a task's own error (bad input) is raised here.
+"""
+
+from __future__ import annotations
+
+import uuid
+import warnings
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from ..errors import CmdError
+from ..fitting import TileResult, column_groups, group_step, tile_width
+from ..report.metrics import FitMeasures, combine
+from ..shards import ShardedStore
+from ..trajectory import TrajectoryStore
+from . import tasks
+
+CONNECT_TIMEOUT_S = 10
+
+
+def location(store: TrajectoryStore) -> str:
+    """What a worker opens: a sharded store's folder, or the single store file (a path it must see)."""
+    return str(store.folder if isinstance(store, ShardedStore) else store.path)
+
+
+@dataclass
+class Engine:
+    """A Dask client and what it moved: ``stats`` counts tasks, the bytes the workers read from the
+    store and the checkpoints, and the bytes of results sent back to this client."""
+    client: object
+    cluster: object = None
+    stats: dict = field(default_factory=lambda: dict.fromkeys(
+        ("tasks", "store_bytes_read", "checkpoint_bytes_read", "result_bytes"), 0))
+    task_hook: Callable[[int], None] | None = None  # run first in every task (tests: kill a worker)
+
+    @classmethod
+    def start(cls, workers: int | None = None, scheduler: str | None = None) -> "Engine":
+        if (workers is None) == (scheduler is None):
+            raise CmdError("give one of --workers N (a Dask cluster on this machine) and --scheduler ADDRESS")
+        try:
+            from dask.distributed import Client, LocalCluster
+        except ModuleNotFoundError:
+            raise CmdError("--workers and --scheduler need Dask: pip install 'cmdtool[dask]'") from None
+        except ImportError as e:  # installed but broken (or shadowed by a local distributed.py)
+            raise CmdError(f"--workers and --scheduler need Dask, which failed to import ({e})") from None
+        if scheduler is not None:
+            try:
+                return cls(Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s"))
+            except (OSError, TimeoutError, ValueError) as e:
+                raise CmdError(f"cannot reach the Dask scheduler at {scheduler} ({type(e).__name__}: "
+                               f"{str(e).splitlines()[0] if str(e) else 'no answer'})") from None
+        if workers < 1:
+            raise CmdError(f"--workers must be at least 1 (got {workers})")
+        with warnings.catch_warnings():  # its HTTP server (health, metrics) takes any free port
+            warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
+            cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
+                                   dashboard_address=None)
+        return cls(Client(cluster), cluster)
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _in_order(self, function: Callable, calls: list[tuple]) -> Iterator:
+        """Submit one task per argument tuple; yield their results in the order of ``calls``."""
+        token = uuid.uuid4().hex[:8]
+        name = function.__name__
+        futures = [self.client.submit(function, *args, key=f"cmd-{name}-{token}-{i}", pure=False)
+                   for i, args in enumerate(calls)]
+        self.stats["tasks"] += len(futures)
+        try:
+            for i in range(len(futures)):
+                value = futures[i].result()
+                futures[i] = None  # let the scheduler drop it
+                yield value
+        finally:
+            for f in futures:
+                if f is not None:
+                    f.cancel()
+
+    def map_shards(self, function: Callable, jobs: list) -> list:
+        """``map`` for ``shards.build_sharded``: one ingest task per shard (``function`` is
+        ``shards.write_shard``, run through ``tasks.ingest_shard``)."""
+        function = tasks.ingest_shard if function is tasks.write_shard else function
+        read = list(self._in_order(function, [(job,) for job in jobs]))
+        self.stats["checkpoint_bytes_read"] += sum(read)
+        return read
+
+    def map_tiles(self, store: TrajectoryStore, group_columns: int | None = None):
+        """``map_tiles`` for ``fitting.fit_trajectory`` over ``store``: one task per group of tiles."""
+        def run(references: np.ndarray, width: int) -> Iterator[TileResult]:
+            groups = column_groups(store.N, width, *(() if group_columns is None else (group_columns,)))
+            calls = [(location(store), lo, hi, width, references, self.task_hook) for lo, hi in groups]
+            for results, read in self._in_order(tasks.fit_group, calls):
+                self.stats["store_bytes_read"] += read
+                self.stats["result_bytes"] += sum(r.labels.nbytes + r.a.nbytes + r.b.nbytes + 16 * r.mode_sse.size
+                                                  for r in results)
+                yield from results
+        return run
+
+    def measure_pass(self, modes, store: TrajectoryStore, advance: Callable[[int], None]) -> FitMeasures:
+        """The report's streaming pass (``metrics.measure`` with the same groups) on the workers."""
+        T, N = modes.T, modes.N
+        width = tile_width(T)
+        sizes = [s.size for s in modes.layout.modelled]
+        ends = np.cumsum(sizes)
+        calls = []
+        for lo, hi in column_groups(N, width, group_step(width)):
+            labels, a, b = modes.parameters(slice(lo, hi))
+            tensor_of_column = np.searchsorted(ends, np.arange(lo, hi), side="right")
+            calls.append((location(store), lo, hi, width, labels, a, b, modes.references, tensor_of_column,
+                          len(sizes), self.task_hook))
+        parts = []
+        for (measured, read), call in zip(self._in_order(tasks.measure_group, calls), calls):
+            self.stats["store_bytes_read"] += read
+            self.stats["result_bytes"] += sum(np.asarray(v).nbytes for v in measured)
+            parts.append(measured)
+            advance(call[2] - call[1])
+        return combine(parts)
+
+
+def engine_for(workers: int | None, scheduler: str | None):
+    """A context giving an ``Engine`` when ``workers`` or ``scheduler`` is set, else None."""
+    if workers is None and scheduler is None:
+        return nullcontext(None)
+    return _started(workers, scheduler)
+
+
+@contextmanager
+def _started(workers, scheduler):
+    engine = Engine.start(workers, scheduler)
+    try:
+        yield engine
+    finally:
+        engine.close()
+
+
+def store_folder(path: Path) -> Path:
+    """The sharded store's folder for a ``--trajectory`` or default cache path ending in ``.h5``."""
+    path = Path(path)
+    return path.with_suffix(".shards") if path.suffix == ".h5" else path

@@ -1,0 +1,281 @@
+"""The sharded trajectory store: the ``(T, N)`` trajectory split into column shards, one HDF5 file
+each, plus a small index file, in one folder that every Dask worker sees.
+
+``FOLDER/index.h5`` holds what a single-file store holds besides ``W`` (layout, time, names, write-back
+infos, carried tensors, attachments, the fingerprint) and the shard bounds; ``FOLDER/shard-00000.h5``
+… hold ``W[:, lo:hi]`` as a contiguous float32 ``(T, hi − lo)`` dataset (memory-mapped, as the
+single-file store) and that shard's ``varies`` flags. Each shard file is written by one task, which
+reads its column range from every checkpoint (``read_columns``: for plain safetensors files only
+those bytes), so ingest runs in parallel over shards with no two writers on one file. The folder is
+built under a temporary name and renamed into place when complete. ``ShardedStore`` is a
+``Trajectory``: the fit and the report read it as they read a single-file store.
+Knows nothing about CMD or Dask.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import h5py
+import numpy as np
+
+from ._files import replace_path, temporary_sibling
+from ._hdf5 import read_strings, read_text, write_text
+from .checkpoints import Checkpoint, CheckpointInfo
+from .errors import CmdError
+from .layout import Layout
+from .trajectory import TrajectoryStore, check_finite
+
+SHARDS_KIND = "cmdtool-trajectory-shards"
+SHARDS_VERSION = 1
+INDEX = "index.h5"
+NUMPY_SAFETENSORS = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.h5"
+
+
+def shard_bounds(N: int, shard_columns: int) -> np.ndarray:
+    """``(S + 1,)`` column bounds of shards of ``shard_columns`` columns (the last one shorter)."""
+    return np.array(sorted({*range(0, N, max(1, shard_columns)), N}), dtype=np.int64)
+
+
+class ColumnReader:
+    """Column ranges of one checkpoint's modelled parameters, flat float32. A plain safetensors
+    file in a numpy dtype is sliced along its first axis through ``safe_open`` (only those rows
+    are read from the memory-mapped file); anything else is read tensor by tensor and cut."""
+
+    def __init__(self, checkpoint: Checkpoint, layout: Layout, ema: bool = False):
+        self.checkpoint, self.layout, self.ema = checkpoint, layout, ema
+        self.bytes_read = 0
+        self._direct = None
+        self._reader = None
+        if checkpoint.folder is None and checkpoint.format == "safetensors" and not ema:
+            from safetensors import safe_open
+            try:
+                self._direct = safe_open(str(checkpoint.path), framework="np")
+            except Exception as e:  # safetensors raises assorted types on corrupt input
+                raise CmdError(f"{checkpoint.path}: cannot read checkpoint, truncated or corrupt ({e})") from None
+
+    def _piece(self, name: str, shape: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
+        if self._direct is not None:
+            sl = self._direct.get_slice(name)
+            dtype = NUMPY_SAFETENSORS.get(sl.get_dtype())
+            if dtype is not None and len(shape) > 0:
+                row = int(np.prod(shape[1:], dtype=np.int64))
+                first, last = lo // row, -(-hi // row)
+                rows = np.asarray(sl[first:last]).reshape(-1)
+                self.bytes_read += rows.nbytes
+                return rows[lo - first * row:hi - first * row].astype(np.float32)
+        if self._reader is None:
+            self._reader = self.checkpoint.open(self.ema)
+        values = self._reader.float32_values(name)
+        self.bytes_read += values.nbytes
+        return values[lo:hi]
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Columns ``start:stop`` of the trajectory row of this checkpoint, finite-checked."""
+        out = np.empty(stop - start, dtype=np.float32)
+        for spec in self.layout.modelled:
+            lo, hi = max(start, spec.offset), min(stop, spec.offset + spec.size)
+            if lo < hi:
+                piece = self._piece(spec.name, spec.shape, lo - spec.offset, hi - spec.offset)
+                check_finite(piece, self.checkpoint.path, spec.name)
+                out[lo - start:hi - start] = piece
+        return out
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self._direct = self._reader = None
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One ingest task: columns ``start:stop`` of every checkpoint into ``folder/shard_name(index)``."""
+    folder: str
+    index: int
+    start: int
+    stop: int
+    checkpoints: tuple[Checkpoint, ...]
+    layout: Layout
+    ema: bool = False
+
+
+def write_shard(job: ShardJob) -> int:
+    """Write one shard file (to a temporary name, then renamed); returns the checkpoint bytes read."""
+    T, n = len(job.checkpoints), job.stop - job.start
+    path = Path(job.folder) / shard_name(job.index)
+    tmp = temporary_sibling(path)
+    read = 0
+    try:
+        with h5py.File(tmp, "w") as f:
+            dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+            dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+            dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
+            h5py.h5d.create(f.id, b"W", h5py.h5t.IEEE_F32LE, h5py.h5s.create_simple((T, max(n, 1))), dcpl=dcpl)
+            offset = f["W"].id.get_offset()
+            varies, first = np.zeros(n, dtype=bool), None
+            fd = os.open(tmp, os.O_WRONLY)
+            try:
+                for t, checkpoint in enumerate(job.checkpoints):
+                    reader = ColumnReader(checkpoint, job.layout, job.ema)
+                    try:
+                        row = reader.read(job.start, job.stop)
+                    finally:
+                        read += reader.bytes_read
+                        reader.close()
+                    if first is None:
+                        first = row
+                    else:
+                        varies |= row != first
+                    view, position = memoryview(row).cast("B"), offset + 4 * t * n
+                    while view:
+                        written = os.pwrite(fd, view, position)
+                        view, position = view[written:], position + written
+            finally:
+                os.close(fd)
+            f.create_dataset("varies", data=varies)
+            f.attrs.update(kind=SHARDS_KIND, start=job.start, stop=job.stop, complete=True)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return read
+
+
+def build_sharded(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequence[CheckpointInfo], path: Path,
+                  fingerprint: str, ema: bool = False, shard_columns: int = 1 << 20,
+                  map_shards: Callable[[Callable, list], Iterable] = map) -> ShardedStore:
+    """Build the sharded store at ``path`` (a folder): one ``write_shard`` per shard through
+    ``map_shards`` (the builtin ``map``, or Dask's through ``cmdtool.distributed``), then the index.
+    Carried tensors and attachments are read here, one checkpoint at a time."""
+    path = Path(path)
+    N = layout.n_parameters
+    bounds = shard_bounds(N, shard_columns)
+    tmp = temporary_sibling(path)
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        jobs = [ShardJob(str(tmp), i, int(lo), int(hi), tuple(checkpoints), layout, ema)
+                for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:]))]
+        read = sum(map_shards(write_shard, jobs))
+        with h5py.File(tmp / INDEX, "w") as f:
+            carried, attachments = f.create_group("carried"), f.create_group("attachments")
+            for spec in layout.carried:
+                carried.create_dataset(spec.name, shape=(len(checkpoints), spec.nbytes), dtype="u1")
+            for t, c in enumerate(checkpoints):
+                with c.open(ema) as reader:
+                    for digest, data in reader.attachments.items():
+                        if digest not in attachments:
+                            attachments.create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
+                    for spec in layout.carried:
+                        carried[spec.name][t] = reader.raw_bytes(spec.name)
+            f.create_dataset("bounds", data=bounds)
+            f.create_dataset("time", data=np.array([c.time for c in checkpoints], dtype=np.int64))
+            f.create_dataset("names", data=[c.name for c in checkpoints], dtype=h5py.string_dtype())
+            f.create_dataset("infos", data=[i.to_json() for i in infos], dtype=h5py.string_dtype())
+            write_text(f, "layout", layout.to_json())
+            f.attrs.update(kind=SHARDS_KIND, version=SHARDS_VERSION, fingerprint=fingerprint, complete=True,
+                           checkpoint_bytes_read=read)
+        replace_path(tmp, path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return open_sharded(path)
+
+
+class ShardedRows:
+    """``W`` of a sharded store as one read-only ``(T, N)`` array-like over the shards' memory maps:
+    ``W[t]``, ``W[rows]``, ``W[rows, start:stop]`` and ``W[rows, sorted_index]`` read only the
+    shards they touch."""
+
+    def __init__(self, maps: list[np.memmap], bounds: np.ndarray):
+        self.maps, self.bounds = maps, bounds
+        self.shape = (maps[0].shape[0], int(bounds[-1]))
+        self.dtype = np.dtype(np.float32)
+        self.ndim = 2
+
+    def __getitem__(self, key):
+        rows, columns = key if isinstance(key, tuple) else (key, slice(None))
+        if isinstance(columns, slice):
+            start, stop, step = columns.indices(self.shape[1])
+            if step != 1:
+                raise IndexError("column slices of a sharded store take no step")
+            pieces = [m[rows, max(start, lo) - lo:min(stop, hi) - lo]
+                      for m, lo, hi in zip(self.maps, self.bounds[:-1], self.bounds[1:])
+                      if max(start, lo) < min(stop, hi)]
+        else:
+            index = np.asarray(columns, dtype=np.int64)
+            order = np.argsort(index, kind="stable")
+            shard = np.searchsorted(self.bounds, index[order], side="right") - 1
+            pieces = [self.maps[s][rows, index[order][shard == s] - self.bounds[s]] for s in np.unique(shard)]
+            if not pieces:
+                return np.asarray(self.maps[0][rows, :0])
+            out = np.concatenate(pieces, axis=-1)
+            inverse = np.empty_like(order)
+            inverse[order] = np.arange(len(order))
+            return out[..., inverse]
+        if not pieces:
+            return np.asarray(self.maps[0][rows, :0])
+        return pieces[0] if len(pieces) == 1 else np.concatenate(pieces, axis=-1)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[:, :], dtype=dtype)
+
+
+@dataclass
+class ShardedStore(TrajectoryStore):
+    """A sharded store (see the module docstring): ``path`` is its index file, ``folder`` the store."""
+    folder: Path | None = None
+    bounds: np.ndarray | None = None
+
+    def shard_path(self, i: int) -> Path:
+        return self.folder / shard_name(i)
+
+
+def is_sharded(path: Path) -> bool:
+    return (Path(path) / INDEX).is_file()
+
+
+def sharded_fingerprint(path: Path) -> str | None:
+    """The fingerprint of a complete sharded store at ``path``, or None if there is none."""
+    try:
+        with h5py.File(Path(path) / INDEX, "r") as f:
+            if f.attrs.get("kind") == SHARDS_KIND and f.attrs.get("complete"):
+                return str(f.attrs["fingerprint"])
+    except OSError:
+        pass
+    return None
+
+
+def open_sharded(path: Path) -> ShardedStore:
+    """Open a complete sharded store read-only; raise CmdError if it is not one."""
+    folder = Path(path)
+    index = folder / INDEX
+    try:
+        with h5py.File(index, "r") as f:
+            if f.attrs.get("kind") != SHARDS_KIND or not f.attrs.get("complete"):
+                raise CmdError(f"{folder}: not a complete cmdtool sharded trajectory store")
+            layout = Layout.from_json(read_text(f, "layout"))
+            time, bounds = f["time"][()], f["bounds"][()].astype(np.int64)
+            names = read_strings(f, "names")
+            infos = [CheckpointInfo.from_json(s) for s in read_strings(f, "infos")]
+        maps, varies = [], []
+        for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            with h5py.File(folder / shard_name(i), "r") as f:
+                ds = f["W"]
+                if not f.attrs.get("complete") or (f.attrs["start"], f.attrs["stop"]) != (lo, hi):
+                    raise CmdError(f"{folder / shard_name(i)}: shard is incomplete or does not match the index")
+                shape, offset = (len(names), int(hi - lo)), ds.id.get_offset()
+                varies.append(f["varies"][()].astype(bool))
+            maps.append(np.memmap(folder / shard_name(i), dtype="<f4", mode="r", offset=offset, shape=shape))
+    except (OSError, KeyError, ValueError) as e:
+        raise CmdError(f"{folder}: not a readable cmdtool sharded trajectory store ({e})") from None
+    if bounds[-1] != layout.n_parameters:
+        raise CmdError(f"{folder}: sharded trajectory store is inconsistent")
+    return ShardedStore(layout, time, names, infos, np.concatenate(varies), ShardedRows(maps, bounds), path=index,
+                        folder=folder, bounds=bounds)

@@ -1,0 +1,23 @@
+"""The warm-up of a training run: post-hoc CMD of the first ``F`` observations by the very fit of
+``cmd fit`` (``fitting.fit_trajectory``, one code path), as the online state ``cmd update`` uses."""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from ..checkpoints import CheckpointInfo
+from ..fitting import fit_trajectory
+from ..layout import Layout
+from ..modes import FitSettings
+from ..online.state import OnlineState, warmup_trajectory
+
+
+def warmup_state(rows: np.ndarray, layout: Layout, time: Sequence[int], names: Sequence[str],
+                 infos: Sequence[CheckpointInfo], carried: Mapping[str, np.ndarray], settings: FitSettings,
+                 attachments: Mapping[str, bytes] | None = None) -> OnlineState:
+    """Modes, references and the fit of the ``(F, N)`` float32 ``rows``, as an online state
+    (numpy, float64 ``a, b``): what ``cmd fit --warmup F`` holds after its warm-up."""
+    trajectory = warmup_trajectory(rows, layout, list(time), list(names), list(infos), carried, attachments or {})
+    return OnlineState.from_modes(fit_trajectory(trajectory, settings), rows[0])

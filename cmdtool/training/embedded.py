@@ -1,0 +1,383 @@
+"""``EmbeddedCMD``: online and embedded CMD beside a live PyTorch model (paper §3.3, §3.4)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+import torch
+
+from .._files import temporary_sibling
+from ..checkpoints import CheckpointInfo, dtype_name
+from ..errors import CmdError
+from ..layout import Layout, build_layout, check_same_tensors
+from ..modefile import write_embedding, write_mode_file
+from ..modes import FitSettings
+from ..online import TRAINING_SOURCE as SOURCE
+from ._warmup import warmup_state
+from .state import DeviceState, gather
+
+STATE_FORMAT = "cmdtool-training-state"
+TRAINING_TRAJECTORY = "none (a training run keeps no trajectory)"
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """What a run of ``EmbeddedCMD`` is, fixed for its life: resuming with others is an error."""
+    modes: int = 10
+    warmup: int = 10
+    embed_window: int = 10
+    embed_percent: float = 0.0
+    relative: bool = True
+    samples: int = 1000
+    seed: int = 0
+    include: tuple = ()
+    exclude: tuple = ()
+    every_n_steps: int | None = None  # for the callbacks: observe every n optimizer steps instead of per epoch
+
+    def __post_init__(self):
+        object.__setattr__(self, "include", tuple(self.include))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        if self.modes < 1 or self.samples < 1:
+            raise CmdError(f"modes ({self.modes}) and samples ({self.samples}) must be at least 1")
+        if self.warmup < 2:
+            raise CmdError(f"warmup {self.warmup}: the warm-up needs at least 2 observations")
+        if not 0 <= self.embed_percent <= 100:
+            raise CmdError(f"embed_percent {self.embed_percent}: expected a percentage, 0 to 100 "
+                           f"(0 = online CMD only)")
+        if self.embed_percent > 0 and self.embed_window < 1:
+            raise CmdError(f"embed_window {self.embed_window}: must be at least 1 observation")
+        if self.every_n_steps is not None and self.every_n_steps < 1:
+            raise CmdError(f"every_n_steps {self.every_n_steps}: must be at least 1")
+
+    def fit_settings(self) -> FitSettings:
+        """The mode file's ``settings``, as ``OnlineCMD`` writes them."""
+        return FitSettings(modes=self.modes, samples=self.samples, seed=self.seed, include=self.include,
+                           exclude=self.exclude, source=SOURCE, trajectory=TRAINING_TRAJECTORY, warmup=self.warmup)
+
+    def to_dict(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+
+
+class EmbeddedCMD:
+    """Online CMD, and optionally embedded CMD, alongside a model being trained::
+
+        cmd = EmbeddedCMD(model, modes=10, warmup=20, embed_window=10, embed_percent=10)
+        cmd.attach(optimizer)            # cmd.step() after every optimizer step (embedded CMD)
+        for epoch in range(epochs):
+            train_one_epoch(model, optimizer)
+            cmd.observe()                # once per epoch: the warm-up, then exact updates of a, b
+        model.load_state_dict(cmd.reconstruct())   # the CMD weights at the last observation
+        cmd.save("run.cmd.h5")                     # an ordinary mode file
+
+    The first ``warmup`` observations are kept on the CPU (``F · N · 4`` bytes) and decomposed by
+    the code of ``cmd fit``; then the state (``a, b`` in float64, labels) lives on the model's device
+    and each observation updates it as ``cmd update`` does, in place. With ``embed_percent`` P > 0,
+    every ``embed_window`` L observations after the warm-up the P % of the trainable parameters not
+    yet embedded (of all of them with ``relative=False``) whose ``(a, b)`` changed least since the
+    previous window are embedded: their gradient is masked by a hook and ``step()`` sets them to
+    ``a · r(t) + b`` from the live reference parameters. Reference parameters and buffers (BatchNorm
+    statistics, modelled like any float tensor) are never embedded.
+    """
+
+    def __init__(self, model: torch.nn.Module, *, modes: int = 10, warmup: int = 10, embed_window: int = 10,
+                 embed_percent: float = 0.0, relative: bool = True, samples: int = 1000, seed: int = 0,
+                 include: Sequence[str] = (), exclude: Sequence[str] = (), every_n_steps: int | None = None,
+                 drop_shared: bool = False):
+        self.settings = TrainingSettings(modes, warmup, embed_window, float(embed_percent), bool(relative), samples,
+                                         seed, tuple(include), tuple(exclude), every_n_steps)
+        self.model = model
+        self.drop_shared = drop_shared  # leave out tensors sharing storage with an earlier one (tied weights)
+        self.layout: Layout | None = None
+        self.state: DeviceState | None = None
+        self._rows: list[np.ndarray] = []
+        self._warmup_carried: dict[str, list[np.ndarray]] = {}
+        self._times: list[int] = []
+        self._names: list[str] = []
+        self._infos: list[CheckpointInfo] = []
+        self.attachments: dict[str, bytes] = {}
+        self._hooks: list = []
+        self._embedded_tensors: list = []  # (name, positions, lo, hi) of tensors with embedded parameters
+        self._columns: torch.Tensor | None = None  # the embedded columns, sorted; lo:hi of them per tensor
+        self._frozen_labels: torch.Tensor | None = None
+        self._frozen: tuple = ()       # a, b of the embedded columns in the current frame
+        self._embeddable: torch.Tensor | None = None
+        self._references: list[tuple[str, int]] = []
+
+    # -- what the model holds
+
+    def _tensors(self) -> dict[str, torch.Tensor]:
+        """The model's state, live (no copy): parameters and buffers by state-dict name."""
+        tensors, seen = {}, set()
+        for name, tensor in self.model.state_dict(keep_vars=True).items():
+            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)) if tensor.numel() else None
+            if self.drop_shared and key is not None and key in seen:
+                continue
+            seen.add(key)
+            tensors[name] = tensor
+        return tensors
+
+    def tensor_names(self) -> list[str]:
+        """The state-dict names observed (with ``drop_shared``, without the later names of tied tensors)."""
+        return list(self._tensors())
+
+    @property
+    def last_time(self) -> int | None:
+        """The time of the latest observation, None before the first."""
+        return self.state.time[-1] if self.state is not None else (self._times[-1] if self._times else None)
+
+    @property
+    def T(self) -> int:
+        """Observations so far."""
+        return self.state.T if self.state is not None else len(self._rows)
+
+    @property
+    def ready(self) -> bool:
+        """Whether the warm-up is over and the modes exist."""
+        return self.state is not None
+
+    @property
+    def embeddable_count(self) -> int:
+        return 0 if self._embeddable is None else int(self._embeddable.sum())
+
+    @property
+    def embedded_fraction(self) -> float:
+        """Embedded parameters over the embeddable ones (trainable, not references); 0 before any window."""
+        total = self.embeddable_count
+        return float(self.state.embedded.sum()) / total if self.state is not None and total else 0.0
+
+    @property
+    def rel_error(self) -> float | None:
+        """The fit's relative error over the observations so far (least squares), None in the warm-up."""
+        return None if self.state is None else self.state.least_squares_rel_error()
+
+    # -- the training loop's events
+
+    def observe(self, name: str | None = None, time: int | None = None, info: CheckpointInfo | None = None) -> None:
+        """Absorb the model's current weights (e.g. once per epoch). ``name`` is the file name
+        ``cmd reconstruct`` writes it under (default ``checkpoint_{t}.safetensors``), ``time`` its
+        step or epoch (default the count of observations), ``info`` how it is written back."""
+        t = self.T
+        name = name or f"checkpoint_{t}.safetensors"
+        time = t if time is None else int(time)
+        where = f"observation {t} ({name})"
+        tensors = self._tensors()
+        signature = {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in tensors.items()}
+        if self.layout is None:
+            self.layout = build_layout(signature, self.settings.include, self.settings.exclude)
+            self._warmup_carried = {spec.name: [] for spec in self.layout.carried}
+        check_same_tensors(where, signature, self.layout.signature, "the first observation")
+        last = self.last_time
+        if last is not None and time <= last:
+            raise CmdError(f"{where}: time {time} does not come after {last}")
+        with torch.no_grad():
+            w = torch.cat([tensors[s.name].detach().reshape(-1).to(torch.float32) for s in self.layout.modelled])
+        if not bool(torch.isfinite(w.sum())) and not bool(torch.isfinite(w).all()):  # a finite sum proves it
+            bad = next(s for s in self.layout.modelled if not bool(torch.isfinite(w[s.columns]).all()))
+            kind = "NaN" if bool(torch.isnan(w[bad.columns]).any()) else "Inf"
+            raise CmdError(f"{where}: tensor {bad.name!r} contains {kind} values")
+        carried = {s.name: tensors[s.name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().copy()
+                   for s in self.layout.carried}
+        info = info or CheckpointInfo("safetensors")
+        if self.state is not None:
+            self.state.observe(w, name, time, info, carried)
+            settings = self.settings
+            window = settings.embed_percent > 0 and (self.T - self.state.warmup) % settings.embed_window == 0
+            if window:
+                self.state.embed(settings.embed_percent, settings.relative, self._embeddable_mask())
+            self._bind(rebuild=window)
+            return
+        self._rows.append(w.cpu().numpy())
+        self._times.append(time)
+        self._names.append(name)
+        self._infos.append(info)
+        for key, rows in self._warmup_carried.items():
+            rows.append(carried[key])
+        if len(self._rows) == self.settings.warmup:
+            online = warmup_state(np.stack(self._rows), self.layout, self._times, self._names, self._infos,
+                                  {k: np.stack(v) for k, v in self._warmup_carried.items()},
+                                  self.settings.fit_settings(), self.attachments)
+            self.state = DeviceState.from_online(online, w.device)
+            self._rows, self._warmup_carried, self._times, self._names, self._infos = [], {}, [], [], []
+            self._bind()
+
+    def step(self) -> None:
+        """Set every embedded parameter to ``a · r(t) + b`` from the live reference parameters: call
+        it after every optimizer step (``attach`` does), so that momentum or weight decay cannot
+        move an embedded parameter."""
+        if not self._embedded_tensors:
+            return
+        state, tensors = self.state, self._tensors()
+        with torch.no_grad():
+            live = torch.stack([tensors[n].detach().reshape(-1)[p] for n, p in self._references]).to(torch.float64)
+            rho = (live - torch.as_tensor(state.offset, device=state.device)) / torch.as_tensor(
+                state.scale, device=state.device)
+            a, b, labels32, values = self._frozen
+            gather(rho, self._frozen_labels, labels32, out=values).mul_(a).add_(b)
+            for name, positions, lo, hi in self._embedded_tensors:
+                target = tensors[name].detach().view(-1)
+                target.index_copy_(0, positions, values[lo:hi].to(target.dtype))
+
+    def attach(self, optimizer: torch.optim.Optimizer):
+        """Call ``step()`` after every ``optimizer.step()``; returns the hook's handle."""
+        return optimizer.register_step_post_hook(lambda *args: self.step())
+
+    # -- embedding bookkeeping
+
+    def _embeddable_mask(self) -> torch.Tensor:
+        """Trainable parameters (``requires_grad``) that are not references, (N,) bool on the device."""
+        if self._embeddable is None:
+            trainable = {name for name, p in self.model.named_parameters() if p.requires_grad}
+            mask = torch.zeros(self.layout.n_parameters, dtype=torch.bool, device=self.state.device)
+            for spec in self.layout.modelled:
+                if spec.name in trainable:
+                    mask[spec.columns] = True
+            mask[torch.as_tensor(self.state.reference_index, device=mask.device)] = False
+            self._embeddable = mask
+        return self._embeddable
+
+    def _bind(self, rebuild: bool = True) -> None:
+        """Gather the frozen fits of the embedded parameters (after every observation: the frame
+        moves) and, when the embedded set changed (``rebuild``), find them per tensor and mask
+        their gradients."""
+        state = self.state
+        if rebuild:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks, self._embedded_tensors = [], []
+            offsets = {spec.name: spec.offset for spec in self.layout.modelled}
+            names = [self.layout.locate(int(i))[0] for i in state.reference_index]
+            self._references = [(name, int(i) - offsets[name]) for name, i in zip(names, state.reference_index)]
+            if self.settings.embed_percent > 0:
+                self._embeddable_mask()
+            self._columns = columns = torch.nonzero(state.embedded).reshape(-1)  # sorted
+            self._frozen_labels = state.labels[columns]
+            on_cpu = columns.device.type == "cpu"
+            self._frozen_labels32 = self._frozen_labels.numpy().astype(np.int32) if on_cpu else None
+            parameters = dict(self.model.named_parameters())
+            bounds = torch.tensor([[s.offset, s.offset + s.size] for s in self.layout.modelled], device=columns.device)
+            bounds = torch.searchsorted(columns, bounds.reshape(-1)).reshape(-1, 2).tolist()
+            for spec, (lo, hi) in zip(self.layout.modelled, bounds):
+                if hi == lo or spec.name not in parameters:
+                    continue
+                self._embedded_tensors.append((spec.name, columns[lo:hi] - spec.offset, lo, hi))
+                shaped = state.embedded[spec.columns].view(spec.shape)
+                self._hooks.append(parameters[spec.name].register_hook(lambda g, m=shaped: g.masked_fill(m, 0)))
+        if self._embedded_tensors:
+            self._frozen = (state.a[self._columns], state.b[self._columns], self._frozen_labels32,
+                            torch.empty(self._columns.shape, dtype=torch.float64, device=state.device))
+            self.step()
+
+    def close(self) -> None:
+        """Remove the gradient hooks (the embedded parameters are trained again from here)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks, self._embedded_tensors = [], []
+
+    # -- results
+
+    def _require(self, what: str) -> DeviceState:
+        if self.state is None:
+            raise CmdError(f"EmbeddedCMD.{what}: no modes yet; the warm-up needs {self.settings.warmup} "
+                           f"observations and the run has made {self.T} (a warm-up longer than the run?)")
+        return self.state
+
+    def reconstruct(self) -> dict[str, torch.Tensor]:
+        """The CMD state dict at the latest observation (CPU tensors in the model's dtypes)."""
+        state = self._require("reconstruct")
+        values = state.values()
+        out = {}
+        for spec in self.layout.tensors:
+            if spec.modelled:
+                out[spec.name] = values[spec.columns].view(spec.shape).to(getattr(torch, spec.dtype)).cpu()
+            else:
+                raw = torch.from_numpy(state.carried[spec.name][-1].copy())
+                out[spec.name] = raw.view(getattr(torch, spec.dtype)).reshape(spec.shape)
+        return out
+
+    @contextmanager
+    def cmd_weights(self) -> Iterator[None]:
+        """Inside the block the model holds the CMD weights (e.g. to validate them), then its own."""
+        self._require("cmd_weights")
+        tensors = self._tensors()
+        saved = {s.name: tensors[s.name].detach().clone() for s in self.layout.modelled}
+        try:
+            self.load_cmd_weights()
+            yield
+        finally:
+            with torch.no_grad():
+                for name, value in saved.items():
+                    tensors[name].detach().copy_(value)
+
+    def load_cmd_weights(self) -> None:
+        """Put the CMD weights of the latest observation into the model, in place."""
+        values, tensors = self._require("load_cmd_weights").values(), self._tensors()
+        with torch.no_grad():
+            for spec in self.layout.modelled:
+                target = tensors[spec.name].detach()
+                target.copy_(values[spec.columns].view(spec.shape).to(target.dtype))
+
+    def save(self, path: str | Path) -> Path:
+        """Write (or atomically replace) the mode file; with embedding, its ``embedding`` group."""
+        state, path = self._require("save"), Path(path)
+        if not path.parent.is_dir():
+            raise CmdError(f"{path.parent}: no such folder for the mode file")
+        tmp = temporary_sibling(path, "training")
+        try:
+            write_mode_file(tmp, state.to_online().to_modes())
+            if self.settings.embed_percent > 0:
+                write_embedding(tmp, state.embedded_at.cpu().numpy(), warmup=state.warmup,
+                                window=self.settings.embed_window, percent=self.settings.embed_percent,
+                                relative=self.settings.relative, embeddable=self.embeddable_count)
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return path
+
+    # -- resuming
+
+    def state_dict(self) -> dict:
+        """Everything needed to continue exactly: tensors, numbers and strings only."""
+        out = dict(format=STATE_FORMAT, version=1, settings=self.settings.to_dict(),
+                   layout=None if self.layout is None else self.layout.to_json(),
+                   attachments={k: torch.frombuffer(bytearray(v), dtype=torch.uint8)
+                                for k, v in self.attachments.items()})
+        if self.state is not None:
+            out["state"] = self.state.state_dict()
+        else:
+            out["warmup"] = dict(rows=[torch.from_numpy(r) for r in self._rows], time=list(self._times),
+                                 names=list(self._names), infos=[i.to_json() for i in self._infos],
+                                 carried={k: [torch.from_numpy(r) for r in v]
+                                          for k, v in self._warmup_carried.items()})
+        return out
+
+    def load_state_dict(self, saved: dict) -> None:
+        """Continue from ``state_dict()``: settings must be the same as this object's."""
+        if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
+            raise CmdError("the saved CMD state is not an EmbeddedCMD state")
+        ours = self.settings.to_dict()
+        changed = [f"{k} is {saved['settings'].get(k)!r} in the saved state, {v!r} now"
+                   for k, v in ours.items() if saved["settings"].get(k) != v]
+        if changed:
+            raise CmdError("resuming with other CMD settings: " + "; ".join(changed))
+        self.layout = None if saved["layout"] is None else Layout.from_json(saved["layout"])
+        self.attachments = {k: v.numpy().tobytes() for k, v in saved["attachments"].items()}
+        self._embeddable = None
+        if "state" in saved:
+            device = next((t.device for t in self._tensors().values()), torch.device("cpu"))
+            self.state = DeviceState.from_state_dict(saved["state"], device)
+            self._rows, self._warmup_carried, self._times, self._names, self._infos = [], {}, [], [], []
+            self._embeddable_mask()
+            self._bind()
+        else:
+            warm = saved["warmup"]
+            self.state = None
+            self._rows = [r.numpy().copy() for r in warm["rows"]]
+            self._times, self._names = [int(t) for t in warm["time"]], list(warm["names"])
+            self._infos = [CheckpointInfo.from_json(s) for s in warm["infos"]]
+            self._warmup_carried = {k: [r.numpy().copy() for r in v] for k, v in warm["carried"].items()}

@@ -1,0 +1,150 @@
+"""cmdtool.distributed and cmdtool.shards: the sharded store holds what the single-file store holds,
+and the fit and the report on a Dask LocalCluster of 2 worker processes give the same mode file
+and report as one process, bit for bit, also when a worker is killed during the fit."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+import cmdtool
+from cmdtool.fitting import fit_trajectory
+from cmdtool.modefile import write_mode_file
+from cmdtool.modes import FitSettings
+from cmdtool.shards import build_sharded, open_sharded
+from cmdtool.stores import prepare_store
+from cmdtool.trajectory import fingerprint, read_signatures
+from helpers import cmd, error_line, ok
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    pytest.importorskip("dask.distributed")
+    from cmdtool.distributed import Engine
+    with Engine.start(workers=2) as started:
+        yield started
+
+
+def mode_file_datasets(path: Path) -> dict:
+    """Every dataset and attribute of a mode file but the settings (which name the store's path)."""
+    out = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda name, obj: out.__setitem__(name, obj[()]) if isinstance(obj, h5py.Dataset) else None)
+        out.update({f"attr:{k}": v for k, v in f.attrs.items() if k != "settings"})
+    return out
+
+
+def assert_same_files(first: Path, second: Path) -> None:
+    one, two = mode_file_datasets(first), mode_file_datasets(second)
+    assert one.keys() == two.keys()
+    for key in one:
+        assert np.array_equal(np.asarray(one[key]), np.asarray(two[key])), key  # bit for bit
+    assert "labels" in one and "a" in one and "b" in one and "attr:metrics" in one
+
+
+def test_sharded_store_holds_what_the_single_store_holds(tmp_path, run_dir):
+    single = prepare_store(run_dir, trajectory=tmp_path / "single.h5").store
+    checkpoints = cmdtool.checkpoints.discover(run_dir).checkpoints
+    layout, infos = read_signatures(checkpoints, (), ())
+    sharded = build_sharded(checkpoints, layout, infos, tmp_path / "sharded", fingerprint(checkpoints, (), ()),
+                            shard_columns=97)
+    again = open_sharded(tmp_path / "sharded")
+    assert len(again.bounds) - 1 == -(-single.N // 97)
+    for store in (sharded, again):
+        assert np.array_equal(np.asarray(store.W), np.asarray(single.W))
+        assert np.array_equal(store.varies, single.varies)
+        assert store.names == single.names and np.array_equal(store.time, single.time)
+        assert store.layout.to_json() == single.layout.to_json()
+        for spec in layout.carried:
+            assert np.array_equal(store.carried(spec.name), single.carried(spec.name))
+        index = np.array([0, 5, 96, 97, 98, 500, single.N - 1])
+        assert np.array_equal(store.columns(index[::-1]), np.asarray(single.W)[:, index[::-1]])
+        assert np.array_equal(store.W[3, 90:200], single.W[3, 90:200])
+
+
+def test_distributed_fit_equals_the_single_process_fit_on_planted_data(tmp_path, run_dir, engine):
+    from cmdtool.distributed import prepare_sharded_store
+    settings = FitSettings(modes=3, samples=300)
+    single = prepare_store(run_dir, trajectory=tmp_path / "single.h5").store
+    write_mode_file(tmp_path / "single.cmd.h5", fit_trajectory(single, settings, tile_columns=50))
+    prepared = prepare_sharded_store(engine, run_dir, trajectory=tmp_path / "sharded", shard_columns=97)
+    assert not prepared.reused and len(prepared.store.bounds) > 3
+    for group_columns in (120, 1000):  # several shards per task, tasks across shard bounds, one task
+        before = engine.stats["tasks"]
+        modes = fit_trajectory(prepared.store, settings, tile_columns=50,
+                               map_tiles=engine.map_tiles(prepared.store, group_columns))
+        assert engine.stats["tasks"] - before == -(-single.N // (group_columns // 50 * 50))
+        write_mode_file(tmp_path / f"dask{group_columns}.cmd.h5", modes)
+        assert_same_files(tmp_path / "single.cmd.h5", tmp_path / f"dask{group_columns}.cmd.h5")
+    assert prepare_sharded_store(engine, run_dir, trajectory=tmp_path / "sharded").reused
+
+
+def test_a_worker_killed_during_the_fit_gives_the_same_file(tmp_path, run_dir, engine):
+    from cmdtool.distributed import prepare_sharded_store
+    from cmdtool.distributed.tasks import kill_this_worker_once
+    settings = FitSettings(modes=3, samples=300)
+    store = prepare_sharded_store(engine, run_dir, trajectory=tmp_path / "sharded", shard_columns=200).store
+    write_mode_file(tmp_path / "single.cmd.h5", fit_trajectory(store, settings, tile_columns=50))
+    pids = set(engine.client.run(lambda: __import__("os").getpid()).values())
+    engine.task_hook = kill_this_worker_once(str(tmp_path / "killed"))
+    try:
+        modes = fit_trajectory(store, settings, tile_columns=50, map_tiles=engine.map_tiles(store, 100))
+    finally:
+        engine.task_hook = None
+    assert (tmp_path / "killed").exists()  # a worker process did die mid-fit
+    write_mode_file(tmp_path / "dask.cmd.h5", modes)
+    assert_same_files(tmp_path / "single.cmd.h5", tmp_path / "dask.cmd.h5")
+    engine.client.wait_for_workers(2, timeout=30)
+    assert set(engine.client.run(lambda: __import__("os").getpid()).values()) != pids  # the nanny restarted one
+
+
+def test_cmd_report_with_workers_equals_the_single_process_report(tmp_path, run_dir, runner):
+    pytest.importorskip("dask.distributed")
+    from cmdtool.report import make_report
+    cmdtool.fit(run_dir, tmp_path / "m.cmd.h5", modes=3, samples=300, trajectory=tmp_path / "single.h5")
+    one = make_report(tmp_path / "m.cmd.h5", tmp_path / "one").report
+    ok(cmd(runner, "report", tmp_path / "m.cmd.h5", "-o", tmp_path / "two", "--workers", "2"))
+    two = json.loads((tmp_path / "two" / "report.json").read_text())
+    assert json.dumps(one, sort_keys=True) == json.dumps(two, sort_keys=True)  # every figure, bit for bit
+
+
+def test_cmd_fit_with_workers_on_the_sample_run(tmp_path, runner):
+    pytest.importorskip("dask.distributed")
+    ok(cmd(runner, "fit", SAMPLES, "-o", tmp_path / "one.cmd.h5", "--trajectory", tmp_path / "one.h5", "-m", "4"))
+    result = ok(cmd(runner, "fit", SAMPLES, "-o", tmp_path / "two.cmd.h5", "--trajectory", tmp_path / "two",
+                    "-m", "4", "--workers", "2", "--shard-columns", "5000", "--json"))
+    assert json.loads(result.stdout)["trajectory"] == str(tmp_path / "two")
+    assert (tmp_path / "two" / "index.h5").exists() and (tmp_path / "two" / "shard-00001.h5").exists()
+    assert_same_files(tmp_path / "one.cmd.h5", tmp_path / "two.cmd.h5")
+
+
+def test_unreachable_scheduler_is_one_error_line(tmp_path, runner, run_dir, monkeypatch):
+    pytest.importorskip("dask.distributed")
+    from cmdtool.distributed import engine
+    monkeypatch.setattr(engine, "CONNECT_TIMEOUT_S", 1)
+    message = error_line(cmd(runner, "fit", run_dir, "-o", tmp_path / "m.cmd.h5", "--scheduler", "tcp://127.0.0.1:9"))
+    assert message.startswith("cannot reach the Dask scheduler at tcp://127.0.0.1:9")
+    assert not (tmp_path / "m.cmd.h5").exists()
+
+
+def test_without_dask_the_options_are_one_error_line(tmp_path, runner, run_dir, monkeypatch):
+    monkeypatch.setitem(sys.modules, "dask.distributed", None)  # import fails as if not installed
+    message = error_line(cmd(runner, "fit", run_dir, "-o", tmp_path / "m.cmd.h5", "--workers", "2"))
+    assert message == "--workers and --scheduler need Dask: pip install 'cmdtool[dask]'"
+    message = error_line(cmd(runner, "fit", run_dir, "-o", tmp_path / "m.cmd.h5", "--workers", "2",
+                             "--scheduler", "tcp://x:1"))
+    assert message.startswith("give one of --workers")
+
+
+def test_importing_cmdtool_does_not_import_dask():
+    import subprocess
+    code = "import cmdtool, cmdtool.cli, cmdtool.pipeline, cmdtool.shards, sys; print('dask' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,0 +1,314 @@
+"""cmdtool.training: online CMD on the model's device equals ``cmd fit --warmup``; embedded CMD
+(paper §3.4) picks the parameters whose fit stopped moving and then holds them at ``a·r(t) + b``."""
+
+from __future__ import annotations
+
+import json
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from typer.testing import CliRunner
+
+import cmdtool
+from cmdtool import CmdError
+from cmdtool.cli import app
+from cmdtool.decompose import update_fit, update_frame, update_parameters
+from cmdtool.modefile import open_mode_file
+from cmdtool.training import EmbeddedCMD
+from helpers import plant, write_run
+
+torch.set_num_threads(1)
+
+
+class Holder(nn.Module):
+    """A module holding exactly the tensors of a state dict, in the dict's order (floats trainable)."""
+
+    def __init__(self, state: dict[str, torch.Tensor]):
+        super().__init__()
+        for prefix in dict.fromkeys(name.split(".")[0] for name in state):
+            module = nn.Module()
+            for name, value in state.items():
+                if name.split(".")[0] == prefix:
+                    module.register_parameter(name.split(".", 1)[1], nn.Parameter(
+                        value.clone(), requires_grad=value.is_floating_point()))
+            self.add_module(prefix, module)
+
+
+def sorted_states(planted):
+    """Planted checkpoints with their tensors in name order (as safetensors files hold them)."""
+    return [dict(sorted(s.items())) for s in planted.states()]
+
+
+def test_update_parameters_runs_the_same_on_torch_and_numpy():
+    rng = np.random.default_rng(1)
+    M, T, N = 3, 6, 500
+    r = rng.normal(size=(M, T))
+    r -= r.mean(axis=1, keepdims=True)
+    r /= np.linalg.norm(r, axis=1, keepdims=True)
+    a, b, w = rng.normal(size=N), rng.normal(size=N), rng.normal(size=N)
+    labels, offset, scale, values = rng.integers(0, M, N), rng.normal(size=M), rng.uniform(1, 2, M), rng.normal(size=M)
+    expected = update_fit(a, b, labels, w, r, offset, scale, values)
+    frame = update_frame(r, offset, scale, values)
+    on_torch = type(frame)(*(torch.from_numpy(np.asarray(v)) for v in frame))
+    got = update_parameters(*(torch.from_numpy(v) for v in (a, b, labels, w)), on_torch)
+    for g, e in zip(got, (expected.a, expected.b, expected.sse)):
+        np.testing.assert_array_equal(g.numpy(), e)
+    frozen = np.arange(N) % 2 == 0  # frozen fits only move with the frame: the same raw function
+    a_f, b_f, sse_f = update_parameters(a, b, labels, w, frame, frozen)
+    raw_before = a / scale[labels], b - a * offset[labels] / scale[labels]
+    raw_after = a_f / frame.scale[labels], b_f - a_f * frame.offset[labels] / frame.scale[labels]
+    np.testing.assert_allclose(raw_after[0][frozen], raw_before[0][frozen], rtol=1e-12)
+    np.testing.assert_allclose(raw_after[1][frozen], raw_before[1][frozen], rtol=1e-12, atol=1e-12)
+    assert (sse_f[frozen] == 0).all() and (sse_f[~frozen] == expected.sse[~frozen]).all()
+
+
+def test_device_update_equals_cmd_update():
+    """The in-place torch port in ``DeviceState.observe`` gives what ``OnlineState.observe`` (the
+    numpy update of ``cmd update``) gives, to float64 rounding."""
+    from cmdtool.checkpoints import CheckpointInfo
+    from cmdtool.layout import build_layout
+    from cmdtool.modes import FitSettings
+    from cmdtool.training._warmup import warmup_state
+    from cmdtool.training.state import DeviceState
+
+    planted = plant(M=3, T=12, noise=1e-3)
+    rows = planted.W.astype(np.float32)
+    layout = build_layout({name: (shape, "float32") for name, shape in planted.shapes.items()})
+    info = CheckpointInfo("safetensors")
+    online = warmup_state(rows[:5], layout, range(5), [f"{t}" for t in range(5)], [info] * 5, {},
+                          FitSettings(modes=3, samples=300, warmup=5))
+    device = DeviceState.from_online(online, torch.device("cpu"))
+    for t in range(5, 12):
+        online.observe(rows[t], f"{t}", t, info, {})
+        device.observe(torch.from_numpy(rows[t]), f"{t}", t, info, {})
+    np.testing.assert_allclose(device.a.numpy(), online.a, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(device.b.numpy(), online.b, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(device.references, online.references, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(device.mode_sse, online.mode_sse_least_squares, rtol=1e-10)
+    assert device.sq_centred == pytest.approx(online.sq_centred, rel=1e-12)
+
+
+def test_online_state_equals_fit_warmup(tmp_path):
+    """Observing the checkpoints of a folder gives what ``cmd fit --warmup`` writes (float32 rounding)."""
+    planted = plant(M=3, T=16, noise=1e-3)
+    states = sorted_states(planted)
+    run = write_run(tmp_path / "run", states)
+    cmdtool.fit(run, tmp_path / "fit.cmd.h5", modes=3, samples=300, warmup=6, trajectory=tmp_path / "t.h5")
+    model = Holder(states[0])
+    cmd = EmbeddedCMD(model, modes=3, warmup=6, samples=300)
+    for t, state in enumerate(states):
+        model.load_state_dict(state)
+        cmd.observe(f"epoch_{t}.safetensors", t)
+    cmd.save(tmp_path / "online.cmd.h5")
+    with h5py.File(tmp_path / "fit.cmd.h5") as f, h5py.File(tmp_path / "online.cmd.h5") as g:
+        assert "embedding" not in g  # online CMD only: a plain online mode file
+        for key in ("labels", "reference_index", "mode_sizes", "time", "carried/bn.num_batches_tracked"):
+            np.testing.assert_array_equal(f[key][()], g[key][()], err_msg=key)
+        for key in ("a", "b", "references", "reference_offset", "reference_scale", "online/first"):
+            np.testing.assert_allclose(g[key][()], f[key][()], rtol=2e-6, atol=1e-6, err_msg=key)
+        fm, gm = (json.loads(x.attrs["metrics"]) for x in (f, g))
+        assert gm["rel_error"] == pytest.approx(fm["rel_error"], rel=1e-6)
+    loaded = cmdtool.reconstruct(tmp_path / "online.cmd.h5")
+    for name, value in cmd.reconstruct().items():
+        torch.testing.assert_close(value, loaded[name], rtol=1e-6, atol=1e-6)
+
+
+def planted_training(tmp_path, *, noise_free: float = 0.5, embed_percent: float = 25.0, relative: bool = False):
+    """A planted run played into a live model: every "epoch" the optimizer moves each parameter to its
+    planted value plus momentum-like drift; half the parameters follow their mode exactly."""
+    planted = plant(M=2, T=16, noise=0.0, seed=3)
+    time = np.linspace(0, 1, 16)
+    planted.references = np.stack([time, np.sin(12 * time)])  # distinct already over the warm-up
+    rng = np.random.default_rng(4)
+    N = planted.W.shape[1]
+    exact = rng.random(N) < noise_free
+    planted.W = (planted.a * planted.references[planted.labels].T + planted.b
+                 + np.where(exact, 0.0, 3e-2) * rng.normal(size=planted.W.shape))
+    states = sorted_states(planted)
+    model = Holder(states[0])
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9,
+                                weight_decay=0.1)
+    cmd = EmbeddedCMD(model, modes=2, warmup=6, embed_window=2, embed_percent=embed_percent, relative=relative,
+                      samples=300)
+    cmd.attach(optimizer)
+    observed = []
+    for t, state in enumerate(states):
+        for _ in range(3):  # three optimizer steps towards the planted weights, with a real loss
+            optimizer.zero_grad()
+            loss = sum(((p - state[n]) ** 2).sum() for n, p in model.named_parameters() if p.requires_grad)
+            loss.backward()
+            for name, p in model.named_parameters():
+                if name in cmd.tensor_names() and cmd.state is not None and p.grad is not None:
+                    spec = next(s for s in cmd.layout.modelled if s.name == name)
+                    assert (p.grad.reshape(-1)[cmd.state.embedded[spec.columns]] == 0).all()  # masked
+            optimizer.step()
+        with torch.no_grad():  # the last step lands on the planted values (free parameters only)
+            for name, p in model.named_parameters():
+                p.copy_(state[name])
+        cmd.step()
+        observed.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        cmd.observe(f"epoch_{t}.safetensors", t)
+    return planted, exact, cmd, observed
+
+
+def test_embedding_picks_fits_that_stopped_moving_and_holds_them(tmp_path):
+    planted, exact, cmd, observed = planted_training(tmp_path)
+    path = cmd.save(tmp_path / "embedded.cmd.h5")
+    with open_mode_file(path) as modes:
+        embedded_at, reference_index = modes.embedded_at(), modes.reference_index
+        assert modes.embedding == {"warmup": 6, "window": 2, "percent": 25.0, "relative": False,
+                                   "embeddable": modes.N - 2}  # every float is trainable here, but the 2 references
+        counts = modes.embedded_counts()
+        permutation = planted.permutation(modes.layout)
+    assert set(np.unique(embedded_at)) == {-1, 7, 9, 11, 13}  # 4 windows of 25 % of all: nothing left for 15
+    assert counts[7] == int(np.ceil(0.25 * cmd.embeddable_count))  # 25 % of all at the first window
+    assert cmd.embedded_fraction == pytest.approx(counts[-1] / cmd.embeddable_count)
+    assert not np.isin(reference_index, np.flatnonzero(embedded_at >= 0)).any()
+    first_window = np.flatnonzero(embedded_at == 7)
+    assert exact[permutation][first_window].mean() > 0.95  # the exactly planted ones, whose a, b stand still
+    # After its window an embedded parameter is exactly a·r(t) + b at every later observation.
+    rows = [torch.cat([o[s.name].reshape(-1).double() for s in cmd.layout.modelled]).numpy() for o in observed]
+    for t in range(8, 16):
+        modelled = torch.cat([v.reshape(-1).double() for k, v in cmdtool.reconstruct(path, at=t).items()
+                              if k != "bn.num_batches_tracked"]).numpy()
+        mask = (embedded_at >= 0) & (embedded_at < t)
+        np.testing.assert_allclose(rows[t][mask], modelled[mask], rtol=1e-6, atol=1e-6)
+        assert not np.allclose(rows[t][mask], rows[t - 1][mask])  # they do move, with their reference
+
+
+def test_embedding_relative_takes_a_share_of_the_free_ones(tmp_path):
+    _, _, cmd, _ = planted_training(tmp_path, embed_percent=50, relative=True)
+    free = cmd.embeddable_count
+    expected = 0
+    for _ in range(5):  # windows at 7, 9, 11, 13, 15
+        expected += int(np.ceil((free - expected) * 0.5))
+    assert int(cmd.state.embedded.sum()) == expected
+
+
+def replay(cmd: EmbeddedCMD, states, times) -> None:
+    for t in times:
+        with torch.no_grad():
+            for name, p in cmd.model.named_parameters():
+                p.copy_(states[t][name])
+        cmd.step()
+        cmd.observe(f"epoch_{t}.safetensors", t)
+
+
+def test_state_dict_resumes_exactly(tmp_path):
+    """Stopping after 9 observations (past the first window) and resuming from ``state_dict()``,
+    through ``torch.save`` and ``torch.load(weights_only=True)``, gives the same mode file."""
+    planted, _, _, _ = planted_training(tmp_path)
+    states = sorted_states(planted)
+    options = dict(modes=2, warmup=6, embed_window=2, embed_percent=25.0, relative=False, samples=300)
+    whole = EmbeddedCMD(Holder(states[0]), **options)
+    replay(whole, states, range(16))
+    whole.save(tmp_path / "whole.cmd.h5")
+    first = EmbeddedCMD(Holder(states[0]), **options)
+    replay(first, states, range(9))
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    second = EmbeddedCMD(Holder(states[0]), **options)
+    second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    replay(second, states, range(9, 16))
+    second.save(tmp_path / "resumed.cmd.h5")
+    assert_same_mode_files(tmp_path / "resumed.cmd.h5", tmp_path / "whole.cmd.h5")
+    warm = EmbeddedCMD(Holder(states[0]), **options)  # resuming inside the warm-up too
+    replay(warm, states, range(3))
+    again = EmbeddedCMD(Holder(states[0]), **options)
+    again.load_state_dict(warm.state_dict())
+    replay(again, states, range(3, 16))
+    assert_same_mode_files(again.save(tmp_path / "warm.cmd.h5"), tmp_path / "whole.cmd.h5")
+
+
+def assert_same_mode_files(first, second) -> None:
+    """Every dataset and attribute equal (the files' bytes may differ in HDF5 bookkeeping)."""
+    with h5py.File(first) as f, h5py.File(second) as g:
+        names = []
+        f.visit(names.append)
+        other = []
+        g.visit(other.append)
+        assert names == other
+        for name in names:
+            if isinstance(f[name], h5py.Dataset):
+                np.testing.assert_array_equal(f[name][()], g[name][()], err_msg=name)
+            assert dict(f[name].attrs) == dict(g[name].attrs), name
+        assert dict(f.attrs) == dict(g.attrs)
+
+
+def test_cli_reads_an_embedded_mode_file(tmp_path):
+    _, _, cmd, _ = planted_training(tmp_path)
+    path = cmd.save(tmp_path / "embedded.cmd.h5")
+    runner = CliRunner()
+    result = runner.invoke(app, ["info", str(path)])
+    assert result.exit_code == 0, result.output
+    assert "L = 2, P = 25%, of all); over time: 25% at 7, 50% at 9" in " ".join(result.stdout.split())
+    summary = cmdtool.summarize(path)
+    assert summary["embedding"]["fraction"][6] == 0 and summary["embedding"]["fraction"][-1] == cmd.embedded_fraction
+    result = runner.invoke(app, ["reconstruct", str(path), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "out" / "epoch_15.safetensors").is_file()
+    # cmd update continues it as an online fit, without the embedding record
+    state = {k: v.detach().clone() for k, v in cmd.model.state_dict().items()}
+    write_run(tmp_path / "new", [state] * 17)  # epoch_16.safetensors is the one that comes after
+    result = runner.invoke(app, ["update", str(path), str(tmp_path / "new" / "epoch_16.safetensors")])
+    assert result.exit_code == 0, result.output
+    assert cmdtool.summarize(path)["checkpoints"] == 17 and cmdtool.summarize(path)["embedding"] is None
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+def small_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2))
+
+
+def test_changed_shape_or_name_between_observations():
+    model = small_model()
+    cmd = EmbeddedCMD(model, warmup=3)
+    cmd.observe()
+    model[2] = nn.Linear(3, 5)
+    with pytest.raises(CmdError, match=r"observation 1 .*tensor '2.weight' is float32 \[5, 3\], but float32 \[2, 3\]"):
+        cmd.observe()
+    model[2] = nn.Linear(3, 2)
+    model.add_module("3", nn.Linear(2, 2))
+    with pytest.raises(CmdError, match="tensor '3.weight' is not in the first observation"):
+        cmd.observe()
+
+
+def test_nan_weights_are_named():
+    model = small_model()
+    cmd = EmbeddedCMD(model, warmup=3)
+    cmd.observe()
+    with torch.no_grad():
+        model[0].bias[1] = float("nan")
+    with pytest.raises(CmdError, match="observation 1 .*tensor '0.bias' contains NaN values"):
+        cmd.observe()
+
+
+def test_resuming_with_other_settings():
+    model = small_model()
+    cmd = EmbeddedCMD(model, warmup=3, embed_percent=10, embed_window=5)
+    cmd.observe()
+    other = EmbeddedCMD(model, warmup=3, embed_percent=10, embed_window=4)
+    with pytest.raises(CmdError, match="other CMD settings: embed_window is 5 in the saved state, 4 now"):
+        other.load_state_dict(cmd.state_dict())
+
+
+def test_warmup_longer_than_the_run(tmp_path):
+    cmd = EmbeddedCMD(small_model(), warmup=5)
+    cmd.observe()
+    cmd.observe()
+    with pytest.raises(CmdError, match="warm-up needs 5 observations and the run has made 2"):
+        cmd.save(tmp_path / "x.cmd.h5")
+    assert not (tmp_path / "x.cmd.h5").exists()
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(embed_percent=150), "embed_percent 150"), (dict(warmup=1), "warmup 1"),
+    (dict(embed_percent=5, embed_window=0), "embed_window 0"), (dict(modes=0), "modes")])
+def test_bad_settings(options, message):
+    with pytest.raises(CmdError, match=message):
+        EmbeddedCMD(small_model(), **options)
