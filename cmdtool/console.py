@@ -76,8 +76,10 @@ def print_summary(s: dict, references: list | None = None) -> None:
     table.add_column(style="bold")
     table.add_column()
     time = s["time"]
-    table.add_row("mode file", f"{s['mode_file']} ({human_bytes(s['mode_file_bytes'])}, format v{s['format_version']}, cmdtool {s['tool_version']})")
-    table.add_row("checkpoints (T)", f"{s['checkpoints']}: {s['checkpoint_names'][0]} … {s['checkpoint_names'][-1]} (time {time[0]} … {time[-1]})")
+    table.add_row("mode file", f"{s['mode_file']} ({human_bytes(s['mode_file_bytes'])}, format "
+                               f"v{s['format_version']}, cmdtool {s['tool_version']})")
+    table.add_row("checkpoints (T)", f"{s['checkpoints']}: {s['checkpoint_names'][0]} … {s['checkpoint_names'][-1]} "
+                                     f"(time {time[0]} … {time[-1]})")
     table.add_row("parameters (N)", f"{s['parameters']:,} in {s['tensors_modelled']} tensors"
                   + (f" (+{s['tensors_carried']} carried verbatim)" if s["tensors_carried"] else ""))
     asked = (f"chosen by --modes auto among 1 … {s['settings']['auto_modes']}" if s["settings"].get("auto_modes")
@@ -98,9 +100,11 @@ def print_summary(s: dict, references: list | None = None) -> None:
     if s.get("embedding"):
         table.add_row("embedded", embedding_line(s["embedding"], s["time"]))
     table.add_row("trajectory store", settings["trajectory"])
-    table.add_row("compression", f"{s['compression_ratio']:.1f}× ({human_bytes(s['checkpoint_bytes_float32'])} of float32 checkpoints)")
+    table.add_row("compression", f"{s['compression_ratio']:.1f}× ({human_bytes(s['checkpoint_bytes_float32'])} of "
+                                 "float32 checkpoints)")
     table.add_row("rel_error", f"{s['rel_error']:.3g}  (‖W − Ŵ‖ / ‖W‖ over all checkpoints)")
-    table.add_row("rel_error_displacement", f"{s['rel_error_displacement']:.3g}  (error ÷ how far weights moved from the first checkpoint)")
+    table.add_row("rel_error_displacement", f"{s['rel_error_displacement']:.3g}  (error ÷ how far weights moved from "
+                                            "the first checkpoint)")
     curve = s.get("error_curve")
     if curve:
         table.add_row("modes chosen", f"M = {curve['chosen']}: {curve['rule']} (--modes auto; measured on "

@@ -68,7 +68,11 @@ def write_run(folder: Path, states: list[dict], fmt: str = "safetensors", wrappe
         if fmt == "safetensors":
             save_file(state, str(folder / f"{name.format(t)}.safetensors"), metadata={"epoch": str(t)})
         else:
-            obj = {wrapper: state, "epoch": t, "optimizer": {"lr": 0.1, "momentum": [torch.zeros(1)]}} if wrapper else state
+            obj = (
+                {wrapper: state, "epoch": t, "optimizer": {"lr": 0.1, "momentum": [torch.zeros(1)]}}
+                if wrapper
+                else state
+            )
             torch.save(obj, folder / f"{name.format(t)}.pt")
     return folder
 

@@ -12,8 +12,16 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from cmdtool.checkpoints import (CHECKPOINT_SUFFIXES, CheckpointInfo, CheckpointReader, discover, dtype_name,
-                                 natural_key, sniff_format, write_checkpoint)
+from cmdtool.checkpoints import (
+    CHECKPOINT_SUFFIXES,
+    CheckpointInfo,
+    CheckpointReader,
+    discover,
+    dtype_name,
+    natural_key,
+    sniff_format,
+    write_checkpoint,
+)
 from cmdtool.checkpoints.schema import WRAPPER_KEYS
 from cmdtool.errors import CmdError
 

@@ -60,7 +60,9 @@ def test_fit_and_info_json(tmp_path, runner):
     with h5py.File(out, "r") as f:
         W_hat = f["a"][()] * f["references"][()].astype(np.float64)[f["labels"][()]].T + f["b"][()]
     assert fit["rel_error"] == pytest.approx(np.linalg.norm(W - W_hat) / np.linalg.norm(W), rel=1e-4)
-    assert fit["rel_error_displacement"] == pytest.approx(np.linalg.norm(W - W_hat) / np.linalg.norm(W - W[0]), rel=1e-4)
+    assert fit["rel_error_displacement"] == pytest.approx(
+        np.linalg.norm(W - W_hat) / np.linalg.norm(W - W[0]), rel=1e-4
+    )
 
     result = runner.invoke(app, ["info", str(out), "--json"])
     assert result.exit_code == 0, result.output
@@ -89,19 +91,32 @@ def test_ls_lists_checkpoints_and_skips(tmp_path, runner):
     result = runner.invoke(app, ["ls", str(run), "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout) == {
-        "folder": str(run), "time_source": "epoch",
-        "checkpoints": [{"position": t, "time": t, "name": f"epoch_{t}.pt", "format": "plain torch"} for t in range(3)],
-        "skipped": [{"name": "checkpoint-9", "reason": "folder without model weights (no model.safetensors or pytorch_model.bin)"},
-                    {"name": "last.ckpt", "reason": "Lightning's copy of the latest checkpoint (save_last)"}]}
+        "folder": str(run),
+        "time_source": "epoch",
+        "checkpoints": [
+            {"position": t, "time": t, "name": f"epoch_{t}.pt", "format": "plain torch"} for t in range(3)
+        ],
+        "skipped": [
+            {
+                "name": "checkpoint-9",
+                "reason": "folder without model weights (no model.safetensors or pytorch_model.bin)",
+            },
+            {"name": "last.ckpt", "reason": "Lightning's copy of the latest checkpoint (save_last)"},
+        ],
+    }
     result = runner.invoke(app, ["ls", str(run)], terminal_width=200)
     assert result.exit_code == 0, result.output
     lines = result.stdout.splitlines()
     assert lines[0] == f"3 checkpoints in {run}, time from the stored epoch"
-    assert lines[1:5] == ["position  time  checkpoint  format",
-                          "0         0     epoch_0.pt  plain torch",
-                          "1         1     epoch_1.pt  plain torch",
-                          "2         2     epoch_2.pt  plain torch"]
-    assert lines[5:] == ["skipped 2",
-                         "entry         reason",
-                         "checkpoint-9  folder without model weights (no model.safetensors or pytorch_model.bin)",
-                         "last.ckpt     Lightning's copy of the latest checkpoint (save_last)"]
+    assert lines[1:5] == [
+        "position  time  checkpoint  format",
+        "0         0     epoch_0.pt  plain torch",
+        "1         1     epoch_1.pt  plain torch",
+        "2         2     epoch_2.pt  plain torch",
+    ]
+    assert lines[5:] == [
+        "skipped 2",
+        "entry         reason",
+        "checkpoint-9  folder without model weights (no model.safetensors or pytorch_model.bin)",
+        "last.ckpt     Lightning's copy of the latest checkpoint (save_last)",
+    ]

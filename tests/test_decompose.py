@@ -9,8 +9,16 @@ from scipy.cluster.hierarchy import fcluster, linkage
 from scipy.special import comb
 
 import cmdtool
-from cmdtool.decompose import (_allocate, _largest_magnitude, choose_references, cluster, correlation_matrix, fit_tile,
-                               normalise_references, sample_parameters)
+from cmdtool.decompose import (
+    _allocate,
+    _largest_magnitude,
+    choose_references,
+    cluster,
+    correlation_matrix,
+    fit_tile,
+    normalise_references,
+    sample_parameters,
+)
 from cmdtool.modefile import open_mode_file
 from helpers import plant, write_run
 
@@ -100,7 +108,9 @@ def test_planted_modes_are_recovered(tmp_path):
     W32 = planted.W[:, order].astype(np.float32).astype(np.float64)
     rms_error = np.sqrt(np.mean((dense_reconstruction(out) - W32) ** 2))
     assert 0.5e-4 < rms_error < 1.5e-4
-    assert result.summary["rel_error"] == pytest.approx(np.linalg.norm(dense_reconstruction(out) - W32) / np.linalg.norm(W32), rel=1e-4)
+    assert result.summary["rel_error"] == pytest.approx(
+        np.linalg.norm(dense_reconstruction(out) - W32) / np.linalg.norm(W32), rel=1e-4
+    )
 
 
 @pytest.mark.parametrize("refine", [0, 3])
@@ -160,8 +170,8 @@ def test_sample_is_reproducible_layer_balanced_and_never_constant():
 def test_correlation_matrix_is_absolute_pearson_with_constants_zeroed():
     rng = np.random.default_rng(0)
     X = rng.normal(size=(9, 4))
-    X[:, 2] = -3 * X[:, 0] + 1   # perfectly anti-correlated with column 0
-    X[:, 3] = 5.0                # constant
+    X[:, 2] = -3 * X[:, 0] + 1  # perfectly anti-correlated with column 0
+    X[:, 3] = 5.0  # constant
     C = correlation_matrix(X)
     expected = np.abs(np.corrcoef(X[:, :3].T))
     np.testing.assert_allclose(C[:3, :3], expected, atol=1e-12)
@@ -183,12 +193,12 @@ def test_clusters_are_numbered_by_size_and_references_are_most_central():
 
 def test_fit_tile_against_normalised_references():
     t = np.linspace(0, 1, 10)
-    raw = np.stack([t ** 2, np.sin(3 * t)])
+    raw = np.stack([t**2, np.sin(3 * t)])
     normalised = normalise_references(raw)
     np.testing.assert_allclose(normalised.references.sum(axis=1), 0, atol=1e-12)
     np.testing.assert_allclose(np.linalg.norm(normalised.references, axis=1), 1)
     np.testing.assert_allclose(normalised.references * normalised.scale[:, None] + normalised.offset[:, None], raw)
-    block = np.stack([2 * t ** 2 + 1, -0.5 * np.sin(3 * t) + 4, np.full(10, 0.1, dtype=np.float32)], axis=1)
+    block = np.stack([2 * t**2 + 1, -0.5 * np.sin(3 * t) + 4, np.full(10, 0.1, dtype=np.float32)], axis=1)
     fit = fit_tile(block, normalised.references)
     assert fit.labels.tolist() == [0, 1, 0]
     prediction = fit.a * normalised.references[fit.labels].T + fit.b
@@ -207,10 +217,16 @@ def direct_fit_tile(block: np.ndarray, references: np.ndarray) -> dict:
     a = D[labels, np.arange(X.shape[1])]
     constant = (X == X[0]).all(axis=0)
     a[constant] = 0.0
-    sq_centred = (centred ** 2).sum(axis=0)
-    return dict(labels=labels, a=a, b=np.where(constant, X[0], mean), sq_centred=sq_centred,
-                sse=np.maximum(sq_centred - a * a, 0.0), sq_norm=(X ** 2).sum(axis=0),
-                sq_displacement=((X - X[0]) ** 2).sum(axis=0))
+    sq_centred = (centred**2).sum(axis=0)
+    return dict(
+        labels=labels,
+        a=a,
+        b=np.where(constant, X[0], mean),
+        sq_centred=sq_centred,
+        sse=np.maximum(sq_centred - a * a, 0.0),
+        sq_norm=(X**2).sum(axis=0),
+        sq_displacement=((X - X[0]) ** 2).sum(axis=0),
+    )
 
 
 def test_fit_tile_equals_the_direct_computation():
@@ -224,11 +240,11 @@ def test_fit_tile_equals_the_direct_computation():
     motion = rng.choice([1.0, 1e-3, 1e-6], n)
     W = offset + motion * (rng.standard_normal(n) * references[modes].T + 0.3 * rng.standard_normal((T, n)))
     block = W.astype(np.float32)
-    block[:, :10] = block[0, :10]             # constant columns
-    block[:, 10] = block[:, 11]               # a duplicate
+    block[:, :10] = block[0, :10]  # constant columns
+    block[:, 10] = block[:, 11]  # a duplicate
     fit, direct = fit_tile(block, references), direct_fit_tile(block, references)
     assert np.array_equal(fit.labels, direct["labels"])
-    scale = np.sqrt(direct["sq_centred"])    # how far each parameter moves
+    scale = np.sqrt(direct["sq_centred"])  # how far each parameter moves
     np.testing.assert_allclose(np.abs(fit.a - direct["a"]) / np.maximum(scale, 1e-300), 0, atol=1e-9)
     np.testing.assert_allclose(fit.b - direct["b"], 0, atol=1e-12 * np.abs(offset).max())
     assert np.array_equal(fit.b[:10], block[0, :10].astype(np.float64)) and (fit.a[:10] == 0).all()
@@ -292,9 +308,11 @@ def test_skipping_constant_columns_gives_the_same_fit_bit_for_bit(monkeypatch):
 
 # Choosing M (--modes auto) and refining the references (--refine)
 
+
 @pytest.mark.parametrize("M, noise", [(2, 1e-4), (3, 1e-4), (3, 1e-2), (5, 1e-3)])
 def test_error_curve_recovers_the_planted_number_of_modes(M, noise):
     from cmdtool.decompose import error_curve
+
     planted = plant(M=M, T=20, noise=noise, seed=0)
     N = planted.W.shape[1]
     first = sample_parameters([N], np.ones(N, bool), 300, 0)
@@ -309,6 +327,7 @@ def test_error_curve_recovers_the_planted_number_of_modes(M, noise):
 
 def test_choose_modes_takes_the_smallest_within_five_percent_of_the_best():
     from cmdtool.decompose import choose_modes
+
     assert choose_modes([1, 2, 5, 10, 20], [0.5, 0.3, 0.2, 0.161, 0.154]) == 10  # 0.161 <= 1.05 · 0.154 = 0.1617
     assert choose_modes([1, 2, 3], [0.2, 0.1, 0.1]) == 2
     assert choose_modes([1, 2, 3], [0.1, 0.2, 0.3]) == 1
@@ -316,25 +335,28 @@ def test_choose_modes_takes_the_smallest_within_five_percent_of_the_best():
 
 def test_heldout_error_is_the_fit_relative_centred_error():
     from cmdtool.decompose import heldout_error
+
     planted = plant(M=3, T=15, noise=1e-2, seed=2)
     references = normalise_references(planted.references).references
     X = planted.W
     centred = X - X.mean(axis=0)
     R = references.T  # (T, M)
     best = np.max(np.abs(R.T @ centred), axis=0)  # |<r̃_m, w − mean w>| of the mode fitted
-    expected = np.sqrt(((centred ** 2).sum(axis=0) - best ** 2).sum() / (centred ** 2).sum())
+    expected = np.sqrt(((centred**2).sum(axis=0) - best**2).sum() / (centred**2).sum())
     assert heldout_error(X, references) == pytest.approx(expected, rel=1e-9)
 
 
 def test_refinement_never_raises_the_sample_error_and_keeps_its_conventions():
     from cmdtool.decompose import find_modes, heldout_error
+
     rng = np.random.default_rng(0)
     T, K = 25, 400
     t = np.linspace(0, 1, T)[:, None]
     # Smoothly varying families of trajectories, not exact copies: the clustering's references are
     # not the least-squares best and the passes have room to improve them.
-    X = (np.sin(6 * t * rng.uniform(0.5, 1.5, K)) + rng.normal(0, 0.3, (T, K)) * t
-         + rng.normal(0, 1, K)).astype(np.float64)
+    X = (np.sin(6 * t * rng.uniform(0.5, 1.5, K)) + rng.normal(0, 0.3, (T, K)) * t + rng.normal(0, 1, K)).astype(
+        np.float64
+    )
     C = correlation_matrix(X)
     errors = []
     for passes in (0, 1, 3):
@@ -349,6 +371,7 @@ def test_refinement_never_raises_the_sample_error_and_keeps_its_conventions():
 
 def test_fit_modes_auto_writes_the_curve_and_info_shows_it(tmp_path, run_dir, runner):
     from cmdtool.cli import app
+
     result = cmdtool.fit(run_dir, tmp_path / "auto.cmd.h5", modes="auto", trajectory=tmp_path / "t.h5")
     summary = result.summary
     assert summary["modes"] == 3  # the planted number (conftest: plant() has M = 3)
@@ -366,6 +389,7 @@ def test_fit_modes_auto_writes_the_curve_and_info_shows_it(tmp_path, run_dir, ru
     assert "M = 3: smallest M within 5% of the smallest held-out error" in " ".join(info.stdout.split())
     assert f"3:{curve['rel_error'][2]:.3g}" in info.stdout
     from cmdtool.report import make_report
+
     report = make_report(tmp_path / "auto.cmd.h5", tmp_path / "report").report
     assert report["fit"]["error_curve"] == curve
     assert "**M = 3** was chosen by `--modes auto`" in (tmp_path / "report" / "report.md").read_text()

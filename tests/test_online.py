@@ -132,7 +132,8 @@ def test_update_equals_batch_fit_with_the_same_labels_and_references(tmp_path, o
         assert metrics.sse == pytest.approx(sse, rel=1e-5)
         assert metrics.rel_error == pytest.approx(np.sqrt(sse / (W ** 2).sum()), rel=1e-5)
         assert metrics.rel_error_displacement == pytest.approx(np.sqrt(sse / ((W - W[0]) ** 2).sum()), rel=1e-5)
-        mode_sse = np.bincount(labels, ((W - (a * normalised.references[labels].T + b)) ** 2).sum(0), minlength=modes.M)
+        residual = W - (a * normalised.references[labels].T + b)
+        mode_sse = np.bincount(labels, (residual ** 2).sum(0), minlength=modes.M)
         np.testing.assert_allclose(metrics.mode_sse, mode_sse, rtol=1e-4)
 
 
@@ -170,7 +171,9 @@ def warm_file(tmp_path, online_run):
 def test_cmd_update_skips_checkpoints_already_in_the_file(runner, warm_file):
     planted, run, out = warm_file
     before = digest(out)
-    result = runner.invoke(app, ["update", str(out), str(run / "epoch_3.safetensors"), str(run / "epoch_5.safetensors")])
+    result = runner.invoke(
+        app, ["update", str(out), str(run / "epoch_3.safetensors"), str(run / "epoch_5.safetensors")]
+    )
     assert result.exit_code == 0, result.output
     assert "note: already in the mode file, skipped: epoch_3.safetensors, epoch_5.safetensors" in result.stderr
     assert "nothing new" in result.stderr
@@ -191,21 +194,32 @@ def test_cmd_update_absorbs_a_folder_skipping_known_checkpoints(runner, warm_fil
 def test_cmd_update_refuses_an_earlier_checkpoint_and_leaves_the_file_untouched(runner, warm_file):
     planted, run, out = warm_file
     before = digest(out)
-    result = runner.invoke(app, ["update", str(out), str(run / "epoch_11.safetensors"), str(run / "epoch_1.safetensors")])
+    result = runner.invoke(
+        app, ["update", str(out), str(run / "epoch_11.safetensors"), str(run / "epoch_1.safetensors")]
+    )
     assert result.exit_code == 2
-    assert result.stderr.strip() == (f"error: {run / 'epoch_1.safetensors'}: comes before epoch_9.safetensors, "
-                                     f"the last checkpoint in {out}; online CMD only appends later checkpoints")
+    assert result.stderr.strip() == (
+        f"error: {run / 'epoch_1.safetensors'}: comes before epoch_9.safetensors, "
+        f"the last checkpoint in {out}; online CMD only appends later checkpoints"
+    )
     assert digest(out) == before
 
 
-@pytest.mark.parametrize("spoil, problem", [
-    (lambda s: s.update({"fc.bias": torch.zeros(11)}), "tensor 'fc.bias' is float32 [11], but float32 [10] in epoch_2.safetensors"),
-    (lambda s: s.pop("bn.weight"), "tensor 'bn.weight' is missing (present in epoch_2.safetensors)"),
-    (lambda s: s.update({"extra": torch.zeros(2)}), "tensor 'extra' is not in epoch_2.safetensors"),
-    (lambda s: s.update({"conv.bias": torch.full((8,), float("nan"))}), "tensor 'conv.bias' contains NaN values"),
-])
-def test_cmd_update_refuses_an_incompatible_checkpoint_and_leaves_the_file_untouched(runner, tmp_path, warm_file,
-                                                                                      spoil, problem):
+@pytest.mark.parametrize(
+    "spoil, problem",
+    [
+        (
+            lambda s: s.update({"fc.bias": torch.zeros(11)}),
+            "tensor 'fc.bias' is float32 [11], but float32 [10] in epoch_2.safetensors",
+        ),
+        (lambda s: s.pop("bn.weight"), "tensor 'bn.weight' is missing (present in epoch_2.safetensors)"),
+        (lambda s: s.update({"extra": torch.zeros(2)}), "tensor 'extra' is not in epoch_2.safetensors"),
+        (lambda s: s.update({"conv.bias": torch.full((8,), float("nan"))}), "tensor 'conv.bias' contains NaN values"),
+    ],
+)
+def test_cmd_update_refuses_an_incompatible_checkpoint_and_leaves_the_file_untouched(
+    runner, tmp_path, warm_file, spoil, problem
+):
     """Every new checkpoint is checked before anything is written: a good one before the bad one
     is not absorbed either."""
     planted, run, out = warm_file
@@ -215,7 +229,9 @@ def test_cmd_update_refuses_an_incompatible_checkpoint_and_leaves_the_file_untou
     spoil(state)
     save_file(state, str(bad_dir / "epoch_12.safetensors"))
     before = digest(out)
-    result = runner.invoke(app, ["update", str(out), str(run / "epoch_11.safetensors"), str(bad_dir / "epoch_12.safetensors")])
+    result = runner.invoke(
+        app, ["update", str(out), str(run / "epoch_11.safetensors"), str(bad_dir / "epoch_12.safetensors")]
+    )
     assert result.exit_code == 2, result.output
     assert result.stderr.strip() == f"error: {bad_dir / 'epoch_12.safetensors'}: {problem}"
     assert digest(out) == before
@@ -225,8 +241,10 @@ def test_cmd_update_refuses_an_incompatible_checkpoint_and_leaves_the_file_untou
 def test_cmd_update_bad_paths(runner, tmp_path, warm_file):
     planted, run, out = warm_file
     before = digest(out)
-    for args, problem in ((["nope.pt"], "nope.pt: no such file or folder"),
-                          ([str(tmp_path / "warm.h5")], "not a safetensors or torch checkpoint")):
+    for args, problem in (
+        (["nope.pt"], "nope.pt: no such file or folder"),
+        ([str(tmp_path / "warm.h5")], "not a safetensors or torch checkpoint"),
+    ):
         result = runner.invoke(app, ["update", str(out), *args])
         assert result.exit_code == 2 and problem in result.stderr, result.output
     result = runner.invoke(app, ["update", str(tmp_path / "missing.cmd.h5"), str(run)])
@@ -245,9 +263,11 @@ def test_first_update_of_a_plain_fit_needs_the_first_checkpoint(runner, tmp_path
     result = runner.invoke(app, ["update", str(out), str(run / f"epoch_{F}.safetensors")])
     assert result.exit_code == 2
     assert "needs its first checkpoint (epoch_0.safetensors)" in result.stderr
-    result = runner.invoke(app, ["update", str(out), str(run / "epoch_0.safetensors"), str(run / f"epoch_{F}.safetensors")])
+    result = runner.invoke(
+        app, ["update", str(out), str(run / "epoch_0.safetensors"), str(run / f"epoch_{F}.safetensors")]
+    )
     assert result.exit_code == 0, result.output
-    W = trajectory_of(planted)[:F + 1]
+    W = trajectory_of(planted)[: F + 1]
     with open_mode_file(out) as modes:
         W = W[:, planted.permutation(modes.layout)]
         assert modes.metrics.sq_displacement == pytest.approx(((W - W[0]) ** 2).sum(), rel=1e-12)
@@ -260,21 +280,43 @@ def test_first_update_of_a_plain_fit_needs_the_first_checkpoint(runner, tmp_path
 def test_fit_warmup_equals_fit_of_the_warmup_then_update(runner, tmp_path, online_run):
     planted, run = online_run
     online, warm = tmp_path / "online.cmd.h5", tmp_path / "warm.cmd.h5"
-    result = runner.invoke(app, ["fit", str(run), "-o", str(online), "-m", "3", "--warmup", str(F),
-                                 "--trajectory", str(tmp_path / "all.h5")])
+    result = runner.invoke(
+        app,
+        ["fit", str(run), "-o", str(online), "-m", "3", "--warmup", str(F), "--trajectory", str(tmp_path / "all.h5")],
+    )
     assert result.exit_code == 0, result.output
     assert f"modes found on the first {F} checkpoints" in result.stdout
-    assert runner.invoke(app, ["fit", str(run), "-o", str(warm), "-m", "3", "--stop", str(F),
-                               "--trajectory", str(tmp_path / "warm.h5")]).exit_code == 0
+    assert (
+        runner.invoke(
+            app,
+            ["fit", str(run), "-o", str(warm), "-m", "3", "--stop", str(F), "--trajectory", str(tmp_path / "warm.h5")],
+        ).exit_code
+        == 0
+    )
     result = runner.invoke(app, ["update", str(warm), str(run)])
     assert result.exit_code == 0, result.output
     with h5py.File(online, "r") as f, h5py.File(warm, "r") as g:
-        for name in ("a", "b", "labels", "references", "reference_offset", "reference_scale", "reference_index",
-                     "time", "mode_sizes", "online/first", "online/mode_sse_least_squares", "carried/bn.num_batches_tracked"):
+        for name in (
+            "a",
+            "b",
+            "labels",
+            "references",
+            "reference_offset",
+            "reference_scale",
+            "reference_index",
+            "time",
+            "mode_sizes",
+            "online/first",
+            "online/mode_sse_least_squares",
+            "carried/bn.num_batches_tracked",
+        ):
             np.testing.assert_array_equal(f[name][()], g[name][()], err_msg=name)
     assert cmdtool.summarize(online)["online"] == {"warmup": F, "updates": 30 - F}
     result = runner.invoke(app, ["fit", str(run), "-o", str(tmp_path / "x.h5"), "--warmup", "31"])
-    assert result.exit_code == 2 and "--warmup 31: the warm-up needs at least 2 checkpoints and at most the 30 selected" in result.stderr
+    assert (
+        result.exit_code == 2
+        and "--warmup 31: the warm-up needs at least 2 checkpoints and at most the 30 selected" in result.stderr
+    )
 
 
 def test_online_cmd_in_a_loop_equals_fit_warmup(tmp_path, online_run):
@@ -303,11 +345,16 @@ def test_online_cmd_in_a_loop_equals_fit_warmup(tmp_path, online_run):
     for name, tensor in expected.items():
         assert tensor.dtype == state[name].dtype and tensor.shape == state[name].shape
         torch.testing.assert_close(state[name], tensor, rtol=1e-5, atol=1e-5)
-    with pytest.raises(CmdError, match=r"observation 30 \(checkpoint_30.safetensors\): tensor 'fc.bias' is float32 \[3\]"):
+    with pytest.raises(
+        CmdError,
+        match=r"observation 30 \(checkpoint_30.safetensors\): tensor 'fc.bias' is float32 "
+        r"\[3\]",
+    ):
         online.observe({**states[0], "fc.bias": torch.zeros(3)})
 
     # It keeps no trajectory: cmd report says where the originals must come from, and takes them.
     from cmdtool.report import make_report
+
     with pytest.raises(CmdError, match="written by OnlineCMD, which keeps no trajectory; pass --checkpoints DIR"):
         make_report(saved, tmp_path / "report")
     report = make_report(saved, tmp_path / "report", checkpoints=run, trajectory=tmp_path / "t.h5").report
@@ -328,9 +375,12 @@ def test_watch_absorbs_complete_files_only_and_stops_at_until(tmp_path, online_r
     full = {t: (run / f"epoch_{t}.safetensors").read_bytes() for t in range(12)}
     # "half": half the bytes are written; "hold": nothing changes (a stalled writer: the file is
     # stable but does not parse); "rest": the writer finishes.
-    script = [("write", t) for t in range(F - 1)] + [("half", F - 1), ("rest", F - 1)] \
-        + [("write", t) for t in range(F, 10)] + [("half", 10), ("hold", 10), ("hold", 10), ("rest", 10),
-                                                  ("write", 11)]
+    script = (
+        [("write", t) for t in range(F - 1)]
+        + [("half", F - 1), ("rest", F - 1)]
+        + [("write", t) for t in range(F, 10)]
+        + [("half", 10), ("hold", 10), ("hold", 10), ("rest", 10), ("write", 11)]
+    )
     polls = []
 
     def sleep(seconds):
@@ -347,13 +397,28 @@ def test_watch_absorbs_complete_files_only_and_stops_at_until(tmp_path, online_r
 
     messages = []
     out = tmp_path / "w.cmd.h5"
-    watch(live, out, warmup=F, until=12, interval=0.5, modes=3, trajectory=tmp_path / "t.h5",
-          say=messages.append, sleep=sleep)
+    watch(
+        live,
+        out,
+        warmup=F,
+        until=12,
+        interval=0.5,
+        modes=3,
+        trajectory=tmp_path / "t.h5",
+        say=messages.append,
+        sleep=sleep,
+    )
     assert polls and set(polls) == {0.5}
-    assert any(m.startswith(f"fitted {out} on the warm-up epoch_0.safetensors … epoch_{F - 1}.safetensors") for m in messages)
-    assert any(m.startswith(f"waiting: {live / 'epoch_10.safetensors'}: cannot read checkpoint") for m in messages), messages
+    assert any(
+        m.startswith(f"fitted {out} on the warm-up epoch_0.safetensors … epoch_{F - 1}.safetensors") for m in messages
+    )
+    assert any(m.startswith(f"waiting: {live / 'epoch_10.safetensors'}: cannot read checkpoint") for m in messages), (
+        messages
+    )
     reference = tmp_path / "fit.cmd.h5"
-    cmdtool.fit(write_run(tmp_path / "first12", states[:12]), reference, modes=3, warmup=F, trajectory=tmp_path / "r.h5")
+    cmdtool.fit(
+        write_run(tmp_path / "first12", states[:12]), reference, modes=3, warmup=F, trajectory=tmp_path / "r.h5"
+    )
     with open_mode_file(out) as got, open_mode_file(reference) as want:
         assert got.names == want.names and got.T == 12
         np.testing.assert_array_equal(got.parameters()[0], want.parameters()[0])
@@ -374,7 +439,9 @@ def test_killing_watch_mid_update_leaves_a_readable_mode_file(tmp_path, runner):
     live.mkdir()
     write_run(live, states[:4])
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    args = _cmd("watch", live, "-o", out, "--warmup", 4, "--interval", 0.02, "-m", 3, "--trajectory", tmp_path / "t.h5")
+    args = _cmd(
+        "watch", live, "-o", out, "--warmup", 4, "--interval", 0.02, "-m", 3, "--trajectory", tmp_path / "t.h5"
+    )
 
     def start():
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
@@ -433,10 +500,12 @@ def test_update_state_does_not_grow_with_absorbed_checkpoints(tmp_path):
     for absorbed, name in ((5, "short"), (50, "long")):
         out = tmp_path / f"{name}.cmd.h5"
         cmdtool.fit(run, out, modes=3, stop=F, trajectory=tmp_path / "t.h5")
-        cmdtool.update(out, files[F:F + absorbed])
+        cmdtool.update(out, files[F : F + absorbed])
         with h5py.File(out, "r") as f:
             shapes[name] = {}
-            f.visititems(lambda key, obj: shapes[name].__setitem__(key, obj.shape) if isinstance(obj, h5py.Dataset) else None)
+            f.visititems(
+                lambda key, obj: shapes[name].__setitem__(key, obj.shape) if isinstance(obj, h5py.Dataset) else None
+            )
         tracemalloc.start()
         cmdtool.update(out, [files[F + absorbed]])
         shapes[name]["peak"] = tracemalloc.get_traced_memory()[1]
@@ -452,6 +521,7 @@ def test_update_state_does_not_grow_with_absorbed_checkpoints(tmp_path):
 
 def test_report_labels_an_online_fit_and_marks_the_warmup(tmp_path, online_run):
     from cmdtool.report import make_report
+
     planted, run = online_run
     out = tmp_path / "m.cmd.h5"
     cmdtool.fit(run, out, modes=3, stop=F, trajectory=tmp_path / "warm.h5")
@@ -459,23 +529,47 @@ def test_report_labels_an_online_fit_and_marks_the_warmup(tmp_path, online_run):
     with pytest.raises(CmdError, match="pass --checkpoints"):  # the fit's store holds the warm-up only
         make_report(out, tmp_path / "report")
     report = make_report(out, tmp_path / "report", checkpoints=run, trajectory=tmp_path / "all.h5").report
-    assert report["online"] == {"warmup": F, "updates": 30 - F, "warmup_last": f"epoch_{F - 1}.safetensors",
-                                "boundary_time": F - 0.5}
+    assert report["online"] == {
+        "warmup": F,
+        "updates": 30 - F,
+        "warmup_last": f"epoch_{F - 1}.safetensors",
+        "boundary_time": F - 0.5,
+    }
     assert report["run"]["checkpoints"] == 30
     assert report["fit"]["rel_error"] == pytest.approx(cmdtool.summarize(out)["rel_error"], rel=1e-4)
     markdown = (tmp_path / "report" / "report.md").read_text()
-    assert f"**Online fit**: modes from the first {F} checkpoints (warm-up, up to epoch_{F - 1}.safetensors)" in markdown
-    plain = make_report(cmdtool.fit(run, tmp_path / "p.cmd.h5", modes=3, trajectory=tmp_path / "all.h5").mode_file,
-                        tmp_path / "plain").report
+    assert (
+        f"**Online fit**: modes from the first {F} checkpoints (warm-up, up to epoch_{F - 1}.safetensors)" in markdown
+    )
+    plain = make_report(
+        cmdtool.fit(run, tmp_path / "p.cmd.h5", modes=3, trajectory=tmp_path / "all.h5").mode_file, tmp_path / "plain"
+    ).report
     assert plain["online"] is None
 
 
-@pytest.mark.parametrize("command, expected", [
-    (["update"], ["MODEFILE", "NEW...", "--json"]),
-    (["watch"], ["--output", "--warmup", "--until", "--interval", "--modes", "--samples", "--seed", "--include",
-                 "--exclude", "--trajectory", "--force"]),
-    (["fit"], ["--warmup"]),
-])
+@pytest.mark.parametrize(
+    "command, expected",
+    [
+        (["update"], ["MODEFILE", "NEW...", "--json"]),
+        (
+            ["watch"],
+            [
+                "--output",
+                "--warmup",
+                "--until",
+                "--interval",
+                "--modes",
+                "--samples",
+                "--seed",
+                "--include",
+                "--exclude",
+                "--trajectory",
+                "--force",
+            ],
+        ),
+        (["fit"], ["--warmup"]),
+    ],
+)
 def test_help_lists_the_online_options(runner, command, expected):
     result = runner.invoke(app, command + ["--help"], terminal_width=200)
     assert result.exit_code == 0, result.output
@@ -497,6 +591,7 @@ def test_update_of_an_ema_fit_reads_the_ema_weights(tmp_path, runner):
         weights = {k: (v - 1000.0 if v.is_floating_point() else v) for k, v in state.items()}
         torch.save({"epoch": t, "state_dict": weights, "state_dict_ema": state}, run / f"checkpoint-{t}.pth.tar")
     whole, part = tmp_path / "whole.cmd.h5", tmp_path / "part.cmd.h5"
+
     def cmd(*args):
         result = runner.invoke(app, [str(a) for a in args])
         assert result.exit_code == 0, result.stderr
@@ -516,10 +611,16 @@ def test_update_with_numpy_safetensors_never_imports_torch(tmp_path, online_run)
     planted, run = online_run
     out = tmp_path / "w.cmd.h5"
     cmdtool.fit(run, out, modes=3, warmup=F, stop=F + 2, trajectory=tmp_path / "t.h5")
-    code = ("import sys, cmdtool; cmdtool.update(sys.argv[1], [sys.argv[2]]); "
-            "print('torch' in sys.modules, cmdtool.summarize(sys.argv[1])['checkpoints'])")
-    printed = subprocess.run([sys.executable, "-c", code, str(out), str(run / f"epoch_{F + 2}.safetensors")],
-                             capture_output=True, text=True, check=True).stdout
+    code = (
+        "import sys, cmdtool; cmdtool.update(sys.argv[1], [sys.argv[2]]); "
+        "print('torch' in sys.modules, cmdtool.summarize(sys.argv[1])['checkpoints'])"
+    )
+    printed = subprocess.run(
+        [sys.executable, "-c", code, str(out), str(run / f"epoch_{F + 2}.safetensors")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert printed.split() == ["False", str(F + 3)]
 
 
@@ -532,7 +633,15 @@ def test_watch_never_takes_last_ckpt_for_a_checkpoint(tmp_path, online_run):
         (live / f"epoch_{t}.safetensors").write_bytes((run / f"epoch_{t}.safetensors").read_bytes())
     (live / "last.ckpt").write_bytes((run / f"epoch_{F + 1}.safetensors").read_bytes())
     out = tmp_path / "w.cmd.h5"
-    watch(live, out, warmup=F, until=F + 2, interval=0.01, modes=3, trajectory=tmp_path / "t.h5",
-          sleep=lambda seconds: None)
+    watch(
+        live,
+        out,
+        warmup=F,
+        until=F + 2,
+        interval=0.01,
+        modes=3,
+        trajectory=tmp_path / "t.h5",
+        sleep=lambda seconds: None,
+    )
     with open_mode_file(out) as modes:
         assert modes.names == [f"epoch_{t}.safetensors" for t in range(F + 2)]

@@ -20,7 +20,6 @@ from cmdtool.cli import app
 from cmdtool.errors import CmdError
 from cmdtool.modefile import open_mode_file
 from cmdtool.reconstruct import parse_at, state_dict_at
-
 from helpers import SHAPES, write_run
 
 EPS32 = 2.0 ** -23  # float32 machine epsilon

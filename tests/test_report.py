@@ -356,17 +356,43 @@ def test_thresholds_at_the_measured_values_pass(fitted, runner, tmp_path):
     r = read_report(fitted.evaluated)
     error, displacement = r["fit"]["rel_error"], r["fit"]["rel_error_displacement"]
     total = r["evaluation"]["candidates"]["cmd"]["sum"]
-    result = ok(cmd(runner, "report", fitted.mode_file, "-o", tmp_path / "out", "--eval", f"{fitted.evaluate_file}:evaluate",
-                    "--max-rel-error", repr(error), "--max-rel-error-displacement", repr(displacement),
-                    "--require", f"sum>={total!r}", "--require", "steps<=1100"))
+    result = ok(
+        cmd(
+            runner,
+            "report",
+            fitted.mode_file,
+            "-o",
+            tmp_path / "out",
+            "--eval",
+            f"{fitted.evaluate_file}:evaluate",
+            "--max-rel-error",
+            repr(error),
+            "--max-rel-error-displacement",
+            repr(displacement),
+            "--require",
+            f"sum>={total!r}",
+            "--require",
+            "steps<=1100",
+        )
+    )
     assert "threshold failed" not in result.stderr
     report = read_report(tmp_path / "out")
     assert report["passed"] is True
-    assert [(t["option"], t["metric"], t["op"], t["threshold"], t["value"], t["passed"]) for t in report["thresholds"]] == [
+    assert [
+        (t["option"], t["metric"], t["op"], t["threshold"], t["value"], t["passed"]) for t in report["thresholds"]
+    ] == [
         (f"--max-rel-error {error!r}", "rel_error", "<=", error, error, True),
-        (f"--max-rel-error-displacement {displacement!r}", "rel_error_displacement", "<=", displacement, displacement, True),
+        (
+            f"--max-rel-error-displacement {displacement!r}",
+            "rel_error_displacement",
+            "<=",
+            displacement,
+            displacement,
+            True,
+        ),
         (f"--require sum>={total!r}", "sum", ">=", total, total, True),
-        ("--require steps<=1100", "steps", "<=", 1100.0, 1100.0, True)]
+        ("--require steps<=1100", "steps", "<=", 1100.0, 1100.0, True),
+    ]
     assert result.stdout.count("pass: ") == 4
 
 
@@ -376,17 +402,33 @@ def test_thresholds_just_past_the_measured_values_fail(fitted, runner, tmp_path)
     total = r["evaluation"]["candidates"]["cmd"]["sum"]
     below, below_displacement = np.nextafter(error, 0), np.nextafter(displacement, 0)
     above_total = np.nextafter(total, math.inf)
-    result = cmd(runner, "report", fitted.mode_file, "-o", tmp_path / "out", "--eval", f"{fitted.evaluate_file}:evaluate",
-                 "--max-rel-error", repr(float(below)), "--max-rel-error-displacement", repr(float(below_displacement)),
-                 "--require", f"sum>={float(above_total)!r}", "--require", "steps<=1099.5")
+    result = cmd(
+        runner,
+        "report",
+        fitted.mode_file,
+        "-o",
+        tmp_path / "out",
+        "--eval",
+        f"{fitted.evaluate_file}:evaluate",
+        "--max-rel-error",
+        repr(float(below)),
+        "--max-rel-error-displacement",
+        repr(float(below_displacement)),
+        "--require",
+        f"sum>={float(above_total)!r}",
+        "--require",
+        "steps<=1099.5",
+    )
     assert result.exit_code == 1, result.output
     failed = [line for line in result.stderr.splitlines() if line.startswith("threshold failed")]
     assert failed == [  # the exact value compared, and the threshold as given
         f"threshold failed: rel_error = {error!r}, required <= {float(below)!r} (--max-rel-error {float(below)!r})",
         f"threshold failed: rel_error_displacement = {displacement!r}, required <= {float(below_displacement)!r} "
         f"(--max-rel-error-displacement {float(below_displacement)!r})",
-        f"threshold failed: sum = {total!r}, required >= {float(above_total)!r} (--require sum>={float(above_total)!r})",
-        "threshold failed: steps = 1100.0, required <= 1099.5 (--require steps<=1099.5)"]
+        f"threshold failed: sum = {total!r}, required >= {float(above_total)!r} (--require "
+        f"sum>={float(above_total)!r})",
+        "threshold failed: steps = 1100.0, required <= 1099.5 (--require steps<=1099.5)",
+    ]
     for name in ("report.json", "report.md", "report.html"):  # the report is written all the same
         assert (tmp_path / "out" / name).is_file()
     report = read_report(tmp_path / "out")
@@ -396,23 +438,37 @@ def test_thresholds_just_past_the_measured_values_fail(fitted, runner, tmp_path)
 
 def test_one_failed_threshold_fails_the_run(fitted, runner, tmp_path):
     error = read_report(fitted.plain)["fit"]["rel_error"]
-    result = cmd(runner, "report", fitted.mode_file, "-o", tmp_path / "out", "--max-rel-error", "0.5",
-                 "--max-rel-error-displacement", "1e-9")
+    result = cmd(
+        runner,
+        "report",
+        fitted.mode_file,
+        "-o",
+        tmp_path / "out",
+        "--max-rel-error",
+        "0.5",
+        "--max-rel-error-displacement",
+        "1e-9",
+    )
     assert result.exit_code == 1
     assert [line for line in result.stderr.splitlines() if line.startswith("threshold failed")] == [
-        f"threshold failed: rel_error_displacement = {read_report(tmp_path / 'out')['fit']['rel_error_displacement']!r}, "
-        "required <= 1e-09 (--max-rel-error-displacement 1e-09)"]
+        "threshold failed: rel_error_displacement = "
+        f"{read_report(tmp_path / 'out')['fit']['rel_error_displacement']!r}, "
+        "required <= 1e-09 (--max-rel-error-displacement 1e-09)"
+    ]
     report = read_report(tmp_path / "out")
     assert [t["passed"] for t in report["thresholds"]] == [True, False] and report["passed"] is False
     assert report["thresholds"][0]["value"] == error
 
 
-@pytest.mark.parametrize("text, expected", [
-    ("accuracy>=0.9", ("--require accuracy>=0.9", "accuracy", ">=", 0.9)),
-    (" loss <= 1e-2 ", ("--require loss <= 1e-2", "loss", "<=", 0.01)),
-    ("top1>-inf", ("--require top1>-inf", "top1", ">", -math.inf)),
-    ("x<3", ("--require x<3", "x", "<", 3.0)),
-])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("accuracy>=0.9", ("--require accuracy>=0.9", "accuracy", ">=", 0.9)),
+        (" loss <= 1e-2 ", ("--require loss <= 1e-2", "loss", "<=", 0.01)),
+        ("top1>-inf", ("--require top1>-inf", "top1", ">", -math.inf)),
+        ("x<3", ("--require x<3", "x", "<", 3.0)),
+    ],
+)
 def test_parse_requirement(text, expected):
     assert tuple(parse_requirement(text)) == expected
 
@@ -428,31 +484,69 @@ BAD_EVALUATIONS = {
 }
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--require", "sum>=0"], "--require needs --eval: it checks a metric of the evaluated CMD weights"),
-    (["--eval", "{checksum}:evaluate", "--require", "accuracy>=0.5"],
-     "--require accuracy>=0.5: the evaluation has no metric 'accuracy' (it returned fc, steps, steps_int64, sum)"),
-    (["--require", "sum=>0"], "--require 'sum=>0': expected METRIC>=VALUE (or <=, >, <), e.g. accuracy>=0.9"),
-    (["--require", "sum>=1.2.3"], "--require 'sum>=1.2.3': '1.2.3' is not a number"),
-    (["--eval", "evaluate"], "--eval 'evaluate': expected module:function or path.py:function"),
-    (["--eval", "{tmp}/missing.py:evaluate"], "--eval '{tmp}/missing.py:evaluate': {tmp}/missing.py: no such file"),
-    (["--eval", "{checksum}:nothing"], "--eval '{checksum}:nothing': {checksum} has no function 'nothing'"),
-    (["--eval", "{tmp}/broken.py:evaluate"],
-     "--eval '{tmp}/broken.py:evaluate': importing {tmp}/broken.py failed: RuntimeError: boom at import"),
-    (["--eval", "cmdtool_no_such_module:evaluate"], "--eval 'cmdtool_no_such_module:evaluate': importing "
-     "cmdtool_no_such_module failed: ModuleNotFoundError: No module named 'cmdtool_no_such_module'"),
-    (["--eval", "{tmp}/raises.py:evaluate"],
-     "--eval {tmp}/raises.py:evaluate: failed on checkpoint epoch_0.safetensors: ValueError: bad weights"),
-    (["--eval", "{tmp}/listing.py:evaluate"],
-     "--eval {tmp}/listing.py:evaluate: returned list on checkpoint epoch_0.safetensors, expected a dict of metrics"),
-    (["--eval", "{tmp}/empty.py:evaluate"],
-     "--eval {tmp}/empty.py:evaluate: returned dict on checkpoint epoch_0.safetensors, expected a dict of metrics"),
-    (["--eval", "{tmp}/words.py:evaluate"],
-     "--eval {tmp}/words.py:evaluate: metric 'acc' on checkpoint epoch_0.safetensors is 'high', not a number"),
-    (["--ema-decay", "1"], "--tail must be at least 1 and --ema-decay between 0 and 1 (exclusive)"),
-], ids=["require-without-eval", "unknown-metric", "malformed-require", "require-not-a-number", "eval-no-colon",
-        "eval-missing-file", "eval-missing-function", "eval-file-import-error", "eval-module-import-error",
-        "eval-raises", "eval-returns-list", "eval-returns-empty", "eval-returns-text", "ema-decay"])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--require", "sum>=0"], "--require needs --eval: it checks a metric of the evaluated CMD weights"),
+        (
+            ["--eval", "{checksum}:evaluate", "--require", "accuracy>=0.5"],
+            "--require accuracy>=0.5: the evaluation has no metric 'accuracy' "
+            "(it returned fc, steps, steps_int64, sum)",
+        ),
+        (["--require", "sum=>0"], "--require 'sum=>0': expected METRIC>=VALUE (or <=, >, <), e.g. accuracy>=0.9"),
+        (["--require", "sum>=1.2.3"], "--require 'sum>=1.2.3': '1.2.3' is not a number"),
+        (["--eval", "evaluate"], "--eval 'evaluate': expected module:function or path.py:function"),
+        (
+            ["--eval", "{tmp}/missing.py:evaluate"],
+            "--eval '{tmp}/missing.py:evaluate': {tmp}/missing.py: no such file",
+        ),
+        (["--eval", "{checksum}:nothing"], "--eval '{checksum}:nothing': {checksum} has no function 'nothing'"),
+        (
+            ["--eval", "{tmp}/broken.py:evaluate"],
+            "--eval '{tmp}/broken.py:evaluate': importing {tmp}/broken.py failed: RuntimeError: boom at import",
+        ),
+        (
+            ["--eval", "cmdtool_no_such_module:evaluate"],
+            "--eval 'cmdtool_no_such_module:evaluate': importing "
+            "cmdtool_no_such_module failed: ModuleNotFoundError: No module named 'cmdtool_no_such_module'",
+        ),
+        (
+            ["--eval", "{tmp}/raises.py:evaluate"],
+            "--eval {tmp}/raises.py:evaluate: failed on checkpoint epoch_0.safetensors: ValueError: bad weights",
+        ),
+        (
+            ["--eval", "{tmp}/listing.py:evaluate"],
+            "--eval {tmp}/listing.py:evaluate: returned list on checkpoint epoch_0.safetensors, "
+            "expected a dict of metrics",
+        ),
+        (
+            ["--eval", "{tmp}/empty.py:evaluate"],
+            "--eval {tmp}/empty.py:evaluate: returned dict on checkpoint epoch_0.safetensors, "
+            "expected a dict of metrics",
+        ),
+        (
+            ["--eval", "{tmp}/words.py:evaluate"],
+            "--eval {tmp}/words.py:evaluate: metric 'acc' on checkpoint epoch_0.safetensors is 'high', not a number",
+        ),
+        (["--ema-decay", "1"], "--tail must be at least 1 and --ema-decay between 0 and 1 (exclusive)"),
+    ],
+    ids=[
+        "require-without-eval",
+        "unknown-metric",
+        "malformed-require",
+        "require-not-a-number",
+        "eval-no-colon",
+        "eval-missing-file",
+        "eval-missing-function",
+        "eval-file-import-error",
+        "eval-module-import-error",
+        "eval-raises",
+        "eval-returns-list",
+        "eval-returns-empty",
+        "eval-returns-text",
+        "ema-decay",
+    ],
+)
 def test_bad_input_writes_no_report(fitted, runner, tmp_path, monkeypatch, args, message):
     monkeypatch.setattr(sys, "path", list(sys.path))  # importing a module:function adds the current folder
     for name, text in BAD_EVALUATIONS.items():
@@ -485,9 +579,15 @@ def test_existing_report_folder_needs_force(fitted, runner, tmp_path):
 
     a_file = tmp_path / "a-file"
     a_file.write_text("x")
-    assert error_line(cmd(runner, "report", fitted.mode_file, "-o", a_file)) == f"{a_file}: is a file, expected a report folder"
+    assert (
+        error_line(cmd(runner, "report", fitted.mode_file, "-o", a_file))
+        == f"{a_file}: is a file, expected a report folder"
+    )
     nowhere = tmp_path / "missing" / "report"
-    assert error_line(cmd(runner, "report", fitted.mode_file, "-o", nowhere)) == f"{nowhere.parent}: no such folder for the report"
+    assert (
+        error_line(cmd(runner, "report", fitted.mode_file, "-o", nowhere))
+        == f"{nowhere.parent}: no such folder for the report"
+    )
 
 
 COMPARED = ("run", "fit", "per_checkpoint", "per_tensor", "modes", "baselines")
@@ -499,8 +599,10 @@ def test_deleted_store_points_to_checkpoints_which_give_the_same_report(fitted, 
     store.unlink()
     out = tmp_path / "report"
     message = error_line(cmd(runner, "report", mode_file, "-o", out))
-    assert message == (f"{store}: the trajectory store this mode file was fitted from is gone (it is a cache); "
-                       "pass --checkpoints DIR to read the checkpoints again")
+    assert message == (
+        f"{store}: the trajectory store this mode file was fitted from is gone (it is a cache); "
+        "pass --checkpoints DIR to read the checkpoints again"
+    )
     assert_no_report(out)
 
     ok(cmd(runner, "report", mode_file, "-o", out, "--checkpoints", fitted.run))
@@ -516,12 +618,15 @@ def test_store_of_other_checkpoints_is_refused(fitted, runner, tmp_path):
     ok(cmd(runner, "fit", fitted.run, "-o", mode_file, "-m", M, "--stop", 5, "--trajectory", tmp_path / "first5.h5"))
     out = tmp_path / "report"
     message = error_line(cmd(runner, "report", mode_file, "-o", out, "--trajectory", fitted.store))
-    assert message == (f"{fitted.store}: does not hold the checkpoints this mode file was fitted on (checkpoint "
-                       "names, times or tensors differ); pass --checkpoints with the folder given to cmd fit")
+    assert message == (
+        f"{fitted.store}: does not hold the checkpoints this mode file was fitted on (checkpoint "
+        "names, times or tensors differ); pass --checkpoints with the folder given to cmd fit"
+    )
     assert_no_report(out)
 
 
 # 6. outputs: HTML, plots, Markdown, step summary, --json
+
 
 class _Tags(HTMLParser):
     def __init__(self):
@@ -540,15 +645,22 @@ def test_html_is_self_contained(fitted):
     parser.feed(page)
     names = {tag for tag, _ in parser.tags}
     assert not names & {"link", "script", "iframe", "object", "embed", "base", "source", "video", "audio"}
-    referencing = [(tag, key, value) for tag, attrs in parser.tags for key, value in attrs.items()
-                   if key in ("src", "href", "srcset", "action", "data", "poster", "background")]
+    referencing = [
+        (tag, key, value)
+        for tag, attrs in parser.tags
+        for key, value in attrs.items()
+        if key in ("src", "href", "srcset", "action", "data", "poster", "background")
+    ]
     assert referencing and all(value.startswith("data:") for _, _, value in referencing), referencing
     outside_data = re.sub(r"data:image/png;base64,[A-Za-z0-9+/=]+", "", page)
     for pattern in ("http://", "https://", "//", "url(", "@import"):
         assert pattern not in outside_data, pattern
 
-    embedded = [base64.b64decode(attrs["src"].removeprefix("data:image/png;base64,"))
-                for tag, attrs in parser.tags if tag == "img"]
+    embedded = [
+        base64.b64decode(attrs["src"].removeprefix("data:image/png;base64,"))
+        for tag, attrs in parser.tags
+        if tag == "img"
+    ]
     plots = read_report(folder)["plots"]
     assert sorted(embedded) == sorted((folder / name).read_bytes() for name in plots.values())  # all of them, inline
 
@@ -559,10 +671,15 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 
 def test_plots_are_valid_png(fitted):
-    everything = {"references": "references.png", "errors": "error_per_checkpoint.png",
-                  "mode_layers": "modes_by_layer.png", "correlation": "correlation.png",
-                  "parameters": "sampled_parameters.png", "metric": "metric_per_checkpoint.png",
-                  "candidates": "candidates_per_epoch.png"}
+    everything = {
+        "references": "references.png",
+        "errors": "error_per_checkpoint.png",
+        "mode_layers": "modes_by_layer.png",
+        "correlation": "correlation.png",
+        "parameters": "sampled_parameters.png",
+        "metric": "metric_per_checkpoint.png",
+        "candidates": "candidates_per_epoch.png",
+    }
     plain = {k: v for k, v in everything.items() if k not in ("metric", "candidates")}
     for folder, expected in ((fitted.evaluated, everything), (fitted.plain, plain)):
         plots = read_report(folder)["plots"]
@@ -590,8 +707,11 @@ def test_markdown_tables_plots_and_numbers(fitted):
     text = (fitted.evaluated / "report.md").read_text()
     rows = markdown_rows(text)
     cmd_row, pca_rows = rows[f"CMD, {M} modes"], [rows["PCA d=1"], rows["PCA d=2"]]
-    assert cmd_row[3:] == [f"{r['compactness']['compression_ratio_modelled']:.1f}×", f"{r['fit']['rel_error']:.4g}",
-                           f"{r['fit']['rel_error_displacement']:.4g}"]
+    assert cmd_row[3:] == [
+        f"{r['compactness']['compression_ratio_modelled']:.1f}×",
+        f"{r['fit']['rel_error']:.4g}",
+        f"{r['fit']['rel_error_displacement']:.4g}",
+    ]
     for row, p in zip(pca_rows, r["baselines"]["pca"]):
         assert row[1] == str(p["d"] + 1)
         assert row[4:] == [f"{p['rel_error']:.4g}", f"{p['rel_error_displacement']:.4g}"]
@@ -609,7 +729,8 @@ def test_markdown_tables_plots_and_numbers(fitted):
     for k in ("sum", "fc"):  # the best candidate of each metric is marked in bold (here: the largest value)
         best = max(scores[k] for scores in r["evaluation"]["candidates"].values())
         assert [rows[name][2 + ("sum", "fc").index(k)].startswith("**") for name in r["evaluation"]["candidates"]] == [
-            scores[k] == best for scores in r["evaluation"]["candidates"].values()]
+            scores[k] == best for scores in r["evaluation"]["candidates"].values()
+        ]
     assert not any(rows[name][4].startswith("**") for name in r["evaluation"]["candidates"])  # steps: all equal
     for layer in r["per_tensor"]:
         assert rows[layer["name"]][2] == f"{layer['rel_error']:.4g}"
@@ -622,8 +743,10 @@ def test_step_summary_is_appended(fitted, runner, tmp_path, monkeypatch):
     for name in ("first", "second"):
         ok(cmd(runner, "report", fitted.mode_file, "-o", tmp_path / name))
     text = summary.read_text()
-    parts = [(tmp_path / name / "summary.md").read_text() + f"\nFull report: `{tmp_path / name / 'report.html'}`\n\n"
-             for name in ("first", "second")]
+    parts = [
+        (tmp_path / name / "summary.md").read_text() + f"\nFull report: `{tmp_path / name / 'report.html'}`\n\n"
+        for name in ("first", "second")
+    ]
     assert text == "# earlier step\n\nkept\n" + parts[0] + parts[1]
     assert text.count("| model |") == 2 and text.count(f"| CMD, {M} modes |") == 2
     assert "![" not in text  # no image links: the summary has no folder to resolve them against

@@ -16,7 +16,10 @@ def test_sample_run_is_a_small_real_training_run():
     files = sorted(SAMPLES.glob("epoch_*.safetensors"))
     assert len(files) == 41
     assert sum(p.stat().st_size for p in SAMPLES.iterdir() if p.is_file()) < 10e6
-    first, last = evaluate(load_file(SAMPLES / "epoch_0.safetensors")), evaluate(load_file(SAMPLES / "epoch_40.safetensors"))
+    first, last = (
+        evaluate(load_file(SAMPLES / "epoch_0.safetensors")),
+        evaluate(load_file(SAMPLES / "epoch_40.safetensors")),
+    )
     assert set(last) == {"val", "test"}  # held-out data split to choose on one half and report the other
     for split in ("val", "test"):
         assert first[split]["accuracy"] < 0.2  # it trained ...

@@ -122,14 +122,16 @@ def test_huggingface_online_fit_and_update(hf_run, tmp_path):
     assert_loaded_equals_reconstruction(GPT2LMHeadModel.from_pretrained(folder).state_dict(), mode_file)
 
     partial = tmp_path / "partial.cmd.h5"
-    cmd("fit", hf_run, "-o", partial, "--modes", 3, "--samples", 200, "--stop", 2, "--trajectory", tmp_path / "first.h5")
+    cmd("fit", hf_run, "-o", partial, "--modes", 3, "--samples", 200, "--stop", 2,
+        "--trajectory", tmp_path / "first.h5")
     cmd("update", partial, hf_run / "checkpoint-6")  # one Hugging Face folder, named directly
     assert cmdtool.summarize(partial)["checkpoint_names"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
     updated, warmed = cmdtool.reconstruct(partial), cmdtool.reconstruct(mode_file)
     assert all(torch.equal(updated[name], warmed[name]) for name in warmed)
     cmd("reconstruct", partial, "-o", tmp_path / "updated", "--at", "last")
     assert_loaded_equals_reconstruction(
-        GPT2LMHeadModel.from_pretrained(tmp_path / "updated" / "checkpoint-6").state_dict(), partial)
+        GPT2LMHeadModel.from_pretrained(tmp_path / "updated" / "checkpoint-6").state_dict(), partial
+    )
 
 
 @pytest.fixture(scope="module")
@@ -153,7 +155,9 @@ def test_huggingface_sharded_folder(hf_sharded_run, tmp_path):
     index = json.loads((folder / "model.safetensors.index.json").read_text())
     source_index = json.loads((source / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == source_index["weight_map"]
-    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in cmdtool.reconstruct(mode_file).values())
+    assert index["metadata"]["total_size"] == sum(
+        t.numel() * t.element_size() for t in cmdtool.reconstruct(mode_file).values()
+    )
     for shard in shards:
         assert safe_open(str(folder / shard), "pt").metadata() == {"format": "pt"}
     assert_loaded_equals_reconstruction(GPT2LMHeadModel.from_pretrained(folder).state_dict(), mode_file)
@@ -188,8 +192,9 @@ class TinyRegression(pl.LightningModule):
     def __init__(self, hidden: int = 4, lr: float = 0.1):
         super().__init__()
         self.save_hyperparameters()
-        self.net = torch.nn.Sequential(torch.nn.Linear(3, hidden), torch.nn.BatchNorm1d(hidden),
-                                       torch.nn.Linear(hidden, 1))
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(3, hidden), torch.nn.BatchNorm1d(hidden), torch.nn.Linear(hidden, 1)
+        )
 
     def training_step(self, batch, index):
         x, y = batch
@@ -208,9 +213,15 @@ def lightning_run(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     x = torch.randn(32, 3)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True)), batch_size=8)
-    trainer = pl.Trainer(max_epochs=5, default_root_dir=root, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, accelerator="cpu",
-                         callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", save_top_k=-1, save_last=True)])
+    trainer = pl.Trainer(
+        max_epochs=5,
+        default_root_dir=root,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        accelerator="cpu",
+        callbacks=[ModelCheckpoint(dirpath=root / "checkpoints", save_top_k=-1, save_last=True)],
+    )
     trainer.fit(TinyRegression(hidden=5, lr=0.05), data)
     return root / "checkpoints"
 
@@ -218,10 +229,12 @@ def lightning_run(tmp_path_factory) -> Path:
 def test_lightning_model_checkpoint_folder(lightning_run, tmp_path):
     found = discover(lightning_run)
     assert [(c.name, c.time, c.stack) for c in found.checkpoints] == [
-        (f"epoch={e}-step={4 * (e + 1)}.ckpt", 4 * (e + 1), "lightning") for e in range(5)]
+        (f"epoch={e}-step={4 * (e + 1)}.ckpt", 4 * (e + 1), "lightning") for e in range(5)
+    ]
     assert found.time_source == "global_step"
     assert [(s.path.name, s.reason) for s in found.skipped] == [
-        ("last.ckpt", "Lightning's copy of the latest checkpoint (save_last)")]
+        ("last.ckpt", "Lightning's copy of the latest checkpoint (save_last)")
+    ]
 
     mode_file, [path], stderr = fit_and_reconstruct(lightning_run, tmp_path)
     assert path.name == "epoch=4-step=20.ckpt"
@@ -279,9 +292,15 @@ def timm_run(tmp_path_factory) -> Path:
     run = tmp_path_factory.mktemp("timm") / "output"
     run.mkdir()
     for epoch, (state, ema) in enumerate(train_states()):
-        checkpoint = {"epoch": epoch, "arch": "small", "state_dict": state, "state_dict_ema": ema,
-                      "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
-                      "version": 2, "metric": 50.0 + epoch}
+        checkpoint = {
+            "epoch": epoch,
+            "arch": "small",
+            "state_dict": state,
+            "state_dict_ema": ema,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 0.1, "params": [0, 1]}]},
+            "version": 2,
+            "metric": 50.0 + epoch,
+        }
         torch.save(checkpoint, run / f"checkpoint-{epoch}.pth.tar")
     shutil.copy(run / "checkpoint-5.pth.tar", run / "last.pth.tar")
     shutil.copy(run / "checkpoint-3.pth.tar", run / "model_best.pth.tar")
@@ -293,8 +312,13 @@ def timm_run(tmp_path_factory) -> Path:
 def test_timm_folder(timm_run, tmp_path, ema):
     found = discover(timm_run)
     assert [(c.name, c.time, c.stack) for c in found.checkpoints] == [
-        (f"checkpoint-{e}.pth.tar", e, "timm") for e in range(6)]
-    assert sorted(s.path.name for s in found.skipped) == ["last.pth.tar", "model_best.pth.tar", "recovery-2-10.pth.tar"]
+        (f"checkpoint-{e}.pth.tar", e, "timm") for e in range(6)
+    ]
+    assert sorted(s.path.name for s in found.skipped) == [
+        "last.pth.tar",
+        "model_best.pth.tar",
+        "recovery-2-10.pth.tar",
+    ]
     key = "state_dict_ema" if ema else "state_dict"
     mode_file, [path], stderr = fit_and_reconstruct(timm_run, tmp_path, *(["--ema"] if ema else []))
     assert path.name == "checkpoint-5.pth.tar"
@@ -321,7 +345,9 @@ def test_plain_folder_keeps_prefixes(tmp_path, wrap):
     torch.save({"lr": 0.1}, run / "optimizer.pt")  # training state: skipped, never loaded
     found = discover(run)
     assert [c.stack for c in found.checkpoints] == ["plain"] * 6
-    assert [(s.path.name, s.reason) for s in found.skipped] == [("optimizer.pt", "training state, not weights (not loaded)")]
+    assert [(s.path.name, s.reason) for s in found.skipped] == [
+        ("optimizer.pt", "training state, not weights (not loaded)")
+    ]
     mode_file, [path], _ = fit_and_reconstruct(run, tmp_path)
     written = torch.load(path, weights_only=True)
     assert all(k.startswith(prefix) for k in written)

@@ -10,7 +10,6 @@ from typing import Sequence
 
 import numpy as np
 
-from ..version import __version__
 from ..decompose import correlation_matrix, sample_parameters
 from ..errors import CmdError
 from ..fitting import group_step, tile_width
@@ -18,8 +17,8 @@ from ..modefile import ModeFile, embedding_summary
 from ..modes import model_values
 from ..progress import Progress
 from ..trajectory import TrajectoryStore, moving_parameters
-from . import metrics
-from . import candidates, selection_blocks
+from ..version import __version__
+from . import candidates, metrics, selection_blocks
 from .document import blocks, embedding_note, notes
 from .evaluation import Evaluate, Requirement, Thresholds, run_evaluate
 from .metrics import PCA_RANKS
@@ -118,7 +117,8 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
         counts = measured.mode_layer_counts[m]
         mode_rows.append({
             "mode": m, "parameters": int(counts.sum()), "share": counts.sum() / N,
-            "mean_abs_corr": measured.mode_abs_corr_sum[m] / measured.mode_varying[m] if measured.mode_varying[m] else None,
+            "mean_abs_corr": (measured.mode_abs_corr_sum[m] / measured.mode_varying[m]
+                              if measured.mode_varying[m] else None),
             "constant_members": int(counts.sum() - measured.mode_varying[m]),
             "reference": {"tensor": name, "index": list(index), "column": int(modes.reference_index[m])},
             "layers": {spec.name: int(c) for spec, c in zip(tensors, counts)}})
@@ -154,7 +154,8 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
 
     # 6. Plots.
     files = {}
-    raw_references = modes.references.astype(np.float64) * modes.reference_scale[:, None] + modes.reference_offset[:, None]
+    raw_references = (modes.references.astype(np.float64) * modes.reference_scale[:, None]
+                      + modes.reference_offset[:, None])
     plots.references(time, raw_references, modes.mode_sizes, folder / PLOTS["references"])
     files["references"] = PLOTS["references"]
     series = {"CMD": metrics.ratio(measured.error_sq, measured.norm_sq)}
@@ -186,7 +187,8 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
     embedding = embedding_summary(modes)
     report_notes = notes(layout, evaluation) + ([embedding_note(embedding, modes.names)] if embedding else [])
     if online:
-        report_notes.append(f"Online fit (paper §3.3): the modes and references were found on the first {online['warmup']} "
+        report_notes.append("Online fit (paper §3.3): the modes and references were found on the first "
+                            f"{online['warmup']} "
                      f"checkpoints (up to {online['warmup_last']}, the dotted line in the error plot); "
                      f"a, b were then updated exactly with each of the {online['updates']} later checkpoints, "
                      "so errors after the warm-up show how well the warm-up's modes carry on.")

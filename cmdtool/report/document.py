@@ -8,6 +8,7 @@ from pathlib import Path
 from . import selection_blocks
 from .render import Heading, Image, Paragraph, Table
 
+
 def embedding_note(e: dict, names: list[str]) -> str:
     """Embedded CMD (paper §3.4): how much was embedded, and when (``embedding.fraction`` in report.json)."""
     steps = [f"{100 * f:.0f}% after {n}" for i, (f, n) in enumerate(zip(e["fraction"], names))
@@ -25,7 +26,8 @@ def notes(layout, evaluation: dict | None) -> list[str]:
     statistics = [s.name for s in layout.modelled if s.name.endswith(("running_mean", "running_var"))]
     evaluated = evaluation is not None
     if statistics and evaluated:
-        notes.append(f"BatchNorm running statistics ({len(statistics)} tensor{'s' * (len(statistics) > 1)}) are modelled by CMD and averaged "
+        notes.append(f"BatchNorm running statistics ({len(statistics)} tensor{'s' * (len(statistics) > 1)}) are "
+                     "modelled by CMD and averaged "
                      "by the averaging baselines like any other weight; they are not recalibrated on data.")
     if evaluated and any(s.dtype == "float64" for s in layout.modelled):
         notes.append("Original checkpoints are scored from the trajectory store, which holds float64 tensors "
@@ -94,7 +96,8 @@ def blocks(r: dict) -> tuple[list, list]:
                   "PCA of the trajectory (mean + d principal directions, as in DLDR / P-BFGS) is the baseline: "
                   "d = 1 stores the same two numbers per parameter as CMD's `a, b`."
                   + storage_sentence(compact, _bytes)),
-        Table(["model", "numbers per parameter", "stored (float32)", "compression", "rel_error", "rel_error_displacement"],
+        Table(["model", "numbers per parameter", "stored (float32)", "compression", "rel_error",
+               "rel_error_displacement"],
               [[f"CMD, {run['modes']} modes", "2 + mode label", _bytes(compact["modelled_bytes"]) + " (mode file)",
                 f"{compact['compression_ratio_modelled']:.1f}×", _number(fit["rel_error"]),
                 _number(fit["rel_error_displacement"])]]
@@ -130,7 +133,8 @@ def blocks(r: dict) -> tuple[list, list]:
     if "candidates" in plots:
         details.append(Image(plots["candidates"], selection_blocks.CANDIDATES_CAPTION))
     if "metric" in plots:
-        details.append(Image(plots["metric"], "Evaluated metric per checkpoint: original weights against CMD reconstruction"))
+        details.append(Image(plots["metric"], "Evaluated metric per checkpoint: original weights against CMD "
+                                              "reconstruction"))
     per_metric = list(evaluation["per_checkpoint"]["original"]) if evaluation else []
     details += [
         Heading(2, "Per checkpoint"),
@@ -163,7 +167,8 @@ def blocks(r: dict) -> tuple[list, list]:
                   "in each mode (each row sums to 100%; the paper observes every mode spread over all layers)."),
         Table(["tensor", "parameters", "rel_error", "rel_error last", "rel_error_displacement last",
                *(f"mode {m['mode']}" for m in modes)],
-              [[layer["name"], f"{layer['parameters']:,}", _number(layer["rel_error"]), _number(layer["rel_error_last"]),
+              [[layer["name"], f"{layer['parameters']:,}", _number(layer["rel_error"]),
+                _number(layer["rel_error_last"]),
                 _number(layer["rel_error_displacement_last"]),
                 *(f"{100 * m['layers'][layer['name']] / layer['parameters']:.0f}%" for m in modes)]
                for layer in layers]
