@@ -31,9 +31,15 @@ demo: install
 		--eval sample_checkpoints.model:evaluate --select accuracy --max-rel-error 0.2 \
 		--require 'test/accuracy>=0.8'
 
-# Speed and memory against the read floor and the naive baseline (README "Benchmarks"). Generates
-# its checkpoints once into benchmarks/.data (1.3 GB + 5.4 GB, plus as much again for the stores).
-bench: install
+# Speed and memory against the machine's floors and the naive baseline (README "Benchmarks").
+# Generates its checkpoints once into benchmarks/.data (synthetic 1.3 GB + 5.4 GB, and a trained
+# 1.3 GB run, which needs scikit-learn's digits: the samples extra), plus as much again for the
+# stores. A subset: make bench BENCH_ARGS='--runs trained --skip-large --only floors,fit'
+$(VENV)/.bench: $(VENV)/.installed
+	$(PY) -m pip install -q -e '.[test,samples]'
+	touch $@
+
+bench: $(VENV)/.bench
 	$(PY) benchmarks/run.py $(BENCH_ARGS)
 
 clean:

@@ -8,20 +8,24 @@ Data goes to stdout, messages and progress bars to stderr.
 from __future__ import annotations
 
 import json
-import sys
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Callable, Iterator, List, Optional
+from typing import List, Optional
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from ._interrupt import restore as restore_interrupt
 from .checkpoints import discover
-from .cli_errors import OneLineErrors, finite
+from .cli_errors import (
+    SCHEDULER_HELP,
+    WORKERS_HELP,
+    OneLineErrors,
+    engine_for_options,
+    errors_to_exit_code,
+    finite,
+    progress_bar,
+    say,
+)
 from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary
-from .errors import CmdError
 from .modefile import open_mode_file, summarize
 from .pipeline import fit as fit_folder
 from .pipeline import not_restored, reconstruct_checkpoints
@@ -41,66 +45,6 @@ app = typer.Typer(
          "`cmd ls RUN_DIR` shows which checkpoints "
          "a fit would use, in which order, and what it skips.\n\n"
          "Exit codes: 0 ok, 1 a threshold failed, 2 bad input.")
-
-stderr = Console(stderr=True, highlight=False)
-WORKERS_HELP = "Run on a Dask cluster of N worker processes on this machine (needs pip install 'cmdtool[dask]')."
-SCHEDULER_HELP = ("Run on an existing Dask cluster (e.g. tcp://host:8786); its workers must see the checkpoint "
-                  "folder and the trajectory store path.")
-
-
-def _engine(workers: Optional[int], scheduler: Optional[str]):
-    """A Dask engine for --workers / --scheduler, else nothing (Dask is imported only then)."""
-    if workers is None and scheduler is None:
-        return nullcontext(None)
-    from .distributed import engine_for
-    return engine_for(workers, scheduler)
-
-
-def _message(text: str) -> None:
-    """A message line on stderr, never wrapped (paths stay whole for scripts)."""
-    print(text, file=sys.stderr)
-
-
-def _fail(message: str) -> typer.Exit:
-    _message(f"error: {message}")
-    return typer.Exit(2)
-
-
-def in_cli_words(error: CmdError) -> str:
-    """The library names a bad argument as its parameter (``modes must be ...``); say the option."""
-    message, parameter = str(error), error.parameter
-    if parameter and message.startswith(parameter):
-        return "--" + parameter.replace("_", "-") + message[len(parameter):]
-    return message
-
-
-@contextmanager
-def _errors_to_exit_code(output: Path | None = None) -> Iterator[None]:
-    """CmdError and OSError as one ``error:`` line, exit 2; an OSError that names no file (a write
-    that failed on a full disk, deep inside a library) is attributed to the command's ``output``."""
-    try:
-        yield
-    except CmdError as e:
-        raise _fail(in_cli_words(e)) from None
-    except OSError as e:
-        where = e.filename or output or ""
-        raise _fail(f"{where}: {e.strerror or e}".lstrip(": ")) from None
-    except KeyboardInterrupt:
-        _message("interrupted: no output was written")
-        raise typer.Exit(130) from None
-
-
-@contextmanager
-def _progress(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr, or nothing when stderr is not a terminal."""
-    if not stderr.is_terminal:
-        yield lambda n: None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)
-
 
 def _version(value: bool) -> None:
     if value:
@@ -175,23 +119,23 @@ def fit(
     unchanged folder. With --warmup F it is the paper's online CMD: the result equals fitting the
     first F checkpoints and then running cmd update with the rest.
     """
-    with _errors_to_exit_code(output):
+    with errors_to_exit_code(output):
         result = fit_folder(checkpoint_dir, output, modes=modes, refine=refine, samples=samples, seed=seed,
                             start=start,
                             stop=stop, every=every, include=include, exclude=exclude, ema=ema,
-                            trajectory=trajectory, force=force, tile_columns=tile_columns, progress=_progress,
+                            trajectory=trajectory, force=force, tile_columns=tile_columns, progress=progress_bar,
                             warmup=warmup, drop_unmodelled=drop_unmodelled, workers=workers,
                             scheduler=scheduler, shard_columns=shard_columns)
     for warning in result.discovery.warnings:
-        _message(f"warning: {warning}")
+        say(f"warning: {warning}")
     if result.discovery.skipped:
-        _message(f"note: skipped {len(result.discovery.skipped)} entries of {checkpoint_dir} "
+        say(f"note: skipped {len(result.discovery.skipped)} entries of {checkpoint_dir} "
                  f"(`cmd ls {checkpoint_dir}` says which and why)")
     size = sum(f.stat().st_size for f in result.trajectory.iterdir()) if result.trajectory.is_dir() \
         else result.trajectory.stat().st_size  # a sharded store is a folder (cmdtool.shards)
-    _message(f"trajectory store: {result.trajectory} ({human_bytes(size)}, "
+    say(f"trajectory store: {result.trajectory} ({human_bytes(size)}, "
              f"{'reused' if result.trajectory_reused else 'built'}; a cache, safe to delete)")
-    _message(f"wrote {result.mode_file}")
+    say(f"wrote {result.mode_file}")
     summary = {**result.summary, "trajectory": str(result.trajectory), "trajectory_reused": result.trajectory_reused}
     if as_json:
         print(json.dumps(summary))
@@ -206,7 +150,7 @@ def list_checkpoints(
 ) -> None:
     """List the checkpoints cmd fit would use, in order, with their time and format, and what it
     skips and why. Positions are what --start/--stop/--every select."""
-    with _errors_to_exit_code():
+    with errors_to_exit_code():
         found = discover(checkpoint_dir)
     checkpoints = [{"position": i, "time": c.time, "name": c.name, "format": describe(c)}
                    for i, c in enumerate(found.checkpoints)]
@@ -222,7 +166,7 @@ def list_checkpoints(
             print(f"skipped {len(skipped)}")
             print_columns(["entry", "reason"], [[s["name"], s["reason"]] for s in skipped])
     for warning in found.warnings:
-        _message(f"warning: {warning}")
+        say(f"warning: {warning}")
 
 
 @app.command()
@@ -231,7 +175,7 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object on stdout instead of a table."),
 ) -> None:
     """Summarise a mode file: sizes, modes, compression and how well the modes fit the run."""
-    with _errors_to_exit_code():
+    with errors_to_exit_code():
         summary = summarize(mode_file)
         with open_mode_file(mode_file) as modes:
             references = [modes.layout.locate(int(c)) for c in modes.reference_index]
@@ -262,11 +206,11 @@ def reconstruct(
     dtypes; integer buffers are restored exactly. Hugging Face checkpoints come back as
     checkpoint-<step>/ folders that from_pretrained loads.
     """
-    with _errors_to_exit_code(output):
-        paths = reconstruct_checkpoints(mode_file, output, at, force, progress=_progress, format=write_format)
+    with errors_to_exit_code(output):
+        paths = reconstruct_checkpoints(mode_file, output, at, force, progress=progress_bar, format=write_format)
         dropped = not_restored(mode_file, at, write_format)
     if dropped:
-        _message(f"note: not restored (no longer match the weights): {', '.join(dropped)}")
+        say(f"note: not restored (no longer match the weights): {', '.join(dropped)}")
     for path in paths:
         print(path)
 
@@ -287,16 +231,16 @@ def update(
     an earlier or incompatible checkpoint is an error (exit 2) and the mode file is left untouched.
     The mode file is replaced atomically.
     """
-    with _errors_to_exit_code(mode_file):
+    with errors_to_exit_code(mode_file):
         from .online import update as update_mode_file
-        result = update_mode_file(mode_file, checkpoints, progress=_progress)
+        result = update_mode_file(mode_file, checkpoints, progress=progress_bar)
     if result.skipped:
-        _message(f"note: already in the mode file, skipped: {', '.join(result.skipped)}")
+        say(f"note: already in the mode file, skipped: {', '.join(result.skipped)}")
     if result.absorbed:
-        _message(f"updated {mode_file} with {len(result.absorbed)} checkpoint{'s' * (len(result.absorbed) > 1)}: "
+        say(f"updated {mode_file} with {len(result.absorbed)} checkpoint{'s' * (len(result.absorbed) > 1)}: "
                  f"{result.absorbed[0]} … {result.absorbed[-1]}")
     else:
-        _message(f"nothing new: {mode_file} is unchanged")
+        say(f"nothing new: {mode_file} is unchanged")
     if as_json:
         print(json.dumps({**result.summary, "absorbed": result.absorbed, "skipped": result.skipped}))
     else:
@@ -341,16 +285,16 @@ def watch(
     command again resumes. Stops on Ctrl-C (exit 130) or with --until.
     """
     from .online import watch as watch_folder
-    with _errors_to_exit_code(output):
+    with errors_to_exit_code(output):
         try:
             watch_folder(checkpoint_dir, output, warmup=warmup, until=until, interval=interval, modes=modes,
                          samples=samples, seed=seed, include=include, exclude=exclude, trajectory=trajectory,
-                         force=force, progress=_progress, say=_message)
+                         force=force, progress=progress_bar, say=say)
         except KeyboardInterrupt:
-            _message(f"interrupted: {output} is intact (it is replaced atomically; run again to resume)"
+            say(f"interrupted: {output} is intact (it is replaced atomically; run again to resume)"
                      if output.exists() else "interrupted: no mode file was written yet")
             raise typer.Exit(130) from None
-    _message(f"stopped: {output} holds {until} checkpoints or more (--until {until})")
+    say(f"stopped: {output} holds {until} checkpoints or more (--until {until})")
 
 
 @app.command()
@@ -408,28 +352,28 @@ def report(
     validation and reports it on test.
     When GITHUB_STEP_SUMMARY is set, the summary is appended to it. Exit 1 when a threshold fails.
     """
-    with _errors_to_exit_code(output):
+    with errors_to_exit_code(output):
         from .report import Thresholds, load_evaluate, make_report, parse_requirement
         thresholds = Thresholds(max_rel_error, max_rel_error_displacement, [parse_requirement(r) for r in require])
         function = load_evaluate(evaluate) if evaluate else None
-        with _engine(workers, scheduler) as engine:
+        with engine_for_options(workers, scheduler) as engine:
             result = make_report(mode_file, output, checkpoints=checkpoints, trajectory=trajectory, evaluate=function,
                                  eval_spec=evaluate or "", tail=tail, ema_decay=ema_decay, thresholds=thresholds,
-                                 force=force, progress=_progress, select=select, eval_every=eval_every,
+                                 force=force, progress=progress_bar, select=select, eval_every=eval_every,
                                  candidates_only=candidates_only, measure_pass=engine and engine.measure_pass)
     r = result.report
     if r["evaluation"]:
         e = r["evaluation"]
-        _message(f"evaluated {e['evaluations']} state dicts: {len(e['per_epoch'])} candidate families at "
+        say(f"evaluated {e['evaluations']} state dicts: {len(e['per_epoch'])} candidate families at "
                  f"{len(e['epochs'])} of {r['run']['checkpoints']} checkpoints (--eval-every, --candidates-only "
                  "score fewer)")
-    _message(f"wrote {result.folder / 'report.html'} (also report.md, report.json and {len(r['plots'])} plots)")
+    say(f"wrote {result.folder / 'report.html'} (also report.md, report.json and {len(r['plots'])} plots)")
     if as_json:
         print(json.dumps(r))
     else:
         print_report(r)
     for line in result.failures:
-        _message(f"threshold failed: {line}")
+        say(f"threshold failed: {line}")
     if result.failures:
         raise typer.Exit(1)
 

@@ -1,19 +1,21 @@
-"""Usage errors and option values of the ``cmd`` command line, in its one-line error style: the
-click group that maps usage errors to ``error: ...`` and exit 2, and the check that a float option
-is finite."""
+"""The ``cmd`` command line's plumbing, in its one-line error style: library errors and usage errors
+as one ``error: ...`` line and exit 2 (the click group, ``errors_to_exit_code``), the check that a
+float option is finite, progress bars on stderr, and the Dask engine of ``--workers/--scheduler``."""
 
 from __future__ import annotations
 
 import importlib
 import math
 import sys
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import Callable, Iterator, Optional
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-
-def _say(text: str) -> None:
-    print(text, file=sys.stderr)
-
+from .errors import CmdError
 
 # click's exceptions, from the copy typer uses (recent typer versions vendor click)
 _click = importlib.import_module(typer.BadParameter.__module__)
@@ -35,10 +37,10 @@ class OneLineErrors(typer.core.TyperGroup):
             ctx = getattr(e, "ctx", None)
             where = f"{ctx.command_path}: " if ctx else ""
             hint = f" (see {ctx.command_path} --help)" if ctx and isinstance(e, _click.UsageError) else ""
-            _say(f"error: {where}{' '.join(e.format_message().split())}{hint}")
+            say(f"error: {where}{' '.join(e.format_message().split())}{hint}")
             sys.exit(2)
         except (getattr(_click, "Abort", typer.Abort), typer.Abort):
-            _say("interrupted: no output was written")
+            say("interrupted: no output was written")
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
 
@@ -48,3 +50,63 @@ def finite(value: float | None) -> float | None:
     if value is not None and not math.isfinite(value):
         raise typer.BadParameter(f"{value} is not a finite number")
     return value
+
+
+stderr = Console(stderr=True, highlight=False)
+WORKERS_HELP = "Run on a Dask cluster of N worker processes on this machine (needs pip install 'cmdtool[dask]')."
+SCHEDULER_HELP = ("Run on an existing Dask cluster (e.g. tcp://host:8786); its workers must see the checkpoint "
+                  "folder and the trajectory store path.")
+
+
+def engine_for_options(workers: Optional[int], scheduler: Optional[str]):
+    """A Dask engine for --workers / --scheduler, else nothing (Dask is imported only then)."""
+    if workers is None and scheduler is None:
+        return nullcontext(None)
+    from .distributed import engine_for
+    return engine_for(workers, scheduler)
+
+
+def say(text: str) -> None:
+    """A message line on stderr, never wrapped (paths stay whole for scripts)."""
+    print(text, file=sys.stderr)
+
+
+def error_exit(message: str) -> typer.Exit:
+    say(f"error: {message}")
+    return typer.Exit(2)
+
+
+def in_cli_words(error: CmdError) -> str:
+    """The library names a bad argument as its parameter (``modes must be ...``); say the option."""
+    message, parameter = str(error), error.parameter
+    if parameter and message.startswith(parameter):
+        return "--" + parameter.replace("_", "-") + message[len(parameter):]
+    return message
+
+
+@contextmanager
+def errors_to_exit_code(output: Path | None = None) -> Iterator[None]:
+    """CmdError and OSError as one ``error:`` line, exit 2; an OSError that names no file (a write
+    that failed on a full disk, deep inside a library) is attributed to the command's ``output``."""
+    try:
+        yield
+    except CmdError as e:
+        raise error_exit(in_cli_words(e)) from None
+    except OSError as e:
+        where = e.filename or output or ""
+        raise error_exit(f"{where}: {e.strerror or e}".lstrip(": ")) from None
+    except KeyboardInterrupt:
+        say("interrupted: no output was written")
+        raise typer.Exit(130) from None
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr, or nothing when stderr is not a terminal."""
+    if not stderr.is_terminal:
+        yield lambda n: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)

@@ -20,6 +20,8 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
+from .linkage import complete_linkage, cut_max_clusters, row_distances
+
 
 def _allocate(total: int, capacity: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """Split ``total`` draws over bins in proportion to ``weight``, never above ``capacity``.
@@ -87,12 +89,10 @@ def cluster(C: np.ndarray, M: int) -> np.ndarray:
     Returns a mode label per sampled parameter, modes numbered by size, largest first (ties: the
     mode whose first member comes first).
     """
-    from scipy.cluster.hierarchy import fcluster, linkage  # a third of a second to import: only here
-
     K = C.shape[0]
     if K == 1 or M == 1:
         return np.zeros(K, dtype=np.int64)
-    raw = fcluster(linkage(C, method="complete", metric="euclidean"), t=M, criterion="maxclust")
+    raw = cut_max_clusters(complete_linkage(row_distances(C)), M)  # as scipy's linkage + fcluster
     ids, first, sizes = np.unique(raw, return_index=True, return_counts=True)
     order = np.lexsort((first, -sizes))  # by size descending, then by first member
     rank = np.empty(len(ids), dtype=np.int64)
@@ -143,12 +143,35 @@ class TileFit(NamedTuple):
 
 
 CHUNK_BYTES = 2 * 2**20  # float64 bytes of the (T, columns) slices fit_tile works on: cache-sized
+MERGE_COLUMNS = 4096     # constant runs shorter than this inside a tile are computed, not skipped
 
 
-def fit_tile(block: np.ndarray, references: np.ndarray) -> TileFit:
-    """Steps 5–6 for one ``(T, n)`` column block (see ``_fit_columns``), worked through in slices
-    of ``CHUNK_BYTES`` so that the float64 copies stay in the CPU cache. Columns are independent,
-    so the result does not depend on the slicing."""
+def fit_tile(block: np.ndarray, references: np.ndarray, varies: np.ndarray | None = None) -> TileFit:
+    """Steps 5–6 for one ``(T, n)`` column block (see ``_fit_columns``), in slices of ``CHUNK_BYTES``
+    so that the float64 copies stay in the CPU cache; columns are independent, so the result does
+    not depend on the slicing. ``varies`` (n,) marks the columns that move (known at ingest): runs of
+    constant ones are not read past the first row and get what ``_fit_columns`` gives them, exactly."""
+    T, n = block.shape
+    if varies is None or n == 0 or varies.all():
+        return _fit_slices(block, references)
+    first, zeros = block[0].astype(np.float64), np.zeros(n)  # _fit_columns with y = 0, signs of zero included
+    result = TileFit(labels=np.zeros(n, dtype=np.intp), a=zeros.copy(), b=first + 0.0, sse=zeros.copy(),
+                     sq_norm=0.0 + first * (2.0 * 0.0 + T * first), sq_displacement=zeros.copy(), sq_centred=zeros)
+    for start, stop in _varying_runs(varies, MERGE_COLUMNS):
+        for whole, piece in zip(result, _fit_slices(block[:, start:stop], references)):
+            whole[start:stop] = piece
+    return result
+
+
+def _varying_runs(varies: np.ndarray, gap: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` runs covering every True of ``varies``, runs closer than ``gap`` merged."""
+    edges = np.flatnonzero(np.diff(np.concatenate([[False], varies, [False]]).astype(np.int8))).reshape(-1, 2)
+    leads = np.concatenate([[len(edges) > 0], edges[1:, 0] - edges[:-1, 1] >= gap])[:len(edges)]  # starts a run
+    ends = np.concatenate([leads[1:], [True]])[:len(edges)]  # ends one
+    return list(zip(edges[leads, 0].tolist(), edges[ends, 1].tolist()))
+
+
+def _fit_slices(block: np.ndarray, references: np.ndarray) -> TileFit:
     T, n = block.shape
     chunk = max(1, CHUNK_BYTES // (8 * T))
     if n <= chunk:
@@ -190,14 +213,8 @@ def _fit_columns(block: np.ndarray, references: np.ndarray) -> TileFit:
 
 
 def _largest_magnitude(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column of ``D`` (M, n): the row of largest ``|D|`` (the first on ties, as ``argmax``)
-    and that entry. The column maxima first, then the rows that reach them, last to first:
-    numpy's ``argmax`` along axis 0 is several times slower."""
-    magnitude = np.abs(D)
-    largest = magnitude.max(axis=0)
-    labels = np.full(D.shape[1], D.shape[0] - 1, dtype=np.intp)
-    for m in range(D.shape[0] - 2, -1, -1):
-        labels[magnitude[m] == largest] = m
+    """Per column of ``D`` (M, n): the row of largest ``|D|`` (the first on ties) and that entry."""
+    labels = np.abs(D).argmax(axis=0)
     return labels, np.take_along_axis(D, labels[None, :], axis=0)[0]
 
 

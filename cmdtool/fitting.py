@@ -73,11 +73,13 @@ class TileResult(NamedTuple):
 MapTiles = Callable[[np.ndarray, int], Iterable[TileResult]]
 
 
-def fit_tile_result(start: int, stop: int, block: np.ndarray, references: np.ndarray) -> TileResult:
+def fit_tile_result(start: int, stop: int, block: np.ndarray, references: np.ndarray,
+                    varies: np.ndarray | None = None) -> TileResult:
     """Steps 5–6 of one ``(T, stop − start)`` tile, reduced to its sums in a fixed order, so that
-    the same tile gives the same bits in this process or on a Dask worker."""
+    the same tile gives the same bits in this process or on a Dask worker. ``varies`` (the tile's
+    flags) lets ``fit_tile`` skip constant columns; the result is the same bit for bit."""
     T, M = block.shape[0], references.shape[0]
-    result = fit_tile(block, references)
+    result = fit_tile(block, references, varies)
     a32, b32 = result.a.astype(np.float32), result.b.astype(np.float32)
     # The error of what the mode file stores: the float32 rounding of a and b adds
     # (a − a32)² + T (b − b32)² to the least-squares residual.
@@ -162,7 +164,7 @@ def _decompose(source: TrajectorySource, settings: FitSettings, tile_columns: in
     if map_tiles is None:
         def map_tiles(references: np.ndarray, width: int) -> Iterator[TileResult]:
             for start, stop, block in source.tiles(width):
-                yield fit_tile_result(start, stop, block, references)
+                yield fit_tile_result(start, stop, block, references, source.varies[start:stop])
     labels = np.empty(N, dtype=label_dtype(M))
     a = np.empty(N, dtype=np.float32)
     b = np.empty(N, dtype=np.float32)

@@ -278,6 +278,34 @@ def test_fit_tile_slices_do_not_change_the_result(monkeypatch):
             np.testing.assert_allclose(getattr(sliced, field), getattr(whole, field), rtol=1e-12, atol=1e-12)
 
 
+def test_skipping_constant_columns_gives_the_same_fit_bit_for_bit(monkeypatch):
+    """``fit_tile(..., varies)`` never computes runs of constant columns; what it fills in for them
+    must be exactly what the full computation gives (negative zeros included), and so must the
+    varying columns between and around them."""
+    import cmdtool.decompose as decompose
+
+    rng = np.random.default_rng(7)
+    T, n = 9, 3000
+    references = normalise_references(rng.standard_normal((5, T))).references
+    block = (rng.standard_normal((T, n)) * rng.choice([1.0, 1e-4], n) + rng.standard_normal(n)).astype(np.float32)
+    constant = np.zeros(n, dtype=bool)
+    for start, stop in ((0, 40), (100, 103), (500, 1700), (2990, 3000)):
+        constant[start:stop] = True
+    constant[rng.choice(n, 50, replace=False)] = True  # scattered single constants
+    block[:, constant] = block[0, constant]
+    block[:, 600:610] = -0.0
+    block[:, 610:620] = 0.0
+    full = fit_tile(block, references)
+    for gap in (1, 5, 4096):
+        monkeypatch.setattr(decompose, "MERGE_COLUMNS", gap)
+        skipped = fit_tile(block, references, ~constant)
+        for name, want, got in zip(full._fields, full, skipped):
+            assert want.dtype == got.dtype and want.tobytes() == got.tobytes(), (gap, name)
+    all_constant = fit_tile(block[:, constant], references, np.zeros(int(constant.sum()), dtype=bool))
+    for want, got in zip(fit_tile(block[:, constant], references), all_constant):
+        assert want.tobytes() == got.tobytes()
+
+
 # Choosing M (--modes auto) and refining the references (--refine)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import cmdtool
-from cmdtool.cli import in_cli_words
+from cmdtool.cli_errors import in_cli_words
 from cmdtool.errors import CmdError
 from cmdtool.modefile import open_mode_file, write_mode_file
 from cmdtool.modes import FitMetrics, FitSettings, model_values

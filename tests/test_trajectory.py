@@ -110,3 +110,35 @@ def test_fitting_a_safetensors_run_never_imports_torch(run_dir, tmp_path):
                          check=True).stdout
     assert out.split() == ["False"]
     assert (tmp_path / "rebuilt" / "epoch_19.safetensors").is_file()
+
+
+def test_a_checkpoint_truncated_during_ingest_is_a_cmd_error_naming_it_and_leaves_no_store(tmp_path, planted,
+                                                                                              monkeypatch):
+    """The ingest reads with pread, never through a memory map: a file cut short while it is read is
+    one CmdError naming the file (a mapped file would have killed the process with SIGBUS)."""
+    import pytest
+
+    from cmdtool.checkpoints.safetensors_file import SafetensorsFile
+    from cmdtool.errors import CmdError
+
+    run = write_run(tmp_path / "run", planted.states())
+    victim = run / "epoch_7.safetensors"
+    read_into = SafetensorsFile.read_into
+
+    def truncating(self, name, out):
+        if self.path == victim:
+            os.truncate(victim, victim.stat().st_size // 2)
+        return read_into(self, name, out)
+
+    monkeypatch.setattr(SafetensorsFile, "read_into", truncating)
+    with pytest.raises(CmdError, match="epoch_7.safetensors: the file changed while it was read"):
+        cmdtool.fit(run, tmp_path / "m.cmd.h5", modes=3, trajectory=tmp_path / "t.h5")
+    assert not (tmp_path / "t.h5").exists() and not (tmp_path / "m.cmd.h5").exists()
+    assert not list(tmp_path.glob(".t.h5*"))
+
+
+def test_the_store_reserves_its_rows_and_maps_varies(tmp_path, planted):
+    store = open_store(cmdtool.fit(write_run(tmp_path / "run", planted.states()), tmp_path / "m.cmd.h5", modes=3,
+                                   trajectory=tmp_path / "t.h5").trajectory)
+    assert isinstance(store.varies, np.memmap) and not store.varies.flags.writeable
+    assert os.stat(tmp_path / "t.h5").st_blocks * 512 >= store.W.nbytes  # allocated, not a sparse hole

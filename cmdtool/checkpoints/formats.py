@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import pickle
 import re
 import struct
@@ -21,11 +22,11 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import numpy as np
-from safetensors import safe_open
 
 from .._lazy import torch  # imported on first use
 from ..errors import CmdError
 from ..layout import DTYPE_SIZES
+from .safetensors_file import SafetensorsFile
 from .schema import EMA_KEY, TRAINING_STATE_KEYS, WRAPPER_KEYS, CheckpointInfo, is_plain
 from .untrusted import check_tensor, check_zip_records
 
@@ -59,8 +60,7 @@ class CheckpointReader:
     def __init__(self, path: Path, fmt: str, ema: bool = False):
         self.path = path
         self.ema = ema
-        self._handle = None
-        self._numpy = False  # safetensors read as numpy arrays (torch files: torch tensors)
+        self._file: SafetensorsFile | None = None  # a safetensors file (torch files: ``_state``)
         self.attachments: dict[str, bytes] = {}  # a single file has no companion files to copy
         try:
             if fmt == "safetensors":
@@ -68,6 +68,7 @@ class CheckpointReader:
             else:
                 self._open_torch()
         except CmdError:
+            self.close()
             raise
         except pickle.UnpicklingError as e:
             unsafe = _UNSAFE_GLOBAL.search(str(e))
@@ -88,18 +89,11 @@ class CheckpointReader:
     def _open_safetensors(self) -> None:
         if self.ema:
             raise CmdError(f"{self.path}: --ema needs timm's {EMA_KEY} in a torch checkpoint; this is a safetensors file")
-        # numpy first: reading a file whose dtypes numpy has (all but bfloat16 and float8) needs no
-        # torch import, which costs more than a large model's ingest.
-        self._handle = safe_open(str(self.path), framework="np")
-        self.info = CheckpointInfo("safetensors", metadata=self._handle.metadata())
-        self.signature: Signature = {}
-        for name in self._handle.keys():
-            sl = self._handle.get_slice(name)
-            dtype = _SAFETENSORS_DTYPES.get(sl.get_dtype(), sl.get_dtype().lower())
-            self.signature[name] = (tuple(sl.get_shape()), dtype)
-        self._numpy = all(dtype in NUMPY_DTYPES for _, dtype in self.signature.values())
-        if not self._numpy:
-            self._handle = safe_open(str(self.path), framework="pt")
+        # Plain reads at the header's offsets (safetensors_file.py): no torch import, which costs
+        # more than a large model's ingest, and no memory map.
+        self._file = SafetensorsFile(self.path)
+        self.info = CheckpointInfo("safetensors", metadata=self._file.metadata)
+        self.signature: Signature = {name: (e.shape, e.dtype) for name, e in self._file.entries.items()}
 
     def _open_torch(self) -> None:
         with warnings.catch_warnings():  # torch warns about odd pickles; the error says what matters
@@ -121,32 +115,61 @@ class CheckpointReader:
         self.signature = {name: (tuple(t.shape), dtype_name(t.dtype)) for name, t in self._state.items()}
 
     def tensor(self, name: str) -> torch.Tensor:
-        if self._handle is not None:
-            value = self._handle.get_tensor(name)
-            return torch.from_numpy(value) if self._numpy else value
+        if self._file is not None:
+            shape, dtype = self.signature[name]
+            raw = np.empty(self._file.entries[name].nbytes, dtype=np.uint8)
+            self._file.read_into(name, raw)
+            return torch.from_numpy(raw).view(getattr(torch, dtype)).reshape(shape)
         return self._state[name]
+
+    def read_float32(self, name: str, out: np.ndarray, scratch: np.ndarray | None = None) -> None:
+        """A floating-point tensor's values into ``out`` (flat float32, its size). A safetensors
+        float32 tensor is read straight into ``out``; another dtype goes through ``scratch`` (uint8,
+        at least the tensor's bytes, reused by the caller) and is converted exactly."""
+        if self._file is None:
+            out[:] = self.tensor(name).detach().to(torch.float32).reshape(-1).numpy()
+            return
+        self._file.read_float32(name, out, scratch)
 
     def float32_values(self, name: str) -> np.ndarray:
         """A tensor's values as a flat float32 array (what the trajectory store holds)."""
-        if self._numpy:
-            return self._handle.get_tensor(name).astype(np.float32, copy=False).reshape(-1)
-        return self.tensor(name).detach().to(torch.float32).reshape(-1).numpy()
+        out = np.empty(math.prod(self.signature[name][0]), dtype=np.float32)
+        self.read_float32(name, out)
+        return out
 
-    def raw_bytes(self, name: str) -> np.ndarray:
-        """A tensor's bytes in its own dtype, flat uint8 (how carried tensors are kept)."""
-        if self._numpy:
-            return np.ascontiguousarray(self._handle.get_tensor(name)).reshape(-1).view(np.uint8)
-        return self.tensor(name).detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    def raw_bytes(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        """A tensor's bytes in its own dtype, flat uint8 (how carried tensors are kept), into
+        ``out`` when given."""
+        if self._file is not None:
+            if out is None:
+                out = np.empty(self._file.entries[name].nbytes, dtype=np.uint8)
+            self._file.read_into(name, out)
+            return out
+        raw = self.tensor(name).detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+        if out is not None:
+            out[:] = raw
+        return raw
+
+    def check_unchanged(self) -> None:
+        """Raise ``CmdError`` if a safetensors file changed while it was read."""
+        if self._file is not None:
+            self._file.check_unchanged()
 
     def close(self) -> None:
-        self._handle = None
+        if self._file is not None:
+            self._file.close()
+        self._file = None
         self._state = None
 
     def __enter__(self) -> "CheckpointReader":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                self.check_unchanged()
+        finally:
+            self.close()
 
 
 @dataclass(frozen=True)
@@ -193,8 +216,15 @@ class FolderReader:
     def float32_values(self, name: str) -> np.ndarray:
         return self._owner[name].float32_values(name)
 
-    def raw_bytes(self, name: str) -> np.ndarray:
-        return self._owner[name].raw_bytes(name)
+    def read_float32(self, name: str, out: np.ndarray, scratch: np.ndarray | None = None) -> None:
+        self._owner[name].read_float32(name, out, scratch)
+
+    def raw_bytes(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
+        return self._owner[name].raw_bytes(name, out)
+
+    def check_unchanged(self) -> None:
+        for reader in self._readers:
+            reader.check_unchanged()
 
     def close(self) -> None:
         for reader in self._readers:
@@ -203,8 +233,12 @@ class FolderReader:
     def __enter__(self) -> "FolderReader":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                self.check_unchanged()
+        finally:
+            self.close()
 
 
 def read_json(path: Path) -> dict:
@@ -224,12 +258,6 @@ def _first_sentence(error: Exception) -> str:
     return f"{type(error).__name__}: {text.split('. ')[0].rstrip('.')[:200]}"
 
 
-# safetensors dtype codes -> torch dtype names; other codes (F4, F6_*) are refused by name
-_SAFETENSORS_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
-                       "I8": "int8", "I16": "int16", "I32": "int32", "I64": "int64", "U8": "uint8",
-                       "U16": "uint16", "U32": "uint32", "U64": "uint64", "BOOL": "bool",
-                       "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2", "F8_E8M0": "float8_e8m0fnu",
-                       "C64": "complex64"}
 # dtypes numpy represents as they are (safetensors' numpy reader refuses bfloat16 and float8)
 NUMPY_DTYPES = frozenset(("bool", "uint8", "int8", "int16", "uint16", "int32", "uint32", "int64", "uint64",
                           "float16", "float32", "float64"))

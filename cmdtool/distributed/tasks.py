@@ -57,14 +57,15 @@ def fit_group(location: str, start: int, stop: int, width: int, references: np.n
     tune_malloc()
     if hook is not None:
         hook(start)
-    W = open_location(location).W
+    store = open_location(location)
+    W = store.W
     results, read = [], 0
     with threadpool_limits(limits=1, user_api="blas"):
         for first in range(start, stop, width):
             last = min(first + width, stop)
             block = np.asarray(W[:, first:last])
             read += block.nbytes
-            results.append(fit_tile_result(first, last, block, references))
+            results.append(fit_tile_result(first, last, block, references, store.varies[first:last]))
     return results, read
 
 
