@@ -19,9 +19,8 @@ import math
 from pathlib import Path
 
 import numpy as np
-from safetensors.numpy import save_file
-
 from resnet18 import n_floats, resnet18_layout
+from safetensors.numpy import save_file
 
 VERSION = 1
 PROFILES = 5

@@ -13,8 +13,17 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 import numpy as np
 
 from .checkpoints import CheckpointInfo
-from .decompose import (AUTO_TOLERANCE, choose_modes, correlation_matrix, error_curve, find_modes, fit_tile,
-                        label_dtype, normalise_references, sample_parameters)
+from .decompose import (
+    AUTO_TOLERANCE,
+    choose_modes,
+    correlation_matrix,
+    error_curve,
+    find_modes,
+    fit_tile,
+    label_dtype,
+    normalise_references,
+    sample_parameters,
+)
 from .errors import CmdError
 from .layout import Layout
 from .modes import FitMetrics, FitSettings, Modes, dropped

@@ -200,8 +200,10 @@ def read_signatures(checkpoints: Sequence[Checkpoint], include: Sequence[str], e
 
 
 def check_finite(row: np.ndarray, source: object, name: str) -> None:
-    """Refuse NaN and Inf in tensor ``name`` of ``source`` (a path, or words such as "observation 3"). A finite sum proves every value finite without a mask the size of the
-    tensor; only a sum that overflowed or hit a NaN/Inf is looked at value by value."""
+    """Refuse NaN and Inf in tensor ``name`` of ``source`` (a path, or words such as "observation 3").
+
+    A finite sum proves every value finite without a mask the size of the tensor; only a sum that
+    overflowed or hit a NaN/Inf is looked at value by value."""
     with np.errstate(over="ignore", invalid="ignore"):
         if np.isfinite(np.add.reduce(row)) or np.isfinite(row).all():
             return

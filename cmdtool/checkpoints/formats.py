@@ -88,7 +88,8 @@ class CheckpointReader:
 
     def _open_safetensors(self) -> None:
         if self.ema:
-            raise CmdError(f"{self.path}: --ema needs timm's {EMA_KEY} in a torch checkpoint; this is a safetensors file")
+            raise CmdError(f"{self.path}: --ema needs timm's {EMA_KEY} in a torch checkpoint; "
+                           f"this is a safetensors file")
         # Plain reads at the header's offsets (safetensors_file.py): no torch import, which costs
         # more than a large model's ingest, and no memory map.
         self._file = SafetensorsFile(self.path)
