@@ -265,6 +265,9 @@ def watch(
         1000, "--samples", "-k", min=1,
         help="Parameters sampled (K) to find the modes, layer-balanced."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of the parameter sample."),
+    refine: int = typer.Option(
+        3, "--refine", metavar="P", min=0,
+        help="Lloyd-style passes over the warm-up's references, as cmd fit --refine (0: the paper's references)."),
     include: List[str] = typer.Option(
         [], "--include", metavar="GLOB",
         help="Model only tensors whose name matches this glob (repeatable)."),
@@ -288,8 +291,8 @@ def watch(
     with errors_to_exit_code(output):
         try:
             watch_folder(checkpoint_dir, output, warmup=warmup, until=until, interval=interval, modes=modes,
-                         samples=samples, seed=seed, include=include, exclude=exclude, trajectory=trajectory,
-                         force=force, progress=progress_bar, say=say)
+                         samples=samples, seed=seed, refine=refine, include=include, exclude=exclude,
+                         trajectory=trajectory, force=force, progress=progress_bar, say=say)
         except KeyboardInterrupt:
             say(f"interrupted: {output} is intact (it is replaced atomically; run again to resume)"
                      if output.exists() else "interrupted: no mode file was written yet")

@@ -13,7 +13,7 @@ from ..errors import CmdError
 from ..fitting import fit_trajectory
 from ..layout import Layout, build_layout, check_same_tensors
 from ..modefile import write_mode_file
-from ..modes import FitSettings
+from ..modes import REFINE, FitSettings
 from .state import OnlineState, flatten, warmup_trajectory
 
 ONLINECMD_SOURCE = "an OnlineCMD training loop"  # settings.source of a mode file OnlineCMD wrote
@@ -38,10 +38,10 @@ class OnlineCMD:
     """
 
     def __init__(self, modes: int = 10, warmup: int = 10, samples: int = 1000, seed: int = 0,
-                 include: Sequence[str] = (), exclude: Sequence[str] = ()):
+                 include: Sequence[str] = (), exclude: Sequence[str] = (), refine: int = REFINE):
         self.settings = FitSettings(modes=modes, samples=samples, seed=seed, include=tuple(include),
                                     exclude=tuple(exclude), source=ONLINECMD_SOURCE, trajectory=ONLINECMD_TRAJECTORY,
-                                    warmup=warmup)
+                                    warmup=warmup, refine=refine)
         self.warmup = warmup
         self.layout: Layout | None = None
         self._rows: list[np.ndarray] = []

@@ -18,7 +18,7 @@ from ..checkpoints import (
 )
 from ..errors import CmdError
 from ..modefile import check_output_path, open_mode_file, write_mode_file
-from ..modes import FitSettings
+from ..modes import REFINE, FitSettings
 from ..progress import Progress, no_progress
 from ..stores import store_of
 from .state import fit_warmup
@@ -66,7 +66,7 @@ class _Folder:
 
 
 def watch(folder: str | Path, output: str | Path, *, warmup: int, until: int | None = None, interval: float = 10.0,
-          modes: int = 10, samples: int = 1000, seed: int = 0, include: Sequence[str] = (),
+          modes: int = 10, samples: int = 1000, seed: int = 0, refine: int = REFINE, include: Sequence[str] = (),
           exclude: Sequence[str] = (), trajectory: str | Path | None = None, force: bool = False,
           progress: Progress = no_progress, say: Callable[[str], None] = lambda s: None,
           sleep: Callable[[float], None] = clock.sleep) -> Path:
@@ -80,7 +80,8 @@ def watch(folder: str | Path, output: str | Path, *, warmup: int, until: int | N
     if not folder.is_dir():
         raise CmdError(f"{folder}: no such folder" if not folder.exists() else f"{folder}: is a file, expected a "
                                                                                "folder of checkpoints")
-    settings = FitSettings(modes=modes, samples=samples, seed=seed, include=tuple(include), exclude=tuple(exclude),
+    settings = FitSettings(modes=modes, samples=samples, seed=seed, refine=refine, include=tuple(include),
+                           exclude=tuple(exclude),
                            source=str(folder.resolve()), warmup=warmup)
     fitted = output.exists() and not force
     if fitted:
