@@ -76,11 +76,21 @@ def error_exit(message: str) -> typer.Exit:
     return typer.Exit(2)
 
 
+OPTIONS = {"evaluate": "--eval"}  # library parameters whose option is not ``--`` + the name with dashes
+
+
+def option_of(parameter: str) -> str:
+    return OPTIONS.get(parameter, "--" + parameter.replace("_", "-"))
+
+
 def in_cli_words(error: CmdError) -> str:
-    """The library names a bad argument as its parameter (``modes must be ...``); say the option."""
+    """The library names a bad argument as its parameter (``modes must be ...``) and other parameters
+    in backticks (``needs `evaluate```); say the options instead."""
     message, parameter = str(error), error.parameter
     if parameter and message.startswith(parameter):
-        return "--" + parameter.replace("_", "-") + message[len(parameter):]
+        message = option_of(parameter) + message[len(parameter):]
+    for name in error.mentions:
+        message = message.replace(f"`{name}`", option_of(name))
     return message
 
 

@@ -5,9 +5,12 @@ class CmdError(Exception):
     """Bad input (a file, a folder, a value): the message names what and where.
 
     Messages speak the library's words: a bad argument is named as the Python parameter
-    (``modes``), given as ``parameter``; the CLI puts its option (``--modes``) in its place.
+    (``modes must be ...``), given as ``parameter``; other parameters the message names are
+    written in backticks (``select needs `evaluate```) and listed in ``mentions``. The CLI puts its
+    options (``--modes``, ``--eval``) in their place.
     """
 
-    def __init__(self, message: str, *, parameter: str | None = None):
+    def __init__(self, message: str, *, parameter: str | None = None, mentions: tuple[str, ...] = ()):
         super().__init__(message)
         self.parameter = parameter
+        self.mentions = tuple(mentions)

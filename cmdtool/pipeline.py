@@ -88,7 +88,8 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int | str = 10
     check_output_path(output, force)
     if workers is not None or scheduler is not None:
         if warmup is not None:
-            raise CmdError("--warmup runs on one machine: leave out --workers and --scheduler")
+            raise CmdError("warmup runs on one machine: leave out `workers` and `scheduler`", parameter="warmup",
+                           mentions=("workers", "scheduler"))
         from .distributed import Engine, prepare_sharded_store
         with Engine.start(workers, scheduler) as engine:
             prepared = prepare_sharded_store(engine, checkpoint_dir, start=start, stop=stop, every=every,

@@ -116,3 +116,19 @@ def test_settings_and_metrics_json_round_trip_with_defaults_for_older_files():
     assert FitMetrics.from_json(json.loads(json.dumps(metrics.to_json()))) == metrics
     with pytest.raises(KeyError):
         FitMetrics.from_json({"rel_error": 0.1})
+
+
+def test_library_errors_name_parameters_and_the_cli_says_its_options(tmp_path, run_dir):
+    """make_report speaks Python (``select``, ``evaluate``); the CLI maps both to ``--select``, ``--eval``."""
+    from cmdtool.report import make_report
+    out = tmp_path / "m.cmd.h5"
+    cmdtool.fit(run_dir, out, modes=2, trajectory=tmp_path / "t.h5")
+    with pytest.raises(CmdError) as raised:
+        make_report(out, tmp_path / "report", select="accuracy")
+    assert str(raised.value) == "select needs `evaluate`: it chooses epochs by an evaluated metric"
+    assert in_cli_words(raised.value) == "--select needs --eval: it chooses epochs by an evaluated metric"
+    with pytest.raises(CmdError) as raised:
+        make_report(out, tmp_path / "report", eval_every=0)
+    assert (str(raised.value), in_cli_words(raised.value)) == ("eval_every must be at least 1",
+                                                                "--eval-every must be at least 1")
+    assert not (tmp_path / "report").exists()

@@ -24,6 +24,7 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import cmdtool
+from cmdtool.cli_errors import in_cli_words
 from cmdtool.errors import CmdError
 from cmdtool.modefile import open_mode_file
 from cmdtool.report import parse_requirement
@@ -475,7 +476,8 @@ def test_requirement_threshold_must_be_finite(text):
     """An infinite threshold cannot be written into report.json and compares nothing (issue 11)."""
     with pytest.raises(CmdError) as caught:
         parse_requirement(text)
-    assert str(caught.value) == f"--require {text!r}: the threshold must be a finite number"
+    assert str(caught.value) == f"require {text!r}: the threshold must be a finite number"  # the library's words
+    assert in_cli_words(caught.value) == f"--require {text!r}: the threshold must be a finite number"
 
 
 # 5. bad input: exit 2, one error line, no report folder

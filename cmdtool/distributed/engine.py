@@ -48,13 +48,16 @@ class Engine:
     @classmethod
     def start(cls, workers: int | None = None, scheduler: str | None = None) -> "Engine":
         if (workers is None) == (scheduler is None):
-            raise CmdError("give one of --workers N (a Dask cluster on this machine) and --scheduler ADDRESS")
+            raise CmdError("give one of `workers` (N: a Dask cluster on this machine) and `scheduler` (an ADDRESS)",
+                           mentions=("workers", "scheduler"))
         try:
             from dask.distributed import Client, LocalCluster
         except ModuleNotFoundError:
-            raise CmdError("--workers and --scheduler need Dask: pip install 'cmdtool[dask]'") from None
+            raise CmdError("workers and `scheduler` need Dask: pip install 'cmdtool[dask]'", parameter="workers",
+                           mentions=("scheduler",)) from None
         except ImportError as e:  # installed but broken (or shadowed by a local distributed.py)
-            raise CmdError(f"--workers and --scheduler need Dask, which failed to import ({e})") from None
+            raise CmdError(f"workers and `scheduler` need Dask, which failed to import ({e})", parameter="workers",
+                           mentions=("scheduler",)) from None
         if scheduler is not None:
             try:
                 return cls(Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s"))
@@ -62,7 +65,7 @@ class Engine:
                 raise CmdError(f"cannot reach the Dask scheduler at {scheduler} ({type(e).__name__}: "
                                f"{str(e).splitlines()[0] if str(e) else 'no answer'})") from None
         if workers < 1:
-            raise CmdError(f"--workers must be at least 1 (got {workers})")
+            raise CmdError(f"workers must be at least 1 (got {workers})", parameter="workers")
         with warnings.catch_warnings():  # its HTTP server (health, metrics) takes any free port
             warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",

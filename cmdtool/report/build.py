@@ -56,15 +56,18 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
         eval_spec = f"{getattr(evaluate, '__module__', '?')}:{getattr(evaluate, '__qualname__', repr(evaluate))}"
     _check_report_folder(output, force)
     if any(k < 1 for k in tail) or not 0 < ema_decay < 1:
-        raise CmdError("--tail must be at least 1 and --ema-decay between 0 and 1 (exclusive)")
+        raise CmdError("tail must be at least 1 and `ema_decay` between 0 and 1 (exclusive)", parameter="tail",
+                       mentions=("ema_decay",))
     if isinstance(select, str):
         select = parse_select(select)
     if eval_every < 1:
-        raise CmdError("--eval-every must be at least 1")
+        raise CmdError("eval_every must be at least 1", parameter="eval_every")
     if select is not None and evaluate is None:
-        raise CmdError("--select needs --eval: it chooses epochs by an evaluated metric")
+        raise CmdError("select needs `evaluate`: it chooses epochs by an evaluated metric", parameter="select",
+                       mentions=("evaluate",))
     if thresholds.require and evaluate is None:
-        raise CmdError("--require needs --eval: it checks a metric of the evaluated CMD weights")
+        raise CmdError("require needs `evaluate`: it checks a metric of the evaluated CMD weights",
+                       parameter="require", mentions=("evaluate",))
     with open_mode_file(Path(mode_file)) as modes:
         store, source = open_trajectory(modes, checkpoints, trajectory, progress)
         tmp = temporary_sibling(output)

@@ -28,12 +28,12 @@ def load_evaluate(spec: str) -> Evaluate:
     modules beside it): a function ``state_dict -> {metric: float}`` or ``{split: {metric: float}}``."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise CmdError(f"--eval {spec!r}: expected module:function or path.py:function")
+        raise CmdError(f"evaluate {spec!r}: expected module:function or path.py:function", parameter="evaluate")
     try:
         if target.endswith(".py"):
             path = Path(target)
             if not path.is_file():
-                raise CmdError(f"--eval {spec!r}: {path}: no such file")
+                raise CmdError(f"evaluate {spec!r}: {path}: no such file", parameter="evaluate")
             folder = str(path.resolve().parent)  # so that the file imports the modules beside it
             if folder not in sys.path:
                 sys.path.insert(0, folder)
@@ -47,10 +47,11 @@ def load_evaluate(spec: str) -> Evaluate:
     except (CmdError, KeyboardInterrupt):
         raise
     except BaseException as e:  # the user's module failed to import (or called sys.exit): say so in one line
-        raise CmdError(f"--eval {spec!r}: importing {target} failed: {_describe(e)}") from None
+        raise CmdError(f"evaluate {spec!r}: importing {target} failed: {_describe(e)}",
+                       parameter="evaluate") from None
     function = getattr(module, name, None)
     if not callable(function):
-        raise CmdError(f"--eval {spec!r}: {target} has no function {name!r}")
+        raise CmdError(f"evaluate {spec!r}: {target} has no function {name!r}", parameter="evaluate")
     return function
 
 
@@ -62,7 +63,7 @@ def run_evaluate(evaluate: Evaluate, state: dict[str, torch.Tensor], what: str, 
     except KeyboardInterrupt:
         raise
     except BaseException as e:  # SystemExit too: the user's function ending the process is its failure
-        raise CmdError(f"--eval {spec}: failed on {what}: {_describe(e)}") from None
+        raise CmdError(f"evaluate {spec}: failed on {what}: {_describe(e)}", parameter="evaluate") from None
     return flatten_scores(result, what, spec)
 
 
@@ -99,13 +100,14 @@ def parse_requirement(text: str) -> Requirement:
     match = re.fullmatch(r"\s*([^<>=\s]+)\s*(>=|<=|>|<)\s*([-+0-9.eE]+|[-+]?inf(?:inity)?|nan)\s*", text,
                          re.IGNORECASE)
     if not match:
-        raise CmdError(f"--require {text!r}: expected METRIC>=VALUE (or <=, >, <), e.g. accuracy>=0.9")
+        raise CmdError(f"require {text!r}: expected METRIC>=VALUE (or <=, >, <), e.g. accuracy>=0.9",
+                       parameter="require")
     try:
         threshold = float(match.group(3))
     except ValueError:
-        raise CmdError(f"--require {text!r}: {match.group(3)!r} is not a number") from None
+        raise CmdError(f"require {text!r}: {match.group(3)!r} is not a number", parameter="require") from None
     if not math.isfinite(threshold):
-        raise CmdError(f"--require {text!r}: the threshold must be a finite number")
+        raise CmdError(f"require {text!r}: the threshold must be a finite number", parameter="require")
     return Requirement(f"--require {text.strip()}", match.group(1), match.group(2), threshold)
 
 

@@ -34,7 +34,8 @@ def parse_select(text: str) -> Selection:
     if not sep:
         metric, direction = text.strip(), default_direction(text.strip())
     if not metric or direction not in ("max", "min"):
-        raise CmdError(f"--select {text!r}: expected METRIC, METRIC:max or METRIC:min, e.g. accuracy or loss:min")
+        raise CmdError(f"select {text!r}: expected METRIC, METRIC:max or METRIC:min, e.g. accuracy or loss:min",
+                       parameter="select")
     return Selection(metric, direction)
 
 
@@ -47,23 +48,26 @@ def default_direction(metric: str) -> str:
 def flatten_scores(result: Mapping, what: str, spec: str) -> dict[str, float]:
     """The user's answer as ``{key: float}``: flat metrics as they are, split metrics as ``split/metric``."""
     if not isinstance(result, Mapping) or not result:
-        raise CmdError(f"--eval {spec}: returned {type(result).__name__} on {what}, expected a dict of metrics")
+        raise CmdError(f"evaluate {spec}: returned {type(result).__name__} on {what}, expected a dict of metrics",
+                       parameter="evaluate")
     nested = [isinstance(v, Mapping) for v in result.values()]
     if any(nested) and not all(nested):
-        raise CmdError(f"--eval {spec}: on {what} some values are dicts and some are not; return either "
-                       "{metric: value} or {split: {metric: value}}")
+        raise CmdError(f"evaluate {spec}: on {what} some values are dicts and some are not; return either "
+                       "{metric: value} or {split: {metric: value}}", parameter="evaluate")
     items = list(result.items())
     if all(nested):
         items = [(f"{split}{SEPARATOR}{key}", value)
                  for split, scores in result.items() for key, value in scores.items()]
     if not items:
-        raise CmdError(f"--eval {spec}: returned no metrics on {what}, expected a dict of metrics")
+        raise CmdError(f"evaluate {spec}: returned no metrics on {what}, expected a dict of metrics",
+                       parameter="evaluate")
     scores = {}
     for key, value in items:
         try:
             scores[str(key)] = float(value)
         except (TypeError, ValueError):
-            raise CmdError(f"--eval {spec}: metric {key!r} on {what} is {value!r}, not a number") from None
+            raise CmdError(f"evaluate {spec}: metric {key!r} on {what} is {value!r}, not a number",
+                           parameter="evaluate") from None
     return scores
 
 
@@ -96,8 +100,8 @@ def check_selection(selection: Selection | None, keys: Sequence[str]) -> str | N
                 "the best epoch on the numbers that are then reported favours whichever candidate has the most "
                 "epochs to pick from; return {\"val\": {...}, \"test\": {...}} to select honestly.")
     if f"{split}{SEPARATOR}{selection.metric}" not in keys:
-        raise CmdError(f"--select {selection.metric}: the evaluation's {split!r} split has no metric "
-                       f"{selection.metric!r} (it returned {', '.join(splits_of(keys)[split])})")
+        raise CmdError(f"select {selection.metric}: the evaluation's {split!r} split has no metric "
+                       f"{selection.metric!r} (it returned {', '.join(splits_of(keys)[split])})", parameter="select")
     return None
 
 
