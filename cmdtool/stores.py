@@ -41,9 +41,9 @@ class PreparedStore(NamedTuple):
 def prepare_store(checkpoint_dir: Path, *, start: int | None = None, stop: int | None = None, every: int = 1,
                   include: Sequence[str] = (), exclude: Sequence[str] = (), ema: bool = False,
                   trajectory: str | Path | None = None, force: bool = False,
-                  progress: Progress = no_progress) -> PreparedStore:
+                  progress: Progress = no_progress, tensor_order: Sequence[str] | None = None) -> PreparedStore:
     """The trajectory store of the checkpoints ``[start:stop:every]`` of a folder: reused when its
-    fingerprint matches, built otherwise."""
+    fingerprint matches, built otherwise; its tensors in ``tensor_order`` when given (a mode file's)."""
     checkpoint_dir = Path(checkpoint_dir)
     discovery = discover(checkpoint_dir)
     checkpoints = discovery.checkpoints[start:stop:every]
@@ -52,19 +52,21 @@ def prepare_store(checkpoint_dir: Path, *, start: int | None = None, stop: int |
                        f"{'found' if start is None and stop is None and every == 1 else 'selected'} "
                        f"{len(checkpoints)}")
     store, store_path, reused = store_of(checkpoints, checkpoint_dir, include=include, exclude=exclude, ema=ema,
-                                         trajectory=trajectory, force=force, progress=progress)
+                                         trajectory=trajectory, force=force, progress=progress,
+                                         tensor_order=tensor_order)
     return PreparedStore(store, store_path, reused, discovery)
 
 
 def store_of(checkpoints: Sequence[Checkpoint], checkpoint_dir: Path, *, include: Sequence[str] = (),
              exclude: Sequence[str] = (), ema: bool = False, trajectory: str | Path | None = None,
-             force: bool = False, progress: Progress = no_progress) -> tuple[TrajectoryStore, Path, bool]:
+             force: bool = False, progress: Progress = no_progress,
+             tensor_order: Sequence[str] | None = None) -> tuple[TrajectoryStore, Path, bool]:
     """The trajectory store of these checkpoints of ``checkpoint_dir`` (e.g. the complete ones of a
     folder still being written): reused when its fingerprint matches. Returns ``(store, path, reused)``."""
     store_path = Path(trajectory) if trajectory else default_store_path(checkpoint_dir)
     if store_path.is_dir():
         raise CmdError(f"{store_path}: is a directory, expected a trajectory-store file path")
-    key = fingerprint(checkpoints, include, exclude, ema)
+    key = fingerprint(checkpoints, include, exclude, ema, tensor_order)
     present = store_path.exists()  # before the fingerprint: a store another fit renames in meanwhile is no stranger
     existing = store_fingerprint(store_path)
     if existing == key:
@@ -75,7 +77,7 @@ def store_of(checkpoints: Sequence[Checkpoint], checkpoint_dir: Path, *, include
         raise CmdError(f"{store_path}: exists and is not a cmdtool trajectory store (use --force to replace it)")
     store_path.parent.mkdir(parents=True, exist_ok=True)
     with progress("checking checkpoints", len(checkpoints)) as advance:
-        layout, infos = read_signatures(checkpoints, include, exclude, ema, advance)
+        layout, infos = read_signatures(checkpoints, include, exclude, ema, advance, tensor_order)
     with progress("building trajectory store", len(checkpoints)) as advance:
         store = build_store(checkpoints, layout, infos, store_path, key, ema, advance)
     return store, store_path, False

@@ -35,15 +35,18 @@ Advance = Callable[[int], None]
 
 
 def fingerprint(checkpoints: Sequence[Checkpoint], include: Sequence[str], exclude: Sequence[str],
-                ema: bool = False) -> str:
-    """Identifies the inputs of a store: any changed, added or removed checkpoint file changes it."""
+                ema: bool = False, tensor_order: Sequence[str] | None = None) -> str:
+    """Identifies the inputs of a store: any changed, added or removed checkpoint file changes it
+    (and a ``tensor_order`` asked for, see ``read_signatures``)."""
     files = []
     for c in checkpoints:
         for path in c.files:
             st = path.stat()
             files.append([str(path.resolve()), c.time, st.st_size, st.st_mtime_ns])
-    text = json.dumps({"version": STORE_VERSION, "files": files, "ema": ema,
-                       "include": list(include), "exclude": list(exclude)})
+    inputs = {"version": STORE_VERSION, "files": files, "ema": ema, "include": list(include), "exclude": list(exclude)}
+    if tensor_order is not None:
+        inputs["tensor_order"] = list(tensor_order)
+    text = json.dumps(inputs)
     return hashlib.sha256(text.encode()).hexdigest()
 
 
@@ -180,16 +183,22 @@ def store_fingerprint(path: Path) -> str | None:
 
 
 def read_signatures(checkpoints: Sequence[Checkpoint], include: Sequence[str], exclude: Sequence[str],
-                    ema: bool = False, advance: Advance = lambda n: None) -> tuple[Layout, list[CheckpointInfo]]:
+                    ema: bool = False, advance: Advance = lambda n: None,
+                    tensor_order: Sequence[str] | None = None) -> tuple[Layout, list[CheckpointInfo]]:
     """Open every checkpoint's header: all must share tensor names, shapes and dtypes. Each
-    checkpoint's own key set counts (Hugging Face files leave tied weights out)."""
+    checkpoint's own key set counts (Hugging Face files leave tied weights out). The layout follows
+    the first checkpoint's tensor order, or ``tensor_order`` when it names the same tensors (a mode
+    file's order: a training loop lays out ``state_dict()`` order, a safetensors file sorts names)."""
     first, layout, infos = None, None, []
     for c in checkpoints:
         with c.open(ema) as reader:
             if first is None:
                 first = (c, reader.signature)
+                signature = reader.signature
+                if tensor_order is not None and sorted(tensor_order) == sorted(signature):
+                    signature = {name: signature[name] for name in tensor_order}
                 try:
-                    layout = build_layout(reader.signature, include, exclude)
+                    layout = build_layout(signature, include, exclude)
                 except CmdError as e:
                     raise CmdError(f"{c.path.parent}: {e}") from None
             else:

@@ -645,3 +645,23 @@ def test_watch_never_takes_last_ckpt_for_a_checkpoint(tmp_path, online_run):
     )
     with open_mode_file(out) as modes:
         assert modes.names == [f"epoch_{t}.safetensors" for t in range(F + 2)]
+
+
+def test_report_reads_the_checkpoints_an_online_cmd_loop_observed_in_state_dict_order(tmp_path, runner):
+    """OnlineCMD lays out ``state_dict()`` order; saved as safetensors, the files sort the names. The
+    report's store follows the mode file's order, so the same numbers come out (found in review)."""
+    planted = plant(M=2, T=10, seed=5)
+    states = planted.states()
+    assert list(states[0]) != sorted(states[0])  # the planted state dicts are not in sorted order
+    run = write_run(tmp_path / "run", states)
+    online = cmdtool.OnlineCMD(modes=2, warmup=6)
+    for t, state in enumerate(states):
+        online.observe(state, name=f"epoch_{t}.safetensors", time=t)
+    out = online.save(tmp_path / "online.cmd.h5")
+    report = tmp_path / "report"
+    result = runner.invoke(app, ["report", str(out), "-o", str(report), "--checkpoints", str(run), "--json"])
+    assert result.exit_code == 0, result.stderr
+    measured = json.loads(result.stdout)
+    with open_mode_file(out) as modes:
+        assert [s.name for s in modes.layout.tensors] == list(states[0])
+        assert measured["fit"]["rel_error"] == pytest.approx(modes.metrics.rel_error, rel=1e-3)  # stored float32 model

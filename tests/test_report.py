@@ -627,7 +627,7 @@ def test_store_of_other_checkpoints_is_refused(fitted, runner, tmp_path):
     message = error_line(cmd(runner, "report", mode_file, "-o", out, "--trajectory", fitted.store))
     assert message == (
         f"{fitted.store}: does not hold the checkpoints this mode file was fitted on (checkpoint "
-        "names, times or tensors differ); pass --checkpoints with the folder given to cmd fit"
+        "names, times or tensors differ); pass --checkpoints with the folder of the checkpoints it was fitted on"
     )
     assert_no_report(out)
 

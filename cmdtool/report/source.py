@@ -24,7 +24,8 @@ def open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progress
             start, stop, every = _online_selection(modes, Path(checkpoints))
         prepared = prepare_store(
             Path(checkpoints), start=start, stop=stop, every=every, include=settings.include,
-            exclude=settings.exclude, ema=settings.ema, trajectory=trajectory, progress=progress)
+            exclude=settings.exclude, ema=settings.ema, trajectory=trajectory, progress=progress,
+            tensor_order=[spec.name for spec in modes.layout.tensors])
         store = prepared.store
         source = {"kind": "checkpoints", "checkpoints": str(Path(checkpoints).resolve()),
                   "trajectory": str(prepared.path), "trajectory_reused": prepared.reused}
@@ -42,9 +43,10 @@ def open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progress
                   "trajectory_reused": True}
     if (store.names != modes.names or not np.array_equal(store.time, modes.time)
             or store.layout.to_json() != modes.layout.to_json()):
+        hint = ("" if checkpoints is not None else
+                "; pass --checkpoints with the folder of the checkpoints it was fitted on")
         raise CmdError(f"{source['trajectory']}: does not hold the checkpoints this mode file was fitted on "
-                       f"(checkpoint names, times or tensors differ); pass --checkpoints with the folder "
-                       f"given to cmd fit")
+                       f"(checkpoint names, times or tensors differ){hint}")
     fitted_on = modes.settings.trajectory_fingerprint
     if checkpoints is None and fitted_on and store.fingerprint != fitted_on:
         raise CmdError(f"{source['trajectory']}: this trajectory store was rebuilt after {modes.path} was fitted "
