@@ -95,7 +95,8 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int | str = 10
             prepared = prepare_sharded_store(engine, checkpoint_dir, start=start, stop=stop, every=every,
                                              include=include, exclude=exclude, ema=ema, trajectory=trajectory,
                                              force=force, shard_columns=shard_columns, progress=progress)
-            settings = settings.replace(trajectory=str(prepared.path.resolve()))
+            settings = settings.replace(trajectory=str(prepared.path.resolve()),
+                                        trajectory_fingerprint=prepared.store.fingerprint)
             result = fit_trajectory(prepared.store, settings, tile_columns=tile_columns, progress=progress,
                                     map_tiles=engine.map_tiles(prepared.store, shard_columns))
         write_mode_file(output, result)

@@ -264,6 +264,7 @@ def open_sharded(path: Path) -> ShardedStore:
             time, bounds = f["time"][()], f["bounds"][()].astype(np.int64)
             names = read_strings(f, "names")
             infos = [CheckpointInfo.from_json(s) for s in read_strings(f, "infos")]
+            fingerprint = str(f.attrs.get("fingerprint", ""))
         maps, varies = [], []
         for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
             with h5py.File(folder / shard_name(i), "r") as f:
@@ -278,4 +279,4 @@ def open_sharded(path: Path) -> ShardedStore:
     if bounds[-1] != layout.n_parameters:
         raise CmdError(f"{folder}: sharded trajectory store is inconsistent")
     return ShardedStore(layout, time, names, infos, np.concatenate(varies), ShardedRows(maps, bounds), path=index,
-                        folder=folder, bounds=bounds)
+                        fingerprint=fingerprint, folder=folder, bounds=bounds)

@@ -14,12 +14,12 @@ import pytest
 
 import cmdtool
 from cmdtool.fitting import fit_trajectory
-from cmdtool.modefile import write_mode_file
+from cmdtool.modefile import open_mode_file, write_mode_file
 from cmdtool.modes import FitSettings
 from cmdtool.shards import build_sharded, open_sharded
 from cmdtool.stores import prepare_store
 from cmdtool.trajectory import fingerprint, read_signatures
-from helpers import cmd, error_line, ok
+from helpers import cmd, error_line, ok, plant, write_run
 
 SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
 
@@ -148,3 +148,19 @@ def test_importing_cmdtool_does_not_import_dask():
     code = "import cmdtool, cmdtool.cli, cmdtool.pipeline, cmdtool.shards, sys; print('dask' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_a_dask_fit_records_its_store_and_report_refuses_it_once_rebuilt(tmp_path, runner):
+    """Issue 11's staleness check on the sharded store too: the mode file keeps the store's
+    fingerprint, and a report of it refuses the store another fit rebuilt (found in review)."""
+    pytest.importorskip("dask.distributed")
+    from cmdtool.shards import sharded_fingerprint
+    run, store = write_run(tmp_path / "run", plant(M=2, T=6).states()), tmp_path / "shared"
+    old = tmp_path / "old.cmd.h5"
+    ok(cmd(runner, "fit", run, "-o", old, "-m", 2, "--workers", 2, "--trajectory", store))
+    with open_mode_file(old) as modes:
+        assert modes.settings.trajectory_fingerprint == sharded_fingerprint(store) != ""
+    write_run(run, plant(M=2, T=6, seed=9).states())  # retrained: the same names, other weights
+    ok(cmd(runner, "fit", run, "-o", tmp_path / "new.cmd.h5", "-m", 2, "--workers", 2, "--trajectory", store))
+    message = error_line(cmd(runner, "report", old, "-o", tmp_path / "report"))
+    assert message.startswith(f"{store}: this trajectory store was rebuilt after {old} was fitted")
