@@ -236,6 +236,8 @@ def update(
         result = update_mode_file(mode_file, checkpoints, progress=progress_bar)
     if result.skipped:
         say(f"note: already in the mode file, skipped: {', '.join(result.skipped)}")
+    for note in result.notes:
+        say(f"note: {note}")
     if result.absorbed:
         say(f"updated {mode_file} with {len(result.absorbed)} checkpoint{'s' * (len(result.absorbed) > 1)}: "
                  f"{result.absorbed[0]} … {result.absorbed[-1]}")

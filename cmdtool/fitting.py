@@ -133,14 +133,20 @@ def _error_curve(source: TrajectorySource, sample: np.ndarray, trajectories: np.
     left out); the chosen M is the smallest within 5 % of the curve's smallest error. When fewer
     than ``MIN_HELD_OUT`` parameters are left (the sample took nearly all of them), the curve is
     the mean of a 2-fold split of the sample instead: modes found on one half, measured on the other."""
-    Ms = range(1, settings.auto_modes + 1)
+    top = min(settings.auto_modes, len(sample))  # no more modes than sampled parameters
     second = sample_parameters([s.size for s in source.layout.modelled], source.varies, settings.samples,
                                settings.seed + 1)
     held_out = np.setdiff1d(second, sample)
     if len(held_out) >= MIN_HELD_OUT:
+        Ms = range(1, top + 1)
         curve = error_curve(trajectories, C, source.columns(held_out), Ms, settings.refine)
         found, errors, measured = curve.found, curve.rel_error, f"{len(held_out)} held-out parameters"
     else:
+        if len(sample) < 4:
+            raise CmdError(f"modes 'auto' measures an error curve on a split of the sample, which needs at least 4 "
+                           f"parameters that move; the sample has {len(sample)} (raise `samples`)",
+                           parameter="modes", mentions=("samples",))
+        Ms = range(1, min(top, len(sample) // 2) + 1)
         halves = np.random.default_rng(settings.seed + 1).permutation(len(sample))
         halves = (np.sort(halves[: len(sample) // 2]), np.sort(halves[len(sample) // 2:]))
         curves = [error_curve(trajectories[:, fit], C[np.ix_(fit, fit)], trajectories[:, check], Ms, settings.refine)

@@ -60,8 +60,12 @@ class FitSettings:
     trajectory_fingerprint: str = ""  # of the store fitted on: report and update refuse a store rebuilt since
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            if isinstance(patterns, str):  # tuple("fc.*") would be four one-letter patterns
+                raise CmdError(f"{name} must be a list of glob patterns, not a string (got {patterns!r}; pass "
+                               f"[{patterns!r}])", parameter=name)
+            object.__setattr__(self, name, tuple(patterns))
         _at_least("modes", self.modes, 1)
         _at_least("samples", self.samples, 1)
         _at_least("every", self.every, 1)
@@ -69,6 +73,9 @@ class FitSettings:
         _at_least("warmup", self.warmup, 2)
         _at_least("auto_modes", self.auto_modes, 1)
         _at_least("refine", self.refine, 0)
+        if self.drop_unmodelled and self.warmup is not None:
+            raise CmdError("drop_unmodelled cannot be used with `warmup`: online updates carry every tensor",
+                           parameter="drop_unmodelled", mentions=("warmup",))
         for name in ("start", "stop"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):

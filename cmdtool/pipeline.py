@@ -82,7 +82,7 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int | str = 10
     checkpoint_dir, output = Path(checkpoint_dir), Path(output)
     modes, auto_modes = parse_modes(modes)
     settings = FitSettings(modes=modes, samples=samples, seed=seed, start=start, stop=stop, every=every,
-                           include=tuple(include), exclude=tuple(exclude), ema=ema,
+                           include=include, exclude=exclude, ema=ema,
                            source=str(checkpoint_dir.resolve()), warmup=warmup, auto_modes=auto_modes,
                            refine=refine, drop_unmodelled=drop_unmodelled)
     check_output_path(output, force)

@@ -460,7 +460,11 @@ def test_killing_watch_mid_update_leaves_a_readable_mode_file(tmp_path, runner):
     assert out.exists(), watcher.communicate()[1] if watcher.poll() is not None else "no mode file"
     written, killed_mid_write = 4, 0
     for _ in range(3):
+        deadline = time.monotonic() + 60  # a restarted watcher first absorbs what it missed
+        while holds() < written and time.monotonic() < deadline:
+            time.sleep(0.02)
         before = holds()
+        assert before == written
         temporaries = set(tmp_path.glob(".w.cmd.h5.*.tmp"))
         save_file(states[written], str(live / f"epoch_{written}.safetensors"))
         written += 1

@@ -132,3 +132,36 @@ def test_library_errors_name_parameters_and_the_cli_says_its_options(tmp_path, r
     assert (str(raised.value), in_cli_words(raised.value)) == ("eval_every must be at least 1",
                                                                 "--eval-every must be at least 1")
     assert not (tmp_path / "report").exists()
+
+
+def test_settings_refuse_a_string_of_patterns_and_drop_unmodelled_with_warmup(tmp_path, run_dir):
+    with pytest.raises(CmdError) as raised:
+        cmdtool.fit(run_dir, tmp_path / "m.cmd.h5", include="fc.*")
+    assert str(raised.value) == "include must be a list of glob patterns, not a string (got 'fc.*'; pass ['fc.*'])"
+    with pytest.raises(CmdError) as raised:
+        cmdtool.fit(run_dir, tmp_path / "m.cmd.h5", warmup=4, include=["fc.*"], drop_unmodelled=True)
+    assert in_cli_words(raised.value) == ("--drop-unmodelled cannot be used with --warmup: online updates carry "
+                                          "every tensor")
+    assert not (tmp_path / "m.cmd.h5").exists()
+
+
+def test_modes_auto_keeps_its_curve_through_warmup_and_update(tmp_path, run_dir):
+    """The error-vs-M curve of --modes auto survives cmd fit --warmup and cmd update (found in review)."""
+    warm, fitted = tmp_path / "warm.cmd.h5", tmp_path / "fitted.cmd.h5"
+    cmdtool.fit(run_dir, warm, modes="auto:4", warmup=12, trajectory=tmp_path / "t.h5")
+    cmdtool.fit(run_dir, fitted, modes="auto:4", stop=12, trajectory=tmp_path / "t12.h5")
+    with open_mode_file(fitted) as modes:
+        curve = modes.metrics.error_curve
+    assert curve is not None and curve["modes"] == [1, 2, 3, 4]
+    cmdtool.update(fitted, [run_dir / f"epoch_{t}.safetensors" for t in range(12, 20)])
+    for path in (warm, fitted):
+        with open_mode_file(path) as modes:
+            assert modes.metrics.error_curve == curve and modes.T == 20
+
+
+def test_modes_auto_with_too_small_a_sample_is_refused(tmp_path, run_dir):
+    with pytest.raises(CmdError) as raised:
+        cmdtool.fit(run_dir, tmp_path / "m.cmd.h5", modes="auto", samples=2)
+    assert in_cli_words(raised.value).startswith("--modes 'auto' measures an error curve on a split of the sample, "
+                                                 "which needs at least 4 parameters that move; the sample has 2 "
+                                                 "(raise --samples)")

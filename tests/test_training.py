@@ -255,6 +255,8 @@ def test_cli_reads_an_embedded_mode_file(tmp_path):
     result = runner.invoke(app, ["update", str(path), str(tmp_path / "new" / "epoch_16.safetensors")])
     assert result.exit_code == 0, result.output
     assert cmdtool.summarize(path)["checkpoints"] == 17 and cmdtool.summarize(path)["embedding"] is None
+    assert "note: the embedding record of embedded CMD is dropped: an update continues the file as a plain online " \
+           "fit (every parameter's a, b updated)" in result.stderr
 
 
 # --------------------------------------------------------------------------- bad input

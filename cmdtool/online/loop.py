@@ -39,8 +39,8 @@ class OnlineCMD:
 
     def __init__(self, modes: int = 10, warmup: int = 10, samples: int = 1000, seed: int = 0,
                  include: Sequence[str] = (), exclude: Sequence[str] = (), refine: int = REFINE):
-        self.settings = FitSettings(modes=modes, samples=samples, seed=seed, include=tuple(include),
-                                    exclude=tuple(exclude), source=ONLINECMD_SOURCE, trajectory=ONLINECMD_TRAJECTORY,
+        self.settings = FitSettings(modes=modes, samples=samples, seed=seed, include=include,
+                                    exclude=exclude, source=ONLINECMD_SOURCE, trajectory=ONLINECMD_TRAJECTORY,
                                     warmup=warmup, refine=refine)
         self.warmup = warmup
         self.layout: Layout | None = None

@@ -85,6 +85,7 @@ class OnlineState:
     carried_before: dict = field(default_factory=dict)  # name -> rows of the modes it started from
     carried_new: dict = field(default_factory=dict)     # name -> rows observed since
     attachments: dict = field(default_factory=dict)     # SHA-256 -> bytes of files copied back (HF configs)
+    error_curve: dict | None = None                     # the warm-up's --modes auto curve, kept as it was
 
     @property
     def T(self) -> int:
@@ -115,7 +116,7 @@ class OnlineState:
             mode_sse_least_squares=np.array(mode_sse, dtype=np.float64), sq_norm=modes.metrics.sq_norm,
             sq_displacement=modes.metrics.sq_displacement, sq_centred=modes.metrics.sq_centred,
             carried_before=dict(modes.carried), carried_new={spec.name: [] for spec in modes.layout.carried},
-            attachments=dict(modes.attachments))
+            attachments=dict(modes.attachments), error_curve=modes.metrics.error_curve)
 
     def observe(self, w: np.ndarray, name: str, time: int, info: CheckpointInfo, carried: Mapping[str, np.ndarray],
                 attachments: Mapping[str, bytes] = {}) -> None:
@@ -155,7 +156,8 @@ class OnlineState:
         rounding = (self.a - a32) ** 2 + self.T * (self.b - b32) ** 2
         mode_sse = self.mode_sse_least_squares + np.bincount(self.labels, weights=rounding, minlength=self.M)
         metrics = FitMetrics.of(sse=float(mode_sse.sum()), mode_sse=mode_sse, sq_norm=self.sq_norm,
-                                sq_displacement=self.sq_displacement, sq_centred=self.sq_centred)
+                                sq_displacement=self.sq_displacement, sq_centred=self.sq_centred,
+                                error_curve=self.error_curve)
         return Modes(
             layout=self.layout, references=self.references.astype(np.float32), reference_offset=self.offset,
             reference_scale=self.scale, reference_index=self.reference_index,

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -91,6 +91,7 @@ class UpdateResult:
     absorbed: list[str]
     skipped: list[str]
     summary: dict
+    notes: list[str] = field(default_factory=list)  # what the update changed besides a, b (for the CLI to say)
 
 
 def update(mode_file: str | Path, checkpoints: Sequence[str | Path], progress: Progress = no_progress) -> UpdateResult:
@@ -105,6 +106,10 @@ def update(mode_file: str | Path, checkpoints: Sequence[str | Path], progress: P
     with exclusive(mode_file), open_mode_file(mode_file) as modes:
         modes.require_whole("cmd update")  # it appends every carried tensor's rows
         skipped, new = plan_update(modes, candidates)
+        notes = []
+        if new and modes.embedding is not None:
+            notes.append("the embedding record of embedded CMD is dropped: an update continues the file as a "
+                         "plain online fit (every parameter's a, b updated)")
         if new:
             first_name, ema = modes.names[0], modes.settings.ema
             for c in new:
@@ -118,4 +123,4 @@ def update(mode_file: str | Path, checkpoints: Sequence[str | Path], progress: P
                     state.observe(w, c.name, c.time, info, carried, attachments)
                     advance(1)
             write_mode_file(mode_file, state.to_modes())
-    return UpdateResult(mode_file, [c.name for c in new], [c.name for c in skipped], summarize(mode_file))
+    return UpdateResult(mode_file, [c.name for c in new], [c.name for c in skipped], summarize(mode_file), notes)

@@ -80,8 +80,8 @@ def watch(folder: str | Path, output: str | Path, *, warmup: int, until: int | N
     if not folder.is_dir():
         raise CmdError(f"{folder}: no such folder" if not folder.exists() else f"{folder}: is a file, expected a "
                                                                                "folder of checkpoints")
-    settings = FitSettings(modes=modes, samples=samples, seed=seed, refine=refine, include=tuple(include),
-                           exclude=tuple(exclude),
+    settings = FitSettings(modes=modes, samples=samples, seed=seed, refine=refine, include=include,
+                           exclude=exclude,
                            source=str(folder.resolve()), warmup=warmup)
     fitted = output.exists() and not force
     if fitted:
