@@ -165,3 +165,15 @@ def test_modes_auto_with_too_small_a_sample_is_refused(tmp_path, run_dir):
     assert in_cli_words(raised.value).startswith("--modes 'auto' measures an error curve on a split of the sample, "
                                                  "which needs at least 4 parameters that move; the sample has 2 "
                                                  "(raise --samples)")
+
+
+def test_select_with_candidates_only_is_refused(tmp_path, run_dir):
+    from cmdtool.report import make_report
+    out = tmp_path / "m.cmd.h5"
+    cmdtool.fit(run_dir, out, modes=2, trajectory=tmp_path / "t.h5")
+    with pytest.raises(CmdError) as raised:
+        make_report(out, tmp_path / "report", evaluate=lambda state: {"val": {"s": 1.0}, "test": {"s": 1.0}},
+                    select="s", candidates_only=True)
+    assert in_cli_words(raised.value) == ("--select chooses among every family's epochs, which --candidates-only "
+                                          "leaves unscored; use --eval-every to score fewer")
+    assert not (tmp_path / "report").exists()
