@@ -49,11 +49,15 @@ class CheckpointColumns:
     def __getitem__(self, key):
         rows, columns = key
         readers = [ColumnReader(c, self.layout) for c in self.checkpoints]
-        if isinstance(columns, slice):
-            stop = min(columns.stop or self.shape[1], self.shape[1])
-            out = np.stack([r.read(columns.start or 0, stop) for r in readers])
-        else:  # the sample: one small range per column (slow, but K columns only)
-            out = np.stack([np.array([r.read(int(i), int(i) + 1)[0] for i in columns]) for r in readers])
+        try:
+            if isinstance(columns, slice):
+                stop = min(columns.stop or self.shape[1], self.shape[1])
+                out = np.stack([r.read(columns.start or 0, stop) for r in readers])
+            else:  # the sample: one small range per column (slow, but K columns only)
+                out = np.stack([np.array([r.read(int(i), int(i) + 1)[0] for i in columns]) for r in readers])
+        finally:
+            for r in readers:
+                r.close()
         self.bytes_read += sum(r.bytes_read for r in readers)
         return out[rows]
 

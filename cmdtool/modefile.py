@@ -193,7 +193,7 @@ class ModeFile:
 
     def embedded_at(self) -> np.ndarray | None:
         """Embedded CMD: per parameter the checkpoint position after which it was embedded (-1 never)."""
-        return None if self.embedding is None else self.handle["embedding"]["embedded_at"][()]
+        return None if self.embedding is None else self.handle["embedding"]["embedded_at"][()].astype(np.int64)
 
     def embedded_counts(self) -> list[int] | None:
         """Embedded CMD: how many parameters were embedded at each checkpoint (a list of T)."""
@@ -285,7 +285,7 @@ def open_mode_file(path: Path) -> ModeFile:
             mode_sizes=handle["mode_sizes"][()], settings=settings,
             metrics=FitMetrics.from_json(checks.parse_json_object(handle.attrs["metrics"], "metrics")),
             format_version=version, tool_version=str(handle.attrs.get("tool_version", "?")),
-            warmup=None if warmup is None else int(warmup), embedding=_embedding_attributes(handle))
+            warmup=None if warmup is None else int(warmup), embedding=checks.embedding_attributes(handle))
         _validate(mode_file)
         checks.check_contents(mode_file)
         return mode_file
@@ -301,23 +301,13 @@ def open_mode_file(path: Path) -> ModeFile:
         raise CmdError(f"{path}: corrupt mode file ({type(e).__name__}: {text})") from None
 
 
-EMBEDDING_ATTRIBUTES = {"warmup": int, "window": int, "percent": float, "relative": bool, "embeddable": int}
-
-
-def _embedding_attributes(handle: h5py.File) -> dict | None:
-    if "embedding" not in handle:
-        return None
-    attrs = handle["embedding"].attrs
-    return {key: kind(attrs[key]) for key, kind in EMBEDDING_ATTRIBUTES.items()}
-
-
 def write_embedding(path: Path, embedded_at: np.ndarray, **attributes) -> None:
     """Add the group ``embedding`` to a finished mode file that no reader sees yet (a temporary
-    name): ``embedded_at`` (N,) and the attributes of ``EMBEDDING_ATTRIBUTES``."""
+    name): ``embedded_at`` (N,) and the attributes of ``checks.EMBEDDING_ATTRIBUTES``."""
     with h5py.File(path, "r+") as f:
         group = f.create_group("embedding")
         group.create_dataset("embedded_at", data=np.asarray(embedded_at, dtype=np.int32))
-        for key, kind in EMBEDDING_ATTRIBUTES.items():
+        for key, kind in checks.EMBEDDING_ATTRIBUTES.items():
             group.attrs[key] = kind(attributes[key])
 
 
@@ -348,12 +338,7 @@ def _validate(mf: ModeFile) -> None:
         if (online["first"].shape != (N,) or online["mode_sse_least_squares"].shape != (M,)
                 or not 1 <= mf.warmup <= T):
             raise CmdError(f"{mf.path}: corrupt mode file (online state does not match N, M or T)")
-    if mf.embedding is not None:
-        embedded_at = h["embedding"]["embedded_at"]
-        values = embedded_at[()] if embedded_at.shape == (N,) else None
-        if (values is None or (N and not (values.min() >= -1 and values.max() < T))
-                or not 0 <= mf.embedding["embeddable"] <= N):
-            raise CmdError(f"{mf.path}: corrupt mode file (embedding does not match N or T)")
+    checks.check_embedding(mf)
     for spec in mf.layout.carried:
         if spec.name in dropped(mf.layout, mf.settings):
             continue

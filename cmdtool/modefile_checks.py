@@ -28,8 +28,13 @@ from .modes import FitSettings
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 # FitSettings fields and the JSON types they must have (ints are checked by FitSettings itself)
-_SETTING_TYPES = {"include": list, "exclude": list, "ema": bool, "sampling": str, "source": str, "trajectory": str,
-                  "trajectory_fingerprint": str}
+_SETTING_TYPES = {"include": list, "exclude": list, "ema": bool, "drop_unmodelled": bool, "sampling": str,
+                  "source": str, "trajectory": str, "trajectory_fingerprint": str}
+
+
+# attributes of the group ``embedding`` (embedded CMD, ``modefile.write_embedding``) and their kinds
+EMBEDDING_ATTRIBUTES = {"warmup": int, "window": int, "percent": float, "relative": bool, "embeddable": int}
+_KIND_NAMES = {int: "an integer", float: "a number", bool: "true or false"}
 
 
 def check_storage(handle: h5py.File, file_size: int) -> None:
@@ -171,6 +176,52 @@ def check_info(info: CheckpointInfo, tensors: list[str], attachments, name: str)
         paths.append(plain_name(info.index.get("name"), "index"))
     if len(set(paths)) != len(paths):
         raise ValueError(f"{where}: a file name is used twice")
+
+
+def embedding_attributes(handle: h5py.File) -> dict | None:
+    """The attributes of the group ``embedding``, each of the kind ``write_embedding`` writes (a
+    bool ``relative``, integer counts, a finite ``percent``); None for a file without the group."""
+    if "embedding" not in handle:
+        return None
+    group = handle["embedding"]
+    if not isinstance(group, h5py.Group):
+        raise ValueError("embedding is not a group")
+    out = {}
+    for key, kind in EMBEDDING_ATTRIBUTES.items():
+        value = group.attrs.get(key)
+        if kind is bool:
+            right = isinstance(value, (bool, np.bool_))
+        elif kind is int:
+            right = is_integer(value)
+        else:
+            right = (is_integer(value) or isinstance(value, (float, np.floating))) and bool(np.isfinite(value))
+        if not right:
+            shown = value.item() if isinstance(value, np.generic) else value
+            raise ValueError(f"embedding attribute {key} is {repr(shown)[:40]}, expected {_KIND_NAMES[kind]}")
+        out[key] = kind(value)
+    return out
+
+
+def check_embedding(mf) -> None:
+    """The group ``embedding`` against the file: settings in range and ``embedded_at`` (N,)
+    integers, each -1 (never embedded) or the position of an observation after the warm-up."""
+    if mf.embedding is None:
+        return
+    e, N, T = mf.embedding, mf.N, mf.T
+    if (not 2 <= e["warmup"] <= T or e["warmup"] != (mf.warmup or e["warmup"]) or e["window"] < 1
+            or not 0 < e["percent"] <= 100 or not 0 <= e["embeddable"] <= N):
+        raise ValueError(f"embedding settings out of range (F = {e['warmup']}, L = {e['window']}, "
+                         f"P = {e['percent']:g}, embeddable {e['embeddable']} of N = {N}, T = {T})")
+    data = mf.handle["embedding"].get("embedded_at")
+    if not isinstance(data, h5py.Dataset) or data.dtype.kind not in "iu" or data.shape != (N,):
+        shown = f"dtype {data.dtype}, shape {data.shape}" if isinstance(data, h5py.Dataset) else "missing"
+        raise ValueError(f"embedding embedded_at ({shown}) must be ({N},) integers")
+    values = data[()]
+    embedded = values != -1
+    if ((values[embedded] < e["warmup"]) | (values[embedded] >= T)).any():
+        raise ValueError(f"embedding embedded_at holds positions other than -1 and {e['warmup']} … {T - 1}")
+    if int(embedded.sum()) > e["embeddable"]:
+        raise ValueError(f"embedding embedded_at embeds more than the {e['embeddable']} embeddable parameters")
 
 
 def is_integer(value: Any) -> bool:

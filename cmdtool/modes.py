@@ -9,6 +9,7 @@ returns a ``Modes``; ``modefile.write_mode_file`` is the only code that turns on
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping
 
@@ -73,6 +74,9 @@ class FitSettings:
         _at_least("warmup", self.warmup, 2)
         _at_least("auto_modes", self.auto_modes, 1)
         _at_least("refine", self.refine, 0)
+        for name in ("ema", "drop_unmodelled"):
+            if not isinstance(getattr(self, name), bool):
+                raise CmdError(f"{name} must be true or false (got {getattr(self, name)!r})", parameter=name)
         if self.drop_unmodelled and self.warmup is not None:
             raise CmdError("drop_unmodelled cannot be used with `warmup`: online updates carry every tensor",
                            parameter="drop_unmodelled", mentions=("warmup",))
@@ -158,7 +162,7 @@ class FitMetrics:
         values = {}
         for f in dataclasses.fields(cls):
             if f.name == "error_curve":
-                values[f.name] = data.get("error_curve")  # only --modes auto writes it
+                values[f.name] = error_curve_from_json(data.get("error_curve"))  # only --modes auto writes it
                 continue
             value = data[f.name]
             if f.name == "mode_sse":
@@ -168,6 +172,42 @@ class FitMetrics:
             else:
                 values[f.name] = float(value)
         return cls(**values)
+
+
+CURVE_LISTS = ("modes", "found", "rel_error")
+
+
+def error_curve_from_json(curve: Any) -> dict | None:
+    """``metrics.error_curve`` as ``fitting`` writes it, checked (``ValueError`` says what is wrong):
+    lists ``modes`` (the M tried, distinct, at least 1), ``found`` (the modes each gave, 1 … M) and
+    ``rel_error`` (finite, not negative) of one length, ``chosen`` among ``modes``, and the strings
+    ``measured_on`` and ``rule``; None when absent."""
+    if curve is None:
+        return None
+    if not isinstance(curve, Mapping):
+        raise ValueError("metrics.error_curve is not a JSON object")
+    missing = [key for key in (*CURVE_LISTS, "chosen", "measured_on", "rule") if key not in curve]
+    if missing:
+        raise ValueError(f"metrics.error_curve has no {missing[0]!r}")
+    lists = {key: curve[key] for key in CURVE_LISTS}
+    if not all(isinstance(v, list) for v in lists.values()) or len({len(v) for v in lists.values()}) != 1:
+        raise ValueError("metrics.error_curve: modes, found and rel_error must be lists of one length")
+    modes, found, errors = lists.values()
+    if not modes or not all(_is_int(m) and m >= 1 for m in modes) or len(set(modes)) != len(modes):
+        raise ValueError("metrics.error_curve.modes must be distinct integers of at least 1")
+    if not all(_is_int(n) and 1 <= n <= m for n, m in zip(found, modes)):
+        raise ValueError("metrics.error_curve.found must be integers from 1 to the M tried")
+    if not all((_is_int(e) or isinstance(e, float) and math.isfinite(e)) and e >= 0 for e in errors):
+        raise ValueError("metrics.error_curve.rel_error must be finite numbers, not negative")
+    if not _is_int(curve["chosen"]) or curve["chosen"] not in modes:
+        raise ValueError("metrics.error_curve.chosen must be one of its modes")
+    if not isinstance(curve["measured_on"], str) or not isinstance(curve["rule"], str):
+        raise ValueError("metrics.error_curve: measured_on and rule must be strings")
+    return dict(curve)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

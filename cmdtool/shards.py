@@ -27,13 +27,12 @@ from ._files import replace_path, temporary_sibling
 from ._hdf5 import read_strings, read_text, write_text
 from .checkpoints import Checkpoint, CheckpointInfo
 from .errors import CmdError
-from .layout import Layout
+from .layout import DTYPE_SIZES, Layout
 from .trajectory import TrajectoryStore, check_finite
 
 SHARDS_KIND = "cmdtool-trajectory-shards"
 SHARDS_VERSION = 1
 INDEX = "index.h5"
-NUMPY_SAFETENSORS = {"F64": np.float64, "F32": np.float32, "F16": np.float16}
 
 
 def shard_name(i: int) -> str:
@@ -46,53 +45,36 @@ def shard_bounds(N: int, shard_columns: int) -> np.ndarray:
 
 
 class ColumnReader:
-    """Column ranges of one checkpoint's modelled parameters, flat float32. A plain safetensors
-    file in a numpy dtype is sliced along its first axis through ``safe_open`` (only those rows
-    are read from the memory-mapped file); anything else is read tensor by tensor and cut."""
+    """Column ranges of one checkpoint's modelled parameters, flat float32, read as the single-process
+    ingest reads (``CheckpointReader.read_float32``): from a safetensors file only those elements'
+    bytes, with ``pread`` at the validated header's offsets and no memory map, so a file truncated or
+    rewritten while it is read is a ``CmdError`` naming it (a mapped file would kill the worker with
+    SIGBUS); a torch file is read tensor by tensor and cut. Values are bit for bit those of the
+    single-process ingest."""
 
     def __init__(self, checkpoint: Checkpoint, layout: Layout, ema: bool = False):
         self.checkpoint, self.layout, self.ema = checkpoint, layout, ema
         self.bytes_read = 0
-        self._direct = None
-        self._reader = None
-        if checkpoint.folder is None and checkpoint.format == "safetensors" and not ema:
-            from safetensors import safe_open
-            try:
-                self._direct = safe_open(str(checkpoint.path), framework="np")
-            except Exception as e:  # safetensors raises assorted types on corrupt input
-                raise CmdError(f"{checkpoint.path}: cannot read checkpoint, truncated or corrupt ({e})") from None
-
-    def _piece(self, name: str, shape: tuple[int, ...], lo: int, hi: int) -> np.ndarray:
-        if self._direct is not None:
-            sl = self._direct.get_slice(name)
-            dtype = NUMPY_SAFETENSORS.get(sl.get_dtype())
-            if dtype is not None and len(shape) > 0:
-                row = int(np.prod(shape[1:], dtype=np.int64))
-                first, last = lo // row, -(-hi // row)
-                rows = np.asarray(sl[first:last]).reshape(-1)
-                self.bytes_read += rows.nbytes
-                return rows[lo - first * row:hi - first * row].astype(np.float32)
-        if self._reader is None:
-            self._reader = self.checkpoint.open(self.ema)
-        values = self._reader.float32_values(name)
-        self.bytes_read += values.nbytes
-        return values[lo:hi]
+        self._reader = checkpoint.open(ema)
 
     def read(self, start: int, stop: int) -> np.ndarray:
-        """Columns ``start:stop`` of the trajectory row of this checkpoint, finite-checked."""
+        """Columns ``start:stop`` of the trajectory row of this checkpoint, finite-checked; the file
+        is checked unchanged (size, modification time) after the read."""
         out = np.empty(stop - start, dtype=np.float32)
         for spec in self.layout.modelled:
             lo, hi = max(start, spec.offset), min(stop, spec.offset + spec.size)
             if lo < hi:
-                piece = self._piece(spec.name, spec.shape, lo - spec.offset, hi - spec.offset)
+                piece = out[lo - start:hi - start]
+                self._reader.read_float32(spec.name, piece, span=(lo - spec.offset, hi - spec.offset))
+                self.bytes_read += (hi - lo) * DTYPE_SIZES[spec.dtype]
                 check_finite(piece, self.checkpoint.path, spec.name)
-                out[lo - start:hi - start] = piece
+        self._reader.check_unchanged()
         return out
 
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
-        self._direct = self._reader = None
+        self._reader = None
 
 
 @dataclass(frozen=True)

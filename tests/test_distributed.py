@@ -5,6 +5,7 @@ and report as one process, bit for bit, also when a worker is killed during the 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -67,6 +68,70 @@ def test_sharded_store_holds_what_the_single_store_holds(tmp_path, run_dir):
         index = np.array([0, 5, 96, 97, 98, 500, single.N - 1])
         assert np.array_equal(store.columns(index[::-1]), np.asarray(single.W)[:, index[::-1]])
         assert np.array_equal(store.W[3, 90:200], single.W[3, 90:200])
+
+
+@pytest.mark.parametrize("fmt, dtypes", [("safetensors", ("bfloat16", "float16", "float64")),
+                                         ("torch", ("float32", "bfloat16"))])
+def test_sharded_column_reads_equal_the_single_ingest_in_every_dtype(tmp_path, planted, fmt, dtypes):
+    """Column ranges read with pread (safetensors) or cut from whole tensors (torch), across tensor
+    and row boundaries, hold the values of the single-process ingest bit for bit."""
+    import torch
+
+    from helpers import write_run
+
+    states = [{name: value.to(getattr(torch, dtypes[i % len(dtypes)])) if value.is_floating_point() else value
+               for i, (name, value) in enumerate(sorted(state.items()))} for state in planted.states()]
+    run = write_run(tmp_path / "run", states, fmt=fmt)
+    single = prepare_store(run, trajectory=tmp_path / "single.h5").store
+    checkpoints = cmdtool.checkpoints.discover(run).checkpoints
+    layout, infos = read_signatures(checkpoints, (), ())
+    sharded = build_sharded(checkpoints, layout, infos, tmp_path / "sharded", fingerprint(checkpoints, (), ()),
+                            shard_columns=41)
+    assert {spec.dtype for spec in layout.modelled} == set(dtypes)
+    assert np.asarray(sharded.W).tobytes() == np.asarray(single.W).tobytes()
+    assert np.array_equal(sharded.varies, single.varies)
+
+
+def test_a_checkpoint_truncated_during_the_sharded_ingest_is_a_cmd_error_naming_it(tmp_path, run_dir, monkeypatch):
+    """The sharded ingest (what each Dask worker runs, here in-process) reads with pread at the
+    header's offsets, never through a memory map: a file cut short between the header and the read
+    is one CmdError naming it, not a SIGBUS, and no store is left."""
+    from cmdtool.checkpoints.safetensors_file import SafetensorsFile
+    from cmdtool.errors import CmdError
+
+    checkpoints = cmdtool.checkpoints.discover(run_dir).checkpoints
+    layout, infos = read_signatures(checkpoints, (), ())
+    victim = checkpoints[7].path
+    read_range = SafetensorsFile.read_range
+
+    def truncating(self, name, start, stop, out):
+        if self.path == victim:
+            os.truncate(victim, victim.stat().st_size // 2)
+        return read_range(self, name, start, stop, out)
+
+    monkeypatch.setattr(SafetensorsFile, "read_range", truncating)
+    with pytest.raises(CmdError, match=f"^{victim}: the file changed while it was read"):
+        build_sharded(checkpoints, layout, infos, tmp_path / "sharded", fingerprint(checkpoints, (), ()),
+                      shard_columns=97)
+    assert not (tmp_path / "sharded").exists() and not list(tmp_path.glob(".sharded*"))
+
+
+def test_a_checkpoint_rewritten_after_its_columns_were_read_is_a_cmd_error(tmp_path, run_dir):
+    """A file whose size or modification time changed since its header was read (the rest of a
+    file still being written) is refused once the shard's columns are read."""
+    from cmdtool.errors import CmdError
+    from cmdtool.shards import ColumnReader
+
+    checkpoint = cmdtool.checkpoints.discover(run_dir).checkpoints[3]
+    layout, _ = read_signatures([checkpoint], (), ())
+    reader = ColumnReader(checkpoint, layout)
+    try:
+        with open(checkpoint.path, "ab") as f:
+            f.write(b"\0" * 64)
+        with pytest.raises(CmdError, match=f"^{checkpoint.path}: the file changed while it was read"):
+            reader.read(0, 10)
+    finally:
+        reader.close()
 
 
 def test_distributed_fit_equals_the_single_process_fit_on_planted_data(tmp_path, run_dir, engine):

@@ -1,7 +1,8 @@
 """Fuzzing the mode-file reader (issue 11): random structural mutations of valid mode files (JSON
-fields, names, numeric datasets, attributes, deleted parts). Every outcome of ``cmd info`` and
-``cmd reconstruct --at all --force`` is success or exit 2 with one ``error:`` line: never a
-traceback, a hang, or a file created, changed or removed outside the output folder.
+fields, names, numeric datasets, attributes, deleted parts, ``--modes auto``'s error curve and
+embedded CMD's group). Every outcome of ``cmd info`` and ``cmd reconstruct --at all --force`` is
+success or exit 2 with one ``error:`` line: never a traceback, a hang, or a file created, changed
+or removed outside the output folder.
 
 ``CMDTOOL_FUZZ_EXAMPLES`` sets the number of mutated files (default 1500; each is opened by both
 commands). Derandomized, so a failure reproduces."""
@@ -24,6 +25,7 @@ from hypothesis import strategies as st
 
 from helpers import cmd, snapshot
 from test_modefile_untrusted import VICTIM, build_sources
+from test_training import planted_training
 
 EXAMPLES = int(os.environ.get("CMDTOOL_FUZZ_EXAMPLES", "1500"))
 JSON_ATTRS = ("settings", "metrics")
@@ -79,8 +81,23 @@ def numeric_array(draw, shape: tuple[int, ...]) -> np.ndarray:
 
 def mutate(f: h5py.File, draw) -> None:
     target = draw(st.sampled_from(["json_attr", "plain_attr", "json_dataset", "strings", "numeric", "carried",
-                                   "delete", "info_field"]))
-    if target == "json_attr":
+                                   "delete", "info_field", "curve", "embedding"]))
+    if target == "curve":  # --modes auto's error-vs-M curve, when the file has one
+        metrics = json.loads(f.attrs["metrics"])
+        if isinstance(metrics, dict) and "error_curve" in metrics:
+            metrics["error_curve"] = mutate_json(metrics["error_curve"], draw)
+            f.attrs["metrics"] = json.dumps(metrics)
+    elif target == "embedding":  # embedded CMD's group, when the file has one
+        group = f.get("embedding")
+        if isinstance(group, h5py.Group):
+            key = draw(st.sampled_from(["warmup", "window", "percent", "relative", "embeddable", "embedded_at"]))
+            if key != "embedded_at":
+                group.attrs[key] = draw(st.integers(-3, 2000) | st.floats() | st.booleans() | hdf5_text)
+            elif key in group:
+                data = numeric_array(draw, group[key].shape)
+                del group[key]
+                group[key] = data
+    elif target == "json_attr":
         name = draw(st.sampled_from(JSON_ATTRS))
         f.attrs[name] = json.dumps(mutate_json(json.loads(f.attrs[name]), draw))
     elif target == "plain_attr":
@@ -126,7 +143,15 @@ def mutate(f: h5py.File, draw) -> None:
 
 @pytest.fixture(scope="module")
 def fuzz_sources(tmp_path_factory):
-    return build_sources(tmp_path_factory.mktemp("fuzz-sources"))
+    """The plain and Hugging Face files, a ``--modes auto`` fit (``metrics.error_curve``) and an
+    embedded-CMD file (the group ``embedding``)."""
+    folder = tmp_path_factory.mktemp("fuzz-sources")
+    sources = build_sources(folder)
+    result = cmd(typer.testing.CliRunner(), "fit", folder / "plain", "-o", folder / "auto.cmd.h5", "-m", "auto",
+                 "--trajectory", folder / "auto.h5")
+    assert result.exit_code == 0, result.stderr
+    _, _, embedded, _ = planted_training(folder)
+    return {**sources, "auto": folder / "auto.cmd.h5", "embedded": embedded.save(folder / "embedded.cmd.h5")}
 
 
 def outcome_is_clean(result) -> None:
@@ -149,7 +174,7 @@ def test_mutated_mode_files_fail_cleanly(fuzz_sources, runner, monkeypatch):
 
     @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
               suppress_health_check=list(HealthCheck))
-    @given(kind=st.sampled_from(["plain", "hf"]), data=st.data())
+    @given(kind=st.sampled_from(["plain", "hf", "auto", "embedded"]), data=st.data())
     def one(kind, data):
         case = Path(tempfile.mkdtemp(dir=work))
         crafted, out = case / "crafted.cmd.h5", case / "out"

@@ -123,14 +123,18 @@ class CheckpointReader:
             return torch.from_numpy(raw).view(getattr(torch, dtype)).reshape(shape)
         return self._state[name]
 
-    def read_float32(self, name: str, out: np.ndarray, scratch: np.ndarray | None = None) -> None:
+    def read_float32(self, name: str, out: np.ndarray, scratch: np.ndarray | None = None,
+                     span: tuple[int, int] | None = None) -> None:
         """A floating-point tensor's values into ``out`` (flat float32, its size). A safetensors
         float32 tensor is read straight into ``out``; another dtype goes through ``scratch`` (uint8,
-        at least the tensor's bytes, reused by the caller) and is converted exactly."""
+        at least the tensor's bytes, reused by the caller) and is converted exactly. With ``span =
+        (start, stop)`` only those elements (flat), into an ``out`` of ``stop - start``; from a
+        safetensors file only their bytes are read."""
         if self._file is None:
-            out[:] = self.tensor(name).detach().to(torch.float32).reshape(-1).numpy()
+            flat = self.tensor(name).detach().reshape(-1)
+            out[:] = (flat if span is None else flat[span[0]:span[1]]).to(torch.float32).numpy()
             return
-        self._file.read_float32(name, out, scratch)
+        self._file.read_float32(name, out, scratch, span)
 
     def float32_values(self, name: str) -> np.ndarray:
         """A tensor's values as a flat float32 array (what the trajectory store holds)."""
@@ -217,8 +221,9 @@ class FolderReader:
     def float32_values(self, name: str) -> np.ndarray:
         return self._owner[name].float32_values(name)
 
-    def read_float32(self, name: str, out: np.ndarray, scratch: np.ndarray | None = None) -> None:
-        self._owner[name].read_float32(name, out, scratch)
+    def read_float32(self, name: str, out: np.ndarray, scratch: np.ndarray | None = None,
+                     span: tuple[int, int] | None = None) -> None:
+        self._owner[name].read_float32(name, out, scratch, span)
 
     def raw_bytes(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
         return self._owner[name].raw_bytes(name, out)

@@ -119,28 +119,49 @@ class SafetensorsFile:
     def read_into(self, name: str, out: np.ndarray) -> None:
         """The raw bytes of tensor ``name`` into ``out`` (any C-contiguous array of that many bytes)."""
         entry = self.entries[name]
+        self._pread(name, entry.start, entry.nbytes, out)
+
+    def read_range(self, name: str, start: int, stop: int, out: np.ndarray) -> None:
+        """The raw bytes of elements ``start:stop`` of tensor ``name`` (flat, in C order) into
+        ``out`` (a C-contiguous array of that many bytes): only those bytes are read."""
+        entry = self.entries[name]
+        itemsize = DTYPE_SIZES[entry.dtype]
+        if not 0 <= start <= stop <= entry.nbytes // itemsize:
+            raise ValueError(f"{name}: elements {start}:{stop} of {entry.nbytes // itemsize}")
+        self._pread(name, entry.start + start * itemsize, (stop - start) * itemsize, out)
+
+    def _pread(self, name: str, position: int, nbytes: int, out: np.ndarray) -> None:
         view = memoryview(out).cast("B")
-        if len(view) != entry.nbytes:
-            raise ValueError(f"{name}: buffer of {len(view)} bytes for {entry.nbytes}")
-        position = entry.start
+        if len(view) != nbytes:
+            raise ValueError(f"{name}: buffer of {len(view)} bytes for {nbytes}")
         while view:
             n = os.preadv(self.fd, [view], position)
             if n == 0:
                 raise self._changed()
             view, position = view[n:], position + n
 
-    def read_float32(self, name: str, out: np.ndarray, scratch: np.ndarray | None = None) -> None:
+    def read_float32(self, name: str, out: np.ndarray, scratch: np.ndarray | None = None,
+                     span: tuple[int, int] | None = None) -> None:
         """A floating-point tensor's values into ``out`` (flat float32 of its size): float32 read
         straight into ``out``, another dtype through ``scratch`` (uint8, at least the tensor's
-        bytes, reused by the caller) and converted exactly."""
+        bytes, reused by the caller) and converted exactly. With ``span = (start, stop)`` only
+        those elements (flat) are read, into an ``out`` of ``stop - start``."""
         entry = self.entries[name]
+
+        def read(buffer: np.ndarray) -> None:
+            if span is None:
+                self.read_into(name, buffer)
+            else:
+                self.read_range(name, *span, buffer)
+
         if entry.dtype == "float32":
-            self.read_into(name, out)
+            read(out)
             return
-        if scratch is None or len(scratch) < entry.nbytes:
-            scratch = np.empty(entry.nbytes, dtype=np.uint8)
-        raw = scratch[:entry.nbytes]
-        self.read_into(name, raw)
+        nbytes = entry.nbytes if span is None else (span[1] - span[0]) * DTYPE_SIZES[entry.dtype]
+        if scratch is None or len(scratch) < nbytes:
+            scratch = np.empty(nbytes, dtype=np.uint8)
+        raw = scratch[:nbytes]
+        read(raw)
         if entry.dtype == "bfloat16":  # the upper half of a float32: exact by shifting
             np.left_shift(raw.view("<u2"), 16, out=out.view(np.uint32), dtype=np.uint32)
         elif entry.dtype in ("float16", "float64"):
