@@ -264,7 +264,7 @@ class EmbeddedCMD:
             if self.settings.embed_percent > 0:
                 self._embeddable_mask()
             self._columns = columns = nonzero(state.embedded)  # sorted
-            self._frozen_labels = state.labels[columns]
+            self._frozen_labels = torch.index_select(state.labels, 0, columns)
             self._frozen = ()
             parameters = dict(self.model.named_parameters())
             bounds = torch.tensor([[s.offset, s.offset + s.size] for s in self.layout.modelled], device=columns.device)

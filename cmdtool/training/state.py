@@ -24,6 +24,7 @@ from ..modes import FitSettings
 from ..online.state import OnlineState
 
 NEVER = -1  # embedded_at of a parameter that was never embedded
+LANES = 8  # accumulators per mode of the CPU update's Σ e²
 CHUNK = 1 << 16  # columns per block of the CPU update: its three float64 work buffers (512 KiB each) stay in the cache
 
 
@@ -58,6 +59,7 @@ class DeviceState:
     _work: list | None = field(init=False, default=None, repr=False)
     _plan: tuple | None = field(init=False, default=None, repr=False)
     _masked: tuple | None = field(init=False, default=None, repr=False)
+    _change: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self):
         self.embedded = self.embedded_at != NEVER
@@ -114,8 +116,15 @@ class DeviceState:
         if self._work is None or self._work[0].numel() != size:
             self._work = [torch.empty(size, dtype=torch.float64, device=device) for _ in range(3)]
         x, y, z = self._work
-        keep = np.empty(size, dtype=bool) if device.type == "cpu" else None
-        squares = torch.zeros(M, dtype=torch.float64, device=device)
+        on_cpu = device.type == "cpu"
+        keep = np.empty(size, dtype=bool) if on_cpu else None
+        # Σ e² per mode. On the CPU into LANES accumulators per mode, column c into lane c % LANES: most
+        # parameters are often in one mode, and index_add_ into one address is a chain of dependent adds.
+        lanes = LANES if on_cpu else 1
+        if on_cpu:
+            lane = torch.arange(size, device=device).remainder_(LANES)
+            into = torch.empty(size, dtype=torch.int64, device=device)
+        squares = torch.zeros(M * lanes, dtype=torch.float64, device=device)
         sums = []   # (‖w‖², ‖w − w₀‖², ‖w − b‖²) per block
         masked = self._masked_blocks(size)
         for k, (lo, hi, segments) in enumerate(self._blocks(pieces, size)):
@@ -131,12 +140,13 @@ class DeviceState:
             sums.append((torch.dot(xv, xv), s_disp, torch.dot(yv, yv)))
             torch.mul(a, torch.index_select(rho, 0, labels, out=zv), out=yv)
             torch.sub(xv, yv, out=xv).sub_(b)        # e = w − aρ − b, the prediction error
-            if masked[k] and device.type == "cpu":  # times the free mask: masked_fill_ branches per value,
+            if masked[k] and on_cpu:  # times the free mask: masked_fill_ branches per value,
                 free = np.logical_not(self.embedded[lo:hi].numpy(), out=keep[:n])   # 4× slower on a random mask
                 np.multiply(xv.numpy(), free, out=xv.numpy())
             elif masked[k]:
                 xv.masked_fill_(self.embedded[lo:hi], 0.0)
-            squares.index_add_(0, labels, torch.mul(xv, xv, out=yv))
+            where = torch.add(lane[:n], labels, alpha=LANES, out=into[:n]) if on_cpu else labels
+            squares.index_add_(0, where, torch.mul(xv, xv, out=yv))
             a.addcmul_(xv, torch.index_select(gain_a, 0, labels, out=zv))
             b.addcmul_(xv, torch.index_select(gain_b, 0, labels, out=zv))
             b.addcmul_(a, torch.index_select(shift, 0, labels, out=zv))
@@ -145,7 +155,8 @@ class DeviceState:
         self.sq_norm += totals[0]
         self.sq_displacement += totals[1]
         self.sq_centred += totals[2] * T / (T + 1)   # Welford
-        self.mode_sse += squares.cpu().numpy() / frame.sse_weight   # the error grows by e² / (1 + x G⁻¹ xᵀ)
+        squares = squares.view(M, lanes).sum(1).cpu().numpy()
+        self.mode_sse += squares / frame.sse_weight   # the error grows by e² / (1 + x G⁻¹ xᵀ)
         self.references, self.offset, self.scale = frame.references, frame.offset, frame.scale
         self.time.append(int(time))
         self.names.append(name)
@@ -181,10 +192,12 @@ class DeviceState:
     def _masked_blocks(self, size: int) -> list[bool]:
         """Per block of ``size`` columns, whether it holds embedded parameters (cached until ``embed``)."""
         if self._masked is None or self._masked[0] != size:
-            n, N = -(-self.labels.numel() // size), self.labels.numel()
-            padded = torch.zeros(n * size, dtype=torch.bool, device=self.device)
-            padded[:N] = self.embedded
-            self._masked = (size, padded.view(n, size).any(1).tolist())
+            starts = range(0, self.labels.numel(), size)
+            if self.device.type == "cpu":
+                flags = np.logical_or.reduceat(self.embedded.numpy(), list(starts)).tolist()
+            else:
+                flags = torch.stack([self.embedded[lo:lo + size].any() for lo in starts]).tolist()
+            self._masked = (size, flags)
         return self._masked[1]
 
     def raw_fit(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -213,7 +226,9 @@ class DeviceState:
         """One window of embedded CMD: freeze the ``percent`` % of the embeddable, not yet embedded
         parameters (of all embeddable ones when not ``relative``) whose raw ``(a, b)`` changed least,
         by ``sqrt(Δa² + Δb²)``, since the previous window. Returns how many were embedded."""
-        change = torch.empty_like(self.a)
+        if self._change is None:   # kept: a fresh (N,) buffer costs its page faults at every window
+            self._change = torch.empty_like(self.a)
+        change = self._change
         size = CHUNK if self.device.type == "cpu" else self.labels.numel()
         work = [torch.empty(min(size, self.labels.numel()), dtype=torch.float64, device=self.device) for _ in "ab"]
         for lo, hi, a, b in self._raw_blocks_into(work):
