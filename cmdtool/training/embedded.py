@@ -181,6 +181,7 @@ class EmbeddedCMD:
             sums = torch.stack([p.sum().float() for p in pieces])
         if not bool(torch.isfinite(sums.sum())):  # a finite sum proves every value finite
             for spec, piece in zip(self.layout.modelled, pieces):
+                piece = piece.float() if piece.dtype == torch.float64 else piece  # as it is observed
                 if not bool(torch.isfinite(piece).all()):
                     kind = "NaN" if bool(torch.isnan(piece).any()) else "Inf"
                     raise CmdError(f"{where}: tensor {spec.name!r} contains {kind} values")
