@@ -7,7 +7,11 @@ SGD with momentum), with ``EmbeddedCMD`` attached, and times inside the training
 training steps, ``observe()`` at the epoch's end, and ``step()`` after every optimizer step (setting
 the embedded parameters). Warm-up F = 3, then embedding windows every L = 2 epochs of P = 10 %.
 
-    python benchmarks/training_overhead.py [--epochs 8] [--threads 1] [--size 8] [--json out.json]
+    python benchmarks/training_overhead.py [--epochs 8] [--threads 1] [--size 8] [--embed-percent 10] [--json out.json]
+
+Besides the ratios to the epoch it times, right after each observation (the same load), the floor
+unit of this machine: one in-place ``a.add_(b)`` over N float64 values (median of 3), and states the
+online update in those units.
 
 ``--size 32`` upsamples the images to CIFAR's 32×32 (the paper's ResNet-18 setting): the same
 CMD cost against an epoch about 10× longer.
@@ -88,6 +92,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--size", type=int, default=8, help="image side: 8 (the digits as they are) or e.g. 32")
+    parser.add_argument("--embed-percent", type=float, default=10.0, help="P; 0 = online CMD only (no windows)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -99,8 +104,10 @@ def main() -> None:
     if args.size != 8:
         x = F.interpolate(x, size=(args.size, args.size), mode="bilinear", align_corners=False)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
-    cmd = EmbeddedCMD(model, modes=10, warmup=3, embed_window=2, embed_percent=10)
+    cmd = EmbeddedCMD(model, modes=10, warmup=3, embed_window=2, embed_percent=args.embed_percent)
     step_time = [0.0]
+    n_floats = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
+    floor_buffers = (torch.rand(n_floats, dtype=torch.float64), torch.rand(n_floats, dtype=torch.float64))
 
     def timed_step(*_):
         start = time.perf_counter()
@@ -127,16 +134,23 @@ def main() -> None:
         observe = time.perf_counter() - start
         T = cmd.T
         note = ("warm-up (kept on the CPU)" if T < 3 else "warm-up fit" if T == 3 else
-                "window" if (T - 3) % 2 == 0 else "online update")
-        rows.append(dict(epoch=epoch, train_s=train, observe_s=observe, step_s=step_time[0],
+                "window" if args.embed_percent > 0 and (T - 3) % 2 == 0 else "online update")
+        floor = floor_unit(floor_buffers, repeat=3)  # right after the observation, under the same load
+        rows.append(dict(epoch=epoch, train_s=train, observe_s=observe, step_s=step_time[0], floor_s=floor,
                          embedded=cmd.embedded_fraction, note=note, observations=before + 1))
         print(f"{epoch:5d}  {train:7.2f}  {observe:9.3f}  {step_time[0]:6.3f}  {cmd.embedded_fraction:8.3f}  {note}")
     epoch_s = statistics.median(r["train_s"] for r in rows)
     online = [r["observe_s"] for r in rows if r["note"] == "online update"]
     windows = [r["observe_s"] for r in rows if r["note"] == "window"]
     steps = [r["step_s"] for r in rows if r["embedded"] > 0][1:] or [0.0]
-    floats = sum(t.numel() for t in model.state_dict().values() if t.is_floating_point())
-    summary = dict(size=args.size, parameters=floats, threads=args.threads, epoch_s=epoch_s,
+    floats = n_floats
+    floor_s = statistics.median(r["floor_s"] for r in rows)
+    shares = [r["observe_s"] / r["train_s"] for r in rows if r["note"] == "online update"]
+    units = [r["observe_s"] / r["floor_s"] for r in rows if r["note"] == "online update"]
+    summary = dict(size=args.size, parameters=floats, threads=args.threads, embed_percent=args.embed_percent,
+                   epoch_s=epoch_s, floor_add_s=floor_s,
+                   online_share_per_epoch_median=statistics.median(shares) if shares else None,
+                   online_floor_units_median=statistics.median(units) if units else None,
                    online_observe_s=statistics.median(online) if online else None,
                    window_observe_s=statistics.median(windows) if windows else None,
                    warmup_fit_s=next(r["observe_s"] for r in rows if r["note"] == "warm-up fit"),
@@ -147,7 +161,10 @@ def main() -> None:
           f"training epoch (median) {epoch_s:.2f} s")
     if online:
         print(f"online CMD, one observe per epoch: {summary['online_observe_s']:.3f} s = "
-              f"{100 * summary['online_observe_s'] / epoch_s:.1f} % of an epoch")
+              f"{100 * summary['online_observe_s'] / epoch_s:.1f} % of an epoch (median of the per-epoch "
+              f"ratios {100 * summary['online_share_per_epoch_median']:.1f} %), "
+              f"{summary['online_floor_units_median']:.1f} floor units (median of the per-epoch ratios)")
+    print(f"floor unit: one a.add_(b) over {floats:,} float64 values, {1000 * floor_s:.1f} ms (epochs median)")
     if windows:
         print(f"an observe with an embedding window: {summary['window_observe_s']:.3f} s = "
               f"{100 * summary['window_observe_s'] / epoch_s:.1f} % of an epoch")
@@ -158,6 +175,18 @@ def main() -> None:
           f"(once)")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
+
+
+def floor_unit(buffers: tuple[torch.Tensor, torch.Tensor], repeat: int = 7) -> float:
+    """Seconds of one in-place ``a.add_(b)`` over N float64 values (median of ``repeat``): the cost of
+    one pass over the parameters' float64 state, against which the online update is measured."""
+    a, b = buffers
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        a.add_(b)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 if __name__ == "__main__":

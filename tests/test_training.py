@@ -314,3 +314,26 @@ def test_warmup_longer_than_the_run(tmp_path):
 def test_bad_settings(options, message):
     with pytest.raises(CmdError, match=message):
         EmbeddedCMD(small_model(), **options)
+
+
+def test_device_update_in_blocks_from_the_model_tensors(monkeypatch):
+    """The CPU update runs over blocks of ``CHUNK`` columns, filled from the model's tensors without a
+    concatenation: blocks that split tensors, and tensors that split blocks, give the same state."""
+    from cmdtool.training import state as device_state
+    planted = plant(M=3, T=12, noise=1e-3)
+    states = sorted_states(planted)
+    whole, blocks = (EmbeddedCMD(Holder(states[0]), modes=3, warmup=5, samples=300, embed_window=2,
+                                 embed_percent=20) for _ in range(2))
+    for t, state in enumerate(states):
+        for cmd, chunk in ((whole, 1 << 30), (blocks, 7)):
+            monkeypatch.setattr(device_state, "CHUNK", chunk)
+            cmd.model.load_state_dict(state)
+            cmd.observe(f"{t}", t)
+    assert blocks.state._work[0].numel() == 7 and blocks.embedded_fraction > 0
+    for key in ("a", "b", "embedded_at", "snapshot_a", "snapshot_b"):
+        np.testing.assert_allclose(getattr(blocks.state, key).numpy(), getattr(whole.state, key).numpy(),
+                                   rtol=1e-12, atol=1e-14, err_msg=key)
+    np.testing.assert_allclose(blocks.state.mode_sse, whole.state.mode_sse, rtol=1e-12)
+    assert blocks.state.sq_norm == pytest.approx(whole.state.sq_norm, rel=1e-12)
+    for name, value in whole.model.state_dict().items():  # step() set the same embedded values
+        torch.testing.assert_close(blocks.model.state_dict()[name], value, rtol=1e-6, atol=1e-7)

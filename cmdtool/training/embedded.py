@@ -19,8 +19,9 @@ from ..layout import Layout, build_layout, check_same_tensors
 from ..modefile import write_embedding, write_mode_file
 from ..modes import FitSettings
 from ..online import TRAINING_SOURCE as SOURCE
+from . import state as device_state
 from ._warmup import warmup_state
-from .state import DeviceState, gather
+from .state import DeviceState, count_true, nonzero
 
 STATE_FORMAT = "cmdtool-training-state"
 TRAINING_TRAJECTORY = "none (a training run keeps no trajectory)"
@@ -143,13 +144,13 @@ class EmbeddedCMD:
 
     @property
     def embeddable_count(self) -> int:
-        return 0 if self._embeddable is None else int(self._embeddable.sum())
+        return 0 if self._embeddable is None else count_true(self._embeddable)
 
     @property
     def embedded_fraction(self) -> float:
         """Embedded parameters over the embeddable ones (trainable, not references); 0 before any window."""
         total = self.embeddable_count
-        return float(self.state.embedded.sum()) / total if self.state is not None and total else 0.0
+        return count_true(self.state.embedded) / total if self.state is not None and total else 0.0
 
     @property
     def rel_error(self) -> float | None:
@@ -175,23 +176,28 @@ class EmbeddedCMD:
         last = self.last_time
         if last is not None and time <= last:
             raise CmdError(f"{where}: time {time} does not come after {last}")
-        with torch.no_grad():
-            w = torch.cat([tensors[s.name].detach().reshape(-1).to(torch.float32) for s in self.layout.modelled])
-        if not bool(torch.isfinite(w.sum())) and not bool(torch.isfinite(w).all()):  # a finite sum proves it
-            bad = next(s for s in self.layout.modelled if not bool(torch.isfinite(w[s.columns]).all()))
-            kind = "NaN" if bool(torch.isnan(w[bad.columns]).any()) else "Inf"
-            raise CmdError(f"{where}: tensor {bad.name!r} contains {kind} values")
+        with torch.no_grad():  # the model's own values, flat views (a copy only of a non-contiguous tensor)
+            pieces = [tensors[s.name].detach().reshape(-1) for s in self.layout.modelled]
+            sums = torch.stack([p.sum().float() for p in pieces])
+        if not bool(torch.isfinite(sums.sum())):  # a finite sum proves every value finite
+            for spec, piece in zip(self.layout.modelled, pieces):
+                piece = piece.float() if piece.dtype == torch.float64 else piece  # as it is observed
+                if not bool(torch.isfinite(piece).all()):
+                    kind = "NaN" if bool(torch.isnan(piece).any()) else "Inf"
+                    raise CmdError(f"{where}: tensor {spec.name!r} contains {kind} values")
         carried = {s.name: tensors[s.name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().copy()
                    for s in self.layout.carried}
         info = info or CheckpointInfo("safetensors")
         if self.state is not None:
-            self.state.observe(w, name, time, info, carried)
+            self.state.observe(pieces, name, time, info, carried)
             settings = self.settings
             window = settings.embed_percent > 0 and (self.T - self.state.warmup) % settings.embed_window == 0
             if window:
                 self.state.embed(settings.embed_percent, settings.relative, self._embeddable_mask())
             self._bind(rebuild=window)
             return
+        with torch.no_grad():
+            w = torch.cat([p.to(torch.float32) for p in pieces])
         self._rows.append(w.cpu().numpy())
         self._times.append(time)
         self._names.append(name)
@@ -217,11 +223,14 @@ class EmbeddedCMD:
             live = torch.stack([tensors[n].detach().reshape(-1)[p] for n, p in self._references]).to(torch.float64)
             rho = (live - torch.as_tensor(state.offset, device=state.device)) / torch.as_tensor(
                 state.scale, device=state.device)
-            a, b, labels32, values = self._frozen
-            gather(rho, self._frozen_labels, labels32, out=values).mul_(a).add_(b)
+            a, b, work = self._frozen
             for name, positions, lo, hi in self._embedded_tensors:
                 target = tensors[name].detach().view(-1)
-                target.index_copy_(0, positions, values[lo:hi].to(target.dtype))
+                for start in range(lo, hi, work.numel()):  # on the CPU blocks that stay in the cache
+                    stop = min(start + work.numel(), hi)
+                    values = torch.index_select(rho, 0, self._frozen_labels[start:stop], out=work[:stop - start])
+                    values.mul_(a[start:stop]).add_(b[start:stop])
+                    target.index_copy_(0, positions[start - lo:stop - lo], values.to(target.dtype))
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Call ``step()`` after every ``optimizer.step()``; returns the hook's handle."""
@@ -255,10 +264,9 @@ class EmbeddedCMD:
             self._references = [(name, int(i) - offsets[name]) for name, i in zip(names, state.reference_index)]
             if self.settings.embed_percent > 0:
                 self._embeddable_mask()
-            self._columns = columns = torch.nonzero(state.embedded).reshape(-1)  # sorted
-            self._frozen_labels = state.labels[columns]
-            on_cpu = columns.device.type == "cpu"
-            self._frozen_labels32 = self._frozen_labels.numpy().astype(np.int32) if on_cpu else None
+            self._columns = columns = nonzero(state.embedded)  # sorted
+            self._frozen_labels = torch.index_select(state.labels, 0, columns)
+            self._frozen = ()
             parameters = dict(self.model.named_parameters())
             bounds = torch.tensor([[s.offset, s.offset + s.size] for s in self.layout.modelled], device=columns.device)
             bounds = torch.searchsorted(columns, bounds.reshape(-1)).reshape(-1, 2).tolist()
@@ -269,8 +277,13 @@ class EmbeddedCMD:
                 shaped = state.embedded[spec.columns].view(spec.shape)
                 self._hooks.append(parameters[spec.name].register_hook(lambda g, m=shaped: g.masked_fill(m, 0)))
         if self._embedded_tensors:
-            self._frozen = (state.a[self._columns], state.b[self._columns], self._frozen_labels32,
-                            torch.empty(self._columns.shape, dtype=torch.float64, device=state.device))
+            columns = self._columns
+            if not self._frozen:
+                block = min(device_state.CHUNK, columns.numel()) if columns.device.type == "cpu" else columns.numel()
+                self._frozen = tuple(torch.empty(n, dtype=torch.float64, device=state.device)
+                                     for n in (columns.numel(), columns.numel(), block))
+            torch.index_select(state.a, 0, columns, out=self._frozen[0])
+            torch.index_select(state.b, 0, columns, out=self._frozen[1])
             self.step()
 
     def close(self) -> None:

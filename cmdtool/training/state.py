@@ -24,6 +24,8 @@ from ..modes import FitSettings
 from ..online.state import OnlineState
 
 NEVER = -1  # embedded_at of a parameter that was never embedded
+LANES = 8  # accumulators per mode of the CPU update's Σ e²
+CHUNK = 1 << 16  # columns per block of the CPU update: its three float64 work buffers (512 KiB each) stay in the cache
 
 
 @dataclass
@@ -54,8 +56,10 @@ class DeviceState:
     snapshot_a: torch.Tensor      # (N,) float64: a, b against the raw reference at the previous window
     snapshot_b: torch.Tensor
     embedded: torch.Tensor = field(init=False)  # (N,) bool, embedded_at != NEVER
-    _labels32: np.ndarray | None = field(init=False, default=None, repr=False)
     _work: list | None = field(init=False, default=None, repr=False)
+    _plan: tuple | None = field(init=False, default=None, repr=False)
+    _masked: tuple | None = field(init=False, default=None, repr=False)
+    _change: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self):
         self.embedded = self.embedded_at != NEVER
@@ -92,43 +96,67 @@ class DeviceState:
         out.snapshot_a, out.snapshot_b = out.raw_fit()
         return out
 
-    def per_parameter(self, per_mode: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-        """``per_mode[labels]`` as an (N,) float64 tensor on the device (into ``out``)."""
-        if self.device.type == "cpu" and self._labels32 is None:
-            self._labels32 = self.labels.numpy().astype(np.int32)
-        return gather(per_mode, self.labels, self._labels32, out)
+    def observe(self, w, name: str, time: int, info: CheckpointInfo, carried: dict[str, np.ndarray]) -> None:
+        """Absorb one observation: ``w`` is the (N,) observation (float32, on the device, laid out as
+        ``self.layout``) or the modelled tensors' flat values in layout order (views of the model's
+        own tensors: nothing is concatenated).
 
-    def observe(self, w: torch.Tensor, name: str, time: int, info: CheckpointInfo,
-                carried: dict[str, np.ndarray]) -> None:
-        """Absorb one observation: ``w`` (N,) float32 on the device, laid out as ``self.layout``.
-
-        ``decompose.update_fit`` ported to torch and written in place, with three (N,) float64
-        work buffers kept between observations: the same recursive least squares (``e = w − aρ − b``,
-        ``[a b] += e · x G_new⁻¹``, then re-expressed against the renormalised references), with the
-        per-mode factors of ``decompose.update_frame``. Frozen (embedded) fits get ``e = 0``."""
-        T = self.T
-        if self._work is None:
-            self._work = [torch.empty(self.labels.shape, dtype=torch.float64, device=self.device) for _ in range(3)]
-        w64, e, factor = self._work
-        w64.copy_(w)
-        frame = update_frame(self.references, self.offset, self.scale,
-                             w64[torch.as_tensor(self.reference_index, device=self.device)].cpu().numpy())
-        torch.sub(w64, e.copy_(self.first), out=e)  # float64 by float64: mixed dtypes take a slow path
-        self.sq_displacement += float(torch.dot(e, e))
-        torch.sub(w64, self.b, out=e)               # b is each parameter's mean over the T observations
-        self.sq_centred += float(torch.dot(e, e)) * T / (T + 1)   # Welford
-        self.sq_norm += float(torch.dot(w64, w64))
-        torch.mul(self.a, self.per_parameter(frame.rho, factor), out=e)
-        torch.sub(w64, e, out=e).sub_(self.b)       # e = w − aρ − b, the prediction error
-        if bool(self.embedded.any()):
-            e.masked_fill_(self.embedded, 0.0)
-        torch.mul(e, e, out=w64)
-        squares = torch.zeros(self.M, dtype=torch.float64, device=self.device).index_add_(0, self.labels, w64)
-        self.mode_sse += squares.cpu().numpy() / frame.sse_weight   # the error grows by e² / (1 + x G⁻¹ xᵀ)
-        self.a.addcmul_(e, self.per_parameter(frame.gain_a, factor))
-        self.b.addcmul_(e, self.per_parameter(frame.gain_b, factor))
-        self.b.addcmul_(self.a, self.per_parameter(frame.shift, factor))
-        self.a.mul_(self.per_parameter(frame.ratio, factor))
+        ``decompose.update_parameters`` ported to torch and written in place: the same recursive
+        least squares (``e = w − aρ − b``, ``[a b] += e · x G_new⁻¹``, then re-expressed against the
+        renormalised references), with the per-mode factors of ``decompose.update_frame``, in the same
+        order of operations. On the CPU it runs over blocks of ``CHUNK`` columns, so that its three
+        float64 work buffers stay in the cache and each parameter's state is read and written once.
+        Frozen (embedded) fits get ``e = 0``."""
+        pieces = [w] if isinstance(w, torch.Tensor) else list(w)
+        T, M, device = self.T, self.M, self.device
+        frame = update_frame(self.references, self.offset, self.scale, self._reference_values(pieces))
+        factors = torch.from_numpy(np.stack([frame.rho, frame.gain_a, frame.gain_b, frame.shift, frame.ratio]))
+        rho, gain_a, gain_b, shift, ratio = factors.to(device)
+        size = min(CHUNK if device.type == "cpu" else self.labels.numel(), self.labels.numel())
+        if self._work is None or self._work[0].numel() != size:
+            self._work = [torch.empty(size, dtype=torch.float64, device=device) for _ in range(3)]
+        x, y, z = self._work
+        on_cpu = device.type == "cpu"
+        keep = np.empty(size, dtype=bool) if on_cpu else None
+        # Σ e² per mode. On the CPU into LANES accumulators per mode, column c into lane c % LANES: most
+        # parameters are often in one mode, and index_add_ into one address is a chain of dependent adds.
+        lanes = LANES if on_cpu else 1
+        if on_cpu:
+            lane = torch.arange(size, device=device).remainder_(LANES)
+            into = torch.empty(size, dtype=torch.int64, device=device)
+        squares = torch.zeros(M * lanes, dtype=torch.float64, device=device)
+        sums = []   # (‖w‖², ‖w − w₀‖², ‖w − b‖²) per block
+        masked = self._masked_blocks(size)
+        for k, (lo, hi, segments) in enumerate(self._blocks(pieces, size)):
+            n = hi - lo
+            xv, yv, zv = x[:n], y[:n], z[:n]
+            a, b, labels = self.a[lo:hi], self.b[lo:hi], self.labels[lo:hi]
+            for piece, start, stop, at in segments:
+                values = pieces[piece][start:stop]
+                xv[at:at + stop - start].copy_(values if values.dtype != torch.float64 else values.float())
+            torch.sub(xv, yv.copy_(self.first[lo:hi]), out=yv)  # float64 by float64: mixed dtypes are slow
+            s_disp = torch.dot(yv, yv)
+            torch.sub(xv, b, out=yv)                 # b is each parameter's mean over the T observations
+            sums.append((torch.dot(xv, xv), s_disp, torch.dot(yv, yv)))
+            torch.mul(a, torch.index_select(rho, 0, labels, out=zv), out=yv)
+            torch.sub(xv, yv, out=xv).sub_(b)        # e = w − aρ − b, the prediction error
+            if masked[k] and on_cpu:  # times the free mask: masked_fill_ branches per value,
+                free = np.logical_not(self.embedded[lo:hi].numpy(), out=keep[:n])   # 4× slower on a random mask
+                np.multiply(xv.numpy(), free, out=xv.numpy())
+            elif masked[k]:
+                xv.masked_fill_(self.embedded[lo:hi], 0.0)
+            where = torch.add(lane[:n], labels, alpha=LANES, out=into[:n]) if on_cpu else labels
+            squares.index_add_(0, where, torch.mul(xv, xv, out=yv))
+            a.addcmul_(xv, torch.index_select(gain_a, 0, labels, out=zv))
+            b.addcmul_(xv, torch.index_select(gain_b, 0, labels, out=zv))
+            b.addcmul_(a, torch.index_select(shift, 0, labels, out=zv))
+            a.mul_(torch.index_select(ratio, 0, labels, out=zv))
+        totals = torch.stack([torch.stack(s) for s in sums]).sum(0).tolist()
+        self.sq_norm += totals[0]
+        self.sq_displacement += totals[1]
+        self.sq_centred += totals[2] * T / (T + 1)   # Welford
+        squares = squares.view(M, lanes).sum(1).cpu().numpy()
+        self.mode_sse += squares / frame.sse_weight   # the error grows by e² / (1 + x G⁻¹ xᵀ)
         self.references, self.offset, self.scale = frame.references, frame.offset, frame.scale
         self.time.append(int(time))
         self.names.append(name)
@@ -136,41 +164,119 @@ class DeviceState:
         for key, rows in self.carried.items():
             rows.append(np.asarray(carried[key], dtype=np.uint8))
 
+    def _reference_values(self, pieces: list[torch.Tensor]) -> np.ndarray:
+        """The reference parameters' values in ``pieces`` (rounded to float32 as the observation is), (M,)."""
+        ends = np.cumsum([p.numel() for p in pieces])
+        found = np.searchsorted(ends, self.reference_index, side="right")
+        starts = ends - [p.numel() for p in pieces]
+        values = torch.stack([pieces[i][int(c - starts[i])] for i, c in zip(found, self.reference_index)])
+        return values.to(torch.float32).to(torch.float64).cpu().numpy()
+
+    def _blocks(self, pieces: list[torch.Tensor], size: int) -> list:
+        """Columns ``[lo, hi)`` per block of ``size``, with the ``(piece, start, stop, at)`` segments
+        of ``pieces`` that fill it (cached: the layout does not change)."""
+        key = (size, tuple(p.numel() for p in pieces))
+        if self._plan is None or self._plan[0] != key:
+            blocks, starts = [], [int(v) for v in np.concatenate([[0], np.cumsum(key[1])])]
+            for lo in range(0, starts[-1], size):
+                hi, segments = min(lo + size, starts[-1]), []
+                first = int(np.searchsorted(starts, lo, side="right")) - 1
+                for i in range(first, int(np.searchsorted(starts, hi, side="left"))):
+                    begin, end = max(lo, starts[i]), min(hi, starts[i + 1])
+                    if end > begin:
+                        segments.append((i, begin - starts[i], end - starts[i], begin - lo))
+                blocks.append((lo, hi, segments))
+            self._plan = (key, blocks)
+        return self._plan[1]
+
+    def _masked_blocks(self, size: int) -> list[bool]:
+        """Per block of ``size`` columns, whether it holds embedded parameters (cached until ``embed``)."""
+        if self._masked is None or self._masked[0] != size:
+            starts = range(0, self.labels.numel(), size)
+            if self.device.type == "cpu":
+                flags = np.logical_or.reduceat(self.embedded.numpy(), list(starts)).tolist()
+            else:
+                flags = torch.stack([self.embedded[lo:lo + size].any() for lo in starts]).tolist()
+            self._masked = (size, flags)
+        return self._masked[1]
+
     def raw_fit(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``a, b`` against the raw reference (``w ≈ a · r + b``), the frame the authors measure
         the change of a fit in."""
-        scale = self.per_parameter(self.scale)
-        a = torch.div(self.a, scale, out=scale)
-        b = self.per_parameter(self.offset).mul_(a)
-        return a, torch.sub(self.b, b, out=b)
+        a_raw, b_raw = torch.empty_like(self.a), torch.empty_like(self.b)
+        for lo, hi, scale, offset in self._raw_blocks():
+            a, b = a_raw[lo:hi], b_raw[lo:hi]
+            torch.div(self.a[lo:hi], scale, out=a)
+            torch.sub(self.b[lo:hi], torch.mul(offset, a, out=b), out=b)
+        return a_raw, b_raw
+
+    def _raw_blocks(self):
+        """Per block of columns ``(lo, hi, scale[labels], offset[labels])``, the last two in work buffers."""
+        size = CHUNK if self.device.type == "cpu" else self.labels.numel()
+        scale, offset = (torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).to(self.device)
+                         for v in (self.scale, self.offset))
+        y, z = (torch.empty(min(size, self.labels.numel()), dtype=torch.float64, device=self.device) for _ in "yz")
+        for lo in range(0, self.labels.numel(), size):
+            hi = min(lo + size, self.labels.numel())
+            labels = self.labels[lo:hi]
+            yield lo, hi, torch.index_select(scale, 0, labels, out=y[:hi - lo]), \
+                torch.index_select(offset, 0, labels, out=z[:hi - lo])
 
     def embed(self, percent: float, relative: bool, embeddable: torch.Tensor) -> int:
         """One window of embedded CMD: freeze the ``percent`` % of the embeddable, not yet embedded
         parameters (of all embeddable ones when not ``relative``) whose raw ``(a, b)`` changed least,
         by ``sqrt(Δa² + Δb²)``, since the previous window. Returns how many were embedded."""
-        a, b = self.raw_fit()
-        change = self.snapshot_a.sub_(a).square_()   # Δa² + Δb², in the old snapshot's memory; the
-        change.add_(self.snapshot_b.sub_(b).square_())  # square root would not change the order
-        self.snapshot_a, self.snapshot_b = a, b
-        candidates = embeddable & ~self.embedded
-        free = int(candidates.sum())
-        count = min(free, math.ceil((free if relative else int(embeddable.sum())) * percent / 100))
+        if self._change is None:   # kept: a fresh (N,) buffer costs its page faults at every window
+            self._change = torch.empty_like(self.a)
+        change = self._change
+        size = CHUNK if self.device.type == "cpu" else self.labels.numel()
+        work = [torch.empty(min(size, self.labels.numel()), dtype=torch.float64, device=self.device) for _ in "ab"]
+        for lo, hi, a, b in self._raw_blocks_into(work):
+            snap_a, snap_b = self.snapshot_a[lo:hi], self.snapshot_b[lo:hi]
+            # Δa² + Δb² (the square root would not change the order); the new raw fit becomes the snapshot
+            torch.sub(snap_a, a, out=change[lo:hi]).square_().add_(snap_b.sub_(b).square_())
+            snap_a.copy_(a)
+            snap_b.copy_(b)
+        if self.device.type == "cpu":   # numpy: torch's bool reductions and masked indexing are slow there
+            return self._select(change.numpy(), embeddable.numpy(), self.embedded.numpy(), self.embedded_at.numpy(),
+                                percent, relative, np)
+        return self._select(change, embeddable, self.embedded, self.embedded_at, percent, relative, torch)
+
+    def _select(self, change, embeddable, embedded, embedded_at, percent, relative, xp) -> int:
+        """Embed the count smallest ``change`` among the candidates: all below the count-th value, then
+        ties at it in column order (a linear-time selection among the candidates: np.partition on the
+        CPU, kthvalue elsewhere; topk of a million out of ten took seconds and breaks ties arbitrarily)."""
+        candidates = embeddable & ~embedded
+        columns = np.flatnonzero(candidates) if xp is np else torch.nonzero(candidates).reshape(-1)  # sorted
+        free = int(columns.shape[0])
+        total = int(np.count_nonzero(embeddable)) if xp is np else int(embeddable.sum())
+        count = min(free, math.ceil((free if relative else total) * percent / 100))
         if count == 0:
             return 0
-        change.masked_fill_(~candidates, math.inf)
-        # The count smallest: all below the count-th value, then ties at it in column order (kthvalue
-        # selects in linear time; topk of a million out of ten took seconds and breaks ties arbitrarily).
-        threshold = torch.kthvalue(change, count).values
-        below = torch.nonzero(change < threshold).reshape(-1)
-        ties = torch.nonzero(change == threshold).reshape(-1)[:count - below.numel()]
-        chosen = torch.cat([below, ties])
-        self.embedded_at[chosen] = self.T - 1
-        self.embedded[chosen] = True
+        change = change[columns]
+        if xp is np:
+            threshold = np.partition(change, count - 1)[count - 1]
+        else:
+            threshold = torch.kthvalue(change, count).values
+        below = columns[change < threshold]
+        chosen = xp.concatenate([below, columns[change == threshold][:count - below.shape[0]]])
+        embedded_at[chosen] = self.T - 1
+        embedded[chosen] = True
+        self._masked = None
         return count
+
+    def _raw_blocks_into(self, work):
+        """``raw_fit`` block by block into the two work buffers: yields ``(lo, hi, a_raw, b_raw)``."""
+        for lo, hi, scale, offset in self._raw_blocks():
+            a, b = work[0][:hi - lo], work[1][:hi - lo]
+            torch.div(self.a[lo:hi], scale, out=a)
+            torch.sub(self.b[lo:hi], torch.mul(offset, a, out=b), out=b)
+            yield lo, hi, a, b
 
     def values(self) -> torch.Tensor:
         """The CMD weights at the latest observation, ``a · r̃(T) + b``, float64 (N,) on the device."""
-        return self.a * self.per_parameter(self.references[:, -1]) + self.b
+        last = torch.from_numpy(np.ascontiguousarray(self.references[:, -1])).to(self.device)
+        return torch.index_select(last, 0, self.labels).mul_(self.a).add_(self.b)
 
     def least_squares_rel_error(self) -> float:
         """``rel_error`` of the fit so far, without the float32 rounding a saved file adds."""
@@ -237,15 +343,13 @@ def _carried_rows(state: OnlineState) -> dict[str, list[np.ndarray]]:
     return out
 
 
-def gather(per_mode, labels: torch.Tensor, labels32: np.ndarray | None = None,
-           out: torch.Tensor | None = None) -> torch.Tensor:
-    """``per_mode[labels]``, float64, on the labels' device (into ``out``). On the CPU through
-    ``np.take`` with the int32 copy ``labels32``, several times faster than torch's gather there."""
-    if labels.device.type == "cpu":
-        out = out if out is not None else torch.empty(labels.shape, dtype=torch.float64)
-        per_mode = per_mode.numpy() if isinstance(per_mode, torch.Tensor) else np.asarray(per_mode, dtype=np.float64)
-        # mode="clip": with the default "raise" numpy buffers ``out``, five times slower
-        np.take(per_mode, labels32 if labels32 is not None else labels.numpy(), out=out.numpy(), mode="clip")
-        return out
-    values = torch.as_tensor(per_mode, dtype=torch.float64, device=labels.device)
-    return torch.index_select(values, 0, labels, out=out) if out is not None else values[labels]
+def count_true(mask: torch.Tensor) -> int:
+    """The number of True in a bool tensor (numpy on the CPU: torch's sum of bools is 100× slower there)."""
+    return int(np.count_nonzero(mask.numpy())) if mask.device.type == "cpu" else int(mask.sum())
+
+
+def nonzero(mask: torch.Tensor) -> torch.Tensor:
+    """The positions of True in a 1-D bool tensor, sorted, int64 (numpy on the CPU: 4× faster there)."""
+    if mask.device.type == "cpu":
+        return torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return torch.nonzero(mask).reshape(-1)
