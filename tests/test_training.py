@@ -309,7 +309,7 @@ def test_warmup_longer_than_the_run(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(embed_percent=150), "embed_percent 150"), (dict(warmup=1), "warmup 1"),
+    (dict(embed_percent=150), "embed_percent 150"), (dict(warmup=1), r"warmup must be an integer of at least 2 \(got 1\)"),
     (dict(embed_percent=5, embed_window=0), "embed_window 0"), (dict(modes=0), "modes")])
 def test_bad_settings(options, message):
     with pytest.raises(CmdError, match=message):
@@ -337,3 +337,20 @@ def test_device_update_in_blocks_from_the_model_tensors(monkeypatch):
     assert blocks.state.sq_norm == pytest.approx(whole.state.sq_norm, rel=1e-12)
     for name, value in whole.model.state_dict().items():  # step() set the same embedded values
         torch.testing.assert_close(blocks.model.state_dict()[name], value, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("settings, message", [
+    (dict(seed=-1), "seed must be an integer of at least 0 (got -1)"),
+    (dict(modes=2.5), "modes must be an integer of at least 1 (got 2.5)"),
+    (dict(warmup=2.5), "warmup must be an integer of at least 2 (got 2.5)"),
+    (dict(warmup=None), "warmup must be an integer of at least 2 (got None): the modes are found on the first "
+                        "observations"),
+    (dict(modes="auto"), "modes must be an integer of at least 1 (got 'auto')"),
+    (dict(embed_window=1.5), "embed_window must be an integer (got 1.5)"),
+    (dict(include="fc.*"), "include must be a list of glob patterns, not a string (got 'fc.*'; pass ['fc.*'])"),
+])
+def test_bad_settings_fail_before_training_starts(settings, message):
+    """Every setting is checked when EmbeddedCMD (and so a callback) is made, not after the warm-up (review)."""
+    with pytest.raises(CmdError) as raised:
+        EmbeddedCMD(None, **settings)
+    assert str(raised.value) == message

@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -18,51 +16,12 @@ from ..errors import CmdError
 from ..layout import Layout, build_layout, check_same_tensors
 from ..modefile import write_embedding, write_mode_file
 from ..modes import FitSettings
-from ..online import TRAINING_SOURCE as SOURCE
 from . import state as device_state
 from ._warmup import warmup_state
+from .settings import TrainingSettings
 from .state import DeviceState, count_true, nonzero
 
 STATE_FORMAT = "cmdtool-training-state"
-TRAINING_TRAJECTORY = "none (a training run keeps no trajectory)"
-
-
-@dataclass(frozen=True)
-class TrainingSettings:
-    """What a run of ``EmbeddedCMD`` is, fixed for its life: resuming with others is an error."""
-    modes: int = 10
-    warmup: int = 10
-    embed_window: int = 10
-    embed_percent: float = 0.0
-    relative: bool = True
-    samples: int = 1000
-    seed: int = 0
-    include: tuple = ()
-    exclude: tuple = ()
-    every_n_steps: int | None = None  # for the callbacks: observe every n optimizer steps instead of per epoch
-
-    def __post_init__(self):
-        object.__setattr__(self, "include", tuple(self.include))
-        object.__setattr__(self, "exclude", tuple(self.exclude))
-        if self.modes < 1 or self.samples < 1:
-            raise CmdError(f"modes ({self.modes}) and samples ({self.samples}) must be at least 1")
-        if self.warmup < 2:
-            raise CmdError(f"warmup {self.warmup}: the warm-up needs at least 2 observations")
-        if not 0 <= self.embed_percent <= 100:
-            raise CmdError(f"embed_percent {self.embed_percent}: expected a percentage, 0 to 100 "
-                           f"(0 = online CMD only)")
-        if self.embed_percent > 0 and self.embed_window < 1:
-            raise CmdError(f"embed_window {self.embed_window}: must be at least 1 observation")
-        if self.every_n_steps is not None and self.every_n_steps < 1:
-            raise CmdError(f"every_n_steps {self.every_n_steps}: must be at least 1")
-
-    def fit_settings(self) -> FitSettings:
-        """The mode file's ``settings``, as ``OnlineCMD`` writes them."""
-        return FitSettings(modes=self.modes, samples=self.samples, seed=self.seed, include=self.include,
-                           exclude=self.exclude, source=SOURCE, trajectory=TRAINING_TRAJECTORY, warmup=self.warmup)
-
-    def to_dict(self) -> dict:
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
 
 class EmbeddedCMD:
@@ -90,6 +49,8 @@ class EmbeddedCMD:
                  embed_percent: float = 0.0, relative: bool = True, samples: int = 1000, seed: int = 0,
                  include: Sequence[str] = (), exclude: Sequence[str] = (), every_n_steps: int | None = None,
                  drop_shared: bool = False):
+        if isinstance(include, str) or isinstance(exclude, str):  # tuple("fc.*") would be four patterns
+            FitSettings(include=include, exclude=exclude)  # the one message for it
         self.settings = TrainingSettings(modes, warmup, embed_window, float(embed_percent), bool(relative), samples,
                                          seed, tuple(include), tuple(exclude), every_n_steps)
         self.model = model
