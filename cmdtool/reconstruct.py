@@ -142,9 +142,10 @@ def _write_safetensors(modes: ModeFile, group: Sequence[tuple[int, Path, Checkpo
             write_checkpoint(path, files, info, shown=shown)  # the file and its header
         indices = [i for i, *_ in group]
         R = np.ascontiguousarray(modes.references[:, indices].T, dtype=np.float64)  # (g, M)
+        parameters = modes.parameter_reader(max((spec.size for spec in modes.layout.modelled), default=0))
         for spec in modes.layout.tensors:
             if spec.modelled:
-                _write_modelled(files.writers, spec, R, *modes.parameters(spec.columns))
+                _write_modelled(files.writers, spec, R, *parameters(spec.columns))
             else:
                 for writer, i in zip(files.writers, indices):
                     writer.write(spec.name, np.ascontiguousarray(modes.carried_row(spec.name, i)))
