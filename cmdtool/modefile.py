@@ -51,7 +51,7 @@ import numpy as np
 
 from . import modefile_checks as checks
 from ._files import temporary_sibling
-from ._hdf5 import check_space, read_strings, read_text, write_text
+from ._hdf5 import SliceReader, check_space, read_strings, read_text, write_text
 from .checkpoints import CheckpointInfo
 from .decompose import label_dtype
 from .errors import CmdError
@@ -174,39 +174,10 @@ class ModeFile:
             raise CmdError(f"{self.path}: corrupt mode file (label out of range)")
         return labels, self.handle["a"][columns], self.handle["b"][columns]
 
-    def parameter_reader(self, width: int) -> Callable[[slice], tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """``parameters`` for many column slices of at most ``width`` columns, each read into three
-        buffers reused from call to call (a result is valid until the next call): with ``pread`` at
-        the datasets' offsets when they are stored contiguously, uncompressed, in native byte order
-        (what ``write_mode_file`` writes: a third of the time of h5py's slice reads, measured on
-        the ResNet-18 run), else through h5py."""
-        names = ("labels", "a", "b")
-        datasets = [self.handle[name] for name in names]
-        buffers = [np.empty(min(width, d.shape[0]), dtype=d.dtype.newbyteorder("=")) for d in datasets]
-        offsets = [d.id.get_offset() if d.dtype.isnative and d.chunks is None and not d.external else None
-                   for d in datasets]
-        # the descriptor h5py reads through: the file opened, even if the path was replaced since
-        fd = self.handle.id.get_vfd_handle() if self.handle.driver == "sec2" and None not in offsets else None
-
-        def read(columns: slice) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-            start, stop, _ = columns.indices(self.N)
-            n = max(0, stop - start)
-            out = [buffer[:n] for buffer in buffers]
-            for dataset, offset, values in zip(datasets, offsets, out):
-                if fd is None:
-                    dataset.read_direct(values, source_sel=np.s_[start:stop], dest_sel=np.s_[:n])
-                    continue
-                view, position = memoryview(values).cast("B"), offset + start * values.itemsize
-                while view:
-                    got = os.preadv(fd, [view], position)
-                    if got == 0:
-                        raise CmdError(f"{self.path}: the mode file changed while it was read (truncated)")
-                    view, position = view[got:], position + got
-            if n and int(out[0].max()) >= self.M:
-                raise CmdError(f"{self.path}: corrupt mode file (label out of range)")
-            return out[0], out[1], out[2]
-
-        return read
+    def parameter_reader(self, width: int) -> Callable[[slice], list[np.ndarray]]:
+        """``parameters`` of column slices of at most ``width``, into reused buffers (``_hdf5.SliceReader``)."""
+        read = SliceReader(self.handle, ("labels", "a", "b"), width, below=self.M)
+        return lambda columns: read(*columns.indices(self.N)[:2])
 
     @property
     def dropped(self) -> list[str]:
