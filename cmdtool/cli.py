@@ -28,7 +28,7 @@ from .cli_errors import (
 from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary
 from .modefile import open_mode_file, summarize
 from .pipeline import fit as fit_folder
-from .pipeline import not_restored, reconstruct_checkpoints
+from .pipeline import reconstruct_noting
 from .reconstruct import WRITE_FORMATS
 from .version import __version__
 
@@ -207,8 +207,7 @@ def reconstruct(
     checkpoint-<step>/ folders that from_pretrained loads.
     """
     with errors_to_exit_code(output):
-        paths = reconstruct_checkpoints(mode_file, output, at, force, progress=progress_bar, format=write_format)
-        dropped = not_restored(mode_file, at, write_format)
+        paths, dropped = reconstruct_noting(mode_file, output, at, force, progress=progress_bar, format=write_format)
     if dropped:
         say(f"note: not restored (no longer match the weights): {', '.join(dropped)}")
     for path in paths:

@@ -157,13 +157,13 @@ def fit_tile(block: np.ndarray, references: np.ndarray, varies: np.ndarray | Non
     first, zeros = block[0].astype(np.float64), np.zeros(n)  # _fit_columns with y = 0, signs of zero included
     result = TileFit(labels=np.zeros(n, dtype=np.intp), a=zeros.copy(), b=first + 0.0, sse=zeros.copy(),
                      sq_norm=0.0 + first * (2.0 * 0.0 + T * first), sq_displacement=zeros.copy(), sq_centred=zeros)
-    for start, stop in _varying_runs(varies, MERGE_COLUMNS):
+    for start, stop in varying_runs(varies, MERGE_COLUMNS):
         for whole, piece in zip(result, _fit_slices(block[:, start:stop], references)):
             whole[start:stop] = piece
     return result
 
 
-def _varying_runs(varies: np.ndarray, gap: int) -> list[tuple[int, int]]:
+def varying_runs(varies: np.ndarray, gap: int = MERGE_COLUMNS) -> list[tuple[int, int]]:
     """``[start, stop)`` runs covering every True of ``varies``, runs closer than ``gap`` merged."""
     edges = np.flatnonzero(np.diff(np.concatenate([[False], varies, [False]]).astype(np.int8))).reshape(-1, 2)
     leads = np.concatenate([[len(edges) > 0], edges[1:, 0] - edges[:-1, 1] >= gap])[:len(edges)]  # starts a run

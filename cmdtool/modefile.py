@@ -44,14 +44,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import h5py
 import numpy as np
 
 from . import modefile_checks as checks
 from ._files import temporary_sibling
-from ._hdf5 import check_space, read_strings, read_text, write_text
+from ._hdf5 import SliceReader, check_space, read_strings, read_text, write_text
 from .checkpoints import CheckpointInfo
 from .decompose import label_dtype
 from .errors import CmdError
@@ -173,6 +173,11 @@ class ModeFile:
         if labels.size and int(labels.max()) >= self.M:
             raise CmdError(f"{self.path}: corrupt mode file (label out of range)")
         return labels, self.handle["a"][columns], self.handle["b"][columns]
+
+    def parameter_reader(self, width: int) -> Callable[[slice], list[np.ndarray]]:
+        """``parameters`` of column slices of at most ``width``, into reused buffers (``_hdf5.SliceReader``)."""
+        read = SliceReader(self.handle, ("labels", "a", "b"), width, below=self.M)
+        return lambda columns: read(*columns.indices(self.N)[:2])
 
     @property
     def dropped(self) -> list[str]:

@@ -108,7 +108,10 @@ def check_contents(mf) -> None:
     labels = h["labels"][()]
     if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= M):
         raise ValueError(f"labels out of range (M = {M})")
-    if not np.array_equal(np.bincount(labels.astype(np.intp), minlength=M), mf.mode_sizes):
+    counts = np.zeros(M, dtype=np.int64)
+    for start in range(0, labels.size, 2**16):  # slices: no N-sized intp copy
+        counts += np.bincount(labels[start:start + 2**16], minlength=M)
+    if not np.array_equal(counts, mf.mode_sizes):
         raise ValueError("mode_sizes do not count the labels")
     for name in mf.names:
         plain_name(name, "checkpoint name")

@@ -129,16 +129,27 @@ def reconstruct_checkpoints(mode_file: str | Path, out_dir: str | Path, at: str 
                             format: str = "source") -> list[Path]:
     """Write the checkpoints selected by ``at`` (see ``parse_at``) into ``out_dir``, in the source
     format or (``format="safetensors"``) as plain safetensors state dicts."""
+    return reconstruct_noting(mode_file, out_dir, at, force, progress, format)[0]
+
+
+def reconstruct_noting(mode_file: str | Path, out_dir: str | Path, at: str = "last", force: bool = False,
+                       progress: Progress = no_progress, format: str = "source") -> tuple[list[Path], list[str]]:
+    """``reconstruct_checkpoints`` and ``not_restored`` with one opening of the mode file (``cmd reconstruct``)."""
     with open_mode_file(Path(mode_file)) as modes:
         modes.require_whole("reconstructing a checkpoint")  # before any folder is made
         indices = parse_at(at, modes.T)
         with progress("writing checkpoints", len(indices)) as advance:
-            return write_checkpoints(modes, Path(out_dir), indices, force, advance, format)
+            paths = write_checkpoints(modes, Path(out_dir), indices, force, advance, format)
+        return paths, _lost(modes, indices, format)
+
+
+def _lost(modes, indices: list[int], format: str) -> list[str]:
+    plans = [output_plan(modes.names[i], modes.infos[i], format) for i in indices]
+    return sorted({name for _, _, lost in plans for name in lost})
 
 
 def not_restored(mode_file: str | Path, at: str = "last", format: str = "source") -> list[str]:
     """What ``reconstruct_checkpoints`` leaves out of the checkpoints it writes (optimizer states,
     training-state files; with ``format="safetensors"`` also wrapper values and copied files)."""
     with open_mode_file(Path(mode_file)) as modes:
-        plans = [output_plan(modes.names[i], modes.infos[i], format) for i in parse_at(at, modes.T)]
-    return sorted({name for _, _, lost in plans for name in lost})
+        return _lost(modes, parse_at(at, modes.T), format)

@@ -12,6 +12,7 @@ from ._files import plain_name, remove_path, replace_path, temporary_sibling
 from ._lazy import torch  # imported on first use
 from .checkpoints import CHECKPOINT_SUFFIXES, CheckpointInfo, write_checkpoint
 from .checkpoints.formats import NUMPY_DTYPES  # written without importing torch, which takes longer than the work
+from .checkpoints.safetensors_writer import DeferredFiles, SafetensorsWriter
 from .errors import CmdError
 from .layout import Layout, TensorSpec
 from .modefile import ModeFile
@@ -90,6 +91,68 @@ def state_dict_at(modes: ModeFile, index: int, parameters: Parameters | None = N
             for spec, values in _values_at(modes, index, parameters)}
 
 
+CHUNK_BYTES = 2 * 2**20   # float64 values of one slice of columns (all checkpoints of a group): stays in the CPU cache
+STAGE_BYTES = 16 * 2**20  # one tensor's cast values, all checkpoints of a group, gathered for fewer, larger writes
+GROUP_FILES = 64          # checkpoints written together (open files; each tensor's labels, a, b read once per group)
+
+
+def _write_modelled(writers: Sequence[SafetensorsWriter], spec: TensorSpec, R: np.ndarray, labels: np.ndarray,
+                    a: np.ndarray, b: np.ndarray) -> None:
+    """Tensor ``spec`` at the group's checkpoints, ``R`` their ``(g, M)`` float64 reference values:
+    ``a · r[label] + b`` in float64 and cast to the tensor's dtype, as ``model_values`` and
+    ``arrays_at`` compute it (the same operations on the same operands, so the same bits), column
+    slice by column slice. A slice whose every ``a`` is 0 and ``b`` is not is ``b`` at every
+    checkpoint, exactly (``0 · r`` is ±0, and ``b + ±0`` is ``b`` for ``b ≠ 0``)."""
+    g, dtype = len(writers), np.dtype(spec.dtype)
+    if spec.size and not a.any() and b.all():  # a frozen tensor: the same bytes at every checkpoint
+        values = b.astype(np.float64).astype(dtype)
+        for writer in writers:
+            writer.write(spec.name, values)
+        return
+    step = max(1, CHUNK_BYTES // (8 * g))
+    span = step * max(1, STAGE_BYTES // (dtype.itemsize * g * step))
+    work = np.empty(g * min(step, spec.size))
+    staged = np.empty(g * min(span, spec.size) * dtype.itemsize, dtype=np.uint8)
+    for start in range(0, spec.size, span):
+        stop = min(start + span, spec.size)
+        stage = staged[:g * (stop - start) * dtype.itemsize].view(dtype).reshape(g, stop - start)
+        for first in range(start, stop, step):
+            last = min(first + step, stop)
+            into = stage[:, first - start:last - start]
+            a_slice, b_slice = a[first:last], b[first:last].astype(np.float64)
+            if not a_slice.any() and b_slice.all():
+                into[...] = b_slice
+                continue
+            values = work[:g * (last - first)].reshape(g, last - first)
+            np.take(R, labels[first:last], axis=1, out=values, mode="clip")  # labels checked < M when read
+            values *= a_slice.astype(np.float64)
+            values += b_slice
+            into[...] = values
+        for row, writer in zip(stage, writers):
+            writer.write(spec.name, row, start * dtype.itemsize)
+
+
+def _write_safetensors(modes: ModeFile, group: Sequence[tuple[int, Path, CheckpointInfo, Path]]) -> None:
+    """Checkpoints ``(index, path, info, shown)`` as safetensors files written directly (every
+    dtype one numpy holds): the same bytes as ``save_file`` of ``arrays_at``, tensor by tensor,
+    each tensor's ``labels, a, b`` read once for the whole group."""
+    files = DeferredFiles([(spec.name, spec.dtype, spec.shape) for spec in modes.layout.tensors])
+    try:
+        for _, path, info, shown in group:
+            write_checkpoint(path, files, info, shown=shown)  # the file and its header
+        indices = [i for i, *_ in group]
+        R = np.ascontiguousarray(modes.references[:, indices].T, dtype=np.float64)  # (g, M)
+        parameters = modes.parameter_reader(max((spec.size for spec in modes.layout.modelled), default=0))
+        for spec in modes.layout.tensors:
+            if spec.modelled:
+                _write_modelled(files.writers, spec, R, *parameters(spec.columns))
+            else:
+                for writer, i in zip(files.writers, indices):
+                    writer.write(spec.name, np.ascontiguousarray(modes.carried_row(spec.name, i)))
+    finally:
+        files.close()
+
+
 WRITE_FORMATS = ("source", "safetensors")
 
 
@@ -140,16 +203,26 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
             raise CmdError(f"{target}: already exists (use --force to overwrite)")
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    parameters = modes.parameters() if len(indices) > 1 else None  # read once for many checkpoints
+    direct = [info.format == "safetensors" and not info.is_folder and _numpy_dtypes_only(modes)
+              for _, info, _ in plans]
+    parameters = None
     written: list[tuple[Path, Path]] = []
     done = False
     try:
-        for i, target, (_, info, _) in zip(indices, targets, plans):
+        group: list[tuple[int, Path, CheckpointInfo, Path]] = []
+        for n, (i, target, (_, info, _)) in enumerate(zip(indices, targets, plans)):
             tmp = temporary_sibling(target)
             written.append((tmp, target))
-            as_arrays = info.format == "safetensors" and not info.is_folder and _numpy_dtypes_only(modes)
-            write_checkpoint(tmp, (arrays_at if as_arrays else state_dict_at)(modes, i, parameters), info,
-                             modes.attachment, shown=target)
+            if direct[n]:  # safetensors of numpy dtypes: written by ``_write_safetensors``, in groups
+                group.append((i, tmp, info, target))
+                if len(group) == GROUP_FILES or n + 1 == len(indices) or not direct[n + 1]:
+                    _write_safetensors(modes, group)
+                    advance(len(group))
+                    group = []
+                continue
+            if parameters is None and len(indices) > 1:
+                parameters = modes.parameters()  # read once for many checkpoints
+            write_checkpoint(tmp, state_dict_at(modes, i, parameters), info, modes.attachment, shown=target)
             advance(1)
         for tmp, target in written:
             replace_path(tmp, target)

@@ -143,8 +143,8 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, fitted):
 
     out = tmp_path / "out"
     result = limited(2_000, "reconstruct", mode_file, "-o", out, "--at", "all", cache=tmp_path / "cache")
-    assert one_error_line(result) == (f"{out / 'epoch_0.safetensors'}: cannot write (SafetensorError: Error while "
-                                      f"serializing: I/O error: File too large (os error 27))")
+    # written directly (checkpoints/safetensors_writer.py): the blocks are reserved before any data
+    assert one_error_line(result) == f"{out / 'epoch_0.safetensors'}: cannot write: File too large"
     assert snapshot(tmp_path) == before and not out.exists()
 
     report = tmp_path / "report"

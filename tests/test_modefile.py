@@ -142,3 +142,32 @@ def test_drop_unmodelled_leaves_float_tensors_out_and_refuses_whole_checkpoints(
     evaluate.write_text("def evaluate(state):\n    return {'x': 1.0}\n")
     result = runner.invoke(app, ["report", str(dropped), "-o", str(tmp_path / "r3"), "--eval", f"{evaluate}:evaluate"])
     assert result.exit_code == 2 and "scoring CMD reconstructions with --eval needs every tensor" in result.stderr
+
+
+
+def _check_reader(mode_file, expected) -> None:
+    with open_mode_file(mode_file) as modes:
+        for width in (1, 7, 1000):
+            read = modes.parameter_reader(width)
+            for start in range(0, modes.N, width):
+                columns = slice(start, min(start + width, modes.N))
+                for got, want in zip(read(columns), expected):
+                    assert got.dtype.isnative and got.dtype == want.dtype.newbyteorder("=")
+                    assert np.array_equal(got, want[columns])
+
+
+def test_parameter_reader_reads_what_parameters_reads(tmp_path, run_dir):
+    """``parameter_reader``: ``pread`` at the datasets' offsets for the file ``write_mode_file``
+    writes, h5py for one whose ``a`` and ``b`` are chunked and big-endian (a file from elsewhere)."""
+    mode_file = tmp_path / "m.cmd.h5"
+    cmdtool.fit(run_dir, mode_file, modes=3, trajectory=tmp_path / "t.h5")
+    with open_mode_file(mode_file) as modes:
+        expected = modes.parameters()
+        assert modes.handle["a"].id.get_offset() is not None  # the pread path
+    _check_reader(mode_file, expected)
+    with h5py.File(mode_file, "r+") as f:
+        for name in ("a", "b"):
+            values = f[name][()]
+            del f[name]
+            f.create_dataset(name, data=values.astype(">f4"), chunks=(7,))
+    _check_reader(mode_file, expected)

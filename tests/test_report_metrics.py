@@ -105,3 +105,33 @@ def test_ratio_and_storage():
     np.testing.assert_array_equal(metrics.ratio([4.0, 0.0, 9.0], [16.0, 0.0, 1.0]), [0.5, 0.0, 3.0])
     assert not np.isfinite(metrics.ratio(1.0, 0.0))  # report.json writes it as null
     assert metrics.pca_storage_floats(2, N=100, T=7) == 3 * 100 + 2 * 7
+
+
+@pytest.mark.parametrize("width", [1, 5, 23])
+def test_skipping_constant_columns_equals_the_full_pass(small, width, monkeypatch):
+    """``varies`` skips constant columns whose ``a`` is 0 (their sums are formed from the first row);
+    the sums equal the full pass's to 1e-12 (rounding: other summation orders), the counts exactly.
+    Constant columns: a run straddling two tensors (b their value), one whose ``b`` is off (its
+    error is not 0), one of ±0 with ``b = -0``, and one with ``a ≠ 0`` (computed, not skipped)."""
+    W, references, labels, a, b, tensor_of_column = small
+    W, a, b = W.copy(), a.copy(), b.copy()
+    W[:, 12:17] = W[0, 12:17]
+    a[12:17], b[12:17] = 0.0, W[0, 12:17]
+    a[4], b[4] = 0.0, 1.75
+    W[:, 20], a[20], b[20] = 0.0, 0.0, -0.0
+    W[::2, 20] = -0.0
+    W[:, 8] = W[0, 8]  # constant, but a ≠ 0: computed
+    varies = (W != W[0]).any(axis=0)
+    assert not varies[[4, 8, 12, 13, 14, 15, 16, 20]].any() and a[8] != 0
+    monkeypatch.setattr(metrics, "MERGE_COLUMNS", 1)  # every run of constant columns is skipped, however short
+    parameters = lambda start, stop: (labels[start:stop], a[start:stop], b[start:stop])  # noqa: E731
+    full = metrics.measure(tiles(W, width), parameters, references, tensor_of_column, 3)
+    unread = W.copy()
+    unread[1:, ~varies & (a == 0)] = np.nan  # the skipping pass reads only the first row of what it skips
+    skipping = metrics.measure(tiles(unread, width), parameters, references, tensor_of_column, 3, varies=varies)
+    for name, whole, skipped in zip(full._fields, full, skipping):
+        if np.asarray(whole).dtype.kind == "i":
+            np.testing.assert_array_equal(skipped, whole, err_msg=name)
+        else:
+            np.testing.assert_allclose(skipped, whole, rtol=1e-12, atol=1e-12 * np.abs(whole).max(), err_msg=name)
+    assert skipping.error_sq.min() > 0 and skipping.displacement_sq[0] == 0

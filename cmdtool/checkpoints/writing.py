@@ -10,20 +10,29 @@ from typing import Any, Callable, Mapping
 from .._files import plain_name
 from .._lazy import save_file, torch  # imported on first use
 from ..errors import CmdError
+from .safetensors_writer import DeferredFiles
 from .schema import CheckpointInfo
 
 
-def write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: CheckpointInfo,
+def write_checkpoint(path: Path, state: dict[str, torch.Tensor] | DeferredFiles, info: CheckpointInfo,
                      attachment: Callable[[str], bytes] = lambda digest: b"", shown: Path | None = None) -> None:
     """Write a state dict in the source's format, restoring its wrapper and metadata.
+
+    ``state`` may instead be a ``DeferredFiles`` (a safetensors file, not a folder): the file is
+    then created with its header only, and the caller writes its tensors through ``state.writers``.
 
     A Hugging Face checkpoint becomes the folder ``path``: the same weight files (the index rewritten
     when there was one), safetensors metadata with ``format: pt`` (what ``from_pretrained`` checks),
     and the copied files, whose bytes ``attachment(sha256)`` returns. A failed write (full disk, a
     dtype the format cannot hold) is a CmdError naming ``shown`` (default ``path``).
     """
+    if isinstance(state, DeferredFiles) and (info.format != "safetensors" or info.is_folder):
+        raise ValueError(f"{path}: deferred writing is for safetensors files, not {info.format} folders or files")
     try:
-        _write_checkpoint(path, state, info, attachment)
+        if isinstance(state, DeferredFiles):
+            state.open(path, info.metadata, shown)
+        else:
+            _write_checkpoint(path, state, info, attachment)
     except CmdError:
         raise
     except OSError as e:

@@ -79,7 +79,8 @@ def measure_group(location: str, start: int, stop: int, width: int, labels: np.n
     tune_malloc()
     if hook is not None:
         hook(start)
-    W = open_location(location).W
+    store = open_location(location)
+    W = store.W
     read = [0]
 
     def tiles():
@@ -91,7 +92,7 @@ def measure_group(location: str, start: int, stop: int, width: int, labels: np.n
 
     with threadpool_limits(limits=1, user_api="blas"):
         measured = measure(tiles(), lambda lo, hi: (labels[lo:hi], a[lo:hi], b[lo:hi]), references,
-                           tensor_of_column, n_tensors)
+                           tensor_of_column, n_tensors, varies=np.asarray(store.varies[start:stop]))
     return measured, read[0]
 
 

@@ -81,9 +81,11 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
         if measure_pass is not None:  # on Dask workers (cmdtool.distributed): the same sums, bit for bit
             measured = measure_pass(modes, store, advance)
         else:
+            read = modes.parameter_reader(tile)
             measured = metrics.measure(
-                store.tiles(tile), lambda start, stop: modes.parameters(slice(start, stop)),
-                modes.references, tensor_of_column, len(tensors), advance, group_columns=group_step(tile))
+                store.tiles(tile), lambda start, stop: read(slice(start, stop)),
+                modes.references, tensor_of_column, len(tensors), advance, group_columns=group_step(tile),
+                varies=store.varies)
     time = modes.time.astype(np.int64)
     pca = metrics.pca_from_gram(measured.gram)
 

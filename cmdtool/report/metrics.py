@@ -13,6 +13,7 @@ from typing import Callable, Iterable, NamedTuple, Sequence
 
 import numpy as np
 
+from ..decompose import MERGE_COLUMNS, varying_runs
 from ..modes import model_values
 
 PCA_RANKS = (1, 2)  # the PCA baselines: mean + d principal directions of the trajectory
@@ -38,7 +39,8 @@ class FitMeasures(NamedTuple):
 
 def measure(tiles: Iterable[tuple[int, int, np.ndarray]], parameters: Callable[[int, int], tuple],
             references: np.ndarray, tensor_of_column: np.ndarray, n_tensors: int,
-            advance: Callable[[int], None] = lambda n: None, group_columns: int | None = None) -> FitMeasures:
+            advance: Callable[[int], None] = lambda n: None, group_columns: int | None = None,
+            varies: np.ndarray | None = None) -> FitMeasures:
     """One pass over ``(start, stop, W[:, start:stop])`` tiles of the trajectory.
 
     ``parameters(start, stop)`` gives the mode file's ``labels, a, b`` of those columns;
@@ -48,6 +50,14 @@ def measure(tiles: Iterable[tuple[int, int, np.ndarray]], parameters: Callable[[
     the sums of each group of columns ``[g · group_columns, (g + 1) · group_columns)`` are formed
     apart and added up in order (``combine``): a distributed pass with one task per group
     (``cmdtool.distributed``) then gives the same bits.
+
+    ``varies`` (indexed like ``tensor_of_column``; the store's flags) lets runs of constant
+    columns whose ``a`` is 0 skip the ``(T, n)`` work: their reconstruction is ``b`` at every
+    checkpoint (``0 · r`` is ±0), so they add the same ``w²`` and ``(w − b)²`` at every
+    checkpoint and nothing to the displacement, the correlations or the Gram matrix; only their
+    first row is read (shorter runs than ``MERGE_COLUMNS`` are computed). The sums are then
+    those of the full pass to rounding: they are added in another order (``T · x`` once instead
+    of ``x`` added ``T`` times; the moving columns' products in other slices), within 1e-12.
     """
     M, T = references.shape
     R = references.astype(np.float64)
@@ -59,14 +69,42 @@ def measure(tiles: Iterable[tuple[int, int, np.ndarray]], parameters: Callable[[
                 sums = _zero_sums(M, T, n_tensors)
             group = start // group_columns
         labels, a, b = parameters(start, stop)
+        tensors = tensor_of_column[start:stop]
+        runs = [(0, stop - start)]
+        if varies is not None:
+            computed = varies[start:stop] | (a != 0)
+            if not computed.all():
+                runs = varying_runs(computed, MERGE_COLUMNS)
+                skipped = np.ones(stop - start, dtype=bool)
+                for first, last in runs:
+                    skipped[first:last] = False
+                _constant_columns(block[0][skipped], labels[skipped], b[skipped], tensors[skipped], T, n_tensors,
+                                  sums)
         chunk = max(1, CHUNK_BYTES // (8 * T))  # slices whose float64 copies stay in the CPU cache
-        for first in range(0, stop - start, chunk):
-            columns = slice(first, min(first + chunk, stop - start))
-            _measure_columns(block[:, columns], labels[columns].astype(np.int64), a[columns].astype(np.float64),
-                             b[columns].astype(np.float64), R, tensor_of_column[start:stop][columns], n_tensors, sums)
+        for run_start, run_stop in runs:
+            for first in range(run_start, run_stop, chunk):
+                columns = slice(first, min(first + chunk, run_stop))
+                _measure_columns(block[:, columns], labels[columns].astype(np.int64), a[columns].astype(np.float64),
+                                 b[columns].astype(np.float64), R, tensors[columns], n_tensors, sums)
         advance(stop - start)
     parts.append(_as_measures(sums, M, n_tensors))
     return combine(parts)
+
+
+def _constant_columns(first: np.ndarray, labels: np.ndarray, b: np.ndarray, tensors: np.ndarray, T: int,
+                      n_tensors: int, sums: tuple) -> None:
+    """Add the sums of constant columns with ``a = 0`` (``first``: their one value) to ``sums``."""
+    per_t, per_tensor, counts, _, _, _ = sums
+    M = len(counts) // n_tensors
+    values = first.astype(np.float64)
+    error = values - b.astype(np.float64)  # w − (0 · r + b), the same at every checkpoint
+    for name, column in (("norm_sq", values), ("error_sq", error)):
+        squares = column * column
+        per_t[name] += squares.sum()
+        by_tensor = np.bincount(tensors, squares, minlength=n_tensors)
+        per_tensor[f"tensor_{name}"] += T * by_tensor
+        per_tensor[f"tensor_{name}_last"] += by_tensor
+    counts += np.bincount(labels.astype(np.int64) * n_tensors + tensors, minlength=M * n_tensors)
 
 
 def _zero_sums(M: int, T: int, n_tensors: int) -> tuple:
@@ -95,23 +133,28 @@ def combine(parts: Sequence[FitMeasures]) -> FitMeasures:
 
 def _measure_columns(block: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np.ndarray, R: np.ndarray,
                      tensors: np.ndarray, n_tensors: int, sums: tuple) -> None:
-    """Add one ``(T, n)`` column slice's sums to ``sums`` (see ``measure``), reusing two buffers."""
+    """Add one ``(T, n)`` column slice's sums to ``sums`` (see ``measure``), in one float64 buffer
+    besides the block's copy: each sum of squares is one ``einsum`` pass (no array of squares),
+    and a slice inside one tensor (all but the few that straddle two) adds the checkpoints' sums
+    (``T`` numbers) and the last row's to its tensor, without per-column sums."""
     per_t, per_tensor, counts, corr_sum, varying, gram = sums
     M = R.shape[0]
+    single = tensors[0] == tensors[-1]
     X = block.astype(np.float64)
-    squares = np.empty_like(X)
     work = model_values(labels, a, b, R.T)           # (T, n) the reconstruction
     np.subtract(X, work, out=work)                   # its error
-    for name, values in (("norm_sq", X), ("error_sq", work)):
-        np.multiply(values, values, out=squares)
-        per_t[name] += squares.sum(axis=1)
-        per_tensor[f"tensor_{name}"] += np.bincount(tensors, squares.sum(axis=0), minlength=n_tensors)
-        per_tensor[f"tensor_{name}_last"] += np.bincount(tensors, squares[-1], minlength=n_tensors)
-    np.subtract(X, X[0], out=work)                   # the displacement from the first checkpoint
-    np.multiply(work, work, out=squares)
-    per_t["displacement_sq"] += squares.sum(axis=1)
-    per_tensor["tensor_displacement_sq"] += np.bincount(tensors, squares.sum(axis=0), minlength=n_tensors)
-    per_tensor["tensor_displacement_sq_last"] += np.bincount(tensors, squares[-1], minlength=n_tensors)
+    for name, values in (("norm_sq", X), ("error_sq", work), ("displacement_sq", None)):
+        if values is None:
+            values = np.subtract(X, X[0], out=work)  # the displacement from the first checkpoint
+        by_t = np.einsum("tn,tn->t", values, values)
+        per_t[name] += by_t
+        if single:
+            per_tensor[f"tensor_{name}"][tensors[0]] += by_t.sum()
+            per_tensor[f"tensor_{name}_last"][tensors[0]] += values[-1] @ values[-1]
+        else:
+            per_tensor[f"tensor_{name}"] += np.bincount(tensors, np.einsum("tn,tn->n", values, values),
+                                                        minlength=n_tensors)
+            per_tensor[f"tensor_{name}_last"] += np.bincount(tensors, values[-1] * values[-1], minlength=n_tensors)
     work -= work.mean(axis=0)                        # centred (the displacement's centring is w's)
     counts += np.bincount(labels * n_tensors + tensors, minlength=M * n_tensors)
     centred_norm = np.sqrt(np.einsum("tn,tn->n", work, work))
