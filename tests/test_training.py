@@ -309,7 +309,8 @@ def test_warmup_longer_than_the_run(tmp_path):
 
 
 @pytest.mark.parametrize("options, message", [
-    (dict(embed_percent=150), "embed_percent 150"), (dict(warmup=1), r"warmup must be an integer of at least 2 \(got 1\)"),
+    (dict(embed_percent=150), "embed_percent 150"),
+    (dict(warmup=1), r"warmup must be an integer of at least 2 \(got 1\)"),
     (dict(embed_percent=5, embed_window=0), "embed_window 0"), (dict(modes=0), "modes")])
 def test_bad_settings(options, message):
     with pytest.raises(CmdError, match=message):
