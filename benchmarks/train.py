@@ -24,7 +24,9 @@ EPOCHS, BATCHES, BATCH = 30, 4, 64
 FROZEN = ("layer4.0.conv2.", "layer4.1.conv1.", "layer4.1.conv2.")
 
 
-def _model(nn):
+def resnet18_model(nn):
+    """torchvision's ResNet-18 (BasicBlock, [2, 2, 2, 2]) built from ``nn`` (torch.nn, imported by the
+    caller): the state-dict names and shapes of ``resnet18.py``."""
     class Block(nn.Module):
         def __init__(self, cin: int, planes: int, stride: int):
             super().__init__()
@@ -85,7 +87,7 @@ def train(folder: Path, seed: int = 0) -> Path:
     images = torch.nn.functional.interpolate(images, size=(32, 32), mode="bilinear", align_corners=False)
     images = ((images - images.mean()) / images.std()).expand(-1, 3, -1, -1).contiguous()
     targets = torch.tensor(digits.target, dtype=torch.int64)
-    model = _model(torch.nn)
+    model = resnet18_model(torch.nn)
     for name, p in model.named_parameters():
         p.requires_grad_(not name.startswith(FROZEN))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9,

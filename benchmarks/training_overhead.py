@@ -1,7 +1,7 @@
 """Overhead of cmdtool.training per epoch on the ResNet-18 layout (11.2 M floats), CPU.
 
-Trains torchvision's ``resnet18(num_classes=10)`` (written out below with the same state-dict names
-and shapes as ``benchmarks/resnet18.py``; torchvision is not needed) on the sample task, the digits of
+Trains torchvision's ``resnet18(num_classes=10)`` (``train.resnet18_model``, with the state-dict names
+and shapes of ``benchmarks/resnet18.py``; torchvision is not needed) on the sample task, the digits of
 ``sample_checkpoints/`` (1,437 training images of 8×8, grey replicated to 3 channels, batch 64,
 SGD with momentum), with ``EmbeddedCMD`` attached, and times inside the training loop: the epoch's
 training steps, ``observe()`` at the epoch's end, and ``step()`` after every optimizer step (setting
@@ -35,45 +35,9 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from resnet18 import resnet18_layout  # noqa: E402
+from train import resnet18_model  # noqa: E402
 
 from cmdtool.training import EmbeddedCMD  # noqa: E402
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, cin: int, planes: int, stride: int):
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, planes, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(planes)
-        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
-        self.downsample = (nn.Sequential(nn.Conv2d(cin, planes, 1, stride, bias=False), nn.BatchNorm2d(planes))
-                           if stride != 1 or cin != planes else None)
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
-class ResNet18(nn.Module):
-    """torchvision's ResNet-18 (BasicBlock, [2, 2, 2, 2]), the same state-dict names and shapes."""
-
-    def __init__(self, num_classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
-        self.bn1 = nn.BatchNorm2d(64)
-        cin = 64
-        for i, planes in enumerate((64, 128, 256, 512), start=1):
-            stride = 1 if i == 1 else 2
-            self.add_module(f"layer{i}", nn.Sequential(BasicBlock(cin, planes, stride), BasicBlock(planes, planes, 1)))
-            cin = planes
-        self.fc = nn.Linear(512, num_classes)
-
-    def forward(self, x):
-        x = F.max_pool2d(F.relu(self.bn1(self.conv1(x))), 3, 2, 1)
-        for i in range(1, 5):
-            x = getattr(self, f"layer{i}")(x)
-        return self.fc(torch.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -97,7 +61,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    model = ResNet18()
+    model = resnet18_model(nn)
     layout = [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in model.state_dict().items()]
     assert layout == resnet18_layout(), "not torchvision's ResNet-18 layout"
     x, y = digits()
