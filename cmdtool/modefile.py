@@ -56,7 +56,7 @@ from .checkpoints import CheckpointInfo
 from .decompose import label_dtype
 from .errors import CmdError
 from .layout import Layout, dataset_key
-from .modes import CarriedRows, FitMetrics, FitSettings, Modes, OnlineInfo, dropped
+from .modes import CarriedRows, FitMetrics, FitSettings, Modes, ModesShape, OnlineInfo, dropped
 from .version import __version__
 
 FORMAT = "cmdtool-modes"
@@ -133,7 +133,7 @@ def _write(f: h5py.File, modes: Modes) -> None:
 
 
 @dataclass
-class ModeFile:
+class ModeFile(ModesShape):
     """An open, validated mode file. ``labels``, ``a``, ``b`` and carried tensors stay on disk until
     asked for: per tensor (``parameters``), at sampled columns (``sampled``), or all at once (``load``)."""
     path: Path
@@ -153,18 +153,6 @@ class ModeFile:
     tool_version: str
     warmup: int | None = None     # F of an online fit (group ``online``), else None
     embedding: dict | None = None  # attributes of the group ``embedding`` (embedded CMD), else None
-
-    @property
-    def M(self) -> int:
-        return self.references.shape[0]
-
-    @property
-    def T(self) -> int:
-        return self.references.shape[1]
-
-    @property
-    def N(self) -> int:
-        return self.layout.n_parameters
 
     def parameters(self, columns: slice | np.ndarray = slice(None)) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """``labels, a, b`` of the parameters ``columns``: a slice (one tensor's range; all by

@@ -226,8 +226,25 @@ class CarriedRows:
     blocks: Callable[[], Iterator[np.ndarray]]
 
 
+class ModesShape:
+    """``M``, ``T`` and ``N`` of anything that holds ``references`` (M, T) and a ``layout``: a fit in
+    memory, an open mode file, an online state."""
+
+    @property
+    def M(self) -> int:
+        return self.references.shape[0]
+
+    @property
+    def T(self) -> int:
+        return self.references.shape[1]
+
+    @property
+    def N(self) -> int:
+        return self.layout.n_parameters
+
+
 @dataclass
-class Modes:
+class Modes(ModesShape):
     """CMD of one run (paper §3.2): every parameter ``i`` follows ``a_i · references[labels_i](t) + b_i``.
 
     The arrays are those the mode file stores: ``references`` (M, T) float32, normalised to zero
@@ -253,18 +270,6 @@ class Modes:
     carried: dict[str, np.ndarray | CarriedRows] = field(default_factory=dict)
     attachments: dict[str, bytes] = field(default_factory=dict)
     online: OnlineInfo | None = None
-
-    @property
-    def M(self) -> int:
-        return self.references.shape[0]
-
-    @property
-    def T(self) -> int:
-        return self.references.shape[1]
-
-    @property
-    def N(self) -> int:
-        return self.layout.n_parameters
 
     def values_at(self, index: int, columns: slice = slice(None)) -> np.ndarray:
         """The modelled parameters ``columns`` at checkpoint ``index``, float64."""

@@ -21,7 +21,7 @@ from ..decompose import label_dtype, update_fit
 from ..errors import CmdError
 from ..fitting import fit_trajectory
 from ..layout import Layout, check_same_tensors
-from ..modes import CarriedRows, FitMetrics, FitSettings, Modes, OnlineInfo, model_values
+from ..modes import CarriedRows, FitMetrics, FitSettings, Modes, ModesShape, OnlineInfo, model_values
 from ..progress import Progress, no_progress
 from ..trajectory import InMemoryTrajectory, Trajectory, check_finite, moving_parameters
 
@@ -57,7 +57,7 @@ def read_checkpoint(checkpoint: Checkpoint, layout: Layout, first_name: str,
 
 
 @dataclass
-class OnlineState:
+class OnlineState(ModesShape):
     """Everything an update needs: ``O(N)`` per parameter plus the ``M × T`` references.
 
     ``a, b`` are float64 while in memory; the mode file stores them as float32 (one rounding per
@@ -86,14 +86,6 @@ class OnlineState:
     carried_new: dict = field(default_factory=dict)     # name -> rows observed since
     attachments: dict = field(default_factory=dict)     # SHA-256 -> bytes of files copied back (HF configs)
     error_curve: dict | None = None                     # the warm-up's --modes auto curve, kept as it was
-
-    @property
-    def T(self) -> int:
-        return self.references.shape[1]
-
-    @property
-    def M(self) -> int:
-        return self.references.shape[0]
 
     @classmethod
     def from_modes(cls, modes: Modes, first: np.ndarray | None = None) -> "OnlineState":

@@ -20,7 +20,7 @@ from ..checkpoints import CheckpointInfo
 from ..decompose import update_frame
 from ..errors import CmdError
 from ..layout import Layout
-from ..modes import FitSettings
+from ..modes import FitSettings, ModesShape
 from ..online.state import OnlineState
 
 NEVER = -1  # embedded_at of a parameter that was never embedded
@@ -29,7 +29,7 @@ CHUNK = 1 << 16  # columns per block of the CPU update: its three float64 work b
 
 
 @dataclass
-class DeviceState:
+class DeviceState(ModesShape):
     """What ``OnlineState`` holds, with the per-parameter part as device tensors, plus the embedding."""
     layout: Layout
     settings: FitSettings
@@ -63,14 +63,6 @@ class DeviceState:
 
     def __post_init__(self):
         self.embedded = self.embedded_at != NEVER
-
-    @property
-    def T(self) -> int:
-        return self.references.shape[1]
-
-    @property
-    def M(self) -> int:
-        return self.references.shape[0]
 
     @property
     def device(self) -> torch.device:
