@@ -65,9 +65,25 @@ def test_update_parameters_runs_the_same_on_torch_and_numpy():
     assert (sse_f[frozen] == 0).all() and (sse_f[~frozen] == expected.sse[~frozen]).all()
 
 
-def test_device_update_equals_cmd_update():
-    """The in-place torch port in ``DeviceState.observe`` gives what ``OnlineState.observe`` (the
-    numpy update of ``cmd update``) gives, to float64 rounding."""
+def compiled_kernel_or_skip(kernel: str, monkeypatch) -> None:
+    """Select the update: the compiled loop (which must build wherever a C compiler is found) or torch."""
+    import shutil
+
+    from cmdtool.training import fused
+    if kernel == "torch":
+        monkeypatch.setenv("CMDTOOL_NO_COMPILE", "1")
+        return
+    monkeypatch.delenv("CMDTOOL_NO_COMPILE", raising=False)
+    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
+        pytest.skip("no C compiler on this machine: the torch update runs")
+    assert fused.library() is not None
+
+
+@pytest.mark.parametrize("kernel", ["compiled", "torch"])
+def test_device_update_equals_cmd_update(kernel, monkeypatch):
+    """The in-place update in ``DeviceState.observe`` (the compiled loop, and the torch operations)
+    gives what ``OnlineState.observe`` (the numpy update of ``cmd update``) gives, to float64 rounding."""
+    compiled_kernel_or_skip(kernel, monkeypatch)
     from cmdtool.checkpoints import CheckpointInfo
     from cmdtool.layout import build_layout
     from cmdtool.modes import FitSettings
@@ -222,6 +238,45 @@ def test_state_dict_resumes_exactly(tmp_path):
     assert_same_mode_files(again.save(tmp_path / "warm.cmd.h5"), tmp_path / "whole.cmd.h5")
 
 
+@pytest.mark.parametrize("spoil, message", [
+    (lambda s: s["labels"].fill_(7), "labels range from 7 to 7, outside 0..1"),
+    (lambda s: s.update(a=s["a"][:-1]), "a has .* values, not"),
+    (lambda s: s.update(frozen_a=s["frozen_a"][1:]), "frozen_a has"),
+    (lambda s: s["reference_index"].fill_(10 ** 9), "a reference index lies outside the parameters")])
+def test_a_corrupt_saved_state_is_refused(tmp_path, spoil, message):
+    """The state is read from a file and the compiled loop indexes with its labels: sizes and ranges
+    are checked before anything runs."""
+    planted, _, _, _ = planted_training(tmp_path)
+    states = sorted_states(planted)
+    options = dict(modes=2, warmup=6, embed_window=2, embed_percent=25.0, relative=False, samples=300)
+    first = EmbeddedCMD(Holder(states[0]), **options)
+    replay(first, states, range(9))
+    saved = first.state_dict()
+    spoil(saved["state"])
+    with pytest.raises(CmdError, match="the saved CMD state is incomplete or corrupt .*" + message):
+        EmbeddedCMD(Holder(states[0]), **options).load_state_dict(saved)
+
+
+def test_a_state_saved_without_the_frozen_fits_resumes(tmp_path):
+    """States saved before ``frozen_a, frozen_b`` were kept: the frozen fits are made from ``a, b``."""
+    planted, _, _, _ = planted_training(tmp_path)
+    states = sorted_states(planted)
+    options = dict(modes=2, warmup=6, embed_window=2, embed_percent=25.0, relative=False, samples=300)
+    whole = EmbeddedCMD(Holder(states[0]), **options)
+    replay(whole, states, range(16))
+    first = EmbeddedCMD(Holder(states[0]), **options)
+    replay(first, states, range(9))
+    saved = first.state_dict()
+    for key in ("frozen_a", "frozen_b"):
+        del saved["state"][key]
+    second = EmbeddedCMD(Holder(states[0]), **options)
+    second.load_state_dict(saved)
+    torch.testing.assert_close(second.state.frozen_a, first.state.frozen_a, rtol=1e-12, atol=0)
+    replay(second, states, range(9, 16))
+    for key in ("a", "b", "embedded_at"):
+        torch.testing.assert_close(getattr(second.state, key), getattr(whole.state, key), rtol=1e-9, atol=1e-12)
+
+
 def assert_same_mode_files(first, second) -> None:
     """Every dataset and attribute equal (the files' bytes may differ in HDF5 bookkeeping)."""
     with h5py.File(first) as f, h5py.File(second) as g:
@@ -321,6 +376,7 @@ def test_device_update_in_blocks_from_the_model_tensors(monkeypatch):
     """The CPU update runs over blocks of ``CHUNK`` columns, filled from the model's tensors without a
     concatenation: blocks that split tensors, and tensors that split blocks, give the same state."""
     from cmdtool.training import state as device_state
+    monkeypatch.setenv("CMDTOOL_NO_COMPILE", "1")  # the torch update is the one in blocks
     planted = plant(M=3, T=12, noise=1e-3)
     states = sorted_states(planted)
     whole, blocks = (EmbeddedCMD(Holder(states[0]), modes=3, warmup=5, samples=300, embed_window=2,
@@ -355,3 +411,32 @@ def test_bad_settings_fail_before_training_starts(settings, message):
     with pytest.raises(CmdError) as raised:
         EmbeddedCMD(None, **settings)
     assert str(raised.value) == message
+
+
+def test_compiled_update_equals_the_torch_update(monkeypatch):
+    """The compiled loop and the torch operations hold the same state through a run with embedded
+    (frozen) parameters, and a float64 and a bfloat16 tensor observed as float32 values."""
+    compiled_kernel_or_skip("compiled", monkeypatch)
+    planted = plant(M=3, T=12, noise=1e-3)
+    states = sorted_states(planted)
+    wide = {"conv.weight": torch.float64, "fc.bias": torch.bfloat16}
+    assert set(wide) <= set(states[0])
+    states = [{k: v.to(wide.get(k, v.dtype)) for k, v in state.items()} for state in states]
+    compiled, eager = (EmbeddedCMD(Holder(states[0]), modes=3, warmup=5, samples=300, embed_window=2,
+                                   embed_percent=20) for _ in range(2))
+    for t, state in enumerate(states):
+        for cmd, setting in ((compiled, None), (eager, "1")):
+            if setting is None:
+                monkeypatch.delenv("CMDTOOL_NO_COMPILE", raising=False)
+            else:
+                monkeypatch.setenv("CMDTOOL_NO_COMPILE", setting)
+            cmd.model.load_state_dict(state)
+            cmd.observe(f"{t}", t)
+    assert compiled.state._work is None and eager.state._work is not None  # each took its own path
+    assert compiled.embedded_fraction > 0
+    for key in ("a", "b", "embedded_at", "snapshot_a", "snapshot_b"):
+        np.testing.assert_allclose(getattr(compiled.state, key).numpy(), getattr(eager.state, key).numpy(),
+                                   rtol=1e-12, atol=1e-14, err_msg=key)
+    np.testing.assert_allclose(compiled.state.mode_sse, eager.state.mode_sse, rtol=1e-12)
+    for key in ("sq_norm", "sq_displacement", "sq_centred"):
+        assert getattr(compiled.state, key) == pytest.approx(getattr(eager.state, key), rel=1e-12), key

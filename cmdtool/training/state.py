@@ -18,10 +18,11 @@ import torch
 
 from ..checkpoints import CheckpointInfo
 from ..decompose import update_frame
-from ..errors import CmdError
 from ..layout import Layout
 from ..modes import FitSettings, ModesShape
 from ..online.state import OnlineState
+from . import fused as compiled
+from .tensors import address, count_true, nonzero
 
 NEVER = -1  # embedded_at of a parameter that was never embedded
 LANES = 8  # accumulators per mode of the CPU update's Σ e²
@@ -37,7 +38,7 @@ class DeviceState(ModesShape):
     labels: torch.Tensor          # (N,) int64
     a: torch.Tensor               # (N,) float64, against the normalised references
     b: torch.Tensor               # (N,) float64
-    first: torch.Tensor           # (N,) float32, the first observation
+    first: torch.Tensor           # (N,) float64 (exactly the float32 values): the first observation
     references: np.ndarray        # (M, T) float64, normalised
     offset: np.ndarray            # (M,)
     scale: np.ndarray             # (M,)
@@ -55,14 +56,41 @@ class DeviceState(ModesShape):
     embedded_at: torch.Tensor     # (N,) int32: position of the observation after which it was embedded, or NEVER
     snapshot_a: torch.Tensor      # (N,) float64: a, b against the raw reference at the previous window
     snapshot_b: torch.Tensor
+    frozen_a: torch.Tensor        # (E,) float64: a, b of the embedded columns (sorted) against the raw
+    frozen_b: torch.Tensor        # reference, set at each window: step() holds them at a · r(t) + b
     embedded: torch.Tensor = field(init=False)  # (N,) bool, embedded_at != NEVER
     _work: list | None = field(init=False, default=None, repr=False)
     _plan: tuple | None = field(init=False, default=None, repr=False)
     _masked: tuple | None = field(init=False, default=None, repr=False)
     _change: torch.Tensor | None = field(init=False, default=None, repr=False)
+    _where: torch.Tensor | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self):
         self.embedded = self.embedded_at != NEVER
+        if self.frozen_a is None or self.frozen_b is None:
+            self._freeze()
+        self._check()
+
+    def _check(self) -> None:
+        """Sizes and labels in range (a saved state is read from a file; the compiled loop indexes with them)."""
+        N, M, E = self.layout.n_parameters, self.M, count_true(self.embedded)
+        sizes = dict(labels=N, a=N, b=N, first=N, embedded_at=N, frozen_a=E, frozen_b=E)
+        wrong = [f"{k} has {getattr(self, k).numel()} values, not {n}" for k, n in sizes.items()
+                 if getattr(self, k).numel() != n or getattr(self, k).dim() != 1]
+        wrong += [f"{k} has {getattr(self, k).numel()} values, not {N}" for k in ("snapshot_a", "snapshot_b")
+                  if getattr(self, k).numel() not in (0, N)]
+        if self.references.ndim != 2 or self.references.shape[0] != M or any(
+                np.shape(v) != (M,) for v in (self.offset, self.scale, self.reference_index)):
+            wrong.append(f"the references are not {M} rows with an offset, scale and index each")
+        if N and not wrong:
+            low, high = (int(v) for v in torch.aminmax(self.labels))
+            if low < 0 or high >= M:
+                wrong.append(f"labels range from {low} to {high}, outside 0..{M - 1}")
+        index = np.asarray(self.reference_index)
+        if index.size and not wrong and not (0 <= index.min() and index.max() < N):
+            wrong.append("a reference index lies outside the parameters")
+        if wrong:
+            raise ValueError("; ".join(wrong))
 
     @property
     def device(self) -> torch.device:
@@ -76,7 +104,7 @@ class DeviceState(ModesShape):
                    for name, rows in _carried_rows(state).items()}
         out = cls(layout=state.layout, settings=state.settings, warmup=state.warmup,
                   labels=put(state.labels, torch.int64), a=put(state.a, torch.float64), b=put(state.b, torch.float64),
-                  first=put(state.first, torch.float32), references=state.references.copy(),
+                  first=put(state.first, torch.float64), references=state.references.copy(),
                   offset=state.offset.copy(), scale=state.scale.copy(), reference_index=state.reference_index.copy(),
                   mode_sizes=state.mode_sizes.copy(), mode_sse=state.mode_sse_least_squares.copy(),
                   sq_norm=state.sq_norm, sq_displacement=state.sq_displacement, sq_centred=state.sq_centred,
@@ -84,7 +112,9 @@ class DeviceState(ModesShape):
                   attachments=dict(state.attachments),
                   embedded_at=torch.full((state.layout.n_parameters,), NEVER, dtype=torch.int32, device=device),
                   snapshot_a=torch.zeros(0, dtype=torch.float64, device=device),
-                  snapshot_b=torch.zeros(0, dtype=torch.float64, device=device))
+                  snapshot_b=torch.zeros(0, dtype=torch.float64, device=device),
+                  frozen_a=torch.zeros(0, dtype=torch.float64, device=device),
+                  frozen_b=torch.zeros(0, dtype=torch.float64, device=device))
         out.snapshot_a, out.snapshot_b = out.raw_fit()
         return out
 
@@ -93,61 +123,34 @@ class DeviceState(ModesShape):
         ``self.layout``) or the modelled tensors' flat values in layout order (views of the model's
         own tensors: nothing is concatenated).
 
-        ``decompose.update_parameters`` ported to torch and written in place: the same recursive
-        least squares (``e = w − aρ − b``, ``[a b] += e · x G_new⁻¹``, then re-expressed against the
-        renormalised references), with the per-mode factors of ``decompose.update_frame``, in the same
-        order of operations. On the CPU it runs over blocks of ``CHUNK`` columns, so that its three
-        float64 work buffers stay in the cache and each parameter's state is read and written once.
-        Frozen (embedded) fits get ``e = 0``."""
+        The recursive least squares of ``decompose.update_parameters`` (``cmd update``), in place and
+        rearranged into fewer passes. With ``y = w − b`` (``b`` is each parameter's mean) and ``ρ`` the
+        new point in the old frame, the prediction error is ``e = y − aρ``; the least-squares error of
+        the mode grows by ``e² / (1 + ρ² + 1/T)``, and the fit over the ``T + 1`` points, re-expressed
+        against the renormalised references, is ``a ← (a + ρ·T/(T+1)·y) / ratio``, ``b ← b + y/(T+1)``
+        (algebraically the same as ``[a b] += e · x G_new⁻¹`` followed by the change of frame; a test
+        holds the two equal to 1e-12). Frozen (embedded) fits get ``e = 0``, i.e. ``y = aρ``. On the CPU
+        it runs over blocks of ``CHUNK`` columns, so that its work buffers stay in the cache and each
+        parameter's state is read and written once."""
         pieces = [w] if isinstance(w, torch.Tensor) else list(w)
         T, M, device = self.T, self.M, self.device
         frame = update_frame(self.references, self.offset, self.scale, self._reference_values(pieces))
-        factors = torch.from_numpy(np.stack([frame.rho, frame.gain_a, frame.gain_b, frame.shift, frame.ratio]))
-        rho, gain_a, gain_b, shift, ratio = factors.to(device)
-        size = min(CHUNK if device.type == "cpu" else self.labels.numel(), self.labels.numel())
-        if self._work is None or self._work[0].numel() != size:
-            self._work = [torch.empty(size, dtype=torch.float64, device=device) for _ in range(3)]
-        x, y, z = self._work
-        on_cpu = device.type == "cpu"
-        keep = np.empty(size, dtype=bool) if on_cpu else None
-        # Σ e² per mode. On the CPU into LANES accumulators per mode, column c into lane c % LANES: most
-        # parameters are often in one mode, and index_add_ into one address is a chain of dependent adds.
-        lanes = LANES if on_cpu else 1
-        if on_cpu:
-            lane = torch.arange(size, device=device).remainder_(LANES)
-            into = torch.empty(size, dtype=torch.int64, device=device)
-        squares = torch.zeros(M * lanes, dtype=torch.float64, device=device)
-        sums = []   # (‖w‖², ‖w − w₀‖², ‖w − b‖²) per block
-        masked = self._masked_blocks(size)
-        for k, (lo, hi, segments) in enumerate(self._blocks(pieces, size)):
-            n = hi - lo
-            xv, yv, zv = x[:n], y[:n], z[:n]
-            a, b, labels = self.a[lo:hi], self.b[lo:hi], self.labels[lo:hi]
-            for piece, start, stop, at in segments:
-                values = pieces[piece][start:stop]
-                xv[at:at + stop - start].copy_(values if values.dtype != torch.float64 else values.float())
-            torch.sub(xv, yv.copy_(self.first[lo:hi]), out=yv)  # float64 by float64: mixed dtypes are slow
-            s_disp = torch.dot(yv, yv)
-            torch.sub(xv, b, out=yv)                 # b is each parameter's mean over the T observations
-            sums.append((torch.dot(xv, xv), s_disp, torch.dot(yv, yv)))
-            torch.mul(a, torch.index_select(rho, 0, labels, out=zv), out=yv)
-            torch.sub(xv, yv, out=xv).sub_(b)        # e = w − aρ − b, the prediction error
-            if masked[k] and on_cpu:  # times the free mask: masked_fill_ branches per value,
-                free = np.logical_not(self.embedded[lo:hi].numpy(), out=keep[:n])   # 4× slower on a random mask
-                np.multiply(xv.numpy(), free, out=xv.numpy())
-            elif masked[k]:
-                xv.masked_fill_(self.embedded[lo:hi], 0.0)
-            where = torch.add(lane[:n], labels, alpha=LANES, out=into[:n]) if on_cpu else labels
-            squares.index_add_(0, where, torch.mul(xv, xv, out=yv))
-            a.addcmul_(xv, torch.index_select(gain_a, 0, labels, out=zv))
-            b.addcmul_(xv, torch.index_select(gain_b, 0, labels, out=zv))
-            b.addcmul_(a, torch.index_select(shift, 0, labels, out=zv))
-            a.mul_(torch.index_select(ratio, 0, labels, out=zv))
-        totals = torch.stack([torch.stack(s) for s in sums]).sum(0).tolist()
-        self.sq_norm += totals[0]
-        self.sq_displacement += totals[1]
-        self.sq_centred += totals[2] * T / (T + 1)   # Welford
-        squares = squares.view(M, lanes).sum(1).cpu().numpy()
+        # The per-mode factors repeated LANES times: Σ e² per mode goes into LANES accumulators per mode
+        # (column c into lane c % LANES), as most parameters are often in one mode and adding into one
+        # address is a chain of dependent additions.
+        rho, inverse_ratio = (torch.from_numpy(np.repeat(v, LANES)).to(device) for v in (frame.rho, 1.0 / frame.ratio))
+        grow, mean_step = T / (T + 1), 1.0 / (T + 1)
+        where = self._lanes()
+        squares = torch.zeros(M * LANES, dtype=torch.float64, device=device)
+        fused = compiled.library() if device.type == "cpu" else None
+        if fused is not None:
+            sums = self._observe_fused(fused, pieces, where, rho, inverse_ratio, grow, mean_step, squares)
+        else:
+            sums = self._observe_blocks(pieces, where, rho, inverse_ratio, grow, mean_step, squares)
+        self.sq_norm += sums[0]
+        self.sq_displacement += sums[1]
+        self.sq_centred += sums[2] * T / (T + 1)   # Welford
+        squares = squares.view(M, LANES).sum(1).cpu().numpy()
         self.mode_sse += squares / frame.sse_weight   # the error grows by e² / (1 + x G⁻¹ xᵀ)
         self.references, self.offset, self.scale = frame.references, frame.offset, frame.scale
         self.time.append(int(time))
@@ -155,6 +158,72 @@ class DeviceState(ModesShape):
         self.infos.append(info)
         for key, rows in self.carried.items():
             rows.append(np.asarray(carried[key], dtype=np.uint8))
+
+    def _observe_fused(self, fused, pieces, where, rho, inverse_ratio, grow, mean_step, squares) -> list[float]:
+        """The update through the compiled loop (``fused``), one call per tensor."""
+        if sum(p.numel() for p in pieces) != self.labels.numel():
+            raise ValueError(f"the observation has {sum(p.numel() for p in pieces)} values, the state "
+                             f"{self.labels.numel()}")
+        sums = torch.zeros(3, dtype=torch.float64)
+        frozen = self.embedded.data_ptr() if count_true(self.embedded) else None
+        lo = 0
+        for piece in pieces:
+            n = piece.numel()
+            if piece.dtype != torch.float32 or not piece.is_contiguous():  # observed as float32
+                piece = piece.to(torch.float32).contiguous()
+            fused.cmd_observe(piece.data_ptr(), n, address(self.a, lo), address(self.b, lo), address(self.first, lo),
+                              address(where, lo), None if frozen is None else frozen + lo, rho.data_ptr(),
+                              inverse_ratio.data_ptr(), grow, mean_step, squares.data_ptr(), sums.data_ptr())
+            lo += n
+        return sums.tolist()
+
+    def _observe_blocks(self, pieces, where, rho, inverse_ratio, grow, mean_step, squares) -> list[float]:
+        """The update in torch operations over blocks of columns (any device)."""
+        device = self.device
+        size = min(CHUNK if device.type == "cpu" else self.labels.numel(), self.labels.numel())
+        if self._work is None or self._work[0].numel() != size:
+            self._work = [torch.empty(size, dtype=torch.float64, device=device) for _ in range(4)]
+        x, y, z, u = self._work
+        on_cpu = device.type == "cpu"
+        sums = []   # (‖w‖², ‖w − w₀‖², ‖w − b‖²) per block
+        masked = self._masked_blocks(size)
+        for k, (lo, hi, segments) in enumerate(self._blocks(pieces, size)):
+            n = hi - lo
+            xv, yv, zv, uv = x[:n], y[:n], z[:n], u[:n]
+            a, b, at = self.a[lo:hi], self.b[lo:hi], where[lo:hi]
+            for piece, start, stop, to in segments:
+                values = pieces[piece][start:stop]
+                xv[to:to + stop - start].copy_(values if values.dtype != torch.float64 else values.float())
+            torch.sub(xv, self.first[lo:hi], out=yv)
+            s_disp = torch.dot(yv, yv)
+            torch.sub(xv, b, out=yv)                          # y = w − b
+            sums.append((torch.dot(xv, xv), s_disp, torch.dot(yv, yv)))
+            torch.index_select(rho, 0, at, out=zv)            # ρ of each parameter's mode
+            torch.addcmul(yv, zv, a, value=-1.0, out=xv)      # e = y − aρ, the prediction error
+            if masked[k]:  # frozen fits: e = 0 and y = aρ (y − e, exact for the others)
+                if on_cpu:   # times the mask: masked_fill_ branches per value, 4× slower on a random mask
+                    np.multiply(xv.numpy(), self.embedded[lo:hi].numpy(), out=uv.numpy())
+                else:
+                    torch.mul(xv, self.embedded[lo:hi], out=uv)
+                yv.sub_(uv)
+                xv.sub_(uv)
+            squares.index_add_(0, at, torch.mul(xv, xv, out=uv))
+            a.addcmul_(yv, zv, value=grow).mul_(torch.index_select(inverse_ratio, 0, at, out=zv))
+            b.add_(yv, alpha=mean_step)
+        return torch.stack([torch.stack(v) for v in sums]).sum(0).tolist()
+
+    def _lanes(self) -> torch.Tensor:
+        """``label · LANES + column % LANES`` per parameter, int32 (cached: labels are fixed): the
+        accumulator of the per-mode sums, and the index of the per-mode factors repeated LANES times."""
+        if self._where is None:
+            if self.device.type == "cpu":  # numpy: torch's int64 arange and add over 11 M took 0.3 s each
+                where = np.arange(self.labels.numel(), dtype=np.int32) % LANES
+                where += self.labels.numpy().astype(np.int32) * LANES
+                self._where = torch.from_numpy(where)
+            else:
+                lane = torch.arange(self.labels.numel(), device=self.device).remainder_(LANES)
+                self._where = torch.add(lane, self.labels, alpha=LANES).to(torch.int32)
+        return self._where
 
     def _reference_values(self, pieces: list[torch.Tensor]) -> np.ndarray:
         """The reference parameters' values in ``pieces`` (rounded to float32 as the observation is), (M,)."""
@@ -255,7 +324,18 @@ class DeviceState(ModesShape):
         embedded_at[chosen] = self.T - 1
         embedded[chosen] = True
         self._masked = None
+        self._freeze()
         return count
+
+    def _freeze(self) -> None:
+        """The raw ``a, b`` of every embedded column (sorted), into ``frozen_a, frozen_b``."""
+        columns = nonzero(self.embedded)
+        labels = torch.index_select(self.labels, 0, columns)
+        scale, offset = (torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).to(self.device)
+                         for v in (self.scale, self.offset))
+        self.frozen_a = torch.index_select(self.a, 0, columns).div_(torch.index_select(scale, 0, labels))
+        self.frozen_b = torch.index_select(self.b, 0, columns).sub_(
+            torch.index_select(offset, 0, labels).mul_(self.frozen_a))
 
     def _raw_blocks_into(self, work):
         """``raw_fit`` block by block into the two work buffers: yields ``(lo, hi, a_raw, b_raw)``."""
@@ -278,52 +358,14 @@ class DeviceState(ModesShape):
         """The numpy ``OnlineState`` ``cmd update`` works on: it writes the mode file."""
         return OnlineState(
             layout=self.layout, labels=self.labels.cpu().numpy(), a=self.a.cpu().numpy(), b=self.b.cpu().numpy(),
-            first=self.first.cpu().numpy(), references=self.references, offset=self.offset, scale=self.scale,
+            first=self.first.cpu().numpy().astype(np.float32), references=self.references, offset=self.offset,
+            scale=self.scale,
             reference_index=self.reference_index, time=list(self.time), names=list(self.names),
             infos=list(self.infos), mode_sizes=self.mode_sizes, settings=self.settings, warmup=self.warmup,
             mode_sse_least_squares=self.mode_sse.copy(), sq_norm=self.sq_norm, sq_displacement=self.sq_displacement,
             sq_centred=self.sq_centred, attachments=dict(self.attachments),
             carried_before={k: np.stack(v[:1]) for k, v in self.carried.items()},
             carried_new={k: list(v[1:]) for k, v in self.carried.items()})
-
-    # -- resuming: plain tensors, numbers and strings only (torch.load(weights_only=True) reads them)
-
-    def state_dict(self) -> dict:
-        return dict(
-            layout=self.layout.to_json(), settings=self.settings.to_json(), warmup=self.warmup, labels=self.labels,
-            a=self.a, b=self.b, first=self.first, references=torch.from_numpy(self.references.copy()),
-            offset=torch.from_numpy(self.offset.copy()), scale=torch.from_numpy(self.scale.copy()),
-            reference_index=torch.from_numpy(self.reference_index.copy()),
-            mode_sizes=torch.from_numpy(np.asarray(self.mode_sizes).copy()),
-            mode_sse=torch.from_numpy(self.mode_sse.copy()),
-            sq_norm=self.sq_norm, sq_displacement=self.sq_displacement, sq_centred=self.sq_centred,
-            time=list(self.time), names=list(self.names), infos=[i.to_json() for i in self.infos],
-            carried={k: torch.from_numpy(np.stack(v)) for k, v in self.carried.items()},
-            attachments={k: torch.frombuffer(bytearray(v), dtype=torch.uint8) for k, v in self.attachments.items()},
-            embedded_at=self.embedded_at, snapshot_a=self.snapshot_a, snapshot_b=self.snapshot_b)
-
-    @classmethod
-    def from_state_dict(cls, state: dict, device: torch.device) -> "DeviceState":
-        try:
-            def dev(key, dtype):
-                return state[key].to(device=device, dtype=dtype)
-            return cls(
-                layout=Layout.from_json(state["layout"]), settings=FitSettings.from_json(state["settings"]),
-                warmup=int(state["warmup"]),
-                labels=dev("labels", torch.int64), a=dev("a", torch.float64), b=dev("b", torch.float64),
-                first=dev("first", torch.float32), references=state["references"].numpy().copy(),
-                offset=state["offset"].numpy().copy(), scale=state["scale"].numpy().copy(),
-                reference_index=state["reference_index"].numpy().copy(), mode_sizes=state["mode_sizes"].numpy().copy(),
-                mode_sse=state["mode_sse"].numpy().copy(), sq_norm=float(state["sq_norm"]),
-                sq_displacement=float(state["sq_displacement"]), sq_centred=float(state["sq_centred"]),
-                time=[int(t) for t in state["time"]], names=list(state["names"]),
-                infos=[CheckpointInfo.from_json(s) for s in state["infos"]],
-                carried={k: list(v.numpy()) for k, v in state["carried"].items()},
-                attachments={k: v.numpy().tobytes() for k, v in state["attachments"].items()},
-                embedded_at=dev("embedded_at", torch.int32), snapshot_a=dev("snapshot_a", torch.float64),
-                snapshot_b=dev("snapshot_b", torch.float64))
-        except (KeyError, AttributeError, TypeError, ValueError) as e:
-            raise CmdError(f"the saved CMD state is incomplete or corrupt ({type(e).__name__}: {e})") from None
 
 
 def _carried_rows(state: OnlineState) -> dict[str, list[np.ndarray]]:
@@ -333,15 +375,3 @@ def _carried_rows(state: OnlineState) -> dict[str, list[np.ndarray]]:
         blocks = before.blocks() if hasattr(before, "blocks") else [before]
         out[name] = [row for block in blocks for row in np.asarray(block)] + list(state.carried_new[name])
     return out
-
-
-def count_true(mask: torch.Tensor) -> int:
-    """The number of True in a bool tensor (numpy on the CPU: torch's sum of bools is 100× slower there)."""
-    return int(np.count_nonzero(mask.numpy())) if mask.device.type == "cpu" else int(mask.sum())
-
-
-def nonzero(mask: torch.Tensor) -> torch.Tensor:
-    """The positions of True in a 1-D bool tensor, sorted, int64 (numpy on the CPU: 4× faster there)."""
-    if mask.device.type == "cpu":
-        return torch.from_numpy(np.flatnonzero(mask.numpy()))
-    return torch.nonzero(mask).reshape(-1)

@@ -1,0 +1,55 @@
+"""Resuming a training run: the ``DeviceState`` as plain tensors, numbers and strings, and back."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from ..checkpoints import CheckpointInfo
+from ..errors import CmdError
+from ..layout import Layout
+from ..modes import FitSettings
+from .state import DeviceState
+
+
+def save_state(state: DeviceState) -> dict:
+    """The state as plain tensors, numbers and strings (``torch.load(weights_only=True)`` reads it)."""
+    return dict(
+        layout=state.layout.to_json(), settings=state.settings.to_json(), warmup=state.warmup, labels=state.labels,
+        a=state.a, b=state.b, first=state.first.float(), references=torch.from_numpy(state.references.copy()),
+        offset=torch.from_numpy(state.offset.copy()), scale=torch.from_numpy(state.scale.copy()),
+        reference_index=torch.from_numpy(state.reference_index.copy()),
+        mode_sizes=torch.from_numpy(np.asarray(state.mode_sizes).copy()),
+        mode_sse=torch.from_numpy(state.mode_sse.copy()),
+        sq_norm=state.sq_norm, sq_displacement=state.sq_displacement, sq_centred=state.sq_centred,
+        time=list(state.time), names=list(state.names), infos=[i.to_json() for i in state.infos],
+        carried={k: torch.from_numpy(np.stack(v)) for k, v in state.carried.items()},
+        attachments={k: torch.frombuffer(bytearray(v), dtype=torch.uint8) for k, v in state.attachments.items()},
+        embedded_at=state.embedded_at, snapshot_a=state.snapshot_a, snapshot_b=state.snapshot_b,
+        frozen_a=state.frozen_a, frozen_b=state.frozen_b)
+
+def load_state(state: dict, device: torch.device) -> DeviceState:
+    """``save_state``'s dict back on ``device``; sizes and ranges are checked (it is read from a file)."""
+    try:
+        def dev(key, dtype):
+            return state[key].to(device=device, dtype=dtype)
+        return DeviceState(
+            layout=Layout.from_json(state["layout"]), settings=FitSettings.from_json(state["settings"]),
+            warmup=int(state["warmup"]),
+            labels=dev("labels", torch.int64), a=dev("a", torch.float64), b=dev("b", torch.float64),
+            first=dev("first", torch.float64), references=state["references"].numpy().copy(),
+            offset=state["offset"].numpy().copy(), scale=state["scale"].numpy().copy(),
+            reference_index=state["reference_index"].numpy().copy(), mode_sizes=state["mode_sizes"].numpy().copy(),
+            mode_sse=state["mode_sse"].numpy().copy(), sq_norm=float(state["sq_norm"]),
+            sq_displacement=float(state["sq_displacement"]), sq_centred=float(state["sq_centred"]),
+            time=[int(t) for t in state["time"]], names=list(state["names"]),
+            infos=[CheckpointInfo.from_json(s) for s in state["infos"]],
+            carried={k: list(v.numpy()) for k, v in state["carried"].items()},
+            attachments={k: v.numpy().tobytes() for k, v in state["attachments"].items()},
+            embedded_at=dev("embedded_at", torch.int32), snapshot_a=dev("snapshot_a", torch.float64),
+            snapshot_b=dev("snapshot_b", torch.float64),
+            # states saved before the frozen fits were kept: made from a, b (the same up to rounding)
+            frozen_a=dev("frozen_a", torch.float64) if "frozen_a" in state else None,
+            frozen_b=dev("frozen_b", torch.float64) if "frozen_b" in state else None)
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+        raise CmdError(f"the saved CMD state is incomplete or corrupt ({type(e).__name__}: {e})") from None
