@@ -117,6 +117,11 @@ def test_lightning_trainer_writes_a_mode_file_its_loader_accepts(package, tmp_pa
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     assert report["embedding"]["fraction"] == summary["embedding"]["fraction"]
     assert any(note.startswith("Embedded CMD (paper §3.4)") for note in report["notes"])
+    assert report["plots"]["embedded"] == "embedded_fraction.png"
+    assert (tmp_path / "report" / "embedded_fraction.png").stat().st_size > 1000
+    rows = [line for line in (tmp_path / "report" / "report.md").read_text().splitlines()
+            if line.startswith("| 6 | epoch=6-step=28.ckpt |")]  # the per-checkpoint table's last row
+    assert len(rows) == 1 and rows[0].endswith(f"| {100 * summary['embedding']['fraction'][-1]:.1f}% |")
 
 
 @pytest.mark.parametrize("package", PACKAGES)
@@ -132,6 +137,23 @@ def test_lightning_resumed_run_writes_the_same_mode_file(package, tmp_path):
         trainer = pl.Trainer(max_epochs=6, logger=False, enable_progress_bar=False, enable_checkpointing=False,
                              callbacks=[CMDCallback(modes=3, warmup=3, embed_window=2, embed_percent=10, samples=100)])
         trainer.fit(Regression(), torch.utils.data.DataLoader(data, batch_size=16), ckpt_path=resumed)
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_lightning_observes_every_n_steps(package, tmp_path):
+    """``every_n_steps=3`` over 3 epochs of 4 batches: observations at steps 3, 6, 9 and 12, across
+    epoch boundaries, and the windows counted in observations (the first after 3 + 2)."""
+    mode_file = tmp_path / "steps.cmd.h5"
+    trainer, module, callback, Regression = lightning_fit(package, tmp_path, 5, mode_file=mode_file,
+                                                           every_n_steps=3)
+    summary = cmdtool.summarize(mode_file)
+    assert summary["time"] == [3, 6, 9, 12, 15, 18]
+    assert summary["checkpoint_names"] == ["epoch=0-step=3.ckpt", "epoch=1-step=6.ckpt", "epoch=2-step=9.ckpt",
+                                           "epoch=2-step=12.ckpt", "epoch=3-step=15.ckpt", "epoch=4-step=18.ckpt"]
+    assert summary["online"] == {"warmup": 3, "updates": 3}
+    assert summary["embedding"]["fraction"][-1] == pytest.approx(callback.cmd.embedded_fraction)
+    assert callback.cmd.embedded_fraction > 0
+    assert float(trainer.callback_metrics["cmd/rel_error"]) == pytest.approx(callback.cmd.rel_error)
 
 
 @pytest.mark.parametrize("package", PACKAGES[:1])
@@ -200,3 +222,16 @@ def test_huggingface_resumed_run_writes_the_same_mode_file(tmp_path):
         shutil.rmtree(part / f"checkpoint-{step}")
     hf_train(part, 6, resume=str(part / "checkpoint-16"), mode_file=tmp_path / "resumed.cmd.h5")
     assert_same_mode_files(tmp_path / "resumed.cmd.h5", tmp_path / "whole.cmd.h5")
+
+
+def test_huggingface_trainer_observes_every_n_steps(tmp_path):
+    """``every_n_steps=3`` over 4 epochs of 4 steps: observations at steps 3, 6, …, 15, not at epoch ends."""
+    mode_file = tmp_path / "steps.cmd.h5"
+    trainer, callback = hf_train(tmp_path / "output", 4, mode_file=mode_file, every_n_steps=3)
+    summary = cmdtool.summarize(mode_file)
+    assert summary["time"] == [3, 6, 9, 12, 15]
+    assert summary["checkpoint_names"] == [f"checkpoint-{s}" for s in (3, 6, 9, 12, 15)]
+    logged = [entry["step"] for entry in trainer.state.log_history if "cmd/rel_error" in entry]
+    assert logged == [9, 12, 15]  # from the end of the warm-up (3 observations)
+    assert summary["embedding"]["fraction"][-1] == pytest.approx(callback.cmd.embedded_fraction)
+    assert callback.cmd.embedded_fraction > 0

@@ -29,7 +29,7 @@ REPORT_VERSION = 1
 PLOTS = {"references": "references.png", "errors": "error_per_checkpoint.png",
          "mode_layers": "modes_by_layer.png", "correlation": "correlation.png",
          "parameters": "sampled_parameters.png", "metric": "metric_per_checkpoint.png",
-         "candidates": "candidates_per_epoch.png"}
+         "candidates": "candidates_per_epoch.png", "embedded": "embedded_fraction.png"}
 
 
 @dataclass
@@ -185,8 +185,12 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
         files["parameters"] = PLOTS["parameters"]
     if evaluation is not None:
         files.update(selection_blocks.draw(plots, time, evaluation, folder, PLOTS))
-
     embedding = embedding_summary(modes)
+    if embedding:
+        plots.embedded(time, embedding["fraction"], online["boundary_time"] if online else None,
+                       folder / PLOTS["embedded"])
+        files["embedded"] = PLOTS["embedded"]
+
     report_notes = notes(layout, evaluation) + ([embedding_note(embedding, modes.names)] if embedding else [])
     if online:
         report_notes.append("Online fit (paper §3.3): the modes and references were found on the first "

@@ -135,18 +135,24 @@ def blocks(r: dict) -> tuple[list, list]:
     if "metric" in plots:
         details.append(Image(plots["metric"], "Evaluated metric per checkpoint: original weights against CMD "
                                               "reconstruction"))
+    if "embedded" in plots:
+        details.append(Image(plots["embedded"], "Embedded CMD: share of the trainable parameters embedded by each "
+                                                "checkpoint (they follow a·r(t) + b from then on)"))
+    embedded = r["embedding"]["fraction"] if r.get("embedding") else None
     per_metric = list(evaluation["per_checkpoint"]["original"]) if evaluation else []
     details += [
         Heading(2, "Per checkpoint"),
         Table(["#", "checkpoint", "time", "CMD rel_error", "CMD rel_error_displacement", "PCA d=1 rel_error",
-               "PCA d=2 rel_error", *(f"{k} original" for k in per_metric), *(f"{k} CMD" for k in per_metric)],
+               "PCA d=2 rel_error", *(f"{k} original" for k in per_metric), *(f"{k} CMD" for k in per_metric),
+               *(["embedded"] if embedded else [])],
               [[str(t), names[t], str(time[t]), _number(per_checkpoint["cmd"]["rel_error"][t]),
                 _number(per_checkpoint["cmd"]["rel_error_displacement"][t]),
                 _number(per_checkpoint["pca_1"]["rel_error"][t]), _number(per_checkpoint["pca_2"]["rel_error"][t]),
                 *(_number(evaluation["per_checkpoint"]["original"][k][t]) for k in per_metric),
-                *(_number(evaluation["per_checkpoint"]["cmd"][k][t]) for k in per_metric)]
+                *(_number(evaluation["per_checkpoint"]["cmd"][k][t]) for k in per_metric),
+                *([f"{100 * embedded[t]:.1f}%"] if embedded else [])]
                for t in range(len(names))],
-              numeric=[True, False, True, *[True] * (4 + 2 * len(per_metric))]),
+              numeric=[True, False, True, *[True] * (4 + 2 * len(per_metric) + bool(embedded))]),
         Heading(2, "Modes"),
         Paragraph("Each mode's size, how closely its members follow its reference (mean |corr| over members that "
                   "move; 1 is lock-step) and which parameter is the reference."),

@@ -77,6 +77,22 @@ def errors(time: np.ndarray, series: Mapping[str, np.ndarray], ylabel: str, path
     _save(fig, path)
 
 
+def embedded(time: np.ndarray, fraction: Sequence[float], boundary: float | None, path: Path) -> None:
+    """Embedded CMD: the share of the trainable parameters embedded after each checkpoint."""
+    fig, ax = plt.subplots(figsize=(7, 3.0))
+    ax.step(time, 100 * np.asarray(fraction), where="post", marker="o", markersize=3, color="C2")
+    if boundary is not None:
+        ax.axvline(boundary, color="grey", linestyle=":", label="warm-up end")
+        ax.legend(loc="upper left")
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("checkpoint time")
+    ax.set_ylabel("embedded, % of trainable")
+    ax.set_title("Embedded CMD: parameters taken out of training, by checkpoint")
+    ax.grid(True, alpha=0.3)
+    _layout(fig, left=0.9, right=0.2, bottom=0.55, top=0.4)
+    _save(fig, path)
+
+
 def mode_layers(counts: np.ndarray, layers: Sequence[str], path: Path) -> None:
     """Mode × layer heat map: the share of each layer's parameters that falls in each mode."""
     M, L = counts.shape
