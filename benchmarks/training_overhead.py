@@ -37,7 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from resnet18 import resnet18_layout  # noqa: E402
 from train import resnet18_model  # noqa: E402
 
-from cmdtool.training import EmbeddedCMD  # noqa: E402
+from cmdtool.training import (
+    EmbeddedCMD,  # noqa: E402
+    fused,  # noqa: E402
+)
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -61,6 +64,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    update = "compiled C loop" if fused.library() is not None else "torch operations (CMDTOOL_NO_COMPILE, no cc)"
     model = resnet18_model(nn)
     layout = [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in model.state_dict().items()]
     assert layout == resnet18_layout(), "not torchvision's ResNet-18 layout"
@@ -104,6 +108,9 @@ def main() -> None:
                          embedded=cmd.embedded_fraction, note=note, observations=before + 1))
         print(f"{epoch:5d}  {train:7.2f}  {observe:9.3f}  {step_time[0]:6.3f}  {cmd.embedded_fraction:8.3f}  {note}")
     epoch_s = statistics.median(r["train_s"] for r in rows)
+    # Once parameters are embedded their gradients are masked inside backward: part of train_s.
+    plain = [r["train_s"] for r in rows if r["embedded"] == 0 and r["note"] != "window"]
+    hooked = [r["train_s"] for r in rows[1:] if rows[r["epoch"] - 1]["embedded"] > 0]
     online = [r["observe_s"] for r in rows if r["note"] == "online update"]
     windows = [r["observe_s"] for r in rows if r["note"] == "window"]
     steps = [r["step_s"] for r in rows if r["embedded"] > 0][1:] or [0.0]
@@ -112,7 +119,9 @@ def main() -> None:
     shares = [r["observe_s"] / r["train_s"] for r in rows if r["note"] == "online update"]
     units = [r["observe_s"] / r["floor_s"] for r in rows if r["note"] == "online update"]
     summary = dict(size=args.size, parameters=floats, threads=args.threads, embed_percent=args.embed_percent,
-                   epoch_s=epoch_s, floor_add_s=floor_s,
+                   update=update, epoch_s=epoch_s, floor_add_s=floor_s,
+                   epoch_before_embedding_s=statistics.median(plain) if plain else None,
+                   epoch_with_embedded_s=statistics.median(hooked) if hooked else None,
                    online_share_per_epoch_median=statistics.median(shares) if shares else None,
                    online_floor_units_median=statistics.median(units) if units else None,
                    online_observe_s=statistics.median(online) if online else None,
@@ -122,7 +131,10 @@ def main() -> None:
                    embedded_step_s_per_epoch=statistics.median(steps), rows=rows)
     print(f"\nResNet-18 layout, {summary['parameters']:,} floats, {args.threads} thread(s), {args.size}×{args.size} "
           f"images; "
-          f"training epoch (median) {epoch_s:.2f} s")
+          f"training epoch (median) {epoch_s:.2f} s; the update: {update}")
+    if hooked and plain:
+        print(f"training epoch before any embedding {summary['epoch_before_embedding_s']:.2f} s, with embedded "
+              f"parameters (their gradients masked in backward) {summary['epoch_with_embedded_s']:.2f} s (medians)")
     if online:
         print(f"online CMD, one observe per epoch: {summary['online_observe_s']:.3f} s = "
               f"{100 * summary['online_observe_s'] / epoch_s:.1f} % of an epoch (median of the per-epoch "

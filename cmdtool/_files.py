@@ -18,6 +18,14 @@ from .errors import CmdError
 LOCK_WAIT_S = 60.0  # how long a second writer of the same mode file waits for the first
 
 
+def cache_folder() -> Path:
+    """cmdtool's cache: ``$CMDTOOL_CACHE``, else ``$XDG_CACHE_HOME/cmdtool``, else ``~/.cache/cmdtool``
+    (trajectory stores, and the compiled update of ``cmdtool.training`` under ``lib/``)."""
+    if os.environ.get("CMDTOOL_CACHE"):
+        return Path(os.environ["CMDTOOL_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmdtool"
+
+
 def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
     """``.NAME.PID.TAG`` beside ``path``: hidden, unique to this process, same filesystem. Those
     of ``path`` that a killed run left (``remove_stale``) are removed first."""

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import hashlib
-import os
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+from ._files import cache_folder
 from .checkpoints import Checkpoint, Discovery, discover
 from .errors import CmdError
 from .progress import Progress, no_progress
@@ -18,8 +18,7 @@ def default_store_path(checkpoint_dir: Path) -> Path:
     """Where a folder's trajectory store lives unless ``--trajectory`` says otherwise:
     ``$CMDTOOL_CACHE`` (default ``$XDG_CACHE_HOME/cmdtool`` or ``~/.cache/cmdtool``), one file per folder,
     named after the folder and its parent (``trajectory-<parent>-<folder>-<hash>.h5``)."""
-    cache = os.environ.get("CMDTOOL_CACHE") or Path(
-        os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmdtool"
+    cache = cache_folder()
     folder = Path(checkpoint_dir).resolve()
     key = hashlib.sha256(str(folder).encode()).hexdigest()[:16]
     named = "-".join(part for part in (folder.parent.name, folder.name) if part)  # runs/seed0/ckpt: seed0-ckpt

@@ -440,3 +440,23 @@ def test_compiled_update_equals_the_torch_update(monkeypatch):
     np.testing.assert_allclose(compiled.state.mode_sse, eager.state.mode_sse, rtol=1e-12)
     for key in ("sq_norm", "sq_displacement", "sq_centred"):
         assert getattr(compiled.state, key) == pytest.approx(getattr(eager.state, key), rel=1e-12), key
+
+
+def test_the_compiled_update_is_never_loaded_from_a_folder_others_can_write(tmp_path, monkeypatch):
+    """A library in a cache folder that others can write could be anyone's: it is built afresh in a
+    private folder instead, and a planted file of that name is never loaded."""
+    from pathlib import Path
+
+    from cmdtool.training import fused
+    compiled_kernel_or_skip("compiled", monkeypatch)
+    monkeypatch.setenv("CMDTOOL_CACHE", str(tmp_path / "good"))
+    name = Path(fused.library()._name).name
+    assert Path(fused.library()._name).parent == tmp_path / "good" / "lib"
+    shared = tmp_path / "shared" / "lib"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    (shared / name).write_bytes(b"not a library, and not ours")
+    monkeypatch.setenv("CMDTOOL_CACHE", str(tmp_path / "shared"))
+    loaded = fused.library()
+    assert loaded is not None and Path(loaded._name).parent != shared
+    assert (shared / name).read_bytes() == b"not a library, and not ours"

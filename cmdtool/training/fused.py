@@ -1,13 +1,14 @@
 """The CPU update of online CMD as one C loop: each parameter's state is read and written once
-(and the reset of embedded parameters after an optimizer step, ``cmd_hold``).
+(and embedded CMD's two passes: the change of each fit at a window, ``cmd_change``, and the reset
+of embedded parameters after an optimizer step, ``cmd_hold``).
 
 ``DeviceState.observe`` in torch takes about 13 passes over the ``N`` float64 values (the gathers of
 the per-mode factors, the per-mode ``index_add_``, the elementwise steps); this loop does the same
 arithmetic per parameter in registers, so the update costs about the memory traffic of its state
 (48 bytes per parameter). It is compiled from the source below with the system's C compiler (``cc``,
-or ``$CC``) on first use, into ``$CMDTOOL_CACHE`` (default ``~/.cache/cmdtool``), and loaded with
-ctypes. Without a compiler, or with ``CMDTOOL_NO_COMPILE=1``, the torch update runs instead (the
-same least squares; a test holds the two equal to 1e-12).
+or ``$CC``) on first use, into ``lib/`` of cmdtool's cache (``$CMDTOOL_CACHE``, default
+``~/.cache/cmdtool``), and loaded with ctypes. Without a compiler, or with ``CMDTOOL_NO_COMPILE=1``,
+the torch update runs instead (the same least squares; a test holds the two equal to 1e-12).
 
 Only our own source string is compiled, never anything read from a file; the library is written to a
 private temporary folder and moved into place atomically, so concurrent first uses do not collide.
@@ -23,6 +24,8 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+
+from .._files import cache_folder
 
 SOURCE = r"""
 #include <stdint.h>
@@ -59,6 +62,22 @@ void cmd_observe(const float *w, int64_t n, double *a, double *b, const double *
     sums[2] += s_cent;
 }
 
+/* Embedded CMD at a window: each fit against the raw reference (a / scale, b - offset * that), its
+   squared change since the snapshot, which then becomes the fit. */
+void cmd_change(int64_t n, const double *a, const double *b, const int32_t *where, const double *scale,
+                const double *offset, double *snap_a, double *snap_b, double *change)
+{
+    for (int64_t i = 0; i < n; i++) {
+        const int32_t m = where[i];
+        const double a_raw = a[i] / scale[m];
+        const double b_raw = b[i] - offset[m] * a_raw;
+        const double da = snap_a[i] - a_raw, db = snap_b[i] - b_raw;
+        change[i] = da * da + db * db;
+        snap_a[i] = a_raw;
+        snap_b[i] = b_raw;
+    }
+}
+
 /* Embedded CMD after an optimizer step: target[positions[i]] = a[i] * live[labels[i]] + b[i],
    rounded to float32, for the n embedded entries of one float32 tensor. */
 void cmd_hold(float *target, const int64_t *positions, int64_t n, const double *a, const double *b,
@@ -73,16 +92,10 @@ FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]  # no
 _loaded: dict[tuple, object] = {}
 
 
-def cache_folder() -> Path:
-    if os.environ.get("CMDTOOL_CACHE"):
-        return Path(os.environ["CMDTOOL_CACHE"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmdtool"
-
-
 def library():
-    """The compiled functions (``.cmd_observe``, ``.cmd_hold``; a ctypes library), or None where they
+    """The compiled functions (``.cmd_observe``, ``.cmd_change``, ``.cmd_hold``; a ctypes library), or None where they
     cannot be built (looked up once per setting of ``CMDTOOL_NO_COMPILE``, ``CC`` and the cache folder)."""
-    setting = (os.environ.get("CMDTOOL_NO_COMPILE", ""), os.environ.get("CC", ""), str(cache_folder()))
+    setting = (os.environ.get("CMDTOOL_NO_COMPILE", ""), os.environ.get("CC", ""), str(cache_folder() / "lib"))
     if setting not in _loaded:
         _loaded[setting] = None if setting[0] else _find()
     return _loaded[setting]
@@ -96,12 +109,23 @@ def _find():
     return _build_and_load(compiler, f"cmdtool-{key.hexdigest()[:16]}.so")
 
 
+def _private(path: Path) -> bool:
+    """Whether only this user can have written ``path`` (a file or folder): owned by us, and not
+    writable by group or others. A library anyone else could replace is never loaded."""
+    if not hasattr(os, "getuid"):
+        return True
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
 def _build_and_load(compiler: str, name: str):
-    folder = cache_folder()
+    folder = cache_folder() / "lib"
     try:
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         path = folder / name
-        if not path.is_file():
+        if not _private(folder):
+            raise PermissionError(f"{folder} is writable by others")
+        if not path.is_file() or not _private(path):
             _compile(compiler, path)
     except (OSError, subprocess.SubprocessError):
         try:  # a read-only cache: a private folder of this process
@@ -111,11 +135,12 @@ def _build_and_load(compiler: str, name: str):
             return None
     try:
         loaded = ctypes.CDLL(str(path))
-        observe, hold = loaded.cmd_observe, loaded.cmd_hold
+        observe, hold, change = loaded.cmd_observe, loaded.cmd_hold, loaded.cmd_change
     except (OSError, AttributeError):
         return None
     pointer, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
-    observe.restype = hold.restype = None
+    observe.restype = hold.restype = change.restype = None
+    change.argtypes = [integer, pointer, pointer, pointer, pointer, pointer, pointer, pointer, pointer]
     observe.argtypes = [pointer, integer, pointer, pointer, pointer, pointer, pointer, pointer, pointer,
                         real, real, pointer, pointer]
     hold.argtypes = [pointer, pointer, integer, pointer, pointer, pointer, pointer]

@@ -64,6 +64,7 @@ class DeviceState(ModesShape):
     _masked: tuple | None = field(init=False, default=None, repr=False)
     _change: torch.Tensor | None = field(init=False, default=None, repr=False)
     _where: torch.Tensor | None = field(init=False, default=None, repr=False)
+    _scratch: np.ndarray | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self):
         self.embedded = self.embedded_at != NEVER
@@ -290,14 +291,21 @@ class DeviceState(ModesShape):
         if self._change is None:   # kept: a fresh (N,) buffer costs its page faults at every window
             self._change = torch.empty_like(self.a)
         change = self._change
-        size = CHUNK if self.device.type == "cpu" else self.labels.numel()
-        work = [torch.empty(min(size, self.labels.numel()), dtype=torch.float64, device=self.device) for _ in "ab"]
-        for lo, hi, a, b in self._raw_blocks_into(work):
-            snap_a, snap_b = self.snapshot_a[lo:hi], self.snapshot_b[lo:hi]
-            # Δa² + Δb² (the square root would not change the order); the new raw fit becomes the snapshot
-            torch.sub(snap_a, a, out=change[lo:hi]).square_().add_(snap_b.sub_(b).square_())
-            snap_a.copy_(a)
-            snap_b.copy_(b)
+        fused = compiled.library() if self.device.type == "cpu" else None
+        if fused is not None:
+            scale, offset = (torch.from_numpy(np.repeat(v, LANES)) for v in (self.scale, self.offset))
+            fused.cmd_change(self.labels.numel(), self.a.data_ptr(), self.b.data_ptr(), self._lanes().data_ptr(),
+                             scale.data_ptr(), offset.data_ptr(), self.snapshot_a.data_ptr(),
+                             self.snapshot_b.data_ptr(), change.data_ptr())
+        else:
+            size = CHUNK if self.device.type == "cpu" else self.labels.numel()
+            work = [torch.empty(min(size, self.labels.numel()), dtype=torch.float64, device=self.device) for _ in "ab"]
+            for lo, hi, a, b in self._raw_blocks_into(work):
+                snap_a, snap_b = self.snapshot_a[lo:hi], self.snapshot_b[lo:hi]
+                # Δa² + Δb² (the square root would not change the order); the new raw fit becomes the snapshot
+                torch.sub(snap_a, a, out=change[lo:hi]).square_().add_(snap_b.sub_(b).square_())
+                snap_a.copy_(a)
+                snap_b.copy_(b)
         if self.device.type == "cpu":   # numpy: torch's bool reductions and masked indexing are slow there
             return self._select(change.numpy(), embeddable.numpy(), self.embedded.numpy(), self.embedded_at.numpy(),
                                 percent, relative, np)
@@ -306,21 +314,30 @@ class DeviceState(ModesShape):
     def _select(self, change, embeddable, embedded, embedded_at, percent, relative, xp) -> int:
         """Embed the count smallest ``change`` among the candidates: all below the count-th value, then
         ties at it in column order (a linear-time selection among the candidates: np.partition on the
-        CPU, kthvalue elsewhere; topk of a million out of ten took seconds and breaks ties arbitrarily)."""
+        CPU, kthvalue elsewhere; topk of a million out of ten took seconds and breaks ties arbitrarily).
+        ``change`` is overwritten (+inf where a column is no candidate)."""
         candidates = embeddable & ~embedded
-        columns = np.flatnonzero(candidates) if xp is np else torch.nonzero(candidates).reshape(-1)  # sorted
-        free = int(columns.shape[0])
-        total = int(np.count_nonzero(embeddable)) if xp is np else int(embeddable.sum())
+        if xp is np:   # in place and into a kept buffer: fresh (N,) arrays cost their page faults every window
+            free, total = int(np.count_nonzero(candidates)), int(np.count_nonzero(embeddable))
+            np.copyto(change, np.inf, where=~candidates)
+        else:
+            free, total = int(candidates.sum()), int(embeddable.sum())
+            change.masked_fill_(~candidates, float("inf"))
         count = min(free, math.ceil((free if relative else total) * percent / 100))
         if count == 0:
             return 0
-        change = change[columns]
         if xp is np:
-            threshold = np.partition(change, count - 1)[count - 1]
+            if self._scratch is None or self._scratch.shape != change.shape:
+                self._scratch = np.empty_like(change)
+            np.copyto(self._scratch, change)
+            self._scratch.partition(count - 1)
+            threshold = self._scratch[count - 1]
+            below = np.flatnonzero(change < threshold)
+            ties = np.flatnonzero(change == threshold)
         else:
             threshold = torch.kthvalue(change, count).values
-        below = columns[change < threshold]
-        chosen = xp.concatenate([below, columns[change == threshold][:count - below.shape[0]]])
+            below, ties = torch.nonzero(change < threshold).reshape(-1), torch.nonzero(change == threshold).reshape(-1)
+        chosen = xp.concatenate([below, ties[:count - below.shape[0]]])   # columns are sorted: ties in column order
         embedded_at[chosen] = self.T - 1
         embedded[chosen] = True
         self._masked = None
