@@ -49,9 +49,10 @@ void cmd_observe(const float *w, int64_t n, double *a, double *b, const double *
         s_norm += x * x;
         s_disp += d * d;
         s_cent += y * y;
-        if (frozen && frozen[i]) {
-            y -= e;
-            e = 0.0;
+        if (frozen) {  /* without a branch on the (random) mask: k * e is e or 0 exactly */
+            const double k = (double)frozen[i];
+            y -= k * e;
+            e -= k * e;
         }
         squares[m] += e * e;
         a[i] = (a[i] + grow * y * r) * inverse_ratio[m];

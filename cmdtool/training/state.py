@@ -81,8 +81,8 @@ class DeviceState(ModesShape):
         wrong += [f"{k} has {getattr(self, k).numel()} values, not {N}" for k in ("snapshot_a", "snapshot_b")
                   if getattr(self, k).numel() not in (0, N)]
         if self.references.ndim != 2 or self.references.shape[0] != M or any(
-                np.shape(v) != (M,) for v in (self.offset, self.scale, self.reference_index)):
-            wrong.append(f"the references are not {M} rows with an offset, scale and index each")
+                np.shape(v) != (M,) for v in (self.offset, self.scale, self.reference_index, self.mode_sse)):
+            wrong.append(f"the references are not {M} rows with an offset, scale, index and error each")
         if N and not wrong:
             low, high = (int(v) for v in torch.aminmax(self.labels))
             if low < 0 or high >= M:
