@@ -449,6 +449,7 @@ def test_the_compiled_update_is_never_loaded_from_a_folder_others_can_write(tmp_
 
     from cmdtool.training import fused
     compiled_kernel_or_skip("compiled", monkeypatch)
+    monkeypatch.setattr(fused, "_loaded", {})  # looked up again, from these caches
     monkeypatch.setenv("CMDTOOL_CACHE", str(tmp_path / "good"))
     name = Path(fused.library()._name).name
     assert Path(fused.library()._name).parent == tmp_path / "good" / "lib"
@@ -457,6 +458,7 @@ def test_the_compiled_update_is_never_loaded_from_a_folder_others_can_write(tmp_
     shared.chmod(0o777)
     (shared / name).write_bytes(b"not a library, and not ours")
     monkeypatch.setenv("CMDTOOL_CACHE", str(tmp_path / "shared"))
+    monkeypatch.setattr(fused, "_loaded", {})
     loaded = fused.library()
     assert loaded is not None and Path(loaded._name).parent != shared
     assert (shared / name).read_bytes() == b"not a library, and not ours"

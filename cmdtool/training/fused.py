@@ -94,9 +94,9 @@ _loaded: dict[tuple, object] = {}
 
 
 def library():
-    """The compiled functions (``.cmd_observe``, ``.cmd_change``, ``.cmd_hold``; a ctypes library), or None where they
-    cannot be built (looked up once per setting of ``CMDTOOL_NO_COMPILE``, ``CC`` and the cache folder)."""
-    setting = (os.environ.get("CMDTOOL_NO_COMPILE", ""), os.environ.get("CC", ""), str(cache_folder() / "lib"))
+    """The compiled functions (``.cmd_observe``, ``.cmd_change``, ``.cmd_hold``; a ctypes library), or None
+    where they cannot be built (looked up once per process and setting of ``CMDTOOL_NO_COMPILE`` and ``CC``)."""
+    setting = (os.environ.get("CMDTOOL_NO_COMPILE", ""), os.environ.get("CC", ""))
     if setting not in _loaded:
         _loaded[setting] = None if setting[0] else _find()
     return _loaded[setting]
