@@ -462,3 +462,32 @@ def test_the_compiled_update_is_never_loaded_from_a_folder_others_can_write(tmp_
     loaded = fused.library()
     assert loaded is not None and Path(loaded._name).parent != shared
     assert (shared / name).read_bytes() == b"not a library, and not ours"
+
+
+@pytest.mark.parametrize("kernel", ["compiled", "torch"])
+def test_embedded_channels_last_weights_are_held(kernel, monkeypatch):
+    """A channels_last convolution weight is not contiguous: its embedded entries (positions in the
+    tensor's logical order) are still held at a·r(t) + b, and their gradients are zero."""
+    compiled_kernel_or_skip(kernel, monkeypatch)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(16, 2)).to(memory_format=torch.channels_last)
+    assert not model[0].weight.is_contiguous()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    cmd = EmbeddedCMD(model, modes=2, warmup=4, embed_window=2, embed_percent=30, samples=50)
+    cmd.attach(optimizer)
+    x, y = torch.randn(32, 2, 4, 4), torch.randn(32, 2)
+    for epoch in range(10):
+        for batch in range(4):
+            optimizer.zero_grad()
+            loss = ((model(x[8 * batch:8 * batch + 8]) - y[8 * batch:8 * batch + 8]) ** 2).mean()
+            loss.backward()
+            if cmd.state is not None and cmd.embedded_fraction > 0:
+                mask = cmd.state.embedded[:model[0].weight.numel()].view(model[0].weight.shape)
+                assert mask.any() and (model[0].weight.grad[mask] == 0).all()
+            optimizer.step()
+        cmd.observe(f"{epoch}", epoch)
+    assert cmd.embedded_fraction > 0.5
+    held = cmd.reconstruct()["0.weight"]
+    mask = cmd.state.embedded[:held.numel()].view(held.shape)
+    torch.testing.assert_close(model[0].weight.detach()[mask], held[mask], rtol=1e-6, atol=1e-7)
+    assert not model[0].weight.is_contiguous()  # set in place, its memory format kept

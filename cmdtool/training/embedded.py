@@ -188,17 +188,21 @@ class EmbeddedCMD:
             live = torch.stack([tensors[n].detach().reshape(-1)[p] for n, p in self._references]).to(torch.float64)
             a, b, labels = state.frozen_a, state.frozen_b, self._frozen_labels
             for name, positions, lo, hi in self._embedded_tensors:
-                target = tensors[name].detach().view(-1)
+                parameter = tensors[name].detach()
+                # positions are in the tensor's logical order: a channels_last weight is set through a copy
+                target = parameter.view(-1) if parameter.is_contiguous() else parameter.reshape(-1)
                 if fused is not None and target.dtype == torch.float32:
                     fused.cmd_hold(target.data_ptr(), positions.data_ptr(), hi - lo, address(a, lo), address(b, lo),
                                    address(labels, lo), live.data_ptr())
-                    continue
-                work = self._work
-                for start in range(lo, hi, work.numel()):  # on the CPU blocks that stay in the cache
-                    stop = min(start + work.numel(), hi)
-                    values = torch.index_select(live, 0, labels[start:stop], out=work[:stop - start])
-                    values.mul_(a[start:stop]).add_(b[start:stop])
-                    target.index_copy_(0, positions[start - lo:stop - lo], values.to(target.dtype))
+                else:
+                    work = self._work
+                    for start in range(lo, hi, work.numel()):  # on the CPU blocks that stay in the cache
+                        stop = min(start + work.numel(), hi)
+                        values = torch.index_select(live, 0, labels[start:stop], out=work[:stop - start])
+                        values.mul_(a[start:stop]).add_(b[start:stop])
+                        target.index_copy_(0, positions[start - lo:stop - lo], values.to(target.dtype))
+                if not parameter.is_contiguous():
+                    parameter.copy_(target.view(parameter.shape))
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Call ``step()`` after every ``optimizer.step()``; returns the hook's handle."""
