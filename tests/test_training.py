@@ -242,7 +242,8 @@ def test_state_dict_resumes_exactly(tmp_path):
     (lambda s: s["labels"].fill_(7), "labels range from 7 to 7, outside 0..1"),
     (lambda s: s.update(a=s["a"][:-1]), "a has .* values, not"),
     (lambda s: s.update(frozen_a=s["frozen_a"][1:]), "frozen_a has"),
-    (lambda s: s["reference_index"].fill_(10 ** 9), "a reference index lies outside the parameters")])
+    (lambda s: s["reference_index"].fill_(10 ** 9), "a reference index lies outside the parameters"),
+    (lambda s: (s["labels"].fill_(-1), s.pop("frozen_a")), "labels range from -1 to -1")])  # checked before use
 def test_a_corrupt_saved_state_is_refused(tmp_path, spoil, message):
     """The state is read from a file and the compiled loop indexes with its labels: sizes and ranges
     are checked before anything runs."""

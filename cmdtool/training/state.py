@@ -1,11 +1,12 @@
 """Online and embedded CMD state of a live model: ``O(N)`` torch tensors on the model's device.
 
 After the warm-up (``_warmup.warmup_state``, the code of ``cmd fit``) every observation updates
-``a, b`` with ``decompose.update_parameters``, the same function ``cmd update`` runs on numpy
-arrays (paper §3.3). Embedded CMD (§3.4): every ``L`` observations the ``P`` % of the embeddable
-parameters whose ``(a, b)`` moved least since the previous window are frozen; their fit is then
-only re-expressed as the references are renormalised (``frozen`` in ``update_parameters``), so each
-stays the same affine function of its raw reference.
+``a, b`` by the recursive least squares of ``decompose.update_parameters``, the function ``cmd
+update`` runs on numpy arrays (paper §3.3), rearranged into fewer operations (``observe``) and on
+the CPU run as one compiled loop (``fused``). Embedded CMD (§3.4): every ``L`` observations the
+``P`` % of the embeddable parameters whose ``(a, b)`` moved least since the previous window are
+frozen; their fit is then only re-expressed as the references are renormalised (``frozen`` in
+``update_parameters``), so each stays the same affine function of its raw reference.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .tensors import address, count_true, nonzero
 
 NEVER = -1  # embedded_at of a parameter that was never embedded
 LANES = 8  # accumulators per mode of the CPU update's Σ e²
-CHUNK = 1 << 16  # columns per block of the CPU update: its three float64 work buffers (512 KiB each) stay in the cache
+CHUNK = 1 << 16  # columns per block of the torch update on the CPU: four float64 buffers of 512 KiB, in the cache
 
 
 @dataclass
@@ -68,30 +69,32 @@ class DeviceState(ModesShape):
 
     def __post_init__(self):
         self.embedded = self.embedded_at != NEVER
+        _refuse(self._problems())
         if self.frozen_a is None or self.frozen_b is None:
             self._freeze()
-        self._check()
+        E = count_true(self.embedded)
+        _refuse([f"{k} has {getattr(self, k).numel()} values, not {E}" for k in ("frozen_a", "frozen_b")
+                 if getattr(self, k).shape != (E,)])
 
-    def _check(self) -> None:
-        """Sizes and labels in range (a saved state is read from a file; the compiled loop indexes with them)."""
-        N, M, E = self.layout.n_parameters, self.M, count_true(self.embedded)
-        sizes = dict(labels=N, a=N, b=N, first=N, embedded_at=N, frozen_a=E, frozen_b=E)
-        wrong = [f"{k} has {getattr(self, k).numel()} values, not {n}" for k, n in sizes.items()
-                 if getattr(self, k).numel() != n or getattr(self, k).dim() != 1]
-        wrong += [f"{k} has {getattr(self, k).numel()} values, not {N}" for k in ("snapshot_a", "snapshot_b")
-                  if getattr(self, k).numel() not in (0, N)]
+    def _problems(self) -> list[str]:
+        """Sizes and ranges that are wrong (a saved state is read from a file; the compiled loop indexes with it)."""
+        N, M = self.layout.n_parameters, self.M
+        wrong = [f"{k} has {v.numel()} values, not {N}" for k, v in (
+            ("labels", self.labels), ("a", self.a), ("b", self.b), ("first", self.first),
+            ("embedded_at", self.embedded_at), ("snapshot_a", self.snapshot_a), ("snapshot_b", self.snapshot_b))
+            if v.shape != (N,) and not (k.startswith("snapshot") and v.numel() == 0)]
         if self.references.ndim != 2 or self.references.shape[0] != M or any(
                 np.shape(v) != (M,) for v in (self.offset, self.scale, self.reference_index, self.mode_sse)):
             wrong.append(f"the references are not {M} rows with an offset, scale, index and error each")
-        if N and not wrong:
-            low, high = (int(v) for v in torch.aminmax(self.labels))
-            if low < 0 or high >= M:
-                wrong.append(f"labels range from {low} to {high}, outside 0..{M - 1}")
+        if wrong or not N:
+            return wrong
+        low, high = (int(v) for v in torch.aminmax(self.labels))
+        if low < 0 or high >= M:
+            wrong.append(f"labels range from {low} to {high}, outside 0..{M - 1}")
         index = np.asarray(self.reference_index)
-        if index.size and not wrong and not (0 <= index.min() and index.max() < N):
+        if index.size and not (0 <= index.min() and index.max() < N):
             wrong.append("a reference index lies outside the parameters")
-        if wrong:
-            raise ValueError("; ".join(wrong))
+        return wrong
 
     @property
     def device(self) -> torch.device:
@@ -266,10 +269,8 @@ class DeviceState(ModesShape):
         """``a, b`` against the raw reference (``w ≈ a · r + b``), the frame the authors measure
         the change of a fit in."""
         a_raw, b_raw = torch.empty_like(self.a), torch.empty_like(self.b)
-        for lo, hi, scale, offset in self._raw_blocks():
-            a, b = a_raw[lo:hi], b_raw[lo:hi]
-            torch.div(self.a[lo:hi], scale, out=a)
-            torch.sub(self.b[lo:hi], torch.mul(offset, a, out=b), out=b)
+        for _ in self._raw_blocks_into((a_raw, b_raw), whole=True):
+            pass
         return a_raw, b_raw
 
     def _raw_blocks(self):
@@ -354,10 +355,11 @@ class DeviceState(ModesShape):
         self.frozen_b = torch.index_select(self.b, 0, columns).sub_(
             torch.index_select(offset, 0, labels).mul_(self.frozen_a))
 
-    def _raw_blocks_into(self, work):
-        """``raw_fit`` block by block into the two work buffers: yields ``(lo, hi, a_raw, b_raw)``."""
+    def _raw_blocks_into(self, work, whole: bool = False):
+        """``raw_fit`` block by block into the two work buffers (into columns ``lo:hi`` of two (N,)
+        tensors when ``whole``): yields ``(lo, hi, a_raw, b_raw)``."""
         for lo, hi, scale, offset in self._raw_blocks():
-            a, b = work[0][:hi - lo], work[1][:hi - lo]
+            a, b = (work[0][lo:hi], work[1][lo:hi]) if whole else (work[0][:hi - lo], work[1][:hi - lo])
             torch.div(self.a[lo:hi], scale, out=a)
             torch.sub(self.b[lo:hi], torch.mul(offset, a, out=b), out=b)
             yield lo, hi, a, b
@@ -376,8 +378,7 @@ class DeviceState(ModesShape):
         return OnlineState(
             layout=self.layout, labels=self.labels.cpu().numpy(), a=self.a.cpu().numpy(), b=self.b.cpu().numpy(),
             first=self.first.cpu().numpy().astype(np.float32), references=self.references, offset=self.offset,
-            scale=self.scale,
-            reference_index=self.reference_index, time=list(self.time), names=list(self.names),
+            scale=self.scale, reference_index=self.reference_index, time=list(self.time), names=list(self.names),
             infos=list(self.infos), mode_sizes=self.mode_sizes, settings=self.settings, warmup=self.warmup,
             mode_sse_least_squares=self.mode_sse.copy(), sq_norm=self.sq_norm, sq_displacement=self.sq_displacement,
             sq_centred=self.sq_centred, attachments=dict(self.attachments),
@@ -392,3 +393,8 @@ def _carried_rows(state: OnlineState) -> dict[str, list[np.ndarray]]:
         blocks = before.blocks() if hasattr(before, "blocks") else [before]
         out[name] = [row for block in blocks for row in np.asarray(block)] + list(state.carried_new[name])
     return out
+
+
+def _refuse(problems: list[str]) -> None:
+    if problems:
+        raise ValueError("; ".join(problems))
