@@ -51,5 +51,5 @@ def load_state(state: dict, device: torch.device) -> DeviceState:
             # states saved before the frozen fits were kept: made from a, b (the same up to rounding)
             frozen_a=dev("frozen_a", torch.float64) if "frozen_a" in state else None,
             frozen_b=dev("frozen_b", torch.float64) if "frozen_b" in state else None)
-    except (KeyError, AttributeError, TypeError, ValueError) as e:
+    except (KeyError, AttributeError, TypeError, ValueError, IndexError, RuntimeError) as e:
         raise CmdError(f"the saved CMD state is incomplete or corrupt ({type(e).__name__}: {e})") from None
