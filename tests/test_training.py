@@ -258,6 +258,28 @@ def test_a_corrupt_saved_state_is_refused(tmp_path, spoil, message):
         EmbeddedCMD(Holder(states[0]), **options).load_state_dict(saved)
 
 
+def test_a_saved_state_of_strided_tensors_resumes_exactly(tmp_path):
+    """torch.save keeps a view's strides; the compiled loops read by address, so the state is made
+    contiguous when it is read back."""
+    planted, _, _, _ = planted_training(tmp_path)
+    states = sorted_states(planted)
+    options = dict(modes=2, warmup=6, embed_window=2, embed_percent=25.0, relative=False, samples=300)
+    whole = EmbeddedCMD(Holder(states[0]), **options)
+    replay(whole, states, range(16))
+    first = EmbeddedCMD(Holder(states[0]), **options)
+    replay(first, states, range(9))
+    saved = first.state_dict()
+    for key in ("a", "b", "first", "snapshot_a", "snapshot_b"):
+        value = saved["state"][key]
+        saved["state"][key] = torch.stack([value, torch.zeros_like(value)], dim=1)[:, 0]  # every other value
+        assert not saved["state"][key].is_contiguous()
+    torch.save(saved, tmp_path / "strided.pt")
+    second = EmbeddedCMD(Holder(states[0]), **options)
+    second.load_state_dict(torch.load(tmp_path / "strided.pt", weights_only=True))
+    replay(second, states, range(9, 16))
+    assert_same_mode_files(second.save(tmp_path / "resumed.cmd.h5"), whole.save(tmp_path / "whole.cmd.h5"))
+
+
 def test_a_state_saved_without_the_frozen_fits_resumes(tmp_path):
     """States saved before ``frozen_a, frozen_b`` were kept: the frozen fits are made from ``a, b``."""
     planted, _, _, _ = planted_training(tmp_path)

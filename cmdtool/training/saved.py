@@ -31,8 +31,8 @@ def save_state(state: DeviceState) -> dict:
 def load_state(state: dict, device: torch.device) -> DeviceState:
     """``save_state``'s dict back on ``device``; sizes and ranges are checked (it is read from a file)."""
     try:
-        def dev(key, dtype):
-            return state[key].to(device=device, dtype=dtype)
+        def dev(key, dtype):  # contiguous: the compiled loops read them by address
+            return state[key].to(device=device, dtype=dtype).contiguous()
         return DeviceState(
             layout=Layout.from_json(state["layout"]), settings=FitSettings.from_json(state["settings"]),
             warmup=int(state["warmup"]),
