@@ -242,6 +242,7 @@ def test_state_dict_resumes_exactly(tmp_path):
     (lambda s: s["labels"].fill_(7), "labels range from 7 to 7, outside 0..1"),
     (lambda s: s.update(a=s["a"][:-1]), "a has .* values, not"),
     (lambda s: s.update(frozen_a=s["frozen_a"][1:]), "frozen_a has"),
+    (lambda s: s.update(snapshot_b=s["snapshot_b"][:0]), "snapshot_b has 0 values"),  # the window writes N
     (lambda s: s["reference_index"].fill_(10 ** 9), "a reference index lies outside the parameters"),
     (lambda s: (s["labels"].fill_(-1), s.pop("frozen_a")), "labels range from -1 to -1")])  # checked before use
 def test_a_corrupt_saved_state_is_refused(tmp_path, spoil, message):

@@ -82,7 +82,7 @@ class DeviceState(ModesShape):
         wrong = [f"{k} has {v.numel()} values, not {N}" for k, v in (
             ("labels", self.labels), ("a", self.a), ("b", self.b), ("first", self.first),
             ("embedded_at", self.embedded_at), ("snapshot_a", self.snapshot_a), ("snapshot_b", self.snapshot_b))
-            if v.shape != (N,) and not (k.startswith("snapshot") and v.numel() == 0)]
+            if v.shape != (N,)]
         if self.references.ndim != 2 or self.references.shape[0] != M or any(
                 np.shape(v) != (M,) for v in (self.offset, self.scale, self.reference_index, self.mode_sse)):
             wrong.append(f"the references are not {M} rows with an offset, scale, index and error each")
@@ -106,6 +106,7 @@ class DeviceState(ModesShape):
             return torch.as_tensor(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
         carried = {name: [np.asarray(row, dtype=np.uint8) for row in rows]
                    for name, rows in _carried_rows(state).items()}
+        N = state.layout.n_parameters
         out = cls(layout=state.layout, settings=state.settings, warmup=state.warmup,
                   labels=put(state.labels, torch.int64), a=put(state.a, torch.float64), b=put(state.b, torch.float64),
                   first=put(state.first, torch.float64), references=state.references.copy(),
@@ -115,8 +116,8 @@ class DeviceState(ModesShape):
                   time=list(state.time), names=list(state.names), infos=list(state.infos), carried=carried,
                   attachments=dict(state.attachments),
                   embedded_at=torch.full((state.layout.n_parameters,), NEVER, dtype=torch.int32, device=device),
-                  snapshot_a=torch.zeros(0, dtype=torch.float64, device=device),
-                  snapshot_b=torch.zeros(0, dtype=torch.float64, device=device),
+                  snapshot_a=torch.empty(N, dtype=torch.float64, device=device),  # the raw fit, below
+                  snapshot_b=torch.empty(N, dtype=torch.float64, device=device),
                   frozen_a=torch.zeros(0, dtype=torch.float64, device=device),
                   frozen_b=torch.zeros(0, dtype=torch.float64, device=device))
         out.snapshot_a, out.snapshot_b = out.raw_fit()
@@ -139,9 +140,8 @@ class DeviceState(ModesShape):
         pieces = [w] if isinstance(w, torch.Tensor) else list(w)
         T, M, device = self.T, self.M, self.device
         frame = update_frame(self.references, self.offset, self.scale, self._reference_values(pieces))
-        # The per-mode factors repeated LANES times: Σ e² per mode goes into LANES accumulators per mode
-        # (column c into lane c % LANES), as most parameters are often in one mode and adding into one
-        # address is a chain of dependent additions.
+        # Per-mode factors repeated LANES times: Σ e² goes into LANES accumulators per mode (column c into lane
+        # c % LANES), as most parameters are often in one mode and adding into one address is a dependent chain.
         rho, inverse_ratio = (torch.from_numpy(np.repeat(v, LANES)).to(device) for v in (frame.rho, 1.0 / frame.ratio))
         grow, mean_step = T / (T + 1), 1.0 / (T + 1)
         where = self._lanes()
