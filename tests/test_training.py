@@ -515,3 +515,20 @@ def test_embedded_channels_last_weights_are_held(kernel, monkeypatch):
     mask = cmd.state.embedded[:held.numel()].view(held.shape)
     torch.testing.assert_close(model[0].weight.detach()[mask], held[mask], rtol=1e-6, atol=1e-7)
     assert not model[0].weight.is_contiguous()  # set in place, its memory format kept
+
+
+def test_step_refuses_a_parameter_that_changed_shape():
+    """step() writes embedded values by position: a parameter replaced by one of another shape since
+    the last observation is an error, never a write past its end."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 2))
+    cmd = EmbeddedCMD(model, modes=2, warmup=3, embed_window=1, embed_percent=50, samples=30)
+    for t in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p), alpha=0.1 * (t + 1))
+        cmd.observe(f"{t}", t)
+    assert cmd.embedded_fraction > 0
+    model[0].weight = nn.Parameter(torch.zeros(2, 3))
+    with pytest.raises(CmdError, match=r"tensor '0.weight' is \[2, 3\] now, but \[5, 6\] when observed"):
+        cmd.step()

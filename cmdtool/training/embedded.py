@@ -69,6 +69,7 @@ class EmbeddedCMD:
         self.attachments: dict[str, bytes] = {}
         self._hooks: list = []
         self._embedded_tensors: list = []  # (name, positions, lo, hi) of tensors with embedded parameters
+        self._shapes: dict = {}  # name -> shape of the tensors step() reads or writes
         self._frozen_labels: torch.Tensor | None = None  # int32, of the embedded columns
         self._work: torch.Tensor | None = None
         self._embeddable: torch.Tensor | None = None
@@ -184,6 +185,10 @@ class EmbeddedCMD:
             return
         state, tensors = self.state, self._tensors()
         fused = compiled.library() if state.device.type == "cpu" else None
+        for name, shape in self._shapes.items():  # positions index the observed shapes
+            if tuple(tensors[name].shape) != shape:
+                raise CmdError(f"EmbeddedCMD.step: tensor {name!r} is {list(tensors[name].shape)} now, but "
+                               f"{list(shape)} when observed")
         with torch.no_grad():
             live = torch.stack([tensors[n].detach().reshape(-1)[p] for n, p in self._references]).to(torch.float64)
             a, b, labels = state.frozen_a, state.frozen_b, self._frozen_labels
@@ -235,6 +240,7 @@ class EmbeddedCMD:
         offsets = {spec.name: spec.offset for spec in self.layout.modelled}
         names = [self.layout.locate(int(i))[0] for i in state.reference_index]
         self._references = [(name, int(i) - offsets[name]) for name, i in zip(names, state.reference_index)]
+        self._shapes = {name: tuple(self.layout.signature[name][0]) for name in names}
         if self.settings.embed_percent > 0:
             self._embeddable_mask()
         columns = nonzero(state.embedded)  # sorted, as frozen_a and frozen_b
@@ -248,6 +254,7 @@ class EmbeddedCMD:
             if hi == lo or spec.name not in parameters:
                 continue
             self._embedded_tensors.append((spec.name, columns[lo:hi] - spec.offset, lo, hi))
+            self._shapes[spec.name] = tuple(spec.shape)
             parameter = parameters[spec.name]
             # Times the free mask, in place, once the gradient is accumulated: masked_fill was 11× slower
             free = (~state.embedded[spec.columns]).view(spec.shape).to(parameter.dtype)
