@@ -141,8 +141,8 @@ def test_lightning_resumed_run_writes_the_same_mode_file(package, tmp_path):
 
 @pytest.mark.parametrize("package", PACKAGES)
 def test_lightning_observes_every_n_steps(package, tmp_path):
-    """``every_n_steps=3`` over 3 epochs of 4 batches: observations at steps 3, 6, 9 and 12, across
-    epoch boundaries, and the windows counted in observations (the first after 3 + 2)."""
+    """``every_n_steps=3`` over 5 epochs of 4 batches: observations at steps 3, 6, …, 18, across epoch
+    boundaries, and the windows counted in observations (the first after 3 + 2)."""
     mode_file = tmp_path / "steps.cmd.h5"
     trainer, module, callback, Regression = lightning_fit(package, tmp_path, 5, mode_file=mode_file,
                                                            every_n_steps=3)

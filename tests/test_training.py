@@ -244,7 +244,10 @@ def test_state_dict_resumes_exactly(tmp_path):
     (lambda s: s.update(frozen_a=s["frozen_a"][1:]), "frozen_a has"),
     (lambda s: s.update(snapshot_b=s["snapshot_b"][:0]), "snapshot_b has 0 values"),  # the window writes N
     (lambda s: s["reference_index"].fill_(10 ** 9), "a reference index lies outside the parameters"),
-    (lambda s: (s["labels"].fill_(-1), s.pop("frozen_a")), "labels range from -1 to -1")])  # checked before use
+    (lambda s: (s["labels"].fill_(-1), s.pop("frozen_a")), "labels range from -1 to -1"),  # checked before use
+    (lambda s: s["frozen_a"].fill_(float("nan")), "frozen_a holds NaN or Inf values"),  # step() writes them
+    (lambda s: s["scale"].fill_(0), "a reference scale is not positive"),
+    (lambda s: s.update(reference_index=s["reference_index"].double()), "reference_index is torch.float64")])
 def test_a_corrupt_saved_state_is_refused(tmp_path, spoil, message):
     """The state is read from a file and the compiled loop indexes with its labels: sizes and ranges
     are checked before anything runs."""
@@ -532,3 +535,69 @@ def test_step_refuses_a_parameter_that_changed_shape():
     model[0].weight = nn.Parameter(torch.zeros(2, 3))
     with pytest.raises(CmdError, match=r"tensor '0.weight' is \[2, 3\] now, but \[5, 6\] when observed"):
         cmd.step()
+
+
+def test_a_model_moved_to_another_device_is_an_error(tmp_path):
+    """The state lives where the model was; the compiled loops read the model by address, so a model
+    moved since (here to the meta device) is a clear error, in observe() and in step()."""
+    planted, _, _, _ = planted_training(tmp_path)
+    states = sorted_states(planted)
+    cmd = EmbeddedCMD(Holder(states[0]), modes=2, warmup=6, embed_window=2, embed_percent=25.0, samples=300)
+    replay(cmd, states, range(9))
+    cmd.model.to("meta")
+    with pytest.raises(CmdError, match="EmbeddedCMD.step: the model is on meta but the CMD state on cpu"):
+        cmd.step()
+    with pytest.raises(CmdError, match=r"observation 9 .*: the model is on meta but the CMD state on cpu"):
+        cmd.observe("9", 9)
+
+
+def test_state_dict_is_a_copy_and_loading_a_warmup_state_removes_the_hooks(tmp_path):
+    """state_dict() does not change as training goes on (and two objects loaded from one state do not
+    share tensors); loading a state of the warm-up into a used object removes its gradient hooks."""
+    planted, _, _, _ = planted_training(tmp_path)
+    states = sorted_states(planted)
+    options = dict(modes=2, warmup=6, embed_window=2, embed_percent=25.0, relative=False, samples=300)
+    first = EmbeddedCMD(Holder(states[0]), **options)
+    replay(first, states, range(9))
+    saved = first.state_dict()
+    kept = saved["state"]["a"].clone()
+    second = EmbeddedCMD(Holder(states[0]), **options)
+    second.load_state_dict(saved)
+    replay(first, states, range(9, 11))
+    assert torch.equal(saved["state"]["a"], kept) and torch.equal(second.state.a, kept)
+    warm = EmbeddedCMD(Holder(states[0]), **options)
+    replay(warm, states, range(3))
+    assert first._hooks
+    first.load_state_dict(warm.state_dict())
+    assert not first._hooks and first.state is None
+    first.step()  # nothing embedded during a warm-up: nothing to do
+    model = first.model
+    loss = sum((p ** 2).sum() for p in model.parameters() if p.requires_grad)
+    loss.backward()
+    assert all(bool((p.grad != 0).any()) for p in model.parameters() if p.requires_grad and p.numel() > 1)
+
+
+def test_the_compiled_library_is_private_and_built_once_whatever_the_umask(tmp_path, monkeypatch):
+    """Under a group-writable umask the library is still written for this user only, so the next
+    process loads it instead of compiling again (same file); a compiler given with arguments works."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    from cmdtool.training import fused
+    compiled_kernel_or_skip("compiled", monkeypatch)
+    monkeypatch.setenv("CMDTOOL_CACHE", str(tmp_path / "cache"))
+    old = os.umask(0o002)
+    try:
+        monkeypatch.setattr(fused, "_loaded", {})
+        path = Path(fused.library()._name)
+        first = path.stat()
+        monkeypatch.setattr(fused, "_loaded", {})
+        assert Path(fused.library()._name) == path and path.stat().st_ino == first.st_ino
+    finally:
+        os.umask(old)
+    assert path.parent == tmp_path / "cache" / "lib" and first.st_mode & 0o077 == 0
+    compiler = next(c for c in ("cc", "gcc", "clang") if shutil.which(c))
+    monkeypatch.setenv("CC", f"{compiler} -std=c99")
+    monkeypatch.setattr(fused, "_loaded", {})
+    assert fused.library() is not None

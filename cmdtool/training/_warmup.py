@@ -21,3 +21,12 @@ def warmup_state(rows: np.ndarray, layout: Layout, time: Sequence[int], names: S
     (numpy, float64 ``a, b``): what ``cmd fit --warmup F`` holds after its warm-up."""
     trajectory = warmup_trajectory(rows, layout, list(time), list(names), list(infos), carried, attachments or {})
     return OnlineState.from_modes(fit_trajectory(trajectory, settings), rows[0])
+
+
+def carried_rows(state: OnlineState) -> dict[str, list[np.ndarray]]:
+    """Every carried tensor's rows of an online state held in memory (a warm-up's), per checkpoint."""
+    out = {}
+    for name, before in state.carried_before.items():
+        blocks = before.blocks() if hasattr(before, "blocks") else [before]
+        out[name] = [row for block in blocks for row in np.asarray(block)] + list(state.carried_new[name])
+    return out

@@ -143,6 +143,8 @@ class EmbeddedCMD:
             raise CmdError(f"{where}: time {time} does not come after {last}")
         with torch.no_grad():  # the model's own values, flat views (a copy only of a non-contiguous tensor)
             pieces = [tensors[s.name].detach().reshape(-1) for s in self.layout.modelled]
+            if self.state is not None:
+                self._same_device(pieces, where)
             sums = torch.stack([p.sum().float() for p in pieces])
         if not bool(torch.isfinite(sums.sum())):  # a finite sum proves every value finite
             for spec, piece in zip(self.layout.modelled, pieces):
@@ -189,6 +191,7 @@ class EmbeddedCMD:
             if tuple(tensors[name].shape) != shape:
                 raise CmdError(f"EmbeddedCMD.step: tensor {name!r} is {list(tensors[name].shape)} now, but "
                                f"{list(shape)} when observed")
+        self._same_device([tensors[name] for name in self._shapes], "EmbeddedCMD.step")
         with torch.no_grad():
             live = torch.stack([tensors[n].detach().reshape(-1)[p] for n, p in self._references]).to(torch.float64)
             a, b, labels = state.frozen_a, state.frozen_b, self._frozen_labels
@@ -208,6 +211,15 @@ class EmbeddedCMD:
                         target.index_copy_(0, positions[start - lo:stop - lo], values.to(target.dtype))
                 if not parameter.is_contiguous():
                     parameter.copy_(target.view(parameter.shape))
+
+    def _same_device(self, tensors, where: str) -> None:
+        """The state's arrays and the model's tensors must be on one device (the compiled loops read the
+        model by address); a model moved after the warm-up or a resume is an error naming both."""
+        device = self.state.device
+        moved = next((t.device for t in tensors if t.device != device), None)
+        if moved is not None:
+            raise CmdError(f"{where}: the model is on {moved} but the CMD state on {device}; move the model "
+                           f"before the first observation or before load_state_dict, and keep it there")
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Call ``step()`` after every ``optimizer.step()``; returns the hook's handle."""
@@ -348,6 +360,7 @@ class EmbeddedCMD:
         """Continue from ``state_dict()``: settings must be the same as this object's."""
         if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
             raise CmdError("the saved CMD state is not an EmbeddedCMD state")
+        self.close()  # the hooks of what this object held before
         ours = self.settings.to_dict()
         changed = [f"{k} is {saved['settings'].get(k)!r} in the saved state, {v!r} now"
                    for k, v in ours.items() if saved["settings"].get(k) != v]

@@ -20,9 +20,11 @@ import ctypes
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 from .._files import cache_folder
@@ -88,25 +90,30 @@ void cmd_hold(float *target, const int64_t *positions, int64_t n, const double *
         target[positions[i]] = (float)(a[i] * live[labels[i]] + b[i]);
 }
 """
-FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]  # no FMA: torch's rounding
+# No FMA contraction and no fast-math: the loop rounds every product and sum. torch's vectorised
+# add_/addcmul_ may fuse them (AVX2, AVX-512), so the two paths agree to about 1e-12, not bitwise.
+FLAGS = ["-O3", "-ffp-contract=off", "-fno-fast-math", "-fPIC", "-shared"]
 
 _loaded: dict[tuple, object] = {}
+_lock = threading.Lock()
 
 
 def library():
     """The compiled functions (``.cmd_observe``, ``.cmd_change``, ``.cmd_hold``; a ctypes library), or None
     where they cannot be built (looked up once per process and setting of ``CMDTOOL_NO_COMPILE`` and ``CC``)."""
     setting = (os.environ.get("CMDTOOL_NO_COMPILE", ""), os.environ.get("CC", ""))
-    if setting not in _loaded:
-        _loaded[setting] = None if setting[0] else _find()
-    return _loaded[setting]
+    with _lock:  # threads of one process compile once
+        if setting not in _loaded:
+            _loaded[setting] = None if setting[0] else _find()
+        return _loaded[setting]
 
 
 def _find():
-    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not compiler:
+    compiler = shlex.split(os.environ.get("CC", "")) or [
+        next((c for c in map(shutil.which, ("cc", "gcc", "clang")) if c), "")]
+    if not compiler[0]:
         return None
-    key = hashlib.sha256("\0".join([SOURCE, compiler, *FLAGS, platform.machine(), platform.system()]).encode())
+    key = hashlib.sha256("\0".join([SOURCE, *compiler, *FLAGS, platform.machine(), platform.system()]).encode())
     return _build_and_load(compiler, f"cmdtool-{key.hexdigest()[:16]}.so")
 
 
@@ -119,7 +126,7 @@ def _private(path: Path) -> bool:
     return info.st_uid == os.getuid() and not info.st_mode & 0o022
 
 
-def _build_and_load(compiler: str, name: str):
+def _build_and_load(compiler: list[str], name: str):
     folder = cache_folder() / "lib"
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -128,16 +135,26 @@ def _build_and_load(compiler: str, name: str):
             raise PermissionError(f"{folder} is writable by others")
         if not path.is_file() or not _private(path):
             _compile(compiler, path)
+        return _load(path)
+    except subprocess.SubprocessError:  # the compiler failed: it would fail again
+        return None
+    except OSError:
+        pass
+    private = Path(tempfile.mkdtemp(prefix="cmdtool-"))  # a read-only or shared cache: this process's own
+    try:
+        _compile(compiler, private / name)
+        return _load(private / name)  # Linux and macOS keep the mapping once the file is removed
     except (OSError, subprocess.SubprocessError):
-        try:  # a read-only cache: a private folder of this process
-            path = Path(tempfile.mkdtemp(prefix="cmdtool-")) / name
-            _compile(compiler, path)
-        except (OSError, subprocess.SubprocessError):
-            return None
+        return None
+    finally:
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _load(path: Path):
     try:
         loaded = ctypes.CDLL(str(path))
         observe, hold, change = loaded.cmd_observe, loaded.cmd_hold, loaded.cmd_change
-    except (OSError, AttributeError):
+    except AttributeError:
         return None
     pointer, integer, real = ctypes.c_void_p, ctypes.c_int64, ctypes.c_double
     observe.restype = hold.restype = change.restype = None
@@ -148,13 +165,19 @@ def _build_and_load(compiler: str, name: str):
     return loaded
 
 
-def _compile(compiler: str, library: Path) -> None:
-    """Compile ``SOURCE`` into ``library``: built in a private folder, then moved into place atomically."""
+def _compile(compiler: list[str], library: Path) -> None:
+    """Compile ``SOURCE`` into ``library``: built in a private folder, then moved into place atomically
+    (readable and writable by this user only, whatever the umask)."""
     with tempfile.TemporaryDirectory(prefix="cmdtool-build-") as work:
         source, built = Path(work) / "cmdtool_fused.c", Path(work) / library.name
         source.write_text(SOURCE)
-        subprocess.run([compiler, *FLAGS, "-o", str(built), str(source)], check=True, capture_output=True,
+        subprocess.run([*compiler, *FLAGS, "-o", str(built), str(source)], check=True, capture_output=True,
                        timeout=120)
-        staged = library.with_name(f".{library.name}.{os.getpid()}.tmp")
-        shutil.copyfile(built, staged)
-        os.replace(staged, library)
+        handle, staged = tempfile.mkstemp(prefix=f".{library.name}.", dir=library.parent)
+        try:
+            with os.fdopen(handle, "wb") as out:  # mkstemp: mode 0600
+                out.write(built.read_bytes())
+            os.replace(staged, library)
+        finally:
+            if os.path.exists(staged):
+                os.unlink(staged)

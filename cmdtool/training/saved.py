@@ -13,7 +13,12 @@ from .state import DeviceState
 
 
 def save_state(state: DeviceState) -> dict:
-    """The state as plain tensors, numbers and strings (``torch.load(weights_only=True)`` reads it)."""
+    """The state as plain tensors, numbers and strings (``torch.load(weights_only=True)`` reads it): a
+    copy, which training does not change afterwards (an asynchronous checkpoint writer may hold it)."""
+    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in _fields(state).items()}
+
+
+def _fields(state: DeviceState) -> dict:
     return dict(
         layout=state.layout.to_json(), settings=state.settings.to_json(), warmup=state.warmup, labels=state.labels,
         a=state.a, b=state.b, first=state.first.float(), references=torch.from_numpy(state.references.copy()),
@@ -29,8 +34,10 @@ def save_state(state: DeviceState) -> dict:
         frozen_a=state.frozen_a, frozen_b=state.frozen_b)
 
 def load_state(state: dict, device: torch.device) -> DeviceState:
-    """``save_state``'s dict back on ``device``; sizes and ranges are checked (it is read from a file)."""
+    """``save_state``'s dict back on ``device``; sizes, ranges and values are checked (it is read from
+    a file, and ``step()`` writes the frozen fits into the model at once)."""
     try:
+        _check_values(state)
         def dev(key, dtype):  # contiguous: the compiled loops read them by address
             return state[key].to(device=device, dtype=dtype).contiguous()
         return DeviceState(
@@ -53,3 +60,17 @@ def load_state(state: dict, device: torch.device) -> DeviceState:
             frozen_b=dev("frozen_b", torch.float64) if "frozen_b" in state else None)
     except (KeyError, AttributeError, TypeError, ValueError, IndexError, RuntimeError) as e:
         raise CmdError(f"the saved CMD state is incomplete or corrupt ({type(e).__name__}: {e})") from None
+
+
+def _check_values(state: dict) -> None:
+    """Finite fits and references, positive scales, integer labels and indices (sizes: ``DeviceState``)."""
+    wrong = [k for k in ("a", "b", "frozen_a", "frozen_b", "references", "offset", "scale", "first")
+             if k in state and not bool(torch.isfinite(torch.as_tensor(state[k])).all())]
+    wrong = [f"{k} holds NaN or Inf values" for k in wrong]
+    if "scale" in state and not bool((torch.as_tensor(state["scale"]) > 0).all()):
+        wrong.append("a reference scale is not positive")
+    integers = (torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64)
+    wrong += [f"{k} is {state[k].dtype}, not integers" for k in ("labels", "reference_index", "embedded_at")
+              if torch.as_tensor(state[k]).dtype not in integers]
+    if wrong:
+        raise ValueError("; ".join(wrong))

@@ -23,6 +23,7 @@ from ..layout import Layout
 from ..modes import FitSettings, ModesShape
 from ..online.state import OnlineState
 from . import fused as compiled
+from ._warmup import carried_rows
 from .tensors import address, count_true, nonzero
 
 NEVER = -1  # embedded_at of a parameter that was never embedded
@@ -105,7 +106,7 @@ class DeviceState(ModesShape):
         def put(array, dtype):
             return torch.as_tensor(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
         carried = {name: [np.asarray(row, dtype=np.uint8) for row in rows]
-                   for name, rows in _carried_rows(state).items()}
+                   for name, rows in carried_rows(state).items()}
         N = state.layout.n_parameters
         out = cls(layout=state.layout, settings=state.settings, warmup=state.warmup,
                   labels=put(state.labels, torch.int64), a=put(state.a, torch.float64), b=put(state.b, torch.float64),
@@ -134,7 +135,7 @@ class DeviceState(ModesShape):
         the mode grows by ``e² / (1 + ρ² + 1/T)``, and the fit over the ``T + 1`` points, re-expressed
         against the renormalised references, is ``a ← (a + ρ·T/(T+1)·y) / ratio``, ``b ← b + y/(T+1)``
         (algebraically the same as ``[a b] += e · x G_new⁻¹`` followed by the change of frame; a test
-        holds the two equal to 1e-12). Frozen (embedded) fits get ``e = 0``, i.e. ``y = aρ``. On the CPU
+        holds the two equal to 1e-12). Frozen (embedded) fits get ``e = 0`` and ``y − e`` (aρ). On the CPU
         it runs over blocks of ``CHUNK`` columns, so that its work buffers stay in the cache and each
         parameter's state is read and written once."""
         pieces = [w] if isinstance(w, torch.Tensor) else list(w)
@@ -142,7 +143,8 @@ class DeviceState(ModesShape):
         frame = update_frame(self.references, self.offset, self.scale, self._reference_values(pieces))
         # Per-mode factors repeated LANES times: Σ e² goes into LANES accumulators per mode (column c into lane
         # c % LANES), as most parameters are often in one mode and adding into one address is a dependent chain.
-        rho, inverse_ratio = (torch.from_numpy(np.repeat(v, LANES)).to(device) for v in (frame.rho, 1.0 / frame.ratio))
+        rho, inverse_ratio = (torch.from_numpy(np.repeat(np.asarray(v, dtype=np.float64), LANES)).to(device)
+                              for v in (frame.rho, 1.0 / frame.ratio))
         grow, mean_step = T / (T + 1), 1.0 / (T + 1)
         where = self._lanes()
         squares = torch.zeros(M * LANES, dtype=torch.float64, device=device)
@@ -294,7 +296,8 @@ class DeviceState(ModesShape):
         change = self._change
         fused = compiled.library() if self.device.type == "cpu" else None
         if fused is not None:
-            scale, offset = (torch.from_numpy(np.repeat(v, LANES)) for v in (self.scale, self.offset))
+            scale, offset = (torch.from_numpy(np.repeat(np.asarray(v, dtype=np.float64), LANES))
+                             for v in (self.scale, self.offset))
             fused.cmd_change(self.labels.numel(), self.a.data_ptr(), self.b.data_ptr(), self._lanes().data_ptr(),
                              scale.data_ptr(), offset.data_ptr(), self.snapshot_a.data_ptr(),
                              self.snapshot_b.data_ptr(), change.data_ptr())
@@ -384,15 +387,6 @@ class DeviceState(ModesShape):
             sq_centred=self.sq_centred, attachments=dict(self.attachments),
             carried_before={k: np.stack(v[:1]) for k, v in self.carried.items()},
             carried_new={k: list(v[1:]) for k, v in self.carried.items()})
-
-
-def _carried_rows(state: OnlineState) -> dict[str, list[np.ndarray]]:
-    """Every carried tensor's rows of an online state held in memory (a warm-up's), per checkpoint."""
-    out = {}
-    for name, before in state.carried_before.items():
-        blocks = before.blocks() if hasattr(before, "blocks") else [before]
-        out[name] = [row for block in blocks for row in np.asarray(block)] + list(state.carried_new[name])
-    return out
 
 
 def _refuse(problems: list[str]) -> None:
