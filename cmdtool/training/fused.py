@@ -33,7 +33,7 @@ SOURCE = r"""
 #include <stdint.h>
 
 /* One observation over the n columns of one tensor (see DeviceState.observe for the algebra):
-   y = w - b, e = y - a*rho (0 where frozen, and then y = a*rho), squares[lane] += e*e,
+   y = w - b, e = y - a*rho (where frozen: e = 0 and y = y - e, a*rho up to rounding), squares[lane] += e*e,
    a = (a + grow*rho*y) * inverse_ratio, b += mean_step*y, and the three sums of squares. */
 void cmd_observe(const float *w, int64_t n, double *a, double *b, const double *first,
                  const int32_t *where, const uint8_t *frozen, const double *rho,
