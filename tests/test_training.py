@@ -213,17 +213,29 @@ def replay(cmd: EmbeddedCMD, states, times) -> None:
         cmd.observe(f"epoch_{t}.safetensors", t)
 
 
+RESUME_OPTIONS = dict(modes=2, warmup=6, embed_window=2, embed_percent=25.0, relative=False, samples=300)
+
+
+def stopped_run(tmp_path, stop: int = 9, whole: bool = True):
+    """The planted training run replayed into fresh objects: ``(states, whole, first)``, ``whole``
+    over all 16 observations (None unless asked), ``first`` stopped after ``stop``."""
+    planted, _, _, _ = planted_training(tmp_path)
+    states = sorted_states(planted)
+    complete = None
+    if whole:
+        complete = EmbeddedCMD(Holder(states[0]), **RESUME_OPTIONS)
+        replay(complete, states, range(16))
+    first = EmbeddedCMD(Holder(states[0]), **RESUME_OPTIONS)
+    replay(first, states, range(stop))
+    return states, complete, first
+
+
 def test_state_dict_resumes_exactly(tmp_path):
     """Stopping after 9 observations (past the first window) and resuming from ``state_dict()``,
     through ``torch.save`` and ``torch.load(weights_only=True)``, gives the same mode file."""
-    planted, _, _, _ = planted_training(tmp_path)
-    states = sorted_states(planted)
-    options = dict(modes=2, warmup=6, embed_window=2, embed_percent=25.0, relative=False, samples=300)
-    whole = EmbeddedCMD(Holder(states[0]), **options)
-    replay(whole, states, range(16))
+    states, whole, first = stopped_run(tmp_path)
+    options = RESUME_OPTIONS
     whole.save(tmp_path / "whole.cmd.h5")
-    first = EmbeddedCMD(Holder(states[0]), **options)
-    replay(first, states, range(9))
     torch.save(first.state_dict(), tmp_path / "state.pt")
     second = EmbeddedCMD(Holder(states[0]), **options)
     second.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
@@ -251,34 +263,24 @@ def test_state_dict_resumes_exactly(tmp_path):
 def test_a_corrupt_saved_state_is_refused(tmp_path, spoil, message):
     """The state is read from a file and the compiled loop indexes with its labels: sizes and ranges
     are checked before anything runs."""
-    planted, _, _, _ = planted_training(tmp_path)
-    states = sorted_states(planted)
-    options = dict(modes=2, warmup=6, embed_window=2, embed_percent=25.0, relative=False, samples=300)
-    first = EmbeddedCMD(Holder(states[0]), **options)
-    replay(first, states, range(9))
+    states, _, first = stopped_run(tmp_path, whole=False)
     saved = first.state_dict()
     spoil(saved["state"])
     with pytest.raises(CmdError, match="the saved CMD state is incomplete or corrupt .*" + message):
-        EmbeddedCMD(Holder(states[0]), **options).load_state_dict(saved)
+        EmbeddedCMD(Holder(states[0]), **RESUME_OPTIONS).load_state_dict(saved)
 
 
 def test_a_saved_state_of_strided_tensors_resumes_exactly(tmp_path):
     """torch.save keeps a view's strides; the compiled loops read by address, so the state is made
     contiguous when it is read back."""
-    planted, _, _, _ = planted_training(tmp_path)
-    states = sorted_states(planted)
-    options = dict(modes=2, warmup=6, embed_window=2, embed_percent=25.0, relative=False, samples=300)
-    whole = EmbeddedCMD(Holder(states[0]), **options)
-    replay(whole, states, range(16))
-    first = EmbeddedCMD(Holder(states[0]), **options)
-    replay(first, states, range(9))
+    states, whole, first = stopped_run(tmp_path)
     saved = first.state_dict()
     for key in ("a", "b", "first", "snapshot_a", "snapshot_b"):
         value = saved["state"][key]
         saved["state"][key] = torch.stack([value, torch.zeros_like(value)], dim=1)[:, 0]  # every other value
         assert not saved["state"][key].is_contiguous()
     torch.save(saved, tmp_path / "strided.pt")
-    second = EmbeddedCMD(Holder(states[0]), **options)
+    second = EmbeddedCMD(Holder(states[0]), **RESUME_OPTIONS)
     second.load_state_dict(torch.load(tmp_path / "strided.pt", weights_only=True))
     replay(second, states, range(9, 16))
     assert_same_mode_files(second.save(tmp_path / "resumed.cmd.h5"), whole.save(tmp_path / "whole.cmd.h5"))
@@ -286,17 +288,11 @@ def test_a_saved_state_of_strided_tensors_resumes_exactly(tmp_path):
 
 def test_a_state_saved_without_the_frozen_fits_resumes(tmp_path):
     """States saved before ``frozen_a, frozen_b`` were kept: the frozen fits are made from ``a, b``."""
-    planted, _, _, _ = planted_training(tmp_path)
-    states = sorted_states(planted)
-    options = dict(modes=2, warmup=6, embed_window=2, embed_percent=25.0, relative=False, samples=300)
-    whole = EmbeddedCMD(Holder(states[0]), **options)
-    replay(whole, states, range(16))
-    first = EmbeddedCMD(Holder(states[0]), **options)
-    replay(first, states, range(9))
+    states, whole, first = stopped_run(tmp_path)
     saved = first.state_dict()
     for key in ("frozen_a", "frozen_b"):
         del saved["state"][key]
-    second = EmbeddedCMD(Holder(states[0]), **options)
+    second = EmbeddedCMD(Holder(states[0]), **RESUME_OPTIONS)
     second.load_state_dict(saved)
     torch.testing.assert_close(second.state.frozen_a, first.state.frozen_a, rtol=1e-12, atol=0)
     replay(second, states, range(9, 16))
@@ -554,11 +550,8 @@ def test_a_model_moved_to_another_device_is_an_error(tmp_path):
 def test_state_dict_is_a_copy_and_loading_a_warmup_state_removes_the_hooks(tmp_path):
     """state_dict() does not change as training goes on (and two objects loaded from one state do not
     share tensors); loading a state of the warm-up into a used object removes its gradient hooks."""
-    planted, _, _, _ = planted_training(tmp_path)
-    states = sorted_states(planted)
-    options = dict(modes=2, warmup=6, embed_window=2, embed_percent=25.0, relative=False, samples=300)
-    first = EmbeddedCMD(Holder(states[0]), **options)
-    replay(first, states, range(9))
+    states, _, first = stopped_run(tmp_path, whole=False)
+    options = RESUME_OPTIONS
     saved = first.state_dict()
     kept = saved["state"]["a"].clone()
     second = EmbeddedCMD(Holder(states[0]), **options)
