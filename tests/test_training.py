@@ -531,6 +531,9 @@ def test_step_refuses_a_parameter_that_changed_shape():
     model[0].weight = nn.Parameter(torch.zeros(2, 3))
     with pytest.raises(CmdError, match=r"tensor '0.weight' is \[2, 3\] now, but \[5, 6\] when observed"):
         cmd.step()
+    del model[0].weight
+    with pytest.raises(CmdError, match=r"tensor '0.weight' is missing now, but \[5, 6\] when observed"):
+        cmd.step()
 
 
 def test_a_model_moved_to_another_device_is_an_error(tmp_path):

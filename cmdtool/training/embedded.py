@@ -188,9 +188,9 @@ class EmbeddedCMD:
         state, tensors = self.state, self._tensors()
         fused = compiled.library() if state.device.type == "cpu" else None
         for name, shape in self._shapes.items():  # positions index the observed shapes
-            if tuple(tensors[name].shape) != shape:
-                raise CmdError(f"EmbeddedCMD.step: tensor {name!r} is {list(tensors[name].shape)} now, but "
-                               f"{list(shape)} when observed")
+            now = "missing" if name not in tensors else list(tensors[name].shape)
+            if now != list(shape):
+                raise CmdError(f"EmbeddedCMD.step: tensor {name!r} is {now} now, but {list(shape)} when observed")
         self._same_device([tensors[name] for name in self._shapes], "EmbeddedCMD.step")
         with torch.no_grad():
             live = torch.stack([tensors[n].detach().reshape(-1)[p] for n, p in self._references]).to(torch.float64)
