@@ -37,10 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from resnet18 import resnet18_layout  # noqa: E402
 from train import resnet18_model  # noqa: E402
 
-from cmdtool.training import (
-    EmbeddedCMD,  # noqa: E402
-    fused,  # noqa: E402
-)
+from cmdtool.training import EmbeddedCMD, fused  # noqa: E402
 
 
 def digits() -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,13 +15,10 @@ from .state import DeviceState
 def save_state(state: DeviceState) -> dict:
     """The state as plain tensors, numbers and strings (``torch.load(weights_only=True)`` reads it): a
     copy, which training does not change afterwards (an asynchronous checkpoint writer may hold it)."""
-    return {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in _fields(state).items()}
-
-
-def _fields(state: DeviceState) -> dict:
     return dict(
-        layout=state.layout.to_json(), settings=state.settings.to_json(), warmup=state.warmup, labels=state.labels,
-        a=state.a, b=state.b, first=state.first.float(), references=torch.from_numpy(state.references.copy()),
+        layout=state.layout.to_json(), settings=state.settings.to_json(), warmup=state.warmup,
+        labels=state.labels.clone(), a=state.a.clone(), b=state.b.clone(), first=state.first.float(),
+        references=torch.from_numpy(state.references.copy()),
         offset=torch.from_numpy(state.offset.copy()), scale=torch.from_numpy(state.scale.copy()),
         reference_index=torch.from_numpy(state.reference_index.copy()),
         mode_sizes=torch.from_numpy(np.asarray(state.mode_sizes).copy()),
@@ -30,8 +27,8 @@ def _fields(state: DeviceState) -> dict:
         time=list(state.time), names=list(state.names), infos=[i.to_json() for i in state.infos],
         carried={k: torch.from_numpy(np.stack(v)) for k, v in state.carried.items()},
         attachments={k: torch.frombuffer(bytearray(v), dtype=torch.uint8) for k, v in state.attachments.items()},
-        embedded_at=state.embedded_at, snapshot_a=state.snapshot_a, snapshot_b=state.snapshot_b,
-        frozen_a=state.frozen_a, frozen_b=state.frozen_b)
+        embedded_at=state.embedded_at.clone(), snapshot_a=state.snapshot_a.clone(),
+        snapshot_b=state.snapshot_b.clone(), frozen_a=state.frozen_a.clone(), frozen_b=state.frozen_b.clone())
 
 def load_state(state: dict, device: torch.device) -> DeviceState:
     """``save_state``'s dict back on ``device``; sizes, ranges and values are checked (it is read from
