@@ -1,14 +1,23 @@
-"""cmdtool: Correlation Mode Decomposition (CMD, ICLR 2024) of neural-network training checkpoints."""
+"""cmdtool: Correlation Mode Decomposition (CMD, ICLR 2024) of neural-network training checkpoints.
 
-from ._interrupt import quiet_while_importing  # noqa: F401 - first: as the command line, Ctrl-C here is one line
+``cmdtool.CMD`` is the estimator on arrays and state dicts; ``fit``, ``update``, ``watch`` and
+``reconstruct`` are the commands as library calls. Names are imported from their modules on first
+use, so ``import cmdtool`` is quick and loads neither numpy's users nor torch.
+"""
+
+from ._lazy import lazy_package
 from .errors import CmdError
-from .fitting import fit_trajectory
-from .modefile import open_mode_file, summarize, write_mode_file
-from .modes import FitMetrics, FitSettings, Modes
-from .online import OnlineCMD, UpdateResult, update, watch
-from .pipeline import FitResult, fit, reconstruct, reconstruct_checkpoints
 from .version import __version__
 
-__all__ = ["CmdError", "FitMetrics", "FitResult", "FitSettings", "Modes", "OnlineCMD", "UpdateResult", "__version__",
-           "fit", "fit_trajectory", "open_mode_file", "reconstruct", "reconstruct_checkpoints", "summarize", "update",
-           "watch", "write_mode_file"]
+__all__ = ["CMD", "CmdError", "FitMetrics", "FitResult", "FitSettings", "Modes", "OnlineCMD", "UpdateResult",
+           "__version__", "fit", "fit_trajectory", "open_mode_file", "reconstruct", "reconstruct_checkpoints",
+           "summarize", "update", "watch", "write_mode_file"]
+
+lazy_package(__name__, {
+    ".estimator": ("CMD",),
+    ".fitting": ("fit_trajectory",),
+    ".modefile": ("open_mode_file", "summarize", "write_mode_file"),
+    ".modes": ("FitMetrics", "FitSettings", "Modes"),
+    ".online": ("OnlineCMD", "UpdateResult", "update", "watch"),
+    ".pipeline": ("FitResult", "fit", "reconstruct", "reconstruct_checkpoints"),
+})

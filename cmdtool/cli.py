@@ -8,6 +8,7 @@ Data goes to stdout, messages and progress bars to stderr.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import List, Optional
 
@@ -366,6 +367,11 @@ def report(
                                  force=force, progress=progress_bar, select=select, eval_every=eval_every,
                                  candidates_only=candidates_only, measure_pass=engine and engine.measure_pass)
     r = result.report
+    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
+    if step_summary:  # GitHub Actions shows this file on the run's page; append, never overwrite
+        with open(step_summary, "a", encoding="utf-8") as f:
+            f.write((result.folder / "summary.md").read_text()
+                    + f"\nFull report: `{result.folder / 'report.html'}`\n\n")
     if r["evaluation"]:
         e = r["evaluation"]
         say(f"evaluated {e['evaluations']} state dicts: {len(e['per_epoch'])} candidate families at "

@@ -1,8 +1,9 @@
 """The one exception type for bad input: the CLI prints its message and exits with code 2."""
 
 
-class CmdError(Exception):
-    """Bad input (a file, a folder, a value): the message names what and where.
+class CmdError(ValueError):
+    """Bad input (a file, a folder, a value): the message names what and where. A ``ValueError``,
+    so that code catching bad values as Python does catches it too.
 
     Messages speak the library's words: a bad argument is named as the Python parameter
     (``modes must be ...``), given as ``parameter``; other parameters the message names are

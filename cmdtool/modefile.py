@@ -52,7 +52,7 @@ import numpy as np
 from . import modefile_checks as checks
 from ._files import temporary_sibling
 from ._hdf5 import SliceReader, check_space, read_strings, read_text, write_text
-from .checkpoints import CheckpointInfo
+from .checkpoints.schema import CheckpointInfo
 from .decompose import label_dtype
 from .errors import CmdError
 from .layout import Layout, dataset_key

@@ -20,10 +20,10 @@ import h5py
 import numpy as np
 
 from ._files import plain_name
-from .checkpoints import CheckpointInfo
-from .checkpoints.schema import is_plain
+from .checkpoints.schema import CheckpointInfo, is_plain
 from .decompose import label_dtype
 from .errors import CmdError
+from .layout import is_integer
 from .modes import FitSettings
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -225,11 +225,6 @@ def check_embedding(mf) -> None:
         raise ValueError(f"embedding embedded_at holds positions other than -1 and {e['warmup']} … {T - 1}")
     if int(embedded.sum()) > e["embeddable"]:
         raise ValueError(f"embedding embedded_at embeds more than the {e['embeddable']} embeddable parameters")
-
-
-def is_integer(value: Any) -> bool:
-    """An HDF5 attribute holding an integer (numpy or Python, not bool, not a float)."""
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def expected_bytes(modes) -> int:

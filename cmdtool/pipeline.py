@@ -15,7 +15,7 @@ from .checkpoints import Discovery
 from .errors import CmdError
 from .fitting import fit_trajectory
 from .modefile import check_output_path, open_mode_file, summarize, write_mode_file
-from .modes import REFINE, FitSettings
+from .modes import REFINE, FitSettings, parse_modes
 from .online import fit_warmup
 from .progress import Progress, no_progress
 from .reconstruct import output_plan, parse_at, state_dict_at, write_checkpoints
@@ -32,30 +32,6 @@ class FitResult:
     trajectory_reused: bool
     summary: dict
     discovery: Discovery  # every checkpoint found, what was skipped and why, warnings
-
-
-AUTO_MODES = 20  # the largest M that --modes auto tries, unless auto:MAX says otherwise
-
-
-def parse_modes(modes: int | str) -> tuple[int, int | None]:
-    """``10`` -> ``(10, None)``; ``"auto"`` -> ``(20, 20)``; ``"auto:30"`` -> ``(30, 30)``: the M to fit
-    (the largest tried, for auto) and the largest M of the error-vs-M curve (None: no curve)."""
-    if isinstance(modes, str):
-        word, _, largest = modes.strip().partition(":")
-        if word == "auto":
-            try:
-                top = int(largest) if largest else AUTO_MODES
-            except ValueError:
-                top = 0
-            if top < 1:
-                raise CmdError(f"modes {modes!r}: expected a number, auto or auto:MAX (MAX at least 1)",
-                               parameter="modes")
-            return top, top
-        try:
-            modes = int(modes)
-        except ValueError:
-            raise CmdError(f"modes {modes!r}: expected a number, auto or auto:MAX", parameter="modes") from None
-    return modes, None
 
 
 def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int | str = 10, samples: int = 1000,

@@ -4,13 +4,17 @@ Jobs, one module each: ``state`` (the online state, its warm-up ``fit_warmup`` f
 ``cmd fit --warmup``, and reading one observation), ``update`` (``cmd update``), ``watch``
 (``cmd watch``) and ``loop`` (``OnlineCMD`` for training loops). Nothing here grows with the number
 of checkpoints already absorbed, except the ``M × T`` references and the ``T`` names, times and
-carried rows, which the mode file holds anyway.
+carried rows, which the mode file holds anyway. Names are imported from their modules on first use.
 """
 
-from .loop import ONLINECMD_SOURCE, TRAINING_SOURCE, OnlineCMD
-from .state import OnlineState, fit_warmup, flatten, read_checkpoint
-from .update import UpdateResult, plan_update, update
-from .watch import watch
+from .._lazy import lazy_package
 
-__all__ = ["ONLINECMD_SOURCE", "TRAINING_SOURCE", "OnlineCMD", "OnlineState", "UpdateResult", "fit_warmup", "flatten",
-           "plan_update", "read_checkpoint", "update", "watch"]
+__all__ = ["OnlineCMD", "OnlineState", "UpdateResult", "fit_warmup", "update", "watch"]
+
+lazy_package(__name__, {
+    ".loop": ("OnlineCMD",),
+    ".state": ("OnlineState", "fit_warmup", "flatten", "read_checkpoint"),
+    ".update": ("UpdateResult", "plan_update", "update"),
+    ".watch": ("watch",),
+    "..modes": ("ONLINECMD_SOURCE", "TRAINING_SOURCE"),
+})

@@ -13,11 +13,9 @@ from ..errors import CmdError
 from ..fitting import fit_trajectory
 from ..layout import Layout, build_layout, check_same_tensors
 from ..modefile import write_mode_file
-from ..modes import REFINE, FitSettings
+from ..modes import ONLINECMD_SOURCE, REFINE, FitSettings
 from .state import OnlineState, flatten, warmup_trajectory
 
-ONLINECMD_SOURCE = "an OnlineCMD training loop"  # settings.source of a mode file OnlineCMD wrote
-TRAINING_SOURCE = "a cmdtool.training run"  # settings.source of a mode file cmdtool.training wrote
 ONLINECMD_TRAJECTORY = "none (OnlineCMD keeps no trajectory)"
 
 

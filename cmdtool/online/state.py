@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
 
-from ..checkpoints import Checkpoint, CheckpointInfo
+from ..checkpoints.schema import CheckpointInfo
 from ..decompose import label_dtype, update_fit
 from ..errors import CmdError
 from ..fitting import fit_trajectory
@@ -27,6 +27,8 @@ from ..trajectory import InMemoryTrajectory, Trajectory, check_finite, moving_pa
 
 if TYPE_CHECKING:
     import torch
+
+    from ..checkpoints.discover import Checkpoint
 
 
 def flatten(source: str, values: Callable[[str], np.ndarray], raw_bytes: Callable[[str], np.ndarray],

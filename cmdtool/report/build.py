@@ -9,7 +9,6 @@ numbers and plots of report.json), ``document`` (Markdown / HTML); this module w
 
 from __future__ import annotations
 
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -87,10 +86,6 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-    step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
-    if step_summary:  # GitHub Actions shows this file on the run's page; append, never overwrite
-        with open(step_summary, "a", encoding="utf-8") as f:
-            f.write((output / "summary.md").read_text() + f"\nFull report: `{output / 'report.html'}`\n\n")
     failures = [line["description"] for line in report["thresholds"] if not line["passed"]]
     return ReportResult(output, report, failures)
 
