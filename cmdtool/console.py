@@ -6,6 +6,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from .units import human_bytes
+
 stdout = Console(highlight=False)
 
 TIME_SOURCES = {"global_step": "the stored global_step", "step": "the stored step",
@@ -123,14 +125,6 @@ def print_summary(s: dict, references: list | None = None) -> None:
             row.append(f"{name}[{', '.join(map(str, index))}]")
         modes.add_row(*row)
     stdout.print(modes, markup=False)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n} TB"
 
 
 def embedding_line(e: dict, time: list) -> str:
