@@ -13,14 +13,13 @@ from __future__ import annotations
 import importlib
 import sys
 import types
-from typing import Any, Mapping, Sequence
 
 
 class lazy_module:  # noqa: N801 - used like the module it stands for
     def __init__(self, name: str):
         self._name = name
 
-    def __getattr__(self, attribute: str) -> Any:
+    def __getattr__(self, attribute: str) -> object:
         return getattr(importlib.import_module(self._name), attribute)
 
 
@@ -43,7 +42,7 @@ class LazyPackage(types.ModuleType):
     """A package whose exported names are imported from their modules on first use (``lazy_package``),
     so that importing one module of the package (``checkpoints.schema``) does not import them all."""
 
-    def __getattr__(self, name: str) -> Any:
+    def __getattr__(self, name: str) -> object:
         exports = self.__dict__.get("_lazy_exports", {})
         if name not in exports:
             raise AttributeError(f"module {self.__name__!r} has no attribute {name!r}")
@@ -51,7 +50,7 @@ class LazyPackage(types.ModuleType):
         self.__dict__[name] = value
         return value
 
-    def __setattr__(self, name: str, value: Any) -> None:
+    def __setattr__(self, name: str, value: object) -> None:
         # Loading a submodule sets it as an attribute of its package; where the package exports a
         # function of the same name (``online.update``, ``checkpoints.discover``), the function stays,
         # as it did when the package imported everything up front.
@@ -63,7 +62,7 @@ class LazyPackage(types.ModuleType):
         return sorted(set(self.__dict__) | set(self.__dict__.get("_lazy_exports", {})))
 
 
-def lazy_package(name: str, exports: Mapping[str, Sequence[str]]) -> None:
+def lazy_package(name: str, exports: dict[str, tuple[str, ...]]) -> None:
     """Make the package ``name`` (call it from its ``__init__`` with ``__name__``) a ``LazyPackage``:
     ``exports`` maps each of its modules (relative, ``".discover"``) to the names it defines there."""
     package = sys.modules[name]
