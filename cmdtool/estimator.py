@@ -115,9 +115,12 @@ class CMD:
         """
         if _is_state_dicts(W):
             layout = self._layout_of(W[0])
-            observed = [self._observation(state, layout, f"state dict {t}") for t, state in enumerate(W)]
-            rows = np.stack([row for row, _ in observed])
-            carried = {spec.name: np.stack([c[spec.name] for _, c in observed]) for spec in layout.carried}
+            rows = np.empty((len(W), layout.n_parameters), dtype=np.float32)  # the trajectory, filled row by row
+            carried = {spec.name: np.empty((len(W), spec.nbytes), dtype=np.uint8) for spec in layout.carried}
+            for t, state in enumerate(W):
+                rows[t], raw = self._observation(state, layout, f"state dict {t}")
+                for name, values in raw.items():
+                    carried[name][t] = values
             return self._fit(rows, layout, carried, time)
         W = _as_trajectory(W)
         for start in range(0, W.shape[1], TILE_COLUMNS):
@@ -127,6 +130,8 @@ class CMD:
     def _fit(self, W: np.ndarray, layout: Layout, carried: dict[str, np.ndarray], time: Sequence[int] | None) -> "CMD":
         """Steps 1–6 over the rows ``W`` as ``cmd fit`` runs them, or ``cmd fit --warmup``'s online fit."""
         T = W.shape[0]
+        if T < 2:
+            raise CmdError(f"W: CMD needs at least 2 rows (observations), got {T}", parameter="W")
         trajectory = InMemoryTrajectory(layout, _times(time, T), [_name(t) for t in range(T)],
                                         [CheckpointInfo("safetensors") for _ in range(T)], moving_parameters(W), W,
                                         carried, {})

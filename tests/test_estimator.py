@@ -201,6 +201,8 @@ def test_bad_input_is_a_cmd_error_naming_the_problem():
         unfitted.fit(W[0])
     with pytest.raises(CmdError, match=r"W must be .* \(got float64 \[1, 970\]\)"):
         unfitted.fit(W[:1])
+    with pytest.raises(CmdError, match="W: CMD needs at least 2 rows"):
+        unfitted.fit(plant(M=2, T=1, seed=7).states())
     nan = W.copy()
     nan[2, 5] = np.nan
     with pytest.raises(CmdError, match="W: tensor 'w' contains NaN values"):
