@@ -5,9 +5,19 @@
 use, so ``import cmdtool`` is quick and loads neither numpy's users nor torch.
 """
 
+from typing import TYPE_CHECKING
+
 from ._lazy import lazy_package
 from .errors import CmdError
 from .version import __version__
+
+if TYPE_CHECKING:  # the same names, for editors and the API pages, which read the code without running it
+    from .estimator import CMD
+    from .fitting import fit_trajectory
+    from .modefile import open_mode_file, summarize, write_mode_file
+    from .modes import FitMetrics, FitSettings, Modes
+    from .online import OnlineCMD, UpdateResult, update, watch
+    from .pipeline import FitResult, fit, reconstruct, reconstruct_checkpoints
 
 __all__ = ["CMD", "CmdError", "FitMetrics", "FitResult", "FitSettings", "Modes", "OnlineCMD", "UpdateResult",
            "__version__", "fit", "fit_trajectory", "open_mode_file", "reconstruct", "reconstruct_checkpoints",

@@ -168,3 +168,11 @@ def test_every_exported_name_exists():
             assert getattr(package, name) is not None, f"{module}.{name}"
         for name in _lazy_exports(module):
             assert getattr(package, name) is not None, f"{module}.{name}"
+
+
+def test_the_package_names_its_lazy_exports_for_readers_of_the_code():
+    """``cmdtool/__init__.py`` imports under ``TYPE_CHECKING`` exactly what it loads on first use."""
+    tree = ast.parse(MODULES["cmdtool"].read_text())
+    block = next(node for node in tree.body if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test))
+    named = {alias.name: _resolve("cmdtool", node.module, node.level) for node in block.body for alias in node.names}
+    assert named == _lazy_exports("cmdtool")
