@@ -22,7 +22,7 @@ ONLINECMD_TRAJECTORY = "none (OnlineCMD keeps no trajectory)"
 
 
 class OnlineCMD:
-    """Online CMD inside a training loop (paper §3.3)::
+    """Online CMD inside a training loop (paper §3.3):
 
         online = cmdtool.OnlineCMD(modes=10, warmup=20)
         for epoch in range(epochs):

@@ -29,7 +29,7 @@ STATE_FORMAT = "cmdtool-training-state"
 
 
 class EmbeddedCMD:
-    """Online CMD, and optionally embedded CMD, alongside a model being trained::
+    """Online CMD, and optionally embedded CMD, alongside a model being trained:
 
         cmd = EmbeddedCMD(model, modes=10, warmup=20, embed_window=10, embed_percent=10)
         cmd.attach(optimizer)            # cmd.step() after every optimizer step (embedded CMD)
