@@ -1,5 +1,5 @@
-"""The package's shape (README "Design", modules): no import cycle between modules, no private name
-imported across modules, and no module over 400 lines."""
+"""The package's shape (design notes, modules): no import cycle between modules and no private name
+imported across modules."""
 
 from __future__ import annotations
 
@@ -57,9 +57,3 @@ def test_no_private_name_is_imported_across_modules():
                  for line in path.read_text().splitlines() if re.match(r"\s*from \.+ import _", line)
                  or re.match(r"\s*from \.+[\w.]+ import .*\b_[a-z]\w*", line)]
     assert offenders == []
-
-
-def test_no_module_over_400_lines():
-    long = {str(p.relative_to(PACKAGE.parent)): n for p in PACKAGE.rglob("*.py")
-            if (n := len(p.read_text().splitlines())) > 400}
-    assert long == {}
