@@ -9,6 +9,10 @@ class CmdError(ValueError):
     (``modes must be ...``), given as ``parameter``; other parameters the message names are
     written in backticks (``select needs `evaluate```) and listed in ``mentions``. The CLI puts its
     options (``--modes``, ``--eval``) in their place.
+
+    Attributes:
+        parameter: The Python parameter the error is about, if any.
+        mentions: Other parameters the message names.
     """
 
     def __init__(self, message: str, *, parameter: str | None = None, mentions: tuple[str, ...] = ()):

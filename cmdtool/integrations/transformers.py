@@ -32,6 +32,24 @@ class CMDCallback(TrainerCallback):
     The state is saved as ``cmdtool_state.pt`` in every ``checkpoint-<step>/`` folder and read back
     when the Trainer resumes from one (``train(resume_from_checkpoint=...)``). ``cmd/rel_error`` and
     ``cmd/embedded_fraction`` go to ``state.log_history`` and to the Trainer's logs.
+    Args:
+        modes: Most modes (M) to find, as ``cmd fit --modes``.
+        warmup: Observations (F) the modes and references are found on.
+        embed_window: Observations (L) between embedding windows; the first is at observation F + L.
+        embed_percent: Percentage (P) embedded per window; 0 is online CMD only.
+        mode_file: Where the mode file is written when training ends (None: not written).
+        relative: P % of the parameters not yet embedded (True) or of all embeddable ones (False).
+        samples: Parameters sampled (K) to find the modes, as ``cmd fit --samples``.
+        seed: Seed of that sample.
+        include: Model only tensors whose name matches one of these globs.
+        exclude: Do not model tensors matching these globs (they are carried verbatim).
+        every_n_steps: Observe every n optimizer steps instead of once per epoch.
+        validate_with_cmd: Validate the CMD weights of the latest observation instead of the model's.
+        swap_at_end: Leave the CMD weights in the model when training ends.
+
+    Raises:
+        CmdError: A setting out of range (when the callback is made, before training starts), or a
+            warm-up longer than the run (when training ends; no mode file is written then).
     """
 
     def __init__(self, *, modes: int = 10, warmup: int = 10, embed_window: int = 10, embed_percent: float = 0.0,
