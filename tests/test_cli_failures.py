@@ -152,7 +152,7 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, fitted):
     assert snapshot(tmp_path) == before and not report.exists()
 
 
-# The ``cmd`` console script (``from cmdtool.cli import main``), with an import hook that, at the
+# The ``cmd`` console script (``from cmdtool.__main__ import main``), with an import hook that, at the
 # first import after a Ctrl-C handler is in place, writes one byte to the file descriptor given as
 # its first argument and waits there: the test interrupts it in the middle of its imports, known
 # to be there by that byte rather than guessed by a sleep.
@@ -169,7 +169,7 @@ class Ready:
             time.sleep(120)  # still importing when the SIGINT comes
         return None
 sys.meta_path.insert(0, Ready())
-from cmdtool.cli import main
+from cmdtool.__main__ import main
 sys.exit(main())
 """
 
