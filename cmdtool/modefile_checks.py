@@ -136,7 +136,7 @@ def check_contents(mf) -> None:
 def check_info(info: CheckpointInfo, tensors: list[str], attachments, name: str) -> None:
     """One checkpoint's write-back fields: kinds, and names that become paths."""
     where = f"checkpoint_info of {name!r}"
-    if info.format not in ("safetensors", "torch"):
+    if info.format not in ("safetensors", "torch", "dcp"):
         raise ValueError(f"{where}: format {str(info.format)[:40]!r}")
     if info.wrapper is not None and not isinstance(info.wrapper, str):
         raise ValueError(f"{where}: wrapper is not a string")

@@ -22,7 +22,9 @@ TRAINING_STATE_KEYS = ("optimizer", "optimizer_states", "optimizer_state_dict", 
 class CheckpointInfo:
     """What write-back needs besides the tensors.
 
-    ``format`` is how the tensors are stored (``"safetensors"`` or ``"torch"``); ``wrapper`` the key
+    ``format`` is how the tensors are stored (``"safetensors"``, ``"torch"``, or ``"dcp"``: a
+    ``torch.distributed.checkpoint`` folder, whose ``wrapper`` is the top-level key of the model's
+    tensors and ``extras`` its plain top-level values); ``wrapper`` the key
     of a torch wrapper dict and ``extras`` its plain values; ``dropped`` what is not written back.
     A Hugging Face folder also has ``shards`` (weight file -> its tensor names, in order), ``index``
     (the index file's name and its ``metadata``, when the source had one) and ``files`` (the other
@@ -39,11 +41,13 @@ class CheckpointInfo:
 
     @property
     def is_folder(self) -> bool:
-        return self.shards is not None
+        return self.shards is not None or self.format == "dcp"
 
     @property
     def stack(self) -> str:
         """Which training stack wrote it, as far as its content tells."""
+        if self.format == "dcp":
+            return "torch.distributed.checkpoint"
         if self.is_folder:
             return "huggingface"
         if "pytorch-lightning_version" in self.extras:
