@@ -27,6 +27,8 @@ def describe(checkpoint) -> str:
     text = checkpoint.stack if checkpoint.format == "dcp" else f"{checkpoint.stack} {checkpoint.format}"
     if checkpoint.folder is not None and len(checkpoint.folder.weights) > 1:
         text += f", {len(checkpoint.folder.weights)} shards"
+    if checkpoint.note:
+        text += f", {checkpoint.note}"
     return text
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from ..errors import CmdError
 from .dcp import DcpReader, dcp_files, is_dcp_folder
 from .formats import CheckpointReader, FolderFiles, FolderReader, read_json, sniff_format
+from .schema import CURRENT_MODEL_KEY
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
 
@@ -38,6 +39,7 @@ HF_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"),
               ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 DEEPSPEED_FILE = re.compile(r".*(mp_rank_\d+_model_states|_optim_states)\.pt")
 STORED_TIME_KEYS = ("global_step", "step", "epoch")
+WEIGHT_AVERAGING_NOTE = "WeightAveraging: the trained weights (current_model_state) are modelled, --ema the average"
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,7 @@ class Checkpoint:
     time: int     # stored step/epoch, else the number in the name, else the position
     stack: str = "plain"               # "huggingface", "lightning", "timm", "plain", "torch.distributed.checkpoint"
     folder: FolderFiles | None = None  # the roles of a Hugging Face (or DCP) folder's files
+    note: str = ""                     # what `cmd ls` adds: which of two stored weight sets is modelled
 
     @property
     def name(self) -> str:
@@ -223,7 +226,8 @@ def _examine_file(path: Path) -> _Found:
     with CheckpointReader(path, fmt) as reader:
         info = reader.info
     stored = _int_values(info.extras) if info.wrapper else _int_values(info.metadata or {})
-    return _Found(Checkpoint(path, fmt, 0, info.stack), stored)
+    note = WEIGHT_AVERAGING_NOTE if info.wrapper == CURRENT_MODEL_KEY else ""
+    return _Found(Checkpoint(path, fmt, 0, info.stack, note=note), stored)
 
 
 def checkpoint_at(path: Path) -> Checkpoint | None:

@@ -27,7 +27,7 @@ from .._lazy import torch  # imported on first use
 from ..errors import CmdError
 from ..layout import DTYPE_SIZES
 from .safetensors_file import SafetensorsFile
-from .schema import EMA_KEY, TRAINING_STATE_KEYS, WRAPPER_KEYS, CheckpointInfo, is_plain
+from .schema import CURRENT_MODEL_KEY, EMA_KEY, TRAINING_STATE_KEYS, WRAPPER_KEYS, CheckpointInfo, is_plain
 from .untrusted import check_tensor, check_zip_records
 
 Signature = dict[str, tuple[tuple[int, ...], str]]
@@ -274,9 +274,22 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+def is_weight_averaging(obj: Any) -> bool:
+    """A Lightning checkpoint saved with the ``WeightAveraging`` callback (Lightning >= 2.5)."""
+    return isinstance(obj, Mapping) and _is_state_dict(obj.get(CURRENT_MODEL_KEY)) and _is_state_dict(
+        obj.get("state_dict"))
+
+
 def unwrap_state_dict(obj: Any, path: Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """Find the state dict in what ``torch.load`` returned: the dict itself, or under a wrapper key
-    (timm's ``state_dict_ema`` when ``ema``)."""
+    (timm's ``state_dict_ema`` when ``ema``). Of a Lightning ``WeightAveraging`` checkpoint, the trained
+    weights (``current_model_state``), or the average (``state_dict``) when ``ema``."""
+    if is_weight_averaging(obj):
+        key, other = ("state_dict", CURRENT_MODEL_KEY) if ema else (CURRENT_MODEL_KEY, "state_dict")
+        state, info = _unwrap(obj, key)
+        info.dropped.remove(other)
+        info.aliases = [other]
+        return state, info
     if ema:
         if not (isinstance(obj, Mapping) and _is_state_dict(obj.get(EMA_KEY))):
             raise CmdError(f"{path}: --ema: no {EMA_KEY} in this checkpoint "

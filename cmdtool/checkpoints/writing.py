@@ -50,7 +50,8 @@ def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: Checkpoi
         write_dcp(path, state, info.wrapper, info.extras)
         return
     if not info.is_folder:
-        _write_file(path, state, info.format, info.metadata, info.wrapper, info.extras)
+        _write_file(path, state, info.format, info.metadata, info.wrapper,
+                    {**info.extras, **dict.fromkeys(info.aliases, state)})
         return
     files = [*info.shards, *info.files, *([info.index["name"]] if info.index is not None else [])]
     for name in files:  # each becomes a file in the folder, never a path elsewhere (the mode file says them)
