@@ -233,3 +233,19 @@ def test_two_ranks_shards_fit_as_the_same_states_in_safetensors(runner, tmp_path
     ok(fit(runner, tmp_path, plain, tmp_path / "plain.cmd.h5"))
     ok(fit(runner, tmp_path, folders, tmp_path / "dcp.cmd.h5"))
     assert_same_fit(tmp_path / "plain.cmd.h5", tmp_path / "dcp.cmd.h5")
+
+
+def test_raw_chunks_are_refused_by_name(runner, tmp_path):
+    """``serialization_format=SAFETENSORS`` keeps the chunks in a safetensors blob that the metadata's
+    offsets do not point at: refused in one line, not read as wrong values."""
+    from torch.distributed.checkpoint.filesystem import SerializationFormat
+
+    for t, state in enumerate(planted_states(T=3)):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            writer = dcp.FileSystemWriter(str(tmp_path / "run" / f"step_{t}"),
+                                          serialization_format=SerializationFormat.SAFETENSORS)
+            dcp.save({"model": state}, storage_writer=writer, no_dist=True)
+    assert error_line(fit(runner, tmp_path, tmp_path / "run", tmp_path / "m.cmd.h5")) == (
+        f"{tmp_path / 'run' / 'step_0' / '__0_0.distcp'}: tensor 'bn.running_mean' is stored as raw bytes "
+        f"(serialization_format=SAFETENSORS), which cmdtool does not read; save with the default format (torch_save)")

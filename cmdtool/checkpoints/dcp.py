@@ -3,7 +3,8 @@
 A DCP folder (``torch.distributed.checkpoint.save``: FSDP, Lightning Fabric, Accelerate's sharded
 state dicts, torchtitan) holds ``.metadata``, a pickle saying what is stored where, and one or more
 ``__<rank>_<n>.distcp`` files: concatenated items, each a tensor chunk or a plain value written with
-``torch.save``. A tensor sharded over ranks is several chunks, each with its offsets in the whole.
+``torch.save`` (``serialization_format=SAFETENSORS``, which keeps the chunks elsewhere, is refused).
+A tensor sharded over ranks is several chunks, each with its offsets in the whole.
 
 ``FileSystemReader.read_metadata`` unpickles ``.metadata`` with plain ``pickle``, which calls
 whatever the file names. Here an allowlisted unpickler builds inert stand-ins of the metadata
@@ -413,6 +414,10 @@ class DcpReader:
         stored = self._tensors[name]
         whole = None
         for chunk in stored.chunks:
+            if chunk.item.length == math.prod(chunk.sizes) * DTYPE_SIZES[stored.dtype]:  # a torch.save is longer
+                raise CmdError(f"{self.path / chunk.item.file}: tensor {name!r} is stored as raw bytes "
+                               f"(serialization_format=SAFETENSORS), which cmdtool does not read; save with the "
+                               f"default format (torch_save)")
             piece = self._read(chunk.item, f"tensor {name!r}")
             if not isinstance(piece, torch.Tensor):
                 raise CmdError(f"{self.path / chunk.item.file}: tensor {name!r}: the stored item is not a tensor")
