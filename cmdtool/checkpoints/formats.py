@@ -32,7 +32,7 @@ from .untrusted import check_tensor, check_zip_records
 
 Signature = dict[str, tuple[tuple[int, ...], str]]
 # torch 2.13 words a refused global either way, depending on whether its module is blocked outright
-_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)")
+UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -71,16 +71,16 @@ class CheckpointReader:
             self.close()
             raise
         except pickle.UnpicklingError as e:
-            unsafe = _UNSAFE_GLOBAL.search(str(e))
+            unsafe = UNSAFE_GLOBAL.search(str(e))
             if unsafe is None:
                 raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt "
-                               f"({_first_sentence(e)})") from None
+                               f"({first_sentence(e)})") from None
             raise CmdError(f"{path}: refused: the file holds a pickled {unsafe.group(1)}, and loading it "
                            f"could run code; keep only tensors and plain values in checkpoints") from None
         except RecursionError:
             raise CmdError(f"{path}: refused: values nested too deeply to read safely") from None
         except Exception as e:  # torch and safetensors raise assorted types on corrupt input
-            raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt ({_first_sentence(e)})") from None
+            raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt ({first_sentence(e)})") from None
         for name, (_, dtype) in self.signature.items():
             if dtype not in DTYPE_SIZES:
                 raise CmdError(f"{path}: tensor {name!r} has dtype {dtype}, which cmdtool cannot carry or model "
@@ -251,7 +251,7 @@ def read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CmdError(f"{path}: not readable JSON ({_first_sentence(e)})") from None
+        raise CmdError(f"{path}: not readable JSON ({first_sentence(e)})") from None
     except RecursionError:
         raise CmdError(f"{path}: refused: JSON nested too deeply") from None
     if not isinstance(value, dict):
@@ -259,7 +259,7 @@ def read_json(path: Path) -> dict:
     return value
 
 
-def _first_sentence(error: Exception) -> str:
+def first_sentence(error: Exception) -> str:
     text = str(error).strip().split("\n")[0]
     return f"{type(error).__name__}: {text.split('. ')[0].rstrip('.')[:200]}"
 
