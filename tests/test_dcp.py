@@ -220,6 +220,9 @@ def test_two_ranks_shards_fit_as_the_same_states_in_safetensors(runner, tmp_path
     (tmp_path / "save.py").write_text(SHARDED_SAVE)
     done = subprocess.run([sys.executable, str(tmp_path / "save.py"), str(tmp_path)], capture_output=True,
                           text=True, timeout=300)
+    if done.returncode != 0 and any(s in done.stderr for s in ("connectFullMesh", "Connection refused",
+                                                                "Address family not supported")):
+        pytest.skip("gloo cannot connect two local processes on this machine (no loopback network)")
     assert done.returncode == 0, done.stderr[-2000:]
     folders = tmp_path / "run"
     assert sorted(p.name for p in (folders / "step_0").iterdir()) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
