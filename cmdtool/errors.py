@@ -19,3 +19,9 @@ class CmdError(ValueError):
         super().__init__(message)
         self.parameter = parameter
         self.mentions = tuple(mentions)
+
+
+def first_sentence(error: Exception) -> str:
+    """A third-party exception in one short line: its type and the first sentence of its message."""
+    text = str(error).strip().split("\n")[0]
+    return f"{type(error).__name__}: {text.split('. ')[0].rstrip('.')[:200]}"

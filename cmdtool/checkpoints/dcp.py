@@ -28,10 +28,10 @@ from typing import Any
 import numpy as np
 
 from .._lazy import torch  # imported on first use
-from ..errors import CmdError
+from ..errors import CmdError, first_sentence
 from ..layout import DTYPE_SIZES
 from .dcp_metadata import METADATA, SUFFIX, DcpMetadata, Item, StoredTensor, read_metadata, shown
-from .formats import UNSAFE_GLOBAL, FolderFiles, dtype_name, first_sentence
+from .formats import UNSAFE_GLOBAL, FolderFiles, dtype_name
 from .schema import TRAINING_STATE_KEYS, WRAPPER_KEYS, CheckpointInfo, is_plain
 from .untrusted import check_tensor, check_zip_records
 

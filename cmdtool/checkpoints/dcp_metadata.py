@@ -14,12 +14,14 @@ import math
 import pickle
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._files import plain_name
 from .._lazy import torch  # imported on first use
-from ..errors import CmdError
-from .formats import FolderFiles, first_sentence
+from ..errors import CmdError, first_sentence
+
+if TYPE_CHECKING:
+    from .formats import FolderFiles
 
 METADATA = ".metadata"
 SUFFIX = ".distcp"

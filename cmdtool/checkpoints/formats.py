@@ -24,7 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from .._lazy import torch  # imported on first use
-from ..errors import CmdError
+from ..errors import CmdError, first_sentence
 from ..layout import DTYPE_SIZES
 from .safetensors_file import SafetensorsFile
 from .schema import CURRENT_MODEL_KEY, EMA_KEY, TRAINING_STATE_KEYS, WRAPPER_KEYS, CheckpointInfo, is_plain
@@ -257,11 +257,6 @@ def read_json(path: Path) -> dict:
     if not isinstance(value, dict):
         raise CmdError(f"{path}: expected a JSON object")
     return value
-
-
-def first_sentence(error: Exception) -> str:
-    text = str(error).strip().split("\n")[0]
-    return f"{type(error).__name__}: {text.split('. ')[0].rstrip('.')[:200]}"
 
 
 # dtypes numpy represents as they are (safetensors' numpy reader refuses bfloat16 and float8)
