@@ -7,11 +7,12 @@ modelled as an affine copy of its mode's reference trajectory::
     w_i(t) ≈ a_i · r_{labels[i]}(t) + b_i
 
 Steps (each a function below): 1 ``sample_parameters``, 2 ``correlation_matrix``,
-3 ``cluster``, 4 ``choose_references``, then 5–6 ``fit_tile`` (assign and fit) streamed over column
-tiles. References are normalised (``normalise_references``: zero mean, unit norm over time) and
-``a, b`` are expressed against the normalised reference, so that float32 storage loses nothing
-when a reference barely moves. Against a normalised reference the least-squares fit is simply
-``a = <w − mean(w), r̃>`` and ``b = mean(w)``. Pure functions: no files, no printing.
+3 ``cluster`` (a cut of scipy's complete linkage ``linkage_tree``), 4 ``choose_references``, then
+5–6 ``fit_tile`` (assign and fit) streamed over column tiles. References are normalised
+(``normalise_references``: zero mean, unit norm over time) and ``a, b`` are expressed against the
+normalised reference, so that float32 storage loses nothing when a reference barely moves.
+Against a normalised reference the least-squares fit is simply ``a = <w − mean(w), r̃>`` and
+``b = mean(w)``. Pure functions: no files, no printing.
 """
 
 from __future__ import annotations
@@ -19,8 +20,6 @@ from __future__ import annotations
 from typing import NamedTuple, Sequence
 
 import numpy as np
-
-from .linkage import complete_linkage, cut_max_clusters, row_distances
 
 
 def _allocate(total: int, capacity: np.ndarray, weight: np.ndarray) -> np.ndarray:
@@ -83,8 +82,21 @@ def correlation_matrix(trajectories: np.ndarray) -> np.ndarray:
     return np.clip(C, 0.0, 1.0)
 
 
-def cluster(C: np.ndarray, M: int) -> np.ndarray:
-    """Step 3: complete-linkage clustering of the rows of ``C`` (Euclidean), cut into ``<= M`` modes.
+def linkage_tree(C: np.ndarray) -> np.ndarray:
+    """Step 3's hierarchy: scipy's complete linkage ``Z`` (K − 1, 4) of the rows of ``C`` under the
+    Euclidean distance (``pdist``, computed from the differences of the rows). Every cut of it into
+    ``M`` modes (``cluster``) comes from this one tree. scipy is imported here, not at ``import
+    cmdtool``: a third of a second that only a fit needs."""
+    from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import pdist
+
+    return linkage(pdist(np.asarray(C, dtype=np.float64)), method="complete")
+
+
+def cluster(C: np.ndarray, M: int, tree: np.ndarray | None = None) -> np.ndarray:
+    """Step 3: complete-linkage clustering of the rows of ``C`` (Euclidean), cut into ``<= M`` modes:
+    ``fcluster(linkage_tree(C), M, criterion="maxclust")``. ``tree``: that linkage, when the caller
+    cuts it at several ``M`` (``error_curve``); computed here when not given.
 
     Returns a mode label per sampled parameter, modes numbered by size, largest first (ties: the
     mode whose first member comes first).
@@ -92,7 +104,9 @@ def cluster(C: np.ndarray, M: int) -> np.ndarray:
     K = C.shape[0]
     if K == 1 or M == 1:
         return np.zeros(K, dtype=np.int64)
-    raw = cut_max_clusters(complete_linkage(row_distances(C)), M)  # as scipy's linkage + fcluster
+    from scipy.cluster.hierarchy import fcluster
+
+    raw = fcluster(linkage_tree(C) if tree is None else tree, t=M, criterion="maxclust")
     ids, first, sizes = np.unique(raw, return_index=True, return_counts=True)
     order = np.lexsort((first, -sizes))  # by size descending, then by first member
     rank = np.empty(len(ids), dtype=np.int64)
@@ -357,10 +371,11 @@ def refine_references(trajectories: np.ndarray, C: np.ndarray, reference_positio
     return rank[labels], references[ids[order]]
 
 
-def find_modes(trajectories: np.ndarray, C: np.ndarray, M: int, refine: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def find_modes(trajectories: np.ndarray, C: np.ndarray, M: int, refine: int = 0,
+               tree: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Steps 3–4 (``cluster``, ``choose_references``), then ``refine`` passes of ``refine_references``:
-    ``(labels of the sample, reference positions)``."""
-    labels = cluster(C, M)
+    ``(labels of the sample, reference positions)``. ``tree``: ``linkage_tree(C)`` if already made."""
+    labels = cluster(C, M, tree)
     positions = choose_references(C, labels)
     if refine > 0:
         labels, positions = refine_references(trajectories, C, positions, refine)
@@ -386,12 +401,15 @@ def choose_modes(modes: Sequence[int], rel_error: Sequence[float], tolerance: fl
 
 
 def error_curve(trajectories: np.ndarray, C: np.ndarray, held_out: np.ndarray, modes: Sequence[int],
-                refine: int = 0, tolerance: float = AUTO_TOLERANCE) -> ErrorCurve:
+                refine: int = 0, tolerance: float = AUTO_TOLERANCE, tree: np.ndarray | None = None) -> ErrorCurve:
     """Held-out error against ``M``: modes and references found on the sample ``trajectories``
-    (``C`` its ``|corr|``), measured on the independent sample ``held_out``."""
+    (``C`` its ``|corr|``), measured on the independent sample ``held_out``. One linkage
+    (``tree``, else ``linkage_tree(C)``) gives the clusters of every ``M``: one cut each."""
+    if tree is None and C.shape[0] > 1 and max(modes, default=1) > 1:
+        tree = linkage_tree(C)
     found, errors = [], []
     for M in modes:
-        _, positions = find_modes(trajectories, C, int(M), refine)
+        _, positions = find_modes(trajectories, C, int(M), refine, tree)
         references = normalise_references(trajectories[:, positions].T).references
         found.append(len(positions))
         errors.append(heldout_error(held_out, references))

@@ -191,6 +191,85 @@ def test_clusters_are_numbered_by_size_and_references_are_most_central():
     assert references[0] == 3  # 3, 5, 6, 7 tie at the top; 4 is out; argmax takes the first
 
 
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two labelings describe the same clusters (whatever the numbering)."""
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def near_duplicate_trajectories(rng: np.random.Generator) -> np.ndarray:
+    """(T, K) trajectories as CMD meets them: a few families of random walks, and within them
+    parameters that move almost identically (a copy plus 1e-9 noise), exactly alike up to scale
+    and shift (equal rows of ``C``: tied distances), or constant (zero rows)."""
+    T, families = int(rng.integers(4, 30)), int(rng.integers(1, 6))
+    base = rng.standard_normal((T, families)).cumsum(axis=0)
+    columns = []
+    for _ in range(int(rng.integers(3, 70))):
+        kind = rng.integers(0, 4)
+        source = base[:, rng.integers(0, families)]
+        if kind == 0:  # the family plus its own motion
+            columns.append(source + rng.uniform(0.01, 1.0) * rng.standard_normal(T).cumsum())
+        elif kind == 1 and columns:  # near-duplicate of an earlier parameter
+            columns.append(columns[rng.integers(0, len(columns))] + 1e-9 * rng.standard_normal(T))
+        elif kind == 2 and columns:  # an exact affine copy: its row of C equals the original's
+            columns.append(rng.choice([-2.0, 0.5, 3.0]) * columns[rng.integers(0, len(columns))] + 1.0)
+        else:
+            columns.append(source * rng.uniform(0.5, 2.0) if rng.random() < 0.9 else np.full(T, 0.3))
+    return np.column_stack(columns)
+
+
+def test_clusters_equal_scipys_on_near_duplicate_and_tied_rows():
+    """Step 3 is scipy's complete linkage on Euclidean distances between the rows of C, cut by
+    ``fcluster(maxclust)``, written the plain way (scipy forms the distances from the rows): the
+    same partition in each of 200 cases, every cut; modes numbered by size, largest first."""
+    rng = np.random.default_rng(19)
+    for case in range(200):
+        C = correlation_matrix(near_duplicate_trajectories(rng))
+        tree = linkage(C, method="complete", metric="euclidean")
+        for M in (2, 3, 5, int(rng.integers(2, 12))):
+            expected = fcluster(tree, t=M, criterion="maxclust")
+            labels = cluster(C, M)
+            assert same_partition(labels, expected), (case, M)
+            sizes = np.bincount(labels)
+            assert (np.diff(sizes) <= 0).all() and len(sizes) <= M, (case, M)
+
+
+def test_fit_costs_one_linkage_for_every_cut_of_modes_auto(tmp_path, planted, monkeypatch):
+    """``--modes auto`` tries M = 1 … 20 and then fits the chosen M: all 21 clusterings are cuts of
+    one linkage. With the 2-fold split (too few parameters left to hold out), each half has its own."""
+    import scipy.cluster.hierarchy
+
+    from cmdtool.fitting import fit_trajectory
+    from cmdtool.modes import FitSettings
+    from cmdtool.stores import prepare_store
+
+    calls = []
+    real = scipy.cluster.hierarchy.linkage
+
+    def counted(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scipy.cluster.hierarchy, "linkage", counted)
+    store = prepare_store(write_run(tmp_path / "run", planted.states()), trajectory=tmp_path / "t.h5").store
+    held_out = fit_trajectory(store, FitSettings(modes=20, auto_modes=20, samples=300))
+    curve = held_out.metrics.error_curve
+    assert "held-out" in curve["measured_on"] and curve["modes"] == list(range(1, 21))
+    assert held_out.settings.modes == 3 and len(calls) == 1  # one linkage, 20 + 1 cuts
+    calls.clear()
+    fit_trajectory(store, FitSettings(modes=5))
+    assert len(calls) == 1
+    calls.clear()
+    split = fit_trajectory(store, FitSettings(modes=20, auto_modes=20))  # the sample takes every parameter
+    assert "2-fold split" in split.metrics.error_curve["measured_on"]
+    K = int(np.count_nonzero(store.varies))
+    assert len(calls) == 3 and sorted(calls) == sorted([(K // 2 * (K // 2 - 1) // 2,),
+                                                       ((K - K // 2) * (K - K // 2 - 1) // 2,), (K * (K - 1) // 2,)])
+    calls.clear()
+    fit_trajectory(store, FitSettings(modes=1))
+    assert calls == []  # one mode needs no clustering
+
+
 def test_fit_tile_against_normalised_references():
     t = np.linspace(0, 1, 10)
     raw = np.stack([t**2, np.sin(3 * t)])
