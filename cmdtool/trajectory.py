@@ -317,8 +317,14 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             write_text(f, "layout", layout.to_json())
             f.attrs.update(kind=STORE_KIND, version=STORE_VERSION, fingerprint=fingerprint_, complete=True)
         store = open_store(tmp)  # opened before the rename: this store, whatever replaces it at ``path`` later
+        try:
+            os.replace(tmp, path)
+        except PermissionError:  # Windows renames no open file; there, none can replace it while it is open
+            store.handle.close()
+            del store  # and its maps of the file
+            os.replace(tmp, path)
+            store = open_store(path)
         store.path = path
-        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return store
