@@ -7,12 +7,11 @@ modelled as an affine copy of its mode's reference trajectory::
     w_i(t) ≈ a_i · r_{labels[i]}(t) + b_i
 
 Steps (each a function below): 1 ``sample_parameters``, 2 ``correlation_matrix``,
-3 ``cluster`` (a cut of scipy's complete linkage ``linkage_tree``), 4 ``choose_references``, then
-5–6 ``fit_tile`` (assign and fit) streamed over column tiles. References are normalised
-(``normalise_references``: zero mean, unit norm over time) and ``a, b`` are expressed against the
-normalised reference, so that float32 storage loses nothing when a reference barely moves.
-Against a normalised reference the least-squares fit is simply ``a = <w − mean(w), r̃>`` and
-``b = mean(w)``. Pure functions: no files, no printing.
+3 ``cluster``, 4 ``choose_references``, then 5–6 ``fit_tile`` (assign and fit) streamed over column
+tiles. References are normalised (``normalise_references``: zero mean, unit norm over time) and
+``a, b`` are expressed against the normalised reference, so that float32 storage loses nothing
+when a reference barely moves. Against a normalised reference the least-squares fit is simply
+``a = <w − mean(w), r̃>`` and ``b = mean(w)``. Pure functions: no files, no printing.
 """
 
 from __future__ import annotations
@@ -83,10 +82,8 @@ def correlation_matrix(trajectories: np.ndarray) -> np.ndarray:
 
 
 def linkage_tree(C: np.ndarray) -> np.ndarray:
-    """Step 3's hierarchy: scipy's complete linkage ``Z`` (K − 1, 4) of the rows of ``C`` under the
-    Euclidean distance (``pdist``, computed from the differences of the rows). Every cut of it into
-    ``M`` modes (``cluster``) comes from this one tree. scipy is imported here, not at ``import
-    cmdtool``: a third of a second that only a fit needs."""
+    """Step 3's hierarchy, which ``cluster`` cuts: scipy's complete linkage of the rows of ``C``
+    (Euclidean, ``pdist``). scipy is imported here, not by ``import cmdtool`` (a third of a second)."""
     from scipy.cluster.hierarchy import linkage
     from scipy.spatial.distance import pdist
 
@@ -94,9 +91,8 @@ def linkage_tree(C: np.ndarray) -> np.ndarray:
 
 
 def cluster(C: np.ndarray, M: int, tree: np.ndarray | None = None) -> np.ndarray:
-    """Step 3: complete-linkage clustering of the rows of ``C`` (Euclidean), cut into ``<= M`` modes:
-    ``fcluster(linkage_tree(C), M, criterion="maxclust")``. ``tree``: that linkage, when the caller
-    cuts it at several ``M`` (``error_curve``); computed here when not given.
+    """Step 3: complete-linkage clustering of the rows of ``C`` (Euclidean), cut into ``<= M`` modes
+    (``fcluster(maxclust)`` of ``tree``, the caller's ``linkage_tree(C)`` if it has made it).
 
     Returns a mode label per sampled parameter, modes numbered by size, largest first (ties: the
     mode whose first member comes first).
@@ -380,39 +376,3 @@ def find_modes(trajectories: np.ndarray, C: np.ndarray, M: int, refine: int = 0,
     if refine > 0:
         labels, positions = refine_references(trajectories, C, positions, refine)
     return labels, positions
-
-
-class ErrorCurve(NamedTuple):
-    modes: np.ndarray      # (n,) the M asked for
-    found: np.ndarray      # (n,) the modes the clustering gave (at most M)
-    rel_error: np.ndarray  # (n,) held-out relative error of each
-    chosen: int            # the M chosen (see ``choose_modes``)
-
-
-AUTO_TOLERANCE = 0.05
-
-
-def choose_modes(modes: Sequence[int], rel_error: Sequence[float], tolerance: float = AUTO_TOLERANCE) -> int:
-    """The smallest ``M`` whose held-out error is within ``tolerance`` (relative, 5 %) of the
-    smallest error on the curve: more modes than that cost storage and buy less than 5 %."""
-    errors = np.asarray(rel_error, dtype=np.float64)
-    best = float(errors.min())
-    return int(np.asarray(modes)[np.flatnonzero(errors <= best * (1 + tolerance))[0]])
-
-
-def error_curve(trajectories: np.ndarray, C: np.ndarray, held_out: np.ndarray, modes: Sequence[int],
-                refine: int = 0, tolerance: float = AUTO_TOLERANCE, tree: np.ndarray | None = None) -> ErrorCurve:
-    """Held-out error against ``M``: modes and references found on the sample ``trajectories``
-    (``C`` its ``|corr|``), measured on the independent sample ``held_out``. One linkage
-    (``tree``, else ``linkage_tree(C)``) gives the clusters of every ``M``: one cut each."""
-    if tree is None and C.shape[0] > 1 and max(modes, default=1) > 1:
-        tree = linkage_tree(C)
-    found, errors = [], []
-    for M in modes:
-        _, positions = find_modes(trajectories, C, int(M), refine, tree)
-        references = normalise_references(trajectories[:, positions].T).references
-        found.append(len(positions))
-        errors.append(heldout_error(held_out, references))
-    modes = np.asarray(modes, dtype=np.int64)
-    return ErrorCurve(modes, np.asarray(found, dtype=np.int64), np.asarray(errors),
-                      choose_modes(modes, errors, tolerance))

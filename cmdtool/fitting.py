@@ -12,12 +12,10 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 
+from .auto_modes import AUTO_TOLERANCE, choose_modes, error_curve
 from .checkpoints import CheckpointInfo
 from .decompose import (
-    AUTO_TOLERANCE,
-    choose_modes,
     correlation_matrix,
-    error_curve,
     find_modes,
     fit_tile,
     label_dtype,
