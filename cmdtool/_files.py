@@ -121,14 +121,14 @@ class _Locks:
     the lock file is removed after the lock is let go, when no other process has it open)."""
 
     def __init__(self):
+        fcntl = msvcrt = None
         try:
             import fcntl
         except ImportError:
-            fcntl = None
-        try:
-            import msvcrt
-        except ImportError:
-            msvcrt = None
+            try:
+                import msvcrt
+            except ImportError:
+                pass
         if fcntl is None and msvcrt is None:
             raise CmdError("this platform has no file locks (neither fcntl nor msvcrt): cmd update and cmd watch "
                            "cannot keep a second writer of the mode file out")
