@@ -77,16 +77,24 @@ def check_output_path(path: Path, force: bool) -> None:
 CARRIED_BLOCK_BYTES = 32 * 2**20  # carried rows are read from a mode file in blocks of this size
 
 
-def write_mode_file(path: Path, modes: Modes) -> Path:
+def write_mode_file(path: Path, modes: Modes, replaces: ModeFile | None = None) -> Path:
     """Write ``modes`` as the mode file ``path``: to a temporary name beside it, renamed over it
-    only when complete, so that a reader (or a kill) never sees a partial file."""
+    only when complete, so that a reader (or a kill) never sees a partial file. ``replaces``: the
+    mode file at ``path``, open because ``modes`` reads from it (``cmd update``): closed before the
+    rename where the platform renames no file over an open one (Windows)."""
     path = Path(path)
     tmp = temporary_sibling(path)
     try:
         with h5py.File(tmp, "w") as f:
             check_space(tmp, checks.expected_bytes(modes), path)
             _write(f, modes)
-        os.replace(tmp, path)
+        try:
+            os.replace(tmp, path)
+        except PermissionError:
+            if replaces is None:
+                raise
+            replaces.close()
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path

@@ -25,6 +25,7 @@ import numpy as np
 
 from ._files import replace_path, temporary_sibling
 from ._hdf5 import read_strings, read_text, write_text
+from ._portable import open_fd, write_full
 from .checkpoints.schema import CheckpointInfo
 from .errors import CmdError
 from .layout import DTYPE_SIZES, Layout
@@ -106,7 +107,7 @@ def write_shard(job: ShardJob) -> int:
             h5py.h5d.create(f.id, b"W", h5py.h5t.IEEE_F32LE, h5py.h5s.create_simple((T, max(n, 1))), dcpl=dcpl)
             offset = f["W"].id.get_offset()
             varies, first = np.zeros(n, dtype=bool), None
-            fd = os.open(tmp, os.O_WRONLY)
+            fd = open_fd(tmp, os.O_WRONLY)
             try:
                 for t, checkpoint in enumerate(job.checkpoints):
                     reader = ColumnReader(checkpoint, job.layout, job.ema)
@@ -119,10 +120,7 @@ def write_shard(job: ShardJob) -> int:
                         first = row
                     else:
                         varies |= row != first
-                    view, position = memoryview(row).cast("B"), offset + 4 * t * n
-                    while view:
-                        written = os.pwrite(fd, view, position)
-                        view, position = view[written:], position + written
+                    write_full(fd, memoryview(row).cast("B"), offset + 4 * t * n)
             finally:
                 os.close(fd)
             f.create_dataset("varies", data=varies)
