@@ -13,6 +13,9 @@ TIME_SOURCES = {"global_step": "the stored global_step", "step": "the stored ste
                  "position": "the position in natural sort order"}
 
 
+STACK_NAMES = {"peft": "huggingface peft adapter"}  # Checkpoint.stack, where it needs more words
+
+
 def print_columns(header: list[str], rows: list[list]) -> None:
     """Left-aligned columns that never wrap (names and paths stay whole for scripts)."""
     cells = [header] + [[str(v) for v in row] for row in rows]
@@ -22,8 +25,9 @@ def print_columns(header: list[str], rows: list[list]) -> None:
 
 
 def describe(checkpoint) -> str:
-    """``huggingface safetensors, 4 shards``, ``lightning torch``, ``plain safetensors``."""
-    text = f"{checkpoint.stack} {checkpoint.format}"
+    """``huggingface safetensors, 4 shards``, ``lightning torch``, ``plain safetensors``,
+    ``huggingface peft adapter safetensors``."""
+    text = f"{STACK_NAMES.get(checkpoint.stack, checkpoint.stack)} {checkpoint.format}"
     if checkpoint.folder is not None and len(checkpoint.folder.weights) > 1:
         text += f", {len(checkpoint.folder.weights)} shards"
     return text

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 from .._files import plain_name
 from .._lazy import save_file, torch  # imported on first use
 from ..errors import CmdError
+from .adapters import ADAPTER_CONFIG, check_adapter_config
 from .safetensors_writer import DeferredFiles
 from .schema import CheckpointInfo
 
@@ -67,7 +68,10 @@ def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: Checkpoi
                  "weight_map": weight_map}
         (path / info.index["name"]).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     for file_name, digest in info.files.items():
-        (path / file_name).write_bytes(attachment(digest))
+        data = attachment(digest)
+        if file_name == ADAPTER_CONFIG:  # a PEFT adapter loads only with a valid one
+            check_adapter_config(data, path / file_name)
+        (path / file_name).write_bytes(data)
 
 
 def _write_file(path: Path, state: dict[str, torch.Tensor], fmt: str, metadata: dict[str, str] | None,
