@@ -134,6 +134,26 @@ def test_huggingface_online_fit_and_update(hf_run, tmp_path):
     )
 
 
+def test_watch_follows_trainer_checkpoint_folders(hf_run, tmp_path):
+    """``cmd watch --until`` on a Trainer output folder absorbs its ``checkpoint-<step>/`` folders
+    (never ``tmp-checkpoint-8/``) and writes what ``fit --warmup`` writes; the result loads with
+    ``from_pretrained``."""
+    live = tmp_path / "live"
+    shutil.copytree(hf_run, live)
+    out = tmp_path / "w.cmd.h5"
+    result = cmd("watch", live, "-o", out, "--warmup", 2, "--until", 3, "--interval", 0.01, "--modes", 3,
+                 "--samples", 200, "--trajectory", tmp_path / "w.h5")
+    assert "fitted" in result.stderr and "waiting for the warm-up: 0 of 2" in result.stderr, result.stderr
+    assert cmdtool.summarize(out)["checkpoint_names"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    warm = tmp_path / "warm.cmd.h5"
+    cmd("fit", hf_run, "-o", warm, "--modes", 3, "--samples", 200, "--warmup", 2, "--trajectory", tmp_path / "f.h5")
+    watched, fitted = cmdtool.reconstruct(out), cmdtool.reconstruct(warm)
+    assert all(torch.equal(watched[name], fitted[name]) for name in fitted)
+    cmd("reconstruct", out, "-o", tmp_path / "out", "--at", "last")
+    assert_loaded_equals_reconstruction(
+        GPT2LMHeadModel.from_pretrained(tmp_path / "out" / "checkpoint-6").state_dict(), out)
+
+
 @pytest.fixture(scope="module")
 def hf_sharded_run(hf_run, tmp_path_factory) -> Path:
     """The same checkpoints saved by ``save_pretrained(max_shard_size="2KB")``: several
