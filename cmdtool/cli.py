@@ -25,7 +25,15 @@ from .cli_errors import (
     progress_bar,
     say,
 )
-from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary
+from .console import (
+    TIME_SOURCES,
+    describe,
+    human_bytes,
+    print_columns,
+    print_report,
+    print_summary,
+    size_warning,
+)
 from .modefile import open_mode_file, summarize
 from .pipeline import fit as fit_folder
 from .pipeline import reconstruct_noting
@@ -136,11 +144,18 @@ def fit(
     say(f"trajectory store: {result.trajectory} ({human_bytes(size)}, "
              f"{'reused' if result.trajectory_reused else 'built'}; a cache, safe to delete)")
     say(f"wrote {result.mode_file}")
+    _warn_size(result.summary)
     summary = {**result.summary, "trajectory": str(result.trajectory), "trajectory_reused": result.trajectory_reused}
     if as_json:
         print(json.dumps(summary))
     else:
         print_summary(summary)
+
+
+def _warn_size(summary: dict) -> None:
+    warning = size_warning(summary)
+    if warning:
+        say(f"warning: {warning}")
 
 
 @app.command("ls")
@@ -179,6 +194,7 @@ def info(
         summary = summarize(mode_file)
         with open_mode_file(mode_file) as modes:
             references = [modes.layout.locate(int(c)) for c in modes.reference_index]
+    _warn_size(summary)
     if as_json:
         print(json.dumps(summary))
         return
@@ -242,6 +258,7 @@ def update(
                  f"{result.absorbed[0]} … {result.absorbed[-1]}")
     else:
         say(f"nothing new: {mode_file} is unchanged")
+    _warn_size(result.summary)
     if as_json:
         print(json.dumps({**result.summary, "absorbed": result.absorbed, "skipped": result.skipped}))
     else:
