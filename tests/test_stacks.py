@@ -272,6 +272,32 @@ def test_lightning_model_checkpoint_folder(lightning_run, tmp_path):
     assert int(model.state_dict()["net.1.num_batches_tracked"]) == 20  # carried verbatim
 
 
+def test_ls_on_a_lightning_root_points_at_its_checkpoints(lightning_run, tmp_path):
+    """``cmd ls`` on the run's root (``default_root_dir``) names the checkpoints folder, for
+    ``ModelCheckpoint(dirpath=root/"checkpoints")`` and for the default logger's
+    ``lightning_logs/version_0/checkpoints/``."""
+    root = lightning_run.parent
+    result = runner.invoke(app, ["ls", str(root)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: {root}: no checkpoint files found (looked for *.safetensors, *.pt, *.pth, *.bin, *.ckpt, *.pth.tar "
+        f"and Hugging Face checkpoint-<step>/ folders, full or PEFT adapter); this looks like a Lightning run: its "
+        f"checkpoints are in {lightning_run}, try `cmd ls {lightning_run}`"]
+
+    logged = tmp_path / "logged"
+    trainer = pl.Trainer(max_epochs=2, default_root_dir=logged, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    x = torch.randn(8, 3)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    trainer.fit(TinyRegression(), torch.utils.data.DataLoader(data, batch_size=4))
+    checkpoints = logged / "lightning_logs" / "version_0" / "checkpoints"
+    assert [p.suffix for p in checkpoints.iterdir()] == [".ckpt"]
+    result = runner.invoke(app, ["ls", str(logged)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().endswith(f"its checkpoints are in {checkpoints}, try `cmd ls {checkpoints}`")
+    cmd("ls", checkpoints)
+
+
 # --------------------------------------------------------------------------- timm and plain scripts
 
 
