@@ -154,6 +154,40 @@ def test_watch_follows_trainer_checkpoint_folders(hf_run, tmp_path):
         GPT2LMHeadModel.from_pretrained(tmp_path / "out" / "checkpoint-6").state_dict(), out)
 
 
+HF_EVAL = """
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from cmdtool.integrations.transformers import load_state_dict_into
+
+model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained({config!r}))  # the run's config.json
+model.eval()
+ids = torch.stack([torch.arange(8) * k % 32 for k in (1, 2, 3)])
+
+
+@torch.no_grad()
+def evaluate(state):
+    load_state_dict_into(model, state)  # lm_head.weight is absent: tied again, as from_pretrained does
+    return {{"val": {{"loss": model(input_ids=ids, labels=ids).loss.item()}}}}
+"""
+
+
+def test_huggingface_eval_recipe(hf_run, tmp_path):
+    """The documented ``--eval`` recipe for a Transformers model: ``cmd report`` scores the run's own
+    checkpoints with it, and the original's score is the model's loss from ``from_pretrained``."""
+    (tmp_path / "hf_eval.py").write_text(HF_EVAL.format(config=str(hf_run / "checkpoint-6")))
+    mode_file = tmp_path / "run.cmd.h5"
+    cmd("fit", hf_run, "-o", mode_file, "--modes", 3, "--samples", 200, "--trajectory", tmp_path / "traj.h5")
+    report = json.loads(cmd("report", mode_file, "-o", tmp_path / "report", "--eval",
+                            f"{tmp_path / 'hf_eval.py'}:evaluate", "--candidates-only", "--json").stdout)
+    scores = report["evaluation"]["candidates"]
+    ids = torch.stack([torch.arange(8) * k % 32 for k in (1, 2, 3)])
+    with torch.no_grad():
+        expected = GPT2LMHeadModel.from_pretrained(hf_run / "checkpoint-6").eval()(input_ids=ids, labels=ids).loss
+    assert scores["last"]["val/loss"] == pytest.approx(expected.item(), rel=1e-6)
+    assert scores["cmd"]["val/loss"] != scores["last"]["val/loss"]
+
+
 @pytest.fixture(scope="module")
 def hf_sharded_run(hf_run, tmp_path_factory) -> Path:
     """The same checkpoints saved by ``save_pretrained(max_shard_size="2KB")``: several
