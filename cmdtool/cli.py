@@ -120,9 +120,9 @@ def fit(
 ) -> None:
     """Fit CMD modes to a folder of checkpoints and write a mode file.
 
-    Checkpoints are files or Hugging Face checkpoint-<step>/ folders, ordered by the step or epoch
-    stored in them, else by the numbers in their names (epoch_2 before epoch_10); `cmd ls` lists
-    them. Every floating-point tensor is modelled; integer tensors are carried verbatim. The
+    Checkpoints are files or Hugging Face checkpoint-<step>/ folders (full models or PEFT adapters),
+    ordered by the step or epoch stored in them, else by the numbers in their names (epoch_2 before
+    epoch_10); `cmd ls` lists them. Every floating-point tensor is modelled; integer tensors are carried verbatim. The
     checkpoints are first stacked into a trajectory store, reused by later fits of the same
     unchanged folder. With --warmup F it is the paper's online CMD: the result equals fitting the
     first F checkpoints and then running cmd update with the rest.
@@ -301,7 +301,9 @@ def watch(
 
     Fits once F complete checkpoints exist, then updates with each new one in training order. A
     file counts as complete once its size and modification time are unchanged between two looks
-    and it opens as a checkpoint, so files still being written are never read. The mode file is
+    and it opens as a checkpoint, so files still being written are never read; a Hugging Face
+    checkpoint-<step>/ folder (full model or PEFT adapter) once all its files are. When a look finds
+    nothing new, it says on stderr what it is waiting for. The mode file is
     replaced atomically at every change: killing the process never corrupts it, and running the
     command again resumes. Stops on Ctrl-C (exit 130) or with --until.
     """

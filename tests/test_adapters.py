@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -17,6 +18,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"  # no network: models are built from configs
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import h5py
 import numpy as np
 import pytest
 import torch
@@ -226,5 +228,26 @@ def test_write_back_checks_the_adapter_config(tmp_path):
     """A mode file whose stored adapter_config.json is not one: write-back refuses it."""
     info = CheckpointInfo("safetensors", shards={"adapter_model.safetensors": ["w"]},
                           files={"adapter_config.json": "0" * 64})
-    with pytest.raises(CmdError, match="adapter_config.json: not a PEFT adapter config"):
-        write_checkpoint(tmp_path / "checkpoint-1", {"w": torch.zeros(2)}, info, attachment=lambda digest: b"{}")
+    shown = tmp_path / "out" / "checkpoint-1"
+    with pytest.raises(CmdError, match="^" + re.escape(f"{shown / 'adapter_config.json'}: not a PEFT adapter config")):
+        write_checkpoint(tmp_path / "checkpoint-1", {"w": torch.zeros(2)}, info, attachment=lambda digest: b"{}",
+                         shown=shown)
+
+
+def test_reconstruct_refuses_a_stored_adapter_config_that_is_not_one(lora_run, tmp_path):
+    """The stored adapter_config.json is checked again before it is written: one error line, exit 2,
+    no output folder."""
+    mode_file = tmp_path / "run.cmd.h5"
+    cmd("fit", lora_run, "-o", mode_file, "--modes", 2, "--samples", 100, "--stop", 3,
+        "--trajectory", tmp_path / "traj.h5")
+    with open_mode_file(mode_file) as modes:
+        digest = modes.infos[-1].files["adapter_config.json"]
+    with h5py.File(mode_file, "r+") as f:
+        del f["attachments"][digest]
+        f["attachments"].create_dataset(digest, data=np.frombuffer(b'{"r": 2', dtype=np.uint8))
+    result = runner.invoke(app, ["reconstruct", str(mode_file), "-o", str(tmp_path / "out")])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines() == [
+        f"error: {tmp_path / 'out' / 'checkpoint-2' / 'adapter_config.json'}: not readable JSON (JSONDecodeError: "
+        "Expecting ',' delimiter: line 1 column 8 (char 7)); PeftModel.from_pretrained needs it to load the adapter"]
+    assert not (tmp_path / "out").exists()

@@ -33,7 +33,7 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor] | DeferredFiles,
         if isinstance(state, DeferredFiles):
             state.open(path, info.metadata, shown)
         else:
-            _write_checkpoint(path, state, info, attachment)
+            _write_checkpoint(path, state, info, attachment, shown or path)
     except CmdError:
         raise
     except OSError as e:
@@ -44,7 +44,7 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor] | DeferredFiles,
 
 
 def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: CheckpointInfo,
-                      attachment: Callable[[str], bytes]) -> None:
+                      attachment: Callable[[str], bytes], shown: Path) -> None:
     if not info.is_folder:
         _write_file(path, state, info.format, info.metadata, info.wrapper, info.extras)
         return
@@ -70,7 +70,7 @@ def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: Checkpoi
     for file_name, digest in info.files.items():
         data = attachment(digest)
         if file_name == ADAPTER_CONFIG:  # a PEFT adapter loads only with a valid one
-            check_adapter_config(data, path / file_name)
+            check_adapter_config(data, shown / file_name)
         (path / file_name).write_bytes(data)
 
 
