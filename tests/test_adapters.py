@@ -22,7 +22,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
 from typer.testing import CliRunner
@@ -59,6 +59,10 @@ def base_model() -> GPT2LMHeadModel:
                                       bos_token_id=0, eos_token_id=0))
 
 
+def lora_config() -> LoraConfig:
+    return LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"], fan_in_fan_out=True, lora_dropout=0.0)
+
+
 @pytest.fixture(scope="module")
 def lora_run(tmp_path_factory) -> Path:
     """A Trainer run of a LoRA-wrapped GPT-2 saving every step: ``checkpoint-1/`` … ``-6/``, each with
@@ -66,8 +70,7 @@ def lora_run(tmp_path_factory) -> Path:
     state; plus ``checkpoint-0/`` saved by ``save_pretrained`` before training, where every LoRA B
     matrix is still zero."""
     out = tmp_path_factory.mktemp("lora") / "output"
-    model = get_peft_model(base_model(), LoraConfig(r=2, lora_alpha=4, target_modules=["c_attn", "c_proj"],
-                                                    fan_in_fan_out=True, lora_dropout=0.0))
+    model = get_peft_model(base_model(), lora_config())
     model.save_pretrained(out / "checkpoint-0")
     args = TrainingArguments(output_dir=str(out), max_steps=STEPS, save_steps=1, per_device_train_batch_size=4,
                              learning_rate=2e-2, report_to=[], use_cpu=True, logging_steps=100,
@@ -104,6 +107,19 @@ def test_save_pretrained_folder_is_one_checkpoint(lora_run):
     assert checkpoint_at(lora_run / "checkpoint-0").stack == "peft"
 
 
+def test_adapter_saved_in_the_run_folder_is_skipped(lora_run, tmp_path):
+    """``Trainer.save_model`` writes the final adapter into the output folder beside the
+    ``checkpoint-<step>/`` folders: the run is the folders, the adapter file is skipped with its reason."""
+    run = tmp_path / "run"
+    shutil.copytree(lora_run, run)
+    for name in ("adapter_model.safetensors", "adapter_config.json", "README.md"):
+        shutil.copy(lora_run / f"checkpoint-{STEPS}" / name, run)
+    listing = json.loads(cmd("ls", run, "--json").stdout)
+    assert [c["name"] for c in listing["checkpoints"]] == [f"checkpoint-{s}" for s in range(STEPS + 1)]
+    assert listing["skipped"] == [{"name": "adapter_model.safetensors", "reason": "the adapter saved in the folder "
+                                   "itself (save_model); the run is its checkpoint-<step>/ folders"}]
+
+
 def test_fit_reconstruct_loads_with_peft(lora_run, tmp_path):
     """fit → reconstruct → ``PeftModel.from_pretrained``: the loaded adapter is the mode file's
     reconstruction, bit for bit; LoRA B starts at zero (a constant start) and the fit is finite."""
@@ -131,6 +147,9 @@ def test_fit_reconstruct_loads_with_peft(lora_run, tmp_path):
         assert set(loaded) == set(expected) == set(first)
         for name, tensor in expected.items():
             assert torch.equal(loaded[name], tensor), name
+    peft_model = get_peft_model(base_model(), lora_config())
+    set_peft_model_state_dict(peft_model, expected)  # the --eval recipe for adapters
+    assert all(torch.equal(get_peft_model_state_dict(peft_model)[n], t) for n, t in expected.items())
     trained = load_file(source / "adapter_model.safetensors")
     assert any(not torch.equal(trained[n], expected[n]) for n in b_names)  # modelled, not copied
     assert all(torch.isfinite(t).all() for t in expected.values())
@@ -157,9 +176,12 @@ def test_update_and_report_read_adapter_folders(lora_run, tmp_path):
 
 def test_watch_absorbs_adapter_folders_as_the_trainer_writes_them(lora_run, tmp_path):
     """``watch`` on a folder the Trainer is filling: a ``checkpoint-<step>/`` with its config but
-    no weights yet is waited for (and said so, once); the result equals ``fit --warmup``."""
+    no weights yet is waited for (and said so, once), the adapter saved in the folder itself is not a
+    checkpoint; the result equals ``fit --warmup``."""
     live = tmp_path / "live"
     live.mkdir()
+    for name in ("adapter_model.safetensors", "adapter_config.json"):  # Trainer.save_model into the run folder
+        shutil.copy(lora_run / f"checkpoint-{STEPS}" / name, live)
     arrivals = [f"checkpoint-{s}" for s in range(STEPS + 1)]
     messages, script = [], []
     for name in arrivals:

@@ -104,8 +104,8 @@ class _Folder:
                 st = p.stat()
             except FileNotFoundError:
                 continue
-            if not p.is_file():
-                continue
+            if not p.is_file() or p.name in ADAPTER_WEIGHTS:  # the adapter Trainer.save_model puts in the run
+                continue                                           # folder itself is not one of its checkpoints
             current[p] = (st.st_size, st.st_mtime_ns)
             ready = st.st_size > 0 and self.seen.get(p) == current[p]
             fmt = sniff_format(p) if ready else None
