@@ -25,15 +25,7 @@ from .cli_errors import (
     progress_bar,
     say,
 )
-from .console import (
-    TIME_SOURCES,
-    describe,
-    human_bytes,
-    print_columns,
-    print_report,
-    print_summary,
-    size_warning,
-)
+from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary, size_warnings
 from .modefile import open_mode_file, summarize
 from .pipeline import fit as fit_folder
 from .pipeline import reconstruct_noting
@@ -143,19 +135,14 @@ def fit(
         else result.trajectory.stat().st_size  # a sharded store is a folder (cmdtool.shards)
     say(f"trajectory store: {result.trajectory} ({human_bytes(size)}, "
              f"{'reused' if result.trajectory_reused else 'built'}; a cache, safe to delete)")
+    for warning in size_warnings(result.summary):
+        say(f"warning: {warning}")
     say(f"wrote {result.mode_file}")
-    _warn_size(result.summary)
     summary = {**result.summary, "trajectory": str(result.trajectory), "trajectory_reused": result.trajectory_reused}
     if as_json:
         print(json.dumps(summary))
     else:
         print_summary(summary)
-
-
-def _warn_size(summary: dict) -> None:
-    warning = size_warning(summary)
-    if warning:
-        say(f"warning: {warning}")
 
 
 @app.command("ls")
@@ -194,7 +181,8 @@ def info(
         summary = summarize(mode_file)
         with open_mode_file(mode_file) as modes:
             references = [modes.layout.locate(int(c)) for c in modes.reference_index]
-    _warn_size(summary)
+    for warning in size_warnings(summary):
+        say(f"warning: {warning}")
     if as_json:
         print(json.dumps(summary))
         return
@@ -258,7 +246,8 @@ def update(
                  f"{result.absorbed[0]} … {result.absorbed[-1]}")
     else:
         say(f"nothing new: {mode_file} is unchanged")
-    _warn_size(result.summary)
+    for warning in size_warnings(result.summary):
+        say(f"warning: {warning}")
     if as_json:
         print(json.dumps({**result.summary, "absorbed": result.absorbed, "skipped": result.skipped}))
     else:

@@ -146,14 +146,14 @@ def compression_rows(s: dict) -> list[tuple[str, str]]:
     return rows
 
 
-def size_warning(s: dict) -> str | None:
+def size_warnings(s: dict) -> list[str]:
     """A warning when the mode file is not smaller than the checkpoints it stands for."""
     own = s.get("checkpoint_bytes")
     if own is None or s["mode_file_bytes"] < own:
-        return None
-    return (f"the mode file ({human_bytes(s['mode_file_bytes'])}) is not smaller than the {s['checkpoints']} "
+        return []
+    return [f"the mode file ({human_bytes(s['mode_file_bytes'])}) is not smaller than the {s['checkpoints']} "
             f"checkpoints' tensors ({human_bytes(own)}): it stores about 9 bytes per parameter (a, b and a mode "
-            f"label) plus fixed overhead, so it saves space only with more checkpoints or a larger model")
+            f"label) plus fixed overhead, so it saves space only with more checkpoints or a larger model"]
 
 
 def human_bytes(n: float) -> str:
