@@ -273,3 +273,10 @@ def test_reconstruct_refuses_a_stored_adapter_config_that_is_not_one(lora_run, t
         f"error: {tmp_path / 'out' / 'checkpoint-2' / 'adapter_config.json'}: not readable JSON (JSONDecodeError: "
         "Expecting ',' delimiter: line 1 column 8 (char 7)); PeftModel.from_pretrained needs it to load the adapter"]
     assert not (tmp_path / "out").exists()
+
+
+def test_adapter_weights_without_config_in_the_folder_named_are_a_plain_file(lora_run, tmp_path):
+    """Only with its adapter_config.json is a folder an adapter; a lone weight file is a plain checkpoint."""
+    shutil.copy(lora_run / "checkpoint-1" / "adapter_model.safetensors", tmp_path)
+    found = discover(tmp_path).checkpoints
+    assert [(c.name, c.stack, c.format) for c in found] == [("adapter_model.safetensors", "plain", "safetensors")]

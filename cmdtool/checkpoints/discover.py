@@ -1,8 +1,9 @@
 """Finding the checkpoints in a folder, as training stacks write them, and putting them in order.
 
 A checkpoint is a file (a state dict or a wrapper dict: plain scripts, Lightning ``*.ckpt``, timm
-``checkpoint-<epoch>.pth.tar``) or a Hugging Face ``checkpoint-<step>/`` folder. Copies that
-training stacks keep beside the real checkpoints (``last.ckpt``, ``model_best.pth.tar``, ...) and
+``checkpoint-<epoch>.pth.tar``) or a Hugging Face ``checkpoint-<step>/`` folder, of a full model or
+of a PEFT adapter (``adapters.py``). Copies that training stacks keep beside the real checkpoints
+(``last.ckpt``, ``model_best.pth.tar``, ...) and
 training-state files (``optimizer.pt``, ``training_args.bin``, ...) are skipped by name, with the
 reason, and never loaded. Folders that cannot be read on one machine (``torch.distributed.checkpoint``,
 DeepSpeed ZeRO) are refused with the tool that consolidates them.
@@ -269,7 +270,8 @@ def _examine_folder(folder: Path, files: FolderFiles) -> _Found:
 
 
 def discover(folder: Path) -> Discovery:
-    """All checkpoints directly in ``folder`` (files, or Hugging Face folders), in training order.
+    """All checkpoints directly in ``folder`` (files, or Hugging Face folders), in training order. A
+    folder that is itself one PEFT adapter (``save_pretrained``) is one checkpoint.
 
     Time: the first of ``global_step``, ``step``, ``epoch`` stored in every checkpoint (a wrapper
     dict's value, safetensors metadata, or a Hugging Face folder's ``trainer_state.json``) that takes
@@ -287,7 +289,8 @@ def discover(folder: Path) -> Discovery:
     found: list[_Found] = []
     skipped: list[Skipped] = []
     seen: dict[tuple[int, int], Path] = {}
-    own_adapter = _adapter_files(folder)  # the folder itself may be one adapter (save_pretrained)
+    # the folder itself may be one adapter (save_pretrained), or hold the final one (Trainer.save_model)
+    own_adapter = _adapter_files(folder) if (folder / ADAPTER_CONFIG).is_file() else None
     for path in candidate_entries(folder):
         is_dir = path.is_dir()
         reason = skip_reason(path.name) or _own_adapter_reason(path, own_adapter)
