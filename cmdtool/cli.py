@@ -30,6 +30,7 @@ from .modefile import open_mode_file, summarize
 from .pipeline import fit as fit_folder
 from .pipeline import reconstruct_noting
 from .reconstruct import WRITE_FORMATS
+from .statistics import Clamped
 from .version import __version__
 
 app = typer.Typer(
@@ -206,8 +207,12 @@ def reconstruct(
     dtypes; integer buffers are restored exactly. Hugging Face checkpoints come back as
     checkpoint-<step>/ folders that from_pretrained loads.
     """
+    clamped = Clamped()
     with errors_to_exit_code(output):
-        paths, dropped = reconstruct_noting(mode_file, output, at, force, progress=progress_bar, format=write_format)
+        paths, dropped = reconstruct_noting(mode_file, output, at, force, progress=progress_bar, format=write_format,
+                                            clamped=clamped)
+    if clamped.total:
+        say(f"note: {clamped.sentence('the checkpoints written')}")
     if dropped:
         say(f"note: not restored (no longer match the weights): {', '.join(dropped)}")
     for path in paths:
