@@ -39,6 +39,23 @@ def parse_select(text: str) -> Selection:
     return Selection(metric, direction)
 
 
+COUNT = "count"  # the number of examples a split was scored on: not a metric, the sampling error's n
+
+
+def split_counts(scores: Mapping[str, float]) -> tuple[dict[str, float], dict[str, int]]:
+    """The metrics apart from the ``count`` entries: ``({"test/accuracy": …}, {"test": 699})``; a flat
+    ``count`` is keyed ``""``."""
+    metrics, counts = {}, {}
+    for key, value in scores.items():
+        split, _, name = key.rpartition(SEPARATOR)
+        if name == COUNT:
+            if value is not None and math.isfinite(value) and value > 0:
+                counts[split] = int(value)
+        else:
+            metrics[key] = value
+    return metrics, counts
+
+
 def default_direction(metric: str) -> str:
     """``min`` for metrics whose name says lower is better (loss, error, nll, perplexity, …), else ``max``."""
     words = metric.lower().replace("-", "_").split("_")
