@@ -30,7 +30,7 @@ from .modefile import open_mode_file, summarize
 from .pipeline import fit as fit_folder
 from .pipeline import reconstruct_noting
 from .reconstruct import WRITE_FORMATS
-from .statistics import Clamped
+from .statistics import Clamped, load_recalibrate
 from .version import __version__
 
 app = typer.Typer(
@@ -348,6 +348,10 @@ def report(
         [], "--require", metavar="METRIC>=VALUE",
         help="Fail (exit 1) unless an evaluated metric of the CMD weights at the last checkpoint meets this (>=, "
              "<=, >, <; repeatable; needs --eval)."),
+    recalibrate: Optional[str] = typer.Option(
+        None, "--recalibrate", metavar="MODULE:FUNCTION",
+        help="Recompute the BatchNorm statistics of every candidate before it is scored, with your function "
+             "state_dict -> state_dict (as torch.optim.swa_utils.update_bn on training data; needs --eval)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of a summary."),
     workers: Optional[int] = typer.Option(None, "--workers", metavar="N", min=1, help=WORKERS_HELP),
@@ -365,12 +369,18 @@ def report(
         from .report import Thresholds, load_evaluate, make_report, parse_requirement
         thresholds = Thresholds(max_rel_error, max_rel_error_displacement, [parse_requirement(r) for r in require])
         function = load_evaluate(evaluate) if evaluate else None
+        recalibrate_function = load_recalibrate(recalibrate) if recalibrate else None
         with engine_for_options(workers, scheduler) as engine:
             result = make_report(mode_file, output, checkpoints=checkpoints, trajectory=trajectory, evaluate=function,
                                  eval_spec=evaluate or "", tail=tail, ema_decay=ema_decay, thresholds=thresholds,
                                  force=force, progress=progress_bar, select=select, eval_every=eval_every,
-                                 candidates_only=candidates_only, measure_pass=engine and engine.measure_pass)
+                                 candidates_only=candidates_only, measure_pass=engine and engine.measure_pass,
+                                 recalibrate=recalibrate_function, recalibrate_spec=recalibrate or "")
     r = result.report
+    clamped = (r["evaluation"] or {}).get("clamped_running_var", {}).get("total", 0)
+    if clamped:
+        say(f"note: {clamped} negative running-variance value{'s' * (clamped > 1)} clamped to 0 in the candidates "
+            "scored (per family in report.json, evaluation.clamped_running_var)")
     if r["evaluation"]:
         e = r["evaluation"]
         say(f"evaluated {e['evaluations']} state dicts: {len(e['per_epoch'])} candidate families at "

@@ -41,7 +41,7 @@ def evaluation_epochs(T: int, every: int, candidates_only: bool) -> list[int]:
 def family_descriptions(names: Sequence[str], tail: Sequence[int], ema_decay: float) -> dict[str, str]:
     T = len(names)
     out = {"original": "the checkpoint", "cmd": "its CMD reconstruction"}
-    out.update({f"tail_{k}": f"mean of the last {k} checkpoints up to it" + (f" (the run has {T})" if k > T else "")
+    out.update({f"tail_{k}": f"mean of the last {k} checkpoints up to it" + (f" (all: the run has {T})" if k > T else "")
                 for k in tail})
     out["ema"] = f"running EMA over checkpoints, decay {ema_decay:g}"
     out.update({f"pca_{d}": f"PCA of the trajectory, mean + {d} direction{'s' * (d > 1)}, at it" for d in PCA_RANKS})
@@ -173,7 +173,7 @@ def score_families(modes, store, evaluate: Callable, spec: str, run_evaluate: Ca
     candidate_descriptions = {"last": f"the last checkpoint ({names[-1]})",
                               "cmd": "CMD reconstruction of the last checkpoint"}
     candidate_descriptions.update({f"tail_{k}": f"mean of the last {k} checkpoints"
-                                   + (f" (the run has {T})" if k > T else "") for k in tail})
+                                   + (f" (all {T}: the run has fewer)" if k > T else "") for k in tail})
     candidate_descriptions["ema"] = f"EMA over checkpoints, decay {ema_decay:g}"
     candidate_descriptions.update({f"pca_{d}": f"PCA of the trajectory, mean + {d} direction{'s' * (d > 1)}, "
                                    "at the last checkpoint" for d in PCA_RANKS})
