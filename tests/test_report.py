@@ -146,7 +146,7 @@ def test_report_json_has_every_field(fitted):
     assert list(r["evaluation"]) == ["function", "checkpoint_names", "per_checkpoint", "candidates",
                                      "candidate_descriptions", "epochs", "evaluations", "per_epoch",
                                      "family_descriptions", "selection", "selection_impossible", "counts",
-                                     "recalibrated", "clamped_running_var"]
+                                     "recalibrated", "ema_decay", "clamped_running_var"]
     assert any("BatchNorm running statistics (1 tensor)" in note and "not recalibrated" in note for note in r["notes"])
     assert len(read_report(fitted.plain)["notes"]) == 1  # no evaluation: nothing about BatchNorm or scores
     assert read_report(fitted.plain)["evaluation"] is None
@@ -332,7 +332,8 @@ def test_final_candidates_equal_direct_averages(fitted):
     assert evaluation["candidate_descriptions"] == {
         "last": "the last checkpoint (epoch_11.safetensors)", "cmd": "CMD reconstruction of the last checkpoint",
         "tail_5": "mean of the last 5 checkpoints", "tail_10": "mean of the last 10 checkpoints",
-        "tail_30": "mean of the last 30 checkpoints (all 12: the run has fewer)", "ema": "EMA over checkpoints, decay 0.7",
+        "tail_30": "mean of the last 30 checkpoints (all 12: the run has fewer)",
+        "ema": "EMA over checkpoints, decay 0.7",
         "pca_1": "PCA of the trajectory, mean + 1 direction, at the last checkpoint",
         "pca_2": "PCA of the trajectory, mean + 2 directions, at the last checkpoint"}
 

@@ -41,8 +41,8 @@ def evaluation_epochs(T: int, every: int, candidates_only: bool) -> list[int]:
 def family_descriptions(names: Sequence[str], tail: Sequence[int], ema_decay: float) -> dict[str, str]:
     T = len(names)
     out = {"original": "the checkpoint", "cmd": "its CMD reconstruction"}
-    out.update({f"tail_{k}": f"mean of the last {k} checkpoints up to it" + (f" (all: the run has {T})" if k > T else "")
-                for k in tail})
+    out.update({f"tail_{k}": f"mean of the last {k} checkpoints up to it"
+                + (f" (all: the run has {T})" if k > T else "") for k in tail})
     out["ema"] = f"running EMA over checkpoints, decay {ema_decay:g}"
     out.update({f"pca_{d}": f"PCA of the trajectory, mean + {d} direction{'s' * (d > 1)}, at it" for d in PCA_RANKS})
     return out
@@ -189,7 +189,7 @@ def score_families(modes, store, evaluate: Callable, spec: str, run_evaluate: Ca
             "epochs": epochs, "evaluations": count + (first is not None or recalibrate is not None),  # the trial
             "per_epoch": per_epoch, "family_descriptions": descriptions,
             "selection": selected, "selection_impossible": unselectable,
-            "counts": counts, "recalibrated": recalibrate_spec or None,
+            "counts": counts, "recalibrated": recalibrate_spec or None, "ema_decay": ema_decay,
             "clamped_running_var": {"total": total, "families": {f: c.to_json() for f, c in clamped.items()
                                                                  if c.total}}}
 
