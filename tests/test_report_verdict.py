@@ -92,7 +92,9 @@ def test_cmd_win(run, tmp_path):
     assert chosen["cmd_vs_best_other"]["difference"] == pytest.approx(0.10)
     margin = 2 * math.sqrt(2 * 0.9 * 0.1 / N_TEST)  # p = (0.95 + 0.85) / 2
     assert chosen["cmd_vs_best_other"]["margin"] == pytest.approx(margin)
-    assert judged["headline"].startswith("test/accuracy, under selection on validation: CMD helped: ahead of")
+    assert judged["headline"] == ("test/accuracy: CMD helped. At the last checkpoint, CMD equals the best cheap "
+                                  "alternative, tail_5; chosen on validation, CMD is ahead of the best other family, "
+                                  f"{chosen['best_other']} (+0.1)")
     # at the last checkpoint nothing hits a target: every family scores 0.85, a tie
     assert judged["at_last"]["cmd_vs_checkpoint"]["outcome"] == "tie"
     assert judged["at_last"]["cmd_vs_best_cheap"]["outcome"] == "tie"
@@ -110,10 +112,11 @@ def test_tail_mean_win(run, tmp_path):
     chosen = judged["under_selection"]
     assert (chosen["winner"], chosen["winners"]) == ("tail_5", ["tail_5"])
     assert chosen["best_other"] == "tail_5" and chosen["cmd_vs_best_other"]["outcome"] == "worse"
-    assert judged["headline"] == ("test/accuracy, under selection on validation: CMD did not help: tail_5 is ahead "
-                                  "(-0.1)")
+    assert judged["headline"] == ("test/accuracy: CMD did not help. At the last checkpoint, CMD equals the best "
+                                  "cheap alternative, tail_5; chosen on validation, the best other family, tail_5, is "
+                                  "ahead of CMD (-0.1)")
     assert starred(markdown) == ["tail_5"]
-    assert "**tail_5** wins with 0.95 at epoch_8.safetensors, 0.1 ahead of" in markdown
+    assert "reported on test/accuracy: **tail_5** wins, 0.95 at epoch_8.safetensors, 0.1 ahead of " in markdown
 
 
 def test_tie_within_the_sampling_error(run, tmp_path):
@@ -122,11 +125,15 @@ def test_tie_within_the_sampling_error(run, tmp_path):
     chosen = selected(report)["under_selection"]
     assert chosen["winner"] == "cmd" and sorted(chosen["winners"]) == ["cmd", "tail_5"]
     assert chosen["cmd_vs_best_other"]["outcome"] == "tie"  # 0.005 < 2·sqrt(2·0.9025·0.0975/1000) = 0.0265
-    assert selected(report)["headline"] == ("test/accuracy, under selection on validation: no difference: CMD ties "
-                                            "with tail_5 (+0.005)")
+    assert selected(report)["headline"] == (
+        "test/accuracy: no clear difference. At the last checkpoint, CMD equals the best cheap alternative, tail_5; "
+        "chosen on validation, CMD ties with the best other family, tail_5 (+0.005, within the sampling error)")
+    assert "no family wins beyond the sampling error. cmd scores best, 0.905 at epoch_5.safetensors, and tail_5 is " \
+        "within the sampling error of it." in markdown
     assert sorted(starred(markdown)) == ["cmd", "tail_5"]
-    assert any(line.startswith("A difference is a tie when |Δ| < 2·sqrt(2·p(1−p)/n) (p the mean of the two "
-                               "accuracies, n the examples scored: test 1,000)") for line in report["verdict"]["lines"])
+    rule = ("A difference is a tie when |Δ| < 2·sqrt(2·p(1−p)/n) (p the mean of the two accuracies, n the examples "
+            "scored: test 1,000)")
+    assert any(line.startswith(rule) for line in report["verdict"]["lines"])
     # the same scores without a count: the noise is unknown, and CMD is ahead
     report, markdown, _ = planted_report(run, tmp_path / "uncounted", targets, None)
     chosen = selected(report)["under_selection"]

@@ -72,15 +72,20 @@ def _n(value) -> str:
     return "–" if not _finite(value) else f"{value:.4g}"
 
 
+def _d(difference: float) -> str:
+    return f"{difference:+.2g}"
+
+
 def _delta(c: dict) -> str:
+    """``+0.1: ahead, beyond the sampling error ±0.027``, ``-0.0043: a tie within ±0.024``."""
     if c["outcome"] == "unknown":
-        return "not comparable (a score is missing)"
-    text = f"{c['difference']:+.4g}"
+        return "not comparable: a score is missing"
+    text = _d(c["difference"])
     if c["outcome"] == "tie":
-        return text + (f", a tie (within ±{c['margin']:.2g})" if c["margin"] is not None and c["difference"] else
-                       ", a tie")
+        return text + (f": a tie within ±{c['margin']:.2g}" if c["margin"] is not None and c["difference"] else
+                       ": equal")
     word = "ahead" if c["outcome"] == "better" else "behind"
-    return text + f", {word}" + (f" beyond the sampling error (±{c['margin']:.2g})" if c["margin"] is not None else "")
+    return text + f": {word}" + (f", beyond the sampling error ±{c['margin']:.2g}" if c["margin"] is not None else "")
 
 
 def reported_key(metric: str, keys: Sequence[str]) -> str | None:
@@ -151,18 +156,19 @@ def _under_selection(evaluation: dict, key: str, direction: str, counts: Mapping
     def at(family):
         return f"{_n(finite[family])} at {rows[family]['checkpoint']}"
 
-    sentence = (f"Chosen on validation (`{selection['key']}`), reported on {key}: **{winner}** wins with "
-                f"{at(winner)}")
-    if runner_up:
-        c = margin_to_next
-        sentence += f", {abs(c['difference']):.4g} ahead of {runner_up} ({_n(finite[runner_up])})"
-        if c["outcome"] == "tie":
-            sentence += ": a tie" + (f", within ±{c['margin']:.2g}" if c["margin"] is not None else "")
-        elif c["margin"] is not None:
-            sentence += f", beyond the sampling error (±{c['margin']:.2g})"
+    sentence = f"Chosen on validation (`{selection['key']}`), reported on {key}: "
     if len(winners) > 1:
-        sentence += f"; within the sampling error of it: {', '.join(w for w in winners if w != winner)}"
-    sentence += "."
+        sentence += (f"no family wins beyond the sampling error. {winner} scores best, {at(winner)}, and "
+                     f"{', '.join(w for w in winners if w != winner)} {'are' if len(winners) > 2 else 'is'} within "
+                     "the sampling error of it.")
+    else:
+        sentence += f"**{winner}** wins, {at(winner)}"
+        if runner_up:
+            sentence += (f", {abs(margin_to_next['difference']):.2g} ahead of {runner_up} "
+                         f"({_n(finite[runner_up])})")
+            if margin_to_next["margin"] is not None:
+                sentence += f", beyond the sampling error ±{margin_to_next['margin']:.2g}"
+        sentence += "."
     if cmd_vs_other:
         sentence += (f" CMD ({at('cmd')}) against the best other family, {best_other} ({at(best_other)}): "
                      f"{_delta(cmd_vs_other)}.")
@@ -175,19 +181,31 @@ def _under_selection(evaluation: dict, key: str, direction: str, counts: Mapping
             "sentence": sentence}
 
 
-def _headline(metric: str, last: dict, selected: dict | None) -> str:
-    """One phrase: did CMD help on this metric?"""
+def _phrase(c: dict, other: str) -> str:
+    if c["outcome"] == "unknown":
+        return f"CMD and {other} cannot be compared (a score is missing)"
+    d = _d(c["difference"])
+    if c["difference"] == 0:
+        return f"CMD equals {other}"
+    if c["outcome"] == "tie":
+        return f"CMD ties with {other} ({d}" + (", within the sampling error)" if c["margin"] is not None else ")")
+    return (f"CMD is ahead of {other} ({d})" if c["outcome"] == "better" else
+            f"{other}{',' * (',' in other)} is ahead of CMD ({d})")
+
+
+def _headline(key: str, last: dict, selected: dict | None) -> str:
+    """One sentence: did CMD help on this metric? Decided under selection on validation when there is
+    one, else at the last checkpoint; both said."""
+    at_last = (_phrase(last["cmd_vs_best_cheap"], f"the best cheap alternative, {last['best_cheap']}")
+               if last["cmd_vs_best_cheap"] else _phrase(last["cmd_vs_checkpoint"], "the checkpoint"))
+    deciding = last["cmd_vs_best_cheap"] or last["cmd_vs_checkpoint"]
+    text = f"at the last checkpoint, {at_last}"
     if selected and selected["cmd_vs_best_other"]:
-        c, other = selected["cmd_vs_best_other"], selected["best_other"]
-        where = "under selection on validation"
-    else:
-        c, other = last["cmd_vs_best_cheap"] or last["cmd_vs_checkpoint"], last["best_cheap"] or "the checkpoint"
-        where = "at the last checkpoint"
-    outcome = {"better": f"CMD helped: ahead of {other}",
-               "worse": f"CMD did not help: {other} is ahead",
-               "tie": f"no difference: CMD ties with {other}",
-               "unknown": "not comparable"}[c["outcome"]]
-    return f"{metric}, {where}: {outcome}" + (f" ({c['difference']:+.4g})" if c["difference"] is not None else "")
+        deciding = selected["cmd_vs_best_other"]
+        text += f"; chosen on validation, {_phrase(deciding, 'the best other family, ' + selected['best_other'])}"
+    word = {"better": "CMD helped", "worse": "CMD did not help", "tie": "no clear difference",
+            "unknown": "not comparable"}[deciding["outcome"]]
+    return f"{key}: {word}. " + text[0].upper() + text[1:]
 
 
 def modelling(fit: dict, compactness: dict, pca: Sequence[dict]) -> dict:
