@@ -3,19 +3,24 @@ Never wrapped, so that names and paths stay whole for scripts."""
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
 stdout = Console(highlight=False)
 UNWRAPPED = 10_000  # the width tables are laid out in when stdout is not a terminal: never wrapped
+unwrapped = Console(highlight=False, width=UNWRAPPED)
 
 
 def _print(renderable) -> None:
     """Print on stdout; piped or redirected, at a width that never wraps a table at 80 columns."""
     if stdout.is_terminal:
         stdout.print(renderable, markup=False)
-    else:
-        stdout.print(renderable, markup=False, width=UNWRAPPED, soft_wrap=isinstance(renderable, str))
+        return
+    with unwrapped.capture() as captured:
+        unwrapped.print(renderable, markup=False)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
 
 
 def plain(text: str) -> str:

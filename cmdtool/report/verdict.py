@@ -223,9 +223,14 @@ def modelling(fit: dict, compactness: dict, pca: Sequence[dict]) -> dict:
         sentence += (f", and CMD is still more accurate than d={', '.join(map(str, beats_more))}." if beats_more
                      else ", and is more accurate.")
     elif beats_equal:
-        sentence += ": CMD models the run better than PCA at equal bytes"
-        sentence += (f", and better than PCA d={', '.join(map(str, beats_more))} with more bytes." if beats_more
-                     else ".")
+        fair = ", ".join(str(p["d"]) for p in cheaper)
+        sentence += f": CMD models the run better than PCA at no more bytes (d={fair})"
+        worse_than = [p["d"] for p in dearer if p["d"] not in beats_more]
+        if beats_more:
+            sentence += f", and better than PCA d={', '.join(map(str, beats_more))} with more bytes"
+        if worse_than:
+            sentence += f"; PCA d={', '.join(map(str, worse_than))}, with more bytes, models it better"
+        sentence += "."
     else:
         sentence += ": PCA at equal bytes models the run better than CMD."
     return {"cmd_rel_error": error, "cmd_bytes": cmd_bytes, "better_at_equal_bytes": beats_equal,
