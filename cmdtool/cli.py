@@ -25,13 +25,13 @@ from .cli_errors import (
     progress_bar,
     say,
 )
+from .cli_export import RECALIBRATE_HELP, export_command, say_clamped
 from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary
-from .errors import CmdError
 from .modefile import open_mode_file, summarize
 from .pipeline import fit as fit_folder
 from .pipeline import reconstruct_noting
 from .reconstruct import WRITE_FORMATS
-from .statistics import Clamped, load_recalibrate
+from .statistics import Clamped
 from .version import __version__
 
 app = typer.Typer(
@@ -212,73 +212,14 @@ def reconstruct(
     with errors_to_exit_code(output):
         paths, dropped = reconstruct_noting(mode_file, output, at, force, progress=progress_bar, format=write_format,
                                             clamped=clamped)
-    if clamped.total:
-        say(f"note: {clamped.sentence('the checkpoints written')}")
+    say_clamped(clamped)
     if dropped:
         say(f"note: not restored (no longer match the weights): {', '.join(dropped)}")
     for path in paths:
         print(path)
 
 
-@app.command()
-def export(
-    mode_file: Path = typer.Argument(..., metavar="MODEFILE", help="A mode file written by cmd fit."),
-    output: Path = typer.Option(
-        ..., "--output", "-o", help="Folder to write the checkpoints into (created if missing)."),
-    family: Optional[str] = typer.Option(
-        None, "--family", metavar="F",
-        help="Which weights: original, cmd, tail_K (mean of the K checkpoints up to the position), ema, pca_1, "
-             "pca_2: the candidate families of cmd report."),
-    at: str = typer.Option(
-        "last", "--at", metavar="POSITION",
-        help="Which checkpoints: last, first, all, or positions such as 6 or 0,10,-1 (0-based, as listed by cmd "
-             "info)."),
-    best: Optional[Path] = typer.Option(
-        None, "--best", metavar="REPORT_JSON",
-        help="Write the family and position this report.json chose on validation (instead of --family/--at)."),
-    checkpoints: Optional[Path] = typer.Option(
-        None, "--checkpoints", metavar="DIR",
-        help="Read the original checkpoints from this folder (default: the trajectory store kept by cmd fit)."),
-    trajectory: Optional[Path] = typer.Option(
-        None, "--trajectory", help="Trajectory store to use, or where to build one with --checkpoints."),
-    ema_decay: float = typer.Option(
-        0.9, "--ema-decay", callback=finite, help="Decay of the EMA over checkpoints (family ema)."),
-    recalibrate: Optional[str] = typer.Option(
-        None, "--recalibrate", metavar="MODULE:FUNCTION",
-        help="Recompute BatchNorm statistics before writing, with your function state_dict -> state_dict (as "
-             "torch.optim.swa_utils.update_bn on training data)."),
-    force: bool = typer.Option(False, "--force", help="Overwrite existing files in the output folder."),
-    write_format: str = typer.Option(
-        "source", "--format", metavar="|".join(WRITE_FORMATS),
-        help="source: as the source was; safetensors: plain safetensors state dicts."),
-) -> None:
-    """Write the weights of any candidate the report scores, at any position, like cmd reconstruct.
-
-    tail_K at position t is the mean of checkpoints t−K+1 … t (float tensors; integer buffers are
-    checkpoint t's), ema the running EMA over checkpoints, original the checkpoint as stored, cmd
-    its CMD reconstruction, pca_d the rank-d PCA reconstruction. Files are written under the
-    checkpoints' names, in the source format.
-    """
-    from .export import export as export_family
-    from .export import export_best
-    with errors_to_exit_code(output):
-        if (best is None) == (family is None):
-            raise CmdError("pass either `family` (with `at`) or `best`", mentions=("family", "best", "at"))
-        options = dict(checkpoints=checkpoints, trajectory=trajectory, format=write_format, force=force,
-                       progress=progress_bar, recalibrate=load_recalibrate(recalibrate) if recalibrate else None,
-                       recalibrate_spec=recalibrate or "")
-        if best is not None:
-            result = export_best(mode_file, output, best, **options)
-        else:
-            result = export_family(mode_file, output, family=family, at=at, ema_decay=ema_decay, **options)
-    for note in result.notes:
-        say(f"note: {note}")
-    if result.clamped.total:
-        say(f"note: {result.clamped.sentence('the checkpoints written')}")
-    say(f"wrote {result.family} at position{'s' * (len(result.positions) > 1)} "
-        f"{', '.join(map(str, result.positions))}" + (f", recalibrated by {recalibrate}" if recalibrate else ""))
-    for path in result.paths:
-        print(path)
+app.command("export")(export_command)
 
 
 @app.command()
@@ -410,10 +351,7 @@ def report(
         [], "--require", metavar="METRIC>=VALUE",
         help="Fail (exit 1) unless an evaluated metric of the CMD weights at the last checkpoint meets this (>=, "
              "<=, >, <; repeatable; needs --eval)."),
-    recalibrate: Optional[str] = typer.Option(
-        None, "--recalibrate", metavar="MODULE:FUNCTION",
-        help="Recompute the BatchNorm statistics of every candidate before it is scored, with your function "
-             "state_dict -> state_dict (as torch.optim.swa_utils.update_bn on training data; needs --eval)."),
+    recalibrate: Optional[str] = typer.Option(None, "--recalibrate", metavar="MODULE:FUNCTION", help=RECALIBRATE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of a summary."),
     workers: Optional[int] = typer.Option(None, "--workers", metavar="N", min=1, help=WORKERS_HELP),
@@ -431,7 +369,7 @@ def report(
         from .report import Thresholds, load_evaluate, make_report, parse_requirement
         thresholds = Thresholds(max_rel_error, max_rel_error_displacement, [parse_requirement(r) for r in require])
         function = load_evaluate(evaluate) if evaluate else None
-        recalibrate_function = load_recalibrate(recalibrate) if recalibrate else None
+        recalibrate_function = load_evaluate(recalibrate, parameter="recalibrate") if recalibrate else None
         with engine_for_options(workers, scheduler) as engine:
             result = make_report(mode_file, output, checkpoints=checkpoints, trajectory=trajectory, evaluate=function,
                                  eval_spec=evaluate or "", tail=tail, ema_decay=ema_decay, thresholds=thresholds,
@@ -439,10 +377,7 @@ def report(
                                  candidates_only=candidates_only, measure_pass=engine and engine.measure_pass,
                                  recalibrate=recalibrate_function, recalibrate_spec=recalibrate or "")
     r = result.report
-    clamped = (r["evaluation"] or {}).get("clamped_running_var", {}).get("total", 0)
-    if clamped:
-        say(f"note: {clamped} negative running-variance value{'s' * (clamped > 1)} clamped to 0 in the candidates "
-            "scored (per family in report.json, evaluation.clamped_running_var)")
+    say_clamped((r["evaluation"] or {}).get("clamped_running_var", {}).get("total", 0))
     if r["evaluation"]:
         e = r["evaluation"]
         say(f"evaluated {e['evaluations']} state dicts: {len(e['per_epoch'])} candidate families at "

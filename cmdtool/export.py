@@ -27,9 +27,10 @@ from .modefile import open_mode_file
 from .progress import Progress, no_progress
 from .reconstruct import parse_at, state_dict_at, write_checkpoints
 from .report.candidates import FamilyWeights, carried_rows, flat_state
+from .report.evaluation import run_recalibrate
 from .report.metrics import PCA_RANKS, pca_from_gram
 from .report.source import open_trajectory
-from .statistics import Clamped, Recalibrate, run_recalibrate
+from .statistics import Clamped, Recalibrate
 
 FAMILY_HELP = f"original, cmd, tail_K (K ≥ 1), ema, {', '.join(f'pca_{d}' for d in PCA_RANKS)}"
 

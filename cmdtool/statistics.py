@@ -7,7 +7,8 @@ training callbacks' ``swap_at_end``) clamps those values to 0 and counts them (`
 
 Averaged weights also carry statistics measured on other weights; users recompute them on data
 (``torch.optim.swa_utils.update_bn``). ``--recalibrate module:function`` names the user's function
-``state_dict -> state_dict`` (or ``None`` when it changed the state dict in place) that does so.
+``state_dict -> state_dict`` (or ``None`` when it changed the state dict in place) that does so
+(``report.evaluation.run_recalibrate`` calls it).
 """
 
 from __future__ import annotations
@@ -15,8 +16,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Mapping
 
 import numpy as np
-
-from .errors import CmdError
 
 if TYPE_CHECKING:
     import torch
@@ -78,30 +77,3 @@ class Clamped:
         shown = ", ".join(tensors[:3]) + (f" and {len(tensors) - 3} more" if len(tensors) > 3 else "")
         return (f"{self.total} negative running-variance value{'s' * (self.total > 1)} clamped to 0 in {where} "
                 f"({shown}); a reconstruction can dip below zero where the run moves fast")
-
-
-def load_recalibrate(spec: str) -> Recalibrate:
-    """``module:function`` or ``path.py:function``, loaded as ``--eval`` is."""
-    from .report.evaluation import load_evaluate
-    return load_evaluate(spec, parameter="recalibrate")
-
-
-def run_recalibrate(recalibrate: Recalibrate, state: dict, what: str, spec: str) -> dict:
-    """Call the user's function on ``state`` (a fresh state dict it may change); returns the
-    recalibrated state dict with the same tensor names."""
-    names = list(state)
-    try:
-        result = recalibrate(state)
-    except KeyboardInterrupt:
-        raise
-    except CmdError:
-        raise
-    except BaseException as e:  # the user's function failing is bad input: one line
-        from .report.evaluation import describe_error
-        raise CmdError(f"recalibrate {spec}: failed on {what}: {describe_error(e)}", parameter="recalibrate") from None
-    if result is None:
-        result = state
-    if not isinstance(result, Mapping) or sorted(result) != sorted(names):
-        raise CmdError(f"recalibrate {spec}: on {what}, expected the state dict back (the same tensor names) or "
-                       "None", parameter="recalibrate")
-    return {name: result[name] for name in names}

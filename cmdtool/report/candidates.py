@@ -24,8 +24,9 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..reconstruct import assemble_state_dict, state_dict_at
-from ..statistics import Clamped, run_recalibrate
+from ..statistics import Clamped
 from . import metrics
+from .evaluation import run_recalibrate
 from .metrics import PCA_RANKS
 from .selection import Selection, check_selection, select, split_counts
 

@@ -67,6 +67,24 @@ def run_evaluate(evaluate: Evaluate, state: dict[str, torch.Tensor], what: str, 
     return flatten_scores(result, what, spec)
 
 
+def run_recalibrate(recalibrate: Callable, state: dict, what: str, spec: str) -> dict:
+    """Call the user's ``--recalibrate`` function on ``state`` (a fresh state dict it may change in
+    place, returning None, or replace); returns the recalibrated state dict, the same tensor names."""
+    names = list(state)
+    try:
+        result = recalibrate(state)
+    except (KeyboardInterrupt, CmdError):
+        raise
+    except BaseException as e:  # the user's function failing is bad input: one line
+        raise CmdError(f"recalibrate {spec}: failed on {what}: {describe_error(e)}", parameter="recalibrate") from None
+    if result is None:
+        result = state
+    if not isinstance(result, Mapping) or sorted(result) != sorted(names):
+        raise CmdError(f"recalibrate {spec}: on {what}, expected the state dict back (the same tensor names) or None",
+                       parameter="recalibrate")
+    return {name: result[name] for name in names}
+
+
 def describe_error(error: BaseException) -> str:
     """``Type: message`` on one line (``SystemExit: 0`` for ``sys.exit()``)."""
     if isinstance(error, SystemExit):
