@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 import cmdtool
 from cmdtool.report import verdict as verdict_module
-from helpers import SHAPES, cmd, ok, plant, write_run
+from helpers import SHAPES, cmd, error_line, ok, plant, write_run
 from test_export import Run
 
 T = 12
@@ -254,3 +254,24 @@ def test_recalibrate_changes_the_verdict_on_a_batchnorm_model(tmp_path, runner):
            "--recalibrate", f"{tmp_path / 'bn.py'}:recalibrate"))
     written = load_file(str(tmp_path / "best/epoch_5.safetensors"))
     assert torch.equal(written["bn.running_mean"], written["conv.bias"] ** 2)
+
+
+def test_recalibrate_errors_are_one_line(run, runner, tmp_path):
+    (tmp_path / "bad.py").write_text("def evaluate(state):\n    return {'accuracy': 0.5}\n\n\n"
+                                     "def recalibrate(state):\n    raise RuntimeError('no loader')\n\n\n"
+                                     "def renames(state):\n    return {'x': 1}\n")
+    bad = f"{tmp_path / 'bad.py'}"
+    assert error_line(cmd(runner, "report", run.mode_file, "-o", tmp_path / "a", "--recalibrate",
+                          f"{bad}:recalibrate")) == ("--recalibrate needs --eval: it recomputes the statistics of the "
+                                                     "weights that are scored")
+    assert error_line(cmd(runner, "report", run.mode_file, "-o", tmp_path / "b", "--eval", f"{bad}:evaluate",
+                          "--recalibrate", f"{bad}:recalibrate", "--candidates-only")) == (
+        f"--recalibrate {bad}:recalibrate: failed on checkpoint epoch_11.safetensors: RuntimeError: no loader")
+    assert error_line(cmd(runner, "export", run.mode_file, "-o", tmp_path / "c", "--family", "ema",
+                          "--recalibrate", f"{bad}:renames")) == (
+        f"--recalibrate {bad}:renames: on ema at epoch_11.safetensors, expected the state dict back (the same tensor "
+        "names) or None")
+    assert error_line(cmd(runner, "export", run.mode_file, "-o", tmp_path / "d", "--family", "ema",
+                          "--recalibrate", f"{bad}:missing")) == (
+        f"--recalibrate '{bad}:missing': {bad} has no function 'missing'")
+    assert not any((tmp_path / name).exists() for name in "abcd")
