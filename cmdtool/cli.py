@@ -327,14 +327,14 @@ def report(
              "and test): module:function (importable from here) or path/to/file.py:function."),
     select: Optional[str] = typer.Option(
         None, "--select", metavar="METRIC[:max|min]",
-        help="Choose each candidate family's best epoch by this metric on the validation split (val) and report it "
-             "on the others; max unless the name says loss or error."),
+        help="Choose each candidate family's best checkpoint by this metric on the validation split (val) and report "
+             "it on the others; max unless the name says loss or error."),
     eval_every: int = typer.Option(
         1, "--eval-every", metavar="K", min=1,
         help="Score the candidate families at every K-th checkpoint (and the last) only."),
     candidates_only: bool = typer.Option(
         False, "--candidates-only",
-        help="Score the candidates at the last checkpoint only (no per-epoch curves, no selection)."),
+        help="Score the candidates at the last checkpoint only (no per-checkpoint curves, no selection)."),
     tail: List[int] = typer.Option(
         [5, 10], "--tail", metavar="K", min=1,
         help="Tail averages of the last K checkpoints to compare (repeatable)."),

@@ -67,11 +67,11 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
     if eval_every < 1:
         raise CmdError("eval_every must be at least 1", parameter="eval_every")
     if select is not None and candidates_only:
-        raise CmdError("select chooses among every family's epochs, which `candidates_only` leaves unscored; "
+        raise CmdError("select chooses among every family's checkpoints, which `candidates_only` leaves unscored; "
                        "use `eval_every` to score fewer", parameter="select",
                        mentions=("candidates_only", "eval_every"))
     if select is not None and evaluate is None:
-        raise CmdError("select needs `evaluate`: it chooses epochs by an evaluated metric", parameter="select",
+        raise CmdError("select needs `evaluate`: it chooses checkpoints by an evaluated metric", parameter="select",
                        mentions=("evaluate",))
     if recalibrate is not None and evaluate is None:
         raise CmdError("recalibrate needs `evaluate`: it recomputes the statistics of the weights that are scored",

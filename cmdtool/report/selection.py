@@ -112,10 +112,10 @@ def check_selection(selection: Selection | None, keys: Sequence[str]) -> str | N
     split = validation_split(keys)
     if split is None:
         found = ", ".join(splits_of(keys)) or "none: the metrics are flat"
-        return (f"`--select {selection.metric}` cannot choose an epoch without bias: the evaluation returned no "
+        return (f"`--select {selection.metric}` cannot choose a checkpoint without bias: the evaluation returned no "
                 f"validation split (a split named {' / '.join(VALIDATION_SPLITS)}; splits found: {found}). Choosing "
-                "the best epoch on the numbers that are then reported favours whichever candidate has the most "
-                "epochs to pick from; return {\"val\": {...}, \"test\": {...}} to select honestly.")
+                "the best checkpoint on the numbers that are then reported favours whichever candidate has the most "
+                "checkpoints to pick from; return {\"val\": {...}, \"test\": {...}} to select honestly.")
     if f"{split}{SEPARATOR}{selection.metric}" not in keys:
         raise CmdError(f"select {selection.metric}: the evaluation's {split!r} split has no metric "
                        f"{selection.metric!r} (it returned {', '.join(splits_of(keys)[split])})", parameter="select")
@@ -177,7 +177,7 @@ def nonfinite_summary(per_epoch: Mapping[str, Mapping[str, Sequence[float]]], ep
         at = sorted({t for _, t in bad})
         where = names[at[0]] if len(at) == 1 else f"{names[at[0]]} … {names[at[-1]]}"
         metrics = sorted({k for k, _ in bad})
-        parts.append(f"{family} {len(bad)} ({len(at)} epoch{'s' * (len(at) > 1)}, {where}; {', '.join(metrics)})")
+        parts.append(f"{family} {len(bad)} ({len(at)} position{'s' * (len(at) > 1)}, {where}; {', '.join(metrics)})")
     if not parts:
         return None
     evaluated = sum(len(scores) * len(epochs) for scores in per_epoch.values())
