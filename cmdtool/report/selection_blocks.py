@@ -5,6 +5,7 @@ per-epoch plot of every family and the notes on them (rendering only; the number
 from __future__ import annotations
 
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -27,12 +28,12 @@ def _family_label(family: str) -> str:
 
 def export_line(r: dict):
     """``export(family, position)``: the ``cmd export`` command that writes a candidate's weights."""
-    mode_file = r["mode_file"]["path"]
+    mode_file = shlex.quote(r["mode_file"]["path"])  # a line to paste into a shell
     source = r["trajectory"]
     evaluation = r["evaluation"] or {}
-    extra = f" --checkpoints {source['checkpoints']}" if source.get("kind") == "checkpoints" else ""
+    extra = f" --checkpoints {shlex.quote(source['checkpoints'])}" if source.get("kind") == "checkpoints" else ""
     if evaluation.get("recalibrated"):
-        extra += f" --recalibrate {evaluation['recalibrated']}"
+        extra += f" --recalibrate {shlex.quote(evaluation['recalibrated'])}"
     decay = next((d.rpartition("decay ")[2] for f, d in evaluation.get("family_descriptions", {}).items()
                   if f == "ema"), "0.9")
 
