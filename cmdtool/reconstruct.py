@@ -103,7 +103,7 @@ GROUP_FILES = 64          # checkpoints written together (open files; each tenso
 
 
 def _write_modelled(writers: Sequence[SafetensorsWriter], spec: TensorSpec, R: np.ndarray, labels: np.ndarray,
-                    a: np.ndarray, b: np.ndarray, clamped: Clamped) -> None:
+                    a: np.ndarray, b: np.ndarray, clamped: Clamped | None = None) -> None:
     """Tensor ``spec`` at the group's checkpoints, ``R`` their ``(g, M)`` float64 reference values:
     ``a · r[label] + b`` in float64 and cast to the tensor's dtype, as ``model_values`` and
     ``arrays_at`` compute it (the same operations on the same operands, so the same bits), column
@@ -111,7 +111,7 @@ def _write_modelled(writers: Sequence[SafetensorsWriter], spec: TensorSpec, R: n
     checkpoint, exactly (``0 · r`` is ±0, and ``b + ±0`` is ``b`` for ``b ≠ 0``). A running
     variance is clamped at 0 (``clamped``), as ``_values_at`` does."""
     g, dtype = len(writers), np.dtype(spec.dtype)
-    nonnegative = must_stay_nonnegative(spec.name)
+    nonnegative, clamped = must_stay_nonnegative(spec.name), Clamped() if clamped is None else clamped
     if spec.size and not a.any() and b.all():  # a frozen tensor: the same bytes at every checkpoint
         values = clamped.array(spec.name, b.astype(np.float64), times=g).astype(dtype)
         for writer in writers:
