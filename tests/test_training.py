@@ -597,3 +597,26 @@ def test_the_compiled_library_is_private_and_built_once_whatever_the_umask(tmp_p
     monkeypatch.setenv("CC", f"{compiler} -std=c99")
     monkeypatch.setattr(fused, "_loaded", {})
     assert fused.library() is not None
+
+
+def test_cmd_weights_never_put_a_negative_running_variance_in_the_model():
+    """``load_cmd_weights`` (``swap_at_end``) and ``reconstruct`` clamp a running_var that the fit
+    would make negative, and ``load_cmd_weights`` returns how many values it clamped."""
+    shapes = {"conv.weight": (8, 3, 3, 3), "bn.running_var": (8,), "fc.weight": (10, 72)}
+    planted = plant(M=3, T=8, noise=1e-3, shapes=shapes)
+    states = sorted_states(planted)
+    for state in states:
+        state["bn.running_var"] = state["bn.running_var"].abs() + 0.1
+    model = Holder(states[0])
+    cmd = EmbeddedCMD(model, modes=3, warmup=4, samples=300)
+    for t, state in enumerate(states):
+        model.load_state_dict(state)
+        cmd.observe(f"epoch_{t}.safetensors", t)
+    spec = next(s for s in cmd.layout.modelled if s.name == "bn.running_var")
+    lowered = torch.arange(spec.columns.start, spec.columns.stop)[:3]
+    cmd.state.b[lowered] -= 100.0  # far below anything a running variance of this run reaches
+    assert (cmd.state.values()[spec.columns] < 0).sum() == 3
+    reconstructed = cmd.reconstruct()["bn.running_var"]
+    assert (reconstructed >= 0).all() and int((reconstructed == 0).sum()) == 3
+    assert cmd.load_cmd_weights() == 3
+    assert torch.equal(model.bn.running_var.detach(), reconstructed)

@@ -17,6 +17,7 @@ from ..errors import CmdError
 from ..layout import Layout, build_layout, check_same_tensors
 from ..modefile import write_embedding, write_mode_file
 from ..modes import FitSettings
+from ..statistics import Clamped
 from . import fused as compiled
 from . import state as device_state
 from ._warmup import warmup_state
@@ -323,17 +324,20 @@ class EmbeddedCMD:
         """The CMD state dict at the latest observation.
 
         Returns:
-            CPU tensors in the model's dtypes, loadable with ``model.load_state_dict``.
+            CPU tensors in the model's dtypes, loadable with ``model.load_state_dict``; a running
+            variance clamped at 0, as ``cmd reconstruct`` writes it.
 
         Raises:
             CmdError: The warm-up is not over yet.
         """
         state = self._require("reconstruct")
         values = state.values()
+        clamped = Clamped()
         out = {}
         for spec in self.layout.tensors:
             if spec.modelled:
-                out[spec.name] = values[spec.columns].view(spec.shape).to(getattr(torch, spec.dtype)).cpu()
+                value = clamped.tensor(spec.name, values[spec.columns].view(spec.shape))
+                out[spec.name] = value.to(getattr(torch, spec.dtype)).cpu()
             else:
                 raw = torch.from_numpy(state.carried[spec.name][-1].copy())
                 out[spec.name] = raw.view(getattr(torch, spec.dtype)).reshape(spec.shape)
@@ -353,13 +357,16 @@ class EmbeddedCMD:
                 for name, value in saved.items():
                     tensors[name].detach().copy_(value)
 
-    def load_cmd_weights(self) -> None:
-        """Put the CMD weights of the latest observation into the model, in place."""
+    def load_cmd_weights(self) -> int:
+        """Put the CMD weights of the latest observation into the model, in place; returns how many
+        running-variance values were clamped at 0 (a reconstruction can dip below zero)."""
         values, tensors = self._require("load_cmd_weights").values(), self._tensors()
+        clamped = Clamped()
         with torch.no_grad():
             for spec in self.layout.modelled:
                 target = tensors[spec.name].detach()
-                target.copy_(values[spec.columns].view(spec.shape).to(target.dtype))
+                target.copy_(clamped.tensor(spec.name, values[spec.columns].view(spec.shape)).to(target.dtype))
+        return clamped.total
 
     def save(self, path: str | Path) -> Path:
         """Write (or atomically replace) the mode file; with embedding, its ``embedding`` group.
