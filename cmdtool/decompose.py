@@ -16,7 +16,7 @@ when a reference barely moves. Against a normalised reference the least-squares 
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -229,7 +229,7 @@ class OnlineUpdate(NamedTuple):
     references: np.ndarray  # (M, T + 1) float64, normalised over the T + 1 checkpoints
     offset: np.ndarray      # (M,) new mean of the raw reference
     scale: np.ndarray       # (M,) new norm of the centred raw reference
-    sse: np.ndarray         # (n,) increase of each parameter's least-squares error, summed over time
+    mode_sse: np.ndarray    # (M,) increase of each mode's least-squares error, summed over time
 
 
 class FrameUpdate(NamedTuple):
@@ -265,24 +265,130 @@ def update_frame(references: np.ndarray, offset: np.ndarray, scale: np.ndarray,
                        raw_shifted / new_scale[:, None], offset + moved, new_scale)
 
 
-def update_parameters(a, b, labels, w, frame: FrameUpdate, frozen=None):
-    """The ``O(N)`` half of ``update_fit``: returns ``(a, b, sse)`` in the new frame.
+class ObservationSums(NamedTuple):
+    """What one observation adds to the error sums of an online fit (``update_parameters``)."""
+    mode_sse: np.ndarray    # (M,) to each mode's least-squares error
+    sq_norm: float          # Σ w²
+    sq_displacement: float  # Σ (w − w(0))² (0 without the first observation)
+    sq_centred: float       # to Σ (w − mean w)² over all observations: Σ (w − b)² · T / (T + 1) (Welford)
 
-    Written with arithmetic operators and indexing only, so that it runs unchanged on numpy arrays
-    and on torch tensors (``cmdtool.training`` keeps ``a, b`` on the model's device; the fields of
-    ``frame`` must then be tensors there). ``frozen`` (bool, optional) marks parameters whose fit is
-    frozen (embedded CMD, §3.4): their prediction error counts as 0, so they are only re-expressed
-    in the new frame and follow the same function of the raw reference as before.
+
+BLOCK = 1 << 16  # columns per block of update_parameters: its four float64 work buffers stay in the CPU cache
+
+
+def update_parameters(a, b, first, index, w, frame: FrameUpdate, frozen=None, lanes: int = 1,
+                      block: int = BLOCK) -> ObservationSums:
+    """The ``O(N)`` half of ``update_fit``, in place: ``a, b`` move to the new frame, and the sums
+    of squares the metrics need are returned. The one update of online CMD: ``cmd update``, ``cmd
+    watch`` and ``cmd fit --warmup`` run it on numpy arrays, ``OnlineCMD`` and ``EmbeddedCMD`` on
+    torch tensors on the model's device (the same operations, in the same order).
+
+    With ``y = w − b`` (``b`` is each parameter's mean) and ``ρ`` the new point in the old frame, the
+    prediction error is ``e = y − aρ``; the mode's least-squares error grows by ``e² / (1 + ρ² +
+    1/T)``, and the fit over the ``T + 1`` points, re-expressed against the renormalised references,
+    is ``a ← (a + ρ·T/(T+1)·y) / ratio``, ``b ← b + y/(T+1)`` (algebraically ``[a b] += e · x G_new⁻¹``
+    of ``update_fit`` followed by the change of frame). ``frozen`` (bool, optional) marks fits that
+    are frozen (embedded CMD, §3.4): their error counts as 0 (``y − e``, i.e. ``aρ``, in place of
+    ``y``), so they are only re-expressed in the new frame and stay the same function of the raw
+    reference.
+
+    Args:
+        a, b: (N,) float64, updated in place.
+        first: (N,) the first observation, for ``sq_displacement``, or None.
+        index: (N,) integers: each parameter's mode times ``lanes`` plus a lane (``lanes`` partial
+            sums per mode shorten the dependent chain of adding into one accumulator).
+        w: the new observation as 1-D pieces in column order (views of a model's tensors: nothing is
+            concatenated), together N values, read exactly as they are.
+        frame: ``update_frame`` of the references and the new reference values.
+        block: columns per pass: the work buffers of a block stay in the cache, and each parameter's
+            state is read and written once.
     """
-    rho_i = frame.rho[labels]
-    e = w - a * rho_i - b
-    if frozen is not None:
-        e = e * ~frozen
-    sse = e * e / frame.sse_weight[labels]
-    a_old_frame = a + e * frame.gain_a[labels]
-    b_old_frame = b + e * frame.gain_b[labels]
-    # a r̃_old + b = (a · scale_new / scale) r̃_new + b + a (offset_new − offset) / scale
-    return a_old_frame * frame.ratio[labels], b_old_frame + a_old_frame * frame.shift[labels], sse
+    ops = _operations(a)
+    xp, N, M = ops.xp, a.shape[0], len(frame.rho)
+    T = frame.references.shape[1] - 1
+    grow, mean_step = T / (T + 1), 1.0 / (T + 1)
+    rho, shrink = (ops.table(np.repeat(np.asarray(v, dtype=np.float64), lanes), a)
+                   for v in (frame.rho, 1.0 / frame.ratio))
+    squares, sums = ops.zeros(M * lanes, a), ops.zeros(3, a)  # Σ e² per lane; Σ w², Σ (w − w(0))², Σ (w − b)²
+    mask = None if frozen is None else ops.as_bytes(frozen)
+    size = max(1, min(block, N))
+    x, y, z, u = (ops.empty(size, a) for _ in range(4))
+    for lo, hi, segments in _blocks([len(piece) for piece in w], size):
+        n = hi - lo
+        xv, yv, zv, uv = x[:n], y[:n], z[:n], u[:n]
+        a_, b_, at = a[lo:hi], b[lo:hi], index[lo:hi]
+        for piece, start, stop, to in segments:
+            ops.copy(xv[to:to + stop - start], w[piece][start:stop])
+        sums[0] += xp.dot(xv, xv)
+        if first is not None:
+            xp.subtract(xv, first[lo:hi], out=yv)
+            sums[1] += xp.dot(yv, yv)
+        xp.subtract(xv, b_, out=yv)                # y = w − b
+        sums[2] += xp.dot(yv, yv)
+        ops.take(rho, at, zv)                      # ρ of each parameter's mode
+        xp.multiply(zv, a_, out=xv)
+        xp.subtract(yv, xv, out=xv)                # e = y − aρ, the prediction error
+        if mask is not None:                       # frozen: e = 0 and y − e (times the mask: no branch per value)
+            xp.multiply(xv, mask[lo:hi], out=uv)
+            yv -= uv
+            xv -= uv
+        xp.multiply(xv, xv, out=uv)
+        squares += xp.bincount(at, weights=uv, minlength=M * lanes)
+        xp.multiply(yv, zv, out=xv)
+        xv *= grow
+        a_ += xv
+        ops.take(shrink, at, zv)
+        a_ *= zv                                   # a ← (a + ρ·T/(T+1)·y) / ratio
+        xp.multiply(yv, mean_step, out=uv)
+        b_ += uv                                   # b ← b + y / (T + 1)
+    squares, sums = ops.to_numpy(squares), ops.to_numpy(sums)
+    return ObservationSums(squares.reshape(M, lanes).sum(axis=1) / frame.sse_weight, float(sums[0]),
+                           float(sums[1]), float(sums[2]) * T / (T + 1))
+
+
+def _blocks(sizes: Sequence[int], size: int):
+    """Per block of ``size`` columns ``(lo, hi, segments)``: the ``(piece, start, stop, at)`` parts of
+    the pieces of ``sizes`` (in column order) that fill it, ``at`` the position in the block."""
+    starts = [0, *np.cumsum(sizes, dtype=np.int64).tolist()]
+    piece = 0
+    for lo in range(0, starts[-1], size):
+        hi, segments = min(lo + size, starts[-1]), []
+        while piece < len(sizes) and starts[piece] < hi:
+            begin, end = max(lo, starts[piece]), min(hi, starts[piece + 1])
+            if end > begin:
+                segments.append((piece, begin - starts[piece], end - starts[piece], begin - lo))
+            if starts[piece + 1] > hi:
+                break
+            piece += 1
+        yield lo, hi, segments
+
+
+class _Operations(NamedTuple):
+    """What ``update_parameters`` needs beyond the functions numpy and torch share (``subtract``,
+    ``multiply``, ``dot``, ``bincount``, in-place operators)."""
+    xp: object
+    empty: Callable      # (n, like) -> float64 (n,) where ``like`` lives
+    zeros: Callable
+    table: Callable      # (numpy values, like) -> the same where ``like`` lives
+    take: Callable       # (table, index, out): out = table[index]
+    copy: Callable       # (destination, source)
+    as_bytes: Callable   # a bool array as 0/1 bytes (multiplying by bools is slow in torch)
+    to_numpy: Callable
+
+
+def _operations(like) -> _Operations:
+    """numpy's or torch's (imported only for torch tensors: ``cmd update`` runs without torch)."""
+    if isinstance(like, np.ndarray):
+        return _Operations(np, lambda n, _: np.empty(n), lambda n, _: np.zeros(n), lambda v, _: v,
+                           lambda table, index, out: np.take(table, index, out=out, mode="clip"), np.copyto,
+                           lambda mask: mask.view(np.uint8), np.asarray)
+    import torch
+    return _Operations(
+        torch, lambda n, like: torch.empty(n, dtype=torch.float64, device=like.device),
+        lambda n, like: torch.zeros(n, dtype=torch.float64, device=like.device),
+        lambda v, like: torch.from_numpy(v).to(like.device),
+        lambda table, index, out: torch.index_select(table, 0, index, out=out), lambda out, v: out.copy_(v),
+        lambda mask: mask.view(torch.uint8), lambda v: v.cpu().numpy())
 
 
 def update_fit(a: np.ndarray, b: np.ndarray, labels: np.ndarray, w: np.ndarray, references: np.ndarray,
@@ -298,13 +404,13 @@ def update_fit(a: np.ndarray, b: np.ndarray, labels: np.ndarray, w: np.ndarray, 
     least-squares error grows by ``e² / (1 + x G⁻¹ xᵀ)``). The references are then renormalised over
     ``T + 1`` checkpoints (running mean and centred norm, exact in float64) and ``a, b`` re-expressed
     against them, so the stored frame keeps its precision when a reference barely moves.
-    Two halves: ``update_frame`` (per mode) and ``update_parameters`` (per parameter).
+    Two halves: ``update_frame`` (per mode) and ``update_parameters`` (per parameter, in place;
+    here on copies of ``a, b``).
     """
-    labels = np.asarray(labels, dtype=np.int64)
-    a, b, w = (np.asarray(v, dtype=np.float64) for v in (a, b, w))
+    a, b = (np.array(v, dtype=np.float64) for v in (a, b))
     frame = update_frame(references, offset, scale, reference_values)
-    a_new, b_new, sse = update_parameters(a, b, labels, w, frame)
-    return OnlineUpdate(a_new, b_new, frame.references, frame.offset, frame.scale, sse)
+    sums = update_parameters(a, b, None, np.asarray(labels, dtype=np.int64), [np.asarray(w, dtype=np.float64)], frame)
+    return OnlineUpdate(a, b, frame.references, frame.offset, frame.scale, sums.mode_sse)
 
 
 # Choosing M and refining the modes (not in the paper): pure functions on the sampled trajectories.
