@@ -309,7 +309,8 @@ def update_parameters(a, b, first, index, w, frame: FrameUpdate, frozen=None, la
     grow, mean_step = T / (T + 1), 1.0 / (T + 1)
     rho, shrink = (ops.table(np.repeat(np.asarray(v, dtype=np.float64), lanes), a)
                    for v in (frame.rho, 1.0 / frame.ratio))
-    squares, sums = ops.zeros(M * lanes, a), ops.zeros(3, a)  # Σ e² per lane; Σ w², Σ (w − w(0))², Σ (w − b)²
+    squares = ops.zeros(M * lanes, a)        # Σ e² per lane of each mode
+    sums = ([], [], [])                      # per block: Σ w², Σ (w − w(0))², Σ (w − b)²
     mask = None if frozen is None else ops.as_bytes(frozen)
     size = max(1, min(block, N))
     x, y, z, u = (ops.empty(size, a) for _ in range(4))
@@ -319,31 +320,28 @@ def update_parameters(a, b, first, index, w, frame: FrameUpdate, frozen=None, la
         a_, b_, at = a[lo:hi], b[lo:hi], index[lo:hi]
         for piece, start, stop, to in segments:
             ops.copy(xv[to:to + stop - start], w[piece][start:stop])
-        sums[0] += xp.dot(xv, xv)
+        sums[0].append(xp.dot(xv, xv))
         if first is not None:
-            xp.subtract(xv, first[lo:hi], out=yv)
-            sums[1] += xp.dot(yv, yv)
+            xp.subtract(xv, first[lo:hi], out=uv)
+            sums[1].append(xp.dot(uv, uv))
         xp.subtract(xv, b_, out=yv)                # y = w − b
-        sums[2] += xp.dot(yv, yv)
+        sums[2].append(xp.dot(yv, yv))
         ops.take(rho, at, zv)                      # ρ of each parameter's mode
-        xp.multiply(zv, a_, out=xv)
-        xp.subtract(yv, xv, out=xv)                # e = y − aρ, the prediction error
+        ops.sub_product(xv, yv, zv, a_)            # e = y − ρa, the prediction error
         if mask is not None:                       # frozen: e = 0 and y − e (times the mask: no branch per value)
             xp.multiply(xv, mask[lo:hi], out=uv)
             yv -= uv
             xv -= uv
-        xp.multiply(xv, xv, out=uv)
-        squares += xp.bincount(at, weights=uv, minlength=M * lanes)
-        xp.multiply(yv, zv, out=xv)
-        xv *= grow
-        a_ += xv
+        xp.multiply(xv, xv, out=xv)
+        squares += xp.bincount(at, weights=xv, minlength=M * lanes)
+        ops.add_product(a_, yv, zv, grow, uv)      # a + ρ·T/(T+1)·y
         ops.take(shrink, at, zv)
-        a_ *= zv                                   # a ← (a + ρ·T/(T+1)·y) / ratio
-        xp.multiply(yv, mean_step, out=uv)
-        b_ += uv                                   # b ← b + y / (T + 1)
-    squares, sums = ops.to_numpy(squares), ops.to_numpy(sums)
-    return ObservationSums(squares.reshape(M, lanes).sum(axis=1) / frame.sse_weight, float(sums[0]),
-                           float(sums[1]), float(sums[2]) * T / (T + 1))
+        a_ *= zv                                   # ... / ratio
+        ops.add_scaled(b_, yv, mean_step, uv)      # b ← b + y / (T + 1)
+    squares = ops.to_numpy(squares)
+    sq_norm, sq_displacement, sq_centred = (ops.total(v) for v in sums)
+    return ObservationSums(squares.reshape(M, lanes).sum(axis=1) / frame.sse_weight, sq_norm, sq_displacement,
+                           sq_centred * T / (T + 1))
 
 
 def _blocks(sizes: Sequence[int], size: int):
@@ -365,15 +363,35 @@ def _blocks(sizes: Sequence[int], size: int):
 
 class _Operations(NamedTuple):
     """What ``update_parameters`` needs beyond the functions numpy and torch share (``subtract``,
-    ``multiply``, ``dot``, ``bincount``, in-place operators)."""
+    ``multiply``, ``dot``, ``bincount``, in-place operators): torch has fused forms of three steps."""
     xp: object
-    empty: Callable      # (n, like) -> float64 (n,) where ``like`` lives
+    empty: Callable        # (n, like) -> float64 (n,) where ``like`` lives
     zeros: Callable
-    table: Callable      # (numpy values, like) -> the same where ``like`` lives
-    take: Callable       # (table, index, out): out = table[index]
-    copy: Callable       # (destination, source)
-    as_bytes: Callable   # a bool array as 0/1 bytes (multiplying by bools is slow in torch)
+    table: Callable        # (numpy values, like) -> the same where ``like`` lives
+    take: Callable         # (table, index, out): out = table[index]
+    copy: Callable         # (destination, source)
+    as_bytes: Callable     # a bool array as 0/1 bytes (multiplying by bools is slow in torch)
+    sub_product: Callable  # (out, y, z, a): out = y − z·a
+    add_product: Callable  # (target, y, z, value, scratch): target += value·y·z
+    add_scaled: Callable   # (target, y, value, scratch): target += value·y
+    total: Callable        # a list of 0-d sums -> float
     to_numpy: Callable
+
+
+def _numpy_sub_product(out, y, z, a):
+    np.multiply(z, a, out=out)
+    np.subtract(y, out, out=out)
+
+
+def _numpy_add_product(target, y, z, value, scratch):
+    np.multiply(y, z, out=scratch)
+    scratch *= value
+    target += scratch
+
+
+def _numpy_add_scaled(target, y, value, scratch):
+    np.multiply(y, value, out=scratch)
+    target += scratch
 
 
 def _operations(like) -> _Operations:
@@ -381,14 +399,18 @@ def _operations(like) -> _Operations:
     if isinstance(like, np.ndarray):
         return _Operations(np, lambda n, _: np.empty(n), lambda n, _: np.zeros(n), lambda v, _: v,
                            lambda table, index, out: np.take(table, index, out=out, mode="clip"), np.copyto,
-                           lambda mask: mask.view(np.uint8), np.asarray)
+                           lambda mask: mask.view(np.uint8), _numpy_sub_product, _numpy_add_product,
+                           _numpy_add_scaled, lambda sums: float(np.sum(sums)), np.asarray)
     import torch
     return _Operations(
         torch, lambda n, like: torch.empty(n, dtype=torch.float64, device=like.device),
         lambda n, like: torch.zeros(n, dtype=torch.float64, device=like.device),
         lambda v, like: torch.from_numpy(v).to(like.device),
         lambda table, index, out: torch.index_select(table, 0, index, out=out), lambda out, v: out.copy_(v),
-        lambda mask: mask.view(torch.uint8), lambda v: v.cpu().numpy())
+        lambda mask: mask.view(torch.uint8), lambda out, y, z, a: torch.addcmul(y, z, a, value=-1.0, out=out),
+        lambda target, y, z, value, _: target.addcmul_(y, z, value=value),
+        lambda target, y, value, _: target.add_(y, alpha=value),
+        lambda sums: float(torch.stack(sums).sum()) if sums else 0.0, lambda v: v.cpu().numpy())
 
 
 def update_fit(a: np.ndarray, b: np.ndarray, labels: np.ndarray, w: np.ndarray, references: np.ndarray,

@@ -69,7 +69,8 @@ def update_case(N: int = 5000, M: int = 3, T: int = 6, seed: int = 1):
 def test_update_parameters_equals_the_normal_equations_on_numpy_and_torch(frozen_share):
     """The one update, in place and in blocks, on numpy arrays (``cmd update``) and on torch tensors
     (``EmbeddedCMD``, ``OnlineCMD``), with lanes and blocks of any size, equals the normal equations
-    to 1e-12; numpy and torch give the same a, b bit for bit (the same operations in the same order)."""
+    to 1e-12 (torch fuses three steps, so its last bits may differ from numpy's); within one library the
+    blocks and lanes give the same a, b bit for bit."""
     a, b, w, labels, offset, scale, frame = update_case()
     frozen = np.random.default_rng(2).random(len(a)) < frozen_share if frozen_share else None
     a_want, b_want, sse_want = normal_equations(a, b, labels, w.astype(np.float64), frame, frozen)
@@ -93,12 +94,13 @@ def test_update_parameters_equals_the_normal_equations_on_numpy_and_torch(frozen
         assert sums.sq_norm == pytest.approx(w64 @ w64, rel=1e-12)
         assert sums.sq_displacement == pytest.approx(((w64 - first) ** 2).sum(), rel=1e-12)
         assert sums.sq_centred == pytest.approx(((w64 - b) ** 2).sum() * T / (T + 1), rel=1e-12)
-        results.append((got_a, got_b))
-    for got_a, got_b in results[1:]:
-        np.testing.assert_array_equal(got_a, results[0][0])
-        np.testing.assert_array_equal(got_b, results[0][1])
+        results.append((library, got_a, got_b))
+    for library, got_a, got_b in results:  # blocks and lanes change no value of a, b
+        _, want_a, want_b = next(r for r in results if r[0] == library)
+        np.testing.assert_array_equal(got_a, want_a)
+        np.testing.assert_array_equal(got_b, want_b)
     if frozen is not None:  # frozen fits only move with the frame: the same function of the raw reference
-        (a_f, b_f), kept = results[0], labels[frozen]
+        (_, a_f, b_f), kept = results[0], labels[frozen]
         raw_before = a[frozen] / scale[kept], b[frozen] - a[frozen] * offset[kept] / scale[kept]
         raw_after = a_f[frozen] / frame.scale[kept], b_f[frozen] - a_f[frozen] * frame.offset[kept] / frame.scale[kept]
         np.testing.assert_allclose(raw_after[0], raw_before[0], rtol=1e-12)
@@ -107,7 +109,7 @@ def test_update_parameters_equals_the_normal_equations_on_numpy_and_torch(frozen
 
 def test_device_update_equals_cmd_update():
     """``DeviceState.observe`` (torch, in lanes) gives what ``OnlineState.observe`` (numpy, the update
-    of ``cmd update``) gives: a, b and the references bit for bit, the sums to float64 rounding."""
+    of ``cmd update``) gives, to float64 rounding (1e-12)."""
     from cmdtool.checkpoints import CheckpointInfo
     from cmdtool.layout import build_layout
     from cmdtool.modes import FitSettings
@@ -124,9 +126,9 @@ def test_device_update_equals_cmd_update():
     for t in range(5, 12):
         online.observe(rows[t], f"{t}", t, info, {})
         device.observe(torch.from_numpy(rows[t]), f"{t}", t, info, {})
-    np.testing.assert_array_equal(device.a.numpy(), online.a)
-    np.testing.assert_array_equal(device.b.numpy(), online.b)
-    np.testing.assert_array_equal(device.references, online.references)
+    np.testing.assert_allclose(device.a.numpy(), online.a, rtol=1e-12, atol=1e-14)
+    np.testing.assert_allclose(device.b.numpy(), online.b, rtol=1e-12, atol=1e-14)
+    np.testing.assert_array_equal(device.references, online.references)  # the same update_frame
     np.testing.assert_allclose(device.mode_sse, online.mode_sse_least_squares, rtol=1e-12)
     for key in ("sq_norm", "sq_displacement", "sq_centred"):
         assert getattr(device, key) == pytest.approx(getattr(online, key), rel=1e-12), key
