@@ -551,3 +551,22 @@ def test_state_dict_is_a_copy_and_loading_a_warmup_state_removes_the_hooks(tmp_p
     loss = sum((p ** 2).sum() for p in model.parameters() if p.requires_grad)
     loss.backward()
     assert all(bool((p.grad != 0).any()) for p in model.parameters() if p.requires_grad and p.numel() > 1)
+
+
+def test_an_embedded_run_compiles_and_loads_nothing(tmp_path, isolated_cache):
+    """Online and embedded CMD run in torch operations alone: after a run with embedding windows and
+    step() holds, nothing (no shared library, no lib/ folder) is left in $CMDTOOL_CACHE, and the
+    code of the update loads no native code and reads no memory by address."""
+    from pathlib import Path
+
+    _, _, cmd, _ = planted_training(tmp_path)
+    assert cmd.embedded_fraction > 0
+    cmd.save(tmp_path / "embedded.cmd.h5")
+    assert not isolated_cache.exists() or not any(isolated_cache.rglob("*"))
+    package = Path(cmdtool.__file__).parent
+    sources = [package / "decompose.py", *(package / "training").rglob("*.py"), *(package / "online").rglob("*.py"),
+               *(package / "integrations").rglob("*.py")]
+    for source in sources:
+        text = source.read_text()
+        for word in ("ctypes", "CDLL", "data_ptr", "subprocess", "cffi"):
+            assert word not in text, f"{source.relative_to(package)} uses {word}"
