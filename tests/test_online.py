@@ -698,6 +698,9 @@ def test_online_cmd_takes_state_dicts_as_training_holds_them(tmp_path):
     np.testing.assert_array_equal(odd.state.mode_sse, plain.state.mode_sse)
     got = odd.reconstruct()
     assert got["fc.bias"].dtype == torch.bfloat16 and got["fc.weight"].dtype == torch.float64
+    moved = {k: v.to("meta") for k, v in odd_states[-1].items()}  # the state stays where the warm-up was
+    with pytest.raises(CmdError, match=r"observation 12 .*: the model is on meta but the CMD state on cpu"):
+        odd.observe(moved, time=12)
     for name, value in plain.reconstruct().items():  # the same CMD weights, in each tensor's own dtype
         rtol = 2 ** -8 if got[name].dtype == torch.bfloat16 else 1e-6
         torch.testing.assert_close(got[name].double(), value.double(), rtol=rtol, atol=1e-6)
