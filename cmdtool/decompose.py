@@ -333,7 +333,7 @@ def update_parameters(a, b, first, index, w, frame: FrameUpdate, frozen=None, la
             yv -= uv
             xv -= uv
         xp.multiply(xv, xv, out=xv)
-        squares += xp.bincount(at, weights=xv, minlength=M * lanes)
+        ops.add_at(squares, at, xv)
         ops.add_product(a_, yv, zv, grow, uv)      # a + ρ·T/(T+1)·y
         ops.take(shrink, at, zv)
         a_ *= zv                                   # ... / ratio
@@ -363,7 +363,7 @@ def _blocks(sizes: Sequence[int], size: int):
 
 class _Operations(NamedTuple):
     """What ``update_parameters`` needs beyond the functions numpy and torch share (``subtract``,
-    ``multiply``, ``dot``, ``bincount``, in-place operators): torch has fused forms of three steps."""
+    ``multiply``, ``dot``, in-place operators): torch has fused forms of three steps."""
     xp: object
     empty: Callable        # (n, like) -> float64 (n,) where ``like`` lives
     zeros: Callable
@@ -374,6 +374,7 @@ class _Operations(NamedTuple):
     sub_product: Callable  # (out, y, z, a): out = y − z·a
     add_product: Callable  # (target, y, z, value, scratch): target += value·y·z
     add_scaled: Callable   # (target, y, value, scratch): target += value·y
+    add_at: Callable       # (sums, index, values): sums[index] += values, repeated indices adding up
     total: Callable        # a list of 0-d sums -> float
     to_numpy: Callable
 
@@ -394,13 +395,17 @@ def _numpy_add_scaled(target, y, value, scratch):
     target += scratch
 
 
+def _numpy_add_at(sums, index, values):
+    sums += np.bincount(index, weights=values, minlength=len(sums))  # np.add.at is 10× slower
+
+
 def _operations(like) -> _Operations:
     """numpy's or torch's (imported only for torch tensors: ``cmd update`` runs without torch)."""
     if isinstance(like, np.ndarray):
         return _Operations(np, lambda n, _: np.empty(n), lambda n, _: np.zeros(n), lambda v, _: v,
                            lambda table, index, out: np.take(table, index, out=out, mode="clip"), np.copyto,
                            lambda mask: mask.view(np.uint8), _numpy_sub_product, _numpy_add_product,
-                           _numpy_add_scaled, lambda sums: float(np.sum(sums)), np.asarray)
+                           _numpy_add_scaled, _numpy_add_at, lambda sums: float(np.sum(sums)), np.asarray)
     import torch
     return _Operations(
         torch, lambda n, like: torch.empty(n, dtype=torch.float64, device=like.device),
@@ -410,6 +415,7 @@ def _operations(like) -> _Operations:
         lambda mask: mask.view(torch.uint8), lambda out, y, z, a: torch.addcmul(y, z, a, value=-1.0, out=out),
         lambda target, y, z, value, _: target.addcmul_(y, z, value=value),
         lambda target, y, value, _: target.add_(y, alpha=value),
+        lambda sums, index, values: sums.index_add_(0, index, values),  # deterministic on CUDA too (bincount is not)
         lambda sums: float(torch.stack(sums).sum()) if sums else 0.0, lambda v: v.cpu().numpy())
 
 
