@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from resnet18 import resnet18_layout  # noqa: E402
 from train import resnet18_model  # noqa: E402
 
-from cmdtool.decompose import BLOCK  # noqa: E402
+from cmdtool.online.least_squares import BLOCK  # noqa: E402
 from cmdtool.training import EmbeddedCMD  # noqa: E402
 
 
@@ -62,7 +62,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    update = f"decompose.update_parameters on torch tensors (blocks of {BLOCK} columns)"
+    update = f"update_parameters on torch tensors (blocks of {BLOCK} columns)"
     model = resnet18_model(nn)
     layout = [(n, tuple(t.shape), str(t.dtype).removeprefix("torch.")) for n, t in model.state_dict().items()]
     assert layout == resnet18_layout(), "not torchvision's ResNet-18 layout"

@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_file
 
 import cmdtool
 from cmdtool.cli import app
-from cmdtool.decompose import normalise_references, update_fit
+from cmdtool.decompose import normalise_references
 from cmdtool.errors import CmdError
 from cmdtool.modefile import open_mode_file
 from cmdtool.online import watch
+from cmdtool.online.least_squares import update_fit
 from helpers import plant, write_run
 
 F = 8  # warm-up checkpoints in these tests

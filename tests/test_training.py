@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 import cmdtool
 from cmdtool import CmdError
 from cmdtool.cli import app
-from cmdtool.decompose import BLOCK, update_frame, update_parameters
 from cmdtool.modefile import open_mode_file
+from cmdtool.online.least_squares import BLOCK, update_frame, update_parameters
 from cmdtool.training import EmbeddedCMD
 from helpers import plant, write_run
 

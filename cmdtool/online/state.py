@@ -3,7 +3,7 @@
 Modes and references are found once, on the first ``F`` checkpoints (the warm-up: post-hoc CMD,
 ``fitting.decompose``, as in ``cmd fit``); after that they stay fixed, every new checkpoint appends
 ``r_m(t) = w_ref_m(t)`` to the references and updates every parameter's ``a, b`` exactly through the
-normal equations (``decompose.update_fit``; in place, ``update_parameters``). An update needs one
+normal equations (``least_squares.update_fit``; in place, ``update_parameters``). An update needs one
 checkpoint plus ``O(N)`` per-parameter state, all of it in the mode file: ``a, b, labels`` and, in the
 ``online`` group, the first checkpoint's values (for ``rel_error_displacement``) and the
 least-squares error per mode.
@@ -18,16 +18,22 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 import numpy as np
 
 from ..checkpoints import Checkpoint, CheckpointInfo
-from ..decompose import label_dtype, update_frame, update_parameters
+from ..decompose import label_dtype
 from ..errors import CmdError
 from ..fitting import fit_trajectory
 from ..layout import Layout, check_same_tensors
 from ..modes import CarriedRows, FitMetrics, FitSettings, Modes, ModesShape, OnlineInfo, model_values
 from ..progress import Progress, no_progress
 from ..trajectory import InMemoryTrajectory, Trajectory, check_finite, moving_parameters
+from .least_squares import update_frame, update_parameters
 
 if TYPE_CHECKING:
     import torch
+
+
+ONLINECMD_SOURCE = "an OnlineCMD training loop"  # settings.source of a mode file OnlineCMD wrote
+TRAINING_SOURCE = "a cmdtool.training run"  # settings.source of a mode file cmdtool.training wrote
+ONLINECMD_TRAJECTORY = "none (OnlineCMD keeps no trajectory)"
 
 
 def flatten(source: str, values: Callable[[str], np.ndarray], raw_bytes: Callable[[str], np.ndarray],

@@ -1,7 +1,7 @@
 """Online and embedded CMD state of a live model: ``O(N)`` torch tensors on the model's device.
 
 After the warm-up (``_warmup.warmup_state``, the code of ``cmd fit``) every observation updates
-``a, b`` by ``decompose.update_parameters``, the one update of online CMD (paper §3.3), which ``cmd
+``a, b`` by ``online.least_squares.update_parameters``, the one update of online CMD (paper §3.3), which ``cmd
 update`` runs on numpy arrays and this state runs on the model's tensors, on any device, with the
 same operations. Embedded CMD (§3.4): every ``L`` observations the ``P`` % of the embeddable
 parameters whose ``(a, b)`` moved least since the previous window are frozen; their fit is then only
@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from ..checkpoints import CheckpointInfo
-from ..decompose import BLOCK, update_frame, update_parameters
 from ..layout import Layout
 from ..modes import FitSettings, ModesShape
+from ..online.least_squares import BLOCK, update_frame, update_parameters
 from ..online.state import OnlineState
 from ._warmup import carried_rows
 from .tensors import count_true, nonzero
@@ -124,7 +124,7 @@ class DeviceState(ModesShape):
         """Absorb one observation: ``w`` is the (N,) observation (on the device, laid out as
         ``self.layout``) or the modelled tensors' flat values in layout order (views of the model's
         own tensors: nothing is concatenated). Values are observed as float32: a float64 tensor is
-        rounded first. ``decompose.update_parameters`` updates ``a, b`` in place."""
+        rounded first. ``online.least_squares.update_parameters`` updates ``a, b`` in place."""
         pieces = [w] if isinstance(w, torch.Tensor) else list(w)
         if sum(p.numel() for p in pieces) != self.labels.numel():
             raise ValueError(f"the observation has {sum(p.numel() for p in pieces)} values, the state "

@@ -1,4 +1,5 @@
-"""Online CMD inside a training loop: ``OnlineCMD`` (paper §3.3)."""
+"""Online CMD inside a training loop: ``OnlineCMD`` (paper §3.3), fed state dicts, its state where
+the observed tensors are (``DeviceState``, as ``EmbeddedCMD`` keeps it)."""
 
 from __future__ import annotations
 
@@ -6,19 +7,17 @@ from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
+import torch
 
-from .._lazy import torch  # imported on first use
 from ..checkpoints import CheckpointInfo, dtype_name
 from ..errors import CmdError
 from ..fitting import fit_trajectory
 from ..layout import Layout, build_layout, check_same_tensors
 from ..modefile import write_mode_file
 from ..modes import REFINE, FitSettings
-from .state import OnlineState, warmup_trajectory
-
-ONLINECMD_SOURCE = "an OnlineCMD training loop"  # settings.source of a mode file OnlineCMD wrote
-TRAINING_SOURCE = "a cmdtool.training run"  # settings.source of a mode file cmdtool.training wrote
-ONLINECMD_TRAJECTORY = "none (OnlineCMD keeps no trajectory)"
+from ..online.state import ONLINECMD_SOURCE, ONLINECMD_TRAJECTORY, OnlineState, warmup_trajectory
+from .state import DeviceState
+from .tensors import check_finite_pieces, same_device
 
 
 class OnlineCMD:
@@ -52,7 +51,7 @@ class OnlineCMD:
         self._times: list[int] = []
         self._latest_carried: dict = {}
         self._error_curve: dict | None = None
-        self.state = None  # after the warm-up: cmdtool.training.state.DeviceState
+        self.state: DeviceState | None = None
 
     @property
     def T(self) -> int:
@@ -70,8 +69,6 @@ class OnlineCMD:
         device, in any float dtype (observed as float32). ``name`` is the file name ``cmd reconstruct``
         uses for it (default ``checkpoint_{t}.safetensors``), ``time`` its step or epoch number
         (default the count of observations)."""
-        from ..training.tensors import check_finite_pieces, same_device
-
         t = self.T
         name = name or f"checkpoint_{t}.safetensors"
         time = t if time is None else int(time)
@@ -102,8 +99,6 @@ class OnlineCMD:
         for key, rows in self._carried.items():
             rows.append(carried[key])
         if len(self._rows) == self.warmup:
-            from ..training.state import DeviceState
-
             W = np.stack(self._rows)
             warmup = warmup_trajectory(W, self.layout, self._times, self._names,
                                        [CheckpointInfo("safetensors") for _ in self._names],
