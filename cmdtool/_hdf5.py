@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 
 from .errors import CmdError
+from .units import human_bytes
 
 
 def write_text(group: h5py.Group, name: str, text: str) -> None:
@@ -40,17 +41,9 @@ def check_space(path: Path, nbytes: int, shown: Path) -> None:
     except OSError as e:
         if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: write and see
             return
-        raise CmdError(f"{shown}: cannot write: {e.strerror} (needs about {_size(nbytes)})") from None
+        raise CmdError(f"{shown}: cannot write: {e.strerror} (needs about {human_bytes(nbytes)})") from None
     finally:
         os.close(fd)
-
-
-def _size(nbytes: int) -> str:
-    for unit in ("bytes", "KB", "MB", "GB"):
-        if nbytes < 1000 or unit == "GB":
-            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1000
-    return ""
 
 
 class SliceReader:

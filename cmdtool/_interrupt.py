@@ -1,19 +1,11 @@
 """Ctrl-C while the command line is still importing (numpy, h5py, torch take a second or more):
-one line and exit 130, not a traceback. Library use (a notebook importing cmdtool) is untouched."""
+one line and exit 130, not a traceback. Only the command line's entry (``cmdtool.__main__.main``)
+calls ``quiet_while_importing``; library use (a notebook importing cmdtool) is untouched."""
 
 from __future__ import annotations
 
 import os
 import signal
-import sys
-
-
-def _started_as_cli() -> bool:
-    """Whether this process is the ``cmd`` / ``cmdtool`` console script or ``python -m cmdtool``."""
-    if os.path.basename(sys.argv[0]) in ("cmd", "cmdtool"):
-        return True
-    argv = getattr(sys, "orig_argv", [])
-    return any(a == "-m" and b == "cmdtool" for a, b in zip(argv, argv[1:]))
 
 
 def _interrupted(signum, frame) -> None:
@@ -23,7 +15,7 @@ def _interrupted(signum, frame) -> None:
 
 def quiet_while_importing() -> None:
     """Until ``restore`` (called when the command starts), Ctrl-C ends the process quietly."""
-    if _started_as_cli() and signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _interrupted)
 
 
@@ -31,6 +23,3 @@ def restore() -> None:
     """Ctrl-C raises KeyboardInterrupt again: commands remove their temporary files and exit 130."""
     if signal.getsignal(signal.SIGINT) is _interrupted:
         signal.signal(signal.SIGINT, signal.default_int_handler)
-
-
-quiet_while_importing()  # on import: ``cmdtool/__init__.py`` imports this module first

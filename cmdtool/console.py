@@ -6,6 +6,8 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
+from .units import human_bytes
+
 stdout = Console(highlight=False)
 
 TIME_SOURCES = {"global_step": "the stored global_step", "step": "the stored step",
@@ -22,10 +24,13 @@ def print_columns(header: list[str], rows: list[list]) -> None:
 
 
 def describe(checkpoint) -> str:
-    """``huggingface safetensors, 4 shards``, ``lightning torch``, ``plain safetensors``."""
-    text = f"{checkpoint.stack} {checkpoint.format}"
+    """``huggingface safetensors, 4 shards``, ``lightning torch``, ``plain safetensors``,
+    ``torch.distributed.checkpoint, 2 shards``."""
+    text = checkpoint.stack if checkpoint.format == "dcp" else f"{checkpoint.stack} {checkpoint.format}"
     if checkpoint.folder is not None and len(checkpoint.folder.weights) > 1:
         text += f", {len(checkpoint.folder.weights)} shards"
+    if checkpoint.note:
+        text += f", {checkpoint.note}"
     return text
 
 
@@ -123,14 +128,6 @@ def print_summary(s: dict, references: list | None = None) -> None:
             row.append(f"{name}[{', '.join(map(str, index))}]")
         modes.add_row(*row)
     stdout.print(modes, markup=False)
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-    return f"{n} TB"
 
 
 def embedding_line(e: dict, time: list) -> str:

@@ -12,7 +12,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 
-from .checkpoints import CheckpointInfo
+from .checkpoints.schema import CheckpointInfo
 from .decompose import (
     AUTO_TOLERANCE,
     choose_modes,

@@ -113,8 +113,8 @@ class Layout:
                 raise ValueError(f"layout entry {str(entry)[:80]!r} is not [name, shape, dtype, modelled, offset]")
             name, shape, dtype, modelled, offset = entry
             if (not isinstance(name, str) or not isinstance(shape, list)
-                    or not all(_is_int(d) and d >= 0 for d in shape)
-                    or not isinstance(modelled, bool) or not _is_int(offset)):
+                    or not all(is_integer(d) and d >= 0 for d in shape)
+                    or not isinstance(modelled, bool) or not is_integer(offset)):
                 raise ValueError(f"layout entry for tensor {str(name)[:80]!r} has fields of the wrong type")
             if dtype not in DTYPE_SIZES or (modelled and dtype not in FLOAT_DTYPES):
                 raise ValueError(f"tensor {name!r} has dtype {str(dtype)[:40]!r}, not one of {', '.join(DTYPE_SIZES)}"
@@ -142,8 +142,9 @@ class Layout:
                 raise ValueError(f"tensor {spec.name!r} declares {spec.size} elements")
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+def is_integer(value: object) -> bool:
+    """An integer, Python or numpy (a stored attribute, a JSON value, an argument); not a bool."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def select(name: str, include: Sequence[str], exclude: Sequence[str]) -> bool:

@@ -15,16 +15,46 @@ from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 
-from .checkpoints import CheckpointInfo
+from .checkpoints.schema import CheckpointInfo
 from .errors import CmdError
-from .layout import Layout
+from .layout import Layout, is_integer
 
 SAMPLING = "layer-balanced"
 REFINE = 3  # Lloyd-style passes over the references by default: lower error on every run measured (README)
+AUTO_MODES = 20  # the largest M that --modes auto tries, unless auto:MAX says otherwise
+
+# ``settings.source`` of the mode files written without a checkpoint folder (and so without a
+# trajectory store), with the name of the writer that messages give.
+ONLINECMD_SOURCE = "an OnlineCMD training loop"
+TRAINING_SOURCE = "a cmdtool.training run"
+ESTIMATOR_SOURCE = "a cmdtool.CMD estimator"
+NO_TRAJECTORY_WRITERS = {ONLINECMD_SOURCE: "OnlineCMD", TRAINING_SOURCE: "cmdtool.training",
+                         ESTIMATOR_SOURCE: "cmdtool.CMD"}
+
+
+def parse_modes(modes: int | str) -> tuple[int, int | None]:
+    """``10`` -> ``(10, None)``; ``"auto"`` -> ``(20, 20)``; ``"auto:30"`` -> ``(30, 30)``: the M to fit
+    (the largest tried, for auto) and the largest M of the error-vs-M curve (None: no curve)."""
+    if isinstance(modes, str):
+        word, _, largest = modes.strip().partition(":")
+        if word == "auto":
+            try:
+                top = int(largest) if largest else AUTO_MODES
+            except ValueError:
+                top = 0
+            if top < 1:
+                raise CmdError(f"modes {modes!r}: expected a number, auto or auto:MAX (MAX at least 1)",
+                               parameter="modes")
+            return top, top
+        try:
+            modes = int(modes)
+        except ValueError:
+            raise CmdError(f"modes {modes!r}: expected a number, auto or auto:MAX", parameter="modes") from None
+    return modes, None
 
 
 def _at_least(parameter: str, value: int | None, least: int) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+    if value is not None and (not is_integer(value) or value < least):
         raise CmdError(f"{parameter} must be an integer of at least {least} (got {value!r})", parameter=parameter)
 
 
@@ -67,13 +97,9 @@ class FitSettings:
                 raise CmdError(f"{name} must be a list of glob patterns, not a string (got {patterns!r}; pass "
                                f"[{patterns!r}])", parameter=name)
             object.__setattr__(self, name, tuple(patterns))
-        _at_least("modes", self.modes, 1)
-        _at_least("samples", self.samples, 1)
-        _at_least("every", self.every, 1)
-        _at_least("seed", self.seed, 0)
-        _at_least("warmup", self.warmup, 2)
-        _at_least("auto_modes", self.auto_modes, 1)
-        _at_least("refine", self.refine, 0)
+        for name, least in (("modes", 1), ("samples", 1), ("every", 1), ("seed", 0), ("warmup", 2),
+                            ("auto_modes", 1), ("refine", 0)):
+            _at_least(name, getattr(self, name), least)
         for name in ("ema", "drop_unmodelled"):
             if not isinstance(getattr(self, name), bool):
                 raise CmdError(f"{name} must be true or false (got {getattr(self, name)!r})", parameter=name)
@@ -82,8 +108,11 @@ class FitSettings:
                            parameter="drop_unmodelled", mentions=("warmup",))
         for name in ("start", "stop"):
             value = getattr(self, name)
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            if value is not None and not is_integer(value):
                 raise CmdError(f"{name} must be an integer or None (got {value!r})", parameter=name)
+        for name in ("modes", "samples", "every", "seed", "warmup", "auto_modes", "refine", "start", "stop"):
+            if getattr(self, name) is not None:  # numpy integers as Python ones (the settings are stored as JSON)
+                object.__setattr__(self, name, int(getattr(self, name)))
 
     def replace(self, **changes: Any) -> "FitSettings":
         return dataclasses.replace(self, **changes)
@@ -193,21 +222,17 @@ def error_curve_from_json(curve: Any) -> dict | None:
     if not all(isinstance(v, list) for v in lists.values()) or len({len(v) for v in lists.values()}) != 1:
         raise ValueError("metrics.error_curve: modes, found and rel_error must be lists of one length")
     modes, found, errors = lists.values()
-    if not modes or not all(_is_int(m) and m >= 1 for m in modes) or len(set(modes)) != len(modes):
+    if not modes or not all(is_integer(m) and m >= 1 for m in modes) or len(set(modes)) != len(modes):
         raise ValueError("metrics.error_curve.modes must be distinct integers of at least 1")
-    if not all(_is_int(n) and 1 <= n <= m for n, m in zip(found, modes)):
+    if not all(is_integer(n) and 1 <= n <= m for n, m in zip(found, modes)):
         raise ValueError("metrics.error_curve.found must be integers from 1 to the M tried")
-    if not all((_is_int(e) or isinstance(e, float) and math.isfinite(e)) and e >= 0 for e in errors):
+    if not all((is_integer(e) or isinstance(e, float) and math.isfinite(e)) and e >= 0 for e in errors):
         raise ValueError("metrics.error_curve.rel_error must be finite numbers, not negative")
-    if not _is_int(curve["chosen"]) or curve["chosen"] not in modes:
+    if not is_integer(curve["chosen"]) or curve["chosen"] not in modes:
         raise ValueError("metrics.error_curve.chosen must be one of its modes")
     if not isinstance(curve["measured_on"], str) or not isinstance(curve["rule"], str):
         raise ValueError("metrics.error_curve: measured_on and rule must be strings")
     return dict(curve)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
 
 
 @dataclass(frozen=True)

@@ -18,17 +18,20 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 
 import h5py
 import numpy as np
 
 from ._files import replace_path, temporary_sibling
 from ._hdf5 import read_strings, read_text, write_text
-from .checkpoints import Checkpoint, CheckpointInfo
+from .checkpoints.schema import CheckpointInfo
 from .errors import CmdError
 from .layout import DTYPE_SIZES, Layout
 from .trajectory import TrajectoryStore, check_finite
+
+if TYPE_CHECKING:
+    from .checkpoints.discover import Checkpoint
 
 SHARDS_KIND = "cmdtool-trajectory-shards"
 SHARDS_VERSION = 1
@@ -256,6 +259,8 @@ def open_sharded(path: Path) -> ShardedStore:
                 shape, offset = (len(names), int(hi - lo)), ds.id.get_offset()
                 varies.append(f["varies"][()].astype(bool))
             maps.append(np.memmap(folder / shard_name(i), dtype="<f4", mode="r", offset=offset, shape=shape))
+    except CmdError:
+        raise
     except (OSError, KeyError, ValueError) as e:
         raise CmdError(f"{folder}: not a readable cmdtool sharded trajectory store ({e})") from None
     if bounds[-1] != layout.n_parameters:

@@ -17,16 +17,19 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import h5py
 import numpy as np
 
 from ._files import temporary_sibling
 from ._hdf5 import check_space, read_strings, read_text, write_text
-from .checkpoints import Checkpoint, CheckpointInfo
+from .checkpoints.schema import CheckpointInfo
 from .errors import CmdError
 from .layout import Layout, build_layout, check_same_tensors, dataset_key
+
+if TYPE_CHECKING:
+    from .checkpoints.discover import Checkpoint
 
 STORE_KIND = "cmdtool-trajectory"
 STORE_VERSION = 2  # 2: attachments, --ema

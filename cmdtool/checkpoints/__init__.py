@@ -1,22 +1,17 @@
-"""Finding, ordering, reading and writing checkpoints. Knows nothing about modes."""
+"""Finding, ordering, reading and writing checkpoints. Knows nothing about modes.
 
-from .discover import (
-    CHECKPOINT_SUFFIXES,
-    Checkpoint,
-    Discovery,
-    Skipped,
-    candidate_entries,
-    checkpoint_at,
-    discover,
-    name_number,
-    natural_key,
-    skip_reason,
-    times_from_names,
-)
-from .formats import CheckpointReader, FolderReader, dtype_name, sniff_format
-from .schema import CheckpointInfo
-from .writing import write_checkpoint
+Names are imported from their modules on first use (``discover``, ``formats``, ``schema``,
+``writing``): ``from cmdtool.checkpoints.schema import CheckpointInfo`` loads no reader."""
 
-__all__ = ["CHECKPOINT_SUFFIXES", "Checkpoint", "CheckpointInfo", "CheckpointReader", "Discovery", "FolderReader",
-           "Skipped", "candidate_entries", "checkpoint_at", "discover", "dtype_name", "name_number", "natural_key",
-           "skip_reason", "sniff_format", "times_from_names", "write_checkpoint"]
+from .._lazy import lazy_package
+
+__all__ = ["Checkpoint", "CheckpointInfo", "CheckpointReader", "Discovery", "Skipped", "checkpoint_at", "discover",
+           "write_checkpoint"]
+
+lazy_package(__name__, {
+    ".discover": ("CHECKPOINT_SUFFIXES", "Checkpoint", "Discovery", "Skipped", "candidate_entries", "checkpoint_at",
+                  "discover", "name_number", "natural_key", "skip_reason", "times_from_names"),
+    ".formats": ("CheckpointReader", "FolderReader", "dtype_name", "sniff_format"),
+    ".schema": ("CheckpointInfo",),
+    ".writing": ("write_checkpoint",),
+})

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 
 import numpy as np
 
-from ..checkpoints import Checkpoint, CheckpointInfo
+from ..checkpoints.schema import CheckpointInfo
 from ..decompose import label_dtype
 from ..errors import CmdError
 from ..fitting import fit_trajectory
@@ -30,10 +30,7 @@ from .least_squares import update_frame, update_parameters
 if TYPE_CHECKING:
     import torch
 
-
-ONLINECMD_SOURCE = "an OnlineCMD training loop"  # settings.source of a mode file OnlineCMD wrote
-TRAINING_SOURCE = "a cmdtool.training run"  # settings.source of a mode file cmdtool.training wrote
-ONLINECMD_TRAJECTORY = "none (OnlineCMD keeps no trajectory)"
+    from ..checkpoints.discover import Checkpoint
 
 
 def flatten(source: str, values: Callable[[str], np.ndarray], raw_bytes: Callable[[str], np.ndarray],

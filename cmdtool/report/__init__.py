@@ -1,8 +1,13 @@
-"""Evaluation reports of a mode file (``cmd report``): metrics, baselines, plots, JSON/Markdown/HTML."""
+"""Evaluation reports of a mode file (``cmd report``): metrics, baselines, plots, JSON/Markdown/HTML.
+Names are imported from their modules on first use."""
 
-from .build import ReportResult, make_report
-from .compose import REPORT_FORMAT, REPORT_VERSION
-from .evaluation import Requirement, Thresholds, load_evaluate, parse_requirement
+from .._lazy import lazy_package
 
-__all__ = ["REPORT_FORMAT", "REPORT_VERSION", "ReportResult", "Thresholds", "make_report", "Requirement",
-           "load_evaluate", "parse_requirement"]
+__all__ = ["REPORT_FORMAT", "REPORT_VERSION", "ReportResult", "Requirement", "Thresholds", "load_evaluate",
+           "make_report", "parse_requirement"]
+
+lazy_package(__name__, {
+    ".build": ("ReportResult", "make_report"),
+    ".compose": ("REPORT_FORMAT", "REPORT_VERSION"),
+    ".evaluation": ("Requirement", "Thresholds", "load_evaluate", "parse_requirement"),
+})

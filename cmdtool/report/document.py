@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from ..units import human_bytes
 from . import selection_blocks
 from .render import Heading, Image, Paragraph, Table
 
@@ -67,13 +68,6 @@ def _number(value, digits: int = 4) -> str:
     return f"{value:.{digits}g}"
 
 
-def _bytes(n: int) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:.3g} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
-
-
 def blocks(r: dict) -> tuple[list, list]:
     """The report as blocks: ``(summary, details)``; the summary alone goes to a CI step summary."""
     run, fit, compact, per_checkpoint = r["run"], r["fit"], r["compactness"], r["per_checkpoint"]
@@ -95,13 +89,14 @@ def blocks(r: dict) -> tuple[list, list]:
                   "error by how far the weights moved from the first checkpoint, ‖W − W₀‖, the harder figure. "
                   "PCA of the trajectory (mean + d principal directions, as in DLDR / P-BFGS) is the baseline: "
                   "d = 1 stores the same two numbers per parameter as CMD's `a, b`."
-                  + storage_sentence(compact, _bytes)),
+                  + storage_sentence(compact, human_bytes)),
         Table(["model", "numbers per parameter", "stored (float32)", "compression", "rel_error",
                "rel_error_displacement"],
-              [[f"CMD, {run['modes']} modes", "2 + mode label", _bytes(compact["modelled_bytes"]) + " (mode file)",
+              [[f"CMD, {run['modes']} modes", "2 + mode label",
+                human_bytes(compact["modelled_bytes"]) + " (mode file)",
                 f"{compact['compression_ratio_modelled']:.1f}×", _number(fit["rel_error"]),
                 _number(fit["rel_error_displacement"])]]
-              + [[f"PCA d={p['d']}", str(p["d"] + 1), _bytes(p["bytes_float32"]),
+              + [[f"PCA d={p['d']}", str(p["d"] + 1), human_bytes(p["bytes_float32"]),
                   f"{compact['checkpoint_bytes_float32'] / p['bytes_float32']:.1f}×",
                   _number(p["rel_error"]), _number(p["rel_error_displacement"])] for p in r["baselines"]["pca"]],
               numeric=[False, False, True, True, True, True]),

@@ -10,7 +10,7 @@ import numpy as np
 from ..checkpoints import discover
 from ..errors import CmdError
 from ..modefile import ModeFile
-from ..online import ONLINECMD_SOURCE, TRAINING_SOURCE
+from ..modes import NO_TRAJECTORY_WRITERS
 from ..progress import Progress
 from ..stores import open_trajectory_store, prepare_store
 from ..trajectory import TrajectoryStore
@@ -30,8 +30,8 @@ def open_trajectory(modes: ModeFile, checkpoints, trajectory, progress: Progress
         source = {"kind": "checkpoints", "checkpoints": str(Path(checkpoints).resolve()),
                   "trajectory": str(prepared.path), "trajectory_reused": prepared.reused}
     else:
-        if trajectory is None and settings.source in (ONLINECMD_SOURCE, TRAINING_SOURCE):
-            writer = "OnlineCMD" if settings.source == ONLINECMD_SOURCE else "cmdtool.training"
+        if trajectory is None and settings.source in NO_TRAJECTORY_WRITERS:
+            writer = NO_TRAJECTORY_WRITERS[settings.source]
             raise CmdError(f"{modes.path}: written by {writer}, which keeps no trajectory; pass --checkpoints DIR "
                            f"with the checkpoints it observed, saved under the names it was given")
         path = Path(trajectory or settings.trajectory)

@@ -2,10 +2,12 @@
 ``OnlineCMD`` fed state dicts.
 
 The state lives on the model's device as torch tensors; no training framework is imported here
-(``cmdtool.integrations`` holds the thin Lightning and Hugging Face callbacks).
+(``cmdtool.integrations`` holds the thin Lightning and Hugging Face callbacks). Names are imported
+from their modules on first use.
 """
 
-from .embedded import EmbeddedCMD, TrainingSettings
-from .loop import OnlineCMD
+from .._lazy import lazy_package
 
 __all__ = ["EmbeddedCMD", "OnlineCMD", "TrainingSettings"]
+
+lazy_package(__name__, {".embedded": ("EmbeddedCMD",), ".loop": ("OnlineCMD",), ".settings": ("TrainingSettings",)})

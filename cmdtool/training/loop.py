@@ -14,14 +14,16 @@ from ..errors import CmdError
 from ..fitting import fit_trajectory
 from ..layout import Layout, build_layout, check_same_tensors
 from ..modefile import write_mode_file
-from ..modes import REFINE, FitSettings
-from ..online.state import ONLINECMD_SOURCE, ONLINECMD_TRAJECTORY, OnlineState, warmup_trajectory
+from ..modes import ONLINECMD_SOURCE, REFINE, FitSettings
+from ..online.state import OnlineState, warmup_trajectory
 from .state import DeviceState
 from .tensors import check_finite_pieces, same_device
 
+ONLINECMD_TRAJECTORY = "none (OnlineCMD keeps no trajectory)"
+
 
 class OnlineCMD:
-    """Online CMD inside a training loop (paper §3.3)::
+    """Online CMD inside a training loop (paper §3.3):
 
         online = cmdtool.OnlineCMD(modes=10, warmup=20)
         for epoch in range(epochs):
@@ -36,6 +38,15 @@ class OnlineCMD:
     ``EmbeddedCMD``), each observation updates ``a, b`` in place by the update of ``cmd update``
     and is dropped. Observing the checkpoints of a folder gives the mode file ``cmd fit --warmup``
     writes.
+
+    Args:
+        modes: Most modes (M) to find.
+        warmup: Observations (F) the modes and references are found on.
+        samples: Parameters sampled (K) to find the modes.
+        seed: Seed of that sample.
+        include: Model only tensors whose name matches one of these globs.
+        exclude: Do not model tensors matching these globs (they are carried verbatim).
+        refine: Lloyd-style passes over the references (0: the paper's references).
     """
 
     def __init__(self, modes: int = 10, warmup: int = 10, samples: int = 1000, seed: int = 0,
@@ -66,9 +77,18 @@ class OnlineCMD:
     def observe(self, state_dict: Mapping[str, torch.Tensor], name: str | None = None,
                 time: int | None = None) -> None:
         """Absorb the weights of one checkpoint (e.g. ``model.state_dict()`` once per epoch), on any
-        device, in any float dtype (observed as float32). ``name`` is the file name ``cmd reconstruct``
-        uses for it (default ``checkpoint_{t}.safetensors``), ``time`` its step or epoch number
-        (default the count of observations)."""
+        device, in any float dtype (observed as float32).
+
+        Args:
+            state_dict: The weights; every observation must have the same tensor names, shapes and dtypes,
+                and after the warm-up be on the device of the last warm-up observation.
+            name: The file name ``cmd reconstruct`` writes it under (default ``checkpoint_{t}.safetensors``).
+            time: Its step or epoch number (default the count of observations); must increase.
+
+        Raises:
+            CmdError: Other tensors than the first observation's, NaN or Inf weights, a time that does
+                not increase, tensors on another device than the state.
+        """
         t = self.T
         name = name or f"checkpoint_{t}.safetensors"
         time = t if time is None else int(time)
@@ -118,10 +138,26 @@ class OnlineCMD:
         return online
 
     def reconstruct(self) -> dict[str, torch.Tensor]:
-        """The CMD state dict at the latest observation (CPU tensors), loadable with
-        ``load_state_dict(strict=True)``."""
+        """The CMD state dict at the latest observation.
+
+        Returns:
+            The state dict (CPU tensors in each tensor's dtype), loadable with ``load_state_dict(strict=True)``.
+
+        Raises:
+            CmdError: The warm-up is not over yet.
+        """
         return self._require_modes("reconstruct").state_dict(self._latest_carried)
 
     def save(self, path: str | Path) -> Path:
-        """Write (or atomically replace) a mode file: ``cmd info``, ``reconstruct`` and ``update`` read it."""
+        """Write (or atomically replace) a mode file: ``cmd info``, ``reconstruct`` and ``update`` read it.
+
+        Args:
+            path: The mode file to write.
+
+        Returns:
+            The path written.
+
+        Raises:
+            CmdError: The warm-up is not over yet.
+        """
         return write_mode_file(Path(path), self._require_modes("save").to_modes())

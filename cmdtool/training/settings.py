@@ -6,8 +6,8 @@ import dataclasses
 from dataclasses import dataclass
 
 from ..errors import CmdError
+from ..modes import TRAINING_SOURCE as SOURCE
 from ..modes import FitSettings
-from ..online import TRAINING_SOURCE as SOURCE
 
 TRAINING_TRAJECTORY = "none (a training run keeps no trajectory)"
 
