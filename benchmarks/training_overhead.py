@@ -124,7 +124,7 @@ def main() -> None:
                    online_floor_units_median=statistics.median(units) if units else None,
                    online_observe_s=statistics.median(online) if online else None,
                    window_observe_s=statistics.median(windows) if windows else None,
-                   warmup_fit_s=next(r["observe_s"] for r in rows if r["note"] == "warm-up fit"),
+                   warmup_fit_s=next((r["observe_s"] for r in rows if r["note"] == "warm-up fit"), None),
                    warmup_keep_s=statistics.median(r["observe_s"] for r in rows if r["note"].startswith("warm-up (")),
                    embedded_step_s_per_epoch=statistics.median(steps), rows=rows)
     print(f"\nResNet-18 layout, {summary['parameters']:,} floats, {args.threads} thread(s), {args.size}×{args.size} "
@@ -145,7 +145,9 @@ def main() -> None:
     step_s = summary["embedded_step_s_per_epoch"]
     print(f"step() after every optimizer step once parameters are embedded: {step_s:.3f} s per epoch = "
           f"{100 * step_s / epoch_s:.1f} %")
-    print(f"warm-up: keeping an observation {summary['warmup_keep_s']:.3f} s, the fit {summary['warmup_fit_s']:.2f} s "
+    fit = "not reached (fewer epochs than F = 3)" if summary["warmup_fit_s"] is None else \
+        f"{summary['warmup_fit_s']:.2f} s"
+    print(f"warm-up: keeping an observation {summary['warmup_keep_s']:.3f} s, the fit {fit} "
           f"(once)")
     if args.json:
         args.json.write_text(json.dumps(summary, indent=1))
