@@ -8,6 +8,7 @@ import glob
 import os
 import re
 import shutil
+import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -130,3 +131,27 @@ def exclusive(path: Path, wait: float | None = None) -> Iterator[None]:
     finally:
         lock.unlink(missing_ok=True)
         os.close(fd)
+
+
+_SPECIAL = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+            (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_kind(path: Path) -> str | None:
+    """What ``path`` (a link followed) is when it is not a regular file: ``"a FIFO (named pipe)"``,
+    ``"a character device"`` (``/dev/zero``), ...; None for a regular file. Asked with ``stat``,
+    which never blocks, before anything opens it: opening a FIFO waits for a writer forever, and a
+    device reads without end."""
+    mode = os.stat(path).st_mode
+    return None if stat.S_ISREG(mode) else next((kind for test, kind in _SPECIAL if test(mode)), "not a regular file")
+
+
+def require_regular(path: Path, expected: str) -> None:
+    """Refuse ``path`` unless it is an existing regular file (a link to one is fine): one line
+    naming it, such as ``x: is a FIFO (named pipe), expected a mode file``."""
+    try:
+        kind = special_kind(path)
+    except FileNotFoundError:
+        raise CmdError(f"{path}: no such file") from None
+    if kind is not None:
+        raise CmdError(f"{path}: is {kind}, expected {expected}")

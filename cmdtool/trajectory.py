@@ -22,8 +22,8 @@ from typing import Callable, Iterator, Sequence
 import h5py
 import numpy as np
 
-from ._files import temporary_sibling
-from ._hdf5 import check_space, read_strings, read_text, write_text
+from ._files import require_regular, special_kind, temporary_sibling
+from ._hdf5 import check_links, check_space, read_strings, read_text, write_text
 from .checkpoints import Checkpoint, CheckpointInfo
 from .errors import CmdError
 from .layout import Layout, build_layout, check_same_tensors, dataset_key
@@ -141,9 +141,11 @@ def open_store(path: Path) -> TrajectoryStore:
     """Open a complete store read-only; raise CmdError if it is not one."""
     f = None
     try:
+        require_regular(path, "a trajectory store")
         f = h5py.File(path, "r")
         if f.attrs.get("kind") != STORE_KIND or not f.attrs.get("complete"):
             raise CmdError(f"{path}: not a complete cmdtool trajectory store")
+        check_links(f)
         layout = Layout.from_json(read_text(f, "layout"))
         time = f["time"][()]
         names = read_strings(f, "names")
@@ -174,6 +176,8 @@ def open_store(path: Path) -> TrajectoryStore:
 def store_fingerprint(path: Path) -> str | None:
     """The fingerprint of a complete store at ``path``, or None if there is none."""
     try:
+        if special_kind(path) is not None:  # a FIFO or device: never opened
+            return None
         with h5py.File(path, "r") as f:
             if f.attrs.get("kind") == STORE_KIND and f.attrs.get("complete"):
                 return str(f.attrs["fingerprint"])
