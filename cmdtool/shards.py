@@ -28,7 +28,7 @@ from ._hdf5 import check_links, read_strings, read_text, write_text
 from .checkpoints import Checkpoint, CheckpointInfo
 from .errors import CmdError
 from .layout import DTYPE_SIZES, Layout
-from .trajectory import TrajectoryStore, check_finite
+from .trajectory import TrajectoryStore, check_finite, check_unreplaced
 
 SHARDS_KIND = "cmdtool-trajectory-shards"
 SHARDS_VERSION = 1
@@ -56,6 +56,11 @@ class ColumnReader:
         self.checkpoint, self.layout, self.ema = checkpoint, layout, ema
         self.bytes_read = 0
         self._reader = checkpoint.open(ema)
+        try:
+            check_unreplaced(checkpoint.path, self._reader.signature, layout)
+        except CmdError:
+            self.close()
+            raise
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Columns ``start:stop`` of the trajectory row of this checkpoint, finite-checked; the file

@@ -17,7 +17,7 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -212,6 +212,15 @@ def read_signatures(checkpoints: Sequence[Checkpoint], include: Sequence[str], e
     return layout, infos
 
 
+def check_unreplaced(path: Path, signature: Mapping[str, tuple], layout: Layout) -> None:
+    """A checkpoint opened for the ingest still has the tensors its header had when
+    ``read_signatures`` checked it: a file replaced meanwhile by one of another layout is refused."""
+    try:
+        check_same_tensors(path, signature, layout.signature, "the layout checked before the ingest")
+    except CmdError as e:
+        raise CmdError(f"{e}: the file was replaced during the ingest") from None
+
+
 def check_finite(row: np.ndarray, source: object, name: str) -> None:
     """Refuse NaN and Inf in tensor ``name`` of ``source`` (a path, or words such as "observation 3").
 
@@ -294,6 +303,7 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             attachments = f.create_group("attachments")
             for t, c in enumerate(checkpoints):
                 with c.open(ema) as reader:
+                    check_unreplaced(c.path, reader.signature, layout)
                     for digest, data in reader.attachments.items():
                         if digest not in attachments:
                             attachments.create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
