@@ -26,6 +26,7 @@ from .cli_errors import (
     say,
 )
 from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary
+from .errors import CmdError
 from .modefile import open_mode_file, summarize
 from .pipeline import fit as fit_folder
 from .pipeline import reconstruct_noting
@@ -317,6 +318,9 @@ def report(
         None, "--eval", metavar="MODULE:FUNCTION",
         help="Score weights with your function state_dict -> {metric: float} or {split: {metric: float}} (e.g. val "
              "and test): module:function (importable from here) or path/to/file.py:function."),
+    eval_timeout: Optional[float] = typer.Option(
+        None, "--eval-timeout", metavar="SECONDS", callback=finite,
+        help="Stop with an error when one call of the --eval function takes longer than this."),
     select: Optional[str] = typer.Option(
         None, "--select", metavar="METRIC[:max|min]",
         help="Choose each candidate family's best epoch by this metric on the validation split (val) and report it "
@@ -359,7 +363,9 @@ def report(
     with errors_to_exit_code(output):
         from .report import Thresholds, load_evaluate, make_report, parse_requirement
         thresholds = Thresholds(max_rel_error, max_rel_error_displacement, [parse_requirement(r) for r in require])
-        function = load_evaluate(evaluate) if evaluate else None
+        if eval_timeout is not None and not evaluate:
+            raise CmdError("eval_timeout needs `evaluate`", parameter="eval_timeout", mentions=("evaluate",))
+        function = load_evaluate(evaluate, eval_timeout) if evaluate else None
         with engine_for_options(workers, scheduler) as engine:
             result = make_report(mode_file, output, checkpoints=checkpoints, trajectory=trajectory, evaluate=function,
                                  eval_spec=evaluate or "", tail=tail, ema_decay=ema_decay, thresholds=thresholds,

@@ -176,7 +176,8 @@ def blocks(r: dict) -> tuple[list, list]:
               [[layer["name"], f"{layer['parameters']:,}", _number(layer["rel_error"]),
                 _number(layer["rel_error_last"]),
                 _number(layer["rel_error_displacement_last"]),
-                *(f"{100 * m['layers'][layer['name']] / layer['parameters']:.0f}%" for m in modes)]
+                *(f"{100 * m['layers'][layer['name']] / layer['parameters']:.0f}%" if layer["parameters"] else "–"
+                  for m in modes)]
                for layer in layers]
               + [["layers present in the mode", "", "", "", "",
                   *(f"{sum(1 for c in m['layers'].values() if c)}/{len(layers)}" for m in modes)]],
