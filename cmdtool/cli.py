@@ -25,7 +25,7 @@ from .cli_errors import (
     progress_bar,
     say,
 )
-from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary
+from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary, shown
 from .errors import CmdError
 from .modefile import open_mode_file, summarize
 from .pipeline import fit as fit_folder
@@ -160,7 +160,8 @@ def list_checkpoints(
         print(json.dumps({"folder": str(checkpoint_dir), "time_source": found.time_source,
                           "checkpoints": checkpoints, "skipped": skipped}))
     else:
-        print(f"{len(checkpoints)} checkpoints in {checkpoint_dir}, time from {TIME_SOURCES[found.time_source]}")
+        print(shown(f"{len(checkpoints)} checkpoints in {checkpoint_dir}, time from "
+                    f"{TIME_SOURCES[found.time_source]}"))
         print_columns(["position", "time", "checkpoint", "format"],
                        [[c["position"], c["time"], c["name"], c["format"]] for c in checkpoints])
         if skipped:
@@ -212,7 +213,7 @@ def reconstruct(
     if dropped:
         say(f"note: not restored (no longer match the weights): {', '.join(dropped)}")
     for path in paths:
-        print(path)
+        print(shown(path))
 
 
 @app.command()
