@@ -14,7 +14,7 @@ import h5py
 import numpy as np
 import pytest
 
-from helpers import cmd, error_line, plant, snapshot, write_run
+from helpers import cmd, error_line, ok, plant, snapshot, write_run
 from test_modefile_untrusted import build_sources, craft
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="FIFOs are POSIX")
@@ -144,3 +144,16 @@ def test_a_fifo_or_device_in_a_run_folder_is_called_so(runner, tmp_path, kind):
     for command in (["ls", run], ["fit", run, "-o", tmp_path / "run.cmd.h5", "-m", "2"]):
         assert error_line(finishes(runner, *command)) == f"{entry}: is {what}, expected a checkpoint file"
     assert not (tmp_path / "run.cmd.h5").exists()
+
+
+def test_a_254_byte_checkpoint_name_is_reconstructed(runner, tmp_path):
+    """The temporary name beside a checkpoint of the longest name a filesystem takes is shortened."""
+    run = tmp_path / "run"
+    names = [f"epoch_{t}" + "x" * 235 + ".safetensors" for t in range(3)]
+    assert {len(n.encode()) for n in names} == {254}
+    write_run(run, plant(T=3).states(), name="epoch_{}" + "x" * 235)
+    assert sorted(p.name for p in run.iterdir()) == names
+    ok(cmd(runner, "fit", run, "-o", tmp_path / "m.cmd.h5", "-m", "2", "--trajectory", tmp_path / "t.h5"))
+    out = tmp_path / "out"
+    written = ok(cmd(runner, "reconstruct", tmp_path / "m.cmd.h5", "-o", out, "--at", "all")).stdout.split()
+    assert written == [str(out / n) for n in names] and sorted(p.name for p in out.iterdir()) == names
