@@ -81,6 +81,7 @@ def test_too_many_workers_are_refused_before_any_starts(tmp_path, runner, run_di
     assert message == f"--workers must be 1 … {limit} (4 per CPU core of this machine; got 10000)"
 
 
+@pytest.mark.filterwarnings("ignore:Port .* is already in use")
 def test_a_real_scheduler_passes_the_probe_and_failing_tasks_print_nothing(capfd):
     """A scheduler (of a LocalCluster) answers the probe; a task that raises is raised here, and
     the workers of ``--workers`` print no "Compute Failed" report of their own."""

@@ -34,8 +34,10 @@ def test_a_checkpoint_replaced_during_the_ingest_is_one_line(tmp_path, runner, r
         pytest.importorskip("dask.distributed")
         options = ["--workers", "1"]
     replacing_after_the_check(monkeypatch, cmdtool.distributed.ingest if options else cmdtool.stores, victim)
-    message = error_line(cmd(runner, "fit", run_dir, "-o", tmp_path / "m.cmd.h5", "--trajectory",
-                             tmp_path / "store.h5", *options))
+    result = cmd(runner, "fit", run_dir, "-o", tmp_path / "m.cmd.h5", "--trajectory", tmp_path / "store.h5", *options)
+    # a socket Dask's own machinery left is collected now and then: Python never shows ResourceWarning by default
+    result.warnings = [w for w in result.warnings if not w.startswith("ResourceWarning: unclosed <socket")]
+    message = error_line(result)
     assert message == (f"{victim}: tensor 'bn.num_batches_tracked' is missing (present in the layout checked "
                        "before the ingest): the file was replaced during the ingest")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
