@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import uuid
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -181,8 +182,20 @@ def _probe(scheduler: str) -> None:
         comm = await asyncio.wait_for(connect(scheduler, timeout=CONNECT_TIMEOUT_S), CONNECT_TIMEOUT_S)
         await comm.close()
 
+    outcome: list[BaseException] = []
+
+    def run() -> None:  # in a thread of its own: the caller may be inside an event loop (a notebook)
+        try:
+            asyncio.run(handshake())
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, name="cmdtool-dask-probe", daemon=True)
+    thread.start()
+    thread.join()
     try:
-        asyncio.run(handshake())
+        if outcome:
+            raise outcome[0]
     except (asyncio.TimeoutError, TimeoutError):
         raise CmdError(f"cannot reach the Dask scheduler at {scheduler} (no answer within "
                        f"{CONNECT_TIMEOUT_S} s)") from None
