@@ -89,7 +89,9 @@ def mutate(state: dict, key: str, kind: int, odd) -> None:
         state[key] = mutate_list(value, kind, odd)
     elif isinstance(value, dict) and value and key in ("carried", "attachments"):
         name = sorted(value)[kind % len(value)]
-        if kind % 3 == 0:
+        if not isinstance(value[name], torch.Tensor):
+            value[name] = odd
+        elif kind % 3 == 0:
             value[name] = value[name].float()
         elif kind % 3 == 1:
             value[f"../{name}"] = value.pop(name)
