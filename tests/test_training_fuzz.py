@@ -64,7 +64,10 @@ def mutate_list(value: list, kind: int, odd) -> list:
 
 
 def mutate_layout(text: str, kind: int, odd) -> object:
-    layout = json.loads(text)
+    try:
+        layout = json.loads(text)
+    except (TypeError, ValueError):  # spoilt by an earlier change
+        return odd
     if kind % 4 == 0:
         layout[0][1] = [2**33]
     elif kind % 4 == 1:

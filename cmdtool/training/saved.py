@@ -13,7 +13,7 @@ from .._files import plain_name
 from ..checkpoints import CheckpointInfo
 from ..errors import CmdError
 from ..layout import Layout
-from ..modefile_checks import check_info
+from ..modefile_checks import check_info, check_settings
 from ..modes import FitSettings
 from .state import DeviceState
 
@@ -109,7 +109,7 @@ def check_saved(state: Any) -> None:
         if value.dtype not in (_INTEGERS if kind == "integers" else _FLOATS):
             raise ValueError(f"{key} is {value.dtype}, not {kind}")
     layout = _parsed(state, "layout", str, Layout.from_json)
-    _parsed(state, "settings", dict, FitSettings.from_json)
+    _parsed(state, "settings", dict, lambda data: (check_settings(data), FitSettings.from_json(data)))  # as read back
     N, (M, T) = layout.n_parameters, tuple(state["references"].shape)
     lengths = {"N": N, "M": M}
     wrong = [f"{key} has {state[key].numel()} values, not {lengths[length]} ({length})"
@@ -177,6 +177,10 @@ def _check_sums(state: dict) -> None:
         raise ValueError("; ".join(f"{k} holds NaN or Inf values" for k in wrong))
     if not bool((state["scale"].detach() > 0).all()):
         raise ValueError("a reference scale is not positive")
+    references = state["references"].detach().double()
+    if references.shape[1] and not (bool((references.mean(1).abs() <= 1e-6).all())
+                                    and bool(((references.norm(dim=1) - 1).abs() <= 1e-6).all())):
+        raise ValueError("the references are not normalised (zero mean, unit norm)")
     if bool((state["mode_sse"].detach() < 0).any()):
         raise ValueError("a mode's error is negative")
 
