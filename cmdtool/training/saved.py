@@ -54,9 +54,9 @@ def load_state(state: dict, device: torch.device) -> DeviceState:
             layout=Layout.from_json(state["layout"]), settings=FitSettings.from_json(state["settings"]),
             warmup=int(state["warmup"]),
             labels=dev("labels", torch.int64), a=dev("a", torch.float64), b=dev("b", torch.float64),
-            first=dev("first", torch.float64), references=host("references"),
-            offset=host("offset"), scale=host("scale"),
-            reference_index=host("reference_index"), mode_sizes=host("mode_sizes"),
+            first=dev("first", torch.float64), references=host("references").astype(np.float64),
+            offset=host("offset").astype(np.float64), scale=host("scale").astype(np.float64),
+            reference_index=host("reference_index").astype(np.int64), mode_sizes=host("mode_sizes").astype(np.int64),
             mode_sse=host("mode_sse").astype(np.float64), sq_norm=float(state["sq_norm"]),
             sq_displacement=float(state["sq_displacement"]), sq_centred=float(state["sq_centred"]),
             time=[int(t) for t in state["time"]], names=list(state["names"]),
@@ -84,6 +84,7 @@ _TENSORS = {"labels": ("integers", 1, "N"), "a": ("floats", 1, "N"), "b": ("floa
             "mode_sse": ("floats", 1, "M"), "frozen_a": ("floats", 1, None), "frozen_b": ("floats", 1, None)}
 _OPTIONAL = ("frozen_a", "frozen_b")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def check_saved(state: Any) -> None:
@@ -175,6 +176,13 @@ def _check_sums(state: dict) -> None:
              if not bool(torch.isfinite(state[k].detach()).all())]
     if wrong:
         raise ValueError("; ".join(f"{k} holds NaN or Inf values" for k in wrong))
+    # weights are float32 and the mode file stores a, b, first and the references so: larger values
+    # (a reference scale or offset of 1e308) overflow in the next update or in the file
+    big = [k for k in ("a", "b", "first", "offset", "scale", "snapshot_a", "snapshot_b",
+                       *(k for k in _OPTIONAL if k in state))
+           if state[k].numel() and float(state[k].detach().abs().max()) > FLOAT32_MAX]
+    if big:
+        raise ValueError("; ".join(f"{k} holds values beyond float32" for k in big))
     if not bool((state["scale"].detach() > 0).all()):
         raise ValueError("a reference scale is not positive")
     references = state["references"].detach().double()
@@ -183,6 +191,8 @@ def _check_sums(state: dict) -> None:
         raise ValueError("the references are not normalised (zero mean, unit norm)")
     if bool((state["mode_sse"].detach() < 0).any()):
         raise ValueError("a mode's error is negative")
+    if not math.isfinite(float(state["mode_sse"].detach().double().sum())):
+        raise ValueError("the modes' errors sum beyond any float")
 
 
 def _check_bytes(state: dict, layout: Layout, T: int) -> None:
