@@ -160,6 +160,23 @@ def test_recalibration_is_called_once_per_export_with_the_model_state(run, runne
     assert torch.equal(written(result.paths[0])["bn.running_mean"], torch.zeros(8))
 
 
+def test_a_recalibration_that_prints_and_changes_folder_is_contained(run, runner, tmp_path, monkeypatch):
+    """As --eval: what the function prints goes to stderr (stdout keeps only the written paths), and its
+    os.chdir does not move where the second file is written."""
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (tmp_path / "recal.py").write_text(f"import os\n\ndef recalibrate(state):\n    print('recalibrating')\n"
+                                       f"    os.chdir({str(elsewhere)!r})\n")
+    monkeypatch.chdir(tmp_path)
+    result = ok(cmd(runner, "export", run.mode_file, "-o", "out", "--family", "tail_3", "--at", "2,9",
+                    "--recalibrate", "recal.py:recalibrate"))
+    assert result.stdout.splitlines() == [str(Path("out/epoch_2.safetensors")), str(Path("out/epoch_9.safetensors"))]
+    assert result.stderr.count("recalibrating") == 2
+    assert Path.cwd() == tmp_path
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["epoch_2.safetensors", "epoch_9.safetensors"]
+    assert list(elsewhere.iterdir()) == []
+
+
 @pytest.mark.parametrize("args, message", [
     (["--family", "tail_0"], "--family 'tail_0': expected one of original, cmd, tail_K (K ≥ 1), ema, pca_1, pca_2"),
     (["--family", "swa"], "--family 'swa': expected one of original, cmd, tail_K (K ≥ 1), ema, pca_1, pca_2"),

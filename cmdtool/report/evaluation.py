@@ -167,10 +167,12 @@ def run_evaluate(evaluate: Evaluate, state: dict[str, torch.Tensor], what: str, 
 
 def run_recalibrate(recalibrate: Callable, state: dict, what: str, spec: str) -> dict:
     """Call the user's ``--recalibrate`` function on ``state`` (a fresh state dict it may change in
-    place, returning None, or replace); returns the recalibrated state dict, the same tensor names."""
+    place, returning None, or replace); returns the recalibrated state dict, the same tensor names.
+    Contained as ``--eval`` is: what it prints goes to stderr, its working folder is restored."""
     names = list(state)
     try:
-        result = recalibrate(state)
+        with _contained():
+            result = recalibrate(state)
     except (KeyboardInterrupt, CmdError):
         raise
     except BaseException as e:  # the user's function failing is bad input: one line
