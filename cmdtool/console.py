@@ -78,7 +78,7 @@ def describe(checkpoint) -> str:
 def print_report(r: dict) -> None:
     """The verdict first (thresholds, then did CMD help), then the tables."""
     for line in r["verdict"]["lines"]:
-        stdout.print(plain(line), markup=False, soft_wrap=True)
+        stdout.print(shown(plain(line)), markup=False, soft_wrap=True)
     fit, compact = r["fit"], r["compactness"]
     table = Table(box=None, pad_edge=False)
     for column in ("model", "compression", "rel_error", "rel_error_displacement"):
@@ -114,7 +114,7 @@ def print_selection(evaluation: dict, verdict: dict | None = None) -> None:
         columns = [chosen["key"], *chosen["reported"]]
         table = Table(box=None, pad_edge=False)
         for column in ("chosen on validation", "position", *columns):
-            table.add_column(column, justify="left" if column == "chosen on validation" else "right")
+            table.add_column(shown(column), justify="left" if column == "chosen on validation" else "right")
         for row in chosen["rows"]:
             _add(table, ("★ " if row["family"] in winners else "") + row["family"], str(row["epoch"]),
                           *(f"{row['scores'][k]:.4g}" if row["scores"].get(k) is not None else "–" for k in columns))

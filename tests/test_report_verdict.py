@@ -275,3 +275,23 @@ def test_recalibrate_errors_are_one_line(run, runner, tmp_path):
                           "--recalibrate", f"{bad}:missing")) == (
         f"--recalibrate '{bad}:missing': {bad} has no function 'missing'")
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def test_stored_names_in_the_verdict_are_text(tmp_path):
+    """Checkpoint names are stored strings: in the verdict's sentences and the selection table they are
+    literal text in report.md (no image, no HTML) and escaped on the terminal (no escape sequence)."""
+    name = "![x](http:e)<b>\x1b[31m_{}"
+    write_run(tmp_path / "run", plant(T=4).states(), name=name)
+    ok(cmd(CliRunner(), "fit", tmp_path / "run", "-o", tmp_path / "m.cmd.h5", "-m", 2))
+    (tmp_path / "score.py").write_text("def evaluate(state):\n"
+                                       "    v = float(state['fc.bias'].sum())\n"
+                                       "    return {'val': {'accuracy': v}, 'test': {'accuracy': -v}}\n")
+    result = ok(cmd(CliRunner(), "report", tmp_path / "m.cmd.h5", "-o", tmp_path / "report",
+                    "--eval", f"{tmp_path / 'score.py'}:evaluate", "--select", "accuracy"))
+    markdown = (tmp_path / "report/report.md").read_text()
+    verdict_lines = json.loads((tmp_path / "report/report.json").read_text())["verdict"]["lines"]
+    assert sum(r"\!\[x\](http:e)\<b\>\\x1b\[31m_3.safetensors" in line for line in verdict_lines) == 2
+    for stored in ("![x]", "<b>", "\x1b"):
+        assert stored not in markdown
+        assert stored not in result.stdout
+    assert "\\x1b" in result.stdout

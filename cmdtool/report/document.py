@@ -30,7 +30,7 @@ def notes(layout, evaluation: dict | None) -> list[str]:
         recalibrated = evaluation.get("recalibrated")
         notes.append(f"BatchNorm running statistics ({len(statistics)} tensor{'s' * (len(statistics) > 1)}) are "
                      "modelled by CMD and averaged by the averaging baselines like any other weight; "
-                     + (f"every candidate's were then recomputed on data by `{recalibrated}` before scoring."
+                     + (f"every candidate's were then recomputed on data by {code(recalibrated)} before scoring."
                         if recalibrated else "they are not recalibrated on data (`--recalibrate` does)."))
     if evaluated and any(s.dtype == "float64" for s in layout.modelled):
         notes.append("Original checkpoints are scored from the trajectory store, which holds float64 tensors "

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .render import code, text
 from .selection import SEPARATOR, default_direction, nonfinite_summary
 from .verdict import tied_with_best
 
@@ -56,7 +57,7 @@ def final_rows(evaluation: dict, metric_names: list[str], number, export=None) -
         tied = tied_with_best(values, k, default_direction(k.rpartition(SEPARATOR)[2]), counts)
         marked[k] = set(tied) if len(tied) < len(values) else set()
     last = len(evaluation["checkpoint_names"]) - 1
-    return [[name, evaluation["candidate_descriptions"][name],
+    return [[name, text(evaluation["candidate_descriptions"][name]),
              *(f"**{number(scores.get(k))}**" if name in marked[k] else number(scores.get(k)) for k in metric_names),
              *([export(name, last)] if export else [])]
             for name, scores in candidates.items()]
@@ -85,20 +86,23 @@ def summary(evaluation: dict, number, Heading, Paragraph, Table, verdict: dict |
         mark = "★ " if row["family"] in winners else ""
         picked = " (validation's pick)" if row["family"] == chosen["chosen"] else ""
         rows.append([f"{mark}{row['family']}", _family_label(row["family"]) + picked,
-                     f"{row['epoch']} ({row['checkpoint']})", *(number(row["scores"].get(k)) for k in columns),
+                     f"{row['epoch']} ({text(row['checkpoint'])})", *(number(row["scores"].get(k)) for k in columns),
                      *([export(row["family"], row["epoch"])] if export else [])])
-    others = ", ".join(f"`{k}`" for k in reported)
-    text = (f"Each family's position with the {'highest' if chosen['direction'] == 'max' else 'lowest'} `{key}` "
-            f"among the {chosen['epochs_considered']} evaluated positions (ties: the earliest), and what it scores "
-            f"on the other split{'s' * (len(reported) > 1)} ({others}), which took no part in the choice. ")
+    others = ", ".join(code(k) for k in reported)
+    best = "highest" if chosen["direction"] == "max" else "lowest"
+    sentence = (f"Each family's position with the {best} {code(key)} among the {chosen['epochs_considered']} "
+                "evaluated positions (ties: the earliest), and what it scores on the other "
+                f"split{'s' * (len(reported) > 1)} ({others}), which took no part in the choice. ")
     if judged:
-        text += (f"★ marks the best family on `{judged['key']}` and every family within the sampling error of it "
-                 f"(the verdict's rule): {', '.join(f'**{w}**' for w in judged['under_selection']['winners'])}. ")
+        stars = ", ".join(f"**{w}**" for w in judged["under_selection"]["winners"])
+        sentence += (f"★ marks the best family on {code(judged['key'])} and every family within the sampling error "
+                     f"of it (the verdict's rule): {stars}. ")
     if chosen["chosen"]:
-        text += f"The family best on validation is {chosen['chosen']} (`cmd export --best report.json` writes it). "
-    text += ("CMD and PCA are fitted on the whole run; the tail means and the EMA use only the checkpoints up to "
-             f"theirs. ({cost}.)")
-    return [Heading(2, "Chosen on validation, reported on test"), Paragraph(text),
+        sentence += (f"The family best on validation is {chosen['chosen']} (`cmd export --best report.json` "
+                     "writes it). ")
+    sentence += ("CMD and PCA are fitted on the whole run; the tail means and the EMA use only the checkpoints up "
+                 f"to theirs. ({cost}.)")
+    return [Heading(2, "Chosen on validation, reported on test"), Paragraph(sentence),
             Table(["family", "what it is", "chosen position", *columns, *(["weights"] if export else [])], rows,
                   numeric=[False, False, True, *[True] * len(columns), *([False] if export else [])])]
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from typing import Mapping, Sequence
 
+from .render import code, text
 from .selection import SEPARATOR, VALIDATION_SPLITS, default_direction
 
 PROPORTION_WORDS = ("accuracy", "acc", "top1", "top5", "error", "err", "error_rate")
@@ -126,7 +127,7 @@ def _at_last(evaluation: dict, key: str, direction: str, counts: Mapping[str, in
         best = (max if direction == "max" else min)(finite, key=finite.get)
     vs_last = compare(cmd, last, key, direction, counts)
     vs_cheap = compare(cmd, finite[best], key, direction, counts) if best else None
-    sentence = (f"At the last checkpoint ({names[-1]}), {key}: CMD {_n(cmd)} against the checkpoint {_n(last)} "
+    sentence = (f"At the last checkpoint ({text(names[-1])}), {key}: CMD {_n(cmd)} against the checkpoint {_n(last)} "
                 f"({_delta(vs_last)})")
     if best:
         sentence += f" and against the best cheap alternative, {best} {_n(finite[best])} ({_delta(vs_cheap)})"
@@ -154,9 +155,9 @@ def _under_selection(evaluation: dict, key: str, direction: str, counts: Mapping
                     if best_other and "cmd" in finite else None)
 
     def at(family):
-        return f"{_n(finite[family])} at {rows[family]['checkpoint']}"
+        return f"{_n(finite[family])} at {text(rows[family]['checkpoint'])}"
 
-    sentence = f"Chosen on validation (`{selection['key']}`), reported on {key}: "
+    sentence = f"Chosen on validation ({code(selection['key'])}), reported on {key}: "
     if len(winners) > 1:
         sentence += (f"no family wins beyond the sampling error. {winner} scores best, {at(winner)}, and "
                      f"{', '.join(w for w in winners if w != winner)} {'are' if len(winners) > 2 else 'is'} within "
@@ -279,7 +280,8 @@ def verdict(fit: dict, compactness: dict, pca: Sequence[dict], evaluation: dict 
                 lines.append(j["under_selection"]["sentence"])
         lines.append(noise["sentence"])
         if statistics or evaluation.get("recalibrated"):
-            lines.append(f"BatchNorm statistics were recomputed for every candidate by `{evaluation['recalibrated']}`."
+            by = code(evaluation.get("recalibrated"))
+            lines.append(f"BatchNorm statistics were recomputed for every candidate by {by}."
                          if evaluation.get("recalibrated") else
                          "BatchNorm statistics were not recomputed: every candidate keeps them as reconstructed or "
                          "averaged (`--recalibrate module:function` recomputes them on data).")
