@@ -254,3 +254,24 @@ def test_raw_chunks_are_refused_by_name(runner, tmp_path):
     assert error_line(fit(runner, tmp_path, tmp_path / "run", tmp_path / "m.cmd.h5")) == (
         f"{tmp_path / 'run' / 'step_0' / '__0_0.distcp'}: tensor 'bn.running_mean' is stored as raw bytes "
         f"(serialization_format=SAFETENSORS), which cmdtool does not read; save with the default format (torch_save)")
+
+
+def test_export_writes_a_dcp_folder(runner, tmp_path):
+    """``cmd export`` writes back as ``cmd reconstruct`` does: a tail mean of DCP checkpoints is a DCP
+    folder that ``dcp.load`` reads, with the step beside it and the mean of the last two in the model
+    (integer buffers: the last's)."""
+    states = planted_states()
+    _, folders = write_both(tmp_path, states)
+    ok(fit(runner, tmp_path, folders, tmp_path / "dcp.cmd.h5"))
+    result = ok(cmd(runner, "export", tmp_path / "dcp.cmd.h5", "-o", tmp_path / "out", "--family", "tail_2",
+                    "--at", "-1"))
+    assert result.stdout.split() == [str(tmp_path / "out" / "step_50")]
+    loaded = {"model": {name: torch.empty_like(t) for name, t in states[-1].items()}, "step": -1}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        dcp.load(loaded, checkpoint_id=str(tmp_path / "out" / "step_50"))
+    assert loaded["step"] == 50
+    for name, value in states[-1].items():
+        if value.is_floating_point():  # integer buffers are the last checkpoint's
+            value = ((states[-2][name].double() + value.double()) / 2).to(value.dtype)
+        assert torch.equal(loaded["model"][name], value), name

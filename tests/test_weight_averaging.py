@@ -63,7 +63,8 @@ def control_run(folder: Path, run: Path, key: str) -> Path:
 
 
 def fit(runner, tmp_path, run, out, *extra):
-    return ok(cmd(runner, "fit", run, "-o", out, "-m", "3", "--trajectory", tmp_path / f"{out.stem}.h5", *extra))
+    return ok(cmd(runner, "fit", run, "-o", out, "-m", "3", "--trajectory", tmp_path / f"{out.stem}.traj.h5",
+                  *extra))
 
 
 def test_the_trained_weights_are_modelled_and_ema_models_the_average(runner, tmp_path, averaged_run):
@@ -105,3 +106,19 @@ def test_write_back_puts_the_reconstruction_under_both_keys(runner, tmp_path, av
     assert "averaging_state" not in saved and saved["global_step"] == 12
     loaded = Regression.load_from_checkpoint(written)  # Lightning's own loader takes it
     assert torch.equal(loaded.net[0].weight.detach(), expected["net.0.weight"])
+
+
+def test_export_puts_the_weights_under_both_keys(runner, tmp_path, averaged_run):
+    """``cmd export`` writes back through the same path as reconstruct: the original checkpoint's
+    trained weights (what was modelled) under ``state_dict`` and ``current_model_state``."""
+    mode_file = tmp_path / "m.cmd.h5"
+    fit(runner, tmp_path, averaged_run, mode_file)
+    result = ok(cmd(runner, "export", mode_file, "-o", tmp_path / "out", "--family", "original", "--at", "2"))
+    [written] = result.stdout.split()
+    saved = torch.load(written, weights_only=True)
+    trained = torch.load(sorted(averaged_run.iterdir(), key=lambda p: int(p.name.split("step=")[1][:-5]))[2],
+                         weights_only=True)["current_model_state"]
+    for key in ("state_dict", "current_model_state"):
+        assert saved[key].keys() == trained.keys()
+        for name, value in trained.items():
+            assert torch.equal(saved[key][name], value), (key, name)
