@@ -103,6 +103,9 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int | str = 10
                            source=str(checkpoint_dir.resolve()), warmup=warmup, auto_modes=auto_modes,
                            refine=refine, drop_unmodelled=drop_unmodelled)
     check_output_path(output, force)
+    if trajectory is not None and Path(trajectory).resolve() == output.resolve():
+        raise CmdError(f"trajectory {trajectory}: the same file as `output` (the mode file would replace the "
+                       "trajectory store)", parameter="trajectory", mentions=("output",))
     if workers is not None or scheduler is not None:
         if warmup is not None:
             raise CmdError("warmup runs on one machine: leave out `workers` and `scheduler`", parameter="warmup",

@@ -196,3 +196,13 @@ def test_ctrl_c_while_importing_prints_one_line(tmp_path):
     stdout, stderr = process.communicate(timeout=60)
     assert ready == b"r", stderr  # b"": the child ended without ever importing under a Ctrl-C handler
     assert (process.returncode, stderr, stdout) == (130, "interrupted: no output was written\n", "")
+
+
+def test_a_trajectory_store_at_the_mode_files_path_is_refused(runner, tmp_path):
+    """The mode file would replace the store it names (and a later export or report finds no trajectory)."""
+    write_run(tmp_path / "run", plant(T=4).states())
+    mode_file = tmp_path / "m.cmd.h5"
+    result = cmd(runner, "fit", tmp_path / "run", "-o", mode_file, "--trajectory", mode_file)
+    assert error_line(result) == f"--trajectory {mode_file}: the same file as --output (the mode file would " \
+                                 "replace the trajectory store)"
+    assert sorted(os.listdir(tmp_path)) == ["run"]
