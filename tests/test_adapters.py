@@ -280,3 +280,21 @@ def test_adapter_weights_without_config_in_the_folder_named_are_a_plain_file(lor
     shutil.copy(lora_run / "checkpoint-1" / "adapter_model.safetensors", tmp_path)
     found = discover(tmp_path).checkpoints
     assert [(c.name, c.stack, c.format) for c in found] == [("adapter_model.safetensors", "plain", "safetensors")]
+
+
+def test_export_writes_adapter_folders(lora_run, tmp_path):
+    """``cmd export`` writes back as ``cmd reconstruct`` does: an adapter folder with its
+    adapter_config.json, which ``PeftModel.from_pretrained`` loads as the exported weights."""
+    mode_file = tmp_path / "run.cmd.h5"
+    cmd("fit", lora_run, "-o", mode_file, "--modes", 3, "--samples", 200, "--trajectory", tmp_path / "traj.h5")
+    result = cmd("export", mode_file, "-o", tmp_path / "out", "--family", "tail_2", "--at", "-1")
+    folder = tmp_path / "out" / f"checkpoint-{STEPS}"
+    assert result.stdout.split() == [str(folder)]
+    source = lora_run / f"checkpoint-{STEPS}"
+    assert (folder / "adapter_config.json").read_bytes() == (source / "adapter_config.json").read_bytes()
+    last, before = (load_file(lora_run / f"checkpoint-{s}" / "adapter_model.safetensors") for s in (STEPS, STEPS - 1))
+    loaded = adapter_of(folder)
+    assert set(loaded) == set(last)
+    for name, value in last.items():
+        mean = ((before[name].double() + value.double()) / 2).to(value.dtype)
+        assert torch.equal(loaded[name], mean), name
