@@ -26,7 +26,7 @@ from .errors import CmdError
 from .layout import is_integer
 from .modes import FitSettings
 
-_SHA256 = re.compile(r"[0-9a-f]{64}")
+SHA256 = re.compile(r"[0-9a-f]{64}")
 # FitSettings fields and the JSON types they must have (ints are checked by FitSettings itself)
 _SETTING_TYPES = {"include": list, "exclude": list, "ema": bool, "drop_unmodelled": bool, "sampling": str,
                   "source": str, "trajectory": str, "trajectory_fingerprint": str}
@@ -125,7 +125,7 @@ def check_contents(mf) -> None:
     attachments = h.get("attachments", {})
     for digest in attachments:
         data = attachments[digest]
-        if not _SHA256.fullmatch(digest) or not isinstance(data, h5py.Dataset) or data.dtype != np.uint8:
+        if not SHA256.fullmatch(digest) or not isinstance(data, h5py.Dataset) or data.dtype != np.uint8:
             raise ValueError(f"attachment {digest[:80]!r} is not a SHA-256 named byte array")
     for name, info in zip(mf.names, mf.infos):
         check_info(info, tensors, attachments, name)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import re
 from typing import Any
 
 import numpy as np
@@ -13,7 +12,7 @@ from .._files import plain_name
 from ..checkpoints import CheckpointInfo
 from ..errors import CmdError
 from ..layout import Layout
-from ..modefile_checks import check_info, check_settings
+from ..modefile_checks import SHA256, check_info, check_settings
 from ..modes import FitSettings
 from .state import DeviceState
 
@@ -83,7 +82,6 @@ _TENSORS = {"labels": ("integers", 1, "N"), "a": ("floats", 1, "N"), "b": ("floa
             "scale": ("floats", 1, "M"), "reference_index": ("integers", 1, "M"), "mode_sizes": ("integers", 1, "M"),
             "mode_sse": ("floats", 1, "M"), "frozen_a": ("floats", 1, None), "frozen_b": ("floats", 1, None)}
 _OPTIONAL = ("frozen_a", "frozen_b")
-_SHA256 = re.compile(r"[0-9a-f]{64}")
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -202,7 +200,7 @@ def _check_bytes(state: dict, layout: Layout, T: int) -> None:
     if not isinstance(attachments, dict) or not isinstance(carried, dict):
         raise ValueError("carried and attachments must be dicts")
     for digest, data in attachments.items():
-        if not (isinstance(digest, str) and _SHA256.fullmatch(digest) and isinstance(data, torch.Tensor)
+        if not (isinstance(digest, str) and SHA256.fullmatch(digest) and isinstance(data, torch.Tensor)
                 and data.dtype == torch.uint8 and data.dim() == 1):
             raise ValueError(f"attachment {str(digest)[:80]!r} is not a SHA-256 named byte array")
     expected = {spec.name: spec.nbytes for spec in layout.carried}
