@@ -31,7 +31,7 @@ from .._lazy import torch  # imported on first use
 from ..errors import CmdError, first_sentence
 from ..layout import DTYPE_SIZES
 from .dcp_metadata import METADATA, SUFFIX, DcpMetadata, Item, StoredTensor, read_metadata, shown
-from .formats import UNSAFE_GLOBAL, FolderFiles, dtype_name
+from .formats import UNSAFE_GLOBAL, FolderFiles, Reader, dtype_name, tensor_bytes
 from .schema import TRAINING_STATE_KEYS, WRAPPER_KEYS, CheckpointInfo, is_plain
 from .untrusted import check_tensor, check_zip_records
 
@@ -89,7 +89,7 @@ def _model_tensors(meta: DcpMetadata, folder: Path) -> tuple[str | None, dict[st
     return wrapper, chosen, sorted(left)
 
 
-class DcpReader:
+class DcpReader(Reader):
     """One DCP folder read as one checkpoint: ``signature``, ``info``, ``stored`` (plain top-level
     values such as ``step``), and the tensors, assembled from their chunks on demand."""
 
@@ -191,10 +191,7 @@ class DcpReader:
         return out
 
     def raw_bytes(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
-        raw = self.tensor(name).detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        if out is not None:
-            out[:] = raw
-        return raw
+        return tensor_bytes(self.tensor(name), out)
 
     def check_unchanged(self) -> None:
         for name, stamp in self._stamps.items():
@@ -206,16 +203,6 @@ class DcpReader:
         for f in self._files.values():
             f.close()
         self._files = {}
-
-    def __enter__(self) -> "DcpReader":
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        try:
-            if exc_type is None:
-                self.check_unchanged()
-        finally:
-            self.close()
 
 
 # ------------------------------------------------------------------------------------------ writing

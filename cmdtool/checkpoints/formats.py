@@ -69,7 +69,36 @@ def _is_safetensors_frame(f, head: bytes, size: int) -> bool:
     return f.read(tail).rstrip(b" ").endswith(b"}")
 
 
-class CheckpointReader:
+class Reader:
+    """What the checkpoint readers share: ``with reader:`` closes it, and checks on a clean exit that
+    no file changed while it was read (``check_unchanged``)."""
+
+    def check_unchanged(self) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            if exc_type is None:
+                self.check_unchanged()
+        finally:
+            self.close()
+
+
+def tensor_bytes(tensor: torch.Tensor, out: np.ndarray | None = None) -> np.ndarray:
+    """A tensor's bytes in its own dtype, flat uint8, copied into ``out`` when given."""
+    raw = tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
+    if out is not None:
+        out[:] = raw
+    return raw
+
+
+class CheckpointReader(Reader):
     """Open one checkpoint file; ``signature`` lists its tensors, ``tensor(name)`` reads one.
 
     ``ema=True`` takes timm's ``state_dict_ema`` instead of the model's state dict."""
@@ -167,10 +196,7 @@ class CheckpointReader:
                 out = np.empty(self._file.entries[name].nbytes, dtype=np.uint8)
             self._file.read_into(name, out)
             return out
-        raw = self.tensor(name).detach().contiguous().reshape(-1).view(torch.uint8).numpy()
-        if out is not None:
-            out[:] = raw
-        return raw
+        return tensor_bytes(self.tensor(name), out)
 
     def check_unchanged(self) -> None:
         """Raise ``CmdError`` if a safetensors file changed while it was read."""
@@ -183,15 +209,6 @@ class CheckpointReader:
         self._file = None
         self._state = None
 
-    def __enter__(self) -> "CheckpointReader":
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        try:
-            if exc_type is None:
-                self.check_unchanged()
-        finally:
-            self.close()
 
 
 @dataclass(frozen=True)
@@ -203,7 +220,7 @@ class FolderFiles:
     dropped: tuple[str, ...]   # optimizer.pt, scheduler.pt, rng_state*.pth, training_args.bin: never loaded
 
 
-class FolderReader:
+class FolderReader(Reader):
     """A Hugging Face checkpoint folder read as one checkpoint: the tensors of all its weight files.
 
     Tied weights (``lm_head.weight``) are absent from the files, and so from the signature: the
@@ -253,15 +270,6 @@ class FolderReader:
         for reader in self._readers:
             reader.close()
 
-    def __enter__(self) -> "FolderReader":
-        return self
-
-    def __exit__(self, exc_type, *exc) -> None:
-        try:
-            if exc_type is None:
-                self.check_unchanged()
-        finally:
-            self.close()
 
 
 def read_json(path: Path) -> dict:
