@@ -11,7 +11,7 @@ import torch
 from .._files import plain_name
 from ..checkpoints import CheckpointInfo
 from ..errors import CmdError
-from ..layout import Layout
+from ..layout import Layout, is_integer
 from ..modefile_checks import SHA256, check_info, check_settings
 from ..modes import FitSettings
 from .state import DeviceState
@@ -120,9 +120,9 @@ def check_saved(state: Any) -> None:
             shown = f"{len(state[key])} entries" if isinstance(state.get(key), list) else type(state.get(key)).__name__
             raise ValueError(f"{key} is {shown}, expected a list of the T = {T} observations")
     warmup = state.get("warmup")
-    if not _integer(warmup) or not 2 <= warmup <= T or M < 1:
+    if not is_integer(warmup) or not 2 <= warmup <= T or M < 1:
         raise ValueError(f"warmup {warmup!r} is not an integer from 2 to the T = {T} observations, or no modes")
-    if not all(_integer(t) and -2**63 <= t < 2**63 for t in state["time"]):
+    if not all(is_integer(t) and -2**63 <= t < 2**63 for t in state["time"]):
         raise ValueError("time holds a value that is not a 64-bit integer")
     for name in state["names"]:
         plain_name(name, "checkpoint name")
@@ -152,16 +152,12 @@ def _parsed(state: dict, key: str, kind: type, parse):
     return parse(state[key])
 
 
-def _integer(value: Any) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _check_sums(state: dict) -> None:
     """The sums of squares and the per-mode errors: finite numbers, not negative (a square root and
     a ratio are taken of them)."""
     for key in ("sq_norm", "sq_displacement", "sq_centred"):
         value = state.get(key)
-        if not (_integer(value) or isinstance(value, (float, np.floating))):
+        if not (is_integer(value) or isinstance(value, (float, np.floating))):
             raise ValueError(f"{key} is {type(value).__name__}, not a number")
         try:
             finite = math.isfinite(float(value)) and float(value) >= 0
