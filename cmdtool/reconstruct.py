@@ -205,7 +205,6 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
     out_dir.mkdir(parents=True, exist_ok=True)
     direct = [info.format == "safetensors" and not info.is_folder and _numpy_dtypes_only(modes)
               for _, info, _ in plans]
-    parameters = None
     written: list[tuple[Path, Path]] = []
     done = False
     try:
@@ -220,9 +219,8 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
                     advance(len(group))
                     group = []
                 continue
-            if parameters is None and len(indices) > 1:
-                parameters = modes.parameters()  # read once for many checkpoints
-            write_checkpoint(tmp, state_dict_at(modes, i, parameters), info, modes.attachment, shown=target)
+            # each tensor's labels, a, b read from the file per checkpoint: memory is the checkpoint, not N more
+            write_checkpoint(tmp, state_dict_at(modes, i), info, modes.attachment, shown=target)
             advance(1)
         for tmp, target in written:
             replace_path(tmp, target)
