@@ -91,7 +91,9 @@ def fit(
         help="Do not model tensors matching this glob (repeatable); they are carried verbatim."),
     ema: bool = typer.Option(
         False, "--ema",
-        help="Model timm's EMA weights (state_dict_ema) instead of the model's state_dict."),
+        help="Model timm's EMA weights (state_dict_ema) instead of the model's state_dict; of Lightning "
+             "WeightAveraging checkpoints, the average (state_dict) instead of the trained weights "
+             "(current_model_state)."),
     drop_unmodelled: bool = typer.Option(
         False, "--drop-unmodelled",
         help="Leave the floating-point tensors that are not modelled (see --include/--exclude) out of the mode "
@@ -129,6 +131,10 @@ def fit(
                             scheduler=scheduler, shard_columns=shard_columns)
     for warning in result.discovery.warnings:
         say(f"warning: {warning}")
+    if any(c.note for c in result.discovery.checkpoints):
+        say("note: Lightning WeightAveraging checkpoints: modelled " + (
+            "the average (state_dict), as --ema asks" if ema else
+            "the trained weights (current_model_state); --ema models the average (state_dict)"))
     if result.discovery.skipped:
         say(f"note: skipped {len(result.discovery.skipped)} entries of {checkpoint_dir} "
                  f"(`cmd ls {checkpoint_dir}` says which and why)")

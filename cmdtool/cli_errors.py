@@ -53,7 +53,7 @@ def finite(value: float | None) -> float | None:
 
 
 stderr = Console(stderr=True, highlight=False)
-WORKERS_HELP = "Run on a Dask cluster of N worker processes on this machine (needs pip install 'cmdtool[dask]')."
+WORKERS_HELP = "Run on a Dask cluster of N worker processes on this machine (needs pip install 'cmd-modes[dask]')."
 SCHEDULER_HELP = ("Run on an existing Dask cluster (e.g. tcp://host:8786); its workers must see the checkpoint "
                   "folder and the trajectory store path.")
 

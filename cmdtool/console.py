@@ -24,10 +24,13 @@ def print_columns(header: list[str], rows: list[list]) -> None:
 
 
 def describe(checkpoint) -> str:
-    """``huggingface safetensors, 4 shards``, ``lightning torch``, ``plain safetensors``."""
-    text = f"{checkpoint.stack} {checkpoint.format}"
+    """``huggingface safetensors, 4 shards``, ``lightning torch``, ``plain safetensors``,
+    ``torch.distributed.checkpoint, 2 shards``."""
+    text = checkpoint.stack if checkpoint.format == "dcp" else f"{checkpoint.stack} {checkpoint.format}"
     if checkpoint.folder is not None and len(checkpoint.folder.weights) > 1:
         text += f", {len(checkpoint.folder.weights)} shards"
+    if checkpoint.note:
+        text += f", {checkpoint.note}"
     return text
 
 

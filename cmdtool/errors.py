@@ -9,9 +9,19 @@ class CmdError(ValueError):
     (``modes must be ...``), given as ``parameter``; other parameters the message names are
     written in backticks (``select needs `evaluate```) and listed in ``mentions``. The CLI puts its
     options (``--modes``, ``--eval``) in their place.
+
+    Attributes:
+        parameter: The Python parameter the error is about, if any.
+        mentions: Other parameters the message names.
     """
 
     def __init__(self, message: str, *, parameter: str | None = None, mentions: tuple[str, ...] = ()):
         super().__init__(message)
         self.parameter = parameter
         self.mentions = tuple(mentions)
+
+
+def first_sentence(error: Exception) -> str:
+    """A third-party exception in one short line: its type and the first sentence of its message."""
+    text = str(error).strip().split("\n")[0]
+    return f"{type(error).__name__}: {text.split('. ')[0].rstrip('.')[:200]}"

@@ -297,7 +297,22 @@ class ModeFile(ModesShape):
 
 
 def open_mode_file(path: Path) -> ModeFile:
-    """Open and validate a mode file; any problem is a CmdError naming the file."""
+    """Open and validate a mode file (validated before anything is read into memory).
+
+    Use it as a context manager: ``with open_mode_file(path) as modes: ...``.
+
+    Args:
+        path: The mode file.
+
+    Returns:
+        The open file: ``M``, ``T``, ``N``, ``references``, ``names``, ``time``, ``layout``,
+        ``settings``, ``metrics``, ``parameters()`` (labels, a, b of a column range), ``load()``
+        (the whole fit in memory) and ``close()``.
+
+    Raises:
+        CmdError: Any problem, naming the file: missing, not HDF5, an unknown format version, or
+            contents that are inconsistent or unsafe.
+    """
     path = Path(path)
     if not path.exists():
         raise CmdError(f"{path}: no such file")
@@ -395,7 +410,14 @@ def _validate(mf: ModeFile) -> None:
 
 
 def summarize(path: str | Path) -> dict:
-    """The facts ``cmd info`` and ``cmd fit --json`` report about a mode file."""
+    """The facts ``cmd info`` and ``cmd fit --json`` report about a mode file.
+
+    Args:
+        path: The mode file.
+
+    Returns:
+        The object ``cmd info --json`` prints (fields listed under "JSON output" in the formats).
+    """
     path = Path(path)
     with open_mode_file(path) as modes:
         file_bytes = path.stat().st_size

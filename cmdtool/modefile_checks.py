@@ -136,7 +136,7 @@ def check_contents(mf) -> None:
 def check_info(info: CheckpointInfo, tensors: list[str], attachments, name: str) -> None:
     """One checkpoint's write-back fields: kinds, and names that become paths."""
     where = f"checkpoint_info of {name!r}"
-    if info.format not in ("safetensors", "torch"):
+    if info.format not in ("safetensors", "torch", "dcp"):
         raise ValueError(f"{where}: format {str(info.format)[:40]!r}")
     if info.wrapper is not None and not isinstance(info.wrapper, str):
         raise ValueError(f"{where}: wrapper is not a string")
@@ -144,6 +144,9 @@ def check_info(info: CheckpointInfo, tensors: list[str], attachments, name: str)
         raise ValueError(f"{where}: extras are not plain values")
     if info.wrapper is not None and info.wrapper in info.extras:
         raise ValueError(f"{where}: extras hold the wrapper key {info.wrapper!r}")
+    if not isinstance(info.aliases, list) or not all(isinstance(a, str) and a != info.wrapper and a not in info.extras
+                                                     for a in info.aliases) or (info.aliases and info.wrapper is None):
+        raise ValueError(f"{where}: aliases are not other keys beside the wrapper")
     if not isinstance(info.dropped, list) or not all(isinstance(d, str) for d in info.dropped):
         raise ValueError(f"{where}: dropped is not a list of strings")
     if info.metadata is not None and not (isinstance(info.metadata, dict) and all(

@@ -27,6 +27,16 @@ if TYPE_CHECKING:
 
 @dataclass
 class FitResult:
+    """What ``fit`` returns.
+
+    Attributes:
+        mode_file: The mode file written.
+        trajectory: The trajectory store the checkpoints were stacked into (kept for refits and reports).
+        trajectory_reused: Whether that store already held these checkpoints.
+        summary: What ``cmd info --json`` prints about the mode file (``rel_error``, ``modes``, ...).
+        discovery: Every checkpoint found, what was skipped and why, and the warnings.
+    """
+
     mode_file: Path
     trajectory: Path
     trajectory_reused: bool
@@ -54,6 +64,36 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int | str = 10
     tensors that are not modelled (``include``/``exclude``) out of the mode file.
     ``workers`` (a Dask ``LocalCluster``) or ``scheduler`` (an existing cluster's address) build a
     sharded store and run the fit's pass on Dask (``cmdtool.distributed``): the same mode file.
+
+    Args:
+        checkpoint_dir: The folder a training stack wrote its checkpoints into (``cmd fit CKPT_DIR``).
+        output: The mode file to write (conventionally ``*.cmd.h5``).
+        modes: Most modes (M) to find, or ``"auto"`` / ``"auto:MAX"``.
+        samples: Parameters sampled (K), layer-balanced, to find the modes and their references.
+        seed: Seed of that sample: the same seed gives the same fit.
+        start: First checkpoint position to use (``checkpoints[start:stop:every]``).
+        stop: Position to stop before.
+        every: Use every n-th checkpoint.
+        include: Model only tensors whose name matches one of these globs.
+        exclude: Do not model tensors matching these globs; they are carried verbatim.
+        ema: Model timm's EMA weights (``state_dict_ema``).
+        trajectory: Where to keep the trajectory store (default: the cache folder).
+        force: Overwrite an existing mode file.
+        tile_columns: Columns per tile of the streaming pass (default: chosen from T).
+        progress: Progress callback.
+        warmup: Online CMD: find the modes on the first F checkpoints, then update with the rest.
+        refine: Lloyd-style passes over the references (0: the paper's references).
+        drop_unmodelled: Leave floating-point tensors that are not modelled out of the mode file.
+        workers: Run on a Dask ``LocalCluster`` of this many worker processes.
+        scheduler: Run on the existing Dask cluster at this address (``tcp://host:8786``).
+        shard_columns: Columns per shard of the sharded store (Dask only).
+
+    Returns:
+        The mode file's path, the store's path, whether the store was reused, the summary and the discovery.
+
+    Raises:
+        CmdError: Bad input (a folder without checkpoints, mismatched tensors, NaN weights, an
+            existing output without ``force``, ...); nothing partial is left.
     """
     checkpoint_dir, output = Path(checkpoint_dir), Path(output)
     modes, auto_modes = parse_modes(modes)
@@ -88,8 +128,20 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int | str = 10
 
 
 def reconstruct(mode_file: str | Path, at: int | str = "last") -> dict[str, torch.Tensor]:
-    """The CMD state dict at one checkpoint: a position (0-based, negative from the end),
-    ``"first"`` or ``"last"``. Load it with ``model.load_state_dict(state, strict=True)``."""
+    """The CMD state dict at one checkpoint.
+
+    Args:
+        mode_file: The mode file.
+        at: A position in the fitted sequence (0-based, negative from the end), ``"first"`` or ``"last"``.
+
+    Returns:
+        The state dict (tensors in their source dtypes, carried tensors bit for bit); load it with
+        ``model.load_state_dict(state, strict=True)``.
+
+    Raises:
+        CmdError: An unreadable mode file, a position out of range, or a file fitted with
+            ``drop_unmodelled``.
+    """
     with open_mode_file(Path(mode_file)) as modes:
         indices = parse_at(str(at), modes.T)
         if len(indices) != 1:
@@ -101,8 +153,19 @@ def reconstruct(mode_file: str | Path, at: int | str = "last") -> dict[str, torc
 def reconstruct_checkpoints(mode_file: str | Path, out_dir: str | Path, at: str = "last",
                             force: bool = False, progress: Progress = no_progress,
                             format: str = "source") -> list[Path]:
-    """Write the checkpoints selected by ``at`` (see ``parse_at``) into ``out_dir``, in the source
-    format or (``format="safetensors"``) as plain safetensors state dicts."""
+    """Write checkpoints rebuilt from the mode file into a folder, as ``cmd reconstruct`` does.
+
+    Args:
+        mode_file: The mode file.
+        out_dir: The folder to write into (created if missing).
+        at: ``"last"``, ``"first"``, ``"all"`` or comma-separated positions (``"0,5,-1"``).
+        force: Replace existing files and folders of the same names.
+        progress: Progress callback.
+        format: ``"source"`` (each checkpoint's own format and file names) or ``"safetensors"``.
+
+    Returns:
+        The files (or Hugging Face folders) written, in order.
+    """
     return reconstruct_noting(mode_file, out_dir, at, force, progress, format)[0]
 
 

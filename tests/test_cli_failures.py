@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -153,12 +152,47 @@ def test_full_disk_is_one_line_and_leaves_nothing(tmp_path, fitted):
     assert snapshot(tmp_path) == before and not report.exists()
 
 
+# The ``cmd`` console script (``from cmdtool.__main__ import main``), with an import hook that, at the
+# first import after a Ctrl-C handler is in place, writes one byte to the file descriptor given as
+# its first argument and waits there: the test interrupts it in the middle of its imports, known
+# to be there by that byte rather than guessed by a sleep.
+INTERRUPTED_WHILE_IMPORTING = """
+import os, signal, sys, time
+signal_fd = int(sys.argv.pop(1))
+class Ready:
+    def find_spec(self, name, path=None, target=None):
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler) and handler is not signal.default_int_handler:
+            sys.meta_path.remove(self)
+            os.write(signal_fd, b"r")
+            os.close(signal_fd)
+            time.sleep(120)  # still importing when the SIGINT comes
+        return None
+sys.meta_path.insert(0, Ready())
+from cmdtool.__main__ import main
+sys.exit(main())
+"""
+
+
 def test_ctrl_c_while_importing_prints_one_line(tmp_path):
     """SIGINT during the imports (numpy, h5py, typer: most of a second) is one line and exit 130."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    process = subprocess.Popen([sys.executable, "-m", "cmdtool", "info", str(tmp_path / "m.cmd.h5")], env=env,
-                               stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    time.sleep(0.15)
-    process.send_signal(signal.SIGINT)
+    script = tmp_path / "cmd"  # the console script's name: the command line, not a library user
+    script.write_text(INTERRUPTED_WHILE_IMPORTING)
+    read_end, write_end = os.pipe()
+    try:
+        process = subprocess.Popen([sys.executable, str(script), str(write_end), "info", str(tmp_path / "m.cmd.h5")],
+                                   env=env, pass_fds=(write_end,), stderr=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True)
+        os.close(write_end)
+        write_end = -1
+        ready = os.read(read_end, 1)  # blocks until the child is importing with its handler in place
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
+    if ready == b"r":
+        process.send_signal(signal.SIGINT)
     stdout, stderr = process.communicate(timeout=60)
+    assert ready == b"r", stderr  # b"": the child ended without ever importing under a Ctrl-C handler
     assert (process.returncode, stderr, stdout) == (130, "interrupted: no output was written\n", "")

@@ -5,6 +5,7 @@ are removed by the next run that finds them."""
 
 from __future__ import annotations
 
+import fcntl
 import os
 import subprocess
 import sys
@@ -77,6 +78,29 @@ def warm_mode_file(tmp_path) -> tuple[Path, Path]:
     return mode_file, later
 
 
+# The ``cmd`` command as its console script runs it, with ``fcntl.flock`` wrapped: the first time it
+# finds the lock held, it writes one byte to the file descriptor given as its first argument. The
+# test then knows the child is waiting for the lock (an event, not a guess after a sleep).
+WAITS_FOR_LOCK = """
+import fcntl, os, sys
+signal_fd = int(sys.argv.pop(1))
+real_flock = fcntl.flock
+def flock(fd, operation):
+    global signal_fd
+    try:
+        return real_flock(fd, operation)
+    except BlockingIOError:
+        if signal_fd >= 0:
+            os.write(signal_fd, b"w")
+            os.close(signal_fd)
+            signal_fd = -1
+        raise
+fcntl.flock = flock
+from cmdtool.cli import main
+sys.exit(main())
+"""
+
+
 def test_an_update_waits_for_the_lock_and_then_reads_the_first_updates_file(tmp_path):
     """While a first update holds the lock and replaces the file, a second waits, then absorbs its
     checkpoint into the first's file (without the lock it would write over it from the old one)."""
@@ -85,15 +109,25 @@ def test_an_update_waits_for_the_lock_and_then_reads_the_first_updates_file(tmp_
     first.write_bytes(mode_file.read_bytes())
     cmdtool.update(first, [later / "epoch_10.safetensors"])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with exclusive(mode_file):
-        job = subprocess.Popen([sys.executable, "-m", "cmdtool", "update", str(mode_file),
-                                str(later / "epoch_11.safetensors")], env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        time.sleep(3)
-        assert job.poll() is None  # waiting for the lock
-        os.replace(first, mode_file)  # the first update's atomic replace
-    _, stderr = job.communicate(timeout=120)
+    read_end, write_end = os.pipe()
+    try:
+        with exclusive(mode_file):
+            job = subprocess.Popen([sys.executable, "-c", WAITS_FOR_LOCK, str(write_end), "update", str(mode_file),
+                                    str(later / "epoch_11.safetensors")], env=env, pass_fds=(write_end,),
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+            os.close(write_end)
+            write_end = -1
+            assert os.read(read_end, 1) == b"w"  # blocks until the child has found the lock held (b"" if it exited)
+            assert job.poll() is None  # and it cannot go on while we hold the lock
+            before = mode_file.read_bytes()
+            os.replace(first, mode_file)  # the first update's atomic replace
+        _, stderr = job.communicate(timeout=120)
+    finally:
+        os.close(read_end)
+        if write_end >= 0:
+            os.close(write_end)
     assert job.returncode == 0, stderr
+    assert mode_file.read_bytes() != before
     assert carried_steps(mode_file) == list(range(1000, 1012))
 
 
@@ -156,10 +190,21 @@ def test_a_killed_runs_temporary_files_are_removed_by_the_next_run(runner, tmp_p
     assert temporary_sibling(mode_file).name == f".m.cmd.h5.{os.getpid()}.tmp"
 
 
-def test_lock_protocol_survives_removal_between_open_and_lock(tmp_path):
+def test_lock_protocol_survives_removal_between_open_and_lock(tmp_path, monkeypatch):
     """A waiter that locks the file its predecessor removed locks the new one instead."""
     target = tmp_path / "m.cmd.h5"
     order = []
+    waiting = threading.Event()  # set when the second writer has found the lock held
+    real_flock = fcntl.flock
+
+    def flock(fd, operation):
+        try:
+            return real_flock(fd, operation)
+        except BlockingIOError:
+            waiting.set()
+            raise
+
+    monkeypatch.setattr(fcntl, "flock", flock)
 
     def second():
         with exclusive(target):
@@ -168,8 +213,8 @@ def test_lock_protocol_survives_removal_between_open_and_lock(tmp_path):
     with exclusive(target):
         thread = threading.Thread(target=second)
         thread.start()
-        time.sleep(0.3)
+        assert waiting.wait(timeout=60)  # the second writer opened the lock file and found it held
         order.append("first")
-    thread.join(timeout=10)
+    thread.join(timeout=60)
     assert order == ["first", "second"]
     assert not (tmp_path / ".m.cmd.h5.lock").exists()

@@ -202,7 +202,7 @@ def test_unreachable_scheduler_is_one_error_line(tmp_path, runner, run_dir, monk
 def test_without_dask_the_options_are_one_error_line(tmp_path, runner, run_dir, monkeypatch):
     monkeypatch.setitem(sys.modules, "dask.distributed", None)  # import fails as if not installed
     message = error_line(cmd(runner, "fit", run_dir, "-o", tmp_path / "m.cmd.h5", "--workers", "2"))
-    assert message == "--workers and --scheduler need Dask: pip install 'cmdtool[dask]'"
+    assert message == "--workers and --scheduler need Dask: pip install 'cmd-modes[dask]'"
     message = error_line(cmd(runner, "fit", run_dir, "-o", tmp_path / "m.cmd.h5", "--workers", "2",
                              "--scheduler", "tcp://x:1"))
     assert message.startswith("give one of --workers")

@@ -355,11 +355,15 @@ def test_wrapped_torch_state_dict_fits(runner, tmp_path):
     assert sorted(tmp_path.rglob(".*.tmp")) == []
 
 
-# 9. checkpoint layouts that cannot be read on one machine, and options that do not fit the folder
+# 9. checkpoint layouts that cannot be read on one machine (or are broken), and options that do not fit the folder
 
 DCP = (
     "a torch.distributed.checkpoint folder (.distcp shards) cannot be read as one checkpoint; consolidate it "
     "first with torch.distributed.checkpoint.format_utils.dcp_to_torch_save(folder, 'model.pt')"
+)
+ONE_DCP = (
+    "is one torch.distributed.checkpoint checkpoint; point cmdtool at the folder that holds the run's checkpoint "
+    "folders (step_100/, step_200/, ...)"
 )
 ZERO = (
     "a DeepSpeed ZeRO checkpoint (weights sharded across ranks) cannot be read as one checkpoint; consolidate "
@@ -370,11 +374,17 @@ ZERO = (
 @pytest.mark.parametrize(
     "layout, refused, problem",
     [
-        ({"__0_0.distcp": b"x", ".metadata": b"x"}, ".", DCP),  # the folder itself
+        ({"__0_0.distcp": b"x", ".metadata": b"x"}, ".", ONE_DCP),  # the folder itself: one checkpoint
         (
             {"epoch=0-step=5.ckpt/__0_0.distcp": b"x", "epoch=0-step=5.ckpt/.metadata": b"x"},  # Lightning FSDP
+            "epoch=0-step=5.ckpt/.metadata",
+            "cannot read torch.distributed.checkpoint metadata, truncated or corrupt (UnpicklingError: invalid "
+            "load key, 'x')",
+        ),
+        (
+            {"epoch=0-step=5.ckpt/__0_0.distcp": b"x"},  # an interrupted save
             "epoch=0-step=5.ckpt",
-            DCP,
+            "a torch.distributed.checkpoint folder without its .metadata file (an interrupted save?)",
         ),
         (
             {"checkpoint-5/pytorch_model_fsdp_0/__0_0.distcp": b"x", "checkpoint-5/trainer_state.json": b"{}"},
@@ -396,7 +406,7 @@ ZERO = (
             ZERO,
         ),
     ],
-    ids=["dcp-folder", "lightning-fsdp", "hf-fsdp", "deepspeed", "hf-deepspeed"],
+    ids=["dcp-folder", "lightning-fsdp-corrupt", "dcp-no-metadata", "hf-fsdp", "deepspeed", "hf-deepspeed"],
 )
 def test_sharded_across_ranks_is_refused_with_the_consolidation_tool(runner, tmp_path, layout, refused, problem):
     run = small_run(tmp_path)

@@ -16,6 +16,7 @@ from html.parser import HTMLParser
 from pathlib import Path
 
 import h5py
+import jsonschema
 import matplotlib.image
 import numpy as np
 import pytest
@@ -50,8 +51,14 @@ exec(EVALUATE, _namespace)
 checksum = _namespace["evaluate"]
 
 
+REPORT_SCHEMA = json.loads((Path(__file__).parents[1] / "docs" / "formats" / "report.schema.json").read_text())
+
+
 def read_report(folder: Path) -> dict:
-    return json.loads((folder / "report.json").read_text())
+    """report.json of a report folder, checked against the published JSON Schema of the format."""
+    report = json.loads((folder / "report.json").read_text())
+    jsonschema.Draft202012Validator(REPORT_SCHEMA).validate(report)
+    return report
 
 
 def assert_no_report(folder: Path) -> None:

@@ -4,8 +4,10 @@ A checkpoint is a file (a state dict or a wrapper dict: plain scripts, Lightning
 ``checkpoint-<epoch>.pth.tar``) or a Hugging Face ``checkpoint-<step>/`` folder. Copies that
 training stacks keep beside the real checkpoints (``last.ckpt``, ``model_best.pth.tar``, ...) and
 training-state files (``optimizer.pt``, ``training_args.bin``, ...) are skipped by name, with the
-reason, and never loaded. Folders that cannot be read on one machine (``torch.distributed.checkpoint``,
-DeepSpeed ZeRO) are refused with the tool that consolidates them.
+reason, and never loaded. A ``torch.distributed.checkpoint`` folder (``.metadata`` + ``*.distcp``) is
+one checkpoint, read shard by shard (``dcp.py``). Folders that cannot be read on one machine
+(DeepSpeed ZeRO, DCP folders nested inside another checkpoint's folder) are refused with the tool
+that consolidates them.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import CmdError
+from .dcp import DcpReader, dcp_files, is_dcp_folder
 from .formats import CheckpointReader, FolderFiles, FolderReader, read_json, sniff_format
+from .schema import CURRENT_MODEL_KEY
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".pth.tar")
 
@@ -35,15 +39,17 @@ HF_WEIGHTS = (("model.safetensors", "model.safetensors.index.json"),
               ("pytorch_model.bin", "pytorch_model.bin.index.json"))
 DEEPSPEED_FILE = re.compile(r".*(mp_rank_\d+_model_states|_optim_states)\.pt")
 STORED_TIME_KEYS = ("global_step", "step", "epoch")
+WEIGHT_AVERAGING_NOTE = "WeightAveraging: the trained weights (current_model_state) are modelled, --ema the average"
 
 
 @dataclass(frozen=True)
 class Checkpoint:
     path: Path    # the file, or the Hugging Face folder
-    format: str   # how its tensors are stored: "safetensors" | "torch"
+    format: str   # how its tensors are stored: "safetensors" | "torch" | "dcp"
     time: int     # stored step/epoch, else the number in the name, else the position
-    stack: str = "plain"               # "huggingface" | "lightning" | "timm" | "plain"
-    folder: FolderFiles | None = None  # the roles of a Hugging Face folder's files
+    stack: str = "plain"               # "huggingface", "lightning", "timm", "plain", "torch.distributed.checkpoint"
+    folder: FolderFiles | None = None  # the roles of a Hugging Face (or DCP) folder's files
+    note: str = ""                     # what `cmd ls` adds: which of two stored weight sets is modelled
 
     @property
     def name(self) -> str:
@@ -57,7 +63,9 @@ class Checkpoint:
         f = self.folder
         return [self.path / n for n in (*f.weights, *((f.index,) if f.index else ()), *f.copied)]
 
-    def open(self, ema: bool = False) -> CheckpointReader | FolderReader:
+    def open(self, ema: bool = False) -> CheckpointReader | FolderReader | DcpReader:
+        if self.format == "dcp":
+            return DcpReader(self.path, self.folder, ema)
         if self.folder is None:
             return CheckpointReader(self.path, self.format, ema)
         if ema:
@@ -144,7 +152,7 @@ def skip_reason(name: str) -> str | None:
 
 
 def _refuse_unreadable(folder: Path) -> None:
-    """Refuse a folder whose tensors are sharded across ranks, naming the consolidation tool."""
+    """Refuse a folder whose tensors are sharded across ranks and not read here, naming the consolidation tool."""
     names = [p.name for p in folder.iterdir()] if folder.is_dir() else []
     if any(n.endswith(".distcp") for n in names):
         raise CmdError(f"{folder}: a torch.distributed.checkpoint folder (.distcp shards) cannot be read "
@@ -218,13 +226,16 @@ def _examine_file(path: Path) -> _Found:
     with CheckpointReader(path, fmt) as reader:
         info = reader.info
     stored = _int_values(info.extras) if info.wrapper else _int_values(info.metadata or {})
-    return _Found(Checkpoint(path, fmt, 0, info.stack), stored)
+    note = WEIGHT_AVERAGING_NOTE if info.wrapper == CURRENT_MODEL_KEY else ""
+    return _Found(Checkpoint(path, fmt, 0, info.stack, note=note), stored)
 
 
 def checkpoint_at(path: Path) -> Checkpoint | None:
     """One checkpoint file, or one Hugging Face ``checkpoint-<step>/`` folder, examined as ``discover``
     examines the entries of a run (time still 0); None for another folder. Bad files are a CmdError."""
     path = Path(path)
+    if is_dcp_folder(path):
+        return _examine_dcp(path).checkpoint
     if path.is_dir():
         files = _huggingface_files(path)
         return None if files is None else _examine_folder(path, files).checkpoint
@@ -238,6 +249,13 @@ def _examine_folder(folder: Path, files: FolderFiles) -> _Found:
     state = folder / "trainer_state.json"
     stored = _int_values(read_json(state), ("global_step",)) if state.is_file() else {}
     return _Found(Checkpoint(folder, formats.pop(), 0, "huggingface", files), stored)
+
+
+def _examine_dcp(folder: Path) -> _Found:
+    files = dcp_files(folder)
+    with DcpReader(folder, files) as reader:
+        stored = _int_values(reader.stored)
+    return _Found(Checkpoint(folder, "dcp", 0, "torch.distributed.checkpoint", files), stored)
 
 
 def discover(folder: Path) -> Discovery:
@@ -255,6 +273,9 @@ def discover(folder: Path) -> Discovery:
         raise CmdError(f"{folder}: no such folder")
     if not folder.is_dir():
         raise CmdError(f"{folder}: is a file, expected a folder of checkpoints")
+    if is_dcp_folder(folder):
+        raise CmdError(f"{folder}: is one torch.distributed.checkpoint checkpoint; point cmdtool at the folder "
+                       f"that holds the run's checkpoint folders (step_100/, step_200/, ...)")
     _refuse_unreadable(folder)
     found: list[_Found] = []
     skipped: list[Skipped] = []
@@ -273,6 +294,9 @@ def discover(folder: Path) -> Discovery:
         if not is_dir:
             found.append(_examine_file(path))
             continue
+        if is_dcp_folder(path):
+            found.append(_examine_dcp(path))
+            continue
         files = _huggingface_files(path)
         if files is not None:
             found.append(_examine_folder(path, files))
@@ -283,7 +307,7 @@ def discover(folder: Path) -> Discovery:
     if not found:
         raise CmdError(f"{folder}: no checkpoint files found "
                        f"(looked for {', '.join('*' + s for s in CHECKPOINT_SUFFIXES)} "
-                       f"and Hugging Face checkpoint-<step>/ folders)")
+                       f", Hugging Face checkpoint-<step>/ folders and torch.distributed.checkpoint folders)")
     return _order(folder, found, skipped)
 
 

@@ -24,15 +24,15 @@ from typing import Any, Mapping
 import numpy as np
 
 from .._lazy import torch  # imported on first use
-from ..errors import CmdError
+from ..errors import CmdError, first_sentence
 from ..layout import DTYPE_SIZES
 from .safetensors_file import SafetensorsFile
-from .schema import EMA_KEY, TRAINING_STATE_KEYS, WRAPPER_KEYS, CheckpointInfo, is_plain
+from .schema import CURRENT_MODEL_KEY, EMA_KEY, TRAINING_STATE_KEYS, WRAPPER_KEYS, CheckpointInfo, is_plain
 from .untrusted import check_tensor, check_zip_records
 
 Signature = dict[str, tuple[tuple[int, ...], str]]
 # torch 2.13 words a refused global either way, depending on whether its module is blocked outright
-_UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)")
+UNSAFE_GLOBAL = re.compile(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)")
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -71,16 +71,16 @@ class CheckpointReader:
             self.close()
             raise
         except pickle.UnpicklingError as e:
-            unsafe = _UNSAFE_GLOBAL.search(str(e))
+            unsafe = UNSAFE_GLOBAL.search(str(e))
             if unsafe is None:
                 raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt "
-                               f"({_first_sentence(e)})") from None
+                               f"({first_sentence(e)})") from None
             raise CmdError(f"{path}: refused: the file holds a pickled {unsafe.group(1)}, and loading it "
                            f"could run code; keep only tensors and plain values in checkpoints") from None
         except RecursionError:
             raise CmdError(f"{path}: refused: values nested too deeply to read safely") from None
         except Exception as e:  # torch and safetensors raise assorted types on corrupt input
-            raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt ({_first_sentence(e)})") from None
+            raise CmdError(f"{path}: cannot read checkpoint, truncated or corrupt ({first_sentence(e)})") from None
         for name, (_, dtype) in self.signature.items():
             if dtype not in DTYPE_SIZES:
                 raise CmdError(f"{path}: tensor {name!r} has dtype {dtype}, which cmdtool cannot carry or model "
@@ -251,17 +251,12 @@ def read_json(path: Path) -> dict:
     try:
         value = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CmdError(f"{path}: not readable JSON ({_first_sentence(e)})") from None
+        raise CmdError(f"{path}: not readable JSON ({first_sentence(e)})") from None
     except RecursionError:
         raise CmdError(f"{path}: refused: JSON nested too deeply") from None
     if not isinstance(value, dict):
         raise CmdError(f"{path}: expected a JSON object")
     return value
-
-
-def _first_sentence(error: Exception) -> str:
-    text = str(error).strip().split("\n")[0]
-    return f"{type(error).__name__}: {text.split('. ')[0].rstrip('.')[:200]}"
 
 
 # dtypes numpy represents as they are (safetensors' numpy reader refuses bfloat16 and float8)
@@ -274,9 +269,22 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
 
 
+def is_weight_averaging(obj: Any) -> bool:
+    """A Lightning checkpoint saved with the ``WeightAveraging`` callback (Lightning >= 2.5)."""
+    return isinstance(obj, Mapping) and _is_state_dict(obj.get(CURRENT_MODEL_KEY)) and _is_state_dict(
+        obj.get("state_dict"))
+
+
 def unwrap_state_dict(obj: Any, path: Path, ema: bool = False) -> tuple[dict[str, torch.Tensor], CheckpointInfo]:
     """Find the state dict in what ``torch.load`` returned: the dict itself, or under a wrapper key
-    (timm's ``state_dict_ema`` when ``ema``)."""
+    (timm's ``state_dict_ema`` when ``ema``). Of a Lightning ``WeightAveraging`` checkpoint, the trained
+    weights (``current_model_state``), or the average (``state_dict``) when ``ema``."""
+    if is_weight_averaging(obj):
+        key, other = ("state_dict", CURRENT_MODEL_KEY) if ema else (CURRENT_MODEL_KEY, "state_dict")
+        state, info = _unwrap(obj, key)
+        info.dropped.remove(other)
+        info.aliases = [other]
+        return state, info
     if ema:
         if not (isinstance(obj, Mapping) and _is_state_dict(obj.get(EMA_KEY))):
             raise CmdError(f"{path}: --ema: no {EMA_KEY} in this checkpoint "

@@ -13,6 +13,9 @@ WRAPPER_KEYS = ("state_dict", "model_state_dict", "model", "net", "network", "mo
                 "model_state", "weights", "params", "state")
 # timm's --model-ema weights, chosen with ``ema=True`` (``cmd fit --ema``).
 EMA_KEY = "state_dict_ema"
+# Lightning's WeightAveraging callback (Lightning >= 2.5) saves the average under ``state_dict`` and the
+# trained weights under this key; the trained weights are modelled, the average with ``ema=True``.
+CURRENT_MODEL_KEY = "current_model_state"
 # Wrapper entries that describe the training state of the original weights: never written back.
 TRAINING_STATE_KEYS = ("optimizer", "optimizer_states", "optimizer_state_dict", "scheduler", "lr_scheduler",
                        "lr_schedulers", "scheduler_state_dict", "scaler", "amp_scaler", "grad_scaler")
@@ -22,11 +25,16 @@ TRAINING_STATE_KEYS = ("optimizer", "optimizer_states", "optimizer_state_dict", 
 class CheckpointInfo:
     """What write-back needs besides the tensors.
 
-    ``format`` is how the tensors are stored (``"safetensors"`` or ``"torch"``); ``wrapper`` the key
+    ``format`` is how the tensors are stored (``"safetensors"``, ``"torch"``, or ``"dcp"``: a
+    ``torch.distributed.checkpoint`` folder, whose ``wrapper`` is the top-level key of the model's
+    tensors and ``extras`` its plain top-level values); ``wrapper`` the key
     of a torch wrapper dict and ``extras`` its plain values; ``dropped`` what is not written back.
     A Hugging Face folder also has ``shards`` (weight file -> its tensor names, in order), ``index``
     (the index file's name and its ``metadata``, when the source had one) and ``files`` (the other
     files copied back, such as ``config.json``: name -> SHA-256 of the bytes kept beside the modes).
+    ``aliases`` are other top-level keys written with the same tensors as ``wrapper`` (Lightning
+    WeightAveraging's ``state_dict`` and ``current_model_state``: both get the written weights, so
+    that no loader finds a stale copy beside them).
     """
     format: str
     wrapper: str | None = None
@@ -36,14 +44,17 @@ class CheckpointInfo:
     shards: dict[str, list[str]] | None = None
     index: dict[str, Any] | None = None
     files: dict[str, str] = field(default_factory=dict)
+    aliases: list[str] = field(default_factory=list)
 
     @property
     def is_folder(self) -> bool:
-        return self.shards is not None
+        return self.shards is not None or self.format == "dcp"
 
     @property
     def stack(self) -> str:
         """Which training stack wrote it, as far as its content tells."""
+        if self.format == "dcp":
+            return "torch.distributed.checkpoint"
         if self.is_folder:
             return "huggingface"
         if "pytorch-lightning_version" in self.extras:
@@ -56,7 +67,7 @@ class CheckpointInfo:
     def to_json(self) -> str:
         return json.dumps({"format": self.format, "wrapper": self.wrapper, "extras": self.extras,
                            "dropped": self.dropped, "metadata": self.metadata, "shards": self.shards,
-                           "index": self.index, "files": self.files})
+                           "index": self.index, "files": self.files, "aliases": self.aliases})
 
     @classmethod
     def from_json(cls, text: str) -> "CheckpointInfo":

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import struct
 import zipfile
+from contextlib import nullcontext
 from pathlib import Path
+from typing import BinaryIO
 
 from .._lazy import torch
 from ..errors import CmdError
@@ -20,11 +22,13 @@ from ..layout import DTYPE_SIZES
 _LOCAL_HEADER = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
 
 
-def check_zip_records(path: Path) -> None:
+def check_zip_records(path: Path, stream: BinaryIO | None = None) -> None:
     """Refuse a torch zip archive whose records are compressed, overlap, or run past the file.
 
-    A legacy (non-zip) pickle is read as a stream and needs no check here."""
-    with open(path, "rb") as f:
+    ``stream`` (an open, seekable file or ``BytesIO``) is read instead of ``path``, which then only
+    names it in errors. A legacy (non-zip) pickle is read as a stream and needs no check here."""
+    with (open(path, "rb") if stream is None else nullcontext(stream)) as f:
+        f.seek(0)
         if f.read(4) != b"PK\x03\x04":
             return
         try:

@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 from .._files import plain_name
 from .._lazy import save_file, torch  # imported on first use
 from ..errors import CmdError
+from .dcp import write_dcp
 from .safetensors_writer import DeferredFiles
 from .schema import CheckpointInfo
 
@@ -21,6 +22,7 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor] | DeferredFiles,
     ``state`` may instead be a ``DeferredFiles`` (a safetensors file, not a folder): the file is
     then created with its header only, and the caller writes its tensors through ``state.writers``.
 
+    A ``torch.distributed.checkpoint`` source becomes a DCP folder at ``path`` (``dcp.write_dcp``).
     A Hugging Face checkpoint becomes the folder ``path``: the same weight files (the index rewritten
     when there was one), safetensors metadata with ``format: pt`` (what ``from_pretrained`` checks),
     and the copied files, whose bytes ``attachment(sha256)`` returns. A failed write (full disk, a
@@ -44,8 +46,12 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor] | DeferredFiles,
 
 def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: CheckpointInfo,
                       attachment: Callable[[str], bytes]) -> None:
+    if info.format == "dcp":
+        write_dcp(path, state, info.wrapper, info.extras)
+        return
     if not info.is_folder:
-        _write_file(path, state, info.format, info.metadata, info.wrapper, info.extras)
+        _write_file(path, state, info.format, info.metadata, info.wrapper,
+                    {**info.extras, **dict.fromkeys(info.aliases, state)})
         return
     files = [*info.shards, *info.files, *([info.index["name"]] if info.index is not None else [])]
     for name in files:  # each becomes a file in the folder, never a path elsewhere (the mode file says them)

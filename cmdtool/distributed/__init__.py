@@ -2,7 +2,7 @@
 and the report's streaming passes as one task per group of column tiles, with only the per-parameter
 results and small sums gathered by the client, which alone writes the mode file.
 
-Dask is an optional extra (``pip install cmdtool[dask]``), imported only when ``Engine.start`` runs.
+Dask is an optional extra (``pip install cmd-modes[dask]``), imported only when ``Engine.start`` runs.
 ``engine`` (the client side), ``tasks`` (what runs on a worker), ``ingest`` (the sharded store of a folder).
 Names are imported from their modules on first use.
 """

@@ -55,7 +55,7 @@ class Engine:
         try:
             from dask.distributed import Client, LocalCluster
         except ModuleNotFoundError:
-            raise CmdError("workers and `scheduler` need Dask: pip install 'cmdtool[dask]'", parameter="workers",
+            raise CmdError("workers and `scheduler` need Dask: pip install 'cmd-modes[dask]'", parameter="workers",
                            mentions=("scheduler",)) from None
         except ImportError as e:  # installed but broken (or shadowed by a local distributed.py)
             raise CmdError(f"workers and `scheduler` need Dask, which failed to import ({e})", parameter="workers",

@@ -46,6 +46,27 @@ class _CMDCallback:
     ``swap_at_end`` leaves them in the module when training ends. ``mode_file`` is written when
     training ends. The state is stored in Lightning checkpoints, so a run resumed with
     ``ckpt_path=`` continues exactly. Logs ``cmd/rel_error`` and ``cmd/embedded_fraction``.
+
+    Import it from ``cmdtool.integrations.lightning``: it subclasses the ``Callback`` of the
+    ``lightning`` and of the ``pytorch_lightning`` package, whichever are installed.
+    Args:
+        modes: Most modes (M) to find, as ``cmd fit --modes``.
+        warmup: Observations (F) the modes and references are found on.
+        embed_window: Observations (L) between embedding windows; the first is at observation F + L.
+        embed_percent: Percentage (P) embedded per window; 0 is online CMD only.
+        mode_file: Where the mode file is written when training ends (None: not written).
+        relative: P % of the parameters not yet embedded (True) or of all embeddable ones (False).
+        samples: Parameters sampled (K) to find the modes, as ``cmd fit --samples``.
+        seed: Seed of that sample.
+        include: Model only tensors whose name matches one of these globs.
+        exclude: Do not model tensors matching these globs (they are carried verbatim).
+        every_n_steps: Observe every n optimizer steps instead of once per epoch.
+        validate_with_cmd: Validate the CMD weights of the latest observation instead of the model's.
+        swap_at_end: Leave the CMD weights in the model when training ends.
+
+    Raises:
+        CmdError: A setting out of range (when the callback is made, before training starts), or a
+            warm-up longer than the run (when training ends; no mode file is written then).
     """
 
     def __init__(self, *, modes: int = 10, warmup: int = 10, embed_window: int = 10, embed_percent: float = 0.0,

@@ -7,17 +7,23 @@ Only events are forwarded here; the logic is ``cmdtool.training.EmbeddedCMD``.
 from __future__ import annotations
 
 import hashlib
+import inspect
+import os
+import uuid
 from pathlib import Path
 from typing import Sequence
 
 import torch
 from transformers import TrainerCallback
 
-from ..checkpoints import CheckpointInfo
+from .._files import temporary_sibling
+from ..checkpoints import CheckpointInfo, dtype_name
 from ..errors import CmdError
+from ..layout import Layout, check_same_tensors
 from ..training import EmbeddedCMD
 
 STATE_FILE = "cmdtool_state.pt"  # beside the Trainer's files in each checkpoint-<step>/ folder
+RUN_KEY = "cmdtool_callback"     # in the state file: which run, at which step, with which weights it was saved
 
 
 class CMDCallback(TrainerCallback):
@@ -29,9 +35,29 @@ class CMDCallback(TrainerCallback):
     ``cmd reconstruct`` as a folder ``from_pretrained`` loads (``model.safetensors`` and
     ``config.json``; tied weights are left out, as ``save_pretrained`` does). ``validate_with_cmd``
     evaluates the CMD weights of the latest observation; ``swap_at_end`` leaves them in the model.
-    The state is saved as ``cmdtool_state.pt`` in every ``checkpoint-<step>/`` folder and read back
-    when the Trainer resumes from one (``train(resume_from_checkpoint=...)``). ``cmd/rel_error`` and
+    The state is saved as ``cmdtool_state.pt`` in every ``checkpoint-<step>/`` folder (to a temporary
+    name, then renamed) and read back from the checkpoint the Trainer resumes from
+    (``train(resume_from_checkpoint=...)``, see ``resumed_checkpoint``); a state saved by another run,
+    at another step, with other weights, settings or tensors is refused. ``cmd/rel_error`` and
     ``cmd/embedded_fraction`` go to ``state.log_history`` and to the Trainer's logs.
+    Args:
+        modes: Most modes (M) to find, as ``cmd fit --modes``.
+        warmup: Observations (F) the modes and references are found on.
+        embed_window: Observations (L) between embedding windows; the first is at observation F + L.
+        embed_percent: Percentage (P) embedded per window; 0 is online CMD only.
+        mode_file: Where the mode file is written when training ends (None: not written).
+        relative: P % of the parameters not yet embedded (True) or of all embeddable ones (False).
+        samples: Parameters sampled (K) to find the modes, as ``cmd fit --samples``.
+        seed: Seed of that sample.
+        include: Model only tensors whose name matches one of these globs.
+        exclude: Do not model tensors matching these globs (they are carried verbatim).
+        every_n_steps: Observe every n optimizer steps instead of once per epoch.
+        validate_with_cmd: Validate the CMD weights of the latest observation instead of the model's.
+        swap_at_end: Leave the CMD weights in the model when training ends.
+
+    Raises:
+        CmdError: A setting out of range (when the callback is made, before training starts), or a
+            warm-up longer than the run (when training ends; no mode file is written then).
     """
 
     def __init__(self, *, modes: int = 10, warmup: int = 10, embed_window: int = 10, embed_percent: float = 0.0,
@@ -45,6 +71,7 @@ class CMDCallback(TrainerCallback):
         self.mode_file = None if mode_file is None else Path(mode_file)
         self.validate_with_cmd, self.swap_at_end = validate_with_cmd, swap_at_end
         self.cmd: EmbeddedCMD | None = None
+        self._run = None  # this run's id, kept across resumes
         self._swapped = None
         self._latest: dict[str, float] = {}
 
@@ -57,12 +84,50 @@ class CMDCallback(TrainerCallback):
             self.cmd.attachments[self._config[0]] = data
         else:
             self._config = None
+        self._run = uuid.uuid4().hex
         if state.global_step > 0:  # resumed: the state saved with that checkpoint
-            path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / STATE_FILE
+            path = resumed_checkpoint(args, state) / STATE_FILE
             if not path.is_file():
                 raise CmdError(f"{path}: resuming at step {state.global_step}, but the CMD state of that "
                                f"checkpoint is missing (was it written with CMDCallback?)")
-            self.cmd.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            try:
+                saved = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception as e:  # a truncated file, or one that is not ours
+                raise CmdError(f"{path}: not a readable CMD state ({type(e).__name__}: {str(e)[:200]})") from None
+            self._check_resumed(path, saved, state.global_step)
+            try:
+                self.cmd.load_state_dict(saved)
+            except CmdError as e:
+                raise CmdError(f"{path}: {e}") from None
+            self._run = saved.get(RUN_KEY, {}).get("run", self._run)
+
+    def _check_resumed(self, path: Path, saved, step: int) -> None:
+        """Refuse a saved state that is not the one of the checkpoint being resumed: saved at another step,
+        for other tensors, or with other weights than the Trainer has just loaded (another run's state)."""
+        if not isinstance(saved, dict):
+            raise CmdError(f"{path}: not a CMD state")
+        mark = saved.get(RUN_KEY)
+        if isinstance(mark, dict) and mark.get("step") != step:
+            raise CmdError(f"{path}: saved at step {mark.get('step')}, but the Trainer resumes at step {step}; "
+                           f"this state belongs to another checkpoint")
+        if isinstance(saved.get("layout"), str):
+            tensors = self.cmd.tensor_names()
+            live = self.cmd.model.state_dict()
+            signature = {name: (tuple(live[name].shape), dtype_name(live[name].dtype)) for name in tensors}
+            check_same_tensors(path, signature, Layout.from_json(saved["layout"]).signature, "the saved CMD state")
+        if isinstance(mark, dict) and mark.get("weights") != self._weights():
+            raise CmdError(f"{path}: saved with other weights than those of the checkpoint being resumed at step "
+                           f"{step} (another run's state?); resume from the checkpoint folder this state was saved "
+                           f"in, or leave it out of output_dir")
+
+    def _weights(self) -> str:
+        """A fingerprint of the model's weights: exact bytes of up to 64 evenly spaced values per tensor."""
+        digest = hashlib.sha256()
+        for name, tensor in self.cmd.model.state_dict().items():
+            flat = tensor.detach().reshape(-1)
+            where = torch.linspace(0, max(flat.numel() - 1, 0), min(flat.numel(), 64)).long().to(flat.device)
+            digest.update(name.encode() + b"\0" + flat[where].cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()
 
     def _info(self) -> CheckpointInfo:
         names = self.cmd.tensor_names()
@@ -107,7 +172,15 @@ class CMDCallback(TrainerCallback):
         if state.is_world_process_zero:
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             if folder.is_dir():
-                torch.save(self.cmd.state_dict(), folder / STATE_FILE)
+                saved = {**self.cmd.state_dict(),
+                         RUN_KEY: {"run": self._run, "step": state.global_step, "weights": self._weights()}}
+                target = folder / STATE_FILE
+                tmp = temporary_sibling(target)
+                try:
+                    torch.save(saved, tmp)
+                    os.replace(tmp, target)
+                finally:
+                    tmp.unlink(missing_ok=True)
 
     def on_train_end(self, args, state, control, **kwargs):
         self.on_evaluate(args, state, control)
@@ -119,3 +192,28 @@ class CMDCallback(TrainerCallback):
         if self.swap_at_end:
             self.cmd.load_cmd_weights()
         self.cmd.close()
+
+
+def resumed_checkpoint(args, state) -> Path:
+    """The checkpoint folder the Trainer resumes from.
+
+    No callback event is given it, so it is read where the Trainer keeps it: the
+    ``resume_from_checkpoint`` argument of its training loop (a frame up the stack; ``True`` already
+    resolved to the latest checkpoint), else ``args.resume_from_checkpoint``, else
+    ``output_dir/checkpoint-<global_step>``. The state found there is checked against the weights
+    the Trainer loaded (``CMDCallback._check_resumed``), so a wrong guess is refused, never used."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "_inner_training_loop":
+                found = frame.f_locals.get("resume_from_checkpoint")
+                if isinstance(found, (str, os.PathLike)):
+                    return Path(found)
+                break
+            frame = frame.f_back
+    finally:
+        del frame
+    named = getattr(args, "resume_from_checkpoint", None)
+    if isinstance(named, (str, os.PathLike)) and named:
+        return Path(named)
+    return Path(args.output_dir) / f"checkpoint-{state.global_step}"

@@ -20,7 +20,7 @@ ONLINECMD_TRAJECTORY = "none (OnlineCMD keeps no trajectory)"
 
 
 class OnlineCMD:
-    """Online CMD inside a training loop (paper §3.3)::
+    """Online CMD inside a training loop (paper §3.3):
 
         online = cmdtool.OnlineCMD(modes=10, warmup=20)
         for epoch in range(epochs):
@@ -33,6 +33,15 @@ class OnlineCMD:
     modes, with the same sampling, clustering and references as ``cmd fit``; after that each
     observation updates ``a, b`` in place and is dropped. Observing the checkpoints of a folder gives
     the mode file ``cmd fit --warmup`` writes.
+
+    Args:
+        modes: Most modes (M) to find.
+        warmup: Observations (F) the modes and references are found on.
+        samples: Parameters sampled (K) to find the modes.
+        seed: Seed of that sample.
+        include: Model only tensors whose name matches one of these globs.
+        exclude: Do not model tensors matching these globs (they are carried verbatim).
+        refine: Lloyd-style passes over the references (0: the paper's references).
     """
 
     def __init__(self, modes: int = 10, warmup: int = 10, samples: int = 1000, seed: int = 0,
@@ -62,8 +71,16 @@ class OnlineCMD:
     def observe(self, state_dict: Mapping[str, torch.Tensor], name: str | None = None,
                 time: int | None = None) -> None:
         """Absorb the weights of one checkpoint (e.g. ``model.state_dict()`` once per epoch).
-        ``name`` is the file name ``cmd reconstruct`` uses for it (default ``checkpoint_{t}.safetensors``),
-        ``time`` its step or epoch number (default the count of observations)."""
+
+        Args:
+            state_dict: The weights; every observation must have the same tensor names, shapes and dtypes.
+            name: The file name ``cmd reconstruct`` writes it under (default ``checkpoint_{t}.safetensors``).
+            time: Its step or epoch number (default the count of observations); must increase.
+
+        Raises:
+            CmdError: Other tensors than the first observation's, NaN or Inf weights, a time that does
+                not increase.
+        """
         t = self.T
         name = name or f"checkpoint_{t}.safetensors"
         time = t if time is None else int(time)
@@ -102,9 +119,26 @@ class OnlineCMD:
         return self.state
 
     def reconstruct(self) -> dict[str, torch.Tensor]:
-        """The CMD state dict at the latest observation, loadable with ``load_state_dict(strict=True)``."""
+        """The CMD state dict at the latest observation.
+
+        Returns:
+            The state dict, loadable with ``load_state_dict(strict=True)``.
+
+        Raises:
+            CmdError: The warm-up is not over yet.
+        """
         return self._require_modes("reconstruct").state_dict(self._latest_carried)
 
     def save(self, path: str | Path) -> Path:
-        """Write (or atomically replace) a mode file: ``cmd info``, ``reconstruct`` and ``update`` read it."""
+        """Write (or atomically replace) a mode file: ``cmd info``, ``reconstruct`` and ``update`` read it.
+
+        Args:
+            path: The mode file to write.
+
+        Returns:
+            The path written.
+
+        Raises:
+            CmdError: The warm-up is not over yet.
+        """
         return write_mode_file(Path(path), self._require_modes("save").to_modes())

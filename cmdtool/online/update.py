@@ -87,6 +87,16 @@ def _first_checkpoint(modes: ModeFile, candidates: Sequence[Checkpoint]) -> np.n
 
 @dataclass
 class UpdateResult:
+    """What ``update`` returns.
+
+    Attributes:
+        mode_file: The updated mode file.
+        absorbed: Names of the checkpoints absorbed, in order.
+        skipped: Names of those already in the mode file.
+        summary: What ``cmd info --json`` prints about the updated file.
+        notes: What the update changed besides ``a, b``.
+    """
+
     mode_file: Path
     absorbed: list[str]
     skipped: list[str]
@@ -98,7 +108,20 @@ def update(mode_file: str | Path, checkpoints: Sequence[str | Path], progress: P
     """``cmd update``: absorb the checkpoints (files or folders) that come after the mode file's
     last one. Ones already in the file are skipped; an earlier, incompatible or unreadable one is a
     CmdError and the mode file is left untouched (all are checked before anything is written, and
-    the new file replaces the old one only when complete)."""
+    the new file replaces the old one only when complete).
+
+    Args:
+        mode_file: The mode file to extend (replaced atomically, under a lock against a concurrent update).
+        checkpoints: Checkpoint files, Hugging Face ``checkpoint-<step>/`` folders or run folders.
+        progress: Progress callback.
+
+    Returns:
+        The names absorbed and skipped, and the updated summary.
+
+    Raises:
+        CmdError: A checkpoint earlier than the file's last one, other tensors, NaN or Inf values, an
+            unreadable file; the mode file is then unchanged.
+    """
     mode_file = Path(mode_file)
     candidates = _gather(checkpoints)
     if not mode_file.is_file():

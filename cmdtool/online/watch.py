@@ -75,7 +75,29 @@ def watch(folder: str | Path, output: str | Path, *, warmup: int, until: int | N
     checkpoint, in training order.
     An existing ``output`` is resumed (``force`` refits it). Returns when the mode file holds
     ``until`` checkpoints; Ctrl-C raises KeyboardInterrupt. The mode file is replaced atomically at
-    every change, so it is valid at every moment."""
+    every change, so it is valid at every moment.
+
+    Args:
+        folder: The training run's checkpoint folder.
+        output: The mode file to keep up to date (resumed when it exists).
+        warmup: Checkpoints (F) the modes are found on.
+        until: Return once the mode file holds this many checkpoints (None: run until interrupted).
+        interval: Seconds between looks at the folder.
+        modes: Most modes (M) of the warm-up fit.
+        samples: Parameters sampled (K) for the warm-up fit.
+        seed: Seed of that sample.
+        refine: Lloyd-style passes over the references in the warm-up fit.
+        include: Model only tensors whose name matches one of these globs.
+        exclude: Do not model tensors matching these globs.
+        trajectory: Where to keep the warm-up's trajectory store.
+        force: Refit an existing mode file instead of resuming it.
+        progress: Progress callback.
+        say: Called with one line per event (a checkpoint absorbed, skipped, ...).
+        sleep: Called to wait between looks.
+
+    Returns:
+        The mode file's path.
+    """
     folder, output = Path(folder), Path(output)
     if not folder.is_dir():
         raise CmdError(f"{folder}: no such folder" if not folder.exists() else f"{folder}: is a file, expected a "

@@ -29,6 +29,14 @@ from .source import open_trajectory
 
 @dataclass
 class ReportResult:
+    """What ``make_report`` returns.
+
+    Attributes:
+        folder: The report folder written.
+        report: What ``report.json`` holds, as a dict.
+        failures: One line per failed threshold (empty when all passed).
+    """
+
     folder: Path
     report: dict                       # what report.json holds
     failures: list[str] = field(default_factory=list)  # one line per failed threshold
@@ -49,6 +57,30 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
     split, each family's best epoch is chosen on validation and reported on the other splits.
     ``measure_pass(modes, store, advance)`` runs the streaming pass elsewhere
     (``cmdtool.distributed.Engine.measure_pass``).
+
+    Args:
+        mode_file: The mode file.
+        output: The report folder to write.
+        checkpoints: Read the original checkpoints from this folder instead of the kept store.
+        trajectory: The trajectory store to read (or to build, with ``checkpoints``).
+        evaluate: Your function ``state_dict -> {metric: float}`` or ``-> {split: {metric: float}}``.
+        eval_spec: How ``evaluate`` is named in the report (default: its module and name).
+        tail: Tail averages of the last K checkpoints to compare.
+        ema_decay: Decay of the EMA over checkpoints that is compared.
+        thresholds: What to check; failures are listed in the result.
+        force: Replace an existing report folder.
+        progress: Progress callback.
+        select: ``"METRIC"``, ``"METRIC:max"`` or ``"METRIC:min"``: choose each family's epoch on validation.
+        eval_every: Score the candidate families at every K-th checkpoint (and the last).
+        candidates_only: Score the candidates at the last checkpoint only.
+        measure_pass (Callable | None): Run the measuring pass elsewhere (Dask).
+
+    Returns:
+        The folder, ``report.json`` as a dict, and the failed thresholds.
+
+    Raises:
+        CmdError: Bad input (a store rebuilt since the fit, an ``evaluate`` that fails on the first
+            checkpoint, an existing folder without ``force``, ...); no report is left.
     """
     output = Path(output)
     if evaluate is not None and not eval_spec:

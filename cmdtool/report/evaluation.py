@@ -114,7 +114,14 @@ def parse_requirement(text: str) -> Requirement:
 @dataclass
 class Thresholds:
     """What ``cmd report`` checks (exit 1 when one fails): ``rel_error`` and
-    ``rel_error_displacement`` at most these, and ``--require`` conditions on evaluated metrics."""
+    ``rel_error_displacement`` at most these, and ``--require`` conditions on evaluated metrics.
+
+    Attributes:
+        max_rel_error: Fail when ``rel_error`` is above this.
+        max_rel_error_displacement: Fail when ``rel_error_displacement`` is above this.
+        require: Conditions on the evaluated metrics of the CMD weights at the last checkpoint
+            (``parse_requirement("test/accuracy>=0.9")``).
+    """
     max_rel_error: float | None = None
     max_rel_error_displacement: float | None = None
     require: Sequence[Requirement] = ()

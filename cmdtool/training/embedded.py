@@ -29,7 +29,7 @@ STATE_FORMAT = "cmdtool-training-state"
 
 
 class EmbeddedCMD:
-    """Online CMD, and optionally embedded CMD, alongside a model being trained::
+    """Online CMD, and optionally embedded CMD, alongside a model being trained:
 
         cmd = EmbeddedCMD(model, modes=10, warmup=20, embed_window=10, embed_percent=10)
         cmd.attach(optimizer)            # cmd.step() after every optimizer step (embedded CMD)
@@ -47,6 +47,23 @@ class EmbeddedCMD:
     previous window are embedded: their gradient is masked by a hook and ``step()`` sets them to
     ``a · r(t) + b`` from the live reference parameters. Reference parameters and buffers (BatchNorm
     statistics, modelled like any float tensor) are never embedded.
+
+    Args:
+        model: The model being trained (its state dict is observed in place, on its device).
+        modes: Most modes (M) to find, as ``cmd fit --modes``.
+        warmup: Observations (F) the modes and references are found on.
+        embed_window: Observations (L) between embedding windows; the first is at observation F + L.
+        embed_percent: Percentage (P) embedded per window; 0 is online CMD only.
+        relative: P % of the parameters not yet embedded (True) or of all embeddable ones (False).
+        samples: Parameters sampled (K) to find the modes.
+        seed: Seed of that sample.
+        include: Model only tensors whose name matches one of these globs.
+        exclude: Do not model tensors matching these globs (they are carried verbatim).
+        every_n_steps: Recorded for the callbacks: observe every n optimizer steps instead of per epoch.
+        drop_shared: Leave out tensors that share storage with an earlier one (tied weights).
+
+    Raises:
+        CmdError: A setting out of range.
     """
 
     def __init__(self, model: torch.nn.Module, *, modes: int = 10, warmup: int = 10, embed_window: int = 10,
@@ -125,9 +142,17 @@ class EmbeddedCMD:
     # -- the training loop's events
 
     def observe(self, name: str | None = None, time: int | None = None, info: CheckpointInfo | None = None) -> None:
-        """Absorb the model's current weights (e.g. once per epoch). ``name`` is the file name
-        ``cmd reconstruct`` writes it under (default ``checkpoint_{t}.safetensors``), ``time`` its
-        step or epoch (default the count of observations), ``info`` how it is written back."""
+        """Absorb the model's current weights (e.g. once per epoch).
+
+        Args:
+            name: The file name ``cmd reconstruct`` writes it under (default ``checkpoint_{t}.safetensors``).
+            time: Its step or epoch (default the count of observations); must increase.
+            info: How it is written back (default: a plain safetensors file).
+
+        Raises:
+            CmdError: A tensor whose name, shape or dtype changed, NaN or Inf weights, a time that
+                does not increase, a model moved to another device.
+        """
         t = self.T
         name = name or f"checkpoint_{t}.safetensors"
         time = t if time is None else int(time)
@@ -222,7 +247,14 @@ class EmbeddedCMD:
                            f"before the first observation or before load_state_dict, and keep it there")
 
     def attach(self, optimizer: torch.optim.Optimizer):
-        """Call ``step()`` after every ``optimizer.step()``; returns the hook's handle."""
+        """Call ``step()`` after every ``optimizer.step()``.
+
+        Args:
+            optimizer: The model's optimizer.
+
+        Returns:
+            handle (torch.utils.hooks.RemovableHandle): The hook's handle (``handle.remove()`` detaches it).
+        """
         return optimizer.register_step_post_hook(lambda *args: self.step())
 
     # -- embedding bookkeeping
@@ -288,7 +320,14 @@ class EmbeddedCMD:
         return self.state
 
     def reconstruct(self) -> dict[str, torch.Tensor]:
-        """The CMD state dict at the latest observation (CPU tensors in the model's dtypes)."""
+        """The CMD state dict at the latest observation.
+
+        Returns:
+            CPU tensors in the model's dtypes, loadable with ``model.load_state_dict``.
+
+        Raises:
+            CmdError: The warm-up is not over yet.
+        """
         state = self._require("reconstruct")
         values = state.values()
         out = {}
@@ -323,7 +362,14 @@ class EmbeddedCMD:
                 target.copy_(values[spec.columns].view(spec.shape).to(target.dtype))
 
     def save(self, path: str | Path) -> Path:
-        """Write (or atomically replace) the mode file; with embedding, its ``embedding`` group."""
+        """Write (or atomically replace) the mode file; with embedding, its ``embedding`` group.
+
+        Args:
+            path: The mode file to write.
+
+        Returns:
+            The path written.
+        """
         state, path = self._require("save"), Path(path)
         if not path.parent.is_dir():
             raise CmdError(f"{path.parent}: no such folder for the mode file")
@@ -357,7 +403,14 @@ class EmbeddedCMD:
         return out
 
     def load_state_dict(self, saved: dict) -> None:
-        """Continue from ``state_dict()``: settings must be the same as this object's."""
+        """Continue from ``state_dict()``.
+
+        Args:
+            saved: What ``state_dict()`` returned (e.g. read back with ``torch.load(..., weights_only=True)``).
+
+        Raises:
+            CmdError: Other settings than this object's (each difference named), or a corrupt state.
+        """
         if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
             raise CmdError("the saved CMD state is not an EmbeddedCMD state")
         self.close()  # the hooks of what this object held before
