@@ -4,7 +4,8 @@ Each floor runs in this (fresh) process and prints its seconds, timed inside the
 interpreter start-up, no imports), on a warm page cache:
 
 - ``write OUT T N``: the store's bytes (``T × N`` float32) written to the page cache: ``fallocate``,
-  then one ``pwrite`` of a reused row buffer per checkpoint (the file is removed afterwards).
+  then one ``pwrite`` of a reused row buffer per checkpoint (the file is removed afterwards), through
+  the calls the ingest makes (``cmdtool._portable``: a seek and a write where there is no ``pwrite``).
 - ``read FOLDER``: every ``*.safetensors`` file of the folder read whole with ``readinto`` into
   one reused buffer (no memory map, no parsing).
 - ``cast STORE``: one float32 → float64 pass over the store's ``W``, column tile by column tile
@@ -22,18 +23,17 @@ import time
 
 import numpy as np
 
+from cmdtool._portable import allocate, open_fd, write_full
+
 
 def write_floor(out: str, T: int, N: int) -> float:
     row = np.ones(N, dtype=np.float32)
     start = time.perf_counter()
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd = open_fd(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        os.posix_fallocate(fd, 0, 4 * T * N)
+        allocate(fd, 0, 4 * T * N)
         for t in range(T):
-            view, position = memoryview(row).cast("B"), 4 * t * N
-            while view:
-                n = os.pwrite(fd, view, position)
-                view, position = view[n:], position + n
+            write_full(fd, memoryview(row).cast("B"), 4 * t * N)
     finally:
         os.close(fd)
     seconds = time.perf_counter() - start

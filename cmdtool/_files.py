@@ -3,7 +3,7 @@ into place only when complete, so that a reader, a kill or a failure never leave
 
 from __future__ import annotations
 
-import fcntl
+import errno
 import glob
 import os
 import re
@@ -13,6 +13,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from ._portable import open_fd
 from .errors import CmdError
 
 LOCK_WAIT_S = 60.0  # how long a second writer of the same mode file waits for the first
@@ -56,6 +57,15 @@ def remove_stale(path: Path) -> list[Path]:
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` may still run (its files are then left alone). POSIX: signal 0
+    asks without sending anything. Windows has no such signal (``os.kill`` there ends the process,
+    or sends Ctrl-C for 0): psutil asks when it is installed, else every process counts as alive."""
+    if os.name == "nt":
+        try:
+            import psutil
+        except ImportError:
+            return True
+        return psutil.pid_exists(pid)
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -86,20 +96,76 @@ def remove_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
+WINDOWS_DEVICES = {"CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$", *(f"{port}{i}" for port in ("COM", "LPT")
+                                                                      for i in range(10))}
+
+
 def plain_name(name: Any, what: str) -> str:
     """A name that becomes one path component under the output folder: a non-empty string without
-    separators or NUL, not ``.`` or ``..``, at most 255 bytes."""
-    if (not isinstance(name, str) or name in ("", ".", "..") or "/" in name or "\0" in name
-            or len(name.encode("utf-8", "surrogatepass")) > 255):
+    separators or NUL, not ``.`` or ``..``, at most 255 bytes. On Windows also without ``\\`` or
+    ``:`` (a drive, a stream), not a device name (``CON``, ``NUL.txt``, ...) and not ending in a dot
+    or a space (Windows drops them, so the name would lead elsewhere)."""
+    separators = {"/", "\0", os.sep, os.altsep or "/"}
+    windows = os.name == "nt"
+    if (not isinstance(name, str) or name in ("", ".", "..") or any(c in name for c in separators)
+            or len(name.encode("utf-8", "surrogatepass")) > 255
+            or windows and (":" in name or name[-1] in ". "
+                            or name.split(".")[0].rstrip(" ").upper() in WINDOWS_DEVICES)):
         raise ValueError(f"{what} {str(name)[:80]!r} is not a plain file name")
     return name
 
 
+class _Locks:
+    """The platform's advisory lock on a whole file, chosen at run time: ``fcntl.flock`` (POSIX),
+    else ``msvcrt.locking`` of its first byte (Windows, where an open file cannot be removed:
+    the lock file is removed after the lock is let go, when no other process has it open)."""
+
+    def __init__(self):
+        fcntl = msvcrt = None
+        try:
+            import fcntl
+        except ImportError:
+            try:
+                import msvcrt
+            except ImportError:
+                pass
+        if fcntl is None and msvcrt is None:
+            raise CmdError("this platform has no file locks (neither fcntl nor msvcrt): cmd update and cmd watch "
+                           "cannot keep a second writer of the mode file out")
+        self.fcntl, self.msvcrt = fcntl, msvcrt
+        self.remove_while_held = fcntl is not None
+
+    def try_lock(self, fd: int) -> bool:
+        """Lock ``fd`` without waiting; False when another holds it."""
+        try:
+            if self.fcntl is not None:
+                self.fcntl.flock(fd, self.fcntl.LOCK_EX | self.fcntl.LOCK_NB)
+            else:
+                self.msvcrt.locking(fd, self.msvcrt.LK_NBLCK, 1)  # the byte at the position, 0: just opened
+        except (BlockingIOError, PermissionError):
+            return False
+        except OSError as e:
+            if e.errno in (errno.EACCES, errno.EAGAIN, getattr(errno, "EDEADLOCK", errno.EDEADLK)):
+                return False
+            raise
+        return True
+
+    def release(self, fd: int) -> None:
+        """Let the lock go and close ``fd`` (closing alone lets a ``flock`` go)."""
+        try:
+            if self.fcntl is None:
+                os.lseek(fd, 0, os.SEEK_SET)
+                self.msvcrt.locking(fd, self.msvcrt.LK_UNLCK, 1)
+        finally:
+            os.close(fd)
+
+
 @contextmanager
 def exclusive(path: Path, wait: float | None = None) -> Iterator[None]:
-    """Hold an advisory lock (``fcntl.flock``) on ``.NAME.lock`` beside ``path`` for a
-    read-modify-write of ``path`` (``cmd update``, ``cmd watch``): a second writer waits for the
-    first, then reads what the first wrote, instead of both writing and one change being lost.
+    """Hold an advisory lock (``fcntl.flock``, or ``msvcrt.locking`` on Windows) on ``.NAME.lock``
+    beside ``path`` for a read-modify-write of ``path`` (``cmd update``, ``cmd watch``): a second
+    writer waits for the first, then reads what the first wrote, instead of both writing and one
+    change being lost.
 
     The lock file is removed on release; a waiter that then holds the lock of a removed file sees
     that the name no longer leads to it and locks afresh (the usual lock-file protocol)."""
@@ -107,11 +173,10 @@ def exclusive(path: Path, wait: float | None = None) -> Iterator[None]:
     lock = path.with_name(f".{path.name}.lock")
     wait = LOCK_WAIT_S if wait is None else wait
     deadline = time.monotonic() + wait
+    locks = _Locks()
     while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        fd = open_fd(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        if not locks.try_lock(fd):
             os.close(fd)
             if time.monotonic() >= deadline:
                 raise CmdError(f"{path}: another cmd update or cmd watch is writing it (waited {wait:g} s); "
@@ -124,9 +189,16 @@ def exclusive(path: Path, wait: float | None = None) -> Iterator[None]:
             same = False
         if same:
             break
-        os.close(fd)  # the holder before us removed this file: lock the new one
+        locks.release(fd)  # the holder before us removed this file: lock the new one
     try:
         yield
     finally:
-        lock.unlink(missing_ok=True)
-        os.close(fd)
+        if locks.remove_while_held:
+            lock.unlink(missing_ok=True)
+            locks.release(fd)
+        else:
+            locks.release(fd)
+            try:
+                lock.unlink(missing_ok=True)
+            except PermissionError:
+                pass  # a waiter has it open (Windows): it locks it next

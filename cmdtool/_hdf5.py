@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from ._portable import open_fd, positioned_reads, read_at, reserve
 from .errors import CmdError
 from .units import human_bytes
 
@@ -29,14 +30,15 @@ def read_strings(group: h5py.Group, name: str) -> list[str]:
 
 def check_space(path: Path, nbytes: int, shown: Path) -> None:
     """Make sure the file being written at ``path`` (still small: call it before HDF5 allocates
-    anything) can grow to ``nbytes``: ``posix_fallocate`` that much, then give it back. A full disk
-    (or quota, or file-size limit) fails here with one message naming ``shown``, not inside HDF5,
-    where a failed write leaves a file that cannot even be closed (h5py retries the flush at every
-    close, and the first error is lost)."""
-    fd = os.open(path, os.O_WRONLY)
+    anything) can grow to ``nbytes``: reserve that much (``_portable.reserve``: ``posix_fallocate``,
+    else a free-space check and ``ftruncate``), then give it back. A full disk (or quota, or
+    file-size limit) fails here with one message naming ``shown``, not inside HDF5, where a failed
+    write leaves a file that cannot even be closed (h5py retries the flush at every close, and the
+    first error is lost)."""
+    fd = open_fd(path, os.O_WRONLY)
     try:
         size = os.fstat(fd).st_size
-        os.posix_fallocate(fd, 0, max(int(nbytes), 1))
+        reserve(fd, max(int(nbytes), 1), Path(path).parent)
         os.ftruncate(fd, size)
     except OSError as e:
         if e.errno in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system without fallocate: write and see
@@ -52,7 +54,8 @@ class SliceReader:
     call), in native byte order. With ``pread`` at the datasets' offsets when they are stored
     contiguously (so uncompressed) and natively, through the descriptor h5py reads (the file
     opened, even if its path was replaced since; a third of the time of h5py's slice reads on the
-    benchmark's mode file); else through h5py's ``read_direct``. ``below``: every value of the
+    benchmark's mode file); else, and where the platform has no ``pread`` (Windows: a seek would
+    move the position HDF5 keeps for that descriptor), through h5py's ``read_direct``. ``below``: every value of the
     first dataset must be smaller (a mode file's labels), else the file is corrupt."""
 
     def __init__(self, handle: h5py.File, names: tuple[str, ...], width: int, below: int | None = None):
@@ -60,7 +63,8 @@ class SliceReader:
         self.buffers = [np.empty(min(width, d.shape[0]), dtype=d.dtype.newbyteorder("=")) for d in self.datasets]
         self.offsets = [d.id.get_offset() if d.dtype.isnative and d.chunks is None and not d.external else None
                         for d in self.datasets]
-        self.fd = handle.id.get_vfd_handle() if handle.driver == "sec2" and None not in self.offsets else None
+        direct = handle.driver == "sec2" and None not in self.offsets and positioned_reads()
+        self.fd = handle.id.get_vfd_handle() if direct else None
         self.path, self.below = handle.filename, below
 
     def __call__(self, start: int, stop: int) -> list[np.ndarray]:
@@ -72,7 +76,7 @@ class SliceReader:
                 continue
             view, position = memoryview(values).cast("B"), offset + start * values.itemsize
             while view:
-                got = os.preadv(self.fd, [view], position)
+                got = read_at(self.fd, view, position)
                 if got == 0:
                     raise CmdError(f"{self.path}: the file changed while it was read (truncated)")
                 view, position = view[got:], position + got

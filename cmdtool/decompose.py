@@ -20,8 +20,6 @@ from typing import NamedTuple, Sequence
 
 import numpy as np
 
-from .linkage import complete_linkage, cut_max_clusters, row_distances
-
 
 def _allocate(total: int, capacity: np.ndarray, weight: np.ndarray) -> np.ndarray:
     """Split ``total`` draws over bins in proportion to ``weight``, never above ``capacity``.
@@ -83,8 +81,18 @@ def correlation_matrix(trajectories: np.ndarray) -> np.ndarray:
     return np.clip(C, 0.0, 1.0)
 
 
-def cluster(C: np.ndarray, M: int) -> np.ndarray:
-    """Step 3: complete-linkage clustering of the rows of ``C`` (Euclidean), cut into ``<= M`` modes.
+def linkage_tree(C: np.ndarray) -> np.ndarray:
+    """Step 3's hierarchy, which ``cluster`` cuts: scipy's complete linkage of the rows of ``C``
+    (Euclidean, ``pdist``). scipy is imported here, not by ``import cmdtool`` (a third of a second)."""
+    from scipy.cluster.hierarchy import linkage
+    from scipy.spatial.distance import pdist
+
+    return linkage(pdist(np.asarray(C, dtype=np.float64)), method="complete")
+
+
+def cluster(C: np.ndarray, M: int, tree: np.ndarray | None = None) -> np.ndarray:
+    """Step 3: complete-linkage clustering of the rows of ``C`` (Euclidean), cut into ``<= M`` modes
+    (``fcluster(maxclust)`` of ``tree``, the caller's ``linkage_tree(C)`` if it has made it).
 
     Returns a mode label per sampled parameter, modes numbered by size, largest first (ties: the
     mode whose first member comes first).
@@ -92,7 +100,9 @@ def cluster(C: np.ndarray, M: int) -> np.ndarray:
     K = C.shape[0]
     if K == 1 or M == 1:
         return np.zeros(K, dtype=np.int64)
-    raw = cut_max_clusters(complete_linkage(row_distances(C)), M)  # as scipy's linkage + fcluster
+    from scipy.cluster.hierarchy import fcluster
+
+    raw = fcluster(linkage_tree(C) if tree is None else tree, t=M, criterion="maxclust")
     ids, first, sizes = np.unique(raw, return_index=True, return_counts=True)
     order = np.lexsort((first, -sizes))  # by size descending, then by first member
     rank = np.empty(len(ids), dtype=np.int64)
@@ -357,44 +367,12 @@ def refine_references(trajectories: np.ndarray, C: np.ndarray, reference_positio
     return rank[labels], references[ids[order]]
 
 
-def find_modes(trajectories: np.ndarray, C: np.ndarray, M: int, refine: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def find_modes(trajectories: np.ndarray, C: np.ndarray, M: int, refine: int = 0,
+               tree: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Steps 3–4 (``cluster``, ``choose_references``), then ``refine`` passes of ``refine_references``:
-    ``(labels of the sample, reference positions)``."""
-    labels = cluster(C, M)
+    ``(labels of the sample, reference positions)``. ``tree``: ``linkage_tree(C)`` if already made."""
+    labels = cluster(C, M, tree)
     positions = choose_references(C, labels)
     if refine > 0:
         labels, positions = refine_references(trajectories, C, positions, refine)
     return labels, positions
-
-
-class ErrorCurve(NamedTuple):
-    modes: np.ndarray      # (n,) the M asked for
-    found: np.ndarray      # (n,) the modes the clustering gave (at most M)
-    rel_error: np.ndarray  # (n,) held-out relative error of each
-    chosen: int            # the M chosen (see ``choose_modes``)
-
-
-AUTO_TOLERANCE = 0.05
-
-
-def choose_modes(modes: Sequence[int], rel_error: Sequence[float], tolerance: float = AUTO_TOLERANCE) -> int:
-    """The smallest ``M`` whose held-out error is within ``tolerance`` (relative, 5 %) of the
-    smallest error on the curve: more modes than that cost storage and buy less than 5 %."""
-    errors = np.asarray(rel_error, dtype=np.float64)
-    best = float(errors.min())
-    return int(np.asarray(modes)[np.flatnonzero(errors <= best * (1 + tolerance))[0]])
-
-
-def error_curve(trajectories: np.ndarray, C: np.ndarray, held_out: np.ndarray, modes: Sequence[int],
-                refine: int = 0, tolerance: float = AUTO_TOLERANCE) -> ErrorCurve:
-    """Held-out error against ``M``: modes and references found on the sample ``trajectories``
-    (``C`` its ``|corr|``), measured on the independent sample ``held_out``."""
-    found, errors = [], []
-    for M in modes:
-        _, positions = find_modes(trajectories, C, int(M), refine)
-        references = normalise_references(trajectories[:, positions].T).references
-        found.append(len(positions))
-        errors.append(heldout_error(held_out, references))
-    modes = np.asarray(modes, dtype=np.int64)
-    return ErrorCurve(modes, np.asarray(found, dtype=np.int64), np.asarray(errors),
-                      choose_modes(modes, errors, tolerance))

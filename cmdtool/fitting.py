@@ -14,16 +14,15 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 
+from .auto_modes import AUTO_TOLERANCE, choose_modes, error_curve
 from .checkpoints.schema import CheckpointInfo
 from .decompose import (
-    AUTO_TOLERANCE,
     NormalisedReferences,
-    choose_modes,
     correlation_matrix,
-    error_curve,
     find_modes,
     fit_tile,
     label_dtype,
+    linkage_tree,
     normalise_references,
     sample_parameters,
 )
@@ -162,19 +161,21 @@ def fit_to_file(source: TrajectorySource, settings: FitSettings, path: Path, *, 
 
 
 def _error_curve(source: TrajectorySource, sample: np.ndarray, trajectories: np.ndarray, C: np.ndarray,
-                 settings: FitSettings) -> dict:
+                 settings: FitSettings, tree: np.ndarray | None) -> dict:
     """``--modes auto``: the error-vs-M curve for M = 1 … ``auto_modes``, modes found on the fit's
     sample and measured on a second, independent sample (seed + 1, the first sample's parameters
     left out); the chosen M is the smallest within 5 % of the curve's smallest error. When fewer
     than ``MIN_HELD_OUT`` parameters are left (the sample took nearly all of them), the curve is
-    the mean of a 2-fold split of the sample instead: modes found on one half, measured on the other."""
+    the mean of a 2-fold split of the sample instead: modes found on one half, measured on the other.
+    ``tree``: the fit's one linkage of ``C`` (``linkage_tree``); every M of the curve is a cut of it
+    (a half of the 2-fold split has its own, of its own correlations)."""
     top = min(settings.auto_modes, len(sample))  # no more modes than sampled parameters
     second = sample_parameters([s.size for s in source.layout.modelled], source.varies, settings.samples,
                                settings.seed + 1)
     held_out = np.setdiff1d(second, sample)
     if len(held_out) >= MIN_HELD_OUT:
         Ms = range(1, top + 1)
-        curve = error_curve(trajectories, C, source.columns(held_out), Ms, settings.refine)
+        curve = error_curve(trajectories, C, source.columns(held_out), Ms, settings.refine, tree=tree)
         found, errors, measured = curve.found, curve.rel_error, f"{len(held_out)} held-out parameters"
     else:
         if len(sample) < 4:
@@ -215,11 +216,13 @@ def _find_modes(source: TrajectorySource, settings: FitSettings) -> FoundModes:
         raise CmdError(f"every modelled parameter is constant over the {T} checkpoints: nothing to decompose")
     trajectories = source.columns(sample)                       # (T, K)
     C = correlation_matrix(trajectories)
-    curve = None
+    curve, tree = None, None
+    if len(sample) > 1 and (settings.auto_modes is not None or settings.modes > 1):
+        tree = linkage_tree(C)  # step 3's one linkage: the fit's M and every M of --modes auto are cuts of it
     if settings.auto_modes is not None:
-        curve = _error_curve(source, sample, trajectories, C, settings)
+        curve = _error_curve(source, sample, trajectories, C, settings, tree)
         settings = settings.replace(modes=curve["chosen"])
-    _, reference_positions = find_modes(trajectories, C, settings.modes, settings.refine)
+    _, reference_positions = find_modes(trajectories, C, settings.modes, settings.refine, tree)
     normalised = normalise_references(trajectories[:, reference_positions].T)
     return FoundModes(settings, sample, reference_positions, normalised, curve)
 

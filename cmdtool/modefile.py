@@ -77,12 +77,14 @@ def check_output_path(path: Path, force: bool) -> None:
 CARRIED_BLOCK_BYTES = 32 * 2**20  # carried rows are read from a mode file in blocks of this size
 
 
-def write_mode_file(path: Path, modes: Modes) -> Path:
+def write_mode_file(path: Path, modes: Modes, replaces: ModeFile | None = None) -> Path:
     """Write ``modes`` as the mode file ``path``: to a temporary name beside it, renamed over it
-    only when complete, so that a reader (or a kill) never sees a partial file."""
+    only when complete, so that a reader (or a kill) never sees a partial file. ``replaces``: the
+    mode file at ``path``, open because ``modes`` reads from it (``cmd update``): closed before the
+    rename where the platform renames no file over an open one (Windows)."""
     with ModeFileWriter(path, modes) as writer:
         writer.parameters(0, modes.labels, modes.a, modes.b)
-        return writer.finish(modes)
+        return writer.finish(modes, replaces)
 
 
 class ModeFileWriter:
@@ -125,13 +127,20 @@ class ModeFileWriter:
                 dataset.write_direct(np.ascontiguousarray(values, dtype=dataset.dtype), dest_sel=np.s_[start:stop])
         self.written = stop
 
-    def finish(self, modes: Modes) -> Path:
-        """Write the rest of ``modes`` (its ``labels, a, b`` are those written) and rename the file into place."""
+    def finish(self, modes: Modes, replaces: ModeFile | None = None) -> Path:
+        """Write the rest of ``modes`` (its ``labels, a, b`` are those written) and rename the file
+        into place (``replaces``: see ``write_mode_file``)."""
         if self.written != self.N:
             raise RuntimeError(f"mode file {self.path}: {self.written} of {self.N} columns written")
         _write_rest(self.file, modes)
         self.file.close()
-        os.replace(self.tmp, self.path)
+        try:
+            os.replace(self.tmp, self.path)
+        except PermissionError:
+            if replaces is None:
+                raise
+            replaces.close()
+            os.replace(self.tmp, self.path)
         return self.path
 
     def close(self) -> None:

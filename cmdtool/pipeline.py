@@ -59,7 +59,7 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int | str = 10
     ``warmup`` (F) makes it online CMD (paper §3.3): modes and references from the first ``F``
     selected checkpoints, then an exact update of ``a, b`` per later one (``online.fit_warmup``).
     ``modes="auto"`` (or ``"auto:MAX"``) chooses M from an error-vs-M curve measured on a second,
-    independent sample (``decompose.error_curve``); ``refine`` Lloyd-style passes re-pick the
+    independent sample (``auto_modes.error_curve``); ``refine`` Lloyd-style passes re-pick the
     references (``decompose.refine_references``). ``drop_unmodelled`` leaves the floating-point
     tensors that are not modelled (``include``/``exclude``) out of the mode file.
     ``workers`` (a Dask ``LocalCluster``) or ``scheduler`` (an existing cluster's address) build a

@@ -25,6 +25,7 @@ import numpy as np
 
 from ._files import replace_path, temporary_sibling
 from ._hdf5 import read_strings, read_text, write_text
+from ._portable import open_fd, write_full
 from .checkpoints.schema import CheckpointInfo
 from .errors import CmdError
 from .layout import DTYPE_SIZES, Layout
@@ -109,7 +110,7 @@ def write_shard(job: ShardJob) -> int:
             encoded = np.empty(n, dtype=element)
             offset = f["W"].id.get_offset()
             varies, first = np.zeros(n, dtype=bool), None
-            fd = os.open(tmp, os.O_WRONLY)
+            fd = open_fd(tmp, os.O_WRONLY)
             try:
                 for t, checkpoint in enumerate(job.checkpoints):
                     reader = ColumnReader(checkpoint, job.layout, job.ema)
@@ -123,10 +124,7 @@ def write_shard(job: ShardJob) -> int:
                     else:
                         varies |= row != first
                     stored = encode(row, dtype, encoded)
-                    view, position = memoryview(stored).cast("B"), offset + element.itemsize * t * n
-                    while view:
-                        written = os.pwrite(fd, view, position)
-                        view, position = view[written:], position + written
+                    write_full(fd, memoryview(stored).cast("B"), offset + element.itemsize * t * n)
             finally:
                 os.close(fd)
             f.create_dataset("varies", data=varies)

@@ -27,6 +27,7 @@ import numpy as np
 
 from ._files import temporary_sibling
 from ._hdf5 import check_space, read_strings, read_text, write_text
+from ._portable import allocate, open_fd, write_full
 from .checkpoints.schema import CheckpointInfo
 from .errors import CmdError
 from .layout import Layout, build_layout, check_same_tensors, dataset_key
@@ -280,7 +281,8 @@ def check_finite(row: np.ndarray, source: object, name: str) -> None:
 
 
 class _RowWriter:
-    """Plain ``pwrite``s of trajectory rows into the store file, beside h5py's own handle."""
+    """Plain ``pwrite``s of trajectory rows into the store file, beside h5py's own handle (a seek
+    and a write on a descriptor of its own where the platform has no ``pwrite``)."""
 
     def __init__(self, path: Path):
         self.path, self.fd = path, None
@@ -290,21 +292,18 @@ class _RowWriter:
         writing into a hole makes the filesystem allocate as it goes, measured 1.2–7× slower."""
         self._open()
         try:
-            os.posix_fallocate(self.fd, position, nbytes)
+            allocate(self.fd, position, nbytes)  # not on every platform: then the writes allocate
         except OSError:  # a filesystem without fallocate: the writes allocate instead
             pass
 
     def _open(self) -> None:
         if self.fd is None:
-            self.fd = os.open(self.path, os.O_WRONLY)
+            self.fd = open_fd(self.path, os.O_WRONLY)
 
     def write(self, data: np.ndarray, position: int) -> None:
         """Write all of ``data`` at byte ``position`` (a single ``pwrite`` may be partial)."""
         self._open()
-        view = memoryview(data).cast("B")
-        while view:
-            written = os.pwrite(self.fd, view, position)
-            view, position = view[written:], position + written
+        write_full(self.fd, memoryview(data).cast("B"), position)
 
     def __enter__(self) -> "_RowWriter":
         return self
@@ -384,8 +383,14 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             f.attrs.update(kind=STORE_KIND, version=STORE_VERSION, fingerprint=fingerprint_, complete=True,
                            W_dtype=dtype)
         store = open_store(tmp)  # opened before the rename: this store, whatever replaces it at ``path`` later
+        try:
+            os.replace(tmp, path)
+        except PermissionError:  # Windows renames no open file; there, none can replace it while it is open
+            store.handle.close()
+            del store  # and its maps of the file
+            os.replace(tmp, path)
+            store = open_store(path)
         store.path = path
-        os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return store

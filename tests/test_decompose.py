@@ -191,6 +191,49 @@ def test_clusters_are_numbered_by_size_and_references_are_most_central():
     assert references[0] == 3  # 3, 5, 6, 7 tie at the top; 4 is out; argmax takes the first
 
 
+def same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """Two labelings describe the same clusters (whatever the numbering)."""
+    pairs = set(zip(a.tolist(), b.tolist()))
+    return len(pairs) == len(set(a.tolist())) == len(set(b.tolist()))
+
+
+def near_duplicate_trajectories(rng: np.random.Generator) -> np.ndarray:
+    """(T, K) trajectories as CMD meets them: a few families of random walks, and within them
+    parameters that move almost identically (a copy plus 1e-9 noise), exactly alike up to scale
+    and shift (equal rows of ``C``: tied distances), or constant (zero rows)."""
+    T, families = int(rng.integers(4, 30)), int(rng.integers(1, 6))
+    base = rng.standard_normal((T, families)).cumsum(axis=0)
+    columns = []
+    for _ in range(int(rng.integers(3, 70))):
+        kind = rng.integers(0, 4)
+        source = base[:, rng.integers(0, families)]
+        if kind == 0:  # the family plus its own motion
+            columns.append(source + rng.uniform(0.01, 1.0) * rng.standard_normal(T).cumsum())
+        elif kind == 1 and columns:  # near-duplicate of an earlier parameter
+            columns.append(columns[rng.integers(0, len(columns))] + 1e-9 * rng.standard_normal(T))
+        elif kind == 2 and columns:  # an exact affine copy: its row of C equals the original's
+            columns.append(rng.choice([-2.0, 0.5, 3.0]) * columns[rng.integers(0, len(columns))] + 1.0)
+        else:
+            columns.append(source * rng.uniform(0.5, 2.0) if rng.random() < 0.9 else np.full(T, 0.3))
+    return np.column_stack(columns)
+
+
+def test_clusters_equal_scipys_on_near_duplicate_and_tied_rows():
+    """Step 3 is scipy's complete linkage on Euclidean distances between the rows of C, cut by
+    ``fcluster(maxclust)``, written the plain way (scipy forms the distances from the rows): the
+    same partition in each of 200 cases, every cut; modes numbered by size, largest first."""
+    rng = np.random.default_rng(19)
+    for case in range(200):
+        C = correlation_matrix(near_duplicate_trajectories(rng))
+        tree = linkage(C, method="complete", metric="euclidean")
+        for M in (2, 3, 5, int(rng.integers(2, 12))):
+            expected = fcluster(tree, t=M, criterion="maxclust")
+            labels = cluster(C, M)
+            assert same_partition(labels, expected), (case, M)
+            sizes = np.bincount(labels)
+            assert (np.diff(sizes) <= 0).all() and len(sizes) <= M, (case, M)
+
+
 def test_fit_tile_against_normalised_references():
     t = np.linspace(0, 1, 10)
     raw = np.stack([t**2, np.sin(3 * t)])
@@ -307,30 +350,6 @@ def test_skipping_constant_columns_gives_the_same_fit_bit_for_bit(monkeypatch):
 
 
 # Choosing M (--modes auto) and refining the references (--refine)
-
-
-@pytest.mark.parametrize("M, noise", [(2, 1e-4), (3, 1e-4), (3, 1e-2), (5, 1e-3)])
-def test_error_curve_recovers_the_planted_number_of_modes(M, noise):
-    from cmdtool.decompose import error_curve
-
-    planted = plant(M=M, T=20, noise=noise, seed=0)
-    N = planted.W.shape[1]
-    first = sample_parameters([N], np.ones(N, bool), 300, 0)
-    second = np.setdiff1d(sample_parameters([N], np.ones(N, bool), 300, 1), first)
-    C = correlation_matrix(planted.W[:, first])
-    curve = error_curve(planted.W[:, first], C, planted.W[:, second], range(1, 9))
-    assert curve.chosen == M
-    assert list(curve.modes) == list(range(1, 9)) and list(curve.found[:M]) == list(range(1, M + 1))
-    assert curve.rel_error[M - 2] > 10 * curve.rel_error[M - 1]  # one mode too few explains much less
-    assert curve.rel_error[M - 1] < 3 * noise / planted.W[:, second].std()  # at M the error is the noise's
-
-
-def test_choose_modes_takes_the_smallest_within_five_percent_of_the_best():
-    from cmdtool.decompose import choose_modes
-
-    assert choose_modes([1, 2, 5, 10, 20], [0.5, 0.3, 0.2, 0.161, 0.154]) == 10  # 0.161 <= 1.05 · 0.154 = 0.1617
-    assert choose_modes([1, 2, 3], [0.2, 0.1, 0.1]) == 2
-    assert choose_modes([1, 2, 3], [0.1, 0.2, 0.3]) == 1
 
 
 def test_heldout_error_is_the_fit_relative_centred_error():

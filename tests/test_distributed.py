@@ -171,6 +171,19 @@ def test_a_worker_killed_during_the_fit_gives_the_same_file(tmp_path, run_dir, e
     assert_same_files(tmp_path / "single.cmd.h5", tmp_path / "dask.cmd.h5")
     engine.client.wait_for_workers(2, timeout=30)
     assert set(engine.client.run(lambda: __import__("os").getpid()).values()) != pids  # the nanny restarted one
+    assert_workers_keep_malloc_blocks(engine)  # a restarted worker too
+
+
+def assert_workers_keep_malloc_blocks(engine) -> None:
+    """Every worker process started with glibc told to keep freed blocks up to 64 MiB (no ctypes:
+    the environment variables glibc reads at start, through Dask's pre-spawn setting)."""
+    names = ("MALLOC_TRIM_THRESHOLD_", "MALLOC_MMAP_THRESHOLD_")
+    seen = engine.client.run(lambda: [__import__("os").environ.get(name) for name in names])
+    assert len(seen) == 2 and all(values == [str(64 * 2**20)] * 2 for values in seen.values()), seen
+
+
+def test_workers_start_with_malloc_keeping_blocks(engine):
+    assert_workers_keep_malloc_blocks(engine)
 
 
 def test_cmd_report_with_workers_equals_the_single_process_report(tmp_path, run_dir, runner):

@@ -1,4 +1,5 @@
-"""A safetensors file read with plain ``pread``s into caller's buffers: no memory map, no torch.
+"""A safetensors file read with plain ``pread``s into caller's buffers: no memory map, no torch
+(``_portable.read_at``: a seek and a read where the platform has no ``pread``).
 
 The format (https://github.com/huggingface/safetensors): 8 bytes little-endian header length ``H``,
 ``H`` bytes of JSON (``{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__":
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._portable import open_fd, read_at, read_full
 from ..errors import CmdError
 from ..layout import DTYPE_SIZES
 
@@ -49,7 +51,7 @@ class SafetensorsFile:
 
     def __init__(self, path: Path):
         self.path = Path(path)
-        self.fd = os.open(self.path, os.O_RDONLY)
+        self.fd = open_fd(self.path, os.O_RDONLY)
         try:
             st = os.fstat(self.fd)
             self._stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
@@ -62,8 +64,8 @@ class SafetensorsFile:
         return CmdError(f"{self.path}: cannot read checkpoint, truncated or corrupt (safetensors header: {problem})")
 
     def _parse(self, size: int) -> tuple[dict[str, Entry], dict[str, str] | None]:
-        head = os.pread(self.fd, 8, 0)
-        if len(head) < 8:
+        head = bytearray(8)
+        if read_full(self.fd, memoryview(head), 0) < 8:
             raise self._bad("shorter than its 8-byte header length")
         (header_len,) = struct.unpack("<Q", head)
         if header_len > min(MAX_HEADER, size - 8):
@@ -107,10 +109,10 @@ class SafetensorsFile:
         return entries, metadata
 
     def _read_bytes(self, position: int, n: int) -> bytes:
-        data = os.pread(self.fd, n, position)
-        if len(data) != n:
+        data = bytearray(n)
+        if read_full(self.fd, memoryview(data), position) != n:
             raise self._changed()
-        return data
+        return bytes(data)
 
     def _changed(self) -> CmdError:
         return CmdError(f"{self.path}: the file changed while it was read (truncated or rewritten); "
@@ -135,7 +137,7 @@ class SafetensorsFile:
         if len(view) != nbytes:
             raise ValueError(f"{name}: buffer of {len(view)} bytes for {nbytes}")
         while view:
-            n = os.preadv(self.fd, [view], position)
+            n = read_at(self.fd, view, position)
             if n == 0:
                 raise self._changed()
             view, position = view[n:], position + n

@@ -1,6 +1,7 @@
 """A safetensors file written as ``safetensors``' own ``save_file`` writes it, without building the
 tensors first: the header is computed up front from the names, dtypes and shapes, and each tensor's
-bytes are then written at their place (``pwrite``), from whatever buffer the caller reuses.
+bytes are then written at their place (``pwrite``, or a seek and a write where the platform has
+none), from whatever buffer the caller reuses.
 
 What ``save_file`` writes (checked byte for byte against it in ``tests/test_safetensors_writer.py``):
 8 bytes little-endian header length, the header as compact JSON (``__metadata__`` first when given,
@@ -22,6 +23,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
+from .._portable import open_fd, reserve, write_full
 from ..errors import CmdError
 from .safetensors_file import DTYPES
 
@@ -69,11 +71,11 @@ class SafetensorsWriter:
         head, self.positions, self.size = plan(tensors, metadata)
         self.shown, self.fd = shown or path, None
         try:
-            self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+            self.fd = open_fd(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
             try:
-                os.posix_fallocate(self.fd, 0, self.size)
+                reserve(self.fd, self.size, Path(path).parent)
             except OSError as e:  # a filesystem without fallocate: the writes allocate instead
-                if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+                if e.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC), errno.EFBIG):
                     raise
             self._pwrite(memoryview(head), 0)
         except OSError as e:
@@ -88,9 +90,7 @@ class SafetensorsWriter:
 
     def _pwrite(self, view: memoryview, position: int) -> None:
         try:
-            while view:  # a single pwrite may be partial
-                n = os.pwrite(self.fd, view, position)
-                view, position = view[n:], position + n
+            write_full(self.fd, view, position)
         except OSError as e:
             raise self._failed(e) from None
 

@@ -16,27 +16,6 @@ from ..stores import open_trajectory_store
 from ..trajectory import TrajectoryStore
 
 _open: dict[tuple[str, int], TrajectoryStore] = {}  # per worker process: stores by path and mtime
-_malloc_tuned = False
-MALLOC_KEEP_BYTES = 64 * 2**20
-
-
-def tune_malloc() -> None:
-    """Let glibc keep freed blocks up to 64 MiB. Dask's nanny starts workers with
-    ``MALLOC_TRIM_THRESHOLD_=65536``, which also fixes glibc's mmap threshold at 128 KiB: every
-    2 MB float64 slice of the pass is then a fresh ``mmap`` and page faults (measured: one group of
-    tiles took 0.92–1.08 s on a worker against 0.26 s in-process; 0.32–0.34 s after this call)."""
-    global _malloc_tuned
-    if _malloc_tuned:
-        return
-    _malloc_tuned = True
-    try:
-        import ctypes
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:  # not glibc: nothing to tune
-        return
-    M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-    libc.mallopt(M_TRIM_THRESHOLD, MALLOC_KEEP_BYTES)
-    libc.mallopt(M_MMAP_THRESHOLD, MALLOC_KEEP_BYTES)
 
 
 def open_location(location: str) -> TrajectoryStore:
@@ -54,7 +33,6 @@ def fit_group(location: str, start: int, stop: int, width: int, references: np.n
     """Steps 5–6 of the tiles ``range(start, stop, width)``; returns them and the bytes read."""
     from threadpoolctl import threadpool_limits
 
-    tune_malloc()
     if hook is not None:
         hook(start)
     store = open_location(location)
@@ -76,7 +54,6 @@ def measure_group(location: str, start: int, stop: int, width: int, labels: np.n
     columns), from zero; returns them and the bytes read."""
     from threadpoolctl import threadpool_limits
 
-    tune_malloc()
     if hook is not None:
         hook(start)
     store = open_location(location)
@@ -111,5 +88,4 @@ def kill_this_worker_once(marker: str) -> Callable[[int], None]:
 
 def ingest_shard(job: ShardJob) -> int:
     """``shards.write_shard`` on a worker: one shard file from every checkpoint; the bytes read."""
-    tune_malloc()
     return write_shard(job)

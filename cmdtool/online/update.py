@@ -145,5 +145,5 @@ def update(mode_file: str | Path, checkpoints: Sequence[str | Path], progress: P
                     w, carried, info, attachments = read_checkpoint(c, modes.layout, first_name, ema)
                     state.observe(w, c.name, c.time, info, carried, attachments)
                     advance(1)
-            write_mode_file(mode_file, state.to_modes())
+            write_mode_file(mode_file, state.to_modes(), replaces=modes)
     return UpdateResult(mode_file, [c.name for c in new], [c.name for c in skipped], summarize(mode_file), notes)
