@@ -1,9 +1,11 @@
-"""Post-hoc CMD of a trajectory (paper §3.2), as one call that returns the modes in memory.
+"""Post-hoc CMD of a trajectory (paper §3.2): the modes in memory, or written as they stream.
 
 ``fit_trajectory(source, settings)`` runs steps 1–6 of ``decompose.py`` over any ``(T, N)`` trajectory
 source (a trajectory store on disk, or rows held in memory) and returns a ``Modes``; writing it is
-``modefile.write_mode_file``'s job. ``cmd fit``, the warm-up of ``cmd fit --warmup``, ``cmd watch``
-and ``OnlineCMD`` all call it.
+``modefile.write_mode_file``'s job. The warm-up of ``cmd fit --warmup``, ``cmd watch``, ``OnlineCMD``
+and the ``CMD`` estimator call it. ``fit_to_file`` runs the same steps and writes each tile's
+``labels, a, b`` into the mode file as the pass yields them (``cmd fit``): the same file, in memory
+that does not grow with N.
 """
 
 from __future__ import annotations
