@@ -3,16 +3,38 @@ Never wrapped, so that names and paths stay whole for scripts."""
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
 from .units import human_bytes
 
 stdout = Console(highlight=False)
+UNWRAPPED = 10_000  # the width tables are laid out in when stdout is not a terminal: never wrapped
+unwrapped = Console(highlight=False, width=UNWRAPPED)
+
+
+def _print(renderable) -> None:
+    """Print on stdout; piped or redirected, at a width that never wraps a table at 80 columns."""
+    if stdout.is_terminal:
+        stdout.print(renderable, markup=False)
+        return
+    with unwrapped.capture() as captured:
+        unwrapped.print(renderable, markup=False)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
+def plain(text: str) -> str:
+    """A report sentence for the terminal: without Markdown's ``**`` and backticks."""
+    return text.replace("**", "").replace("`", "")
 
 TIME_SOURCES = {"global_step": "the stored global_step", "step": "the stored step",
                  "epoch": "the stored epoch", "name": "the numbers in the names",
                  "position": "the position in natural sort order"}
+
+
+STACK_NAMES = {"peft": "huggingface peft adapter"}  # Checkpoint.stack, where it needs more words
 
 
 def print_columns(header: list[str], rows: list[list]) -> None:
@@ -25,8 +47,9 @@ def print_columns(header: list[str], rows: list[list]) -> None:
 
 def describe(checkpoint) -> str:
     """``huggingface safetensors, 4 shards``, ``lightning torch``, ``plain safetensors``,
-    ``torch.distributed.checkpoint, 2 shards``."""
-    text = checkpoint.stack if checkpoint.format == "dcp" else f"{checkpoint.stack} {checkpoint.format}"
+    ``huggingface peft adapter safetensors``, ``torch.distributed.checkpoint, 2 shards``."""
+    text = (checkpoint.stack if checkpoint.format == "dcp"
+            else f"{STACK_NAMES.get(checkpoint.stack, checkpoint.stack)} {checkpoint.format}")
     if checkpoint.folder is not None and len(checkpoint.folder.weights) > 1:
         text += f", {len(checkpoint.folder.weights)} shards"
     if checkpoint.note:
@@ -35,6 +58,9 @@ def describe(checkpoint) -> str:
 
 
 def print_report(r: dict) -> None:
+    """The verdict first (thresholds, then did CMD help), then the tables."""
+    for line in r["verdict"]["lines"]:
+        stdout.print(plain(line), markup=False, soft_wrap=True)
     fit, compact = r["fit"], r["compactness"]
     table = Table(box=None, pad_edge=False)
     for column in ("model", "compression", "rel_error", "rel_error_displacement"):
@@ -44,7 +70,7 @@ def print_report(r: dict) -> None:
     for p in r["baselines"]["pca"]:
         table.add_row(f"PCA d={p['d']}", f"{compact['checkpoint_bytes_float32'] / p['bytes_float32']:.1f}×",
                       f"{p['rel_error']:.4g}", f"{p['rel_error_displacement']:.4g}")
-    stdout.print(table, markup=False)
+    _print(table)
     evaluation = r["evaluation"]
     if evaluation:
         names = list(evaluation["per_checkpoint"]["original"])
@@ -54,24 +80,27 @@ def print_report(r: dict) -> None:
             candidates.add_column(name, justify="right")
         for candidate, scores in evaluation["candidates"].items():
             candidates.add_row(candidate, *(f"{scores[k]:.4g}" if scores.get(k) is not None else "–" for k in names))
-        stdout.print(candidates, markup=False)
-        print_selection(evaluation)
+        _print(candidates)
+        print_selection(evaluation, r["verdict"])
     for t in r["thresholds"]:
         stdout.print(f"{'pass' if t['passed'] else 'FAIL'}: {t['description']}", markup=False, soft_wrap=True)
 
 
-def print_selection(evaluation: dict) -> None:
-    """``--select``: each family's epoch chosen on validation and its other splits' scores."""
+def print_selection(evaluation: dict, verdict: dict | None = None) -> None:
+    """``--select``: each family's position chosen on validation and its other splits' scores; ★ on
+    the families the verdict calls best on test."""
     chosen = evaluation["selection"]
     if chosen:
+        judged = next((m for m in (verdict or {}).get("metrics", []) if m["under_selection"]), None)
+        winners = set(judged["under_selection"]["winners"]) if judged else set()
         columns = [chosen["key"], *chosen["reported"]]
         table = Table(box=None, pad_edge=False)
-        for column in ("chosen on validation", "epoch", *columns):
+        for column in ("chosen on validation", "position", *columns):
             table.add_column(column, justify="left" if column == "chosen on validation" else "right")
         for row in chosen["rows"]:
-            table.add_row(("★ " if row["family"] == chosen["chosen"] else "") + row["family"], str(row["epoch"]),
+            table.add_row(("★ " if row["family"] in winners else "") + row["family"], str(row["epoch"]),
                           *(f"{row['scores'][k]:.4g}" if row["scores"].get(k) is not None else "–" for k in columns))
-        stdout.print(table, markup=False)
+        _print(table)
     elif evaluation["selection_impossible"]:
         stdout.print("no selection: the evaluation returned no validation split", markup=False)
 
@@ -105,8 +134,8 @@ def print_summary(s: dict, references: list | None = None) -> None:
     if s.get("embedding"):
         table.add_row("embedded", embedding_line(s["embedding"], s["time"]))
     table.add_row("trajectory store", settings["trajectory"])
-    table.add_row("compression", f"{s['compression_ratio']:.1f}× ({human_bytes(s['checkpoint_bytes_float32'])} of "
-                                 "float32 checkpoints)")
+    for label, text in compression_rows(s):
+        table.add_row(label, text)
     table.add_row("rel_error", f"{s['rel_error']:.3g}  (‖W − Ŵ‖ / ‖W‖ over all checkpoints)")
     table.add_row("rel_error_displacement", f"{s['rel_error_displacement']:.3g}  (error ÷ how far weights moved from "
                                             "the first checkpoint)")
@@ -117,7 +146,7 @@ def print_summary(s: dict, references: list | None = None) -> None:
         table.add_row("error vs M", "  ".join(f"{m}:{e:.3g}" for m, e in zip(curve["modes"], curve["rel_error"])))
     if s["settings"].get("refine"):
         table.add_row("refined", f"{s['settings']['refine']} Lloyd-style passes over the references")
-    stdout.print(table, markup=False)
+    _print(table)
     modes = Table(title=None, box=None, pad_edge=False)
     for column in ("mode", "parameters", "share") + (("reference parameter",) if references else ()):
         modes.add_column(column, justify="left" if column == "reference parameter" else "right")
@@ -127,7 +156,34 @@ def print_summary(s: dict, references: list | None = None) -> None:
             name, index = references[m]
             row.append(f"{name}[{', '.join(map(str, index))}]")
         modes.add_row(*row)
-    stdout.print(modes, markup=False)
+    _print(modes)
+
+
+def compression_rows(s: dict) -> list[tuple[str, str]]:
+    """The mode file against the checkpoints' own tensor bytes, and against float32 when the run is
+    stored in another dtype (a bfloat16 run's float32 figure is twice its own)."""
+    own = s.get("checkpoint_bytes")
+    if own is None:  # a summary from before the own-bytes figures
+        return [("compression", f"{s['compression_ratio']:.1f}× ({human_bytes(s['checkpoint_bytes_float32'])} of "
+                                "float32 checkpoints)")]
+    dtypes = s.get("checkpoint_dtypes") or []
+    rows = [("compression", f"{s['compression_ratio_checkpoint_bytes']:.1f}× ({human_bytes(own)} of "
+                            f"{'/'.join(dtypes) or 'carried'} checkpoint tensors)")]
+    if dtypes != ["float32"]:
+        float32 = human_bytes(s["checkpoint_bytes_float32"])
+        rows.append(("compression, float32", f"{s['compression_ratio']:.1f}× ({float32} of modelled parameters "
+                                             "as float32)"))
+    return rows
+
+
+def size_warnings(s: dict) -> list[str]:
+    """A warning when the mode file is not smaller than the checkpoints it stands for."""
+    own = s.get("checkpoint_bytes")
+    if own is None or s["mode_file_bytes"] < own:
+        return []
+    return [f"the mode file ({human_bytes(s['mode_file_bytes'])}) is not smaller than the {s['checkpoints']} "
+            f"checkpoints' tensors ({human_bytes(own)}): it stores about 9 bytes per parameter (a, b and a mode "
+            f"label) plus fixed overhead, so it saves space only with more checkpoints or a larger model"]
 
 
 def embedding_line(e: dict, time: list) -> str:

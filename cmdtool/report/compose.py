@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from ..modes import model_values
 from ..progress import Progress
 from ..trajectory import TrajectoryStore, moving_parameters
 from ..version import __version__
-from . import candidates, metrics, selection_blocks
+from . import candidates, metrics, selection_blocks, verdict
 from .document import blocks, embedding_note, notes
 from .evaluation import Evaluate, Requirement, Thresholds, run_evaluate
 from .metrics import PCA_RANKS
@@ -40,6 +40,8 @@ class Scoring:
     select: Selection | None = None
     every: int = 1
     candidates_only: bool = False
+    recalibrate: Callable | None = None  # the user's function that recomputes BatchNorm statistics
+    recalibrate_spec: str = ""
 
 
 def _online(modes: ModeFile) -> dict | None:
@@ -129,6 +131,7 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
     mode_file_bytes = modes.path.stat().st_size
     compactness = {"mode_file_bytes": mode_file_bytes, "checkpoint_bytes_float32": 4 * N * T,
                    "compression_ratio": 4 * N * T / mode_file_bytes, **carried_storage(modes, N, T, mode_file_bytes)}
+    compactness.update(own_storage(modes, compactness["modelled_bytes"]))
 
     # 5. Model quality, when the user gave an evaluation function.
     evaluation = None
@@ -136,7 +139,9 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
         epochs = candidates.evaluation_epochs(T, scoring.every, scoring.candidates_only)
         evaluation = candidates.score_families(modes, store, scoring.evaluate, scoring.spec, run_evaluate, tail=tail,
                                                ema_decay=ema_decay, pca=pca, epochs=epochs, first=first,
-                                               selection=scoring.select, progress=progress)
+                                               selection=scoring.select, progress=progress,
+                                               recalibrate=scoring.recalibrate,
+                                               recalibrate_spec=scoring.recalibrate_spec)
 
     # 8. Thresholds.
     checks = []
@@ -153,6 +158,9 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
                            f"(it returned {', '.join(sorted(cmd_metrics))})")
         checks.append((requirement, cmd_metrics[requirement.metric]))
     threshold_rows = [{**r.check(value), "description": r.describe(value)} for r, value in checks]
+    statistics = any(s.name.endswith(("running_mean", "running_var")) for s in layout.modelled)
+    answer = verdict.verdict(_clean(fit), compactness, _clean(baselines), _clean(evaluation), threshold_rows,
+                             statistics)
 
     # 6. Plots.
     files = {}
@@ -200,6 +208,7 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
                      "so errors after the warm-up show how well the warm-up's modes carry on.")
     report = _clean({
         "format": REPORT_FORMAT, "format_version": REPORT_VERSION, "tool_version": __version__,
+        "verdict": answer,
         "mode_file": {"path": str(modes.path), "format_version": modes.format_version,
                       "tool_version": modes.tool_version, "settings": modes.settings.to_json()},
         "trajectory": source,
@@ -221,6 +230,14 @@ def carried_storage(modes: ModeFile, N: int, T: int, mode_file_bytes: int) -> di
     return {"carried_bytes": carried, "carried_tensors": len(modes.layout.carried) - len(modes.dropped),
             "dropped_tensors": modes.dropped, "modelled_bytes": modelled,
             "compression_ratio_modelled": 4 * N * T / modelled}
+
+
+def own_storage(modes: ModeFile, modelled_bytes: int) -> dict:
+    """The modelled tensors in the checkpoints' own dtypes (a bfloat16 run is half its float32
+    figure), and the compression of the mode file's modelled part against them."""
+    own = modes.T * sum(spec.nbytes for spec in modes.layout.modelled)
+    return {"checkpoint_bytes_modelled": own, "checkpoint_dtypes": sorted({s.dtype for s in modes.layout.modelled}),
+            "compression_ratio_modelled_checkpoint_bytes": own / modelled_bytes}
 
 
 def _errors(error_sq: np.ndarray, measured: metrics.FitMeasures) -> dict:
