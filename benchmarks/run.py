@@ -319,6 +319,8 @@ def main() -> None:
         chosen_here = only & {"floors", "fit", "reconstruct"} if key == "resnet18x4" else only
         if key == "gpt2":  # no naive run (N × T float64), no float32 floors (the store is bfloat16)
             runs[key] = dict(N=gpt2_floats(gpt2_layout(args.scale)), T=20)
+            if not only - {"growth"}:  # --only growth: the three sizes alone
+                continue
             runs[key].update(bench_run(label, folder, DATA / f"out-gpt2-{args.scale:g}", args.repeats, 0,
                                        only - {"floors", "naive", "growth"}, runs[key]["N"], bfloat16=True))
             continue
