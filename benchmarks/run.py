@@ -51,7 +51,7 @@ from resnet18 import n_floats, resnet18_layout  # noqa: E402
 from train import train  # noqa: E402
 
 DATA = HERE / ".data"
-MEASUREMENTS = ("floors", "naive", "fit", "reconstruct", "reconstruct_all", "report", "growth")
+MEASUREMENTS = ("floors", "naive", "fit", "reconstruct", "reconstruct_all", "report", "growth", "dask")
 GROWTH_SCALES = (0.09, 0.36, 1.0)  # of the gpt2 run: 11 M, 45 M and 124 M floats at --scale 1
 VENV_BIN = Path(sys.executable).parent
 CMD = [str(VENV_BIN / "cmd")]
@@ -114,37 +114,41 @@ def _cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def measure(argv: list[str], interval: float = 0.005) -> tuple[float, float, int]:
-    """Wall seconds, CPU seconds and peak anonymous bytes of one run of ``argv`` (must succeed)."""
+def measure(argv: list[str], interval: float = 0.005) -> tuple[float, float, int, int]:
+    """Wall seconds, CPU seconds, peak anonymous bytes of one run of ``argv`` (must succeed) with
+    its descendants, and of its own process alone (a Dask client without its workers)."""
     cpu = _cpu_seconds()
     start = time.perf_counter()
     child = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=ENV)
-    peak = 0
+    peak = own = 0
     while child.poll() is None:
-        peak = max(peak, sum(_rss_anon(p) for p in [child.pid, *_children(child.pid)]))
+        alone = _rss_anon(child.pid)
+        own, peak = max(own, alone), max(peak, alone + sum(_rss_anon(p) for p in _children(child.pid)))
         time.sleep(interval)
     wall, cpu = time.perf_counter() - start, _cpu_seconds() - cpu
     stderr = child.stderr.read().decode()
     if child.returncode != 0:
         raise SystemExit(f"benchmark command failed ({child.returncode}): {' '.join(argv)}\n{stderr}")
-    return wall, cpu, peak
+    return wall, cpu, peak, own
 
 
 def repeat(name: str, argv: list[str], n: int, before=None) -> dict:
     load = os.getloadavg()[0]
-    walls, cpus, peaks = [], [], []
+    walls, cpus, peaks, owns = [], [], [], []
     for _ in range(n):
         if before:
             before()
-        wall, cpu, peak = measure(argv)
+        wall, cpu, peak, own = measure(argv)
         walls.append(wall)
         cpus.append(cpu)
         peaks.append(peak)
+        owns.append(own)
     row = dict(name=name, command=" ".join(Path(a).name if a.startswith("/") and i == 0 else a
                                               for i, a in enumerate(argv)),
                seconds=statistics.median(walls), seconds_all=[round(w, 3) for w in walls],
                cpu_seconds=statistics.median(cpus), cpu_seconds_all=[round(c, 3) for c in cpus],
-               peak_anon_bytes=int(statistics.median(peaks)), peak_anon_all=peaks, load_average=load)
+               peak_anon_bytes=int(statistics.median(peaks)), peak_anon_all=peaks,
+               peak_anon_own_bytes=int(statistics.median(owns)), load_average=load)
     print(f"  {name:38s} {row['seconds']:7.2f} s  {row['cpu_seconds']:7.2f} s CPU  "
           f"{row['peak_anon_bytes'] / 2**20:7.0f} MiB  load {load:4.1f}  (median of {n}: "
           f"{', '.join(f'{w:.2f}' for w in walls)})", flush=True)
@@ -199,6 +203,10 @@ def bench_run(label: str, folder: Path, out: Path, repeats: int, naive_repeats: 
         print(f"  bytes: checkpoints {b['checkpoints'] / 1e9:.3f} GB, store {b['store'] / 1e9:.3f} GB "
               f"({b['store'] / b['checkpoints']:.3f} x), mode file {b['mode_file'] / 1e9:.3f} GB "
               f"({b['mode_file'] / b['checkpoints']:.3f} x)", flush=True)
+    if "dask" in only:  # the client's own memory (the workers are its descendants), sharded store reused
+        rows["fit_dask"] = repeat("cmd fit --workers 2", fit + ["--workers", "2"], repeats)
+        print(f"  {'Dask client alone, peak anon':38s} {rows['fit_dask']['peak_anon_own_bytes'] / 2**20:7.0f} MiB",
+              flush=True)
     if "floors" in only:
         rows["floor_cast"] = floor("floor: float32 -> float64 pass", ["cast", str(store)], quick)
     if "reconstruct" in only:
@@ -316,7 +324,7 @@ def main() -> None:
         # the memory-scaling check: floors, fit and reconstruct --at last only (the report alone
         # would take minutes there).
         naive = args.naive_repeats if key == "resnet18" else 0
-        chosen_here = only & {"floors", "fit", "reconstruct"} if key == "resnet18x4" else only
+        chosen_here = only & {"floors", "fit", "reconstruct"} if key == "resnet18x4" else only - {"dask", "growth"}
         if key == "gpt2":  # no naive run (N × T float64), no float32 floors (the store is bfloat16)
             runs[key] = dict(N=gpt2_floats(gpt2_layout(args.scale)), T=20)
             if not only - {"growth"}:  # --only growth: the three sizes alone
@@ -355,6 +363,9 @@ def targets(runs: dict, memory: dict | None = None) -> dict:
                 checks[f"{key}: fit peak anon memory <= 600 MB"] = (r["fit"]["peak_anon_bytes"] / 1e6, 600.0)
                 checks[f"{key}: store bytes <= 1.1 x checkpoint bytes"] = (
                     r["bytes"]["store"] / r["bytes"]["checkpoints"], 1.1)
+            if "fit_dask" in r:
+                checks[f"{key}: Dask client (2 workers) peak anon memory <= 600 MB"] = (
+                    r["fit_dask"]["peak_anon_own_bytes"] / 1e6, 600.0)
             continue
         t = lambda name: r[name]["seconds"] if name in r else None  # noqa: E731
         pairs = [("fit <= 2.5 x read floor", "fit", "read_floor", 2.5),
