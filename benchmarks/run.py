@@ -90,11 +90,19 @@ with h5py.File(sys.argv[2]) as f:
 
 
 def _children(pid: int) -> list[int]:
+    """Every descendant of ``pid``: the children of each of its threads (a Dask client starts its
+    workers from another thread than the main one), and theirs."""
+    kids = []
     try:
-        with open(f"/proc/{pid}/task/{pid}/children") as f:
-            kids = [int(p) for p in f.read().split()]
+        threads = os.listdir(f"/proc/{pid}/task")
     except OSError:
         return []
+    for thread in threads:
+        try:
+            with open(f"/proc/{pid}/task/{thread}/children") as f:
+                kids += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
     return kids + [g for k in kids for g in _children(k)]
 
 
