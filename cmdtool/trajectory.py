@@ -30,7 +30,7 @@ from ._hdf5 import check_space, read_strings, read_text, write_text
 from ._portable import allocate, open_fd, write_full
 from .checkpoints.schema import CheckpointInfo
 from .errors import CmdError
-from .layout import Layout, build_layout, check_same_tensors, dataset_key
+from .layout import DTYPE_SIZES, Layout, build_layout, check_same_tensors, dataset_key
 
 if TYPE_CHECKING:
     from .checkpoints.discover import Checkpoint
@@ -88,6 +88,7 @@ class EncodedRows:
         return np.asarray(self[:, :], dtype=dtype)
 
 Advance = Callable[[int], None]
+SPAN = 1 << 22  # values of one tensor read, checked and written at a time by build_store
 
 
 def fingerprint(checkpoints: Sequence[Checkpoint], include: Sequence[str], exclude: Sequence[str],
@@ -317,21 +318,22 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
                 fingerprint_: str, ema: bool = False, advance: Advance = lambda n: None) -> TrajectoryStore:
     """Stack the checkpoints into a new store at ``path``, one tensor at a time (bounded memory).
 
-    Each tensor is read into one reused buffer (a safetensors float32 tensor straight from the
-    file, no memory map), checked for NaN/Inf, compared in place with the first checkpoint's values
-    (``varies``) and written with one ``pwrite`` into the preallocated ``W``, in the store's dtype
-    (``stored_dtype``: a 16-bit run stays 16-bit). Carried tensors are
-    gathered in memory and written once each. Written to a temporary file beside ``path`` and
-    renamed into place only when complete.
+    Each tensor is read, ``SPAN`` elements at a time, into one reused buffer (a safetensors
+    float32 tensor straight from the file, no memory map), checked for NaN/Inf, compared in place
+    with the first checkpoint's values (``varies``) and written with one ``pwrite`` into the
+    preallocated ``W``, in the store's dtype (``stored_dtype``: a 16-bit run stays 16-bit): the
+    buffers are about 9 bytes a value of one span, however large the tensor (GPT-2's embedding is a
+    third of the model). Carried tensors are gathered in memory and written once each. Written to a
+    temporary file beside ``path`` and renamed into place only when complete.
     """
     path = Path(path)
     T, N = len(checkpoints), layout.n_parameters
     tmp = temporary_sibling(path)
     modelled = layout.modelled
-    largest = max(spec.size for spec in modelled)
+    largest = min(SPAN, max(spec.size for spec in modelled))
     buffer = np.empty(largest, dtype=np.float32)
-    converted = [spec.nbytes for spec in modelled if spec.dtype != "float32"]
-    scratch = np.empty(max(converted), dtype=np.uint8) if converted else None  # other dtypes' bytes
+    converted = [DTYPE_SIZES[spec.dtype] for spec in modelled if spec.dtype != "float32"]
+    scratch = np.empty(largest * max(converted), dtype=np.uint8) if converted else None  # other dtypes' bytes
     differs = np.empty(largest, dtype=bool)
     dtype = stored_dtype(layout)
     h5type, element = STORED_TYPES[dtype]
@@ -357,15 +359,22 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
                         if digest not in attachments:
                             attachments.create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
                     for j, spec in enumerate(modelled):
-                        values = buffer[:spec.size]
-                        reader.read_float32(spec.name, values, scratch)
-                        check_finite(values, c.path, spec.name)
-                        stored = encode(values, dtype, None if encoded is None else encoded[:spec.size])
-                        rows.write(stored, offset + size * (t * N + spec.offset))
-                        if t > 0 and not moving[j]:  # once moved, always varies
-                            np.not_equal(values, decode(first[spec.columns], dtype), out=differs[:spec.size])
-                            np.logical_or(varies[spec.columns], differs[:spec.size], out=varies[spec.columns])
-                            moving[j] = bool(differs[:spec.size].all())
+                        compare, all_moved = t > 0 and not moving[j], True  # once moved, always varies
+                        for lo in range(0, spec.size, SPAN):
+                            n = min(SPAN, spec.size - lo)
+                            values = buffer[:n]
+                            reader.read_float32(spec.name, values, scratch,
+                                                None if n == spec.size else (lo, lo + n))
+                            check_finite(values, c.path, spec.name)
+                            stored = encode(values, dtype, None if encoded is None else encoded[:n])
+                            rows.write(stored, offset + size * (t * N + spec.offset + lo))
+                            if compare:
+                                columns = slice(spec.offset + lo, spec.offset + lo + n)
+                                np.not_equal(values, decode(first[columns], dtype), out=differs[:n])
+                                np.logical_or(varies[columns], differs[:n], out=varies[columns])
+                                all_moved = all_moved and bool(differs[:n].all())
+                        if compare:
+                            moving[j] = all_moved
                     for name, raw in carried.items():
                         reader.raw_bytes(name, raw[t])
                 if t == 0:

@@ -187,3 +187,24 @@ def test_a_run_of_mixed_float_dtypes_is_stored_as_float32(tmp_path, planted):
     with h5py.File(tmp_path / "t.h5") as f:
         assert f["W"].dtype == np.float32 and f.attrs["W_dtype"] == "float32"
     np.testing.assert_array_equal(store.W[3][:8], states[3]["bn.running_mean"].float().numpy())
+
+
+@pytest.mark.parametrize("fmt, dtype", [("safetensors", torch.float32), ("safetensors", torch.bfloat16),
+                                        ("torch", torch.float32)])
+def test_tensors_read_in_spans_give_the_same_store(tmp_path, planted, monkeypatch, fmt, dtype):
+    """build_store reads big tensors SPAN values at a time: the same W and varies as whole-tensor reads,
+    including which parameters are constant (some of conv.weight and all of fc.bias here)."""
+    import cmdtool.trajectory as trajectory
+
+    states = planted.states(dtype)
+    for state in states[1:]:
+        state["conv.weight"].view(-1)[5:40] = states[0]["conv.weight"].view(-1)[5:40]
+        state["fc.bias"] = states[0]["fc.bias"].clone()
+    run = write_run(tmp_path / "run", states, fmt=fmt)
+    whole = prepare_store(run, trajectory=tmp_path / "whole.h5").store
+    monkeypatch.setattr(trajectory, "SPAN", 7)
+    spans = prepare_store(run, trajectory=tmp_path / "spans.h5").store
+    assert np.asarray(spans.W).tobytes() == np.asarray(whole.W).tobytes()
+    np.testing.assert_array_equal(spans.varies, whole.varies)
+    np.testing.assert_array_equal(spans.varies, (np.asarray(whole.W)[1:] != np.asarray(whole.W)[0]).any(axis=0))
+    assert 0 < np.count_nonzero(~spans.varies) == 35 + 10
