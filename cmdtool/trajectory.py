@@ -72,14 +72,20 @@ def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
 class EncodedRows:
     """A 16-bit store's ``W`` (a memory map of its stored elements) read as float32: indexing reads
     the stored elements it selects and widens them (``decode``); other than that an array-like as
-    the float32 map is (``W[t]``, ``W[:, start:stop]``, ``W[:, index]``, ``np.asarray(W)``)."""
+    the float32 map is (``W[t]``, ``W[:, start:stop]``, ``W[:, index]``, ``np.asarray(W)``; ``W[a:b]``
+    is the rows' ``EncodedRows``, read when indexed)."""
 
     def __init__(self, stored: np.ndarray, dtype: str):
         self.stored, self.stored_dtype = stored, dtype
         self.shape, self.ndim, self.dtype = stored.shape, stored.ndim, np.dtype(np.float32)
 
-    def __getitem__(self, key) -> np.ndarray:
+    def __getitem__(self, key) -> np.ndarray | EncodedRows:
+        if isinstance(key, slice):  # rows only: still a view (the warm-up's first F rows), as a map's slice is
+            return EncodedRows(self.stored[key], self.stored_dtype)
         return decode(np.asarray(self.stored[key]), self.stored_dtype)
+
+    def astype(self, dtype) -> np.ndarray:
+        return np.asarray(self).astype(dtype)
 
     def __len__(self) -> int:
         return self.shape[0]

@@ -208,3 +208,21 @@ def test_tensors_read_in_spans_give_the_same_store(tmp_path, planted, monkeypatc
     np.testing.assert_array_equal(spans.varies, whole.varies)
     np.testing.assert_array_equal(spans.varies, (np.asarray(whole.W)[1:] != np.asarray(whole.W)[0]).any(axis=0))
     assert 0 < np.count_nonzero(~spans.varies) == 35 + 10
+
+
+def test_a_bfloat16_store_warm_up_reads_row_slices_lazily_and_fits_as_widened(tmp_path, planted):
+    from cmdtool.modefile import write_mode_file
+    from cmdtool.modes import FitSettings
+    from cmdtool.online import fit_warmup
+    from cmdtool.trajectory import EncodedRows
+
+    store = prepare_store(write_run(tmp_path / "run", planted.states(torch.bfloat16)),
+                          trajectory=tmp_path / "t.h5").store
+    head = store.W[:5]
+    assert isinstance(head, EncodedRows) and head.shape == (5, store.N)  # not decoded until indexed
+    np.testing.assert_array_equal(np.asarray(head), np.asarray(store.W)[:5])
+    np.testing.assert_array_equal(head.astype(np.float64), np.asarray(store.W)[:5].astype(np.float64))
+    settings = FitSettings(modes=3, samples=200, warmup=8)
+    write_mode_file(tmp_path / "16.cmd.h5", fit_warmup(store, settings, tile_columns=50))
+    write_mode_file(tmp_path / "32.cmd.h5", fit_warmup(_widened(store), settings, tile_columns=50))
+    assert (tmp_path / "16.cmd.h5").read_bytes() == (tmp_path / "32.cmd.h5").read_bytes()
