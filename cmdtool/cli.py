@@ -26,6 +26,7 @@ from .cli_errors import (
     progress_bar,
     say,
 )
+from .cli_landscape import landscape_command
 from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary
 from .modefile import open_mode_file, summarize
 from .pipeline import fit as fit_folder
@@ -392,6 +393,9 @@ def report(
         say(f"threshold failed: {line}")
     if result.failures:
         raise typer.Exit(1)
+
+
+app.command("landscape")(landscape_command)
 
 
 def main() -> None:

@@ -60,13 +60,17 @@ def _numpy_dtypes_only(modes: ModeFile) -> bool:
 Parameters = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def _values_at(modes: ModeFile, index: int, parameters: Parameters | None = None
-               ) -> Iterator[tuple[TensorSpec, np.ndarray]]:
+def _values_at(modes: ModeFile, index: int, parameters: Parameters | None = None, *,
+               reference_values: np.ndarray | None = None) -> Iterator[tuple[TensorSpec, np.ndarray]]:
     """Per tensor at checkpoint ``index``: a modelled tensor's ``a · r[label, t] + b`` in float64
     (shaped), a carried tensor's raw bytes. ``parameters``: every ``labels, a, b`` read once for
-    many checkpoints; else each tensor's are read from the file (memory: one tensor at a time)."""
+    many checkpoints; else each tensor's are read from the file (memory: one tensor at a time).
+    ``reference_values``: the ``(M,)`` normalised reference values to use instead of checkpoint
+    ``index``'s (``cmd landscape``); carried tensors stay checkpoint ``index``'s."""
     modes.require_whole("reconstructing a checkpoint")
-    reference_values = modes.references[:, index].astype(np.float64)
+    if reference_values is None:
+        reference_values = modes.references[:, index]
+    reference_values = np.asarray(reference_values, dtype=np.float64)
     for spec in modes.layout.tensors:
         if spec.modelled:
             labels, a, b = ((v[spec.columns] for v in parameters) if parameters is not None
@@ -83,12 +87,14 @@ def arrays_at(modes: ModeFile, index: int, parameters: Parameters | None = None)
             for spec, values in _values_at(modes, index, parameters)}
 
 
-def state_dict_at(modes: ModeFile, index: int, parameters: Parameters | None = None) -> dict[str, torch.Tensor]:
+def state_dict_at(modes: ModeFile, index: int, parameters: Parameters | None = None, *,
+                  reference_values: np.ndarray | None = None) -> dict[str, torch.Tensor]:
     """The CMD state dict at checkpoint ``index``: ``a · r[label, t] + b`` in float64, then cast to
-    each tensor's source dtype; carried tensors as they were. Memory: one tensor at a time."""
+    each tensor's source dtype; carried tensors as they were. Memory: one tensor at a time.
+    ``reference_values``: other ``(M,)`` normalised reference values than checkpoint ``index``'s."""
     return {spec.name: torch.from_numpy(values).to(getattr(torch, spec.dtype)) if spec.modelled
             else _carried_tensor(values, spec.shape, spec.dtype)
-            for spec, values in _values_at(modes, index, parameters)}
+            for spec, values in _values_at(modes, index, parameters, reference_values=reference_values)}
 
 
 CHUNK_BYTES = 2 * 2**20   # float64 values of one slice of columns (all checkpoints of a group): stays in the CPU cache
