@@ -194,33 +194,40 @@ def landscape(mode_file: str | Path, output: str | Path, *, evaluate: Evaluate, 
         axes = tuple(grid_axis(m, centre[m], float(mf.reference_offset[m]), float(scale[m]), grid, span)
                      for m in pair)
         store, original_note = _original_store(mf, checkpoints, trajectory, progress)
+        parameters = mf.parameters()  # labels, a, b read once for every point
+
+        def point_state(x: int, y: int) -> dict:
+            values = centre.copy()
+            values[pair[0]], values[pair[1]] = axes[0].normalised[x], axes[1].normalised[y]
+            return state_dict_at(mf, index, parameters, reference_values=values)
+
+        # One evaluation before the count is printed: a failing function or a --select metric it does
+        # not return is reported at once (the original checkpoint, else the centre, reused below).
+        c = grid // 2
+        original, first = None, None
+        if store is not None:
+            original = _original(mf, store, index, pair, axes, evaluate, eval_spec)
+            keys = list(original["scores"])
+        else:
+            first = run_evaluate(evaluate, point_state(c, c), _point_name(axes, c, c), eval_spec)
+            keys = list(first)
+        if select is not None:
+            check_selection(select, keys)
         total = grid * grid + (store is not None)
         say(f"landscape of modes {pair[0]} and {pair[1]} at {mf.names[index]}: {total} evaluations "
             f"({grid} × {grid} grid{', and the original checkpoint' if store is not None else ''})")
-        parameters = mf.parameters()  # labels, a, b read once for every point
-        flat: dict[str, list[float]] = {}
-        keys: list[str] | None = None
+        flat: dict[str, list[float]] = {k: [] for k in keys}
         with progress(f"evaluating {total} state dicts", total) as advance:
-            original = None
-            if store is not None:
-                original = _original(mf, store, index, pair, axes, evaluate, eval_spec)
-                keys = list(original["scores"])
-                if select is not None:
-                    check_selection(select, keys)  # a --select the function does not return fails now
-                advance(1)
+            advance(1)
             for y in range(grid):
                 for x in range(grid):
-                    values = centre.copy()
-                    values[pair[0]], values[pair[1]] = axes[0].normalised[x], axes[1].normalised[y]
-                    state = state_dict_at(mf, index, parameters, reference_values=values)
-                    scores = run_evaluate(evaluate, state, _point_name(axes, x, y), eval_spec)
-                    if keys is None:
-                        keys = list(scores)
-                        if select is not None:
-                            check_selection(select, keys)
+                    if first is not None and (x, y) == (c, c):
+                        scores = first
+                    else:
+                        scores = run_evaluate(evaluate, point_state(x, y), _point_name(axes, x, y), eval_spec)
+                        advance(1)
                     for k in keys:
-                        flat.setdefault(k, []).append(scores.get(k, math.nan))
-                    advance(1)
+                        flat[k].append(scores.get(k, math.nan))
         result = _compose(mf, index, axes, keys, flat, original, original_note, select, eval_spec, centre, grid, span)
     return _write(result, output)
 
