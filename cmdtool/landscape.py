@@ -66,8 +66,7 @@ def grid_axis(mode: int, normalised_value: float, offset: float, scale: float, g
     """The ``grid`` values of mode ``mode``'s reference, from ``normalised_value`` (``r̃_m(t)``) and
     the stored ``offset``/``scale`` (raw = offset + scale · r̃). In normalised units a point is
     ``r̃ + δ · unit / scale``, which is ``r̃`` exactly at ``δ = 0``."""
-    offsets = np.linspace(-span, span, grid)
-    offsets[grid // 2] = 0.0
+    offsets = span * np.arange(-(grid // 2), grid // 2 + 1) / (grid // 2)  # exact 0 in the middle
     raw = offset + scale * normalised_value
     relative = abs(raw) > NEAR_ZERO * scale
     unit = raw if relative else scale
