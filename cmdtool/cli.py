@@ -27,7 +27,7 @@ from .cli_errors import (
     say,
 )
 from .cli_landscape import landscape_command
-from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary
+from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary, size_warnings
 from .modefile import open_mode_file, summarize
 from .pipeline import fit as fit_folder
 from .pipeline import reconstruct_noting
@@ -116,9 +116,9 @@ def fit(
 ) -> None:
     """Fit CMD modes to a folder of checkpoints and write a mode file.
 
-    Checkpoints are files or Hugging Face checkpoint-<step>/ folders, ordered by the step or epoch
-    stored in them, else by the numbers in their names (epoch_2 before epoch_10); `cmd ls` lists
-    them. Every floating-point tensor is modelled; integer tensors are carried verbatim. The
+    Checkpoints are files or Hugging Face checkpoint-<step>/ folders (full models or PEFT adapters),
+    ordered by the step or epoch stored in them, else by the numbers in their names (epoch_2 before
+    epoch_10); `cmd ls` lists them. Every floating-point tensor is modelled; integer tensors are carried verbatim. The
     checkpoints are first stacked into a trajectory store, reused by later fits of the same
     unchanged folder. With --warmup F it is the paper's online CMD: the result equals fitting the
     first F checkpoints and then running cmd update with the rest.
@@ -143,6 +143,8 @@ def fit(
         else result.trajectory.stat().st_size  # a sharded store is a folder (cmdtool.shards)
     say(f"trajectory store: {result.trajectory} ({human_bytes(size)}, "
              f"{'reused' if result.trajectory_reused else 'built'}; a cache, safe to delete)")
+    for warning in size_warnings(result.summary):
+        say(f"warning: {warning}")
     say(f"wrote {result.mode_file}")
     summary = {**result.summary, "trajectory": str(result.trajectory), "trajectory_reused": result.trajectory_reused}
     if as_json:
@@ -187,6 +189,8 @@ def info(
         summary = summarize(mode_file)
         with open_mode_file(mode_file) as modes:
             references = [modes.layout.locate(int(c)) for c in modes.reference_index]
+    for warning in size_warnings(summary):
+        say(f"warning: {warning}")
     if as_json:
         print(json.dumps(summary))
         return
@@ -250,6 +254,8 @@ def update(
                  f"{result.absorbed[0]} … {result.absorbed[-1]}")
     else:
         say(f"nothing new: {mode_file} is unchanged")
+    for warning in size_warnings(result.summary):
+        say(f"warning: {warning}")
     if as_json:
         print(json.dumps({**result.summary, "absorbed": result.absorbed, "skipped": result.skipped}))
     else:
@@ -292,7 +298,9 @@ def watch(
 
     Fits once F complete checkpoints exist, then updates with each new one in training order. A
     file counts as complete once its size and modification time are unchanged between two looks
-    and it opens as a checkpoint, so files still being written are never read. The mode file is
+    and it opens as a checkpoint, so files still being written are never read; a Hugging Face
+    checkpoint-<step>/ folder (full model or PEFT adapter) once all its files are. When a look finds
+    nothing new, it says on stderr what it is waiting for. The mode file is
     replaced atomically at every change: killing the process never corrupts it, and running the
     command again resumes. Stops on Ctrl-C (exit 130) or with --until.
     """

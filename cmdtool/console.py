@@ -15,6 +15,9 @@ TIME_SOURCES = {"global_step": "the stored global_step", "step": "the stored ste
                  "position": "the position in natural sort order"}
 
 
+STACK_NAMES = {"peft": "huggingface peft adapter"}  # Checkpoint.stack, where it needs more words
+
+
 def print_columns(header: list[str], rows: list[list]) -> None:
     """Left-aligned columns that never wrap (names and paths stay whole for scripts)."""
     cells = [header] + [[str(v) for v in row] for row in rows]
@@ -25,8 +28,9 @@ def print_columns(header: list[str], rows: list[list]) -> None:
 
 def describe(checkpoint) -> str:
     """``huggingface safetensors, 4 shards``, ``lightning torch``, ``plain safetensors``,
-    ``torch.distributed.checkpoint, 2 shards``."""
-    text = checkpoint.stack if checkpoint.format == "dcp" else f"{checkpoint.stack} {checkpoint.format}"
+    ``huggingface peft adapter safetensors``, ``torch.distributed.checkpoint, 2 shards``."""
+    text = (checkpoint.stack if checkpoint.format == "dcp"
+            else f"{STACK_NAMES.get(checkpoint.stack, checkpoint.stack)} {checkpoint.format}")
     if checkpoint.folder is not None and len(checkpoint.folder.weights) > 1:
         text += f", {len(checkpoint.folder.weights)} shards"
     if checkpoint.note:
@@ -105,8 +109,8 @@ def print_summary(s: dict, references: list | None = None) -> None:
     if s.get("embedding"):
         table.add_row("embedded", embedding_line(s["embedding"], s["time"]))
     table.add_row("trajectory store", settings["trajectory"])
-    table.add_row("compression", f"{s['compression_ratio']:.1f}× ({human_bytes(s['checkpoint_bytes_float32'])} of "
-                                 "float32 checkpoints)")
+    for label, text in compression_rows(s):
+        table.add_row(label, text)
     table.add_row("rel_error", f"{s['rel_error']:.3g}  (‖W − Ŵ‖ / ‖W‖ over all checkpoints)")
     table.add_row("rel_error_displacement", f"{s['rel_error_displacement']:.3g}  (error ÷ how far weights moved from "
                                             "the first checkpoint)")
@@ -128,6 +132,33 @@ def print_summary(s: dict, references: list | None = None) -> None:
             row.append(f"{name}[{', '.join(map(str, index))}]")
         modes.add_row(*row)
     stdout.print(modes, markup=False)
+
+
+def compression_rows(s: dict) -> list[tuple[str, str]]:
+    """The mode file against the checkpoints' own tensor bytes, and against float32 when the run is
+    stored in another dtype (a bfloat16 run's float32 figure is twice its own)."""
+    own = s.get("checkpoint_bytes")
+    if own is None:  # a summary from before the own-bytes figures
+        return [("compression", f"{s['compression_ratio']:.1f}× ({human_bytes(s['checkpoint_bytes_float32'])} of "
+                                "float32 checkpoints)")]
+    dtypes = s.get("checkpoint_dtypes") or []
+    rows = [("compression", f"{s['compression_ratio_checkpoint_bytes']:.1f}× ({human_bytes(own)} of "
+                            f"{'/'.join(dtypes) or 'carried'} checkpoint tensors)")]
+    if dtypes != ["float32"]:
+        float32 = human_bytes(s["checkpoint_bytes_float32"])
+        rows.append(("compression, float32", f"{s['compression_ratio']:.1f}× ({float32} of modelled parameters "
+                                             "as float32)"))
+    return rows
+
+
+def size_warnings(s: dict) -> list[str]:
+    """A warning when the mode file is not smaller than the checkpoints it stands for."""
+    own = s.get("checkpoint_bytes")
+    if own is None or s["mode_file_bytes"] < own:
+        return []
+    return [f"the mode file ({human_bytes(s['mode_file_bytes'])}) is not smaller than the {s['checkpoints']} "
+            f"checkpoints' tensors ({human_bytes(own)}): it stores about 9 bytes per parameter (a, b and a mode "
+            f"label) plus fixed overhead, so it saves space only with more checkpoints or a larger model"]
 
 
 def embedding_line(e: dict, time: list) -> str:

@@ -366,6 +366,15 @@ def _validate(mf: ModeFile) -> None:
                 raise CmdError(f"{mf.path}: corrupt mode file (copied file {name!r} missing)")
 
 
+def checkpoint_tensor_bytes(modes: ModeFile) -> tuple[int, list[str]]:
+    """The bytes of the run's checkpoints as their own tensors (each in its dtype: bfloat16 runs are
+    half of float32), over the tensors the mode file rebuilds (modelled and carried, not those left
+    out by ``--drop-unmodelled``), and the dtypes of the modelled tensors."""
+    left_out = set(modes.dropped)
+    per_checkpoint = sum(spec.nbytes for spec in modes.layout.tensors if spec.name not in left_out)
+    return modes.T * per_checkpoint, sorted({spec.dtype for spec in modes.layout.modelled})
+
+
 def summarize(path: str | Path) -> dict:
     """The facts ``cmd info`` and ``cmd fit --json`` report about a mode file.
 
@@ -379,6 +388,7 @@ def summarize(path: str | Path) -> dict:
     with open_mode_file(path) as modes:
         file_bytes = path.stat().st_size
         checkpoint_bytes = 4 * modes.N * modes.T
+        own_bytes, own_dtypes = checkpoint_tensor_bytes(modes)
         return {
             "format_version": modes.format_version,
             "tool_version": modes.tool_version,
@@ -392,6 +402,9 @@ def summarize(path: str | Path) -> dict:
             "tensors_carried": len(modes.layout.carried),
             "checkpoint_bytes_float32": checkpoint_bytes,
             "compression_ratio": checkpoint_bytes / file_bytes,
+            "checkpoint_bytes": own_bytes,
+            "checkpoint_dtypes": own_dtypes,
+            "compression_ratio_checkpoint_bytes": own_bytes / file_bytes,
             "rel_error": modes.metrics.rel_error,
             "rel_error_displacement": modes.metrics.rel_error_displacement,
             "error_curve": modes.metrics.error_curve,

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -213,6 +215,47 @@ def test_sniff_ignores_extension_for_npz(tmp_path):
     assert sniff_format(tmp_path / "a.npz") == "torch"
     save_torch(tmp_path / "b.pt")
     assert [c.name for c in discover(tmp_path).checkpoints] == ["b.pt"]
+
+
+HEADER_STATE = {"w": torch.tensor([1.0, -2.0])}  # one small tensor: the shortest header is under 128 bytes
+
+
+def save_with_header_length(path: Path, header_len: int) -> Path:
+    """A real ``save_file`` of ``HEADER_STATE`` whose header is exactly ``header_len`` bytes (a
+    multiple of 8, as safetensors pads it with spaces): metadata padded to reach it."""
+    save_safetensors(path, HEADER_STATE, {"pad": ""})
+    data = path.read_bytes()
+    unpadded = len(data[8:8 + int.from_bytes(data[:8], "little")].rstrip(b" "))
+    assert unpadded <= header_len
+    save_safetensors(path, HEADER_STATE, {"pad": "x" * (header_len - unpadded)})
+    assert int.from_bytes(path.read_bytes()[:8], "little") == header_len
+    return path
+
+
+@pytest.mark.parametrize("header_len", [n for n in range(128, 70_000, 256)])
+def test_sniff_safetensors_whose_header_length_starts_like_a_pickle(tmp_path, header_len):
+    """Every header length up to 70 KB whose low byte is 0x80 (a pickle's first byte): a
+    safetensors file, read back exactly; ``discover`` takes it too."""
+    path = save_with_header_length(tmp_path / "epoch_1.pt", header_len)
+    assert path.read_bytes()[:1] == b"\x80"
+    assert sniff_format(path) == "safetensors"
+    assert_states_equal(read_all(path, "safetensors")[0], HEADER_STATE)
+    assert [(c.name, c.format) for c in discover(tmp_path).checkpoints] == [("epoch_1.pt", "safetensors")]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(header_len=st.integers(128 // 8, 2**17).map(lambda n: 8 * n))
+def test_sniff_safetensors_at_any_header_length(tmp_path, header_len):
+    path = save_with_header_length(tmp_path / "any.pt", header_len)
+    assert sniff_format(path) == "safetensors"
+    assert_states_equal(read_all(path, "safetensors")[0], HEADER_STATE)
+
+
+def test_sniff_legacy_pickle_is_not_taken_for_safetensors(tmp_path):
+    """A legacy torch pickle starts with 0x80 too; its bytes do not frame a safetensors header."""
+    path = save_torch(tmp_path / "old.pth", small_state(4), legacy=True)
+    assert sniff_format(path) == "torch"
+    assert_states_equal(read_all(path, "torch")[0], small_state(4))
 
 
 # --------------------------------------------------------------------------- reading torch files
@@ -460,7 +503,7 @@ def test_stack_leftovers_are_skipped_with_reasons_and_never_loaded(tmp_path):
     assert [c.name for c in found.checkpoints] == ["epoch=1-step=10.ckpt", "epoch=2-step=20.ckpt"]
     assert {s.path.name: s.reason for s in found.skipped} == {
         **leftovers, "tmp-checkpoint-30": "leftover of an interrupted Hugging Face save",
-        "runs": "folder without model weights (no model.safetensors or pytorch_model.bin)"}
+        "runs": "folder without model weights (no model.safetensors, pytorch_model.bin or adapter_model.safetensors)"}
     assert not marker.exists()
 
 

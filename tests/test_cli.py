@@ -10,6 +10,7 @@ import sys
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from cmdtool.cli import app
 from cmdtool.modefile import open_mode_file
@@ -99,7 +100,8 @@ def test_ls_lists_checkpoints_and_skips(tmp_path, runner):
         "skipped": [
             {
                 "name": "checkpoint-9",
-                "reason": "folder without model weights (no model.safetensors or pytorch_model.bin)",
+                "reason": "folder without model weights (no model.safetensors, pytorch_model.bin or "
+                "adapter_model.safetensors)",
             },
             {"name": "last.ckpt", "reason": "Lightning's copy of the latest checkpoint (save_last)"},
         ],
@@ -117,6 +119,55 @@ def test_ls_lists_checkpoints_and_skips(tmp_path, runner):
     assert lines[5:] == [
         "skipped 2",
         "entry         reason",
-        "checkpoint-9  folder without model weights (no model.safetensors or pytorch_model.bin)",
+        "checkpoint-9  folder without model weights (no model.safetensors, pytorch_model.bin or "
+        "adapter_model.safetensors)",
         "last.ckpt     Lightning's copy of the latest checkpoint (save_last)",
     ]
+
+
+def test_sizes_against_the_checkpoints_own_bytes(tmp_path, runner):
+    """A bfloat16 run: compression is quoted against its own bytes, and against float32 (labelled);
+    no warning while the mode file is the smaller."""
+    planted = plant(M=3, T=20, shapes={"w": (128, 256)})
+    run = write_run(tmp_path / "run", planted.states(torch.bfloat16))
+    out = tmp_path / "m.cmd.h5"
+    result = runner.invoke(app, ["fit", str(run), "-o", str(out), "-m", "3", "--json",
+                                 "--trajectory", str(tmp_path / "t.h5")])
+    assert result.exit_code == 0, result.output
+    fit, size = json.loads(result.stdout), out.stat().st_size
+    T, N = planted.W.shape
+    carried = T * 8  # the int64 step counter
+    assert fit["checkpoint_bytes"] == 2 * N * T + carried and fit["checkpoint_dtypes"] == ["bfloat16"]
+    assert fit["compression_ratio_checkpoint_bytes"] == pytest.approx((2 * N * T + carried) / size)
+    assert fit["compression_ratio"] == pytest.approx(4 * N * T / size)
+    assert "warning" not in result.stderr
+    info = runner.invoke(app, ["info", str(out)], terminal_width=300)
+    rows = [line.split("  ", 1) for line in info.stdout.splitlines() if line.startswith("compression")]
+    assert [(label.strip(), text.strip()) for label, text in rows] == [
+        ("compression", f"{(2 * N * T + carried) / size:.1f}× ({(2 * N * T + carried) / 1e6:.3g} MB of bfloat16 "
+                        "checkpoint tensors)"),
+        ("compression, float32", f"{4 * N * T / size:.1f}× ({4 * N * T / 1e6:.3g} MB of modelled parameters as "
+                                 "float32)")]
+    result = runner.invoke(app, ["report", str(out), "-o", str(tmp_path / "report"), "--json"])
+    assert result.exit_code == 0, result.output
+    compact = json.loads(result.stdout)["compactness"]
+    assert compact["checkpoint_bytes_modelled"] == 2 * N * T and compact["checkpoint_dtypes"] == ["bfloat16"]
+    assert compact["compression_ratio_modelled_checkpoint_bytes"] == pytest.approx(
+        compact["compression_ratio_modelled"] / 2)
+    assert (f"The checkpoints store them as bfloat16: against their own {2 * N * T / 1e6:.3g} MB, CMD's compression "
+            f"is {compact['compression_ratio_modelled'] / 2:.1f}×") in (tmp_path / "report" / "report.md").read_text()
+
+
+def test_warning_when_the_mode_file_is_not_smaller(tmp_path, runner):
+    planted = plant(M=2, T=3, shapes={"w": (4, 4)})
+    run = write_run(tmp_path / "run", planted.states())
+    out = tmp_path / "m.cmd.h5"
+    for command in (["fit", str(run), "-o", str(out), "-m", "2", "--trajectory", str(tmp_path / "t.h5")],
+                    ["info", str(out)]):
+        result = runner.invoke(app, command)
+        assert result.exit_code == 0, result.output
+        warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+        assert warnings == [f"warning: the mode file ({out.stat().st_size / 1e3:.3g} KB) is not smaller than the 3 "
+                            f"checkpoints' tensors ({3 * (16 * 4 + 8)} B): it stores about 9 bytes per parameter "
+                            "(a, b and a mode label) plus fixed overhead, so it saves space only with more "
+                            "checkpoints or a larger model"], result.stderr

@@ -233,11 +233,14 @@ def test_compactness(fitted):
     N = fitted.W.shape[1]
     size = fitted.mode_file.stat().st_size
     carried = T * 8  # bn.num_batches_tracked, one int64 per checkpoint, carried verbatim
+    modelled = pytest.approx(4 * N * T / (size - carried), rel=1e-12)  # float32 checkpoints: the same ratio
     assert r["compactness"] == {"mode_file_bytes": size, "checkpoint_bytes_float32": 4 * N * T,
                                 "compression_ratio": pytest.approx(4 * N * T / size, rel=1e-12),
                                 "carried_bytes": carried, "carried_tensors": 1, "dropped_tensors": [],
                                 "modelled_bytes": size - carried,
-                                "compression_ratio_modelled": pytest.approx(4 * N * T / (size - carried), rel=1e-12)}
+                                "compression_ratio_modelled": pytest.approx(4 * N * T / (size - carried), rel=1e-12),
+                                "checkpoint_bytes_modelled": 4 * N * T, "checkpoint_dtypes": ["float32"],
+                                "compression_ratio_modelled_checkpoint_bytes": modelled}
 
 
 # 2. PCA of the trajectory

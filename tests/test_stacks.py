@@ -134,6 +134,60 @@ def test_huggingface_online_fit_and_update(hf_run, tmp_path):
     )
 
 
+def test_watch_follows_trainer_checkpoint_folders(hf_run, tmp_path):
+    """``cmd watch --until`` on a Trainer output folder absorbs its ``checkpoint-<step>/`` folders
+    (never ``tmp-checkpoint-8/``) and writes what ``fit --warmup`` writes; the result loads with
+    ``from_pretrained``."""
+    live = tmp_path / "live"
+    shutil.copytree(hf_run, live)
+    out = tmp_path / "w.cmd.h5"
+    result = cmd("watch", live, "-o", out, "--warmup", 2, "--until", 3, "--interval", 0.01, "--modes", 3,
+                 "--samples", 200, "--trajectory", tmp_path / "w.h5")
+    assert "fitted" in result.stderr and "waiting for the warm-up: 0 of 2" in result.stderr, result.stderr
+    assert cmdtool.summarize(out)["checkpoint_names"] == ["checkpoint-2", "checkpoint-4", "checkpoint-6"]
+    warm = tmp_path / "warm.cmd.h5"
+    cmd("fit", hf_run, "-o", warm, "--modes", 3, "--samples", 200, "--warmup", 2, "--trajectory", tmp_path / "f.h5")
+    watched, fitted = cmdtool.reconstruct(out), cmdtool.reconstruct(warm)
+    assert all(torch.equal(watched[name], fitted[name]) for name in fitted)
+    cmd("reconstruct", out, "-o", tmp_path / "out", "--at", "last")
+    assert_loaded_equals_reconstruction(
+        GPT2LMHeadModel.from_pretrained(tmp_path / "out" / "checkpoint-6").state_dict(), out)
+
+
+HF_EVAL = """
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from cmdtool.integrations.transformers import load_state_dict_into
+
+model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained({config!r}))  # the run's config.json
+model.eval()
+ids = torch.stack([torch.arange(8) * k % 32 for k in (1, 2, 3)])
+
+
+@torch.no_grad()
+def evaluate(state):
+    load_state_dict_into(model, state)  # lm_head.weight is absent: tied again, as from_pretrained does
+    return {{"val": {{"loss": model(input_ids=ids, labels=ids).loss.item()}}}}
+"""
+
+
+def test_huggingface_eval_recipe(hf_run, tmp_path):
+    """The documented ``--eval`` recipe for a Transformers model: ``cmd report`` scores the run's own
+    checkpoints with it, and the original's score is the model's loss from ``from_pretrained``."""
+    (tmp_path / "hf_eval.py").write_text(HF_EVAL.format(config=str(hf_run / "checkpoint-6")))
+    mode_file = tmp_path / "run.cmd.h5"
+    cmd("fit", hf_run, "-o", mode_file, "--modes", 3, "--samples", 200, "--trajectory", tmp_path / "traj.h5")
+    report = json.loads(cmd("report", mode_file, "-o", tmp_path / "report", "--eval",
+                            f"{tmp_path / 'hf_eval.py'}:evaluate", "--candidates-only", "--json").stdout)
+    scores = report["evaluation"]["candidates"]
+    ids = torch.stack([torch.arange(8) * k % 32 for k in (1, 2, 3)])
+    with torch.no_grad():
+        expected = GPT2LMHeadModel.from_pretrained(hf_run / "checkpoint-6").eval()(input_ids=ids, labels=ids).loss
+    assert scores["last"]["val/loss"] == pytest.approx(expected.item(), rel=1e-6)
+    assert scores["cmd"]["val/loss"] != scores["last"]["val/loss"]
+
+
 @pytest.fixture(scope="module")
 def hf_sharded_run(hf_run, tmp_path_factory) -> Path:
     """The same checkpoints saved by ``save_pretrained(max_shard_size="2KB")``: several
@@ -250,6 +304,33 @@ def test_lightning_model_checkpoint_folder(lightning_run, tmp_path):
     assert model.hparams.hidden == 5 and model.hparams.lr == 0.05
     assert_loaded_equals_reconstruction(model.state_dict(), mode_file)
     assert int(model.state_dict()["net.1.num_batches_tracked"]) == 20  # carried verbatim
+
+
+def test_ls_on_a_lightning_root_points_at_its_checkpoints(lightning_run, tmp_path):
+    """``cmd ls`` on the run's root (``default_root_dir``) names the checkpoints folder, for
+    ``ModelCheckpoint(dirpath=root/"checkpoints")`` and for the default logger's
+    ``lightning_logs/version_0/checkpoints/``."""
+    root = lightning_run.parent
+    result = runner.invoke(app, ["ls", str(root)])
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip().splitlines() == [
+        f"error: {root}: no checkpoint files found (looked for *.safetensors, *.pt, *.pth, *.bin, *.ckpt, *.pth.tar "
+        f"and Hugging Face checkpoint-<step>/ folders, full or PEFT adapter, and torch.distributed.checkpoint "
+        f"folders); this looks like a Lightning run: its "
+        f"checkpoints are in {lightning_run}, try `cmd ls {lightning_run}`"]
+
+    logged = tmp_path / "logged"
+    trainer = pl.Trainer(max_epochs=2, default_root_dir=logged, enable_progress_bar=False,
+                         enable_model_summary=False, accelerator="cpu")
+    x = torch.randn(8, 3)
+    data = torch.utils.data.TensorDataset(x, x.sum(1, keepdim=True))
+    trainer.fit(TinyRegression(), torch.utils.data.DataLoader(data, batch_size=4))
+    checkpoints = logged / "lightning_logs" / "version_0" / "checkpoints"
+    assert [p.suffix for p in checkpoints.iterdir()] == [".ckpt"]
+    result = runner.invoke(app, ["ls", str(logged)])
+    assert result.exit_code == 2
+    assert result.stderr.strip().endswith(f"its checkpoints are in {checkpoints}, try `cmd ls {checkpoints}`")
+    cmd("ls", checkpoints)
 
 
 # --------------------------------------------------------------------------- timm and plain scripts

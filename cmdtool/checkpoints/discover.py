@@ -1,8 +1,9 @@
 """Finding the checkpoints in a folder, as training stacks write them, and putting them in order.
 
 A checkpoint is a file (a state dict or a wrapper dict: plain scripts, Lightning ``*.ckpt``, timm
-``checkpoint-<epoch>.pth.tar``) or a Hugging Face ``checkpoint-<step>/`` folder. Copies that
-training stacks keep beside the real checkpoints (``last.ckpt``, ``model_best.pth.tar``, ...) and
+``checkpoint-<epoch>.pth.tar``) or a Hugging Face ``checkpoint-<step>/`` folder, of a full model or
+of a PEFT adapter (``adapters.py``). Copies that training stacks keep beside the real checkpoints
+(``last.ckpt``, ``model_best.pth.tar``, ...) and
 training-state files (``optimizer.pt``, ``training_args.bin``, ...) are skipped by name, with the
 reason, and never loaded. A ``torch.distributed.checkpoint`` folder (``.metadata`` + ``*.distcp``) is
 one checkpoint, read shard by shard (``dcp.py``). Folders that cannot be read on one machine
@@ -17,6 +18,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from ..errors import CmdError
+from .adapters import ADAPTER_CONFIG, ADAPTER_STACK, ADAPTER_WEIGHTS, adapter_weights, check_adapter_config
 from .dcp import DcpReader, dcp_files, is_dcp_folder
 from .formats import CheckpointReader, FolderFiles, FolderReader, read_json, sniff_format
 from .schema import CURRENT_MODEL_KEY
@@ -182,12 +184,38 @@ def _huggingface_files(folder: Path) -> FolderFiles | None:
             break
     else:
         return None
+    return _folder_roles(folder, names, weights, index)
+
+
+def _folder_roles(folder: Path, names: list[str], weights: tuple[str, ...], index: str | None) -> FolderFiles:
+    """A Hugging Face folder's files by role, given its weight files (and index)."""
     dropped = tuple(n for n in names if n not in weights and n != index and skip_reason(n))
     # Everything else that is not a pickle or another weight file is copied back (config.json,
-    # generation_config.json, tokenizer files, trainer_state.json).
+    # generation_config.json, tokenizer files, trainer_state.json, adapter_config.json).
     copied = tuple(n for n in names if n not in weights and n != index and n not in dropped
                    and sniff_format(folder / n) is None)
     return FolderFiles(weights, index, copied, dropped)
+
+
+def _adapter_files(folder: Path) -> FolderFiles | None:
+    """The roles of the files in a PEFT adapter folder (``adapter_model.safetensors`` and
+    ``adapter_config.json``, from a Trainer's ``checkpoint-<step>/`` or ``save_pretrained``); None if
+    it holds no adapter. An adapter without a readable ``adapter_config.json`` is a CmdError: it
+    could not be written back in a form ``PeftModel.from_pretrained`` loads."""
+    names = sorted((p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")), key=natural_key)
+    weights = adapter_weights(names)
+    if weights is None:
+        return None
+    if ADAPTER_CONFIG not in names:
+        raise CmdError(f"{folder}: {weights} without {ADAPTER_CONFIG}: not a PEFT adapter folder that "
+                       f"PeftModel.from_pretrained could load")
+    check_adapter_config((folder / ADAPTER_CONFIG).read_bytes(), folder / ADAPTER_CONFIG)
+    return _folder_roles(folder, names, (weights,), None)
+
+
+def _weight_folder_files(folder: Path) -> FolderFiles | None:
+    """A folder's files by role when it is one checkpoint: full model weights, else a PEFT adapter."""
+    return _huggingface_files(folder) or _adapter_files(folder)
 
 
 @dataclass
@@ -237,7 +265,7 @@ def checkpoint_at(path: Path) -> Checkpoint | None:
     if is_dcp_folder(path):
         return _examine_dcp(path).checkpoint
     if path.is_dir():
-        files = _huggingface_files(path)
+        files = _weight_folder_files(path)
         return None if files is None else _examine_folder(path, files).checkpoint
     return _examine_file(path).checkpoint
 
@@ -248,7 +276,8 @@ def _examine_folder(folder: Path, files: FolderFiles) -> _Found:
         raise CmdError(f"{folder}: weight files are not all safetensors or all torch checkpoints")
     state = folder / "trainer_state.json"
     stored = _int_values(read_json(state), ("global_step",)) if state.is_file() else {}
-    return _Found(Checkpoint(folder, formats.pop(), 0, "huggingface", files), stored)
+    stack = ADAPTER_STACK if files.weights[0] in ADAPTER_WEIGHTS else "huggingface"
+    return _Found(Checkpoint(folder, formats.pop(), 0, stack, files), stored)
 
 
 def _examine_dcp(folder: Path) -> _Found:
@@ -259,7 +288,8 @@ def _examine_dcp(folder: Path) -> _Found:
 
 
 def discover(folder: Path) -> Discovery:
-    """All checkpoints directly in ``folder`` (files, or Hugging Face folders), in training order.
+    """All checkpoints directly in ``folder`` (files, or Hugging Face folders), in training order. A
+    folder that is itself one PEFT adapter (``save_pretrained``) is one checkpoint.
 
     Time: the first of ``global_step``, ``step``, ``epoch`` stored in every checkpoint (a wrapper
     dict's value, safetensors metadata, or a Hugging Face folder's ``trainer_state.json``) that takes
@@ -280,9 +310,11 @@ def discover(folder: Path) -> Discovery:
     found: list[_Found] = []
     skipped: list[Skipped] = []
     seen: dict[tuple[int, int], Path] = {}
+    # the folder itself may be one adapter (save_pretrained), or hold the final one (Trainer.save_model)
+    own_adapter = _adapter_files(folder) if (folder / ADAPTER_CONFIG).is_file() else None
     for path in candidate_entries(folder):
         is_dir = path.is_dir()
-        reason = skip_reason(path.name)
+        reason = skip_reason(path.name) or _own_adapter_reason(path, own_adapter)
         if reason:
             skipped.append(Skipped(path, reason))
             continue
@@ -297,18 +329,45 @@ def discover(folder: Path) -> Discovery:
         if is_dcp_folder(path):
             found.append(_examine_dcp(path))
             continue
-        files = _huggingface_files(path)
+        files = _weight_folder_files(path)
         if files is not None:
             found.append(_examine_folder(path, files))
             continue
         for sub in [path, *(p for p in path.iterdir() if p.is_dir())]:
             _refuse_unreadable(sub)
-        skipped.append(Skipped(path, "folder without model weights (no model.safetensors or pytorch_model.bin)"))
+        skipped.append(Skipped(path, "folder without model weights (no model.safetensors, pytorch_model.bin "
+                                     "or adapter_model.safetensors)"))
+    if not found and own_adapter is not None:  # one adapter folder, named itself: one checkpoint
+        found = [_examine_folder(folder, own_adapter)]
+        own_files = {*own_adapter.weights, *own_adapter.dropped}  # its own files: the checkpoint says them
+        skipped = [s for s in skipped if s.path.name not in own_files]
     if not found:
         raise CmdError(f"{folder}: no checkpoint files found "
                        f"(looked for {', '.join('*' + s for s in CHECKPOINT_SUFFIXES)} "
-                       f", Hugging Face checkpoint-<step>/ folders and torch.distributed.checkpoint folders)")
+                       f"and Hugging Face checkpoint-<step>/ folders, full or PEFT adapter, and "
+                       f"torch.distributed.checkpoint folders)" + _lightning_hint(folder))
     return _order(folder, found, skipped)
+
+
+def _own_adapter_reason(path: Path, own_adapter: FolderFiles | None) -> str | None:
+    """Why an adapter weight file directly in the run folder is not one of the run's checkpoints:
+    ``Trainer.save_model`` puts the final adapter beside the ``checkpoint-<step>/`` folders."""
+    if own_adapter is None or path.name not in own_adapter.weights:
+        return None
+    return "the adapter saved in the folder itself (save_model); the run is its checkpoint-<step>/ folders"
+
+
+def _lightning_hint(folder: Path) -> str:
+    """Where a Lightning run's checkpoints are, when ``folder`` is the run's root (``checkpoints/``,
+    ``lightning_logs/version_<n>/checkpoints/``); empty otherwise."""
+    candidates = [folder / "checkpoints", *folder.glob("version_*/checkpoints"),
+                  *folder.glob("lightning_logs/version_*/checkpoints")]
+    found = sorted({c for c in candidates if c.is_dir() and not c.is_symlink()
+                    and any(p.name.endswith(".ckpt") for p in c.iterdir())}, key=lambda c: natural_key(str(c)))
+    if not found:
+        return ""
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return f"; this looks like a Lightning run: its checkpoints are in {found[0]}{more}, try `cmd ls {found[0]}`"
 
 
 def _order(folder: Path, found: list[_Found], skipped: list[Skipped]) -> Discovery:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import pickle
 import re
 import struct
@@ -26,7 +27,7 @@ import numpy as np
 from .._lazy import torch  # imported on first use
 from ..errors import CmdError, first_sentence
 from ..layout import DTYPE_SIZES
-from .safetensors_file import SafetensorsFile
+from .safetensors_file import MAX_HEADER, SafetensorsFile
 from .schema import CURRENT_MODEL_KEY, EMA_KEY, TRAINING_STATE_KEYS, WRAPPER_KEYS, CheckpointInfo, is_plain
 from .untrusted import check_tensor, check_zip_records
 
@@ -40,16 +41,32 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def sniff_format(path: Path) -> str | None:
-    """``"safetensors"``, ``"torch"`` or None, judged by the file's first bytes, not its name."""
+    """``"safetensors"``, ``"torch"`` or None, judged by each format's own structure, not the name.
+
+    Safetensors is tried first, by its whole frame: the 8-byte header length fits the file and the
+    format's limit, and the header it spans starts with ``{`` and ends with ``}`` (then spaces). Only
+    then the torch formats by their first bytes (a zip archive, or a pickle's ``0x80``): a safetensors
+    header length whose low byte is 0x80 (128, 384, …) is a safetensors file, not a pickle."""
     with open(path, "rb") as f:
         head = f.read(9)
+        if _is_safetensors_frame(f, head, os.fstat(f.fileno()).st_size):
+            return "safetensors"
     if head[:4] == b"PK\x03\x04" or head[:1] == b"\x80":  # torch zip archive, or legacy pickle
         return "torch"
-    if len(head) == 9 and head[8:9] == b"{":
-        (header_len,) = struct.unpack("<Q", head[:8])
-        if 0 < header_len < path.stat().st_size:
-            return "safetensors"
     return None
+
+
+def _is_safetensors_frame(f, head: bytes, size: int) -> bool:
+    """Whether an open file is framed as safetensors: ``head`` (its first 9 bytes) holds a header
+    length within the file and ``MAX_HEADER``, and the header is ``{`` … ``}`` padded with spaces."""
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    (header_len,) = struct.unpack("<Q", head[:8])
+    if not 2 <= header_len <= min(MAX_HEADER, size - 8):
+        return False
+    tail = min(header_len, 16)  # the end of the header: "}" and at most 7 spaces of padding
+    f.seek(8 + header_len - tail)
+    return f.read(tail).rstrip(b" ").endswith(b"}")
 
 
 class CheckpointReader:

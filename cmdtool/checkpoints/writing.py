@@ -10,6 +10,7 @@ from typing import Any, Callable, Mapping
 from .._files import plain_name
 from .._lazy import save_file, torch  # imported on first use
 from ..errors import CmdError
+from .adapters import ADAPTER_CONFIG, check_adapter_config
 from .dcp import write_dcp
 from .safetensors_writer import DeferredFiles
 from .schema import CheckpointInfo
@@ -34,7 +35,7 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor] | DeferredFiles,
         if isinstance(state, DeferredFiles):
             state.open(path, info.metadata, shown)
         else:
-            _write_checkpoint(path, state, info, attachment)
+            _write_checkpoint(path, state, info, attachment, shown or path)
     except CmdError:
         raise
     except OSError as e:
@@ -45,7 +46,7 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor] | DeferredFiles,
 
 
 def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: CheckpointInfo,
-                      attachment: Callable[[str], bytes]) -> None:
+                      attachment: Callable[[str], bytes], shown: Path) -> None:
     if info.format == "dcp":
         write_dcp(path, state, info.wrapper, info.extras)
         return
@@ -73,7 +74,10 @@ def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: Checkpoi
                  "weight_map": weight_map}
         (path / info.index["name"]).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     for file_name, digest in info.files.items():
-        (path / file_name).write_bytes(attachment(digest))
+        data = attachment(digest)
+        if file_name == ADAPTER_CONFIG:  # a PEFT adapter loads only with a valid one
+            check_adapter_config(data, shown / file_name)
+        (path / file_name).write_bytes(data)
 
 
 def _write_file(path: Path, state: dict[str, torch.Tensor], fmt: str, metadata: dict[str, str] | None,

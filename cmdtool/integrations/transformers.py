@@ -11,7 +11,7 @@ import inspect
 import os
 import uuid
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import torch
 from transformers import TrainerCallback
@@ -217,3 +217,40 @@ def resumed_checkpoint(args, state) -> Path:
     if isinstance(named, (str, os.PathLike)) and named:
         return Path(named)
     return Path(args.output_dir) / f"checkpoint-{state.global_step}"
+
+
+def load_state_dict_into(model, state: Mapping[str, torch.Tensor]) -> None:
+    """Load ``state`` into a Transformers model the way ``from_pretrained`` does, for ``cmd report
+    --eval`` functions and notebooks.
+
+    A Hugging Face checkpoint leaves out the weights the model ties to another one (GPT-2's
+    ``lm_head.weight`` is ``transformer.wte.weight``), so ``model.load_state_dict(state,
+    strict=True)`` fails on them. Here the model's ties are made first (``tie_weights``); a key may
+    then be absent only when a tensor tied to it is present; every other key must match exactly, both
+    ways, and the names are checked before anything is loaded (a refused state leaves the model as
+    it was). Raises ``ValueError`` naming the keys that do not match.
+
+    Args:
+        model: a ``transformers.PreTrainedModel`` (or any ``torch.nn.Module`` with ``tie_weights``).
+        state: tensors by name, as ``cmdtool.reconstruct`` or the ``--eval`` function receive them.
+    """
+    tie = getattr(model, "tie_weights", None)
+    if callable(tie):
+        tie()
+    aliases: dict[int, set[str]] = {}  # one tensor, all the names it is reachable by
+    named = [*model.named_parameters(remove_duplicate=False), *model.named_buffers(remove_duplicate=False)]
+    for name, tensor in named:
+        aliases.setdefault(id(tensor), set()).add(name)
+    tied_to = {name: names - {name} for names in aliases.values() for name in names}
+    own = model.state_dict()
+    missing = sorted(k for k in set(own) - set(state) if not tied_to.get(k, set()) & set(state))
+    unexpected = sorted(set(state) - set(own))
+    reshaped = sorted(f"{k} {tuple(state[k].shape)} for {tuple(own[k].shape)}" for k in set(state) & set(own)
+                      if tuple(state[k].shape) != tuple(own[k].shape))
+    problems = [f"{what} {', '.join(keys[:5])}" + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+                for what, keys in (("missing", missing), ("unexpected", unexpected), ("shape", reshaped)) if keys]
+    if problems:
+        raise ValueError(f"state dict does not fit {type(model).__name__}: {'; '.join(problems)}")
+    model.load_state_dict(dict(state), strict=False)
+    if callable(tie):
+        tie()

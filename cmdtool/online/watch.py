@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import re
+import stat
 import time as clock
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -11,11 +14,14 @@ from ..checkpoints import (
     Checkpoint,
     CheckpointReader,
     candidate_entries,
+    checkpoint_at,
     natural_key,
     skip_reason,
     sniff_format,
     times_from_names,
 )
+from ..checkpoints.adapters import ADAPTER_WEIGHTS
+from ..checkpoints.discover import HF_WEIGHTS
 from ..errors import CmdError
 from ..modefile import check_output_path, open_mode_file, write_mode_file
 from ..modes import REFINE, FitSettings
@@ -24,27 +30,82 @@ from ..stores import store_of
 from .state import fit_warmup
 from .update import update
 
+# A Trainer's checkpoint folder: waited for even while it holds no weights yet.
+HF_CHECKPOINT_FOLDER = re.compile(r"checkpoint-[0-9]+")
+# File names that make any folder a candidate checkpoint (full model weights or a PEFT adapter).
+WEIGHT_NAMES = frozenset((*(name for pair in HF_WEIGHTS for name in pair), *ADAPTER_WEIGHTS))
+
+
+def _folder_state(folder: Path) -> tuple | None:
+    """The names, sizes and modification times of a folder's files: what must hold still between
+    two looks. None if the folder went away meanwhile."""
+    try:
+        state = []
+        for p in folder.iterdir():
+            st = p.stat()
+            if stat.S_ISREG(st.st_mode) and not p.name.startswith("."):
+                state.append((p.name, st.st_size, st.st_mtime_ns))
+        return tuple(sorted(state))
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
 
 class _Folder:
     """Complete checkpoints of a folder that is being written to: a file counts once its size and
-    modification time are the same at two polls in a row and it opens as a checkpoint."""
+    modification time are the same at two polls in a row and it opens as a checkpoint; a
+    ``checkpoint-<step>/`` folder (full weights or a PEFT adapter) once all its files are."""
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.seen: dict[Path, tuple[int, int]] = {}
+        self.seen: dict[Path, tuple] = {}
         self.parsed: dict[Path, tuple[int, int]] = {}
+        self.folders: dict[Path, tuple[tuple, Checkpoint]] = {}  # folders that opened, and their state then
         self.waiting: set = set()
 
+    def _poll_folder(self, p: Path, current: dict, say: Callable[[str], None]) -> tuple[Checkpoint, bool] | None:
+        """A folder as a checkpoint, with whether it is complete; None for a folder that holds no
+        weights and is not named ``checkpoint-<step>``."""
+        state = _folder_state(p)
+        if state is None or not (HF_CHECKPOINT_FOLDER.fullmatch(p.name)
+                                 or any(name in WEIGHT_NAMES for name, _, _ in state)):
+            return None
+        current[p] = state
+        if not state or self.seen.get(p) != state:
+            return Checkpoint(p, "", 0), False
+        if p in self.folders and self.folders[p][0] == state:
+            return self.folders[p][1], True
+        try:
+            checkpoint = checkpoint_at(p)
+            if checkpoint is None:
+                raise CmdError(f"{p}: no model weights yet (model.safetensors, pytorch_model.bin or "
+                               f"adapter_model.safetensors)")
+            with checkpoint.open():
+                pass
+        except CmdError as e:
+            if (p, state) not in self.waiting:
+                self.waiting.add((p, state))
+                say(f"waiting: {e}")
+            return Checkpoint(p, "", 0), False
+        self.folders[p] = (state, checkpoint)
+        return checkpoint, True
+
     def poll(self, say: Callable[[str], None]) -> list[tuple[Checkpoint, bool]]:
-        """Every checkpoint file in training order, with whether it is complete."""
+        """Every checkpoint (file or folder) in training order, with whether it is complete."""
         current, out = {}, []
         for p in candidate_entries(self.folder):
+            if skip_reason(p.name):  # last.ckpt, optimizer.pt, tmp-checkpoint-*, …: never checkpoints
+                continue
+            if p.is_dir():
+                entry = self._poll_folder(p, current, say)
+                if entry is not None:
+                    out.append(entry)
+                continue
             try:
                 st = p.stat()
             except FileNotFoundError:
                 continue
-            if not p.is_file() or skip_reason(p.name):  # last.ckpt, optimizer.pt, …: never checkpoints
-                continue
+            if not p.is_file() or p.name in ADAPTER_WEIGHTS:  # the adapter Trainer.save_model puts in the run
+                continue                                           # folder itself is not one of its checkpoints
             current[p] = (st.st_size, st.st_mtime_ns)
             ready = st.st_size > 0 and self.seen.get(p) == current[p]
             fmt = sniff_format(p) if ready else None
@@ -112,19 +173,25 @@ def watch(folder: str | Path, output: str | Path, *, warmup: int, until: int | N
     else:
         check_output_path(output, force)
     files = _Folder(folder)
+    said = ""  # the last "waiting" line, said again only when it changes
     while True:
         listing = files.poll(say)
+        absorbed, pending = False, None  # pending: the first checkpoint not complete yet
         if not fitted:
             ready = []
             for c, complete in listing:
                 if not complete:
+                    pending = c
                     break
                 ready.append(c)
+            waiting = (f"waiting for the warm-up: {len(ready)} of {warmup} complete checkpoints in {folder} "
+                       f"(checkpoint files or checkpoint-<step>/ folders)")
             if len(ready) >= warmup:
+                absorbed = True
                 times = times_from_names([c.name for c in ready])
                 if times is None or len(set(times)) != len(times):  # as discover: else positions
                     times = list(range(len(ready)))
-                checkpoints = [Checkpoint(c.path, c.format, t) for c, t in zip(ready, times)]
+                checkpoints = [replace(c, time=t) for c, t in zip(ready, times)]
                 store, store_path, _ = store_of(checkpoints, folder, include=include, exclude=exclude,
                                                 trajectory=trajectory, force=force, progress=progress)
                 fitted_on = settings.replace(trajectory=str(store_path.resolve()),
@@ -148,9 +215,13 @@ def watch(folder: str | Path, output: str | Path, *, warmup: int, until: int | N
                         say(f"note: {c.path} comes before {last}, the last checkpoint absorbed; ignored")
                     continue
                 if not complete:
+                    pending = c
                     break
                 new.append(c.path)
+            waiting = (f"waiting for checkpoints after {last} in {folder} "
+                       f"(checkpoint files or checkpoint-<step>/ folders)")
             if new:
+                absorbed = True
                 result = update(output, new, progress)
                 say(f"absorbed {', '.join(result.absorbed)}: {output} holds {result.summary['checkpoints']} "
                     "checkpoints")
@@ -158,4 +229,10 @@ def watch(folder: str | Path, output: str | Path, *, warmup: int, until: int | N
             with open_mode_file(output) as m:
                 if m.T >= until:
                     return output
+        if not absorbed:
+            if pending is not None:
+                waiting += f"; {pending.name} is not complete yet"
+            if waiting != said:
+                say(waiting)
+                said = waiting
         sleep(interval)

@@ -129,6 +129,7 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
     mode_file_bytes = modes.path.stat().st_size
     compactness = {"mode_file_bytes": mode_file_bytes, "checkpoint_bytes_float32": 4 * N * T,
                    "compression_ratio": 4 * N * T / mode_file_bytes, **carried_storage(modes, N, T, mode_file_bytes)}
+    compactness.update(own_storage(modes, compactness["modelled_bytes"]))
 
     # 5. Model quality, when the user gave an evaluation function.
     evaluation = None
@@ -221,6 +222,14 @@ def carried_storage(modes: ModeFile, N: int, T: int, mode_file_bytes: int) -> di
     return {"carried_bytes": carried, "carried_tensors": len(modes.layout.carried) - len(modes.dropped),
             "dropped_tensors": modes.dropped, "modelled_bytes": modelled,
             "compression_ratio_modelled": 4 * N * T / modelled}
+
+
+def own_storage(modes: ModeFile, modelled_bytes: int) -> dict:
+    """The modelled tensors in the checkpoints' own dtypes (a bfloat16 run is half its float32
+    figure), and the compression of the mode file's modelled part against them."""
+    own = modes.T * sum(spec.nbytes for spec in modes.layout.modelled)
+    return {"checkpoint_bytes_modelled": own, "checkpoint_dtypes": sorted({s.dtype for s in modes.layout.modelled}),
+            "compression_ratio_modelled_checkpoint_bytes": own / modelled_bytes}
 
 
 def _errors(error_sq: np.ndarray, measured: metrics.FitMeasures) -> dict:

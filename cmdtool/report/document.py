@@ -45,6 +45,11 @@ def storage_sentence(compact: dict, size) -> str:
     if compact.get("carried_tensors"):
         text += f": {compact['carried_tensors']} tensors, {size(compact['carried_bytes'])}, which PCA would carry too"
     text += ")."
+    dtypes = compact.get("checkpoint_dtypes")
+    if dtypes and dtypes != ["float32"]:
+        text += (f" The checkpoints store them as {'/'.join(dtypes)}: against their own "
+                 f"{size(compact['checkpoint_bytes_modelled'])}, CMD's compression is "
+                 f"{compact['compression_ratio_modelled_checkpoint_bytes']:.1f}× (the table counts float32 for both).")
     if compact.get("dropped_tensors"):
         text += (f" {len(compact['dropped_tensors'])} floating-point tensors that are not modelled were left out "
                  "(`--drop-unmodelled`): this mode file cannot rebuild whole checkpoints.")

@@ -97,13 +97,14 @@ def mode_layers(counts: np.ndarray, layers: Sequence[str], path: Path) -> None:
     """Mode × layer heat map: the share of each layer's parameters that falls in each mode."""
     M, L = counts.shape
     share = counts / np.maximum(counts.sum(axis=0, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(min(2 + 0.28 * L, 30), 1.6 + 0.32 * M))
+    bottom = 0.2 + _text_inches(max(layers, key=len, default=""), 7)  # the layer names, written upwards
+    # at least a quarter inch per mode above the names (long names, such as a PEFT adapter's, take inches)
+    fig, ax = plt.subplots(figsize=(min(2 + 0.28 * L, 30), max(1.6 + 0.32 * M, bottom + 0.35 + 0.25 * M)))
     image = ax.imshow(share, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
     ax.set_yticks(range(M), [f"mode {m}" for m in range(M)], fontsize=8)
     ax.set_xticks(range(L), layers, rotation=90, fontsize=7)
     ax.set_title("Share of each layer's parameters in each mode (each column sums to 1)", fontsize=10)
-    _layout(fig, left=0.25 + _text_inches(f"mode {M - 1}", 8), right=0.55, top=0.35,
-            bottom=0.2 + _text_inches(max(layers, key=len, default=""), 7))
+    _layout(fig, left=0.25 + _text_inches(f"mode {M - 1}", 8), right=0.55, top=0.35, bottom=bottom)
     fig.colorbar(image, ax=ax, fraction=0.03)
     _save(fig, path)
 
