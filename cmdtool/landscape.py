@@ -14,6 +14,7 @@ validation split the best point is chosen on it and reported on the other splits
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
@@ -27,7 +28,7 @@ from ._files import replace_path, temporary_sibling
 from .errors import CmdError
 from .modefile import ModeFile, open_mode_file
 from .progress import Progress, no_progress
-from .reconstruct import assemble_state_dict, parse_at, state_dict_at
+from .reconstruct import assemble_state_dict, parse_at, state_dict_at, write_checkpoints
 from .report.build import _check_report_folder
 from .report.compose import _clean
 from .report.evaluation import Evaluate, run_evaluate
@@ -349,3 +350,19 @@ def chosen_point(landscape_dir: str | Path, modes: ModeFile) -> tuple[int, np.nd
     if values.shape != (modes.M,) or not np.isfinite(values).all():
         raise CmdError(f"{path}: malformed chosen point")
     return index, values
+
+
+def export_chosen(mode_file: str | Path, landscape_dir: str | Path, output: str | Path, *, force: bool = False,
+                  format: str = "source", progress: Progress = no_progress) -> list[Path]:
+    """Write the weights of the point a landscape folder chose into the folder ``output``, under
+    the name (and in the format) of the checkpoint it was drawn at, as ``cmd reconstruct`` writes
+    that checkpoint: the mode file with the two varied reference values replaced (float64, the
+    values that were evaluated). Returns the files written."""
+    with open_mode_file(Path(mode_file)) as mf:
+        mf.require_whole("exporting a landscape point")
+        index, values = chosen_point(landscape_dir, mf)
+        references = mf.references.astype(np.float64)
+        references[:, index] = values
+        with progress("writing the chosen point", 1) as advance:
+            return write_checkpoints(dataclasses.replace(mf, references=references), Path(output), [index], force,
+                                     advance, format)

@@ -9,9 +9,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.torch import load_file
+from typer.testing import CliRunner
 
 from cmdtool.errors import CmdError
-from cmdtool.landscape import grid_axis, landscape
+from cmdtool.landscape import export_chosen, grid_axis, landscape
 from cmdtool.modefile import open_mode_file
 from helpers import cmd, error_line, ok
 
@@ -175,3 +176,26 @@ def test_flat_metrics_choose_no_point_and_without_the_store_the_original_is_left
 def test_library_refuses_bad_grids_before_reading(tmp_path, fitted):
     with pytest.raises(CmdError, match="grid must be an odd integer"):
         landscape(fitted, tmp_path / "land", evaluate=lambda state: {"loss": 1.0}, grid=2)
+
+
+def test_export_chosen_writes_the_weights_that_were_scored(tmp_path, fitted):
+    refs = _reference_parameters(fitted)
+    name_x, at_x, raw_x, _ = refs[1]
+
+    def evaluate(state):
+        v = float(state[name_x].flatten()[at_x])
+        total = sum(float(t.double().sum()) for t in state.values())
+        return {"val": {"loss": (v - 1.2 * raw_x) ** 2}, "test": {"total": total}}
+
+    data = landscape(fitted, tmp_path / "land", evaluate=evaluate, modes="1,0", grid=5, span=0.4).landscape
+    # the first axis is mode 1; validation ignores mode 0, and ties go to the point nearest the centre
+    assert (data["chosen"]["x"], data["chosen"]["y"], data["chosen"]["offsets"]) == (3, 2, [0.2, 0.0])
+    paths = export_chosen(fitted, tmp_path / "land", tmp_path / "best")
+    assert [p.name for p in paths] == ["epoch_19.safetensors"]
+    assert evaluate(load_file(paths[0]))["test"]["total"] == data["chosen"]["scores"]["test/total"]
+    with pytest.raises(CmdError, match="already exists"):
+        export_chosen(fitted, tmp_path / "land", tmp_path / "best")
+    other = tmp_path / "other.cmd.h5"
+    ok(cmd(CliRunner(), "fit", tmp_path / "run", "-o", other, "--modes", 2))
+    with pytest.raises(CmdError, match="was not computed from"):
+        export_chosen(other, tmp_path / "land", tmp_path / "best2")
