@@ -16,8 +16,9 @@ if TYPE_CHECKING:  # the same names, for editors and the API pages, which read t
     from .fitting import fit_trajectory
     from .modefile import open_mode_file, summarize, write_mode_file
     from .modes import FitMetrics, FitSettings, Modes
-    from .online import OnlineCMD, UpdateResult, update, watch
+    from .online import UpdateResult, update, watch
     from .pipeline import FitResult, fit, reconstruct, reconstruct_checkpoints
+    from .training.loop import OnlineCMD
 
 __all__ = ["CMD", "CmdError", "FitMetrics", "FitResult", "FitSettings", "Modes", "OnlineCMD", "UpdateResult",
            "__version__", "fit", "fit_trajectory", "open_mode_file", "reconstruct", "reconstruct_checkpoints",
@@ -28,6 +29,7 @@ lazy_package(__name__, {
     ".fitting": ("fit_trajectory",),
     ".modefile": ("open_mode_file", "summarize", "write_mode_file"),
     ".modes": ("FitMetrics", "FitSettings", "Modes"),
-    ".online": ("OnlineCMD", "UpdateResult", "update", "watch"),
+    ".online": ("UpdateResult", "update", "watch"),
     ".pipeline": ("FitResult", "fit", "reconstruct", "reconstruct_checkpoints"),
+    ".training.loop": ("OnlineCMD",),
 })

@@ -26,12 +26,14 @@ from .cli_errors import (
     progress_bar,
     say,
 )
+from .cli_export import RECALIBRATE_HELP, export_command, say_clamped
 from .cli_landscape import landscape_command
 from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary, size_warnings
 from .modefile import open_mode_file, summarize
 from .pipeline import fit as fit_folder
 from .pipeline import reconstruct_noting
 from .reconstruct import WRITE_FORMATS
+from .statistics import Clamped
 from .version import __version__
 
 app = typer.Typer(
@@ -218,12 +220,18 @@ def reconstruct(
     dtypes; integer buffers are restored exactly. Hugging Face checkpoints come back as
     checkpoint-<step>/ folders that from_pretrained loads.
     """
+    clamped = Clamped()
     with errors_to_exit_code(output):
-        paths, dropped = reconstruct_noting(mode_file, output, at, force, progress=progress_bar, format=write_format)
+        paths, dropped = reconstruct_noting(mode_file, output, at, force, progress=progress_bar, format=write_format,
+                                            clamped=clamped)
+    say_clamped(clamped)
     if dropped:
         say(f"note: not restored (no longer match the weights): {', '.join(dropped)}")
     for path in paths:
         print(path)
+
+
+app.command("export")(export_command)
 
 
 @app.command()
@@ -335,14 +343,14 @@ def report(
              "and test): module:function (importable from here) or path/to/file.py:function."),
     select: Optional[str] = typer.Option(
         None, "--select", metavar="METRIC[:max|min]",
-        help="Choose each candidate family's best epoch by this metric on the validation split (val) and report it "
-             "on the others; max unless the name says loss or error."),
+        help="Choose each candidate family's best checkpoint by this metric on the validation split (val) and report "
+             "it on the others; max unless the name says loss or error."),
     eval_every: int = typer.Option(
         1, "--eval-every", metavar="K", min=1,
         help="Score the candidate families at every K-th checkpoint (and the last) only."),
     candidates_only: bool = typer.Option(
         False, "--candidates-only",
-        help="Score the candidates at the last checkpoint only (no per-epoch curves, no selection)."),
+        help="Score the candidates at the last checkpoint only (no per-checkpoint curves, no selection)."),
     tail: List[int] = typer.Option(
         [5, 10], "--tail", metavar="K", min=1,
         help="Tail averages of the last K checkpoints to compare (repeatable)."),
@@ -359,6 +367,7 @@ def report(
         [], "--require", metavar="METRIC>=VALUE",
         help="Fail (exit 1) unless an evaluated metric of the CMD weights at the last checkpoint meets this (>=, "
              "<=, >, <; repeatable; needs --eval)."),
+    recalibrate: Optional[str] = typer.Option(None, "--recalibrate", metavar="MODULE:FUNCTION", help=RECALIBRATE_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing report folder."),
     as_json: bool = typer.Option(False, "--json", help="Print report.json on stdout instead of a summary."),
     workers: Optional[int] = typer.Option(None, "--workers", metavar="N", min=1, help=WORKERS_HELP),
@@ -376,12 +385,15 @@ def report(
         from .report import Thresholds, load_evaluate, make_report, parse_requirement
         thresholds = Thresholds(max_rel_error, max_rel_error_displacement, [parse_requirement(r) for r in require])
         function = load_evaluate(evaluate) if evaluate else None
+        recalibrate_function = load_evaluate(recalibrate, parameter="recalibrate") if recalibrate else None
         with engine_for_options(workers, scheduler) as engine:
             result = make_report(mode_file, output, checkpoints=checkpoints, trajectory=trajectory, evaluate=function,
                                  eval_spec=evaluate or "", tail=tail, ema_decay=ema_decay, thresholds=thresholds,
                                  force=force, progress=progress_bar, select=select, eval_every=eval_every,
-                                 candidates_only=candidates_only, measure_pass=engine and engine.measure_pass)
+                                 candidates_only=candidates_only, measure_pass=engine and engine.measure_pass,
+                                 recalibrate=recalibrate_function, recalibrate_spec=recalibrate or "")
     r = result.report
+    say_clamped((r["evaluation"] or {}).get("clamped_running_var", {}).get("total", 0))
     step_summary = os.environ.get("GITHUB_STEP_SUMMARY")
     if step_summary:  # GitHub Actions shows this file on the run's page; append, never overwrite
         with open(step_summary, "a", encoding="utf-8") as f:

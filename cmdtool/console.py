@@ -3,12 +3,31 @@ Never wrapped, so that names and paths stay whole for scripts."""
 
 from __future__ import annotations
 
+import sys
+
 from rich.console import Console
 from rich.table import Table
 
 from .units import human_bytes
 
 stdout = Console(highlight=False)
+UNWRAPPED = 10_000  # the width tables are laid out in when stdout is not a terminal: never wrapped
+unwrapped = Console(highlight=False, width=UNWRAPPED)
+
+
+def _print(renderable) -> None:
+    """Print on stdout; piped or redirected, at a width that never wraps a table at 80 columns."""
+    if stdout.is_terminal:
+        stdout.print(renderable, markup=False)
+        return
+    with unwrapped.capture() as captured:
+        unwrapped.print(renderable, markup=False)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in captured.get().splitlines()))
+
+
+def plain(text: str) -> str:
+    """A report sentence for the terminal: without Markdown's ``**`` and backticks."""
+    return text.replace("**", "").replace("`", "")
 
 TIME_SOURCES = {"global_step": "the stored global_step", "step": "the stored step",
                  "epoch": "the stored epoch", "name": "the numbers in the names",
@@ -39,6 +58,9 @@ def describe(checkpoint) -> str:
 
 
 def print_report(r: dict) -> None:
+    """The verdict first (thresholds, then did CMD help), then the tables."""
+    for line in r["verdict"]["lines"]:
+        stdout.print(plain(line), markup=False, soft_wrap=True)
     fit, compact = r["fit"], r["compactness"]
     table = Table(box=None, pad_edge=False)
     for column in ("model", "compression", "rel_error", "rel_error_displacement"):
@@ -48,7 +70,7 @@ def print_report(r: dict) -> None:
     for p in r["baselines"]["pca"]:
         table.add_row(f"PCA d={p['d']}", f"{compact['checkpoint_bytes_float32'] / p['bytes_float32']:.1f}×",
                       f"{p['rel_error']:.4g}", f"{p['rel_error_displacement']:.4g}")
-    stdout.print(table, markup=False)
+    _print(table)
     evaluation = r["evaluation"]
     if evaluation:
         names = list(evaluation["per_checkpoint"]["original"])
@@ -58,24 +80,27 @@ def print_report(r: dict) -> None:
             candidates.add_column(name, justify="right")
         for candidate, scores in evaluation["candidates"].items():
             candidates.add_row(candidate, *(f"{scores[k]:.4g}" if scores.get(k) is not None else "–" for k in names))
-        stdout.print(candidates, markup=False)
-        print_selection(evaluation)
+        _print(candidates)
+        print_selection(evaluation, r["verdict"])
     for t in r["thresholds"]:
         stdout.print(f"{'pass' if t['passed'] else 'FAIL'}: {t['description']}", markup=False, soft_wrap=True)
 
 
-def print_selection(evaluation: dict) -> None:
-    """``--select``: each family's epoch chosen on validation and its other splits' scores."""
+def print_selection(evaluation: dict, verdict: dict | None = None) -> None:
+    """``--select``: each family's position chosen on validation and its other splits' scores; ★ on
+    the families the verdict calls best on test."""
     chosen = evaluation["selection"]
     if chosen:
+        judged = next((m for m in (verdict or {}).get("metrics", []) if m["under_selection"]), None)
+        winners = set(judged["under_selection"]["winners"]) if judged else set()
         columns = [chosen["key"], *chosen["reported"]]
         table = Table(box=None, pad_edge=False)
-        for column in ("chosen on validation", "epoch", *columns):
+        for column in ("chosen on validation", "position", *columns):
             table.add_column(column, justify="left" if column == "chosen on validation" else "right")
         for row in chosen["rows"]:
-            table.add_row(("★ " if row["family"] == chosen["chosen"] else "") + row["family"], str(row["epoch"]),
+            table.add_row(("★ " if row["family"] in winners else "") + row["family"], str(row["epoch"]),
                           *(f"{row['scores'][k]:.4g}" if row["scores"].get(k) is not None else "–" for k in columns))
-        stdout.print(table, markup=False)
+        _print(table)
     elif evaluation["selection_impossible"]:
         stdout.print("no selection: the evaluation returned no validation split", markup=False)
 
@@ -121,7 +146,7 @@ def print_summary(s: dict, references: list | None = None) -> None:
         table.add_row("error vs M", "  ".join(f"{m}:{e:.3g}" for m, e in zip(curve["modes"], curve["rel_error"])))
     if s["settings"].get("refine"):
         table.add_row("refined", f"{s['settings']['refine']} Lloyd-style passes over the references")
-    stdout.print(table, markup=False)
+    _print(table)
     modes = Table(title=None, box=None, pad_edge=False)
     for column in ("mode", "parameters", "share") + (("reference parameter",) if references else ()):
         modes.add_column(column, justify="left" if column == "reference parameter" else "right")
@@ -131,7 +156,7 @@ def print_summary(s: dict, references: list | None = None) -> None:
             name, index = references[m]
             row.append(f"{name}[{', '.join(map(str, index))}]")
         modes.add_row(*row)
-    stdout.print(modes, markup=False)
+    _print(modes)
 
 
 def compression_rows(s: dict) -> list[tuple[str, str]]:

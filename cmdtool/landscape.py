@@ -26,12 +26,14 @@ import numpy as np
 
 from ._files import replace_path, temporary_sibling
 from .errors import CmdError
+from .export import ExportResult
 from .modefile import ModeFile, open_mode_file
 from .progress import Progress, no_progress
-from .reconstruct import assemble_state_dict, parse_at, state_dict_at, write_checkpoints
+from .reconstruct import parse_at, state_dict_at, write_checkpoints
 from .report.build import _check_report_folder
+from .report.candidates import carried_rows, flat_state
 from .report.compose import _clean
-from .report.evaluation import Evaluate, run_evaluate
+from .report.evaluation import Evaluate, run_evaluate, run_recalibrate
 from .report.selection import (
     SEPARATOR,
     Selection,
@@ -44,6 +46,7 @@ from .report.selection import (
 from .report.selection import (
     select as select_best,
 )
+from .statistics import Clamped, Recalibrate
 
 LANDSCAPE_FORMAT = "cmdtool-landscape"
 LANDSCAPE_VERSION = 1
@@ -177,7 +180,7 @@ def landscape(mode_file: str | Path, output: str | Path, *, evaluate: Evaluate, 
     check_grid(grid, span)
     if isinstance(select, str):
         select = parse_select(select)
-    _check_report_folder(output, force)
+    _check_report_folder(output, force, "landscape")
     with open_mode_file(Path(mode_file)) as mf:
         mf.require_whole("evaluating a landscape")
         pair = parse_mode_pair(modes, mf.M, mf.path)
@@ -195,11 +198,12 @@ def landscape(mode_file: str | Path, output: str | Path, *, evaluate: Evaluate, 
                      for m in pair)
         store, original_note = _original_store(mf, checkpoints, trajectory, progress)
         parameters = mf.parameters()  # labels, a, b read once for every point
+        clamped = Clamped()
 
         def point_state(x: int, y: int) -> dict:
             values = centre.copy()
             values[pair[0]], values[pair[1]] = axes[0].normalised[x], axes[1].normalised[y]
-            return state_dict_at(mf, index, parameters, reference_values=values)
+            return state_dict_at(with_reference_values(mf, index, values), index, parameters, clamped=clamped)
 
         # One evaluation before the count is printed: a failing function or a --select metric it does
         # not return is reported at once (the original checkpoint, else the centre, reused below).
@@ -229,6 +233,7 @@ def landscape(mode_file: str | Path, output: str | Path, *, evaluate: Evaluate, 
                     for k in keys:
                         flat[k].append(scores.get(k, math.nan))
         result = _compose(mf, index, axes, keys, flat, original, original_note, select, eval_spec, centre, grid, span)
+        result["clamped_running_var"] = clamped.to_json()
     return _write(result, output)
 
 
@@ -247,8 +252,7 @@ def _original_store(mf: ModeFile, checkpoints, trajectory, progress):
 
 def _original(mf: ModeFile, store, index: int, pair, axes, evaluate, eval_spec) -> dict:
     """The original checkpoint's scores and its projection onto the two references."""
-    w = store.W[index].astype(np.float64)
-    state = assemble_state_dict(mf.layout, lambda s: w[s.columns], lambda s: store.carried(s.name)[index])
+    state = flat_state(mf, carried_rows(mf, store), store.W[index].astype(np.float64), index, Clamped())
     scores = run_evaluate(evaluate, state, f"checkpoint {mf.names[index]}", eval_spec)
     normalised = projection(mf, store, index, pair)
     raw = [float(mf.reference_offset[m]) + float(mf.reference_scale[m]) * v for m, v in zip(pair, normalised)]
@@ -327,9 +331,13 @@ def chosen_point(landscape_dir: str | Path, modes: ModeFile) -> tuple[int, np.nd
     """The position and ``(M,)`` normalised reference values of the point a landscape folder chose,
     checked against ``modes`` (the centre's reference values must be the mode file's at that position)."""
     path = Path(landscape_dir) / "landscape.json"
+    if path.is_symlink() or not path.is_file():
+        raise CmdError(f"{path}: no such landscape file (landscape.json of `cmd landscape`)")
+    if path.stat().st_size > 256 * 2**20:
+        raise CmdError(f"{path}: too large for a landscape.json")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise CmdError(f"{path}: cannot be read as a landscape ({type(e).__name__})") from None
     if not isinstance(data, dict) or (data.get("format"), data.get("version")) != (LANDSCAPE_FORMAT,
                                                                                   LANDSCAPE_VERSION):
@@ -352,17 +360,34 @@ def chosen_point(landscape_dir: str | Path, modes: ModeFile) -> tuple[int, np.nd
     return index, values
 
 
-def export_chosen(mode_file: str | Path, landscape_dir: str | Path, output: str | Path, *, force: bool = False,
-                  format: str = "source", progress: Progress = no_progress) -> list[Path]:
-    """Write the weights of the point a landscape folder chose into the folder ``output``, under
-    the name (and in the format) of the checkpoint it was drawn at, as ``cmd reconstruct`` writes
-    that checkpoint: the mode file with the two varied reference values replaced (float64, the
-    values that were evaluated). Returns the files written."""
+def with_reference_values(modes: ModeFile, index: int, values: np.ndarray) -> ModeFile:
+    """``modes`` with its ``(M,)`` normalised reference values at checkpoint ``index`` replaced by
+    ``values`` (float64; the other checkpoints' as stored): what ``reconstruct`` builds and writes
+    from it at ``index`` are the weights of that landscape point."""
+    references = modes.references.astype(np.float64)
+    references[:, index] = values
+    return dataclasses.replace(modes, references=references)
+
+
+def export_chosen(mode_file: str | Path, landscape_dir: str | Path, output: str | Path, *, format: str = "source",
+                  force: bool = False, recalibrate: Recalibrate | None = None, recalibrate_spec: str = "",
+                  progress: Progress = no_progress) -> ExportResult:
+    """Write the weights of the point a landscape folder chose (``cmd export --from-landscape``)
+    into the folder ``output``, under the name and in the format of the checkpoint it was drawn at,
+    as ``cmd reconstruct`` writes that checkpoint with the two varied reference values (float64,
+    the values that were scored). ``recalibrate`` as in ``export.export``."""
+    if recalibrate is not None and not recalibrate_spec:
+        recalibrate_spec = getattr(recalibrate, "__qualname__", repr(recalibrate))
     with open_mode_file(Path(mode_file)) as mf:
         mf.require_whole("exporting a landscape point")
         index, values = chosen_point(landscape_dir, mf)
-        references = mf.references.astype(np.float64)
-        references[:, index] = values
+        view, clamped = with_reference_values(mf, index, values), Clamped()
+
+        def recalibrated(t: int) -> dict:
+            return run_recalibrate(recalibrate, state_dict_at(view, t, clamped=clamped),
+                                   f"the landscape point at {mf.names[t]}", recalibrate_spec)
+
         with progress("writing the chosen point", 1) as advance:
-            return write_checkpoints(dataclasses.replace(mf, references=references), Path(output), [index], force,
-                                     advance, format)
+            paths = write_checkpoints(view, Path(output), [index], force, advance, format, clamped,
+                                      recalibrated if recalibrate is not None else None)
+    return ExportResult(paths, "landscape point", [index], clamped, [])

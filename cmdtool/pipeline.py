@@ -19,6 +19,7 @@ from .modes import REFINE, FitSettings, parse_modes
 from .online import fit_warmup
 from .progress import Progress, no_progress
 from .reconstruct import output_plan, parse_at, state_dict_at, write_checkpoints
+from .statistics import Clamped
 from .stores import prepare_store
 
 if TYPE_CHECKING:
@@ -172,13 +173,15 @@ def reconstruct_checkpoints(mode_file: str | Path, out_dir: str | Path, at: str 
 
 
 def reconstruct_noting(mode_file: str | Path, out_dir: str | Path, at: str = "last", force: bool = False,
-                       progress: Progress = no_progress, format: str = "source") -> tuple[list[Path], list[str]]:
-    """``reconstruct_checkpoints`` and ``not_restored`` with one opening of the mode file (``cmd reconstruct``)."""
+                       progress: Progress = no_progress, format: str = "source",
+                       clamped: Clamped | None = None) -> tuple[list[Path], list[str]]:
+    """``reconstruct_checkpoints`` and ``not_restored`` with one opening of the mode file (``cmd reconstruct``);
+    running variances clamped at 0 are counted in ``clamped``."""
     with open_mode_file(Path(mode_file)) as modes:
         modes.require_whole("reconstructing a checkpoint")  # before any folder is made
         indices = parse_at(at, modes.T)
         with progress("writing checkpoints", len(indices)) as advance:
-            paths = write_checkpoints(modes, Path(out_dir), indices, force, advance, format)
+            paths = write_checkpoints(modes, Path(out_dir), indices, force, advance, format, clamped)
         return paths, _lost(modes, indices, format)
 
 

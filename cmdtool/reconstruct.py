@@ -17,6 +17,7 @@ from .errors import CmdError
 from .layout import Layout, TensorSpec
 from .modefile import ModeFile
 from .modes import model_values
+from .statistics import Clamped, must_stay_nonnegative
 
 
 def parse_at(at: str, T: int) -> list[int]:
@@ -60,41 +61,40 @@ def _numpy_dtypes_only(modes: ModeFile) -> bool:
 Parameters = tuple[np.ndarray, np.ndarray, np.ndarray]
 
 
-def _values_at(modes: ModeFile, index: int, parameters: Parameters | None = None, *,
-               reference_values: np.ndarray | None = None) -> Iterator[tuple[TensorSpec, np.ndarray]]:
+def _values_at(modes: ModeFile, index: int, parameters: Parameters | None = None, clamped: Clamped | None = None
+               ) -> Iterator[tuple[TensorSpec, np.ndarray]]:
     """Per tensor at checkpoint ``index``: a modelled tensor's ``a · r[label, t] + b`` in float64
-    (shaped), a carried tensor's raw bytes. ``parameters``: every ``labels, a, b`` read once for
-    many checkpoints; else each tensor's are read from the file (memory: one tensor at a time).
-    ``reference_values``: the ``(M,)`` normalised reference values to use instead of checkpoint
-    ``index``'s (``cmd landscape``); carried tensors stay checkpoint ``index``'s."""
+    (shaped; a running variance clamped at 0, counted in ``clamped``), a carried tensor's raw bytes.
+    ``parameters``: every ``labels, a, b`` read once for many checkpoints; else each tensor's are
+    read from the file (memory: one tensor at a time)."""
+    clamped = Clamped() if clamped is None else clamped
     modes.require_whole("reconstructing a checkpoint")
-    if reference_values is None:
-        reference_values = modes.references[:, index]
-    reference_values = np.asarray(reference_values, dtype=np.float64)
+    reference_values = modes.references[:, index].astype(np.float64)
     for spec in modes.layout.tensors:
         if spec.modelled:
             labels, a, b = ((v[spec.columns] for v in parameters) if parameters is not None
                             else modes.parameters(spec.columns))
-            yield spec, model_values(labels, a, b, reference_values).reshape(spec.shape)
+            yield spec, clamped.array(spec.name, model_values(labels, a, b, reference_values).reshape(spec.shape))
         else:
             yield spec, modes.carried_row(spec.name, index)
 
 
-def arrays_at(modes: ModeFile, index: int, parameters: Parameters | None = None) -> dict[str, np.ndarray]:
+def arrays_at(modes: ModeFile, index: int, parameters: Parameters | None = None, clamped: Clamped | None = None
+              ) -> dict[str, np.ndarray]:
     """``state_dict_at`` as numpy arrays (every tensor's dtype must be in ``NUMPY_DTYPES``);
     the values are the same, rounded from float64 the same way."""
     return {spec.name: values.astype(spec.dtype) if spec.modelled else values.view(spec.dtype).reshape(spec.shape)
-            for spec, values in _values_at(modes, index, parameters)}
+            for spec, values in _values_at(modes, index, parameters, clamped)}
 
 
-def state_dict_at(modes: ModeFile, index: int, parameters: Parameters | None = None, *,
-                  reference_values: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+def state_dict_at(modes: ModeFile, index: int, parameters: Parameters | None = None, clamped: Clamped | None = None
+                  ) -> dict[str, torch.Tensor]:
     """The CMD state dict at checkpoint ``index``: ``a · r[label, t] + b`` in float64, then cast to
-    each tensor's source dtype; carried tensors as they were. Memory: one tensor at a time.
-    ``reference_values``: other ``(M,)`` normalised reference values than checkpoint ``index``'s."""
+    each tensor's source dtype; carried tensors as they were; a running variance never negative
+    (clamped at 0, counted in ``clamped``). Memory: one tensor at a time."""
     return {spec.name: torch.from_numpy(values).to(getattr(torch, spec.dtype)) if spec.modelled
             else _carried_tensor(values, spec.shape, spec.dtype)
-            for spec, values in _values_at(modes, index, parameters, reference_values=reference_values)}
+            for spec, values in _values_at(modes, index, parameters, clamped)}
 
 
 CHUNK_BYTES = 2 * 2**20   # float64 values of one slice of columns (all checkpoints of a group): stays in the CPU cache
@@ -103,15 +103,17 @@ GROUP_FILES = 64          # checkpoints written together (open files; each tenso
 
 
 def _write_modelled(writers: Sequence[SafetensorsWriter], spec: TensorSpec, R: np.ndarray, labels: np.ndarray,
-                    a: np.ndarray, b: np.ndarray) -> None:
+                    a: np.ndarray, b: np.ndarray, clamped: Clamped | None = None) -> None:
     """Tensor ``spec`` at the group's checkpoints, ``R`` their ``(g, M)`` float64 reference values:
     ``a · r[label] + b`` in float64 and cast to the tensor's dtype, as ``model_values`` and
     ``arrays_at`` compute it (the same operations on the same operands, so the same bits), column
     slice by column slice. A slice whose every ``a`` is 0 and ``b`` is not is ``b`` at every
-    checkpoint, exactly (``0 · r`` is ±0, and ``b + ±0`` is ``b`` for ``b ≠ 0``)."""
+    checkpoint, exactly (``0 · r`` is ±0, and ``b + ±0`` is ``b`` for ``b ≠ 0``). A running
+    variance is clamped at 0 (``clamped``), as ``_values_at`` does."""
     g, dtype = len(writers), np.dtype(spec.dtype)
+    nonnegative, clamped = must_stay_nonnegative(spec.name), Clamped() if clamped is None else clamped
     if spec.size and not a.any() and b.all():  # a frozen tensor: the same bytes at every checkpoint
-        values = b.astype(np.float64).astype(dtype)
+        values = clamped.array(spec.name, b.astype(np.float64), times=g).astype(dtype)
         for writer in writers:
             writer.write(spec.name, values)
         return
@@ -126,19 +128,20 @@ def _write_modelled(writers: Sequence[SafetensorsWriter], spec: TensorSpec, R: n
             last = min(first + step, stop)
             into = stage[:, first - start:last - start]
             a_slice, b_slice = a[first:last], b[first:last].astype(np.float64)
-            if not a_slice.any() and b_slice.all():
+            if not a_slice.any() and b_slice.all() and not (nonnegative and (b_slice < 0).any()):
                 into[...] = b_slice
                 continue
             values = work[:g * (last - first)].reshape(g, last - first)
             np.take(R, labels[first:last], axis=1, out=values, mode="clip")  # labels checked < M when read
             values *= a_slice.astype(np.float64)
             values += b_slice
-            into[...] = values
+            into[...] = clamped.array(spec.name, values) if nonnegative else values
         for row, writer in zip(stage, writers):
             writer.write(spec.name, row, start * dtype.itemsize)
 
 
-def _write_safetensors(modes: ModeFile, group: Sequence[tuple[int, Path, CheckpointInfo, Path]]) -> None:
+def _write_safetensors(modes: ModeFile, group: Sequence[tuple[int, Path, CheckpointInfo, Path]],
+                       clamped: Clamped) -> None:
     """Checkpoints ``(index, path, info, shown)`` as safetensors files written directly (every
     dtype one numpy holds): the same bytes as ``save_file`` of ``arrays_at``, tensor by tensor,
     each tensor's ``labels, a, b`` read once for the whole group."""
@@ -151,7 +154,7 @@ def _write_safetensors(modes: ModeFile, group: Sequence[tuple[int, Path, Checkpo
         parameters = modes.parameter_reader(max((spec.size for spec in modes.layout.modelled), default=0))
         for spec in modes.layout.tensors:
             if spec.modelled:
-                _write_modelled(files.writers, spec, R, *parameters(spec.columns))
+                _write_modelled(files.writers, spec, R, *parameters(spec.columns), clamped)
             else:
                 for writer, i in zip(files.writers, indices):
                     writer.write(spec.name, np.ascontiguousarray(modes.carried_row(spec.name, i)))
@@ -179,9 +182,13 @@ def output_plan(name: str, info: CheckpointInfo, fmt: str = "source") -> tuple[s
 
 
 def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], force: bool = False,
-                      advance: Callable[[int], None] = lambda n: None, fmt: str = "source") -> list[Path]:
+                      advance: Callable[[int], None] = lambda n: None, fmt: str = "source",
+                      clamped: Clamped | None = None,
+                      states: Callable[[int], dict[str, torch.Tensor]] | None = None) -> list[Path]:
     """Write the checkpoints ``indices`` into ``out_dir`` under their source names and format
-    (``fmt="safetensors"``: as plain safetensors files, see ``output_plan``).
+    (``fmt="safetensors"``: as plain safetensors files, see ``output_plan``). Running variances
+    clamped at 0 are counted in ``clamped``. ``states(i)``: the state dict to write under
+    checkpoint ``i``'s name instead of its CMD reconstruction (``cmd export``).
 
     All files (and Hugging Face folders) go to temporary names first and are renamed into place
     only when every one is written; nothing existing is overwritten without ``force``, and nothing
@@ -209,7 +216,8 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
             raise CmdError(f"{target}: already exists (use --force to overwrite)")
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    direct = [info.format == "safetensors" and not info.is_folder and _numpy_dtypes_only(modes)
+    clamped = Clamped() if clamped is None else clamped
+    direct = [states is None and info.format == "safetensors" and not info.is_folder and _numpy_dtypes_only(modes)
               for _, info, _ in plans]
     parameters = None
     written: list[tuple[Path, Path]] = []
@@ -222,13 +230,17 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
             if direct[n]:  # safetensors of numpy dtypes: written by ``_write_safetensors``, in groups
                 group.append((i, tmp, info, target))
                 if len(group) == GROUP_FILES or n + 1 == len(indices) or not direct[n + 1]:
-                    _write_safetensors(modes, group)
+                    _write_safetensors(modes, group, clamped)
                     advance(len(group))
                     group = []
                 continue
-            if parameters is None and len(indices) > 1:
-                parameters = modes.parameters()  # read once for many checkpoints
-            write_checkpoint(tmp, state_dict_at(modes, i, parameters), info, modes.attachment, shown=target)
+            if states is not None:
+                state = states(i)
+            else:
+                if parameters is None and len(indices) > 1:
+                    parameters = modes.parameters()  # read once for many checkpoints
+                state = state_dict_at(modes, i, parameters, clamped)
+            write_checkpoint(tmp, state, info, modes.attachment, shown=target)
             advance(1)
         for tmp, target in written:
             replace_path(tmp, target)

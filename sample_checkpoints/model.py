@@ -44,13 +44,15 @@ def load_heldout(split: str) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def accuracy_and_loss(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Accuracy and mean cross-entropy of ``model`` in eval mode, without gradients."""
+    """Accuracy and mean cross-entropy of ``model`` in eval mode, without gradients, and the number of
+    examples scored (``count``: ``cmd report`` uses it to tell differences from sampling noise)."""
     model.eval()
     with torch.no_grad():
         logits = model(images)
     return {
         "accuracy": (logits.argmax(dim=1) == labels).float().mean().item(),
         "loss": F.cross_entropy(logits, labels).item(),
+        "count": len(labels),  # examples scored: the report's sampling error of the accuracy
     }
 
 
@@ -58,7 +60,8 @@ def evaluate(state_dict: dict[str, torch.Tensor]) -> dict:
     """Load ``state_dict`` (strictly) into a DigitsCNN and score it on both held-out splits.
 
     Accepts e.g. ``safetensors.torch.load_file(path)``; returns
-    ``{"val": {"accuracy", "loss"}, "test": {"accuracy", "loss"}}``: choose on ``val``, report ``test``.
+    ``{"val": {"accuracy", "loss", "count"}, "test": {"accuracy", "loss", "count"}}``: choose on ``val``,
+    report ``test``.
     """
     model = DigitsCNN()
     model.load_state_dict(state_dict, strict=True)

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
 from cmdtool.errors import CmdError
 from cmdtool.landscape import export_chosen, grid_axis, landscape
@@ -178,7 +177,7 @@ def test_library_refuses_bad_grids_before_reading(tmp_path, fitted):
         landscape(fitted, tmp_path / "land", evaluate=lambda state: {"loss": 1.0}, grid=2)
 
 
-def test_export_chosen_writes_the_weights_that_were_scored(tmp_path, fitted):
+def test_export_from_landscape_writes_the_weights_that_were_scored(tmp_path, fitted, runner):
     refs = _reference_parameters(fitted)
     name_x, at_x, raw_x, _ = refs[1]
 
@@ -190,12 +189,21 @@ def test_export_chosen_writes_the_weights_that_were_scored(tmp_path, fitted):
     data = landscape(fitted, tmp_path / "land", evaluate=evaluate, modes="1,0", grid=5, span=0.4).landscape
     # the first axis is mode 1; validation ignores mode 0, and ties go to the point nearest the centre
     assert (data["chosen"]["x"], data["chosen"]["y"], data["chosen"]["offsets"]) == (3, 2, [0.2, 0.0])
-    paths = export_chosen(fitted, tmp_path / "land", tmp_path / "best")
-    assert [p.name for p in paths] == ["epoch_19.safetensors"]
-    assert evaluate(load_file(paths[0]))["test"]["total"] == data["chosen"]["scores"]["test/total"]
-    with pytest.raises(CmdError, match="already exists"):
-        export_chosen(fitted, tmp_path / "land", tmp_path / "best")
+    result = ok(cmd(runner, "export", fitted, "-o", tmp_path / "best", "--from-landscape", tmp_path / "land"))
+    assert result.stdout.splitlines() == [str(tmp_path / "best" / "epoch_19.safetensors")]
+    exported = load_file(tmp_path / "best" / "epoch_19.safetensors")
+    assert evaluate(exported)["test"]["total"] == data["chosen"]["scores"]["test/total"]
+    # the library call writes the same bytes
+    paths = export_chosen(fitted, tmp_path / "land", tmp_path / "again").paths
+    assert paths[0].read_bytes() == (tmp_path / "best" / "epoch_19.safetensors").read_bytes()
+    assert "already exists" in error_line(
+        cmd(runner, "export", fitted, "-o", tmp_path / "best", "--from-landscape", tmp_path / "land"))
+    assert "pass one of" in error_line(cmd(runner, "export", fitted, "-o", tmp_path / "x", "--from-landscape",
+                                           tmp_path / "land", "--family", "cmd"))
     other = tmp_path / "other.cmd.h5"
-    ok(cmd(CliRunner(), "fit", tmp_path / "run", "-o", other, "--modes", 2))
-    with pytest.raises(CmdError, match="was not computed from"):
-        export_chosen(other, tmp_path / "land", tmp_path / "best2")
+    ok(cmd(runner, "fit", tmp_path / "run", "-o", other, "--modes", 2))
+    assert "was not computed from" in error_line(
+        cmd(runner, "export", other, "-o", tmp_path / "x", "--from-landscape", tmp_path / "land"))
+    assert "no such landscape file" in error_line(
+        cmd(runner, "export", fitted, "-o", tmp_path / "x", "--from-landscape", tmp_path))
+    assert not (tmp_path / "x").exists()

@@ -20,10 +20,11 @@ from safetensors.torch import load_file, save_file
 
 import cmdtool
 from cmdtool.cli import app
-from cmdtool.decompose import normalise_references, update_fit
+from cmdtool.decompose import normalise_references
 from cmdtool.errors import CmdError
 from cmdtool.modefile import open_mode_file
 from cmdtool.online import watch
+from cmdtool.online.least_squares import update_fit
 from helpers import plant, write_run
 
 F = 8  # warm-up checkpoints in these tests
@@ -669,3 +670,38 @@ def test_report_reads_the_checkpoints_an_online_cmd_loop_observed_in_state_dict_
     with open_mode_file(out) as modes:
         assert [s.name for s in modes.layout.tensors] == list(states[0])
         assert measured["fit"]["rel_error"] == pytest.approx(modes.metrics.rel_error, rel=1e-3)  # stored float32 model
+
+
+def test_online_cmd_takes_state_dicts_as_training_holds_them(tmp_path):
+    """OnlineCMD reads tensors where they are: parameters that require grad, non-contiguous views
+    (a channels_last weight) and bfloat16 or float64 tensors (observed as float32 values) give the
+    state that plain contiguous float32 tensors of those values give, bit for bit."""
+    planted = plant(M=3, T=12, noise=1e-3, seed=2)
+    plain_states, odd_states = [], []
+    for state in planted.states():
+        bf16 = state["fc.bias"].to(torch.bfloat16)
+        plain = dict(state, **{"fc.bias": bf16.float()})
+        odd = dict(state, **{"fc.bias": bf16,
+                             "conv.weight": state["conv.weight"].to(memory_format=torch.channels_last)
+                             .requires_grad_(),
+                             "fc.weight": state["fc.weight"].double().t().contiguous().t()})
+        assert not odd["conv.weight"].is_contiguous() and not odd["fc.weight"].is_contiguous()
+        plain_states.append(plain)
+        odd_states.append(odd)
+    plain, odd = cmdtool.OnlineCMD(modes=3, warmup=5), cmdtool.OnlineCMD(modes=3, warmup=5)
+    for t, (p, o) in enumerate(zip(plain_states, odd_states)):
+        plain.observe(p, time=t)
+        odd.observe(o, time=t)
+    assert odd.ready and odd.state.a.device.type == "cpu"
+    for key in ("a", "b", "labels", "first"):
+        torch.testing.assert_close(getattr(odd.state, key), getattr(plain.state, key), rtol=0, atol=0)
+    np.testing.assert_array_equal(odd.state.references, plain.state.references)
+    np.testing.assert_array_equal(odd.state.mode_sse, plain.state.mode_sse)
+    got = odd.reconstruct()
+    assert got["fc.bias"].dtype == torch.bfloat16 and got["fc.weight"].dtype == torch.float64
+    moved = {k: v.to("meta") for k, v in odd_states[-1].items()}  # the state stays where the warm-up was
+    with pytest.raises(CmdError, match=r"observation 12 .*: the model is on meta but the CMD state on cpu"):
+        odd.observe(moved, time=12)
+    for name, value in plain.reconstruct().items():  # the same CMD weights, in each tensor's own dtype
+        rtol = 2 ** -8 if got[name].dtype == torch.bfloat16 else 1e-6
+        torch.testing.assert_close(got[name].double(), value.double(), rtol=rtol, atol=1e-6)

@@ -125,8 +125,8 @@ def test_library_errors_name_parameters_and_the_cli_says_its_options(tmp_path, r
     cmdtool.fit(run_dir, out, modes=2, trajectory=tmp_path / "t.h5")
     with pytest.raises(CmdError) as raised:
         make_report(out, tmp_path / "report", select="accuracy")
-    assert str(raised.value) == "select needs `evaluate`: it chooses epochs by an evaluated metric"
-    assert in_cli_words(raised.value) == "--select needs --eval: it chooses epochs by an evaluated metric"
+    assert str(raised.value) == "select needs `evaluate`: it chooses checkpoints by an evaluated metric"
+    assert in_cli_words(raised.value) == "--select needs --eval: it chooses checkpoints by an evaluated metric"
     with pytest.raises(CmdError) as raised:
         make_report(out, tmp_path / "report", eval_every=0)
     assert (str(raised.value), in_cli_words(raised.value)) == ("eval_every must be at least 1",
@@ -174,6 +174,6 @@ def test_select_with_candidates_only_is_refused(tmp_path, run_dir):
     with pytest.raises(CmdError) as raised:
         make_report(out, tmp_path / "report", evaluate=lambda state: {"val": {"s": 1.0}, "test": {"s": 1.0}},
                     select="s", candidates_only=True)
-    assert in_cli_words(raised.value) == ("--select chooses among every family's epochs, which --candidates-only "
+    assert in_cli_words(raised.value) == ("--select chooses among every family's checkpoints, which --candidates-only "
                                           "leaves unscored; use --eval-every to score fewer")
     assert not (tmp_path / "report").exists()

@@ -134,7 +134,7 @@ def norm_ratio(error: np.ndarray, reference: np.ndarray) -> float:
 
 def test_report_json_has_every_field(fitted):
     r = read_report(fitted.evaluated)
-    assert list(r) == ["format", "format_version", "tool_version", "mode_file", "trajectory", "run", "fit",
+    assert list(r) == ["format", "format_version", "tool_version", "verdict", "mode_file", "trajectory", "run", "fit",
                        "compactness", "per_checkpoint", "per_tensor", "modes", "baselines", "evaluation",
                        "thresholds", "passed", "plots", "notes", "online", "embedding"]
     assert r["online"] is None  # a post-hoc fit
@@ -152,7 +152,8 @@ def test_report_json_has_every_field(fitted):
     assert r["thresholds"] == [] and r["passed"] is True
     assert list(r["evaluation"]) == ["function", "checkpoint_names", "per_checkpoint", "candidates",
                                      "candidate_descriptions", "epochs", "evaluations", "per_epoch",
-                                     "family_descriptions", "selection", "selection_impossible"]
+                                     "family_descriptions", "selection", "selection_impossible", "counts",
+                                     "recalibrated", "ema_decay", "clamped_running_var"]
     assert any("BatchNorm running statistics (1 tensor)" in note and "not recalibrated" in note for note in r["notes"])
     assert len(read_report(fitted.plain)["notes"]) == 1  # no evaluation: nothing about BatchNorm or scores
     assert read_report(fitted.plain)["evaluation"] is None
@@ -341,7 +342,8 @@ def test_final_candidates_equal_direct_averages(fitted):
     assert evaluation["candidate_descriptions"] == {
         "last": "the last checkpoint (epoch_11.safetensors)", "cmd": "CMD reconstruction of the last checkpoint",
         "tail_5": "mean of the last 5 checkpoints", "tail_10": "mean of the last 10 checkpoints",
-        "tail_30": "mean of the last 12 checkpoints", "ema": "EMA over checkpoints, decay 0.7",
+        "tail_30": "mean of the last 30 checkpoints (all 12: the run has fewer)",
+        "ema": "EMA over checkpoints, decay 0.7",
         "pca_1": "PCA of the trajectory, mean + 1 direction, at the last checkpoint",
         "pca_2": "PCA of the trajectory, mean + 2 directions, at the last checkpoint"}
 
@@ -600,11 +602,12 @@ def test_existing_report_folder_needs_force(fitted, runner, tmp_path):
         error_line(cmd(runner, "report", fitted.mode_file, "-o", a_file))
         == f"{a_file}: is a file, expected a report folder"
     )
-    nowhere = tmp_path / "missing" / "report"
-    assert (
-        error_line(cmd(runner, "report", fitted.mode_file, "-o", nowhere))
-        == f"{nowhere.parent}: no such folder for the report"
-    )
+    nowhere = tmp_path / "missing" / "deeper" / "report"  # the missing parents are made, as reconstruct does
+    ok(cmd(runner, "report", fitted.mode_file, "-o", nowhere))
+    assert (nowhere / "report.json").is_file()
+    under_file = a_file / "report"
+    assert error_line(cmd(runner, "report", fitted.mode_file, "-o", under_file)) == (
+        f"{a_file}: is a file, expected a folder for the report")
 
 
 COMPARED = ("run", "fit", "per_checkpoint", "per_tensor", "modes", "baselines")
@@ -742,7 +745,10 @@ def test_markdown_tables_plots_and_numbers(fitted):
         assert row[5:7] == [f"{r['per_checkpoint'][f'pca_{d}']['rel_error'][t]:.4g}" for d in (1, 2)]
     for name, scores in r["evaluation"]["candidates"].items():
         expected = [f"{scores[k]:.4g}" for k in ("sum", "fc", "steps", "steps_int64")]
-        assert [c.strip("*") for c in rows[name][2:]] == expected
+        assert [c.strip("*") for c in rows[name][2:-1]] == expected
+        family = "original" if name == "last" else name
+        decay = " --ema-decay 0.7" if name == "ema" else ""  # the report's --ema-decay
+        assert rows[name][-1] == f"`cmd export {fitted.mode_file} -o export --family {family} --at {T - 1}{decay}`"
     for k in ("sum", "fc"):  # the best candidate of each metric is marked in bold (here: the largest value)
         best = max(scores[k] for scores in r["evaluation"]["candidates"].values())
         assert [rows[name][2 + ("sum", "fc").index(k)].startswith("**") for name in r["evaluation"]["candidates"]] == [

@@ -135,7 +135,7 @@ def test_without_a_validation_split_the_report_says_it_cannot_select(fitted, run
     r = report(fitted, tmp_path, runner, "--eval", f"{fitted.evaluate_file}:evaluate", "--select", "sum")
     evaluation = r["evaluation"]
     assert evaluation["selection"] is None
-    assert evaluation["selection_impossible"].startswith("`--select sum` cannot choose an epoch without bias: the "
+    assert evaluation["selection_impossible"].startswith("`--select sum` cannot choose a checkpoint without bias: the "
                                                          "evaluation returned no validation split")
     assert "**No selection.**" in (tmp_path / "out" / "report.md").read_text()
 
@@ -192,7 +192,7 @@ def test_nonfinite_scores_are_counted_not_listed():
     per_epoch = {"original": {"loss": [1.0, 2.0, 3.0]}, "cmd": {"loss": [nan, 2.0, nan], "acc": [nan, 1.0, 1.0]},
                  "ema": {"loss": [1.0, 1.0, 1.0], "acc": [1.0, 1.0, 1.0]}}
     assert selection.nonfinite_summary(per_epoch, [0, 1, 2], ["e0", "e1", "e2"]) == (
-        "3 of 15 scores: cmd 3 (2 epochs, e0 … e2; acc, loss)")
+        "3 of 15 scores: cmd 3 (2 positions, e0 … e2; acc, loss)")
     assert selection.nonfinite_summary(per_epoch, [1], ["e0", "e1", "e2"]) is None  # only what was evaluated
 
 

@@ -15,8 +15,8 @@ from typer.testing import CliRunner
 import cmdtool
 from cmdtool import CmdError
 from cmdtool.cli import app
-from cmdtool.decompose import update_fit, update_frame, update_parameters
 from cmdtool.modefile import open_mode_file
+from cmdtool.online.least_squares import BLOCK, update_frame, update_parameters
 from cmdtool.training import EmbeddedCMD
 from helpers import plant, write_run
 
@@ -42,48 +42,74 @@ def sorted_states(planted):
     return [dict(sorted(s.items())) for s in planted.states()]
 
 
-def test_update_parameters_runs_the_same_on_torch_and_numpy():
-    rng = np.random.default_rng(1)
-    M, T, N = 3, 6, 500
+def normal_equations(a, b, labels, w, frame, frozen=None):
+    """The recursive least squares as ``update_fit`` states it (``[a b] += e · x G_new⁻¹``, then the
+    change of frame), written out independently of ``update_parameters``'s rearranged form."""
+    e = w - a * frame.rho[labels] - b
+    if frozen is not None:
+        e = e * ~frozen
+    a_old_frame = a + e * frame.gain_a[labels]
+    b_old_frame = b + e * frame.gain_b[labels]
+    sse = np.bincount(labels, weights=e * e / frame.sse_weight[labels], minlength=len(frame.rho))
+    return a_old_frame * frame.ratio[labels], b_old_frame + a_old_frame * frame.shift[labels], sse
+
+
+def update_case(N: int = 5000, M: int = 3, T: int = 6, seed: int = 1):
+    rng = np.random.default_rng(seed)
     r = rng.normal(size=(M, T))
     r -= r.mean(axis=1, keepdims=True)
     r /= np.linalg.norm(r, axis=1, keepdims=True)
-    a, b, w = rng.normal(size=N), rng.normal(size=N), rng.normal(size=N)
+    a, b = rng.normal(size=N), rng.normal(size=N)
+    w = (b + rng.normal(size=N)).astype(np.float32)
     labels, offset, scale, values = rng.integers(0, M, N), rng.normal(size=M), rng.uniform(1, 2, M), rng.normal(size=M)
-    expected = update_fit(a, b, labels, w, r, offset, scale, values)
-    frame = update_frame(r, offset, scale, values)
-    on_torch = type(frame)(*(torch.from_numpy(np.asarray(v)) for v in frame))
-    got = update_parameters(*(torch.from_numpy(v) for v in (a, b, labels, w)), on_torch)
-    for g, e in zip(got, (expected.a, expected.b, expected.sse)):
-        np.testing.assert_array_equal(g.numpy(), e)
-    frozen = np.arange(N) % 2 == 0  # frozen fits only move with the frame: the same raw function
-    a_f, b_f, sse_f = update_parameters(a, b, labels, w, frame, frozen)
-    raw_before = a / scale[labels], b - a * offset[labels] / scale[labels]
-    raw_after = a_f / frame.scale[labels], b_f - a_f * frame.offset[labels] / frame.scale[labels]
-    np.testing.assert_allclose(raw_after[0][frozen], raw_before[0][frozen], rtol=1e-12)
-    np.testing.assert_allclose(raw_after[1][frozen], raw_before[1][frozen], rtol=1e-12, atol=1e-12)
-    assert (sse_f[frozen] == 0).all() and (sse_f[~frozen] == expected.sse[~frozen]).all()
+    return a, b, w, labels, offset, scale, update_frame(r, offset, scale, values)
 
 
-def compiled_kernel_or_skip(kernel: str, monkeypatch) -> None:
-    """Select the update: the compiled loop (which must build wherever a C compiler is found) or torch."""
-    import shutil
+@pytest.mark.parametrize("frozen_share", [0.0, 0.5])
+def test_update_parameters_equals_the_normal_equations_on_numpy_and_torch(frozen_share):
+    """The one update, in place and in blocks, on numpy arrays (``cmd update``) and on torch tensors
+    (``EmbeddedCMD``, ``OnlineCMD``), with lanes and blocks of any size, equals the normal equations
+    to 1e-12 (torch fuses three steps, so its last bits may differ from numpy's); within one library the
+    blocks and lanes give the same a, b bit for bit."""
+    a, b, w, labels, offset, scale, frame = update_case()
+    frozen = np.random.default_rng(2).random(len(a)) < frozen_share if frozen_share else None
+    a_want, b_want, sse_want = normal_equations(a, b, labels, w.astype(np.float64), frame, frozen)
+    first = np.roll(w, 1)
+    results = []
+    for library, lanes, block in (("numpy", 1, BLOCK), ("numpy", 4, 7), ("torch", 8, BLOCK), ("torch", 1, 7),
+                                  ("torch", 8, len(a))):
+        index = labels * lanes + np.arange(len(a)) % lanes
+        state = [a.copy(), b.copy(), first, index, [w[:1000], w[1000:1001], w[1001:0], w[1001:]]]
+        mask = frozen
+        if library == "torch":
+            state = [torch.from_numpy(v) for v in state[:4]] + [[torch.from_numpy(p) for p in state[4]]]
+            state[3] = state[3].to(torch.int32)
+            mask = None if frozen is None else torch.from_numpy(frozen)
+        sums = update_parameters(*state, frame, frozen=mask, lanes=lanes, block=block)
+        got_a, got_b = (np.asarray(v) for v in state[:2])
+        np.testing.assert_allclose(got_a, a_want, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(got_b, b_want, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(sums.mode_sse, sse_want, rtol=1e-12)
+        w64, T = w.astype(np.float64), frame.references.shape[1] - 1
+        assert sums.sq_norm == pytest.approx(w64 @ w64, rel=1e-12)
+        assert sums.sq_displacement == pytest.approx(((w64 - first) ** 2).sum(), rel=1e-12)
+        assert sums.sq_centred == pytest.approx(((w64 - b) ** 2).sum() * T / (T + 1), rel=1e-12)
+        results.append((library, got_a, got_b))
+    for library, got_a, got_b in results:  # blocks and lanes change no value of a, b
+        _, want_a, want_b = next(r for r in results if r[0] == library)
+        np.testing.assert_array_equal(got_a, want_a)
+        np.testing.assert_array_equal(got_b, want_b)
+    if frozen is not None:  # frozen fits only move with the frame: the same function of the raw reference
+        (_, a_f, b_f), kept = results[0], labels[frozen]
+        raw_before = a[frozen] / scale[kept], b[frozen] - a[frozen] * offset[kept] / scale[kept]
+        raw_after = a_f[frozen] / frame.scale[kept], b_f[frozen] - a_f[frozen] * frame.offset[kept] / frame.scale[kept]
+        np.testing.assert_allclose(raw_after[0], raw_before[0], rtol=1e-12)
+        np.testing.assert_allclose(raw_after[1], raw_before[1], rtol=1e-12, atol=1e-12)
 
-    from cmdtool.training import fused
-    if kernel == "torch":
-        monkeypatch.setenv("CMDTOOL_NO_COMPILE", "1")
-        return
-    monkeypatch.delenv("CMDTOOL_NO_COMPILE", raising=False)
-    if not (shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")):
-        pytest.skip("no C compiler on this machine: the torch update runs")
-    assert fused.library() is not None
 
-
-@pytest.mark.parametrize("kernel", ["compiled", "torch"])
-def test_device_update_equals_cmd_update(kernel, monkeypatch):
-    """The in-place update in ``DeviceState.observe`` (the compiled loop, and the torch operations)
-    gives what ``OnlineState.observe`` (the numpy update of ``cmd update``) gives, to float64 rounding."""
-    compiled_kernel_or_skip(kernel, monkeypatch)
+def test_device_update_equals_cmd_update():
+    """``DeviceState.observe`` (torch, in lanes) gives what ``OnlineState.observe`` (numpy, the update
+    of ``cmd update``) gives, to float64 rounding (1e-12)."""
     from cmdtool.checkpoints import CheckpointInfo
     from cmdtool.layout import build_layout
     from cmdtool.modes import FitSettings
@@ -102,9 +128,10 @@ def test_device_update_equals_cmd_update(kernel, monkeypatch):
         device.observe(torch.from_numpy(rows[t]), f"{t}", t, info, {})
     np.testing.assert_allclose(device.a.numpy(), online.a, rtol=1e-12, atol=1e-14)
     np.testing.assert_allclose(device.b.numpy(), online.b, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(device.references, online.references, rtol=1e-12, atol=1e-14)
-    np.testing.assert_allclose(device.mode_sse, online.mode_sse_least_squares, rtol=1e-10)
-    assert device.sq_centred == pytest.approx(online.sq_centred, rel=1e-12)
+    np.testing.assert_array_equal(device.references, online.references)  # the same update_frame
+    np.testing.assert_allclose(device.mode_sse, online.mode_sse_least_squares, rtol=1e-12)
+    for key in ("sq_norm", "sq_displacement", "sq_centred"):
+        assert getattr(device, key) == pytest.approx(getattr(online, key), rel=1e-12), key
 
 
 def test_online_state_equals_fit_warmup(tmp_path):
@@ -261,8 +288,8 @@ def test_state_dict_resumes_exactly(tmp_path):
     (lambda s: s["scale"].fill_(0), "a reference scale is not positive"),
     (lambda s: s.update(reference_index=s["reference_index"].double()), "reference_index is torch.float64")])
 def test_a_corrupt_saved_state_is_refused(tmp_path, spoil, message):
-    """The state is read from a file and the compiled loop indexes with its labels: sizes and ranges
-    are checked before anything runs."""
+    """The state is read from a file and the update indexes with its labels: sizes and ranges are
+    checked before anything runs."""
     states, _, first = stopped_run(tmp_path, whole=False)
     saved = first.state_dict()
     spoil(saved["state"])
@@ -271,8 +298,8 @@ def test_a_corrupt_saved_state_is_refused(tmp_path, spoil, message):
 
 
 def test_a_saved_state_of_strided_tensors_resumes_exactly(tmp_path):
-    """torch.save keeps a view's strides; the compiled loops read by address, so the state is made
-    contiguous when it is read back."""
+    """torch.save keeps a view's strides; the state is made contiguous when it is read back, and
+    resumes exactly."""
     states, whole, first = stopped_run(tmp_path)
     saved = first.state_dict()
     for key in ("a", "b", "first", "snapshot_a", "snapshot_b"):
@@ -395,28 +422,34 @@ def test_bad_settings(options, message):
         EmbeddedCMD(small_model(), **options)
 
 
-def test_device_update_in_blocks_from_the_model_tensors(monkeypatch):
-    """The CPU update runs over blocks of ``CHUNK`` columns, filled from the model's tensors without a
-    concatenation: blocks that split tensors, and tensors that split blocks, give the same state."""
-    from cmdtool.training import state as device_state
-    monkeypatch.setenv("CMDTOOL_NO_COMPILE", "1")  # the torch update is the one in blocks
+def test_device_update_in_blocks_from_the_model_tensors():
+    """The update runs over blocks of ``BLOCK`` columns on every device, filled from the model's tensors
+    without a concatenation: blocks that split tensors, tensors that split blocks, and one block of
+    all N columns give the same state, bit for bit, through a run with embedded (frozen) parameters and
+    with a float64 and a bfloat16 tensor observed as float32 values."""
     planted = plant(M=3, T=12, noise=1e-3)
     states = sorted_states(planted)
-    whole, blocks = (EmbeddedCMD(Holder(states[0]), modes=3, warmup=5, samples=300, embed_window=2,
-                                 embed_percent=20) for _ in range(2))
+    wide = {"conv.weight": torch.float64, "fc.bias": torch.bfloat16}
+    assert set(wide) <= set(states[0])
+    states = [{k: v.to(wide.get(k, v.dtype)) for k, v in state.items()} for state in states]
+    runs = {block: EmbeddedCMD(Holder(states[0]), modes=3, warmup=5, samples=300, embed_window=2, embed_percent=20)
+            for block in (BLOCK, 7, 1 << 30)}
     for t, state in enumerate(states):
-        for cmd, chunk in ((whole, 1 << 30), (blocks, 7)):
-            monkeypatch.setattr(device_state, "CHUNK", chunk)
+        for block, cmd in runs.items():
+            if cmd.state is not None:
+                cmd.state.block = block
             cmd.model.load_state_dict(state)
             cmd.observe(f"{t}", t)
-    assert blocks.state._work[0].numel() == 7 and blocks.embedded_fraction > 0
-    for key in ("a", "b", "embedded_at", "snapshot_a", "snapshot_b"):
-        np.testing.assert_allclose(getattr(blocks.state, key).numpy(), getattr(whole.state, key).numpy(),
-                                   rtol=1e-12, atol=1e-14, err_msg=key)
-    np.testing.assert_allclose(blocks.state.mode_sse, whole.state.mode_sse, rtol=1e-12)
-    assert blocks.state.sq_norm == pytest.approx(whole.state.sq_norm, rel=1e-12)
-    for name, value in whole.model.state_dict().items():  # step() set the same embedded values
-        torch.testing.assert_close(blocks.model.state_dict()[name], value, rtol=1e-6, atol=1e-7)
+    whole = runs[1 << 30]
+    assert whole.embedded_fraction > 0
+    for block, cmd in runs.items():
+        for key in ("a", "b", "embedded_at", "snapshot_a", "snapshot_b", "frozen_a", "frozen_b"):
+            torch.testing.assert_close(getattr(cmd.state, key), getattr(whole.state, key), rtol=0, atol=0)
+        np.testing.assert_allclose(cmd.state.mode_sse, whole.state.mode_sse, rtol=1e-12)
+        for key in ("sq_norm", "sq_displacement", "sq_centred"):
+            assert getattr(cmd.state, key) == pytest.approx(getattr(whole.state, key), rel=1e-12), key
+        for name, value in whole.model.state_dict().items():  # step() set the same embedded values
+            torch.testing.assert_close(cmd.model.state_dict()[name], value, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("settings, message", [
@@ -436,62 +469,9 @@ def test_bad_settings_fail_before_training_starts(settings, message):
     assert str(raised.value) == message
 
 
-def test_compiled_update_equals_the_torch_update(monkeypatch):
-    """The compiled loop and the torch operations hold the same state through a run with embedded
-    (frozen) parameters, and a float64 and a bfloat16 tensor observed as float32 values."""
-    compiled_kernel_or_skip("compiled", monkeypatch)
-    planted = plant(M=3, T=12, noise=1e-3)
-    states = sorted_states(planted)
-    wide = {"conv.weight": torch.float64, "fc.bias": torch.bfloat16}
-    assert set(wide) <= set(states[0])
-    states = [{k: v.to(wide.get(k, v.dtype)) for k, v in state.items()} for state in states]
-    compiled, eager = (EmbeddedCMD(Holder(states[0]), modes=3, warmup=5, samples=300, embed_window=2,
-                                   embed_percent=20) for _ in range(2))
-    for t, state in enumerate(states):
-        for cmd, setting in ((compiled, None), (eager, "1")):
-            if setting is None:
-                monkeypatch.delenv("CMDTOOL_NO_COMPILE", raising=False)
-            else:
-                monkeypatch.setenv("CMDTOOL_NO_COMPILE", setting)
-            cmd.model.load_state_dict(state)
-            cmd.observe(f"{t}", t)
-    assert compiled.state._work is None and eager.state._work is not None  # each took its own path
-    assert compiled.embedded_fraction > 0
-    for key in ("a", "b", "embedded_at", "snapshot_a", "snapshot_b"):
-        np.testing.assert_allclose(getattr(compiled.state, key).numpy(), getattr(eager.state, key).numpy(),
-                                   rtol=1e-12, atol=1e-14, err_msg=key)
-    np.testing.assert_allclose(compiled.state.mode_sse, eager.state.mode_sse, rtol=1e-12)
-    for key in ("sq_norm", "sq_displacement", "sq_centred"):
-        assert getattr(compiled.state, key) == pytest.approx(getattr(eager.state, key), rel=1e-12), key
-
-
-def test_the_compiled_update_is_never_loaded_from_a_folder_others_can_write(tmp_path, monkeypatch):
-    """A library in a cache folder that others can write could be anyone's: it is built afresh in a
-    private folder instead, and a planted file of that name is never loaded."""
-    from pathlib import Path
-
-    from cmdtool.training import fused
-    compiled_kernel_or_skip("compiled", monkeypatch)
-    monkeypatch.setattr(fused, "_loaded", {})  # looked up again, from these caches
-    monkeypatch.setenv("CMDTOOL_CACHE", str(tmp_path / "good"))
-    name = Path(fused.library()._name).name
-    assert Path(fused.library()._name).parent == tmp_path / "good" / "lib"
-    shared = tmp_path / "shared" / "lib"
-    shared.mkdir(parents=True)
-    shared.chmod(0o777)
-    (shared / name).write_bytes(b"not a library, and not ours")
-    monkeypatch.setenv("CMDTOOL_CACHE", str(tmp_path / "shared"))
-    monkeypatch.setattr(fused, "_loaded", {})
-    loaded = fused.library()
-    assert loaded is not None and Path(loaded._name).parent != shared
-    assert (shared / name).read_bytes() == b"not a library, and not ours"
-
-
-@pytest.mark.parametrize("kernel", ["compiled", "torch"])
-def test_embedded_channels_last_weights_are_held(kernel, monkeypatch):
+def test_embedded_channels_last_weights_are_held():
     """A channels_last convolution weight is not contiguous: its embedded entries (positions in the
     tensor's logical order) are still held at a·r(t) + b, and their gradients are zero."""
-    compiled_kernel_or_skip(kernel, monkeypatch)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 4, 3), nn.Flatten(), nn.Linear(16, 2)).to(memory_format=torch.channels_last)
     assert not model[0].weight.is_contiguous()
@@ -537,7 +517,7 @@ def test_step_refuses_a_parameter_that_changed_shape():
 
 
 def test_a_model_moved_to_another_device_is_an_error(tmp_path):
-    """The state lives where the model was; the compiled loops read the model by address, so a model
+    """The state lives where the model was; the update reads the model's own tensors, so a model
     moved since (here to the meta device) is a clear error, in observe() and in step()."""
     planted, _, _, _ = planted_training(tmp_path)
     states = sorted_states(planted)
@@ -573,27 +553,43 @@ def test_state_dict_is_a_copy_and_loading_a_warmup_state_removes_the_hooks(tmp_p
     assert all(bool((p.grad != 0).any()) for p in model.parameters() if p.requires_grad and p.numel() > 1)
 
 
-def test_the_compiled_library_is_private_and_built_once_whatever_the_umask(tmp_path, monkeypatch):
-    """Under a group-writable umask the library is still written for this user only, so the next
-    process loads it instead of compiling again (same file); a compiler given with arguments works."""
-    import os
-    import shutil
+def test_an_embedded_run_compiles_and_loads_nothing(tmp_path, isolated_cache):
+    """Online and embedded CMD run in torch operations alone: after a run with embedding windows and
+    step() holds, nothing (no shared library, no lib/ folder) is left in $CMDTOOL_CACHE, and the
+    code of the update loads no native code and reads no memory by address."""
     from pathlib import Path
 
-    from cmdtool.training import fused
-    compiled_kernel_or_skip("compiled", monkeypatch)
-    monkeypatch.setenv("CMDTOOL_CACHE", str(tmp_path / "cache"))
-    old = os.umask(0o002)
-    try:
-        monkeypatch.setattr(fused, "_loaded", {})
-        path = Path(fused.library()._name)
-        first = path.stat()
-        monkeypatch.setattr(fused, "_loaded", {})
-        assert Path(fused.library()._name) == path and path.stat().st_ino == first.st_ino
-    finally:
-        os.umask(old)
-    assert path.parent == tmp_path / "cache" / "lib" and first.st_mode & 0o077 == 0
-    compiler = next(c for c in ("cc", "gcc", "clang") if shutil.which(c))
-    monkeypatch.setenv("CC", f"{compiler} -std=c99")
-    monkeypatch.setattr(fused, "_loaded", {})
-    assert fused.library() is not None
+    _, _, cmd, _ = planted_training(tmp_path)
+    assert cmd.embedded_fraction > 0
+    cmd.save(tmp_path / "embedded.cmd.h5")
+    assert not isolated_cache.exists() or not any(isolated_cache.rglob("*"))
+    package = Path(cmdtool.__file__).parent
+    sources = [package / "decompose.py", *(package / "training").rglob("*.py"), *(package / "online").rglob("*.py"),
+               *(package / "integrations").rglob("*.py")]
+    for source in sources:
+        text = source.read_text()
+        for word in ("ctypes", "CDLL", "data_ptr", "subprocess", "cffi"):
+            assert word not in text, f"{source.relative_to(package)} uses {word}"
+
+
+def test_cmd_weights_never_put_a_negative_running_variance_in_the_model():
+    """``load_cmd_weights`` (``swap_at_end``) and ``reconstruct`` clamp a running_var that the fit
+    would make negative, and ``load_cmd_weights`` returns how many values it clamped."""
+    shapes = {"conv.weight": (8, 3, 3, 3), "bn.running_var": (8,), "fc.weight": (10, 72)}
+    planted = plant(M=3, T=8, noise=1e-3, shapes=shapes)
+    states = sorted_states(planted)
+    for state in states:
+        state["bn.running_var"] = state["bn.running_var"].abs() + 0.1
+    model = Holder(states[0])
+    cmd = EmbeddedCMD(model, modes=3, warmup=4, samples=300)
+    for t, state in enumerate(states):
+        model.load_state_dict(state)
+        cmd.observe(f"epoch_{t}.safetensors", t)
+    spec = next(s for s in cmd.layout.modelled if s.name == "bn.running_var")
+    lowered = torch.arange(spec.columns.start, spec.columns.stop)[:3]
+    cmd.state.b[lowered] -= 100.0  # far below anything a running variance of this run reaches
+    assert (cmd.state.values()[spec.columns] < 0).sum() == 3
+    reconstructed = cmd.reconstruct()["bn.running_var"]
+    assert (reconstructed >= 0).all() and int((reconstructed == 0).sum()) == 3
+    assert cmd.load_cmd_weights() == 3
+    assert torch.equal(model.bn.running_var.detach(), reconstructed)

@@ -132,7 +132,10 @@ class _CMDCallback:
         if self.mode_file is not None and trainer.is_global_zero:
             self.cmd.save(self.mode_file)
         if self.swap_at_end:
-            self.cmd.load_cmd_weights()
+            clamped = self.cmd.load_cmd_weights()
+            if clamped:
+                print(f"CMDCallback: swap_at_end clamped {clamped} negative running-variance value"
+                      f"{'s' * (clamped > 1)} to 0", file=sys.stderr)
         self.cmd.close()
 
     def state_dict(self) -> dict:

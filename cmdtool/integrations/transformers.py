@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import sys
 import uuid
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -190,7 +191,10 @@ class CMDCallback(TrainerCallback):
         if self.mode_file is not None and state.is_world_process_zero:
             self.cmd.save(self.mode_file)
         if self.swap_at_end:
-            self.cmd.load_cmd_weights()
+            clamped = self.cmd.load_cmd_weights()
+            if clamped:
+                print(f"CMDCallback: swap_at_end clamped {clamped} negative running-variance value"
+                      f"{'s' * (clamped > 1)} to 0", file=sys.stderr)
         self.cmd.close()
 
 

@@ -3,9 +3,10 @@
 Modes and references are found once, on the first ``F`` checkpoints (the warm-up: post-hoc CMD,
 ``fitting.decompose``, as in ``cmd fit``); after that they stay fixed, every new checkpoint appends
 ``r_m(t) = w_ref_m(t)`` to the references and updates every parameter's ``a, b`` exactly through the
-normal equations (``decompose.update_fit``). An update needs one checkpoint plus ``O(N)``
-per-parameter state, all of it in the mode file: ``a, b, labels`` and, in the ``online`` group, the
-first checkpoint's values (for ``rel_error_displacement``) and the least-squares error per mode.
+normal equations (``least_squares.update_fit``; in place, ``update_parameters``). An update needs one
+checkpoint plus ``O(N)`` per-parameter state, all of it in the mode file: ``a, b, labels`` and, in the
+``online`` group, the first checkpoint's values (for ``rel_error_displacement``) and the
+least-squares error per mode.
 """
 
 from __future__ import annotations
@@ -17,13 +18,14 @@ from typing import TYPE_CHECKING, Callable, Iterator, Mapping
 import numpy as np
 
 from ..checkpoints.schema import CheckpointInfo
-from ..decompose import label_dtype, update_fit
+from ..decompose import label_dtype
 from ..errors import CmdError
 from ..fitting import fit_trajectory
 from ..layout import Layout, check_same_tensors
 from ..modes import CarriedRows, FitMetrics, FitSettings, Modes, ModesShape, OnlineInfo, model_values
 from ..progress import Progress, no_progress
 from ..trajectory import InMemoryTrajectory, Trajectory, check_finite, moving_parameters
+from .least_squares import update_frame, update_parameters
 
 if TYPE_CHECKING:
     import torch
@@ -114,19 +116,15 @@ class OnlineState(ModesShape):
 
     def observe(self, w: np.ndarray, name: str, time: int, info: CheckpointInfo, carried: Mapping[str, np.ndarray],
                 attachments: Mapping[str, bytes] = {}) -> None:
-        """Absorb one checkpoint: ``w`` (N,) float32 as ``flatten`` returns it."""
-        T = self.T
-        w64 = w.astype(np.float64)
-        step = update_fit(self.a, self.b, self.labels, w64, self.references, self.offset, self.scale,
-                          w64[self.reference_index])
-        displacement = w64 - self.first
-        centred = w64 - self.b                      # b is each parameter's mean over the T checkpoints
-        self.sq_norm += float(w64 @ w64)
-        self.sq_displacement += float(displacement @ displacement)
-        self.sq_centred += float(centred @ centred) * T / (T + 1)   # Welford
-        self.mode_sse_least_squares += np.bincount(self.labels, weights=step.sse, minlength=self.M)
-        self.a, self.b = step.a, step.b
-        self.references, self.offset, self.scale = step.references, step.offset, step.scale
+        """Absorb one checkpoint: ``w`` (N,) float32 as ``flatten`` returns it (``update_parameters``,
+        the one update of online CMD, in place)."""
+        frame = update_frame(self.references, self.offset, self.scale, w[self.reference_index])
+        sums = update_parameters(self.a, self.b, self.first, self.labels, [w], frame)
+        self.sq_norm += sums.sq_norm
+        self.sq_displacement += sums.sq_displacement
+        self.sq_centred += sums.sq_centred
+        self.mode_sse_least_squares += sums.mode_sse
+        self.references, self.offset, self.scale = frame.references, frame.offset, frame.scale
         self.time.append(int(time))
         self.names.append(name)
         self.infos.append(info)

@@ -20,6 +20,7 @@ from .._files import replace_path, temporary_sibling
 from ..errors import CmdError
 from ..modefile import open_mode_file
 from ..progress import Progress, no_progress
+from ..statistics import Recalibrate
 from .compose import Scoring, compose
 from .document import write_outputs
 from .evaluation import Evaluate, Thresholds
@@ -46,7 +47,8 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
                 trajectory: str | Path | None = None, evaluate: Evaluate | None = None, eval_spec: str = "",
                 tail: Sequence[int] = (5, 10), ema_decay: float = 0.9, thresholds: Thresholds = Thresholds(),
                 force: bool = False, progress: Progress = no_progress, select: Selection | str | None = None,
-                eval_every: int = 1, candidates_only: bool = False, measure_pass=None) -> ReportResult:
+                eval_every: int = 1, candidates_only: bool = False, measure_pass=None,
+                recalibrate: Recalibrate | None = None, recalibrate_spec: str = "") -> ReportResult:
     """Write the report of ``mode_file`` into the folder ``output`` (replaced only with ``force``).
 
     The trajectory is the store the fit kept (``settings.trajectory``), another store given as
@@ -74,6 +76,9 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
         eval_every: Score the candidate families at every K-th checkpoint (and the last).
         candidates_only: Score the candidates at the last checkpoint only.
         measure_pass (Callable | None): Run the measuring pass elsewhere (Dask).
+        recalibrate: Your function ``state_dict -> state_dict`` that recomputes BatchNorm statistics
+            on data (``--recalibrate``); every candidate goes through it before ``evaluate``.
+        recalibrate_spec: How ``recalibrate`` is named in the report.
 
     Returns:
         The folder, ``report.json`` as a dict, and the failed thresholds.
@@ -94,12 +99,18 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
     if eval_every < 1:
         raise CmdError("eval_every must be at least 1", parameter="eval_every")
     if select is not None and candidates_only:
-        raise CmdError("select chooses among every family's epochs, which `candidates_only` leaves unscored; "
+        raise CmdError("select chooses among every family's checkpoints, which `candidates_only` leaves unscored; "
                        "use `eval_every` to score fewer", parameter="select",
                        mentions=("candidates_only", "eval_every"))
     if select is not None and evaluate is None:
-        raise CmdError("select needs `evaluate`: it chooses epochs by an evaluated metric", parameter="select",
+        raise CmdError("select needs `evaluate`: it chooses checkpoints by an evaluated metric", parameter="select",
                        mentions=("evaluate",))
+    if recalibrate is not None and evaluate is None:
+        raise CmdError("recalibrate needs `evaluate`: it recomputes the statistics of the weights that are scored",
+                       parameter="recalibrate", mentions=("evaluate",))
+    if recalibrate is not None and not recalibrate_spec:
+        recalibrate_spec = (f"{getattr(recalibrate, '__module__', '?')}:"
+                            f"{getattr(recalibrate, '__qualname__', repr(recalibrate))}")
     if thresholds.require and evaluate is None:
         raise CmdError("require needs `evaluate`: it checks a metric of the evaluated CMD weights",
                        parameter="require", mentions=("evaluate",))
@@ -107,25 +118,46 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
         store, source = open_trajectory(modes, checkpoints, trajectory, progress)
         tmp = temporary_sibling(output)
         shutil.rmtree(tmp, ignore_errors=True)
+        made = _missing_parents(output)
         tmp.mkdir(parents=True)
         try:
             with threadpool_limits(limits=1, user_api="blas"):  # as in the fit: skinny products, busy cores
-                scoring = Scoring(evaluate, eval_spec, select, eval_every, candidates_only)
+                scoring = Scoring(evaluate, eval_spec, select, eval_every, candidates_only, recalibrate,
+                                  recalibrate_spec)
                 report, document = compose(modes, store, source, tmp, scoring, tail, ema_decay, thresholds, progress,
                                            measure_pass)
             write_outputs(report, document, tmp)
             replace_path(tmp, output)  # an old report goes only once the new one is in place
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
+            for folder in made:  # the parents made for this report, innermost first, if still empty
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
             raise
     failures = [line["description"] for line in report["thresholds"] if not line["passed"]]
     return ReportResult(output, report, failures)
 
 
-def _check_report_folder(output: Path, force: bool) -> None:
+def _missing_parents(output: Path) -> list[Path]:
+    """The parent folders of ``output`` that do not exist yet, innermost first (made by the caller)."""
+    missing = []
+    parent = output.parent
+    while not parent.exists():
+        missing.append(parent)
+        parent = parent.parent
+    return missing
+
+
+def _check_report_folder(output: Path, force: bool, what: str = "report") -> None:
+    """Refuse an output folder that is a file or is not empty (without ``force``), before any work."""
     if output.exists() and not output.is_dir():
-        raise CmdError(f"{output}: is a file, expected a report folder")
+        raise CmdError(f"{output}: is a file, expected a {what} folder")
     if output.is_dir() and any(output.iterdir()) and not force:
         raise CmdError(f"{output}: already exists and is not empty (use --force to replace it)")
-    if not output.parent.exists():
-        raise CmdError(f"{output.parent}: no such folder for the report")
+    ancestor = output.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():  # the missing parents are made, as `cmd reconstruct` makes its folder
+        raise CmdError(f"{ancestor}: is a file, expected a folder for the {what}")

@@ -2,7 +2,7 @@
 
 At every evaluated epoch ``t`` each family gives one set of weights:
 
-- ``original``: the SGD checkpoint ``w(t)``;
+- ``original``: the checkpoint ``w(t)``;
 - ``cmd``: its CMD reconstruction ``a·r(t) + b`` (what ``cmd reconstruct --at t`` writes);
 - ``tail_K``: the mean of the last ``K`` checkpoints up to ``t`` (fewer at the start);
 - ``ema``: the running EMA over checkpoints, ``e_0 = w_0``, ``e_t = D·e_{t−1} + (1−D)·w_t``;
@@ -12,7 +12,8 @@ At every evaluated epoch ``t`` each family gives one set of weights:
 whole run. All but ``cmd`` are linear in the checkpoints and are kept as running sums in float64
 over one pass in time order (the PCA directions need one pass before), so scoring every family at
 every epoch costs ``O(N)`` memory per family and one read of the trajectory. Integer (carried)
-tensors are checkpoint ``t``'s.
+tensors are checkpoint ``t``'s; a running variance is clamped at 0 (counted). ``cmd export``
+writes the same weights (``FamilyWeights``, ``flat_state``).
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ from typing import Callable, Sequence
 import numpy as np
 
 from ..reconstruct import assemble_state_dict, state_dict_at
+from ..statistics import Clamped
 from . import metrics
+from .evaluation import run_recalibrate
 from .metrics import PCA_RANKS
-from .selection import Selection, check_selection, select
+from .selection import Selection, check_selection, select, split_counts
 
 
 def evaluation_epochs(T: int, every: int, candidates_only: bool) -> list[int]:
@@ -37,11 +40,18 @@ def evaluation_epochs(T: int, every: int, candidates_only: bool) -> list[int]:
 
 
 def family_descriptions(names: Sequence[str], tail: Sequence[int], ema_decay: float) -> dict[str, str]:
-    out = {"original": "the SGD checkpoint", "cmd": "its CMD reconstruction"}
-    out.update({f"tail_{k}": f"mean of the last {k} checkpoints up to it" for k in tail})
+    T = len(names)
+    out = {"original": "the checkpoint", "cmd": "its CMD reconstruction"}
+    out.update({f"tail_{k}": f"mean of the last {k} checkpoints up to it"
+                + (f" (all: the run has {T})" if k > T else "") for k in tail})
     out["ema"] = f"running EMA over checkpoints, decay {ema_decay:g}"
     out.update({f"pca_{d}": f"PCA of the trajectory, mean + {d} direction{'s' * (d > 1)}, at it" for d in PCA_RANKS})
     return out
+
+
+def family_names(tail: Sequence[int]) -> list[str]:
+    """The candidate families, in the report's order."""
+    return ["original", "cmd", *(f"tail_{k}" for k in tail), "ema", *(f"pca_{d}" for d in PCA_RANKS)]
 
 
 def pca_basis(W, pca: metrics.PCA, T: int) -> tuple[np.ndarray, np.ndarray]:
@@ -59,24 +69,80 @@ def pca_basis(W, pca: metrics.PCA, T: int) -> tuple[np.ndarray, np.ndarray]:
     return mean, directions
 
 
+class FamilyWeights:
+    """Every family but ``cmd`` as flat float64 weights at increasing positions, over one pass in
+    time order: ``at(t)`` (``t`` not below the last one asked) gives ``{family: (N,) weights}``.
+    Without ``pca`` the PCA families are left out (they need a pass over the trajectory first)."""
+
+    def __init__(self, W, tail: Sequence[int], ema_decay: float, pca: metrics.PCA | None = None):
+        self.W, self.tail, self.ema_decay = W, tail, ema_decay
+        self.pca = pca
+        self.mean, self.directions = pca_basis(W, pca, W.shape[0]) if pca is not None else (None, None)
+        self.ema, self.t = None, -1
+
+    def at(self, t: int) -> dict[str, np.ndarray]:
+        if t < self.t:
+            raise ValueError("positions must be asked in increasing order")
+        w = None
+        while self.t < t:
+            self.t += 1
+            w = self.W[self.t].astype(np.float64)
+            self.ema = w.copy() if self.t == 0 else self.ema_decay * self.ema + (1 - self.ema_decay) * w
+        if w is None:
+            w = self.W[t].astype(np.float64)
+        flats = {"original": w}
+        for k in self.tail:
+            flats[f"tail_{k}"] = self.W[max(0, t - k + 1):t + 1].astype(np.float64).mean(axis=0)
+        flats["ema"] = self.ema
+        if self.pca is not None:
+            for d in PCA_RANKS:
+                flats[f"pca_{d}"] = self.mean + self.pca.eigenvectors[t, :d] @ self.directions[:d]
+        return flats
+
+
+def flat_state(modes, carried: dict, flat: np.ndarray, t: int, clamped: Clamped) -> dict:
+    """A state dict of flat float64 weights (cast to each tensor's dtype; a running variance clamped at
+    0) with the integer (carried) tensors of checkpoint ``t``."""
+    return assemble_state_dict(modes.layout, lambda s: clamped.array(s.name, flat[s.columns]),
+                               lambda s: carried[s.name][t])
+
+
+def carried_rows(modes, store) -> dict:
+    return {tensor.name: store.carried(tensor.name) for tensor in modes.layout.carried}
+
+
 def score_families(modes, store, evaluate: Callable, spec: str, run_evaluate: Callable, *, tail: Sequence[int],
                    ema_decay: float, pca: metrics.PCA, epochs: Sequence[int], first: dict | None,
-                   selection: Selection | None, progress) -> dict:
-    """Score every family at ``epochs``; ``first`` is the trial score of checkpoint 0 (reused).
+                   selection: Selection | None, progress, recalibrate: Callable | None = None,
+                   recalibrate_spec: str = "") -> dict:
+    """Score every family at ``epochs``; ``first`` is the trial score of checkpoint 0 (reused unless
+    ``recalibrate``, the user's function that recomputes BatchNorm statistics of every candidate
+    before it is scored). The counts of examples the function reports (``count``) are kept apart.
 
     Returns the ``evaluation`` section of report.json (see the README).
     """
     T, names = modes.T, modes.names
-    carried = {tensor.name: store.carried(tensor.name) for tensor in modes.layout.carried}
+    carried = carried_rows(modes, store)
     descriptions = family_descriptions(names, tail, ema_decay)
     families = list(descriptions)
+    first, counts = split_counts(first) if first is not None else (None, {})
+    if recalibrate is not None:
+        first = None  # the trial scored the checkpoint as stored
     keys = list(first) if first is not None else None
     per_epoch = {family: None for family in families}
+    clamped = {family: Clamped() for family in families}
     evaluated = set(epochs)
     count = 0
 
-    def state(flat: np.ndarray, t: int) -> dict:
-        return assemble_state_dict(modes.layout, lambda s: flat[s.columns], lambda s: carried[s.name][t])
+    def score(state: dict, what: str) -> dict:
+        nonlocal count
+        if recalibrate is not None:
+            state = run_recalibrate(recalibrate, state, what, recalibrate_spec)
+        scores, seen = split_counts(run_evaluate(evaluate, state, what, spec))
+        for split, n in seen.items():
+            counts.setdefault(split, n)
+        count += 1
+        return scores
 
     def record(family: str, t: int, scores: dict) -> None:
         nonlocal keys
@@ -87,32 +153,19 @@ def score_families(modes, store, evaluate: Callable, spec: str, run_evaluate: Ca
         for k in keys:
             per_epoch[family][k][t] = scores.get(k, math.nan)
 
-    mean, directions = pca_basis(store.W, pca, T) if evaluated else (None, None)
-    ema = None
+    weights = FamilyWeights(store.W, tail, ema_decay, pca if evaluated else None)
     with progress(f"evaluating {len(families) * len(epochs)} state dicts", len(families) * len(epochs)) as advance:
-        for t in range(T):
-            w = store.W[t].astype(np.float64)
-            ema = w.copy() if t == 0 else ema_decay * ema + (1 - ema_decay) * w
-            if t not in evaluated:
-                continue
-            flats = {"original": w}
-            for k in tail:
-                window = store.W[max(0, t - k + 1):t + 1].astype(np.float64)
-                flats[f"tail_{k}"] = window.mean(axis=0)
-            flats["ema"] = ema
-            for d in PCA_RANKS:
-                flats[f"pca_{d}"] = mean + pca.eigenvectors[t, :d] @ directions[:d]
+        for t in sorted(evaluated):
+            flats = weights.at(t)
             for family in families:
                 if family == "original" and t == 0 and first is not None:
                     scores = first
                 elif family == "cmd":
-                    scores = run_evaluate(evaluate, state_dict_at(modes, t), f"the CMD reconstruction of {names[t]}",
-                                          spec)
-                    count += 1
+                    scores = score(state_dict_at(modes, t, clamped=clamped["cmd"]),
+                                   f"the CMD reconstruction of {names[t]}")
                 else:
                     what = f"checkpoint {names[t]}" if family == "original" else f"candidate {family} at {names[t]}"
-                    scores = run_evaluate(evaluate, state(flats[family], t), what, spec)
-                    count += 1
+                    scores = score(flat_state(modes, carried, flats[family], t, clamped[family]), what)
                 record(family, t, scores)
                 advance(1)
 
@@ -120,7 +173,8 @@ def score_families(modes, store, evaluate: Callable, spec: str, run_evaluate: Ca
     candidates = {("last" if f == "original" else f): {k: v[last] for k, v in per_epoch[f].items()} for f in families}
     candidate_descriptions = {"last": f"the last checkpoint ({names[-1]})",
                               "cmd": "CMD reconstruction of the last checkpoint"}
-    candidate_descriptions.update({f"tail_{k}": f"mean of the last {min(k, T)} checkpoints" for k in tail})
+    candidate_descriptions.update({f"tail_{k}": f"mean of the last {k} checkpoints"
+                                   + (f" (all {T}: the run has fewer)" if k > T else "") for k in tail})
     candidate_descriptions["ema"] = f"EMA over checkpoints, decay {ema_decay:g}"
     candidate_descriptions.update({f"pca_{d}": f"PCA of the trajectory, mean + {d} direction{'s' * (d > 1)}, "
                                    "at the last checkpoint" for d in PCA_RANKS})
@@ -129,12 +183,16 @@ def score_families(modes, store, evaluate: Callable, spec: str, run_evaluate: Ca
     selected = None
     if selection is not None and unselectable is None:
         selected = select(per_epoch, epochs, selection, names)
+    total = sum(c.total for c in clamped.values())
     return {"function": spec, "checkpoint_names": names,
             "per_checkpoint": {"original": per_epoch["original"], "cmd": per_epoch["cmd"]},
             "candidates": candidates, "candidate_descriptions": candidate_descriptions,
-            "epochs": epochs, "evaluations": count + (first is not None),  # the trial call included
+            "epochs": epochs, "evaluations": count + (first is not None or recalibrate is not None),  # the trial
             "per_epoch": per_epoch, "family_descriptions": descriptions,
-            "selection": selected, "selection_impossible": unselectable}
+            "selection": selected, "selection_impossible": unselectable,
+            "counts": counts, "recalibrated": recalibrate_spec or None, "ema_decay": ema_decay,
+            "clamped_running_var": {"total": total, "families": {f: c.to_json() for f, c in clamped.items()
+                                                                 if c.total}}}
 
 
 def trial(evaluate: Callable, store, modes, spec: str, run_evaluate: Callable, selection: Selection | None) -> dict:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -18,7 +18,7 @@ from ..modes import model_values
 from ..progress import Progress
 from ..trajectory import TrajectoryStore, moving_parameters
 from ..version import __version__
-from . import candidates, metrics, selection_blocks
+from . import candidates, metrics, selection_blocks, verdict
 from .document import blocks, embedding_note, notes
 from .evaluation import Evaluate, Requirement, Thresholds, run_evaluate
 from .metrics import PCA_RANKS
@@ -40,6 +40,8 @@ class Scoring:
     select: Selection | None = None
     every: int = 1
     candidates_only: bool = False
+    recalibrate: Callable | None = None  # the user's function that recomputes BatchNorm statistics
+    recalibrate_spec: str = ""
 
 
 def _online(modes: ModeFile) -> dict | None:
@@ -137,7 +139,9 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
         epochs = candidates.evaluation_epochs(T, scoring.every, scoring.candidates_only)
         evaluation = candidates.score_families(modes, store, scoring.evaluate, scoring.spec, run_evaluate, tail=tail,
                                                ema_decay=ema_decay, pca=pca, epochs=epochs, first=first,
-                                               selection=scoring.select, progress=progress)
+                                               selection=scoring.select, progress=progress,
+                                               recalibrate=scoring.recalibrate,
+                                               recalibrate_spec=scoring.recalibrate_spec)
 
     # 8. Thresholds.
     checks = []
@@ -154,6 +158,9 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
                            f"(it returned {', '.join(sorted(cmd_metrics))})")
         checks.append((requirement, cmd_metrics[requirement.metric]))
     threshold_rows = [{**r.check(value), "description": r.describe(value)} for r, value in checks]
+    statistics = any(s.name.endswith(("running_mean", "running_var")) for s in layout.modelled)
+    answer = verdict.verdict(_clean(fit), compactness, _clean(baselines), _clean(evaluation), threshold_rows,
+                             statistics)
 
     # 6. Plots.
     files = {}
@@ -201,6 +208,7 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
                      "so errors after the warm-up show how well the warm-up's modes carry on.")
     report = _clean({
         "format": REPORT_FORMAT, "format_version": REPORT_VERSION, "tool_version": __version__,
+        "verdict": answer,
         "mode_file": {"path": str(modes.path), "format_version": modes.format_version,
                       "tool_version": modes.tool_version, "settings": modes.settings.to_json()},
         "trajectory": source,

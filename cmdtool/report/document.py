@@ -27,9 +27,11 @@ def notes(layout, evaluation: dict | None) -> list[str]:
     statistics = [s.name for s in layout.modelled if s.name.endswith(("running_mean", "running_var"))]
     evaluated = evaluation is not None
     if statistics and evaluated:
+        recalibrated = evaluation.get("recalibrated")
         notes.append(f"BatchNorm running statistics ({len(statistics)} tensor{'s' * (len(statistics) > 1)}) are "
-                     "modelled by CMD and averaged "
-                     "by the averaging baselines like any other weight; they are not recalibrated on data.")
+                     "modelled by CMD and averaged by the averaging baselines like any other weight; "
+                     + (f"every candidate's were then recomputed on data by `{recalibrated}` before scoring."
+                        if recalibrated else "they are not recalibrated on data (`--recalibrate` does)."))
     if evaluated and any(s.dtype == "float64" for s in layout.modelled):
         notes.append("Original checkpoints are scored from the trajectory store, which holds float64 tensors "
                      "rounded to float32.")
@@ -80,6 +82,9 @@ def blocks(r: dict) -> tuple[list, list]:
     mode_file = Path(r["mode_file"]["path"]).name
     summary = [
         Heading(1, f"CMD report: {mode_file}"),
+        Heading(2, "Verdict"),
+        *(Paragraph(line) for line in r["verdict"]["lines"]),
+        Heading(2, "The run"),
         Paragraph(f"{run['checkpoints']} checkpoints ({names[0]} … {names[-1]}, time {time[0]} … {time[-1]}) of "
                   f"{run['parameters']:,} parameters in {run['tensors_modelled']} tensors"
                   + (f" (+{run['tensors_carried']} carried verbatim)" if run["tensors_carried"] else "")
@@ -110,16 +115,19 @@ def blocks(r: dict) -> tuple[list, list]:
     evaluation = r["evaluation"]
     if evaluation:
         metric_names = list(evaluation["per_checkpoint"]["original"])
+        export = selection_blocks.export_line(r)
         summary += [
             Heading(2, "Final weights"),
             Paragraph(f"Scored by `{evaluation['function']}`. CMD's reconstructed weights against what one would "
                       "otherwise keep: the last checkpoint, averages of the last checkpoints (LAWA / SWA style), an "
-                      "EMA over checkpoints, and PCA of the trajectory."),
-            Table(["candidate", "what it is", *metric_names],
-                  selection_blocks.final_rows(evaluation, metric_names, _number),
-                  numeric=[False, False, *[True] * len(metric_names)]),
+                      "EMA over checkpoints, and PCA of the trajectory. Bold: the best value of each metric and "
+                      "every value within the sampling error of it (see the verdict). The last column writes the "
+                      "candidate's weights."),
+            Table(["candidate", "what it is", *metric_names, "weights"],
+                  selection_blocks.final_rows(evaluation, metric_names, _number, export),
+                  numeric=[False, False, *[True] * len(metric_names), False]),
         ]
-        summary += selection_blocks.summary(evaluation, _number, Heading, Paragraph, Table)
+        summary += selection_blocks.summary(evaluation, _number, Heading, Paragraph, Table, r["verdict"], export)
     if r["thresholds"]:
         summary += [Heading(2, "Thresholds"),
                     Table(["check", "value", "required", "result"],

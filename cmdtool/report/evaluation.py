@@ -22,18 +22,18 @@ if TYPE_CHECKING:
 Evaluate = Callable[[dict], Mapping]  # state_dict -> {metric: value} or {split: {metric: value}}
 
 
-def load_evaluate(spec: str) -> Evaluate:
+def load_evaluate(spec: str, parameter: str = "evaluate") -> Evaluate:
     """``module:function`` (imported with the current folder on the path, like ``python -m``) or
     ``path/to/file.py:function`` (imported with its own folder on the path, so it can import the
     modules beside it): a function ``state_dict -> {metric: float}`` or ``{split: {metric: float}}``."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
-        raise CmdError(f"evaluate {spec!r}: expected module:function or path.py:function", parameter="evaluate")
+        raise CmdError(f"{parameter} {spec!r}: expected module:function or path.py:function", parameter=parameter)
     try:
         if target.endswith(".py"):
             path = Path(target)
             if not path.is_file():
-                raise CmdError(f"evaluate {spec!r}: {path}: no such file", parameter="evaluate")
+                raise CmdError(f"{parameter} {spec!r}: {path}: no such file", parameter=parameter)
             folder = str(path.resolve().parent)  # so that the file imports the modules beside it
             if folder not in sys.path:
                 sys.path.insert(0, folder)
@@ -47,11 +47,11 @@ def load_evaluate(spec: str) -> Evaluate:
     except (CmdError, KeyboardInterrupt):
         raise
     except BaseException as e:  # the user's module failed to import (or called sys.exit): say so in one line
-        raise CmdError(f"evaluate {spec!r}: importing {target} failed: {_describe(e)}",
-                       parameter="evaluate") from None
+        raise CmdError(f"{parameter} {spec!r}: importing {target} failed: {describe_error(e)}",
+                       parameter=parameter) from None
     function = getattr(module, name, None)
     if not callable(function):
-        raise CmdError(f"evaluate {spec!r}: {target} has no function {name!r}", parameter="evaluate")
+        raise CmdError(f"{parameter} {spec!r}: {target} has no function {name!r}", parameter=parameter)
     return function
 
 
@@ -60,14 +60,32 @@ def run_evaluate(evaluate: Evaluate, state: dict[str, torch.Tensor], what: str, 
     to such maps (``{"val": {...}, "test": {...}}``, keyed ``val/accuracy`` from then on)."""
     try:
         result = evaluate(state)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, CmdError):
         raise
     except BaseException as e:  # SystemExit too: the user's function ending the process is its failure
-        raise CmdError(f"evaluate {spec}: failed on {what}: {_describe(e)}", parameter="evaluate") from None
+        raise CmdError(f"evaluate {spec}: failed on {what}: {describe_error(e)}", parameter="evaluate") from None
     return flatten_scores(result, what, spec)
 
 
-def _describe(error: BaseException) -> str:
+def run_recalibrate(recalibrate: Callable, state: dict, what: str, spec: str) -> dict:
+    """Call the user's ``--recalibrate`` function on ``state`` (a fresh state dict it may change in
+    place, returning None, or replace); returns the recalibrated state dict, the same tensor names."""
+    names = list(state)
+    try:
+        result = recalibrate(state)
+    except (KeyboardInterrupt, CmdError):
+        raise
+    except BaseException as e:  # the user's function failing is bad input: one line
+        raise CmdError(f"recalibrate {spec}: failed on {what}: {describe_error(e)}", parameter="recalibrate") from None
+    if result is None:
+        result = state
+    if not isinstance(result, Mapping) or sorted(result) != sorted(names):
+        raise CmdError(f"recalibrate {spec}: on {what}, expected the state dict back (the same tensor names) or None",
+                       parameter="recalibrate")
+    return {name: result[name] for name in names}
+
+
+def describe_error(error: BaseException) -> str:
     """``Type: message`` on one line (``SystemExit: 0`` for ``sys.exit()``)."""
     if isinstance(error, SystemExit):
         return f"called sys.exit({error.code!r})"

@@ -39,6 +39,23 @@ def parse_select(text: str) -> Selection:
     return Selection(metric, direction)
 
 
+COUNT = "count"  # the number of examples a split was scored on: not a metric, the sampling error's n
+
+
+def split_counts(scores: Mapping[str, float]) -> tuple[dict[str, float], dict[str, int]]:
+    """The metrics apart from the ``count`` entries: ``({"test/accuracy": …}, {"test": 699})``; a flat
+    ``count`` is keyed ``""``."""
+    metrics, counts = {}, {}
+    for key, value in scores.items():
+        split, _, name = key.rpartition(SEPARATOR)
+        if name == COUNT:
+            if value is not None and math.isfinite(value) and value > 0:
+                counts[split] = int(value)
+        else:
+            metrics[key] = value
+    return metrics, counts
+
+
 def default_direction(metric: str) -> str:
     """``min`` for metrics whose name says lower is better (loss, error, nll, perplexity, …), else ``max``."""
     words = metric.lower().replace("-", "_").split("_")
@@ -95,10 +112,10 @@ def check_selection(selection: Selection | None, keys: Sequence[str]) -> str | N
     split = validation_split(keys)
     if split is None:
         found = ", ".join(splits_of(keys)) or "none: the metrics are flat"
-        return (f"`--select {selection.metric}` cannot choose an epoch without bias: the evaluation returned no "
+        return (f"`--select {selection.metric}` cannot choose a checkpoint without bias: the evaluation returned no "
                 f"validation split (a split named {' / '.join(VALIDATION_SPLITS)}; splits found: {found}). Choosing "
-                "the best epoch on the numbers that are then reported favours whichever candidate has the most "
-                "epochs to pick from; return {\"val\": {...}, \"test\": {...}} to select honestly.")
+                "the best checkpoint on the numbers that are then reported favours whichever candidate has the most "
+                "checkpoints to pick from; return {\"val\": {...}, \"test\": {...}} to select honestly.")
     if f"{split}{SEPARATOR}{selection.metric}" not in keys:
         raise CmdError(f"select {selection.metric}: the evaluation's {split!r} split has no metric "
                        f"{selection.metric!r} (it returned {', '.join(splits_of(keys)[split])})", parameter="select")
@@ -160,7 +177,7 @@ def nonfinite_summary(per_epoch: Mapping[str, Mapping[str, Sequence[float]]], ep
         at = sorted({t for _, t in bad})
         where = names[at[0]] if len(at) == 1 else f"{names[at[0]]} … {names[at[-1]]}"
         metrics = sorted({k for k, _ in bad})
-        parts.append(f"{family} {len(bad)} ({len(at)} epoch{'s' * (len(at) > 1)}, {where}; {', '.join(metrics)})")
+        parts.append(f"{family} {len(bad)} ({len(at)} position{'s' * (len(at) > 1)}, {where}; {', '.join(metrics)})")
     if not parts:
         return None
     evaluated = sum(len(scores) * len(epochs) for scores in per_epoch.values())

@@ -5,15 +5,17 @@ per-epoch plot of every family and the notes on them (rendering only; the number
 from __future__ import annotations
 
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
 
-from .selection import SEPARATOR, best_index, nonfinite_summary
+from .selection import SEPARATOR, default_direction, nonfinite_summary
+from .verdict import tied_with_best
 
-CANDIDATES_CAPTION = ("Every candidate family scored per epoch (the star marks each family's epoch chosen "
-                      "on validation)")
-FAMILY_NAMES = {"original": "SGD checkpoints", "cmd": "CMD reconstruction", "ema": "running EMA"}
+CANDIDATES_CAPTION = ("Every candidate family scored per checkpoint (the star marks each family's position "
+                      "chosen on validation)")
+FAMILY_NAMES = {"original": "checkpoints", "cmd": "CMD reconstruction", "ema": "running EMA"}
 
 
 def _family_label(family: str) -> str:
@@ -24,57 +26,81 @@ def _family_label(family: str) -> str:
     return FAMILY_NAMES.get(family, family)
 
 
-def final_rows(evaluation: dict, metric_names: list[str], number) -> list[list[str]]:
-    """Rows of the final-weights table, the best value of each metric in bold (direction from its name;
-    every candidate that reaches it; none when all are equal)."""
+def export_line(r: dict):
+    """``export(family, position)``: the ``cmd export`` command that writes a candidate's weights."""
+    mode_file = shlex.quote(r["mode_file"]["path"])  # a line to paste into a shell
+    source = r["trajectory"]
+    evaluation = r["evaluation"] or {}
+    extra = f" --checkpoints {shlex.quote(source['checkpoints'])}" if source.get("kind") == "checkpoints" else ""
+    if evaluation.get("recalibrated"):
+        extra += f" --recalibrate {shlex.quote(evaluation['recalibrated'])}"
+    decay = next((d.rpartition("decay ")[2] for f, d in evaluation.get("family_descriptions", {}).items()
+                  if f == "ema"), "0.9")
+
+    def line(family: str, position: int) -> str:
+        family = "original" if family == "last" else family
+        options = f" --ema-decay {decay}" if family == "ema" and decay != "0.9" else ""
+        return f"`cmd export {mode_file} -o export --family {family} --at {position}{options}{extra}`"
+    return line
+
+
+def final_rows(evaluation: dict, metric_names: list[str], number, export=None) -> list[list[str]]:
+    """Rows of the final-weights table, in bold the best value of each metric and every value within
+    the sampling error of it (``verdict.tied_with_best``; direction from its name; none when every
+    candidate is marked); with ``export``, the command that writes each candidate."""
     candidates = evaluation["candidates"]
-    best = {}
+    counts = evaluation.get("counts") or {}
+    marked = {}
     for k in metric_names:
-        values = [scores.get(k) for scores in candidates.values()]
-        i = best_index(values, k)
-        best[k] = None if i is None or len(set(values)) == 1 else values[i]
+        values = {name: scores.get(k) for name, scores in candidates.items()}
+        tied = tied_with_best(values, k, default_direction(k.rpartition(SEPARATOR)[2]), counts)
+        marked[k] = set(tied) if len(tied) < len(values) else set()
+    last = len(evaluation["checkpoint_names"]) - 1
     return [[name, evaluation["candidate_descriptions"][name],
-             *(f"**{number(scores.get(k))}**" if best[k] is not None and scores.get(k) == best[k]
-               else number(scores.get(k)) for k in metric_names)]
+             *(f"**{number(scores.get(k))}**" if name in marked[k] else number(scores.get(k)) for k in metric_names),
+             *([export(name, last)] if export else [])]
             for name, scores in candidates.items()]
 
 
-def summary(evaluation: dict, number, Heading, Paragraph, Table) -> list:
-    """The selection section: each family's epoch chosen on validation, its score on the other splits."""
+def summary(evaluation: dict, number, Heading, Paragraph, Table, verdict: dict | None = None, export=None) -> list:
+    """The selection section: each family's position chosen on validation, its score on the other
+    splits; ★ on the families the verdict calls best on test (ties within the sampling error included)."""
     epochs = evaluation["epochs"]
     cost = (f"{evaluation['evaluations']} evaluations: {len(evaluation['per_epoch'])} candidate families at "
-            f"{len(epochs)} of {len(evaluation['checkpoint_names'])} checkpoints")
+            f"{len(epochs)} of {len(evaluation['checkpoint_names'])} checkpoints"
+            + (", each recalibrated first" if evaluation.get("recalibrated") else ""))
     impossible, chosen = evaluation["selection_impossible"], evaluation["selection"]
     if impossible:
         return [Heading(2, "Chosen on validation, reported on test"), Paragraph(f"**No selection.** {impossible}"),
                 Paragraph(f"({cost}.)")]
     if not chosen:
-        return [Paragraph(f"({cost}; with a validation split, `--select METRIC` chooses each family's best epoch "
+        return [Paragraph(f"({cost}; with a validation split, `--select METRIC` chooses each family's best position "
                           "on it and reports the other splits.)")]
     key, reported = chosen["key"], chosen["reported"]
     columns = [key, *reported]
+    judged = next((m for m in (verdict or {}).get("metrics", []) if m["under_selection"]), None)
+    winners = set(judged["under_selection"]["winners"]) if judged else set()
     rows = []
     for row in chosen["rows"]:
-        mark = "★ " if row["family"] == chosen["chosen"] else ""
-        rows.append([f"{mark}{row['family']}", _family_label(row["family"]), f"{row['epoch']} ({row['checkpoint']})",
-                     *(number(row["scores"].get(k)) for k in columns)])
-    test_key = f"{reported[0].split(SEPARATOR)[0]}{SEPARATOR}{chosen['metric']}" if reported else None
-    winner = next((r for r in chosen["rows"] if r["family"] == chosen["chosen"]), None)
-    last = next((r for r in chosen["rows"] if r["family"] == "original"), None)
+        mark = "★ " if row["family"] in winners else ""
+        picked = " (validation's pick)" if row["family"] == chosen["chosen"] else ""
+        rows.append([f"{mark}{row['family']}", _family_label(row["family"]) + picked,
+                     f"{row['epoch']} ({row['checkpoint']})", *(number(row["scores"].get(k)) for k in columns),
+                     *([export(row["family"], row["epoch"])] if export else [])])
     others = ", ".join(f"`{k}`" for k in reported)
-    text = (f"Each family's epoch with the {'highest' if chosen['direction'] == 'max' else 'lowest'} `{key}` "
-            f"among the {chosen['epochs_considered']} evaluated epochs (ties: the earliest), and what it scores "
-            f"on the other split{'s' * (len(reported) > 1)} ({others}), which took no part in the choice. "
-            "★ marks the family chosen on validation")
-    if winner and test_key in winner["scores"]:
-        text += f": **{winner['family']}**, {test_key} {number(winner['scores'][test_key])}"
-        if last and last is not winner and test_key in last["scores"]:
-            text += f" (the best SGD checkpoint by validation: {number(last['scores'][test_key])})"
-    text += (". CMD and PCA are fitted on the whole run; the tail means and the EMA use only the epochs up to "
+    text = (f"Each family's position with the {'highest' if chosen['direction'] == 'max' else 'lowest'} `{key}` "
+            f"among the {chosen['epochs_considered']} evaluated positions (ties: the earliest), and what it scores "
+            f"on the other split{'s' * (len(reported) > 1)} ({others}), which took no part in the choice. ")
+    if judged:
+        text += (f"★ marks the best family on `{judged['key']}` and every family within the sampling error of it "
+                 f"(the verdict's rule): {', '.join(f'**{w}**' for w in judged['under_selection']['winners'])}. ")
+    if chosen["chosen"]:
+        text += f"The family best on validation is {chosen['chosen']} (`cmd export --best report.json` writes it). "
+    text += ("CMD and PCA are fitted on the whole run; the tail means and the EMA use only the checkpoints up to "
              f"theirs. ({cost}.)")
     return [Heading(2, "Chosen on validation, reported on test"), Paragraph(text),
-            Table(["family", "what it is", "chosen epoch", *columns], rows,
-                  numeric=[False, False, True, *[True] * len(columns)])]
+            Table(["family", "what it is", "chosen position", *columns, *(["weights"] if export else [])], rows,
+                  numeric=[False, False, True, *[True] * len(columns), *([False] if export else [])])]
 
 
 def _plotted_keys(evaluation: dict) -> list[str]:
@@ -115,7 +141,7 @@ def notes(evaluation: dict, statistics: bool) -> list[str]:
                       if statistics else ""))
     if evaluation["selection"] is None and evaluation["selection_impossible"] is None:
         if any(SEPARATOR in k for k in evaluation["per_checkpoint"]["original"]):
-            out.append("The evaluation returned splits but no `--select METRIC` was given: no epoch was chosen.")
+            out.append("The evaluation returned splits but no `--select METRIC` was given: no position was chosen.")
     return out
 
 

@@ -17,13 +17,12 @@ from ..errors import CmdError
 from ..layout import Layout, build_layout, check_same_tensors
 from ..modefile import write_embedding, write_mode_file
 from ..modes import FitSettings
-from . import fused as compiled
-from . import state as device_state
+from ..statistics import Clamped
 from ._warmup import warmup_state
 from .saved import load_state, save_state
 from .settings import TrainingSettings
 from .state import DeviceState
-from .tensors import address, count_true, nonzero
+from .tensors import check_finite_pieces, count_true, nonzero, same_device
 
 STATE_FORMAT = "cmdtool-training-state"
 
@@ -96,12 +95,13 @@ class EmbeddedCMD:
 
     def _tensors(self) -> dict[str, torch.Tensor]:
         """The model's state, live (no copy): parameters and buffers by state-dict name."""
-        tensors, seen = {}, set()
+        tensors, kept = {}, {}
         for name, tensor in self.model.state_dict(keep_vars=True).items():
-            key = (tensor.data_ptr(), tensor.dtype, tuple(tensor.shape)) if tensor.numel() else None
-            if self.drop_shared and key is not None and key in seen:
-                continue
-            seen.add(key)
+            if self.drop_shared and tensor.numel() and tensor.device.type != "meta":
+                alike = kept.setdefault((tensor.dtype, tuple(tensor.shape), tensor.device), [])
+                if any(tensor.is_set_to(other) for other in alike):  # the same memory as an earlier one
+                    continue
+                alike.append(tensor)
             tensors[name] = tensor
         return tensors
 
@@ -169,14 +169,8 @@ class EmbeddedCMD:
         with torch.no_grad():  # the model's own values, flat views (a copy only of a non-contiguous tensor)
             pieces = [tensors[s.name].detach().reshape(-1) for s in self.layout.modelled]
             if self.state is not None:
-                self._same_device(pieces, where)
-            sums = torch.stack([p.sum().float() for p in pieces])
-        if not bool(torch.isfinite(sums.sum())):  # a finite sum proves every value finite
-            for spec, piece in zip(self.layout.modelled, pieces):
-                piece = piece.float() if piece.dtype == torch.float64 else piece  # as it is observed
-                if not bool(torch.isfinite(piece).all()):
-                    kind = "NaN" if bool(torch.isnan(piece).any()) else "Inf"
-                    raise CmdError(f"{where}: tensor {spec.name!r} contains {kind} values")
+                same_device(pieces, self.state.device, where)
+            check_finite_pieces(pieces, self.layout.modelled, where)
         carried = {s.name: tensors[s.name].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().copy()
                    for s in self.layout.carried}
         info = info or CheckpointInfo("safetensors")
@@ -211,12 +205,11 @@ class EmbeddedCMD:
         if not self._embedded_tensors:
             return
         state, tensors = self.state, self._tensors()
-        fused = compiled.library() if state.device.type == "cpu" else None
         for name, shape in self._shapes.items():  # positions index the observed shapes
             now = "missing" if name not in tensors else list(tensors[name].shape)
             if now != list(shape):
                 raise CmdError(f"EmbeddedCMD.step: tensor {name!r} is {now} now, but {list(shape)} when observed")
-        self._same_device([tensors[name] for name in self._shapes], "EmbeddedCMD.step")
+        same_device([tensors[name] for name in self._shapes], state.device, "EmbeddedCMD.step")
         with torch.no_grad():
             live = torch.stack([tensors[n].detach().reshape(-1)[p] for n, p in self._references]).to(torch.float64)
             a, b, labels = state.frozen_a, state.frozen_b, self._frozen_labels
@@ -224,27 +217,14 @@ class EmbeddedCMD:
                 parameter = tensors[name].detach()
                 # positions are in the tensor's logical order: a channels_last weight is set through a copy
                 target = parameter.view(-1) if parameter.is_contiguous() else parameter.reshape(-1)
-                if fused is not None and target.dtype == torch.float32:
-                    fused.cmd_hold(target.data_ptr(), positions.data_ptr(), hi - lo, address(a, lo), address(b, lo),
-                                   address(labels, lo), live.data_ptr())
-                else:
-                    work = self._work
-                    for start in range(lo, hi, work.numel()):  # on the CPU blocks that stay in the cache
-                        stop = min(start + work.numel(), hi)
-                        values = torch.index_select(live, 0, labels[start:stop], out=work[:stop - start])
-                        values.mul_(a[start:stop]).add_(b[start:stop])
-                        target.index_copy_(0, positions[start - lo:stop - lo], values.to(target.dtype))
+                work = self._work
+                for start in range(lo, hi, work.numel()):  # in blocks whose work buffer stays in the CPU cache
+                    stop = min(start + work.numel(), hi)
+                    values = torch.index_select(live, 0, labels[start:stop], out=work[:stop - start])
+                    values.mul_(a[start:stop]).add_(b[start:stop])
+                    target.index_copy_(0, positions[start - lo:stop - lo], values.to(target.dtype))
                 if not parameter.is_contiguous():
                     parameter.copy_(target.view(parameter.shape))
-
-    def _same_device(self, tensors, where: str) -> None:
-        """The state's arrays and the model's tensors must be on one device (the compiled loops read the
-        model by address); a model moved after the warm-up or a resume is an error naming both."""
-        device = self.state.device
-        moved = next((t.device for t in tensors if t.device != device), None)
-        if moved is not None:
-            raise CmdError(f"{where}: the model is on {moved} but the CMD state on {device}; move the model "
-                           f"before the first observation or before load_state_dict, and keep it there")
 
     def attach(self, optimizer: torch.optim.Optimizer):
         """Call ``step()`` after every ``optimizer.step()``.
@@ -289,8 +269,7 @@ class EmbeddedCMD:
             self._embeddable_mask()
         columns = nonzero(state.embedded)  # sorted, as frozen_a and frozen_b
         self._frozen_labels = torch.index_select(state.labels, 0, columns).to(torch.int32)
-        block = min(device_state.CHUNK, columns.numel()) if columns.device.type == "cpu" else columns.numel()
-        self._work = torch.empty(max(block, 1), dtype=torch.float64, device=state.device)
+        self._work = torch.empty(max(1, min(state.block, columns.numel())), dtype=torch.float64, device=state.device)
         parameters = dict(self.model.named_parameters())
         bounds = torch.tensor([[s.offset, s.offset + s.size] for s in self.layout.modelled], device=columns.device)
         bounds = torch.searchsorted(columns, bounds.reshape(-1)).reshape(-1, 2).tolist()
@@ -323,17 +302,20 @@ class EmbeddedCMD:
         """The CMD state dict at the latest observation.
 
         Returns:
-            CPU tensors in the model's dtypes, loadable with ``model.load_state_dict``.
+            CPU tensors in the model's dtypes, loadable with ``model.load_state_dict``; a running
+            variance clamped at 0, as ``cmd reconstruct`` writes it.
 
         Raises:
             CmdError: The warm-up is not over yet.
         """
         state = self._require("reconstruct")
         values = state.values()
+        clamped = Clamped()
         out = {}
         for spec in self.layout.tensors:
             if spec.modelled:
-                out[spec.name] = values[spec.columns].view(spec.shape).to(getattr(torch, spec.dtype)).cpu()
+                value = clamped.tensor(spec.name, values[spec.columns].view(spec.shape))
+                out[spec.name] = value.to(getattr(torch, spec.dtype)).cpu()
             else:
                 raw = torch.from_numpy(state.carried[spec.name][-1].copy())
                 out[spec.name] = raw.view(getattr(torch, spec.dtype)).reshape(spec.shape)
@@ -353,13 +335,16 @@ class EmbeddedCMD:
                 for name, value in saved.items():
                     tensors[name].detach().copy_(value)
 
-    def load_cmd_weights(self) -> None:
-        """Put the CMD weights of the latest observation into the model, in place."""
+    def load_cmd_weights(self) -> int:
+        """Put the CMD weights of the latest observation into the model, in place; returns how many
+        running-variance values were clamped at 0 (a reconstruction can dip below zero)."""
         values, tensors = self._require("load_cmd_weights").values(), self._tensors()
+        clamped = Clamped()
         with torch.no_grad():
             for spec in self.layout.modelled:
                 target = tensors[spec.name].detach()
-                target.copy_(values[spec.columns].view(spec.shape).to(target.dtype))
+                target.copy_(clamped.tensor(spec.name, values[spec.columns].view(spec.shape)).to(target.dtype))
+        return clamped.total
 
     def save(self, path: str | Path) -> Path:
         """Write (or atomically replace) the mode file; with embedding, its ``embedding`` group.

@@ -35,7 +35,7 @@ def load_state(state: dict, device: torch.device) -> DeviceState:
     a file, and ``step()`` writes the frozen fits into the model at once)."""
     try:
         _check_values(state)
-        def dev(key, dtype):  # contiguous: the compiled loops read them by address
+        def dev(key, dtype):  # contiguous: torch.save keeps a view's strides, which would slow every update
             return state[key].to(device=device, dtype=dtype).contiguous()
         return DeviceState(
             layout=Layout.from_json(state["layout"]), settings=FitSettings.from_json(state["settings"]),

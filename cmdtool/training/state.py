@@ -1,12 +1,12 @@
 """Online and embedded CMD state of a live model: ``O(N)`` torch tensors on the model's device.
 
 After the warm-up (``_warmup.warmup_state``, the code of ``cmd fit``) every observation updates
-``a, b`` by the recursive least squares of ``decompose.update_parameters``, the function ``cmd
-update`` runs on numpy arrays (paper §3.3), rearranged into fewer operations (``observe``) and on
-the CPU run as one compiled loop (``fused``). Embedded CMD (§3.4): every ``L`` observations the
-``P`` % of the embeddable parameters whose ``(a, b)`` moved least since the previous window are
-frozen; their fit is then only re-expressed as the references are renormalised (``frozen`` in
-``update_parameters``), so each stays the same affine function of its raw reference.
+``a, b`` by ``online.least_squares.update_parameters``, the one update of online CMD (paper §3.3), which ``cmd
+update`` runs on numpy arrays and this state runs on the model's tensors, on any device, with the
+same operations. Embedded CMD (§3.4): every ``L`` observations the ``P`` % of the embeddable
+parameters whose ``(a, b)`` moved least since the previous window are frozen; their fit is then only
+re-expressed as the references are renormalised (``frozen`` in ``update_parameters``), so each stays
+the same affine function of its raw reference. No code is compiled or loaded at run time.
 """
 
 from __future__ import annotations
@@ -18,17 +18,15 @@ import numpy as np
 import torch
 
 from ..checkpoints import CheckpointInfo
-from ..decompose import update_frame
 from ..layout import Layout
 from ..modes import FitSettings, ModesShape
+from ..online.least_squares import BLOCK, update_frame, update_parameters
 from ..online.state import OnlineState
-from . import fused as compiled
 from ._warmup import carried_rows
-from .tensors import address, count_true, nonzero
+from .tensors import count_true, nonzero
 
 NEVER = -1  # embedded_at of a parameter that was never embedded
-LANES = 8  # accumulators per mode of the CPU update's Σ e²
-CHUNK = 1 << 16  # columns per block of the torch update on the CPU: four float64 buffers of 512 KiB, in the cache
+LANES = 8  # partial sums per mode of the update's Σ e²
 
 
 @dataclass
@@ -61,12 +59,9 @@ class DeviceState(ModesShape):
     frozen_a: torch.Tensor        # (E,) float64: a, b of the embedded columns (sorted) against the raw
     frozen_b: torch.Tensor        # reference, set at each window: step() holds them at a · r(t) + b
     embedded: torch.Tensor = field(init=False)  # (N,) bool, embedded_at != NEVER
-    _work: list | None = field(init=False, default=None, repr=False)
-    _plan: tuple | None = field(init=False, default=None, repr=False)
-    _masked: tuple | None = field(init=False, default=None, repr=False)
+    block: int = field(init=False, default=BLOCK, repr=False)  # columns per pass of the update (any device)
     _change: torch.Tensor | None = field(init=False, default=None, repr=False)
     _where: torch.Tensor | None = field(init=False, default=None, repr=False)
-    _scratch: np.ndarray | None = field(init=False, default=None, repr=False)
 
     def __post_init__(self):
         self.embedded = self.embedded_at != NEVER
@@ -78,7 +73,7 @@ class DeviceState(ModesShape):
                  if getattr(self, k).shape != (E,)])
 
     def _problems(self) -> list[str]:
-        """Sizes and ranges that are wrong (a saved state is read from a file; the compiled loop indexes with it)."""
+        """Sizes and ranges that are wrong (a saved state is read from a file; the update indexes with it)."""
         N, M = self.layout.n_parameters, self.M
         wrong = [f"{k} has {v.numel()} values, not {N}" for k, v in (
             ("labels", self.labels), ("a", self.a), ("b", self.b), ("first", self.first),
@@ -104,7 +99,8 @@ class DeviceState(ModesShape):
     @classmethod
     def from_online(cls, state: OnlineState, device: torch.device) -> "DeviceState":
         def put(array, dtype):
-            return torch.as_tensor(np.ascontiguousarray(array)).to(device=device, dtype=dtype)
+            # a copy: the update works in place, and the online state keeps its arrays
+            return torch.as_tensor(np.ascontiguousarray(array)).to(device=device, dtype=dtype, copy=True)
         carried = {name: [np.asarray(row, dtype=np.uint8) for row in rows]
                    for name, rows in carried_rows(state).items()}
         N = state.layout.n_parameters
@@ -125,39 +121,23 @@ class DeviceState(ModesShape):
         return out
 
     def observe(self, w, name: str, time: int, info: CheckpointInfo, carried: dict[str, np.ndarray]) -> None:
-        """Absorb one observation: ``w`` is the (N,) observation (float32, on the device, laid out as
+        """Absorb one observation: ``w`` is the (N,) observation (on the device, laid out as
         ``self.layout``) or the modelled tensors' flat values in layout order (views of the model's
-        own tensors: nothing is concatenated).
-
-        The recursive least squares of ``decompose.update_parameters`` (``cmd update``), in place and
-        rearranged into fewer passes. With ``y = w − b`` (``b`` is each parameter's mean) and ``ρ`` the
-        new point in the old frame, the prediction error is ``e = y − aρ``; the least-squares error of
-        the mode grows by ``e² / (1 + ρ² + 1/T)``, and the fit over the ``T + 1`` points, re-expressed
-        against the renormalised references, is ``a ← (a + ρ·T/(T+1)·y) / ratio``, ``b ← b + y/(T+1)``
-        (algebraically the same as ``[a b] += e · x G_new⁻¹`` followed by the change of frame; a test
-        holds the two equal to 1e-12). Frozen (embedded) fits get ``e = 0`` and ``y − e`` (aρ). On the CPU
-        it runs over blocks of ``CHUNK`` columns, so that its work buffers stay in the cache and each
-        parameter's state is read and written once."""
+        own tensors: nothing is concatenated). Values are observed as float32: a float64 tensor is
+        rounded first. ``online.least_squares.update_parameters`` updates ``a, b`` in place."""
         pieces = [w] if isinstance(w, torch.Tensor) else list(w)
-        T, M, device = self.T, self.M, self.device
+        if sum(p.numel() for p in pieces) != self.labels.numel():
+            raise ValueError(f"the observation has {sum(p.numel() for p in pieces)} values, the state "
+                             f"{self.labels.numel()}")
+        pieces = [p.to(torch.float32) if p.dtype == torch.float64 else p for p in pieces]
         frame = update_frame(self.references, self.offset, self.scale, self._reference_values(pieces))
-        # Per-mode factors repeated LANES times: Σ e² goes into LANES accumulators per mode (column c into lane
-        # c % LANES), as most parameters are often in one mode and adding into one address is a dependent chain.
-        rho, inverse_ratio = (torch.from_numpy(np.repeat(np.asarray(v, dtype=np.float64), LANES)).to(device)
-                              for v in (frame.rho, 1.0 / frame.ratio))
-        grow, mean_step = T / (T + 1), 1.0 / (T + 1)
-        where = self._lanes()
-        squares = torch.zeros(M * LANES, dtype=torch.float64, device=device)
-        fused = compiled.library() if device.type == "cpu" else None
-        if fused is not None:
-            sums = self._observe_fused(fused, pieces, where, rho, inverse_ratio, grow, mean_step, squares)
-        else:
-            sums = self._observe_blocks(pieces, where, rho, inverse_ratio, grow, mean_step, squares)
-        self.sq_norm += sums[0]
-        self.sq_displacement += sums[1]
-        self.sq_centred += sums[2] * T / (T + 1)   # Welford
-        squares = squares.view(M, LANES).sum(1).cpu().numpy()
-        self.mode_sse += squares / frame.sse_weight   # the error grows by e² / (1 + x G⁻¹ xᵀ)
+        sums = update_parameters(self.a, self.b, self.first, self._lanes(), pieces, frame,
+                                 frozen=self.embedded if self.frozen_a.numel() else None, lanes=LANES,
+                                 block=self.block)
+        self.sq_norm += sums.sq_norm
+        self.sq_displacement += sums.sq_displacement
+        self.sq_centred += sums.sq_centred
+        self.mode_sse += sums.mode_sse
         self.references, self.offset, self.scale = frame.references, frame.offset, frame.scale
         self.time.append(int(time))
         self.names.append(name)
@@ -165,70 +145,12 @@ class DeviceState(ModesShape):
         for key, rows in self.carried.items():
             rows.append(np.asarray(carried[key], dtype=np.uint8))
 
-    def _observe_fused(self, fused, pieces, where, rho, inverse_ratio, grow, mean_step, squares) -> list[float]:
-        """The update through the compiled loop (``fused``), one call per tensor."""
-        if sum(p.numel() for p in pieces) != self.labels.numel():
-            raise ValueError(f"the observation has {sum(p.numel() for p in pieces)} values, the state "
-                             f"{self.labels.numel()}")
-        sums = torch.zeros(3, dtype=torch.float64)
-        frozen = self.embedded.data_ptr() if count_true(self.embedded) else None
-        lo = 0
-        for piece in pieces:
-            n = piece.numel()
-            if piece.dtype != torch.float32 or not piece.is_contiguous():  # observed as float32
-                piece = piece.to(torch.float32).contiguous()
-            fused.cmd_observe(piece.data_ptr(), n, address(self.a, lo), address(self.b, lo), address(self.first, lo),
-                              address(where, lo), None if frozen is None else frozen + lo, rho.data_ptr(),
-                              inverse_ratio.data_ptr(), grow, mean_step, squares.data_ptr(), sums.data_ptr())
-            lo += n
-        return sums.tolist()
-
-    def _observe_blocks(self, pieces, where, rho, inverse_ratio, grow, mean_step, squares) -> list[float]:
-        """The update in torch operations over blocks of columns (any device)."""
-        device = self.device
-        size = min(CHUNK if device.type == "cpu" else self.labels.numel(), self.labels.numel())
-        if self._work is None or self._work[0].numel() != size:
-            self._work = [torch.empty(size, dtype=torch.float64, device=device) for _ in range(4)]
-        x, y, z, u = self._work
-        on_cpu = device.type == "cpu"
-        sums = []   # (‖w‖², ‖w − w₀‖², ‖w − b‖²) per block
-        masked = self._masked_blocks(size)
-        for k, (lo, hi, segments) in enumerate(self._blocks(pieces, size)):
-            n = hi - lo
-            xv, yv, zv, uv = x[:n], y[:n], z[:n], u[:n]
-            a, b, at = self.a[lo:hi], self.b[lo:hi], where[lo:hi]
-            for piece, start, stop, to in segments:
-                values = pieces[piece][start:stop]
-                xv[to:to + stop - start].copy_(values if values.dtype != torch.float64 else values.float())
-            torch.sub(xv, self.first[lo:hi], out=yv)
-            s_disp = torch.dot(yv, yv)
-            torch.sub(xv, b, out=yv)                          # y = w − b
-            sums.append((torch.dot(xv, xv), s_disp, torch.dot(yv, yv)))
-            torch.index_select(rho, 0, at, out=zv)            # ρ of each parameter's mode
-            torch.addcmul(yv, zv, a, value=-1.0, out=xv)      # e = y − aρ, the prediction error
-            if masked[k]:  # frozen fits: e = 0 and y = aρ (y − e, exact for the others)
-                if on_cpu:   # times the mask: masked_fill_ branches per value, 4× slower on a random mask
-                    np.multiply(xv.numpy(), self.embedded[lo:hi].numpy(), out=uv.numpy())
-                else:
-                    torch.mul(xv, self.embedded[lo:hi], out=uv)
-                yv.sub_(uv)
-                xv.sub_(uv)
-            squares.index_add_(0, at, torch.mul(xv, xv, out=uv))
-            a.addcmul_(yv, zv, value=grow).mul_(torch.index_select(inverse_ratio, 0, at, out=zv))
-            b.add_(yv, alpha=mean_step)
-        return torch.stack([torch.stack(v) for v in sums]).sum(0).tolist()
-
     def _lanes(self) -> torch.Tensor:
-        """``label · LANES + column % LANES`` per parameter, int32 (cached: labels are fixed): the
-        accumulator of the per-mode sums, and the index of the per-mode factors repeated LANES times."""
+        """``label · LANES + column % LANES`` per parameter, int32 (cached: labels are fixed): the index
+        of the update's per-mode factors, repeated LANES times, and of its partial sums."""
         if self._where is None:
-            if self.device.type == "cpu":  # numpy: torch's int64 arange and add over 11 M took 0.3 s each
-                where = np.arange(self.labels.numel(), dtype=np.int32) % LANES
-                where += self.labels.numpy().astype(np.int32) * LANES
-                self._where = torch.from_numpy(where)
-            else:
-                lane = torch.arange(self.labels.numel(), device=self.device).remainder_(LANES)
-                self._where = torch.add(lane, self.labels, alpha=LANES).to(torch.int32)
+            lane = torch.arange(self.labels.numel(), dtype=torch.int32, device=self.device).remainder_(LANES)
+            self._where = lane.add_(self.labels.to(torch.int32), alpha=LANES)
         return self._where
 
     def _reference_values(self, pieces: list[torch.Tensor]) -> np.ndarray:
@@ -238,34 +160,6 @@ class DeviceState(ModesShape):
         starts = ends - [p.numel() for p in pieces]
         values = torch.stack([pieces[i][int(c - starts[i])] for i, c in zip(found, self.reference_index)])
         return values.to(torch.float32).to(torch.float64).cpu().numpy()
-
-    def _blocks(self, pieces: list[torch.Tensor], size: int) -> list:
-        """Columns ``[lo, hi)`` per block of ``size``, with the ``(piece, start, stop, at)`` segments
-        of ``pieces`` that fill it (cached: the layout does not change)."""
-        key = (size, tuple(p.numel() for p in pieces))
-        if self._plan is None or self._plan[0] != key:
-            blocks, starts = [], [int(v) for v in np.concatenate([[0], np.cumsum(key[1])])]
-            for lo in range(0, starts[-1], size):
-                hi, segments = min(lo + size, starts[-1]), []
-                first = int(np.searchsorted(starts, lo, side="right")) - 1
-                for i in range(first, int(np.searchsorted(starts, hi, side="left"))):
-                    begin, end = max(lo, starts[i]), min(hi, starts[i + 1])
-                    if end > begin:
-                        segments.append((i, begin - starts[i], end - starts[i], begin - lo))
-                blocks.append((lo, hi, segments))
-            self._plan = (key, blocks)
-        return self._plan[1]
-
-    def _masked_blocks(self, size: int) -> list[bool]:
-        """Per block of ``size`` columns, whether it holds embedded parameters (cached until ``embed``)."""
-        if self._masked is None or self._masked[0] != size:
-            starts = range(0, self.labels.numel(), size)
-            if self.device.type == "cpu":
-                flags = np.logical_or.reduceat(self.embedded.numpy(), list(starts)).tolist()
-            else:
-                flags = torch.stack([self.embedded[lo:lo + size].any() for lo in starts]).tolist()
-            self._masked = (size, flags)
-        return self._masked[1]
 
     def raw_fit(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``a, b`` against the raw reference (``w ≈ a · r + b``), the frame the authors measure
@@ -277,10 +171,10 @@ class DeviceState(ModesShape):
 
     def _raw_blocks(self):
         """Per block of columns ``(lo, hi, scale[labels], offset[labels])``, the last two in work buffers."""
-        size = CHUNK if self.device.type == "cpu" else self.labels.numel()
+        size = max(1, min(self.block, self.labels.numel()))
         scale, offset = (torch.from_numpy(np.ascontiguousarray(v, dtype=np.float64)).to(self.device)
                          for v in (self.scale, self.offset))
-        y, z = (torch.empty(min(size, self.labels.numel()), dtype=torch.float64, device=self.device) for _ in "yz")
+        y, z = (torch.empty(size, dtype=torch.float64, device=self.device) for _ in "yz")
         for lo in range(0, self.labels.numel(), size):
             hi = min(lo + size, self.labels.numel())
             labels = self.labels[lo:hi]
@@ -294,57 +188,32 @@ class DeviceState(ModesShape):
         if self._change is None:   # kept: a fresh (N,) buffer costs its page faults at every window
             self._change = torch.empty_like(self.a)
         change = self._change
-        fused = compiled.library() if self.device.type == "cpu" else None
-        if fused is not None:
-            scale, offset = (torch.from_numpy(np.repeat(np.asarray(v, dtype=np.float64), LANES))
-                             for v in (self.scale, self.offset))
-            fused.cmd_change(self.labels.numel(), self.a.data_ptr(), self.b.data_ptr(), self._lanes().data_ptr(),
-                             scale.data_ptr(), offset.data_ptr(), self.snapshot_a.data_ptr(),
-                             self.snapshot_b.data_ptr(), change.data_ptr())
-        else:
-            size = CHUNK if self.device.type == "cpu" else self.labels.numel()
-            work = [torch.empty(min(size, self.labels.numel()), dtype=torch.float64, device=self.device) for _ in "ab"]
-            for lo, hi, a, b in self._raw_blocks_into(work):
-                snap_a, snap_b = self.snapshot_a[lo:hi], self.snapshot_b[lo:hi]
-                # Δa² + Δb² (the square root would not change the order); the new raw fit becomes the snapshot
-                torch.sub(snap_a, a, out=change[lo:hi]).square_().add_(snap_b.sub_(b).square_())
-                snap_a.copy_(a)
-                snap_b.copy_(b)
-        if self.device.type == "cpu":   # numpy: torch's bool reductions and masked indexing are slow there
-            return self._select(change.numpy(), embeddable.numpy(), self.embedded.numpy(), self.embedded_at.numpy(),
-                                percent, relative, np)
-        return self._select(change, embeddable, self.embedded, self.embedded_at, percent, relative, torch)
+        work = [torch.empty(max(1, min(self.block, self.labels.numel())), dtype=torch.float64, device=self.device)
+                for _ in "ab"]
+        for lo, hi, a, b in self._raw_blocks_into(work):
+            snap_a, snap_b = self.snapshot_a[lo:hi], self.snapshot_b[lo:hi]
+            # Δa² + Δb² (the square root would not change the order); the new raw fit becomes the snapshot
+            torch.sub(snap_a, a, out=change[lo:hi]).square_().add_(snap_b.sub_(b).square_())
+            snap_a.copy_(a)
+            snap_b.copy_(b)
+        return self._select(change, embeddable, percent, relative)
 
-    def _select(self, change, embeddable, embedded, embedded_at, percent, relative, xp) -> int:
+    def _select(self, change: torch.Tensor, embeddable: torch.Tensor, percent: float, relative: bool) -> int:
         """Embed the count smallest ``change`` among the candidates: all below the count-th value, then
-        ties at it in column order (a linear-time selection among the candidates: np.partition on the
-        CPU, kthvalue elsewhere; topk of a million out of ten took seconds and breaks ties arbitrarily).
-        ``change`` is overwritten (+inf where a column is no candidate)."""
-        candidates = embeddable & ~embedded
-        if xp is np:   # in place and into a kept buffer: fresh (N,) arrays cost their page faults every window
-            free, total = int(np.count_nonzero(candidates)), int(np.count_nonzero(embeddable))
-            np.copyto(change, np.inf, where=~candidates)
-        else:
-            free, total = int(candidates.sum()), int(embeddable.sum())
-            change.masked_fill_(~candidates, float("inf"))
+        ties at it in column order (a linear-time selection among the candidates, ``kthvalue``; topk of
+        a million out of ten took seconds and breaks ties arbitrarily). ``change`` is overwritten (+inf
+        where a column is no candidate)."""
+        candidates = embeddable & ~self.embedded
+        free, total = count_true(candidates), count_true(embeddable)
+        change.masked_fill_(~candidates, float("inf"))
         count = min(free, math.ceil((free if relative else total) * percent / 100))
         if count == 0:
             return 0
-        if xp is np:
-            if self._scratch is None or self._scratch.shape != change.shape:
-                self._scratch = np.empty_like(change)
-            np.copyto(self._scratch, change)
-            self._scratch.partition(count - 1)
-            threshold = self._scratch[count - 1]
-            below = np.flatnonzero(change < threshold)
-            ties = np.flatnonzero(change == threshold)
-        else:
-            threshold = torch.kthvalue(change, count).values
-            below, ties = torch.nonzero(change < threshold).reshape(-1), torch.nonzero(change == threshold).reshape(-1)
-        chosen = xp.concatenate([below, ties[:count - below.shape[0]]])   # columns are sorted: ties in column order
-        embedded_at[chosen] = self.T - 1
-        embedded[chosen] = True
-        self._masked = None
+        threshold = torch.kthvalue(change, count).values
+        below, ties = nonzero(change < threshold), nonzero(change == threshold)
+        chosen = torch.cat([below, ties[:count - below.shape[0]]])   # columns are sorted: ties in column order
+        self.embedded_at[chosen] = self.T - 1
+        self.embedded[chosen] = True
         self._freeze()
         return count
 
@@ -379,7 +248,8 @@ class DeviceState(ModesShape):
     def to_online(self) -> OnlineState:
         """The numpy ``OnlineState`` ``cmd update`` works on: it writes the mode file."""
         return OnlineState(
-            layout=self.layout, labels=self.labels.cpu().numpy(), a=self.a.cpu().numpy(), b=self.b.cpu().numpy(),
+            layout=self.layout, labels=self.labels.cpu().numpy().copy(), a=self.a.cpu().numpy().copy(),
+            b=self.b.cpu().numpy().copy(),
             first=self.first.cpu().numpy().astype(np.float32), references=self.references, offset=self.offset,
             scale=self.scale, reference_index=self.reference_index, time=list(self.time), names=list(self.names),
             infos=list(self.infos), mode_sizes=self.mode_sizes, settings=self.settings, warmup=self.warmup,
