@@ -73,6 +73,6 @@ def landscape_command(
     for label, offsets, scores in rows:
         shown = " ".join("?" if v is None else f"{v:+.1%}" for v in offsets)
         print("\t".join([label, shown, *("" if scores.get(k) is None else f"{scores[k]:.4g}" for k in keys)]))
-    for note in (data["selection_impossible"], data["original_note"]):
+    for note in (data["selection_impossible"], data["original_note"], data["clamped_running_var"]["note"]):
         if note:
             say(f"note: {note}")

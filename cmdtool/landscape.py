@@ -136,7 +136,7 @@ class LandscapeResult:
     """What ``landscape`` returns: the folder written and what ``landscape.json`` holds."""
     folder: Path
     landscape: dict
-    plots: list[str] = field(default_factory=list)
+    plots: dict[str, str] = field(default_factory=dict)  # metric -> PNG file name
 
 
 def _point_name(axes: tuple[Axis, Axis], x: int, y: int) -> str:
@@ -233,7 +233,7 @@ def landscape(mode_file: str | Path, output: str | Path, *, evaluate: Evaluate, 
                     for k in keys:
                         flat[k].append(scores.get(k, math.nan))
         result = _compose(mf, index, axes, keys, flat, original, original_note, select, eval_spec, centre, grid, span)
-        result["clamped_running_var"] = clamped.to_json()
+        result["clamped_running_var"] = {**clamped.to_json(), "note": clamped.sentence("the landscape's points")}
     return _write(result, output)
 
 

@@ -59,14 +59,25 @@ def contour(landscape: dict, key: str, path: Path) -> None:
     _save(fig, path)
 
 
-def draw(landscape: dict, folder: Path) -> list[str]:
-    """One contour plot per metric (the first ``MAX_METRIC_PANELS``) into ``folder``; their file names."""
+def varying(landscape: dict) -> list[str]:
+    """The metrics worth a picture: those not the same at every point (a sample count is not)."""
+    out = []
+    for key in landscape["keys"]:
+        values = np.array(landscape["scores"][key], dtype=np.float64)
+        finite = values[np.isfinite(values)]
+        if finite.size < values.size or (finite.size and np.ptp(finite) > 0):
+            out.append(key)
+    return out
+
+
+def draw(landscape: dict, folder: Path) -> dict[str, str]:
+    """One contour plot per metric that varies (the first ``MAX_METRIC_PANELS``) into ``folder``:
+    ``{metric: file name}``."""
     taken: set[str] = set()
-    names = []
-    for key in landscape["keys"][:MAX_METRIC_PANELS]:
-        name = plot_name(key, taken)
-        contour(landscape, key, folder / name)
-        names.append(name)
+    names = {}
+    for key in varying(landscape)[:MAX_METRIC_PANELS]:
+        names[key] = plot_name(key, taken)
+        contour(landscape, key, folder / names[key])
     return names
 
 
@@ -99,9 +110,14 @@ def markdown(landscape: dict) -> str:
         lines.append(f"| original checkpoint | {ox:+.1%}, {oy:+.1%} (projection) | "
                      f"{_scores(original['scores'], keys)} |")
     lines.append("")
-    for note in (landscape.get("selection_impossible"), landscape.get("original_note")):
+    for note in (landscape.get("selection_impossible"), landscape.get("original_note"),
+                 landscape["clamped_running_var"]["note"]):
         if note:
             lines += [f"Note: {note}", ""]
-    lines += [f"![{key}]({name})" for key, name in zip(keys, landscape.get("plots", []))]
+    plots = landscape.get("plots", {})
+    same = [key for key in keys if key not in varying(landscape)]
+    if same:
+        lines += [f"Not plotted, the same at every point: {', '.join(same)}.", ""]
+    lines += [f"![{key}]({name})" for key, name in plots.items()]
     return "\n".join(lines) + "\n"
 

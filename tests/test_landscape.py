@@ -64,7 +64,7 @@ def test_planted_optimum_is_found_on_validation_and_reported_on_test(tmp_path, f
 
         def distance(point):
             return (vx - raw_x * (1 + offsets[point[0]])) ** 2 + (vy - raw_y * (1 + offsets[point[1]])) ** 2
-        return {"val": {"loss": distance(val_best)}, "test": {"loss": distance(test_best), "vx": vx}}
+        return {"val": {"loss": distance(val_best)}, "test": {"loss": distance(test_best), "vx": vx, "count": 7}}
 
     result = landscape(fitted, tmp_path / "land", evaluate=evaluate, modes="0,2", grid=grid, span=span)
     data = json.loads((tmp_path / "land" / "landscape.json").read_text())
@@ -83,6 +83,9 @@ def test_planted_optimum_is_found_on_validation_and_reported_on_test(tmp_path, f
     assert data["axes"][0]["mode"] == 0 and data["axes"][1]["mode"] == 2
     assert sorted(p.name for p in (tmp_path / "land").iterdir()) == [
         "landscape.json", "landscape.md", "landscape_test_loss.png", "landscape_test_vx.png", "landscape_val_loss.png"]
+    assert data["plots"] == {"val/loss": "landscape_val_loss.png", "test/loss": "landscape_test_loss.png",
+                             "test/vx": "landscape_test_vx.png"}  # test/count is the same everywhere
+    assert "Not plotted, the same at every point: test/count." in (tmp_path / "land" / "landscape.md").read_text()
     # the planted run has little noise: the original checkpoint projects onto (almost) the centre
     np.testing.assert_allclose(data["original"]["projection"]["offsets"], [0, 0], atol=1e-3)
 
@@ -207,3 +210,12 @@ def test_export_from_landscape_writes_the_weights_that_were_scored(tmp_path, fit
     assert "no such landscape file" in error_line(
         cmd(runner, "export", fitted, "-o", tmp_path / "x", "--from-landscape", tmp_path))
     assert not (tmp_path / "x").exists()
+
+
+def test_plot_names_are_plain_file_names_whatever_the_metric_is_called():
+    from cmdtool.landscape_plots import plot_name
+    taken: set[str] = set()
+    assert plot_name("val/acc@top 1", taken) == "landscape_val_acc_top_1.png"
+    assert plot_name("val/acc top@1", taken) == "landscape_val_acc_top_1_2.png"  # the same after cleaning
+    assert plot_name("../..", taken) == "landscape_metric.png"
+    assert plot_name("/etc/passwd", taken) == "landscape_etc_passwd.png"
