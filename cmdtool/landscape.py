@@ -243,7 +243,8 @@ def _original_store(mf: ModeFile, checkpoints, trajectory, progress):
     from .modes import NO_TRAJECTORY_WRITERS
     from .report.source import open_trajectory
     if checkpoints is None and trajectory is None:
-        if mf.settings.source in NO_TRAJECTORY_WRITERS or not Path(mf.settings.trajectory).exists():
+        kept = mf.settings.trajectory
+        if mf.settings.source in NO_TRAJECTORY_WRITERS or not kept or not Path(kept).is_file():
             return None, ("the original checkpoint is not shown: the trajectory store is gone or was never kept "
                           "(pass --checkpoints DIR)")
     store, _ = open_trajectory(mf, checkpoints, trajectory, progress)
