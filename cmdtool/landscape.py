@@ -30,9 +30,7 @@ from .export import ExportResult
 from .modefile import ModeFile, open_mode_file
 from .progress import Progress, no_progress
 from .reconstruct import parse_at, state_dict_at, write_checkpoints
-from .report.build import _check_report_folder
 from .report.candidates import carried_rows, flat_state
-from .report.compose import _clean
 from .report.evaluation import Evaluate, run_evaluate, run_recalibrate
 from .report.selection import (
     SEPARATOR,
@@ -180,7 +178,8 @@ def landscape(mode_file: str | Path, output: str | Path, *, evaluate: Evaluate, 
     check_grid(grid, span)
     if isinstance(select, str):
         select = parse_select(select)
-    _check_report_folder(output, force, "landscape")
+    from .report.build import check_output_folder  # the report's output check, loaded on use (import depth)
+    check_output_folder(output, force, "landscape")
     with open_mode_file(Path(mode_file)) as mf:
         mf.require_whole("evaluating a landscape")
         pair = parse_mode_pair(modes, mf.M, mf.path)
@@ -313,19 +312,20 @@ def _reference_name(mf: ModeFile, mode: int) -> str:
 
 def _write(result: dict, output: Path) -> LandscapeResult:
     from . import landscape_plots  # matplotlib is imported only when a landscape is drawn
+    from .report.compose import json_safe  # JSON-safe numbers, as in report.json
     tmp = temporary_sibling(output)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         plots = landscape_plots.draw(result, tmp)
         result["plots"] = plots
-        (tmp / "landscape.json").write_text(json.dumps(_clean(result), indent=1) + "\n", encoding="utf-8")
+        (tmp / "landscape.json").write_text(json.dumps(json_safe(result), indent=1) + "\n", encoding="utf-8")
         (tmp / "landscape.md").write_text(landscape_plots.markdown(result), encoding="utf-8")
         replace_path(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return LandscapeResult(output, json.loads(json.dumps(_clean(result))), plots)
+    return LandscapeResult(output, json.loads(json.dumps(json_safe(result))), plots)
 
 
 def chosen_point(landscape_dir: str | Path, modes: ModeFile) -> tuple[int, np.ndarray]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .report.plots import MAX_METRIC_PANELS, _save, plt
+from .report.plots import DPI, MAX_METRIC_PANELS, plt
 
 
 def plot_name(key: str, taken: set[str]) -> str:
@@ -56,7 +56,8 @@ def contour(landscape: dict, key: str, path: Path) -> None:
     ax.set_title(f"{key} at {landscape['checkpoint']}", fontsize=10)
     ax.legend(loc="upper left", fontsize=7, framealpha=0.8)
     fig.subplots_adjust(left=0.13, right=0.97, bottom=0.11, top=0.93)
-    _save(fig, path)
+    fig.savefig(path, dpi=DPI, metadata={"Software": None})  # as the report's plots: no version in the file
+    plt.close(fig)
 
 
 def varying(landscape: dict) -> list[str]:
