@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from .cli_errors import errors_to_exit_code, finite, progress_bar, say
+from .console import shown
 
 
 def landscape_command(
@@ -55,7 +56,7 @@ def landscape_command(
         function = load_evaluate(evaluate)
         result = landscape(mode_file, output, evaluate=function, eval_spec=evaluate, modes=modes, at=at, grid=grid,
                            span=span, select=select, checkpoints=checkpoints, trajectory=trajectory, force=force,
-                           progress=progress_bar, say=say)
+                           progress=progress_bar, say=lambda text: say(shown(text)))
     say(f"wrote {result.folder / 'landscape.json'} (also landscape.md and {len(result.plots)} plots)")
     data = result.landscape
     if as_json:
@@ -69,10 +70,11 @@ def landscape_command(
     if data["original"] is not None:
         rows.append(("original checkpoint", data["original"]["projection"]["offsets"], data["original"]["scores"]))
     modes_shown = " ".join(f"mode {axis['mode']}" for axis in data["axes"])
-    print("\t".join(["point", modes_shown, *keys]))
+    print("\t".join(shown(cell) for cell in ["point", modes_shown, *keys]))
     for label, offsets, scores in rows:
-        shown = " ".join("?" if v is None else f"{v:+.1%}" for v in offsets)
-        print("\t".join([label, shown, *("" if scores.get(k) is None else f"{scores[k]:.4g}" for k in keys)]))
+        offsets_shown = " ".join("?" if v is None else f"{v:+.1%}" for v in offsets)
+        cells = [label, offsets_shown, *("" if scores.get(k) is None else f"{scores[k]:.4g}" for k in keys)]
+        print("\t".join(shown(cell) for cell in cells))
     for note in (data["selection_impossible"], data["original_note"], data["clamped_running_var"]["note"]):
         if note:
-            say(f"note: {note}")
+            say(shown(f"note: {note}"))

@@ -158,7 +158,11 @@ def test_errors_are_one_line_and_leave_nothing(tmp_path, fitted, run_dir, runner
     ok(cmd(runner, "fit", run_dir, "-o", one_mode, "--modes", 1))
     assert "has 1 mode; a landscape varies two" in error_line(
         cmd(runner, "landscape", one_mode, "-o", out, "--eval", good))
-    ok(cmd(runner, "landscape", fitted, "-o", out, "--eval", good, "--grid", 3))
+    table = ok(cmd(runner, "landscape", fitted, "-o", out, "--eval", good, "--grid", 3)).stdout.splitlines()
+    assert table[0] == "point\tmode 0 mode 1\tval/total\ttest/weighted"
+    assert [line.split("\t")[0] for line in table[1:]] == ["chosen on val/total", "centre (CMD weights)",
+                                                            "original checkpoint"]
+    assert table[2].split("\t")[1] == "+0.0% +0.0%"
     assert "already exists" in error_line(cmd(runner, "landscape", fitted, "-o", out, "--eval", good, "--grid", 3))
     ok(cmd(runner, "landscape", fitted, "-o", out, "--eval", good, "--grid", 5, "--force"))
     assert json.loads((out / "landscape.json").read_text())["grid"] == 5
