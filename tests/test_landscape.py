@@ -203,6 +203,13 @@ def test_export_from_landscape_writes_the_weights_that_were_scored(tmp_path, fit
     # the library call writes the same bytes
     paths = export_chosen(fitted, tmp_path / "land", tmp_path / "again").paths
     assert paths[0].read_bytes() == (tmp_path / "best" / "epoch_19.safetensors").read_bytes()
+    def recalibrate(state):
+        return {**state, "bn.running_mean": state["bn.running_mean"] * 0 + 7}
+
+    recalibrated = export_chosen(fitted, tmp_path / "land", tmp_path / "recalibrated", format="safetensors",
+                                 recalibrate=recalibrate)
+    state = load_file(recalibrated.paths[0])
+    assert (state["bn.running_mean"] == 7).all() and (state["fc.weight"] == exported["fc.weight"]).all()
     assert "already exists" in error_line(
         cmd(runner, "export", fitted, "-o", tmp_path / "best", "--from-landscape", tmp_path / "land"))
     assert "pass one of" in error_line(cmd(runner, "export", fitted, "-o", tmp_path / "x", "--from-landscape",
