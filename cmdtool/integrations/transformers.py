@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import pickle
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -94,8 +96,7 @@ class CMDCallback(TrainerCallback):
             try:  # weights_only: tensors, numbers and strings; a pickle that calls anything is refused unrun
                 saved = torch.load(path, map_location="cpu", weights_only=True)
             except Exception as e:  # empty, truncated, not a torch file, or a pickle with code in it
-                text = " ".join(str(e).split())[:200]
-                raise CmdError(f"{path}: not a readable CMD state ({type(e).__name__}: {text})") from None
+                raise CmdError(f"{path}: not a readable CMD state ({unreadable(path, e)})") from None
             self._check_resumed(path, saved, state.global_step)
             try:
                 self.cmd.load_state_dict(saved)
@@ -207,6 +208,22 @@ class CMDCallback(TrainerCallback):
                 print(f"CMDCallback: swap_at_end clamped {clamped} negative running-variance value"
                       f"{'s' * (clamped > 1)} to 0", file=sys.stderr)
         self.cmd.close()
+
+
+def unreadable(path: Path, error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a state file, in a few words on one line (not torch's
+    advice to load it with ``weights_only=False``, which would run the code a pickle may hold)."""
+    try:
+        if path.stat().st_size == 0:
+            return "an empty file"
+    except OSError:
+        pass
+    text = " ".join(str(error).split())
+    if isinstance(error, pickle.UnpicklingError):
+        called = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"it would call {called.group(1)}" if called else "not a torch file"
+        return f"UnpicklingError: {what}; only tensors, numbers and strings are loaded, and nothing was run"
+    return f"{type(error).__name__}: {text[:200]}"
 
 
 def resumed_checkpoint(args, state) -> Path:
