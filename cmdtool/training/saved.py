@@ -241,7 +241,7 @@ def check_outer(saved: Any, expected: Layout, warmup: int) -> None:
     bytes; either a ``state`` (``check_saved`` checks it) or a ``warmup`` of fewer than ``warmup``
     observations: float32 rows of the layout's N finite values, increasing times, plain unique names,
     checkpoint infos the mode-file reader accepts and the carried tensors' bytes."""
-    if saved.get("version") != 1 or not _integer(saved.get("version")):
+    if not _integer(saved.get("version")) or saved["version"] != 1:
         raise ValueError(f"version {str(saved.get('version'))[:40]} is not 1")
     layout_text = saved.get("layout")
     if layout_text is not None and not isinstance(layout_text, str):
