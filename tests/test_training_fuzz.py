@@ -2,13 +2,12 @@
 valid state, loaded with ``EmbeddedCMD.load_state_dict``, then two more observations and a save.
 Every outcome is a ``CmdError`` or a mode file that ``cmd info`` reads: never another exception.
 
-``CMDTOOL_TRAINING_FUZZ_EXAMPLES`` sets the number of mutated states (default 150).
 Derandomized, so a failure reproduces. The outer parts of ``state_dict()`` (settings, layout,
 attachments and a warm-up's rows) are mutated too, and both callbacks' resume paths are fuzzed: the
 Hugging Face ``cmdtool_state.pt`` file (mutated states, and empty, truncated, random or code-running
 files) and the Lightning callback state of a checkpoint (``load_state_dict``, then ``on_fit_start``
-and ``on_train_start``). ``CMDTOOL_TRAINING_FUZZ_EXAMPLES`` sets each of these fuzz tests' cases
-(150 for the inner state, a third of it for each of the others)."""
+and ``on_train_start``). ``CMDTOOL_TRAINING_FUZZ_EXAMPLES`` sets the cases of the four fuzz tests
+together (default 150: 60 for the inner state, 30 for each of the others)."""
 
 from __future__ import annotations
 
@@ -28,6 +27,7 @@ from cmdtool.training.saved import check_saved
 from test_training import RESUME_OPTIONS, Holder, replay, stopped_run
 
 EXAMPLES = int(os.environ.get("CMDTOOL_TRAINING_FUZZ_EXAMPLES", "150"))
+INNER, EACH = max(2 * EXAMPLES // 5, 1), max(EXAMPLES // 5, 1)  # the inner state's cases, each other test's
 torch.set_num_threads(1)
 
 
@@ -115,7 +115,7 @@ def mutate(state: dict, key: str, kind: int, odd) -> None:
         state[key] = odd
 
 
-@settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
+@settings(max_examples=INNER, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(changes=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 1000), st.integers(0, len(odd_values()) - 1)),
                         min_size=1, max_size=2))
@@ -227,7 +227,7 @@ OUTER_CASES = st.tuples(st.booleans(), st.lists(st.tuples(
     max_size=2))
 
 
-@settings(max_examples=max(EXAMPLES // 3, 1), deadline=None, derandomize=True, database=None,
+@settings(max_examples=EACH, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=OUTER_CASES)
 def test_a_mutated_outer_state_resumes_or_is_refused(stopped, tmp_path_factory, case):
@@ -338,7 +338,7 @@ def random_bytes(seed: int, n: int) -> bytes:
     return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed)).numpy()
 
 
-@settings(max_examples=max(EXAMPLES // 3, 1), deadline=None, derandomize=True, database=None,
+@settings(max_examples=EACH, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=st.tuples(st.booleans(), OUTER_CASES, st.integers(0, 11), st.integers(0, 10**6)))
 def test_a_mutated_hf_state_file_resumes_or_is_refused(stopped, tmp_path_factory, case):
@@ -429,7 +429,7 @@ def lightning_resume(states, callback_state):
     return callback
 
 
-@settings(max_examples=max(EXAMPLES // 3, 1), deadline=None, derandomize=True, database=None,
+@settings(max_examples=EACH, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(case=st.tuples(st.integers(0, 5), OUTER_CASES, st.integers(0, len(odd_values()) - 1)))
 def test_a_mutated_lightning_callback_state_resumes_or_is_refused(stopped, tmp_path_factory, case):
