@@ -197,9 +197,10 @@ def mutate_outer(saved: dict, where: str, kind: int, odd) -> None:
     if inner:
         if not isinstance(saved.get(top), dict):
             return
-        if inner == "rows" and kind % 2 and saved[top].get("rows"):
-            rows = saved[top]["rows"]
-            rows[kind % len(rows)] = mutate_tensor(rows[kind % len(rows)], kind // 2, rows[0])
+        rows = saved[top].get("rows")
+        if inner == "rows" and kind % 2 and isinstance(rows, list) and rows \
+                and isinstance(rows[kind % len(rows)], torch.Tensor):  # one row (an earlier change may have spoilt it)
+            rows[kind % len(rows)] = mutate_tensor(rows[kind % len(rows)], kind // 2, rows[-1 - kind % len(rows)])
             return
         mutate(saved[top], inner, kind, odd)
     elif top == "settings" and isinstance(saved.get(top), dict) and kind % 9 != 8:
