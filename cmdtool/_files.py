@@ -21,7 +21,7 @@ LOCK_WAIT_S = 60.0  # how long a second writer of the same mode file waits for t
 
 def cache_folder() -> Path:
     """cmdtool's cache: ``$CMDTOOL_CACHE``, else ``$XDG_CACHE_HOME/cmdtool``, else ``~/.cache/cmdtool``
-    (trajectory stores, and the compiled update of ``cmdtool.training`` under ``lib/``)."""
+    (trajectory stores)."""
     if os.environ.get("CMDTOOL_CACHE"):
         return Path(os.environ["CMDTOOL_CACHE"])
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmdtool"
