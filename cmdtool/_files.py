@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import errno
 import glob
+import hashlib
 import os
 import re
 import shutil
+import socket
+import stat
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,27 +30,65 @@ def cache_folder() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "cmdtool"
 
 
+STALE_AFTER_S = 24 * 3600  # a temporary of another machine (shared filesystem) is stale when untouched this long
+_NAME_BUDGET = 200  # bytes of NAME in a temporary name: the rest of NAME_MAX (255) is for the suffix
+
+
 def temporary_sibling(path: Path, tag: str = "tmp") -> Path:
-    """``.NAME.PID.TAG`` beside ``path``: hidden, unique to this process, same filesystem. Those
-    of ``path`` that a killed run left (``remove_stale``) are removed first."""
+    """``.NAME.HOST.PID.TAG`` beside ``path``: hidden, unique to this process of this machine, same
+    filesystem; NAME shortened (``_stem``) so that the whole stays within 255 bytes. Those of
+    ``path`` that a killed run left (``remove_stale``) are removed first."""
     path = Path(path)
     remove_stale(path)
-    return path.with_name(f".{path.name}.{os.getpid()}.{tag}")
+    return path.with_name(f".{_stem(path.name)}.{_host()}.{os.getpid()}.{tag}")
+
+
+def _stem(name: str) -> str:
+    """``name``, or when longer than ``_NAME_BUDGET`` bytes its start and ``~`` and 12 hex digits of
+    its SHA-256 (one name, one stem: ``remove_stale`` finds them again)."""
+    encoded = name.encode("utf-8", "surrogateescape")
+    if len(encoded) <= _NAME_BUDGET:
+        return name
+    digest = hashlib.sha256(encoded).hexdigest()[:12]
+    start = encoded[:_NAME_BUDGET - 13].decode("utf-8", "ignore")  # cut on a character boundary
+    return f"{start}~{digest}"
+
+
+def _host() -> str:
+    """This machine's name as letters, digits and dashes (at most 32): temporaries on a shared
+    filesystem say whose they are."""
+    return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname())[:32] or "host"
 
 
 def remove_stale(path: Path) -> list[Path]:
-    """Remove the temporary siblings of ``path`` (``.NAME.PID.tmp`` / ``.old``, files or folders)
-    whose process is gone: left by a run that was killed (SIGKILL, a power cut). Only these names,
-    and never one of a live process (or of this one)."""
+    """Remove the temporary siblings of ``path`` (``.NAME.HOST.PID.tmp`` / ``.old``, files or folders)
+    left by a run that was killed (SIGKILL, a power cut): of this machine when their process is
+    gone; of another machine (a filesystem shared by Dask workers, where its process cannot be
+    asked about) only when untouched for ``STALE_AFTER_S``. Only these names, never one of a live
+    process of this machine (or of this one). Names without HOST (older cmdtool) count as another
+    machine's."""
     removed = []
+    stem = _stem(path.name)
     try:
-        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.*"))
+        candidates = list(path.parent.glob(f".{glob.escape(stem)}.*"))
     except OSError:
         return removed
+    host, now = _host(), time.time()
     for candidate in candidates:
-        match = re.fullmatch(rf"\.{re.escape(path.name)}\.([0-9]{{1,10}})\.(tmp|old)", candidate.name)
-        if match is None or int(match.group(1)) == os.getpid() or _alive(int(match.group(1))):
+        match = re.fullmatch(rf"\.{re.escape(stem)}\.(?:([A-Za-z0-9-]{{1,32}})\.)?([0-9]{{1,10}})\.(tmp|old)",
+                             candidate.name)
+        if match is None:
             continue
+        if match.group(1) == host:
+            pid = int(match.group(2))
+            if pid == os.getpid() or _alive(pid):
+                continue
+        else:
+            try:
+                if now - candidate.lstat().st_mtime < STALE_AFTER_S:
+                    continue
+            except OSError:
+                continue
         try:
             remove_path(candidate)
             removed.append(candidate)
@@ -170,7 +211,7 @@ def exclusive(path: Path, wait: float | None = None) -> Iterator[None]:
     The lock file is removed on release; a waiter that then holds the lock of a removed file sees
     that the name no longer leads to it and locks afresh (the usual lock-file protocol)."""
     path = Path(path)
-    lock = path.with_name(f".{path.name}.lock")
+    lock = path.with_name(f".{_stem(path.name)}.lock")
     wait = LOCK_WAIT_S if wait is None else wait
     deadline = time.monotonic() + wait
     locks = _Locks()
@@ -202,3 +243,27 @@ def exclusive(path: Path, wait: float | None = None) -> Iterator[None]:
                 lock.unlink(missing_ok=True)
             except PermissionError:
                 pass  # a waiter has it open (Windows): it locks it next
+
+
+_SPECIAL = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+            (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def special_kind(path: Path) -> str | None:
+    """What ``path`` (a link followed) is when it is not a regular file: ``"a FIFO (named pipe)"``,
+    ``"a character device"`` (``/dev/zero``), ...; None for a regular file. Asked with ``stat``,
+    which never blocks, before anything opens it: opening a FIFO waits for a writer forever, and a
+    device reads without end."""
+    mode = os.stat(path).st_mode
+    return None if stat.S_ISREG(mode) else next((kind for test, kind in _SPECIAL if test(mode)), "not a regular file")
+
+
+def require_regular(path: Path, expected: str) -> None:
+    """Refuse ``path`` unless it is an existing regular file (a link to one is fine): one line
+    naming it, such as ``x: is a FIFO (named pipe), expected a mode file``."""
+    try:
+        kind = special_kind(path)
+    except FileNotFoundError:
+        raise CmdError(f"{path}: no such file") from None
+    if kind is not None:
+        raise CmdError(f"{path}: is {kind}, expected {expected}")

@@ -83,3 +83,25 @@ class SliceReader:
         if self.below is not None and n and int(out[0].max()) >= self.below:
             raise CmdError(f"{self.path}: corrupt mode file (label out of range)")
         return out
+
+
+def check_links(handle: h5py.File) -> None:
+    """Every object of ``handle`` lies in the file itself: no soft or external link (a link's target
+    is not covered by the size checks, and an external one opens any file, a FIFO included), no
+    virtual dataset and no dataset with external raw storage (both read other files). Links are
+    inspected without being followed. Raises ``ValueError`` naming the first offender."""
+    groups = [("", handle)]
+    handle.visititems(lambda name, obj: groups.append((name + "/", obj)) if isinstance(obj, h5py.Group) else None)
+    for prefix, group in groups:  # visititems reaches every object by hard links only, each once
+        for name in group:
+            link = group.get(name, getlink=True)
+            if isinstance(link, h5py.SoftLink):
+                raise ValueError(f"{prefix + name!r} is a soft link (to {link.path[:80]!r})")
+            if isinstance(link, h5py.ExternalLink):
+                raise ValueError(f"{prefix + name!r} is an external link (to {link.filename[:80]!r})")
+            if not isinstance(link, h5py.HardLink):
+                raise ValueError(f"{prefix + name!r} is a link of an unknown kind")
+            obj = group[name]
+            if isinstance(obj, h5py.Dataset) and (obj.is_virtual or obj.external):
+                raise ValueError(f"dataset {prefix + name!r} reads other files "
+                                 f"({'a virtual dataset' if obj.is_virtual else 'external storage'})")

@@ -27,7 +27,17 @@ from .cli_errors import (
     say,
 )
 from .cli_export import RECALIBRATE_HELP, export_command, say_clamped
-from .console import TIME_SOURCES, describe, human_bytes, print_columns, print_report, print_summary, size_warnings
+from .console import (
+    TIME_SOURCES,
+    describe,
+    human_bytes,
+    print_columns,
+    print_report,
+    print_summary,
+    shown,
+    size_warnings,
+)
+from .errors import CmdError
 from .modefile import open_mode_file, summarize
 from .pipeline import fit as fit_folder
 from .pipeline import reconstruct_noting
@@ -170,7 +180,8 @@ def list_checkpoints(
         print(json.dumps({"folder": str(checkpoint_dir), "time_source": found.time_source,
                           "checkpoints": checkpoints, "skipped": skipped}))
     else:
-        print(f"{len(checkpoints)} checkpoints in {checkpoint_dir}, time from {TIME_SOURCES[found.time_source]}")
+        print(shown(f"{len(checkpoints)} checkpoints in {checkpoint_dir}, time from "
+                    f"{TIME_SOURCES[found.time_source]}"))
         print_columns(["position", "time", "checkpoint", "format"],
                        [[c["position"], c["time"], c["name"], c["format"]] for c in checkpoints])
         if skipped:
@@ -227,7 +238,7 @@ def reconstruct(
     if dropped:
         say(f"note: not restored (no longer match the weights): {', '.join(dropped)}")
     for path in paths:
-        print(path)
+        print(shown(path))
 
 
 app.command("export")(export_command)
@@ -340,6 +351,9 @@ def report(
         None, "--eval", metavar="MODULE:FUNCTION",
         help="Score weights with your function state_dict -> {metric: float} or {split: {metric: float}} (e.g. val "
              "and test): module:function (importable from here) or path/to/file.py:function."),
+    eval_timeout: Optional[float] = typer.Option(
+        None, "--eval-timeout", metavar="SECONDS", callback=finite,
+        help="Stop with an error when one call of the --eval function takes longer than this."),
     select: Optional[str] = typer.Option(
         None, "--select", metavar="METRIC[:max|min]",
         help="Choose each candidate family's best checkpoint by this metric on the validation split (val) and report "
@@ -383,7 +397,9 @@ def report(
     with errors_to_exit_code(output):
         from .report import Thresholds, load_evaluate, make_report, parse_requirement
         thresholds = Thresholds(max_rel_error, max_rel_error_displacement, [parse_requirement(r) for r in require])
-        function = load_evaluate(evaluate) if evaluate else None
+        if eval_timeout is not None and not evaluate:
+            raise CmdError("eval_timeout needs `evaluate`", parameter="eval_timeout", mentions=("evaluate",))
+        function = load_evaluate(evaluate, eval_timeout) if evaluate else None
         recalibrate_function = load_evaluate(recalibrate, parameter="recalibrate") if recalibrate else None
         with engine_for_options(workers, scheduler) as engine:
             result = make_report(mode_file, output, checkpoints=checkpoints, trajectory=trajectory, evaluate=function,

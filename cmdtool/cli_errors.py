@@ -15,6 +15,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from .console import shown
 from .errors import CmdError
 
 # click's exceptions, from the copy typer uses (recent typer versions vendor click)
@@ -67,8 +68,9 @@ def engine_for_options(workers: Optional[int], scheduler: Optional[str]):
 
 
 def say(text: str) -> None:
-    """A message line on stderr, never wrapped (paths stay whole for scripts)."""
-    print(text, file=sys.stderr)
+    """A message line on stderr, never wrapped (paths stay whole for scripts); control characters
+    of names in it (a checkpoint's, a tensor's) escaped (``console.shown``)."""
+    print(shown(text), file=sys.stderr)
 
 
 def error_exit(message: str) -> typer.Exit:

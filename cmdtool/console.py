@@ -3,6 +3,7 @@ Never wrapped, so that names and paths stay whole for scripts."""
 
 from __future__ import annotations
 
+import re
 import sys
 
 from rich.console import Console
@@ -36,10 +37,27 @@ TIME_SOURCES = {"global_step": "the stored global_step", "step": "the stored ste
 
 STACK_NAMES = {"peft": "huggingface peft adapter"}  # Checkpoint.stack, where it needs more words
 
+# control characters (C0, DEL, C1: escape sequences, carriage returns), bidirectional overrides and
+# lone surrogates (an undecodable file name), which no stored string may put raw on a terminal
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
+
+
+def shown(text: object) -> str:
+    """``text`` as it may reach a terminal: its control characters, bidirectional overrides and lone
+    surrogates written as Python escapes (``\\x1b``, ``\\u202e``), everything else unchanged. Every
+    string a command prints that comes from a file (checkpoint and tensor names, a mode file's
+    settings) goes through here; JSON output escapes them itself."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape", "backslashreplace").decode("ascii"),
+                            str(text))
+
+
+def _add(table: Table, *cells: object) -> None:
+    table.add_row(*(shown(cell) for cell in cells))
+
 
 def print_columns(header: list[str], rows: list[list]) -> None:
     """Left-aligned columns that never wrap (names and paths stay whole for scripts)."""
-    cells = [header] + [[str(v) for v in row] for row in rows]
+    cells = [header] + [[shown(v) for v in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip())
@@ -65,10 +83,10 @@ def print_report(r: dict) -> None:
     table = Table(box=None, pad_edge=False)
     for column in ("model", "compression", "rel_error", "rel_error_displacement"):
         table.add_column(column, justify="left" if column == "model" else "right")
-    table.add_row(f"CMD, {r['run']['modes']} modes", f"{compact['compression_ratio_modelled']:.1f}×",
+    _add(table, f"CMD, {r['run']['modes']} modes", f"{compact['compression_ratio_modelled']:.1f}×",
                   f"{fit['rel_error']:.4g}", f"{fit['rel_error_displacement']:.4g}")
     for p in r["baselines"]["pca"]:
-        table.add_row(f"PCA d={p['d']}", f"{compact['checkpoint_bytes_float32'] / p['bytes_float32']:.1f}×",
+        _add(table, f"PCA d={p['d']}", f"{compact['checkpoint_bytes_float32'] / p['bytes_float32']:.1f}×",
                       f"{p['rel_error']:.4g}", f"{p['rel_error_displacement']:.4g}")
     _print(table)
     evaluation = r["evaluation"]
@@ -77,13 +95,13 @@ def print_report(r: dict) -> None:
         candidates = Table(box=None, pad_edge=False)
         candidates.add_column("candidate")
         for name in names:
-            candidates.add_column(name, justify="right")
+            candidates.add_column(shown(name), justify="right")
         for candidate, scores in evaluation["candidates"].items():
-            candidates.add_row(candidate, *(f"{scores[k]:.4g}" if scores.get(k) is not None else "–" for k in names))
+            _add(candidates, candidate, *(f"{scores[k]:.4g}" if scores.get(k) is not None else "–" for k in names))
         _print(candidates)
         print_selection(evaluation, r["verdict"])
     for t in r["thresholds"]:
-        stdout.print(f"{'pass' if t['passed'] else 'FAIL'}: {t['description']}", markup=False, soft_wrap=True)
+        stdout.print(shown(f"{'pass' if t['passed'] else 'FAIL'}: {t['description']}"), markup=False, soft_wrap=True)
 
 
 def print_selection(evaluation: dict, verdict: dict | None = None) -> None:
@@ -98,7 +116,7 @@ def print_selection(evaluation: dict, verdict: dict | None = None) -> None:
         for column in ("chosen on validation", "position", *columns):
             table.add_column(column, justify="left" if column == "chosen on validation" else "right")
         for row in chosen["rows"]:
-            table.add_row(("★ " if row["family"] in winners else "") + row["family"], str(row["epoch"]),
+            _add(table, ("★ " if row["family"] in winners else "") + row["family"], str(row["epoch"]),
                           *(f"{row['scores'][k]:.4g}" if row["scores"].get(k) is not None else "–" for k in columns))
         _print(table)
     elif evaluation["selection_impossible"]:
@@ -110,42 +128,42 @@ def print_summary(s: dict, references: list | None = None) -> None:
     table.add_column(style="bold")
     table.add_column()
     time = s["time"]
-    table.add_row("mode file", f"{s['mode_file']} ({human_bytes(s['mode_file_bytes'])}, format "
+    _add(table, "mode file", f"{s['mode_file']} ({human_bytes(s['mode_file_bytes'])}, format "
                                f"v{s['format_version']}, cmdtool {s['tool_version']})")
-    table.add_row("checkpoints (T)", f"{s['checkpoints']}: {s['checkpoint_names'][0]} … {s['checkpoint_names'][-1]} "
+    _add(table, "checkpoints (T)", f"{s['checkpoints']}: {s['checkpoint_names'][0]} … {s['checkpoint_names'][-1]} "
                                      f"(time {time[0]} … {time[-1]})")
-    table.add_row("parameters (N)", f"{s['parameters']:,} in {s['tensors_modelled']} tensors"
+    _add(table, "parameters (N)", f"{s['parameters']:,} in {s['tensors_modelled']} tensors"
                   + (f" (+{s['tensors_carried']} carried verbatim)" if s["tensors_carried"] else ""))
     asked = (f"chosen by --modes auto among 1 … {s['settings']['auto_modes']}" if s["settings"].get("auto_modes")
              else f"asked for at most {s['settings']['modes']}")
-    table.add_row("modes (M)", f"{s['modes']} ({asked}; sampled K = {s['settings']['samples']}, "
+    _add(table, "modes (M)", f"{s['modes']} ({asked}; sampled K = {s['settings']['samples']}, "
                   f"seed {s['settings']['seed']})")
     settings = s["settings"]
     start, stop, every = settings["start"], settings["stop"], settings["every"]
     selection = ("all checkpoints" if start is None and stop is None and every == 1 else
                  f"checkpoints[{'' if start is None else start}:{'' if stop is None else stop}:{every}]")
-    table.add_row("fitted on", f"{selection} of {settings['source']}"
+    _add(table, "fitted on", f"{selection} of {settings['source']}"
                   + "".join(f" --include {p}" for p in settings["include"])
                   + "".join(f" --exclude {p}" for p in settings["exclude"]))
     if s.get("online"):
         F, names = s["online"]["warmup"], s["checkpoint_names"]
-        table.add_row("online", f"modes found on the first {F} checkpoints ({names[0]} … {names[F - 1]}), "
+        _add(table, "online", f"modes found on the first {F} checkpoints ({names[0]} … {names[F - 1]}), "
                       f"then {s['online']['updates']} exact update{'s' * (s['online']['updates'] != 1)} of a, b")
     if s.get("embedding"):
-        table.add_row("embedded", embedding_line(s["embedding"], s["time"]))
-    table.add_row("trajectory store", settings["trajectory"])
+        _add(table, "embedded", embedding_line(s["embedding"], s["time"]))
+    _add(table, "trajectory store", settings["trajectory"])
     for label, text in compression_rows(s):
-        table.add_row(label, text)
-    table.add_row("rel_error", f"{s['rel_error']:.3g}  (‖W − Ŵ‖ / ‖W‖ over all checkpoints)")
-    table.add_row("rel_error_displacement", f"{s['rel_error_displacement']:.3g}  (error ÷ how far weights moved from "
+        _add(table, label, text)
+    _add(table, "rel_error", f"{s['rel_error']:.3g}  (‖W − Ŵ‖ / ‖W‖ over all checkpoints)")
+    _add(table, "rel_error_displacement", f"{s['rel_error_displacement']:.3g}  (error ÷ how far weights moved from "
                                             "the first checkpoint)")
     curve = s.get("error_curve")
     if curve:
-        table.add_row("modes chosen", f"M = {curve['chosen']}: {curve['rule']} (--modes auto; measured on "
+        _add(table, "modes chosen", f"M = {curve['chosen']}: {curve['rule']} (--modes auto; measured on "
                       f"{curve['measured_on']})")
-        table.add_row("error vs M", "  ".join(f"{m}:{e:.3g}" for m, e in zip(curve["modes"], curve["rel_error"])))
+        _add(table, "error vs M", "  ".join(f"{m}:{e:.3g}" for m, e in zip(curve["modes"], curve["rel_error"])))
     if s["settings"].get("refine"):
-        table.add_row("refined", f"{s['settings']['refine']} Lloyd-style passes over the references")
+        _add(table, "refined", f"{s['settings']['refine']} Lloyd-style passes over the references")
     _print(table)
     modes = Table(title=None, box=None, pad_edge=False)
     for column in ("mode", "parameters", "share") + (("reference parameter",) if references else ()):
@@ -155,7 +173,7 @@ def print_summary(s: dict, references: list | None = None) -> None:
         if references:
             name, index = references[m]
             row.append(f"{name}[{', '.join(map(str, index))}]")
-        modes.add_row(*row)
+        _add(modes, *row)
     _print(modes)
 
 

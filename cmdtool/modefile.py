@@ -50,8 +50,8 @@ import h5py
 import numpy as np
 
 from . import modefile_checks as checks
-from ._files import temporary_sibling
-from ._hdf5 import SliceReader, check_space, read_strings, read_text, write_text
+from ._files import require_regular, temporary_sibling
+from ._hdf5 import SliceReader, check_links, check_space, read_strings, read_text, write_text
 from .checkpoints.schema import CheckpointInfo
 from .decompose import label_dtype
 from .errors import CmdError
@@ -271,10 +271,7 @@ def open_mode_file(path: Path) -> ModeFile:
             contents that are inconsistent or unsafe.
     """
     path = Path(path)
-    if not path.exists():
-        raise CmdError(f"{path}: no such file")
-    if path.is_dir():
-        raise CmdError(f"{path}: is a directory, expected a mode file")
+    require_regular(path, "a mode file")
     try:
         handle = h5py.File(path, "r")
     except OSError:
@@ -290,6 +287,7 @@ def open_mode_file(path: Path) -> ModeFile:
             raise CmdError(f"{path}: mode-file format version {version} is not supported "
                            f"(this cmdtool reads version {FORMAT_VERSION}; upgrade cmdtool)")
         version = int(version)
+        check_links(handle)
         checks.check_storage(handle, path.stat().st_size)
         settings, warmup = checks.read_settings(handle)
         mode_file = ModeFile(

@@ -113,6 +113,10 @@ def check_contents(mf) -> None:
         counts += np.bincount(labels[start:start + 2**16], minlength=M)
     if not np.array_equal(counts, mf.mode_sizes):
         raise ValueError("mode_sizes do not count the labels")
+    curve = mf.metrics.error_curve
+    if curve is not None and (curve["chosen"] != mf.settings.modes or M > curve["chosen"]):
+        raise ValueError(f"metrics.error_curve.chosen is {curve['chosen']}, but the fit asked for at most "
+                         f"{mf.settings.modes} modes and found {M}")
     for name in mf.names:
         plain_name(name, "checkpoint name")
     if len(set(mf.names)) != T:

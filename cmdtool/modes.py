@@ -226,13 +226,23 @@ def error_curve_from_json(curve: Any) -> dict | None:
         raise ValueError("metrics.error_curve.modes must be distinct integers of at least 1")
     if not all(is_integer(n) and 1 <= n <= m for n, m in zip(found, modes)):
         raise ValueError("metrics.error_curve.found must be integers from 1 to the M tried")
-    if not all((is_integer(e) or isinstance(e, float) and math.isfinite(e)) and e >= 0 for e in errors):
+    if not all(_finite_number(e) and e >= 0 for e in errors):
         raise ValueError("metrics.error_curve.rel_error must be finite numbers, not negative")
     if not is_integer(curve["chosen"]) or curve["chosen"] not in modes:
         raise ValueError("metrics.error_curve.chosen must be one of its modes")
     if not isinstance(curve["measured_on"], str) or not isinstance(curve["rule"], str):
         raise ValueError("metrics.error_curve: measured_on and rule must be strings")
-    return dict(curve)
+    return {**curve, "rel_error": [float(e) for e in errors]}
+
+
+def _finite_number(value: Any) -> bool:
+    """An int or float that is finite as a float (JSON's 10**400 is an int no float holds)."""
+    if not (is_integer(value) or isinstance(value, float)):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 @dataclass(frozen=True)

@@ -23,13 +23,13 @@ from typing import TYPE_CHECKING, Callable, Iterable, Sequence
 import h5py
 import numpy as np
 
-from ._files import replace_path, temporary_sibling
-from ._hdf5 import read_strings, read_text, write_text
+from ._files import replace_path, require_regular, temporary_sibling
+from ._hdf5 import check_links, read_strings, read_text, write_text
 from ._portable import open_fd, write_full
 from .checkpoints.schema import CheckpointInfo
 from .errors import CmdError
 from .layout import DTYPE_SIZES, Layout
-from .trajectory import TrajectoryStore, check_finite
+from .trajectory import TrajectoryStore, check_finite, check_unreplaced
 
 if TYPE_CHECKING:
     from .checkpoints.discover import Checkpoint
@@ -60,6 +60,11 @@ class ColumnReader:
         self.checkpoint, self.layout, self.ema = checkpoint, layout, ema
         self.bytes_read = 0
         self._reader = checkpoint.open(ema)
+        try:
+            check_unreplaced(checkpoint.path, self._reader.signature, layout)
+        except CmdError:
+            self.close()
+            raise
 
     def read(self, start: int, stop: int) -> np.ndarray:
         """Columns ``start:stop`` of the trajectory row of this checkpoint, finite-checked; the file
@@ -240,7 +245,9 @@ def open_sharded(path: Path) -> ShardedStore:
     folder = Path(path)
     index = folder / INDEX
     try:
+        require_regular(index, "a sharded store's index")
         with h5py.File(index, "r") as f:
+            check_links(f)
             if f.attrs.get("kind") != SHARDS_KIND or not f.attrs.get("complete"):
                 raise CmdError(f"{folder}: not a complete cmdtool sharded trajectory store")
             layout = Layout.from_json(read_text(f, "layout"))
@@ -250,7 +257,9 @@ def open_sharded(path: Path) -> ShardedStore:
             fingerprint = str(f.attrs.get("fingerprint", ""))
         maps, varies = [], []
         for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:])):
+            require_regular(folder / shard_name(i), "a trajectory shard")
             with h5py.File(folder / shard_name(i), "r") as f:
+                check_links(f)
                 ds = f["W"]
                 if not f.attrs.get("complete") or (f.attrs["start"], f.attrs["stop"]) != (lo, hi):
                     raise CmdError(f"{folder / shard_name(i)}: shard is incomplete or does not match the index")

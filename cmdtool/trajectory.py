@@ -17,13 +17,13 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
 
-from ._files import temporary_sibling
-from ._hdf5 import check_space, read_strings, read_text, write_text
+from ._files import require_regular, special_kind, temporary_sibling
+from ._hdf5 import check_links, check_space, read_strings, read_text, write_text
 from ._portable import allocate, open_fd, write_full
 from .checkpoints.schema import CheckpointInfo
 from .errors import CmdError
@@ -145,9 +145,11 @@ def open_store(path: Path) -> TrajectoryStore:
     """Open a complete store read-only; raise CmdError if it is not one."""
     f = None
     try:
+        require_regular(path, "a trajectory store")
         f = h5py.File(path, "r")
         if f.attrs.get("kind") != STORE_KIND or not f.attrs.get("complete"):
             raise CmdError(f"{path}: not a complete cmdtool trajectory store")
+        check_links(f)
         layout = Layout.from_json(read_text(f, "layout"))
         time = f["time"][()]
         names = read_strings(f, "names")
@@ -178,6 +180,8 @@ def open_store(path: Path) -> TrajectoryStore:
 def store_fingerprint(path: Path) -> str | None:
     """The fingerprint of a complete store at ``path``, or None if there is none."""
     try:
+        if special_kind(path) is not None:  # a FIFO or device: never opened
+            return None
         with h5py.File(path, "r") as f:
             if f.attrs.get("kind") == STORE_KIND and f.attrs.get("complete"):
                 return str(f.attrs["fingerprint"])
@@ -210,6 +214,15 @@ def read_signatures(checkpoints: Sequence[Checkpoint], include: Sequence[str], e
             infos.append(reader.info)
         advance(1)
     return layout, infos
+
+
+def check_unreplaced(path: Path, signature: Mapping[str, tuple], layout: Layout) -> None:
+    """A checkpoint opened for the ingest still has the tensors its header had when
+    ``read_signatures`` checked it: a file replaced meanwhile by one of another layout is refused."""
+    try:
+        check_same_tensors(path, signature, layout.signature, "the layout checked before the ingest")
+    except CmdError as e:
+        raise CmdError(f"{e}: the file was replaced during the ingest") from None
 
 
 def check_finite(row: np.ndarray, source: object, name: str) -> None:
@@ -292,6 +305,7 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             attachments = f.create_group("attachments")
             for t, c in enumerate(checkpoints):
                 with c.open(ema) as reader:
+                    check_unreplaced(c.path, reader.signature, layout)
                     for digest, data in reader.attachments.items():
                         if digest not in attachments:
                             attachments.create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))

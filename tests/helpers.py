@@ -99,7 +99,7 @@ def error_line(result) -> str:
     assert isinstance(result.exception, SystemExit), result.exception  # not an uncaught exception
     assert "Traceback" not in result.output
     assert result.stdout == ""
-    assert result.warnings == [], "warnings would reach stderr"
+    assert result.warnings == [], f"warnings would reach stderr: {result.warnings}"
     lines = result.stderr.splitlines()
     assert len(lines) == 1, f"expected one line on stderr, got:\n{result.stderr}"
     assert lines[0].startswith("error: "), lines[0]

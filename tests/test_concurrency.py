@@ -175,19 +175,38 @@ def test_report_refuses_a_store_rebuilt_since_the_fit(runner, tmp_path):
 
 
 def test_a_killed_runs_temporary_files_are_removed_by_the_next_run(runner, tmp_path):
+    """Temporaries say their machine: this machine's are removed when their process is gone;
+    another machine's (a shared filesystem), and those of older versions without a machine name,
+    only when untouched for a day."""
+    from cmdtool._files import STALE_AFTER_S, _host
     run = counted_run(tmp_path / "run", T=4)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     pid = int(dead.stdout)  # a process that has exited
+    host = _host()
     mode_file, store = tmp_path / "m.cmd.h5", tmp_path / "t.h5"
-    stale = [tmp_path / f".m.cmd.h5.{pid}.tmp", tmp_path / f".t.h5.{pid}.tmp"]
-    live = tmp_path / f".m.cmd.h5.{os.getppid()}.tmp"  # a live process's: kept
-    other = tmp_path / f".notes.txt.{pid}.tmp"         # not a name of this output: kept
-    for path in (*stale, live, other):
+    stale = [tmp_path / f".m.cmd.h5.{host}.{pid}.tmp", tmp_path / f".t.h5.{host}.{pid}.tmp"]
+    old_elsewhere = [tmp_path / f".m.cmd.h5.other-machine.{os.getpid()}.tmp", tmp_path / f".m.cmd.h5.{pid}.tmp"]
+    live = tmp_path / f".m.cmd.h5.{host}.{os.getppid()}.tmp"  # a live process's: kept
+    other = tmp_path / f".notes.txt.{host}.{pid}.tmp"         # not a name of this output: kept
+    elsewhere = [tmp_path / f".m.cmd.h5.other-machine.{pid}.tmp", tmp_path / f".t.h5.{pid + 1}.tmp"]  # recent: kept
+    for path in (*stale, *old_elsewhere, live, other, *elsewhere):
         with h5py.File(path, "w"):
             pass
+    for path in old_elsewhere:
+        os.utime(path, (time.time() - STALE_AFTER_S - 60,) * 2)
     ok(cmd(runner, "fit", run, "-o", mode_file, "--trajectory", store, "-m", "2"))
-    assert not any(p.exists() for p in stale) and live.exists() and other.exists()
-    assert temporary_sibling(mode_file).name == f".m.cmd.h5.{os.getpid()}.tmp"
+    assert not any(p.exists() for p in stale + old_elsewhere)
+    assert live.exists() and other.exists() and all(p.exists() for p in elsewhere)
+    assert temporary_sibling(mode_file).name == f".m.cmd.h5.{host}.{os.getpid()}.tmp"
+
+
+def test_temporary_names_fit_name_max_for_a_254_byte_name(tmp_path):
+    name = "é" * 124 + "abc.pt"  # 254 bytes
+    tmp = temporary_sibling(tmp_path / name)
+    assert len(tmp.name.encode()) <= 255 and tmp.name.endswith(f".{os.getpid()}.tmp")
+    assert temporary_sibling(tmp_path / name) == tmp  # one name, one temporary name
+    tmp.write_bytes(b"")
+    assert tmp.name.startswith("." + "é" * 93 + "~")
 
 
 def test_lock_protocol_survives_removal_between_open_and_lock(tmp_path, monkeypatch):

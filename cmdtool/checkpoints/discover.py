@@ -17,6 +17,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from .._files import require_regular
 from ..errors import CmdError
 from .adapters import ADAPTER_CONFIG, ADAPTER_STACK, ADAPTER_WEIGHTS, adapter_weights, check_adapter_config
 from .dcp import DcpReader, dcp_files, is_dcp_folder
@@ -246,6 +247,7 @@ def _is_utf8(name: str) -> bool:
 
 
 def _examine_file(path: Path) -> _Found:
+    require_regular(path, "a checkpoint file")  # a FIFO would block, a device read without end
     if path.stat().st_size == 0:
         raise CmdError(f"{path}: empty file: not a safetensors or torch checkpoint (truncated or corrupt)")
     fmt = sniff_format(path)

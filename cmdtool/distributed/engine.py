@@ -11,6 +11,9 @@ rescheduled by Dask (its scheduler retries a task whose worker died, up to
 
 from __future__ import annotations
 
+import logging
+import os
+import threading
 import uuid
 import warnings
 from contextlib import contextmanager, nullcontext
@@ -66,21 +69,25 @@ class Engine:
             raise CmdError(f"workers and `scheduler` need Dask, which failed to import ({e})", parameter="workers",
                            mentions=("scheduler",)) from None
         if scheduler is not None:
+            _probe(scheduler)
             try:
                 return cls(Client(scheduler, timeout=f"{CONNECT_TIMEOUT_S}s"))
             except (OSError, TimeoutError, ValueError) as e:
                 raise CmdError(f"cannot reach the Dask scheduler at {scheduler} ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0] if str(e) else 'no answer'})") from None
-        if workers < 1:
-            raise CmdError(f"workers must be at least 1 (got {workers})", parameter="workers")
+                               f"{_first_line(e) or 'no answer'})") from None
+        if not 1 <= workers <= max_workers():
+            raise CmdError(f"workers must be 1 … {max_workers()} (4 per CPU core of this machine; got {workers})",
+                           parameter="workers")
         import dask.config
 
         environment = {f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in WORKER_MALLOC.items()}
         with warnings.catch_warnings(), dask.config.set(environment):
             # its HTTP server (health, metrics) takes any free port
             warnings.filterwarnings("ignore", message="Port .* is already in use", category=UserWarning)
+            # silence_logs: a failing task is raised here as the one error line; the workers' own
+            # "Compute Failed" report with its traceback would come before it on stderr
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, host="127.0.0.1",
-                                   dashboard_address=None)
+                                   dashboard_address=None, silence_logs=logging.CRITICAL)
         return cls(Client(cluster), cluster)
 
     def close(self) -> None:
@@ -150,6 +157,65 @@ class Engine:
             parts.append(measured)
             advance(call[2] - call[1])
         return combine(parts)
+
+
+def max_workers() -> int:
+    """The most ``--workers`` on this machine: 4 per CPU core, at most 256 (each worker is a process
+    with its own sockets and files; beyond that a machine runs out of descriptors, not speed)."""
+    return min(256, 4 * (os.cpu_count() or 1))
+
+
+def _first_line(error: BaseException) -> str:
+    return " ".join(str(error).splitlines()[:1])[:200]
+
+
+def _probe(scheduler: str) -> None:
+    """Connect to ``scheduler`` once with Dask's own protocol, the whole exchange bounded by
+    ``CONNECT_TIMEOUT_S``: Dask bounds the TCP connect by its timeout but then waits for the
+    scheduler's handshake without one (a peer that accepts and never speaks hangs the client
+    forever), and a peer that sends garbage makes it allocate whatever length it declares. Only
+    ``tcp://`` (the default scheme): ``tls://`` needs security settings cmdtool does not pass."""
+    import asyncio
+
+    from distributed.comm import connect
+    from distributed.comm.addressing import parse_address
+
+    try:
+        scheme, _ = parse_address(scheduler)
+    except (ValueError, TypeError) as e:
+        raise CmdError(f"scheduler {scheduler!r} is not a Dask address ({_first_line(e)})",
+                       parameter="scheduler") from None
+    if scheme != "tcp":
+        raise CmdError(f"scheduler {scheduler}: only tcp:// addresses are supported (not {scheme}://)",
+                       parameter="scheduler")
+
+    async def handshake() -> None:
+        comm = await asyncio.wait_for(connect(scheduler, timeout=CONNECT_TIMEOUT_S), CONNECT_TIMEOUT_S)
+        await comm.close()
+
+    outcome: list[BaseException] = []
+
+    def run() -> None:  # in a thread of its own: the caller may be inside an event loop (a notebook)
+        try:
+            asyncio.run(handshake())
+        except BaseException as e:
+            outcome.append(e)
+
+    thread = threading.Thread(target=run, name="cmdtool-dask-probe", daemon=True)
+    thread.start()
+    thread.join()
+    try:
+        if outcome:
+            raise outcome[0]
+    except (asyncio.TimeoutError, TimeoutError):
+        raise CmdError(f"cannot reach the Dask scheduler at {scheduler} (no answer within "
+                       f"{CONNECT_TIMEOUT_S} s)") from None
+    except OSError as e:
+        raise CmdError(f"cannot reach the Dask scheduler at {scheduler} ({type(e).__name__}: "
+                       f"{_first_line(e) or 'no answer'})") from None
+    except Exception as e:  # MemoryError, ValueError, ...: what a peer that is no scheduler sent
+        raise CmdError(f"cannot reach the Dask scheduler at {scheduler} (it is not a Dask scheduler: "
+                       f"{type(e).__name__})") from None
 
 
 def engine_for(workers: int | None, scheduler: str | None):

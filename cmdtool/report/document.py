@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..units import human_bytes
 from . import selection_blocks
-from .render import Heading, Image, Paragraph, Table
+from .render import Heading, Image, Paragraph, Table, code, text
 
 
 def embedding_note(e: dict, names: list[str]) -> str:
@@ -63,8 +63,8 @@ def curve_sentence(curve: dict | None) -> list:
     if not curve:
         return []
     points = ", ".join(f"{m}: {e:.3g}" for m, e in zip(curve["modes"], curve["rel_error"]))
-    return [Paragraph(f"**M = {curve['chosen']}** was chosen by `--modes auto` ({curve['rule']}; measured on "
-                      f"{curve['measured_on']}). Held-out relative error against M: {points}.")]
+    return [Paragraph(f"**M = {curve['chosen']}** was chosen by `--modes auto` ({text(curve['rule'])}; measured on "
+                      f"{text(curve['measured_on'])}). Held-out relative error against M: {points}.")]
 
 
 def _number(value, digits: int = 4) -> str:
@@ -81,18 +81,19 @@ def blocks(r: dict) -> tuple[list, list]:
     names, time = per_checkpoint["name"], per_checkpoint["time"]
     mode_file = Path(r["mode_file"]["path"]).name
     summary = [
-        Heading(1, f"CMD report: {mode_file}"),
+        Heading(1, f"CMD report: {text(mode_file)}"),
         Heading(2, "Verdict"),
         *(Paragraph(line) for line in r["verdict"]["lines"]),
         Heading(2, "The run"),
-        Paragraph(f"{run['checkpoints']} checkpoints ({names[0]} … {names[-1]}, time {time[0]} … {time[-1]}) of "
+        Paragraph(f"{run['checkpoints']} checkpoints ({text(names[0])} … {text(names[-1])}, time {time[0]} … "
+                  f"{time[-1]}) of "
                   f"{run['parameters']:,} parameters in {run['tensors_modelled']} tensors"
                   + (f" (+{run['tensors_carried']} carried verbatim)" if run["tensors_carried"] else "")
                   + f", modelled by **{run['modes']} modes**: every parameter follows `a·r(t) + b` of its "
                   f"mode's reference trajectory `r(t)`. Trajectory: {r['trajectory']['kind']} "
-                  f"`{r['trajectory']['trajectory']}`."
+                  f"{code(r['trajectory']['trajectory'])}."
                   + (f" **Online fit**: modes from the first {r['online']['warmup']} checkpoints (warm-up, up to "
-                     f"{r['online']['warmup_last']}), then {r['online']['updates']} exact updates of `a, b`."
+                     f"{text(r['online']['warmup_last'])}), then {r['online']['updates']} exact updates of `a, b`."
                      if r.get("online") else "")),
         Heading(2, "How well the modes explain the run"),
         Paragraph("`rel_error` is ‖W − Ŵ‖ / ‖W‖ over all checkpoints; `rel_error_displacement` divides the same "
@@ -118,7 +119,7 @@ def blocks(r: dict) -> tuple[list, list]:
         export = selection_blocks.export_line(r)
         summary += [
             Heading(2, "Final weights"),
-            Paragraph(f"Scored by `{evaluation['function']}`. CMD's reconstructed weights against what one would "
+            Paragraph(f"Scored by {code(evaluation['function'])}. CMD's reconstructed weights against what one would "
                       "otherwise keep: the last checkpoint, averages of the last checkpoints (LAWA / SWA style), an "
                       "EMA over checkpoints, and PCA of the trajectory. Bold: the best value of each metric and "
                       "every value within the sampling error of it (see the verdict). The last column writes the "
@@ -153,7 +154,7 @@ def blocks(r: dict) -> tuple[list, list]:
         Table(["#", "checkpoint", "time", "CMD rel_error", "CMD rel_error_displacement", "PCA d=1 rel_error",
                "PCA d=2 rel_error", *(f"{k} original" for k in per_metric), *(f"{k} CMD" for k in per_metric),
                *(["embedded"] if embedded else [])],
-              [[str(t), names[t], str(time[t]), _number(per_checkpoint["cmd"]["rel_error"][t]),
+              [[str(t), text(names[t]), str(time[t]), _number(per_checkpoint["cmd"]["rel_error"][t]),
                 _number(per_checkpoint["cmd"]["rel_error_displacement"][t]),
                 _number(per_checkpoint["pca_1"]["rel_error"][t]), _number(per_checkpoint["pca_2"]["rel_error"][t]),
                 *(_number(evaluation["per_checkpoint"]["original"][k][t]) for k in per_metric),
@@ -166,7 +167,8 @@ def blocks(r: dict) -> tuple[list, list]:
                   "move; 1 is lock-step) and which parameter is the reference."),
         Table(["mode", "parameters", "share", "mean |corr|", "reference parameter"],
               [[str(m["mode"]), f"{m['parameters']:,}", f"{100 * m['share']:.1f}%", _number(m["mean_abs_corr"], 3),
-                f"{m['reference']['tensor']}[{', '.join(map(str, m['reference']['index']))}]"] for m in r["modes"]],
+                text(f"{m['reference']['tensor']}[{', '.join(map(str, m['reference']['index']))}]")]
+               for m in r["modes"]],
               numeric=[True, True, True, True, False]),
         Image(plots["references"], "Reference trajectory of each mode"),
         Image(plots["correlation"], "|corr| of the sampled parameters, grouped by mode (the paper's figure 1)"),
@@ -181,10 +183,11 @@ def blocks(r: dict) -> tuple[list, list]:
                   "in each mode (each row sums to 100%; the paper observes every mode spread over all layers)."),
         Table(["tensor", "parameters", "rel_error", "rel_error last", "rel_error_displacement last",
                *(f"mode {m['mode']}" for m in modes)],
-              [[layer["name"], f"{layer['parameters']:,}", _number(layer["rel_error"]),
+              [[text(layer["name"]), f"{layer['parameters']:,}", _number(layer["rel_error"]),
                 _number(layer["rel_error_last"]),
                 _number(layer["rel_error_displacement_last"]),
-                *(f"{100 * m['layers'][layer['name']] / layer['parameters']:.0f}%" for m in modes)]
+                *(f"{100 * m['layers'][layer['name']] / layer['parameters']:.0f}%" if layer["parameters"] else "–"
+                  for m in modes)]
                for layer in layers]
               + [["layers present in the mode", "", "", "", "",
                   *(f"{sum(1 for c in m['layers'].values() if c)}/{len(layers)}" for m in modes)]],

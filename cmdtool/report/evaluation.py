@@ -8,10 +8,13 @@ import math
 import operator
 import os
 import re
+import signal
 import sys
+import threading
+from contextlib import contextmanager, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Mapping, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Mapping, NamedTuple, Sequence
 
 from ..errors import CmdError
 from .selection import flatten_scores
@@ -22,13 +25,102 @@ if TYPE_CHECKING:
 Evaluate = Callable[[dict], Mapping]  # state_dict -> {metric: value} or {split: {metric: value}}
 
 
-def load_evaluate(spec: str, parameter: str = "evaluate") -> Evaluate:
+class EvaluationTimeout(BaseException):
+    """The user's function ran past ``--eval-timeout`` (a BaseException: its ``except Exception`` must
+    not swallow it)."""
+
+
+@contextmanager
+def _contained() -> Iterator[None]:
+    """Run the user's code so that it cannot disturb the command: what it prints, with ``print`` or
+    on file descriptor 1 (C code, ``os.write(1, …)``), goes to stderr, not into ``--json`` output on
+    stdout; and the working folder is restored after it (a ``os.chdir`` in it would make the
+    command's relative paths, its output's temporary name among them, resolve elsewhere)."""
+    folder = os.getcwd()
+    sys.stdout.flush()
+    try:
+        saved = os.dup(1)
+    except OSError:  # no descriptor 1 (a closed stdout): nothing to protect
+        saved = None
+    try:
+        if saved is not None:
+            os.dup2(2, 1)
+        with redirect_stdout(sys.stderr):
+            yield
+    finally:
+        try:
+            sys.stderr.flush()
+        except (OSError, ValueError):
+            pass
+        if saved is not None:
+            os.dup2(saved, 1)
+            os.close(saved)
+        os.chdir(folder)
+
+
+def time_limited(evaluate: Evaluate, seconds: float | None) -> Evaluate:
+    """``evaluate`` stopped after ``seconds`` (``--eval-timeout``) with ``EvaluationTimeout``.
+
+    In the main thread of a POSIX process, a ``SIGALRM`` timer (``signal.setitimer``) raises it
+    inside the function: Python code stops at once, a long C call (one big tensor operation) when it
+    returns. Elsewhere (Windows has no ``SIGALRM``; a caller's own thread cannot receive signals) the
+    function runs in a daemon thread that is waited for ``seconds``; on expiry the command goes on
+    to its error and the thread is left behind (Python cannot stop a thread), ending with the process."""
+    if seconds is None:
+        return evaluate
+
+    def limited(state):
+        if hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread():
+            return _with_alarm(evaluate, state, seconds)
+        return _in_thread(evaluate, state, seconds)
+
+    limited.__name__ = getattr(evaluate, "__name__", "evaluate")
+    limited.time_limit = seconds
+    return limited
+
+
+def _with_alarm(function: Evaluate, state: dict, seconds: float):
+    def expire(signum, frame):
+        raise EvaluationTimeout(seconds)
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        return function(state)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _in_thread(function: Evaluate, state: dict, seconds: float):
+    outcome: dict = {}
+
+    def run() -> None:
+        try:
+            outcome["value"] = function(state)
+        except BaseException as e:  # handed to the caller's thread
+            outcome["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True, name="cmdtool-eval")
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise EvaluationTimeout(seconds)
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["value"]
+
+
+def load_evaluate(spec: str, timeout: float | None = None, parameter: str = "evaluate") -> Evaluate:
     """``module:function`` (imported with the current folder on the path, like ``python -m``) or
     ``path/to/file.py:function`` (imported with its own folder on the path, so it can import the
-    modules beside it): a function ``state_dict -> {metric: float}`` or ``{split: {metric: float}}``."""
+    modules beside it): a function ``state_dict -> {metric: float}`` or ``{split: {metric: float}}``.
+    ``timeout``: seconds each call may take (``time_limited``)."""
     target, sep, name = spec.rpartition(":")
     if not sep or not target or not name:
         raise CmdError(f"{parameter} {spec!r}: expected module:function or path.py:function", parameter=parameter)
+    if timeout is not None and not (math.isfinite(timeout) and timeout > 0):
+        raise CmdError(f"eval_timeout must be a positive number of seconds (got {timeout})", parameter="eval_timeout")
     try:
         if target.endswith(".py"):
             path = Path(target)
@@ -39,11 +131,13 @@ def load_evaluate(spec: str, parameter: str = "evaluate") -> Evaluate:
                 sys.path.insert(0, folder)
             module_spec = importlib.util.spec_from_file_location(f"cmdtool_eval_{path.stem}", path)
             module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
+            with _contained():
+                module_spec.loader.exec_module(module)
         else:
             if os.getcwd() not in sys.path:
                 sys.path.insert(0, os.getcwd())
-            module = importlib.import_module(target)
+            with _contained():
+                module = importlib.import_module(target)
     except (CmdError, KeyboardInterrupt):
         raise
     except BaseException as e:  # the user's module failed to import (or called sys.exit): say so in one line
@@ -52,16 +146,20 @@ def load_evaluate(spec: str, parameter: str = "evaluate") -> Evaluate:
     function = getattr(module, name, None)
     if not callable(function):
         raise CmdError(f"{parameter} {spec!r}: {target} has no function {name!r}", parameter=parameter)
-    return function
+    return time_limited(function, timeout)
 
 
 def run_evaluate(evaluate: Evaluate, state: dict[str, torch.Tensor], what: str, spec: str) -> dict[str, float]:
     """Call the user's function on one state dict; its answer maps names to numbers, or split names
     to such maps (``{"val": {...}, "test": {...}}``, keyed ``val/accuracy`` from then on)."""
     try:
-        result = evaluate(state)
+        with _contained():
+            result = evaluate(state)
     except (KeyboardInterrupt, CmdError):
         raise
+    except EvaluationTimeout as e:
+        raise CmdError(f"evaluate {spec}: did not finish on {what} within {e.args[0]:g} s (`eval_timeout`)",
+                       parameter="evaluate", mentions=("eval_timeout",)) from None
     except BaseException as e:  # SystemExit too: the user's function ending the process is its failure
         raise CmdError(f"evaluate {spec}: failed on {what}: {describe_error(e)}", parameter="evaluate") from None
     return flatten_scores(result, what, spec)

@@ -35,6 +35,17 @@ def _text_inches(text: str, fontsize: float) -> float:
     return 0.55 * fontsize * len(text) / 72
 
 
+def short(text: str, limit: int = 60) -> str:
+    """A label of at most ``limit`` characters: a longer one (a tensor or metric name) keeps its
+    start and end around an ellipsis. Names are whole in the report's tables; a plot has room for
+    a label only as long as its figure."""
+    text = str(text)
+    if len(text) <= limit:
+        return text
+    keep = (limit - 1) // 2
+    return text[:keep] + "…" + text[len(text) - (limit - 1 - keep):]
+
+
 def _save(fig, path: Path) -> None:
     fig.savefig(path, dpi=DPI, metadata={"Software": None})
     plt.close(fig)
@@ -96,6 +107,7 @@ def embedded(time: np.ndarray, fraction: Sequence[float], boundary: float | None
 def mode_layers(counts: np.ndarray, layers: Sequence[str], path: Path) -> None:
     """Mode × layer heat map: the share of each layer's parameters that falls in each mode."""
     M, L = counts.shape
+    layers = [short(name) for name in layers]
     share = counts / np.maximum(counts.sum(axis=0, keepdims=True), 1)
     bottom = 0.2 + _text_inches(max(layers, key=len, default=""), 7)  # the layer names, written upwards
     # at least a quarter inch per mode above the names (long names, such as a PEFT adapter's, take inches)
@@ -143,7 +155,7 @@ def metric(time: np.ndarray, original: Mapping[str, Sequence[float]], cmd: Mappi
     for ax, name in zip(axes.flat, names):
         ax.plot(time, original[name], marker="o", markersize=3, label="original")
         ax.plot(time, cmd[name], marker="s", markersize=3, label="CMD reconstruction")
-        ax.set_title(name)
+        ax.set_title(short(name))
         ax.set_xlabel("checkpoint time")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=8)
@@ -164,7 +176,7 @@ def parameters(time: np.ndarray, original: np.ndarray, reconstructed: np.ndarray
             continue
         ax.plot(time, original[:, j], color="C0", label="original")
         ax.plot(time, reconstructed[:, j], color="C1", linestyle="--", label="CMD")
-        ax.set_title(titles[j], fontsize=8)
+        ax.set_title(short(titles[j]), fontsize=8)
         ax.tick_params(labelsize=7)
         if j == 0:
             ax.legend(fontsize=7)
@@ -188,7 +200,7 @@ def families(time: np.ndarray, series: Mapping[str, Mapping[str, Sequence[float]
             if family in chosen:
                 ax.plot(time[chosen[family]], values[chosen[family]], "*", markersize=12, color=f"C{i}",
                         markeredgecolor="black", markeredgewidth=0.6)
-        ax.set_title(key)
+        ax.set_title(short(key))
         ax.set_xlabel("checkpoint time")
         ax.grid(True, alpha=0.3)
     values = np.array([np.nan if v is None else v for scores in series.values() for key in keys for v in scores[key]],

@@ -33,6 +33,27 @@ class Image(NamedTuple):
 Block = Union[Heading, Paragraph, Table, Image]
 
 
+# Markdown's active punctuation: emphasis, code, links and images, HTML, strikethrough, entities (``|``
+# matters in tables only, where ``_md_cell`` escapes it; ``_`` inside a word emphasises nothing)
+_MARKDOWN_ACTIVE = re.compile(r"([\\`*\[\]<>!~&]|(?<![0-9A-Za-z])_|_(?![0-9A-Za-z]))")
+
+
+def text(stored: object) -> str:
+    """A stored string (a checkpoint or tensor name, a path, a mode file's settings) as literal text
+    of a block: control characters escaped (``console.shown``) and Markdown's active characters
+    backslash-escaped, so that neither ``<script>`` nor ``![x](http://…)`` becomes markup in
+    report.md; ``to_html`` renders the escapes as the characters."""
+    from ..console import shown
+    return _MARKDOWN_ACTIVE.sub(r"\\\1", shown(stored))
+
+
+def code(stored: object) -> str:
+    """A stored string as a code span (nothing in it is markup, in Markdown and in ``to_html``):
+    control characters escaped, a backtick, which would end the span, written as ``'``."""
+    from ..console import shown
+    return "`" + shown(stored).replace("`", "'") + "`"
+
+
 def _md_cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -55,10 +76,25 @@ def to_markdown(blocks: Sequence[Block]) -> str:
     return "\n\n".join(out) + "\n"
 
 
-def _inline_html(text: str) -> str:
-    text = html.escape(text, quote=False)
-    text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
-    return re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
+_INLINE = re.compile(r"\\([!-/:-@\[-`{-~])|`([^`]+)`|\*\*((?:\\.|[^*\\])+)\*\*")
+
+
+def _inline_html(markdown: str) -> str:
+    """The inline Markdown of the blocks as HTML: backslash escapes (``text``), `code` and **bold**;
+    everything else is text, HTML-escaped."""
+    out, last = [], 0
+    for match in _INLINE.finditer(markdown):
+        out.append(html.escape(markdown[last:match.start()], quote=False))
+        escaped, code_span, bold = match.groups()
+        if escaped is not None:
+            out.append(html.escape(escaped, quote=False))
+        elif code_span is not None:
+            out.append(f"<code>{html.escape(code_span, quote=False)}</code>")
+        else:
+            out.append(f"<strong>{_inline_html(bold)}</strong>")
+        last = match.end()
+    out.append(html.escape(markdown[last:], quote=False))
+    return "".join(out)
 
 
 _STYLE = """

@@ -82,8 +82,12 @@ def flatten_scores(result: Mapping, what: str, spec: str) -> dict[str, float]:
     for key, value in items:
         try:
             scores[str(key)] = float(value)
+        except OverflowError:  # an int beyond any float: 10**400
+            raise CmdError(f"evaluate {spec}: metric {key!r} on {what} is an integer too large for a float",
+                           parameter="evaluate") from None
         except (TypeError, ValueError):
-            raise CmdError(f"evaluate {spec}: metric {key!r} on {what} is {value!r}, not a number",
+            shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+            raise CmdError(f"evaluate {spec}: metric {key!r} on {what} is {shown}, not a number",
                            parameter="evaluate") from None
     return scores
 
