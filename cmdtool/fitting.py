@@ -1,13 +1,17 @@
-"""Post-hoc CMD of a trajectory (paper §3.2), as one call that returns the modes in memory.
+"""Post-hoc CMD of a trajectory (paper §3.2): the modes in memory, or written as they stream.
 
 ``fit_trajectory(source, settings)`` runs steps 1–6 of ``decompose.py`` over any ``(T, N)`` trajectory
 source (a trajectory store on disk, or rows held in memory) and returns a ``Modes``; writing it is
-``modefile.write_mode_file``'s job. ``cmd fit``, the warm-up of ``cmd fit --warmup``, ``cmd watch``
-and ``OnlineCMD`` all call it.
+``modefile.write_mode_file``'s job. The warm-up of ``cmd fit --warmup``, ``cmd watch``, ``OnlineCMD``
+and the ``CMD`` estimator call it. ``fit_to_file`` runs the same steps and writes each tile's
+``labels, a, b`` into the mode file as the pass yields them (``cmd fit``): the same file, in memory
+that does not grow with N.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
@@ -15,6 +19,7 @@ import numpy as np
 from .auto_modes import AUTO_TOLERANCE, choose_modes, error_curve
 from .checkpoints.schema import CheckpointInfo
 from .decompose import (
+    NormalisedReferences,
     correlation_matrix,
     find_modes,
     fit_tile,
@@ -114,7 +119,8 @@ def column_groups(N: int, width: int, group_columns: int = GROUP_COLUMNS) -> lis
 def fit_trajectory(source: TrajectorySource, settings: FitSettings, *, tile_columns: int | None = None,
                    progress: Progress = no_progress, map_tiles: MapTiles | None = None) -> Modes:
     """Steps 1–6 of CMD over ``source``, with BLAS on one thread: the products are too skinny to
-    share (see pyproject.toml). Memory: the ``(T, K)`` sample, one tile, and ``labels, a, b``.
+    share (see pyproject.toml). Memory: the ``(T, K)`` sample, one tile, and ``labels, a, b``
+    (9 bytes per parameter: ``fit_to_file`` writes them as they come instead).
 
     ``map_tiles`` runs steps 5–6 elsewhere (``cmdtool.distributed``: one Dask task per group of
     tiles); the sums are added here, tile by tile in column order, so the mode file is the same
@@ -122,7 +128,38 @@ def fit_trajectory(source: TrajectorySource, settings: FitSettings, *, tile_colu
     from threadpoolctl import threadpool_limits
 
     with threadpool_limits(limits=1, user_api="blas"):
-        return _decompose(source, settings, tile_columns, progress, map_tiles)
+        found = _find_modes(source, settings)
+        header = _header(source, found)
+        N, dtype = source.N, label_dtype(found.M)
+        labels, a, b = np.empty(N, dtype=dtype), np.empty(N, dtype=np.float32), np.empty(N, dtype=np.float32)
+
+        def keep(tile: TileResult) -> None:
+            columns = slice(tile.start, tile.stop)
+            labels[columns], a[columns], b[columns] = tile.labels, tile.a, tile.b
+
+        mode_sizes, metrics = _assign_and_fit(source, found, tile_columns, progress, map_tiles, keep)
+        return dataclasses.replace(header, labels=labels, a=a, b=b, mode_sizes=mode_sizes, metrics=metrics)
+
+
+def fit_to_file(source: TrajectorySource, settings: FitSettings, path: Path, *, tile_columns: int | None = None,
+                progress: Progress = no_progress, map_tiles: MapTiles | None = None) -> Path:
+    """``fit_trajectory`` written straight into the mode file ``path``: each tile's ``labels, a, b``
+    go into the file as the pass yields them (``modefile.ModeFileWriter``), so memory does not grow
+    with N; the file is the same, byte for byte, as ``write_mode_file`` of ``fit_trajectory``'s
+    result, and appears at ``path`` only when complete."""
+    from threadpoolctl import threadpool_limits
+
+    from .modefile import ModeFileWriter
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        found = _find_modes(source, settings)
+        header = _header(source, found)
+        with ModeFileWriter(path, header) as writer:
+            def write(tile: TileResult) -> None:
+                writer.parameters(tile.start, tile.labels, tile.a, tile.b)
+
+            mode_sizes, metrics = _assign_and_fit(source, found, tile_columns, progress, map_tiles, write)
+            return writer.finish(dataclasses.replace(header, mode_sizes=mode_sizes, metrics=metrics))
 
 
 def _error_curve(source: TrajectorySource, sample: np.ndarray, trajectories: np.ndarray, C: np.ndarray,
@@ -160,9 +197,22 @@ def _error_curve(source: TrajectorySource, sample: np.ndarray, trajectories: np.
             "rule": f"smallest M within {AUTO_TOLERANCE:.0%} of the smallest held-out error"}
 
 
-def _decompose(source: TrajectorySource, settings: FitSettings, tile_columns: int | None,
-               progress: Progress, map_tiles: MapTiles | None) -> Modes:
-    layout, T, N = source.layout, source.T, source.N
+class FoundModes(NamedTuple):
+    """Steps 1–4 of a fit: the settings (M chosen when auto), the sample, the references."""
+    settings: FitSettings
+    sample: np.ndarray           # (K,) parameter indices
+    reference_positions: np.ndarray  # (M,) positions into the sample
+    normalised: NormalisedReferences
+    curve: dict | None           # --modes auto: the error curve
+
+    @property
+    def M(self) -> int:
+        return len(self.reference_positions)
+
+
+def _find_modes(source: TrajectorySource, settings: FitSettings) -> FoundModes:
+    """Steps 1–4 on the ``(T, K)`` sample: modes and their normalised references."""
+    layout, T = source.layout, source.T
     sample = sample_parameters([s.size for s in layout.modelled], source.varies, settings.samples, settings.seed)
     if len(sample) == 0:
         raise CmdError(f"every modelled parameter is constant over the {T} checkpoints: nothing to decompose")
@@ -174,18 +224,35 @@ def _decompose(source: TrajectorySource, settings: FitSettings, tile_columns: in
     if settings.auto_modes is not None:
         curve = _error_curve(source, sample, trajectories, C, settings, tree)
         settings = settings.replace(modes=curve["chosen"])
-    sample_labels, reference_positions = find_modes(trajectories, C, settings.modes, settings.refine, tree)
+    _, reference_positions = find_modes(trajectories, C, settings.modes, settings.refine, tree)
     normalised = normalise_references(trajectories[:, reference_positions].T)
-    references = normalised.references
-    M = len(reference_positions)
+    return FoundModes(settings, sample, reference_positions, normalised, curve)
 
+
+def _header(source: TrajectorySource, found: FoundModes) -> Modes:
+    """The ``Modes`` of a fit without what the streaming pass gives (``labels, a, b``, sizes, metrics)."""
+    layout, settings, normalised = source.layout, found.settings, found.normalised
+    return Modes(
+        layout=layout, references=normalised.references.astype(np.float32), reference_offset=normalised.offset,
+        reference_scale=normalised.scale, reference_index=found.sample[found.reference_positions].astype(np.int64),
+        labels=None, a=None, b=None, mode_sizes=None, time=np.asarray(source.time, dtype=np.int64),
+        names=list(source.names), infos=list(source.infos), settings=settings, metrics=None,
+        carried={spec.name: source.carried(spec.name) for spec in layout.carried
+                 if spec.name not in dropped(layout, settings)},
+        attachments=source.attachments())
+
+
+def _assign_and_fit(source: TrajectorySource, found: FoundModes, tile_columns: int | None, progress: Progress,
+                    map_tiles: MapTiles | None, keep: Callable[[TileResult], None]) -> tuple[np.ndarray, FitMetrics]:
+    """Steps 5–6: one pass over the column tiles (here, or through ``map_tiles``); each tile's
+    ``TileResult`` goes to ``keep`` in column order, its sums are added here in that order.
+    Returns the mode sizes and the fit's metrics."""
+    T, N, M = source.T, source.N, found.M
+    references = found.normalised.references
     if map_tiles is None:
         def map_tiles(references: np.ndarray, width: int) -> Iterator[TileResult]:
             for start, stop, block in source.tiles(width):
                 yield fit_tile_result(start, stop, block, references, source.varies[start:stop])
-    labels = np.empty(N, dtype=label_dtype(M))
-    a = np.empty(N, dtype=np.float32)
-    b = np.empty(N, dtype=np.float32)
     totals = dict.fromkeys(("sse", "sq_norm", "sq_displacement", "sq_centred"), 0.0)
     mode_sizes = np.zeros(M, dtype=np.int64)
     mode_sse = np.zeros(M)
@@ -195,7 +262,7 @@ def _decompose(source: TrajectorySource, settings: FitSettings, tile_columns: in
             start, stop = tile.start, tile.stop
             if start != expected:
                 raise RuntimeError(f"tiles out of order: got columns {start}:{stop}, expected {expected}")
-            labels[start:stop], a[start:stop], b[start:stop] = tile.labels, tile.a, tile.b
+            keep(tile)
             mode_sizes += tile.mode_sizes
             mode_sse += tile.mode_sse
             for name in totals:
@@ -204,12 +271,4 @@ def _decompose(source: TrajectorySource, settings: FitSettings, tile_columns: in
             advance(stop - start)
     if expected != N:
         raise RuntimeError(f"tiles ended at column {expected} of {N}")
-    return Modes(
-        layout=layout, references=references.astype(np.float32), reference_offset=normalised.offset,
-        reference_scale=normalised.scale, reference_index=sample[reference_positions].astype(np.int64),
-        labels=labels, a=a, b=b, mode_sizes=mode_sizes, time=np.asarray(source.time, dtype=np.int64),
-        names=list(source.names), infos=list(source.infos), settings=settings,
-        metrics=FitMetrics.of(mode_sse=mode_sse, error_curve=curve, **totals),
-        carried={spec.name: source.carried(spec.name) for spec in layout.carried
-                 if spec.name not in dropped(layout, settings)},
-        attachments=source.attachments())
+    return mode_sizes, FitMetrics.of(mode_sse=mode_sse, error_curve=found.curve, **totals)

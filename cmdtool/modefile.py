@@ -82,32 +82,84 @@ def write_mode_file(path: Path, modes: Modes, replaces: ModeFile | None = None) 
     only when complete, so that a reader (or a kill) never sees a partial file. ``replaces``: the
     mode file at ``path``, open because ``modes`` reads from it (``cmd update``): closed before the
     rename where the platform renames no file over an open one (Windows)."""
-    path = Path(path)
-    tmp = temporary_sibling(path)
-    try:
-        with h5py.File(tmp, "w") as f:
-            check_space(tmp, checks.expected_bytes(modes), path)
-            _write(f, modes)
+    with ModeFileWriter(path, modes) as writer:
+        writer.parameters(0, modes.labels, modes.a, modes.b)
+        return writer.finish(modes, replaces)
+
+
+class ModeFileWriter:
+    """A mode file written while a fit streams: the references when it is made (the fit has found
+    them), ``labels, a, b`` slice by slice in column order (``parameters``), everything else and the
+    rename into place at ``finish``; memory is one slice, whatever N is. The datasets are created
+    once, in the order ``write_mode_file`` of a whole ``Modes`` gives (it is this writer, with one
+    slice), so a streamed fit's file holds the same bytes. Until ``finish`` the file has a temporary
+    name beside ``path``; leaving the ``with`` block without it removes the file.
+
+    ``header`` is a ``Modes`` whose per-parameter arrays and metrics may still be missing: its
+    layout, references, time, checkpoints, settings, carried tensors and attachments are used."""
+
+    def __init__(self, path: Path, header: Modes):
+        self.path, self.N, self.written = Path(path), header.layout.n_parameters, 0
+        self.tmp = temporary_sibling(self.path)
+        self.file = h5py.File(self.tmp, "w")
         try:
-            os.replace(tmp, path)
+            check_space(self.tmp, checks.expected_bytes(header), self.path)
+            f = self.file
+            f.create_dataset("references", data=np.asarray(header.references, dtype=np.float32))
+            f.create_dataset("reference_offset", data=np.asarray(header.reference_offset, dtype=np.float64))
+            f.create_dataset("reference_scale", data=np.asarray(header.reference_scale, dtype=np.float64))
+            f.create_dataset("reference_index", data=np.asarray(header.reference_index, dtype=np.int64))
+            self.columns = [f.create_dataset(name, shape=(self.N,), dtype=dtype) for name, dtype in
+                            (("labels", label_dtype(header.M)), ("a", np.float32), ("b", np.float32))]
+        except BaseException:
+            self.close()
+            raise
+
+    def parameters(self, start: int, labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
+        """``labels, a, b`` of the columns from ``start`` on, which must follow the last ones written."""
+        if start != self.written:
+            raise RuntimeError(f"mode file {self.path}: columns from {start} written after {self.written}")
+        stop = start + len(labels)
+        if not len(a) == len(b) == stop - start or stop > self.N:
+            raise ValueError(f"mode file {self.path}: columns {start}:{stop} do not fit N = {self.N}")
+        if stop > start:
+            for dataset, values in zip(self.columns, (labels, a, b)):
+                dataset.write_direct(np.ascontiguousarray(values, dtype=dataset.dtype), dest_sel=np.s_[start:stop])
+        self.written = stop
+
+    def finish(self, modes: Modes, replaces: ModeFile | None = None) -> Path:
+        """Write the rest of ``modes`` (its ``labels, a, b`` are those written) and rename the file
+        into place (``replaces``: see ``write_mode_file``)."""
+        if self.written != self.N:
+            raise RuntimeError(f"mode file {self.path}: {self.written} of {self.N} columns written")
+        _write_rest(self.file, modes)
+        self.file.close()
+        try:
+            os.replace(self.tmp, self.path)
         except PermissionError:
             if replaces is None:
                 raise
             replaces.close()
-            os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+            os.replace(self.tmp, self.path)
+        return self.path
+
+    def close(self) -> None:
+        """Close and remove the temporary file (nothing once ``finish`` has renamed it)."""
+        try:
+            if self.file.id.valid:
+                self.file.close()
+        finally:
+            self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> "ModeFileWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def _write(f: h5py.File, modes: Modes) -> None:
-    f.create_dataset("references", data=np.asarray(modes.references, dtype=np.float32))
-    f.create_dataset("reference_offset", data=np.asarray(modes.reference_offset, dtype=np.float64))
-    f.create_dataset("reference_scale", data=np.asarray(modes.reference_scale, dtype=np.float64))
-    f.create_dataset("reference_index", data=np.asarray(modes.reference_index, dtype=np.int64))
-    f.create_dataset("labels", data=np.asarray(modes.labels, dtype=label_dtype(modes.M)))
-    f.create_dataset("a", data=np.asarray(modes.a, dtype=np.float32))
-    f.create_dataset("b", data=np.asarray(modes.b, dtype=np.float32))
+def _write_rest(f: h5py.File, modes: Modes) -> None:
+    """Everything of a mode file after ``labels, a, b`` (``ModeFileWriter.finish``)."""
     f.create_dataset("time", data=np.asarray(modes.time, dtype=np.int64))
     f.create_dataset("checkpoints", data=modes.names, dtype=h5py.string_dtype())
     f.create_dataset("checkpoint_info", data=[i.to_json() for i in modes.infos], dtype=h5py.string_dtype())

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Sequence
 
 from .checkpoints import Discovery
 from .errors import CmdError
-from .fitting import fit_trajectory
+from .fitting import fit_to_file
 from .modefile import check_output_path, open_mode_file, summarize, write_mode_file
 from .modes import REFINE, FitSettings, parse_modes
 from .online import fit_warmup
@@ -114,19 +114,17 @@ def fit(checkpoint_dir: str | Path, output: str | Path, *, modes: int | str = 10
                                              force=force, shard_columns=shard_columns, progress=progress)
             settings = settings.replace(trajectory=str(prepared.path.resolve()),
                                         trajectory_fingerprint=prepared.store.fingerprint)
-            result = fit_trajectory(prepared.store, settings, tile_columns=tile_columns, progress=progress,
-                                    map_tiles=engine.map_tiles(prepared.store, shard_columns))
-        write_mode_file(output, result)
+            fit_to_file(prepared.store, settings, output, tile_columns=tile_columns, progress=progress,
+                        map_tiles=engine.map_tiles(prepared.store, shard_columns))
         return FitResult(output, prepared.path, prepared.reused, summarize(output), prepared.discovery)
     prepared = prepare_store(checkpoint_dir, start=start, stop=stop, every=every, include=include,
                              exclude=exclude, ema=ema, trajectory=trajectory, force=force, progress=progress)
     settings = settings.replace(trajectory=str(prepared.path.resolve()),
                                 trajectory_fingerprint=prepared.store.fingerprint)
-    if warmup is not None:
-        result = fit_warmup(prepared.store, settings, tile_columns, progress)
+    if warmup is not None:  # online CMD holds its state (a, b, the first checkpoint) in memory
+        write_mode_file(output, fit_warmup(prepared.store, settings, tile_columns, progress))
     else:
-        result = fit_trajectory(prepared.store, settings, tile_columns=tile_columns, progress=progress)
-    write_mode_file(output, result)
+        fit_to_file(prepared.store, settings, output, tile_columns=tile_columns, progress=progress)
     return FitResult(output, prepared.path, prepared.reused, summarize(output), prepared.discovery)
 
 

@@ -219,7 +219,6 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
     clamped = Clamped() if clamped is None else clamped
     direct = [states is None and info.format == "safetensors" and not info.is_folder and _numpy_dtypes_only(modes)
               for _, info, _ in plans]
-    parameters = None
     written: list[tuple[Path, Path]] = []
     done = False
     try:
@@ -234,12 +233,8 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
                     advance(len(group))
                     group = []
                 continue
-            if states is not None:
-                state = states(i)
-            else:
-                if parameters is None and len(indices) > 1:
-                    parameters = modes.parameters()  # read once for many checkpoints
-                state = state_dict_at(modes, i, parameters, clamped)
+            # each tensor's labels, a, b read from the file per checkpoint: memory is the checkpoint, not N more
+            state = states(i) if states is not None else state_dict_at(modes, i, clamped=clamped)
             write_checkpoint(tmp, state, info, modes.attachment, shown=target)
             advance(1)
         for tmp, target in written:

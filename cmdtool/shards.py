@@ -3,13 +3,13 @@ each, plus a small index file, in one folder that every Dask worker sees.
 
 ``FOLDER/index.h5`` holds what a single-file store holds besides ``W`` (layout, time, names, write-back
 infos, carried tensors, attachments, the fingerprint) and the shard bounds; ``FOLDER/shard-00000.h5``
-… hold ``W[:, lo:hi]`` as a contiguous float32 ``(T, hi − lo)`` dataset (memory-mapped, as the
-single-file store) and that shard's ``varies`` flags. Each shard file is written by one task, which
-reads its column range from every checkpoint (``read_columns``: for plain safetensors files only
-those bytes), so ingest runs in parallel over shards with no two writers on one file. The folder is
-built under a temporary name and renamed into place when complete. ``ShardedStore`` is a
-``Trajectory``: the fit and the report read it as they read a single-file store.
-Knows nothing about CMD or Dask.
+… hold ``W[:, lo:hi]`` as a contiguous ``(T, hi − lo)`` dataset in the single-file store's dtype
+(``trajectory.stored_dtype``; memory-mapped, read as float32) and that shard's ``varies`` flags.
+Each shard file is written by one task, which reads its column range from every checkpoint
+(``read_columns``: for plain safetensors files only those bytes), so ingest runs in parallel over
+shards with no two writers on one file. The folder is built under a temporary name and renamed
+into place when complete. ``ShardedStore`` is a ``Trajectory``: the fit and the report read it as
+they read a single-file store. Knows nothing about CMD or Dask.
 """
 
 from __future__ import annotations
@@ -29,7 +29,15 @@ from ._portable import open_fd, write_full
 from .checkpoints.schema import CheckpointInfo
 from .errors import CmdError
 from .layout import DTYPE_SIZES, Layout
-from .trajectory import TrajectoryStore, check_finite, check_unreplaced
+from .trajectory import (
+    STORED_TYPES,
+    EncodedRows,
+    TrajectoryStore,
+    check_finite,
+    check_unreplaced,
+    encode,
+    stored_dtype,
+)
 
 if TYPE_CHECKING:
     from .checkpoints.discover import Checkpoint
@@ -109,7 +117,10 @@ def write_shard(job: ShardJob) -> int:
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-            h5py.h5d.create(f.id, b"W", h5py.h5t.IEEE_F32LE, h5py.h5s.create_simple((T, max(n, 1))), dcpl=dcpl)
+            dtype = stored_dtype(job.layout)  # as the single-file store: a 16-bit run stays 16-bit
+            h5type, element = STORED_TYPES[dtype]
+            h5py.h5d.create(f.id, b"W", h5type, h5py.h5s.create_simple((T, max(n, 1))), dcpl=dcpl)
+            encoded = np.empty(n, dtype=element)
             offset = f["W"].id.get_offset()
             varies, first = np.zeros(n, dtype=bool), None
             fd = open_fd(tmp, os.O_WRONLY)
@@ -125,11 +136,12 @@ def write_shard(job: ShardJob) -> int:
                         first = row
                     else:
                         varies |= row != first
-                    write_full(fd, memoryview(row).cast("B"), offset + 4 * t * n)
+                    stored = encode(row, dtype, encoded)
+                    write_full(fd, memoryview(stored).cast("B"), offset + element.itemsize * t * n)
             finally:
                 os.close(fd)
             f.create_dataset("varies", data=varies)
-            f.attrs.update(kind=SHARDS_KIND, start=job.start, stop=job.stop, complete=True)
+            f.attrs.update(kind=SHARDS_KIND, start=job.start, stop=job.stop, complete=True, W_dtype=dtype)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -264,8 +276,13 @@ def open_sharded(path: Path) -> ShardedStore:
                 if not f.attrs.get("complete") or (f.attrs["start"], f.attrs["stop"]) != (lo, hi):
                     raise CmdError(f"{folder / shard_name(i)}: shard is incomplete or does not match the index")
                 shape, offset = (len(names), int(hi - lo)), ds.id.get_offset()
+                dtype = str(f.attrs.get("W_dtype", "float32"))
+                if dtype not in STORED_TYPES or ds.dtype != STORED_TYPES[dtype][1]:
+                    raise CmdError(f"{folder / shard_name(i)}: shard is inconsistent (W is {ds.dtype}, said {dtype})")
                 varies.append(f["varies"][()].astype(bool))
-            maps.append(np.memmap(folder / shard_name(i), dtype="<f4", mode="r", offset=offset, shape=shape))
+            rows = np.memmap(folder / shard_name(i), dtype=STORED_TYPES[dtype][1], mode="r", offset=offset,
+                             shape=shape)
+            maps.append(rows if dtype == "float32" else EncodedRows(rows, dtype))
     except CmdError:
         raise
     except (OSError, KeyError, ValueError) as e:

@@ -1,13 +1,16 @@
-"""The trajectory store: checkpoints stacked as an HDF5 matrix ``W`` of shape ``(T, N)``, float32.
+"""The trajectory store: checkpoints stacked as an HDF5 matrix ``W`` of shape ``(T, N)``.
 
-``W`` is contiguous (no chunks, no compression) and allocated up front, so it is memory-mapped with
-numpy at the dataset's file offset: ingest writes one checkpoint row at a time, the fit reads
-``(T, tile)`` column blocks. The store also keeps what a fit needs without reopening the
-checkpoints: the layout, the time axis, per-checkpoint write-back info, carried tensors (raw bytes),
-the files a Hugging Face folder copies back (``attachments/<sha256>``, each stored once) and a
-``varies`` flag per parameter (not constant over time). A fingerprint of the inputs (file
-names, sizes, modification times, selection) lets an unchanged folder reuse its store.
-Knows nothing about CMD.
+``W`` keeps the run's own precision: when every modelled tensor is bfloat16 (or every one float16)
+it holds their 16-bit values (bfloat16 as its bits in ``uint16``, attribute ``W_dtype``), so the
+store is no bigger than the checkpoints; otherwise float32. Readers see float32 either way
+(``EncodedRows``: bfloat16 and float16 widen to float32 exactly). ``W`` is contiguous (no chunks,
+no compression) and allocated up front, so it is memory-mapped with numpy at the dataset's file
+offset: ingest writes one checkpoint row at a time, the fit reads ``(T, tile)`` column blocks.
+The store also keeps what a fit needs without reopening the checkpoints: the layout, the time
+axis, per-checkpoint write-back info, carried tensors (raw bytes), the files a Hugging Face folder
+copies back (``attachments/<sha256>``, each stored once) and a ``varies`` flag per parameter (not
+constant over time). A fingerprint of the inputs (file names, sizes, modification times,
+selection) lets an unchanged folder reuse its store. Knows nothing about CMD.
 """
 
 from __future__ import annotations
@@ -27,15 +30,71 @@ from ._hdf5 import check_links, check_space, read_strings, read_text, write_text
 from ._portable import allocate, open_fd, write_full
 from .checkpoints.schema import CheckpointInfo
 from .errors import CmdError
-from .layout import Layout, build_layout, check_same_tensors, dataset_key
+from .layout import DTYPE_SIZES, Layout, build_layout, check_same_tensors, dataset_key
 
 if TYPE_CHECKING:
     from .checkpoints.discover import Checkpoint
 
 STORE_KIND = "cmdtool-trajectory"
-STORE_VERSION = 2  # 2: attachments, --ema
+STORE_VERSION = 3  # 2: attachments, --ema; 3: W in the run's 16-bit dtype (an older reader would misread it)
+# How W stores values of each kind of run: HDF5 type, numpy dtype of the stored elements.
+STORED_TYPES = {"float32": (h5py.h5t.IEEE_F32LE, np.dtype("<f4")), "float16": (h5py.h5t.IEEE_F16LE, np.dtype("<f2")),
+                "bfloat16": (h5py.h5t.STD_U16LE, np.dtype("<u2"))}
+
+
+def stored_dtype(layout: Layout) -> str:
+    """How a store keeps the run's values: its one 16-bit float dtype when every modelled tensor
+    has it (exact, half the bytes of float32), else float32 (which holds every float16 and
+    bfloat16 value exactly; float64 tensors are rounded to it, as they always were)."""
+    dtypes = {spec.dtype for spec in layout.modelled}
+    return dtypes.pop() if len(dtypes) == 1 and dtypes <= {"float16", "bfloat16"} else "float32"
+
+
+def encode(values: np.ndarray, dtype: str, out: np.ndarray) -> np.ndarray:
+    """float32 ``values`` read from tensors of ``dtype`` as the store keeps them (into ``out`` for a
+    16-bit dtype). Exact: the values are that dtype's, widened, so bfloat16's are float32's upper half."""
+    if dtype == "bfloat16":
+        np.right_shift(values.view(np.uint32), 16, out=out, casting="unsafe")
+    elif dtype == "float16":
+        np.copyto(out, values, casting="same_kind")
+    else:
+        return values
+    return out
+
+
+def decode(stored: np.ndarray, dtype: str) -> np.ndarray:
+    """Stored elements as float32 (a new array; bfloat16 bits become the upper half of float32's)."""
+    if dtype == "bfloat16":
+        return np.left_shift(stored.astype(np.uint32), 16).view(np.float32)
+    return np.asarray(stored, dtype=np.float32).copy() if dtype == "float16" else np.asarray(stored)
+
+
+class EncodedRows:
+    """A 16-bit store's ``W`` (a memory map of its stored elements) read as float32: indexing reads
+    the stored elements it selects and widens them (``decode``); other than that an array-like as
+    the float32 map is (``W[t]``, ``W[:, start:stop]``, ``W[:, index]``, ``np.asarray(W)``; ``W[a:b]``
+    is the rows' ``EncodedRows``, read when indexed)."""
+
+    def __init__(self, stored: np.ndarray, dtype: str):
+        self.stored, self.stored_dtype = stored, dtype
+        self.shape, self.ndim, self.dtype = stored.shape, stored.ndim, np.dtype(np.float32)
+
+    def __getitem__(self, key) -> np.ndarray | EncodedRows:
+        if isinstance(key, slice):  # rows only: still a view (the warm-up's first F rows), as a map's slice is
+            return EncodedRows(self.stored[key], self.stored_dtype)
+        return decode(np.asarray(self.stored[key]), self.stored_dtype)
+
+    def astype(self, dtype) -> np.ndarray:
+        return np.asarray(self).astype(dtype)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[:, :], dtype=dtype)
 
 Advance = Callable[[int], None]
+SPAN = 1 << 22  # values of one tensor read, checked and written at a time by build_store
 
 
 def fingerprint(checkpoints: Sequence[Checkpoint], include: Sequence[str], exclude: Sequence[str],
@@ -160,8 +219,12 @@ def open_store(path: Path) -> TrajectoryStore:
         shape, offset = ds.shape, ds.id.get_offset()
         if offset is None or shape != (len(names), layout.n_parameters) or flags_shape != (layout.n_parameters,):
             raise CmdError(f"{path}: trajectory store is inconsistent")
+        dtype = str(f.attrs.get("W_dtype", "float32"))
+        if dtype not in STORED_TYPES or ds.dtype != STORED_TYPES[dtype][1]:
+            raise CmdError(f"{path}: trajectory store is inconsistent (W is {ds.dtype}, said to be {dtype})")
         with os.fdopen(os.dup(f.id.get_vfd_handle()), "rb") as same_file:  # the inode h5py opened
-            W = np.memmap(same_file, dtype="<f4", mode="r", offset=offset, shape=shape)
+            W = np.memmap(same_file, dtype=STORED_TYPES[dtype][1], mode="r", offset=offset, shape=shape)
+            W = W if dtype == "float32" else EncodedRows(W, dtype)
             # varies mapped like W (page cache, not a byte per parameter of the process's own)
             varies = (flags[()].astype(bool, copy=False) if flags_offset is None else
                       np.memmap(same_file, dtype=np.bool_, mode="r", offset=flags_offset, shape=flags_shape))
@@ -274,21 +337,26 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
                 fingerprint_: str, ema: bool = False, advance: Advance = lambda n: None) -> TrajectoryStore:
     """Stack the checkpoints into a new store at ``path``, one tensor at a time (bounded memory).
 
-    Each tensor is read into one reused buffer (a safetensors float32 tensor straight from the
-    file, no memory map), checked for NaN/Inf, compared in place with the first checkpoint's values
-    (``varies``) and written with one ``pwrite`` into the preallocated ``W``. Carried tensors are
-    gathered in memory and written once each. Written to a temporary file beside ``path`` and
-    renamed into place only when complete.
+    Each tensor is read, ``SPAN`` elements at a time, into one reused buffer (a safetensors
+    float32 tensor straight from the file, no memory map), checked for NaN/Inf, compared in place
+    with the first checkpoint's values (``varies``) and written with one ``pwrite`` into the
+    preallocated ``W``, in the store's dtype (``stored_dtype``: a 16-bit run stays 16-bit): the
+    buffers are about 9 bytes a value of one span, however large the tensor (GPT-2's embedding is a
+    third of the model). Carried tensors are gathered in memory and written once each. Written to a
+    temporary file beside ``path`` and renamed into place only when complete.
     """
     path = Path(path)
     T, N = len(checkpoints), layout.n_parameters
     tmp = temporary_sibling(path)
     modelled = layout.modelled
-    largest = max(spec.size for spec in modelled)
+    largest = min(SPAN, max(spec.size for spec in modelled))
     buffer = np.empty(largest, dtype=np.float32)
-    converted = [spec.nbytes for spec in modelled if spec.dtype != "float32"]
-    scratch = np.empty(max(converted), dtype=np.uint8) if converted else None  # other dtypes' bytes
+    converted = [DTYPE_SIZES[spec.dtype] for spec in modelled if spec.dtype != "float32"]
+    scratch = np.empty(largest * max(converted), dtype=np.uint8) if converted else None  # other dtypes' bytes
     differs = np.empty(largest, dtype=bool)
+    dtype = stored_dtype(layout)
+    h5type, element = STORED_TYPES[dtype]
+    encoded = np.empty(largest, dtype=element) if dtype != "float32" else None
     carried = {spec.name: np.empty((T, spec.nbytes), dtype=np.uint8) for spec in layout.carried}
     moving = np.zeros(len(modelled), dtype=bool)      # every parameter of the tensor already varies
     varies = np.zeros(N, dtype=bool)
@@ -298,10 +366,11 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
             dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)
-            check_space(tmp, 4 * T * N + T * sum(spec.nbytes for spec in layout.carried) + 2**16, path)
-            h5py.h5d.create(f.id, b"W", h5py.h5t.IEEE_F32LE, h5py.h5s.create_simple((T, N)), dcpl=dcpl)
+            size = element.itemsize
+            check_space(tmp, size * T * N + T * sum(spec.nbytes for spec in layout.carried) + 2**16, path)
+            h5py.h5d.create(f.id, b"W", h5type, h5py.h5s.create_simple((T, N)), dcpl=dcpl)
             offset = f["W"].id.get_offset()
-            rows.reserve(offset, 4 * T * N)
+            rows.reserve(offset, size * T * N)
             attachments = f.create_group("attachments")
             for t, c in enumerate(checkpoints):
                 with c.open(ema) as reader:
@@ -310,18 +379,26 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
                         if digest not in attachments:
                             attachments.create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
                     for j, spec in enumerate(modelled):
-                        values = buffer[:spec.size]
-                        reader.read_float32(spec.name, values, scratch)
-                        check_finite(values, c.path, spec.name)
-                        rows.write(values, offset + 4 * (t * N + spec.offset))
-                        if t > 0 and not moving[j]:  # once moved, always varies
-                            np.not_equal(values, first[spec.columns], out=differs[:spec.size])
-                            np.logical_or(varies[spec.columns], differs[:spec.size], out=varies[spec.columns])
-                            moving[j] = bool(differs[:spec.size].all())
+                        compare, all_moved = t > 0 and not moving[j], True  # once moved, always varies
+                        for lo in range(0, spec.size, SPAN):
+                            n = min(SPAN, spec.size - lo)
+                            values = buffer[:n]
+                            reader.read_float32(spec.name, values, scratch,
+                                                None if n == spec.size else (lo, lo + n))
+                            check_finite(values, c.path, spec.name)
+                            stored = encode(values, dtype, None if encoded is None else encoded[:n])
+                            rows.write(stored, offset + size * (t * N + spec.offset + lo))
+                            if compare:
+                                columns = slice(spec.offset + lo, spec.offset + lo + n)
+                                np.not_equal(values, decode(first[columns], dtype), out=differs[:n])
+                                np.logical_or(varies[columns], differs[:n], out=varies[columns])
+                                all_moved = all_moved and bool(differs[:n].all())
+                        if compare:
+                            moving[j] = all_moved
                     for name, raw in carried.items():
                         reader.raw_bytes(name, raw[t])
                 if t == 0:
-                    first = np.memmap(tmp, dtype="<f4", mode="r", offset=offset, shape=(N,))
+                    first = np.memmap(tmp, dtype=element, mode="r", offset=offset, shape=(N,))
                 advance(1)
             del first
             group = f.create_group("carried")
@@ -332,7 +409,8 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             f.create_dataset("names", data=[c.name for c in checkpoints], dtype=h5py.string_dtype())
             f.create_dataset("infos", data=[i.to_json() for i in infos], dtype=h5py.string_dtype())
             write_text(f, "layout", layout.to_json())
-            f.attrs.update(kind=STORE_KIND, version=STORE_VERSION, fingerprint=fingerprint_, complete=True)
+            f.attrs.update(kind=STORE_KIND, version=STORE_VERSION, fingerprint=fingerprint_, complete=True,
+                           W_dtype=dtype)
         store = open_store(tmp)  # opened before the rename: this store, whatever replaces it at ``path`` later
         try:
             os.replace(tmp, path)

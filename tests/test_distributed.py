@@ -71,7 +71,8 @@ def test_sharded_store_holds_what_the_single_store_holds(tmp_path, run_dir):
 
 
 @pytest.mark.parametrize("fmt, dtypes", [("safetensors", ("bfloat16", "float16", "float64")),
-                                         ("torch", ("float32", "bfloat16"))])
+                                         ("torch", ("float32", "bfloat16")), ("safetensors", ("bfloat16",)),
+                                         ("torch", ("float16",))])
 def test_sharded_column_reads_equal_the_single_ingest_in_every_dtype(tmp_path, planted, fmt, dtypes):
     """Column ranges read with pread (safetensors) or cut from whole tensors (torch), across tensor
     and row boundaries, hold the values of the single-process ingest bit for bit."""
@@ -90,6 +91,8 @@ def test_sharded_column_reads_equal_the_single_ingest_in_every_dtype(tmp_path, p
     assert {spec.dtype for spec in layout.modelled} == set(dtypes)
     assert np.asarray(sharded.W).tobytes() == np.asarray(single.W).tobytes()
     assert np.array_equal(sharded.varies, single.varies)
+    with h5py.File(tmp_path / "sharded" / "shard-00000.h5") as f:  # a 16-bit run's shards in 16 bits
+        assert f["W"].dtype.itemsize == (2 if len(dtypes) == 1 else 4)
 
 
 def test_a_checkpoint_truncated_during_the_sharded_ingest_is_a_cmd_error_naming_it(tmp_path, run_dir, monkeypatch):

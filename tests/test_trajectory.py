@@ -8,11 +8,12 @@ import sys
 
 import h5py
 import numpy as np
+import pytest
 import torch
 from safetensors.torch import save_file
 
 import cmdtool
-from cmdtool.stores import default_store_path
+from cmdtool.stores import default_store_path, prepare_store
 from cmdtool.trajectory import open_store
 from helpers import plant, write_run
 
@@ -142,3 +143,86 @@ def test_the_store_reserves_its_rows_and_maps_varies(tmp_path, planted):
                                    trajectory=tmp_path / "t.h5").trajectory)
     assert isinstance(store.varies, np.memmap) and not store.varies.flags.writeable
     assert os.stat(tmp_path / "t.h5").st_blocks * 512 >= store.W.nbytes  # allocated, not a sparse hole
+
+
+def _widened(store):
+    """The store's rows as float32 in memory: what a float32 store of the same run holds."""
+    from cmdtool.trajectory import InMemoryTrajectory, moving_parameters
+    W = np.asarray(store.W)
+    return InMemoryTrajectory(store.layout, store.time, store.names, store.infos, moving_parameters(W), W,
+                              {s.name: store.carried(s.name) for s in store.layout.carried}, store.attachments())
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_16_bit_run_is_stored_in_16_bits_and_fits_as_if_widened(tmp_path, planted, dtype):
+    from cmdtool.fitting import fit_to_file
+    from cmdtool.modes import FitSettings
+
+    states = planted.states(dtype)
+    store = prepare_store(write_run(tmp_path / "run", states), trajectory=tmp_path / "t.h5").store
+    T, N = store.T, store.N
+    with h5py.File(tmp_path / "t.h5") as f:
+        assert f["W"].dtype == (np.uint16 if dtype == torch.bfloat16 else np.float16)
+        assert f.attrs["W_dtype"] == str(dtype).removeprefix("torch.")
+        assert f["W"].id.get_storage_size() == 2 * T * N  # half of float32's
+    # read back as float32: each checkpoint's values widened exactly
+    for t in (0, T - 1):
+        expected = np.concatenate([states[t][spec.name].float().numpy().ravel() for spec in store.layout.modelled])
+        np.testing.assert_array_equal(store.W[t], expected)
+        assert store.W[t].dtype == np.float32
+    widened = _widened(store)
+    columns = np.array([0, 5, N - 1])
+    np.testing.assert_array_equal(store.columns(columns), widened.W[:, columns])
+    settings = FitSettings(modes=3, samples=200)
+    fit_to_file(store, settings, tmp_path / "16.cmd.h5", tile_columns=50)
+    fit_to_file(widened, settings, tmp_path / "32.cmd.h5", tile_columns=50)
+    assert (tmp_path / "16.cmd.h5").read_bytes() == (tmp_path / "32.cmd.h5").read_bytes()
+
+
+def test_a_run_of_mixed_float_dtypes_is_stored_as_float32(tmp_path, planted):
+    states = planted.states(torch.bfloat16)
+    for state in states:
+        state["fc.bias"] = state["fc.bias"].float()
+    store = prepare_store(write_run(tmp_path / "run", states), trajectory=tmp_path / "t.h5").store
+    with h5py.File(tmp_path / "t.h5") as f:
+        assert f["W"].dtype == np.float32 and f.attrs["W_dtype"] == "float32"
+    np.testing.assert_array_equal(store.W[3][:8], states[3]["bn.running_mean"].float().numpy())
+
+
+@pytest.mark.parametrize("fmt, dtype", [("safetensors", torch.float32), ("safetensors", torch.bfloat16),
+                                        ("torch", torch.float32)])
+def test_tensors_read_in_spans_give_the_same_store(tmp_path, planted, monkeypatch, fmt, dtype):
+    """build_store reads big tensors SPAN values at a time: the same W and varies as whole-tensor reads,
+    including which parameters are constant (some of conv.weight and all of fc.bias here)."""
+    import cmdtool.trajectory as trajectory
+
+    states = planted.states(dtype)
+    for state in states[1:]:
+        state["conv.weight"].view(-1)[5:40] = states[0]["conv.weight"].view(-1)[5:40]
+        state["fc.bias"] = states[0]["fc.bias"].clone()
+    run = write_run(tmp_path / "run", states, fmt=fmt)
+    whole = prepare_store(run, trajectory=tmp_path / "whole.h5").store
+    monkeypatch.setattr(trajectory, "SPAN", 7)
+    spans = prepare_store(run, trajectory=tmp_path / "spans.h5").store
+    assert np.asarray(spans.W).tobytes() == np.asarray(whole.W).tobytes()
+    np.testing.assert_array_equal(spans.varies, whole.varies)
+    np.testing.assert_array_equal(spans.varies, (np.asarray(whole.W)[1:] != np.asarray(whole.W)[0]).any(axis=0))
+    assert 0 < np.count_nonzero(~spans.varies) == 35 + 10
+
+
+def test_a_bfloat16_store_warm_up_reads_row_slices_lazily_and_fits_as_widened(tmp_path, planted):
+    from cmdtool.modefile import write_mode_file
+    from cmdtool.modes import FitSettings
+    from cmdtool.online import fit_warmup
+    from cmdtool.trajectory import EncodedRows
+
+    store = prepare_store(write_run(tmp_path / "run", planted.states(torch.bfloat16)),
+                          trajectory=tmp_path / "t.h5").store
+    head = store.W[:5]
+    assert isinstance(head, EncodedRows) and head.shape == (5, store.N)  # not decoded until indexed
+    np.testing.assert_array_equal(np.asarray(head), np.asarray(store.W)[:5])
+    np.testing.assert_array_equal(head.astype(np.float64), np.asarray(store.W)[:5].astype(np.float64))
+    settings = FitSettings(modes=3, samples=200, warmup=8)
+    write_mode_file(tmp_path / "16.cmd.h5", fit_warmup(store, settings, tile_columns=50))
+    write_mode_file(tmp_path / "32.cmd.h5", fit_warmup(_widened(store), settings, tile_columns=50))
+    assert (tmp_path / "16.cmd.h5").read_bytes() == (tmp_path / "32.cmd.h5").read_bytes()

@@ -16,21 +16,23 @@ import os
 import threading
 import uuid
 import warnings
+from collections import deque
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
 from ..errors import CmdError
 from ..fitting import TileResult, column_groups, group_step, tile_width
-from ..report.metrics import FitMeasures, combine
+from ..report.metrics import FitMeasures, TensorOfColumn, combine
 from ..shards import ShardedStore
 from ..trajectory import TrajectoryStore
 from . import tasks
 
 CONNECT_TIMEOUT_S = 10
+IN_FLIGHT_PER_WORKER = 2  # tasks submitted a worker ahead of the result the client waits for
 MALLOC_KEEP_BYTES = 64 * 2**20
 # glibc reads these when a worker process starts (other C libraries ignore them). Dask's nanny
 # starts workers with MALLOC_TRIM_THRESHOLD_=65536, which also fixes glibc's mmap threshold at
@@ -101,22 +103,26 @@ class Engine:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def _in_order(self, function: Callable, calls: list[tuple]) -> Iterator:
-        """Submit one task per argument tuple; yield their results in the order of ``calls``."""
+    def _in_order(self, function: Callable, calls: Iterable[tuple]) -> Iterator:
+        """Submit one task per argument tuple; yield their results in the order of ``calls``. At most
+        ``IN_FLIGHT_PER_WORKER`` tasks a worker are submitted ahead of the result the client waits for,
+        so that neither the arguments ``calls`` makes (the report's ``labels, a, b`` of a group) nor
+        the results waiting to be gathered add up to N of anything, on the client or the workers."""
         token = uuid.uuid4().hex[:8]
         name = function.__name__
-        futures = [self.client.submit(function, *args, key=f"cmd-{name}-{token}-{i}", pure=False)
-                   for i, args in enumerate(calls)]
-        self.stats["tasks"] += len(futures)
+        window = IN_FLIGHT_PER_WORKER * max(1, len(self.client.nthreads()))
+        pending: deque = deque()
         try:
-            for i in range(len(futures)):
-                value = futures[i].result()
-                futures[i] = None  # let the scheduler drop it
-                yield value
+            for i, args in enumerate(calls):
+                pending.append(self.client.submit(function, *args, key=f"cmd-{name}-{token}-{i}", pure=False))
+                self.stats["tasks"] += 1
+                if len(pending) > window:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
         finally:
-            for f in futures:
-                if f is not None:
-                    f.cancel()
+            for f in pending:
+                f.cancel()
 
     def map_shards(self, function: Callable, jobs: list) -> list:
         """``map`` for ``shards.build_sharded``: one ingest task per shard (``function`` is
@@ -142,20 +148,21 @@ class Engine:
         """The report's streaming pass (``metrics.measure`` with the same groups) on the workers."""
         T, N = modes.T, modes.N
         width = tile_width(T)
-        sizes = [s.size for s in modes.layout.modelled]
-        ends = np.cumsum(sizes)
-        calls = []
-        for lo, hi in column_groups(N, width, group_step(width)):
-            labels, a, b = modes.parameters(slice(lo, hi))
-            tensor_of_column = np.searchsorted(ends, np.arange(lo, hi), side="right")
-            calls.append((location(store), lo, hi, width, labels, a, b, modes.references, tensor_of_column,
-                          len(sizes), self.task_hook))
+        tensor_of_column = TensorOfColumn([s.size for s in modes.layout.modelled])
+        groups = column_groups(N, width, group_step(width))
+
+        def calls() -> Iterator[tuple]:  # read from the mode file as the tasks are submitted
+            for lo, hi in groups:
+                labels, a, b = modes.parameters(slice(lo, hi))
+                yield (location(store), lo, hi, width, labels, a, b, modes.references, tensor_of_column[lo:hi],
+                       tensor_of_column.count, self.task_hook)
+
         parts = []
-        for (measured, read), call in zip(self._in_order(tasks.measure_group, calls), calls):
+        for (measured, read), (lo, hi) in zip(self._in_order(tasks.measure_group, calls()), groups):
             self.stats["store_bytes_read"] += read
             self.stats["result_bytes"] += sum(np.asarray(v).nbytes for v in measured)
             parts.append(measured)
-            advance(call[2] - call[1])
+            advance(hi - lo)
         return combine(parts)
 
 

@@ -74,7 +74,7 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
 
     layout, T, N, M = modes.layout, modes.T, modes.N, modes.M
     tensors = layout.modelled
-    tensor_of_column = np.repeat(np.arange(len(tensors)), [s.size for s in tensors])
+    tensor_of_column = metrics.TensorOfColumn([s.size for s in tensors])
     tile = tile_width(T)
     first = None
     if scoring.evaluate is not None:  # a failing function fails now, not after the measuring pass

@@ -20,6 +20,19 @@ PCA_RANKS = (1, 2)  # the PCA baselines: mean + d principal directions of the tr
 CHUNK_BYTES = 2 * 2**20  # float64 bytes of one slice of a tile: stays in the CPU cache
 
 
+class TensorOfColumn:
+    """Which modelled tensor each column belongs to, ``[start:stop]`` worked out per slice from the
+    tensors' sizes (as ``np.repeat(np.arange(count), sizes)``, without its 8 bytes a parameter)."""
+
+    def __init__(self, sizes: Sequence[int]):
+        self.ends = np.cumsum(np.asarray(sizes, dtype=np.int64))
+        self.count = len(self.ends)
+
+    def __getitem__(self, columns: slice) -> np.ndarray:
+        start, stop, _ = columns.indices(int(self.ends[-1]) if self.count else 0)
+        return np.searchsorted(self.ends, np.arange(start, stop), side="right")
+
+
 class FitMeasures(NamedTuple):
     """Sums of squares from one pass. Per checkpoint ``(T,)``, per tensor ``(n_tensors,)``."""
     error_sq: np.ndarray             # (T,) ‖w_t − ŵ_t‖² (ŵ: the mode file's reconstruction)
@@ -38,7 +51,7 @@ class FitMeasures(NamedTuple):
 
 
 def measure(tiles: Iterable[tuple[int, int, np.ndarray]], parameters: Callable[[int, int], tuple],
-            references: np.ndarray, tensor_of_column: np.ndarray, n_tensors: int,
+            references: np.ndarray, tensor_of_column: np.ndarray | TensorOfColumn, n_tensors: int,
             advance: Callable[[int], None] = lambda n: None, group_columns: int | None = None,
             varies: np.ndarray | None = None) -> FitMeasures:
     """One pass over ``(start, stop, W[:, start:stop])`` tiles of the trajectory.

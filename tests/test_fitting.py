@@ -1,0 +1,87 @@
+"""The fit written as it streams (``fitting.fit_to_file``): the same file as the in-memory fit, nothing
+partial, and memory that does not hold ``labels, a, b``."""
+
+from __future__ import annotations
+
+import hashlib
+import tracemalloc
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+import cmdtool
+from cmdtool.fitting import fit_tile_result, fit_to_file
+from cmdtool.modefile import write_mode_file
+from cmdtool.modes import FitSettings
+from cmdtool.stores import prepare_store
+from helpers import write_run
+
+SAMPLES = Path(__file__).resolve().parent.parent / "sample_checkpoints"
+
+# SHA-256 of the sample run's per-parameter datasets, as written by cmdtool before the fit streamed
+# into the mode file (``cmd fit sample_checkpoints``, default settings).
+SAMPLE_DIGESTS = {
+    "labels": "41124cbd8b06dff0", "a": "025f733c7955d823", "b": "d309472014325b46",
+    "references": "e7daa9699cd4cd89", "reference_index": "8049b1cb3a7619a2", "mode_sizes": "18398dd024f11a6c",
+}
+
+
+def test_streamed_fit_is_byte_for_byte_the_in_memory_fit(tmp_path, run_dir):
+    store = prepare_store(run_dir, trajectory=tmp_path / "t.h5").store
+    settings = FitSettings(modes=3, samples=200)
+    streamed, direct = tmp_path / "streamed.cmd.h5", tmp_path / "direct.cmd.h5"
+    fit_to_file(store, settings, streamed, tile_columns=37)  # many tiles, the last one short
+    write_mode_file(direct, cmdtool.fit_trajectory(store, settings, tile_columns=37))
+    assert streamed.read_bytes() == direct.read_bytes()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["direct.cmd.h5", "run", "streamed.cmd.h5", "t.h5"]
+
+
+def test_the_sample_run_gives_the_mode_file_it_gave_before(tmp_path):
+    out = tmp_path / "sample.cmd.h5"
+    cmdtool.fit(SAMPLES, out, trajectory=tmp_path / "t.h5")
+    with h5py.File(out) as f:
+        got = {name: hashlib.sha256(f[name][()].tobytes()).hexdigest()[:16] for name in SAMPLE_DIGESTS}
+    assert got == SAMPLE_DIGESTS
+
+
+def test_a_fit_that_fails_mid_pass_leaves_no_file(tmp_path, run_dir):
+    store = prepare_store(run_dir, trajectory=tmp_path / "t.h5").store
+    out = tmp_path / "m.cmd.h5"
+
+    def failing(references, width):
+        for start, stop, block in store.tiles(width):
+            if start > 0:
+                raise RuntimeError("worker lost")
+            yield fit_tile_result(start, stop, block, references, store.varies[start:stop])
+
+    with pytest.raises(RuntimeError, match="worker lost"):
+        fit_to_file(store, FitSettings(modes=3), out, tile_columns=50, map_tiles=failing)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "t.h5"]
+
+
+def _peak_bytes(fit) -> int:
+    tracemalloc.start()
+    try:
+        fit()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_the_streamed_fit_memory_does_not_grow_with_n(tmp_path):
+    """Peak memory (numpy's allocations, which tracemalloc sees) at N and 2N: the in-memory fit grows by
+    ``labels, a, b`` (9 bytes a parameter, held till the end), the streamed one by less than 0.1 byte a parameter."""
+    T, settings, peaks = 4, FitSettings(modes=2, samples=100), {}
+    for N in (200_000, 400_000):
+        rng = np.random.default_rng(0)
+        base, walk = rng.normal(size=N).astype(np.float32), rng.normal(size=(T, 1)).astype(np.float32)
+        states = [{"w": torch.from_numpy(base * (1 + walk[t]) + 0.01 * t)} for t in range(T)]
+        store = prepare_store(write_run(tmp_path / f"run{N}", states), trajectory=tmp_path / f"t{N}.h5").store
+        peaks["memory", N] = _peak_bytes(lambda: cmdtool.fit_trajectory(store, settings, tile_columns=8192))
+        peaks["streamed", N] = _peak_bytes(
+            lambda: fit_to_file(store, settings, tmp_path / f"m{N}.cmd.h5", tile_columns=8192))
+    assert peaks["memory", 400_000] - peaks["memory", 200_000] > 5 * 200_000, peaks  # labels, a, b
+    assert peaks["streamed", 400_000] - peaks["streamed", 200_000] < 0.1 * 200_000, peaks
