@@ -14,6 +14,7 @@ from typing import List, Optional
 
 import typer
 
+from ._interrupt import remembered as remembered_interrupts
 from ._interrupt import restore as restore_interrupt
 from .checkpoints import discover
 from .cli_errors import (
@@ -323,11 +324,12 @@ def watch(
     command again resumes. Stops on Ctrl-C (exit 130) or with --until.
     """
     from .online import watch as watch_folder
-    with errors_to_exit_code(output):
-        try:
+    with errors_to_exit_code(output), remembered_interrupts() as interrupts:
+        try:  # a Ctrl-C Python ignored (raised in a weakref callback) stops it at the next look
             watch_folder(checkpoint_dir, output, warmup=warmup, until=until, interval=interval, modes=modes,
                          samples=samples, seed=seed, refine=refine, include=include, exclude=exclude,
-                         trajectory=trajectory, force=force, progress=progress_bar, say=say)
+                         trajectory=trajectory, force=force, progress=progress_bar, say=say,
+                         sleep=interrupts.sleep)
         except KeyboardInterrupt:
             say(f"interrupted: {output} is intact (it is replaced atomically; run again to resume)"
                      if output.exists() else "interrupted: no mode file was written yet")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import subprocess
 import sys
 import time
 import tracemalloc
+import weakref
 from pathlib import Path
 
 import h5py
@@ -433,7 +435,9 @@ def _cmd(*args) -> list[str]:
 
 def test_killing_watch_mid_update_leaves_a_readable_mode_file(tmp_path, runner):
     """SIGKILL while cmd watch writes an update (the moment its temporary file appears); every time
-    cmd info reads the mode file, and a new cmd watch resumes it. Ctrl-C stops it with exit 130."""
+    cmd info reads the mode file, and a new cmd watch resumes it. Ctrl-C stops it with exit 130:
+    sent once the watcher says it waits for the next checkpoint (its stderr, a file read here), so
+    it is known to be in its loop, not still importing."""
     planted = plant(M=3, T=12, noise=1e-2, seed=5, shapes={"w": (256, 1024), "v": (300,)})
     states = planted.states()
     live, out = tmp_path / "live", tmp_path / "w.cmd.h5"
@@ -443,9 +447,12 @@ def test_killing_watch_mid_update_leaves_a_readable_mode_file(tmp_path, runner):
     args = _cmd(
         "watch", live, "-o", out, "--warmup", 4, "--interval", 0.02, "-m", 3, "--trajectory", tmp_path / "t.h5"
     )
+    logs = []
 
     def start():
-        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+        logs.append(tmp_path / f"watch_{len(logs)}.log")
+        with open(logs[-1], "w") as log:
+            return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=log, env=env, text=True)
 
     def holds() -> int:
         info = runner.invoke(app, ["info", str(out), "--json"])
@@ -458,7 +465,7 @@ def test_killing_watch_mid_update_leaves_a_readable_mode_file(tmp_path, runner):
     deadline = time.monotonic() + 60
     while not out.exists() and watcher.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert out.exists(), watcher.communicate()[1] if watcher.poll() is not None else "no mode file"
+    assert out.exists(), logs[-1].read_text()
     written, killed_mid_write = 4, 0
     for _ in range(3):
         deadline = time.monotonic() + 60  # a restarted watcher first absorbs what it missed
@@ -478,16 +485,46 @@ def test_killing_watch_mid_update_leaves_a_readable_mode_file(tmp_path, runner):
         assert holds() in (before, before + 1)  # the old file, or the new one if the rename won the race
         watcher = start()
     assert killed_mid_write >= 2  # a half-written temporary was left behind, the mode file was not
-    # Resume to the end, then stop with Ctrl-C.
-    deadline = time.monotonic() + 60
-    while holds() < written and time.monotonic() < deadline:
-        time.sleep(0.1)
+    # Resume to the end, then stop with Ctrl-C once the watcher waits for more.
+    waiting = f"waiting for checkpoints after epoch_{written - 1}.safetensors"
+    deadline = time.monotonic() + 120
+    while waiting not in logs[-1].read_text() and watcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert waiting in logs[-1].read_text(), logs[-1].read_text()
     watcher.send_signal(signal.SIGINT)
-    _, stderr = watcher.communicate(timeout=30)
+    watcher.wait(timeout=30)
+    stderr = logs[-1].read_text()
     assert watcher.returncode == 130, stderr
     assert f"interrupted: {out} is intact" in stderr
     with open_mode_file(out) as modes:
         assert modes.names == [f"epoch_{t}.safetensors" for t in range(written)]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the ignored one, on purpose
+def test_a_ctrl_c_python_ignores_is_raised_at_the_next_look():
+    """A KeyboardInterrupt raised inside a weakref callback is ignored by Python ("Exception ignored
+    in ..."); under ``remembered`` (cmd watch) the next ``sleep`` between looks raises it again."""
+    from cmdtool._interrupt import remembered
+
+    class Held:
+        pass
+
+    def interrupt_inside_the_callback(reference):
+        os.kill(os.getpid(), signal.SIGINT)
+        for _ in range(100_000):  # the handler runs here, at a bytecode boundary inside the callback
+            pass
+
+    before = signal.getsignal(signal.SIGINT)
+    for remember in (False, True):
+        with remembered() if remember else contextlib.nullcontext() as interrupts:
+            held = Held()
+            reference = weakref.ref(held, interrupt_inside_the_callback)
+            del held  # the callback runs; its KeyboardInterrupt is printed and dropped
+            assert reference() is None
+            if remember:
+                with pytest.raises(KeyboardInterrupt):
+                    interrupts.sleep(0)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 # ---------------------------------------------------------------------------------------------

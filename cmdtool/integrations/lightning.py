@@ -83,14 +83,30 @@ class _CMDCallback:
         self._pending: dict | None = None
         self._observed_step = -1
         self._saved_cmd_weights = None
+        self._continuing = False  # whether the CMD state goes on from an earlier fit or a loaded state
 
     def on_fit_start(self, trainer, pl_module) -> None:
         if self.cmd is None or self.cmd.model is not pl_module:
             self.cmd = EmbeddedCMD(pl_module, **self.options)
+            self._continuing = False  # a fresh state: only right at step 0 (on_train_start checks)
         if self._pending is not None:
-            self.cmd.load_state_dict(self._pending["cmd"])
-            self._observed_step = int(self._pending["observed_step"])
+            try:
+                self.cmd.load_state_dict(self._pending["cmd"])
+            except CmdError as e:
+                where = getattr(trainer, "ckpt_path", None)
+                raise CmdError(f"{where}: {e}" if where else str(e)) from None
+            self._observed_step = self._pending["observed_step"]
             self._pending = None
+            self._continuing = True
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        """Refuse to start CMD afresh in the middle of a run: a checkpoint resumed without this callback's
+        state (saved without it, or emptied) would silently restart the warm-up at a later step."""
+        if trainer.global_step > 0 and not self._continuing:
+            where = getattr(trainer, "ckpt_path", None) or "the checkpoint resumed"
+            raise CmdError(f"{where}: resuming at step {trainer.global_step}, but the CMD state of that checkpoint "
+                           f"is missing or empty (was it written with CMDCallback?)")
+        self._continuing = True  # a later fit of the same module goes on from here
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.cmd.step()
@@ -144,8 +160,13 @@ class _CMDCallback:
         return {"cmd": self.cmd.state_dict(), "observed_step": self._observed_step}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        if not state_dict:
+        """The state ``state_dict`` saved, checked for its kinds here (the CMD state by ``EmbeddedCMD``);
+        an empty one is left for ``on_train_start`` to refuse mid-run."""
+        if isinstance(state_dict, dict) and not state_dict:
             return
+        if not (isinstance(state_dict, dict) and set(state_dict) == {"cmd", "observed_step"}
+                and type(state_dict["observed_step"]) is int and -1 <= state_dict["observed_step"] < 2**63):
+            raise CmdError("the checkpoint's CMDCallback state is not a CMD state and an observed step")
         self._pending = dict(state_dict)
         if self.cmd is not None:  # already bound to the module: continue from here
             self.on_fit_start(None, self.cmd.model)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import pickle
+import re
 import sys
 import uuid
 from pathlib import Path
@@ -91,16 +93,18 @@ class CMDCallback(TrainerCallback):
             if not path.is_file():
                 raise CmdError(f"{path}: resuming at step {state.global_step}, but the CMD state of that "
                                f"checkpoint is missing (was it written with CMDCallback?)")
-            try:
+            try:  # weights_only: tensors, numbers and strings; a pickle that calls anything is refused unrun
                 saved = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception as e:  # a truncated file, or one that is not ours
-                raise CmdError(f"{path}: not a readable CMD state ({type(e).__name__}: {str(e)[:200]})") from None
+            except Exception as e:  # empty, truncated, not a torch file, or a pickle with code in it
+                raise CmdError(f"{path}: not a readable CMD state ({unreadable(path, e)})") from None
             self._check_resumed(path, saved, state.global_step)
             try:
                 self.cmd.load_state_dict(saved)
             except CmdError as e:
                 raise CmdError(f"{path}: {e}") from None
-            self._run = saved.get(RUN_KEY, {}).get("run", self._run)
+            mark = saved.get(RUN_KEY)
+            if isinstance(mark, dict) and isinstance(mark.get("run"), str):
+                self._run = mark["run"]
 
     def _check_resumed(self, path: Path, saved, step: int) -> None:
         """Refuse a saved state that is not the one of the checkpoint being resumed: saved at another step,
@@ -108,15 +112,23 @@ class CMDCallback(TrainerCallback):
         if not isinstance(saved, dict):
             raise CmdError(f"{path}: not a CMD state")
         mark = saved.get(RUN_KEY)
-        if isinstance(mark, dict) and mark.get("step") != step:
-            raise CmdError(f"{path}: saved at step {mark.get('step')}, but the Trainer resumes at step {step}; "
+        if mark is not None and not (isinstance(mark, dict) and type(mark.get("step")) is int
+                                     and type(mark.get("weights")) is str):
+            raise CmdError(f"{path}: its {RUN_KEY} entry is not a step and a fingerprint of the weights")
+        if mark is not None and mark["step"] != step:
+            raise CmdError(f"{path}: saved at step {mark['step']}, but the Trainer resumes at step {step}; "
                            f"this state belongs to another checkpoint")
         if isinstance(saved.get("layout"), str):
             tensors = self.cmd.tensor_names()
             live = self.cmd.model.state_dict()
             signature = {name: (tuple(live[name].shape), dtype_name(live[name].dtype)) for name in tensors}
-            check_same_tensors(path, signature, Layout.from_json(saved["layout"]).signature, "the saved CMD state")
-        if isinstance(mark, dict) and mark.get("weights") != self._weights():
+            try:
+                layout = Layout.from_json(saved["layout"])
+            except (ValueError, TypeError) as e:
+                raise CmdError(f"{path}: the saved CMD state is incomplete or corrupt ({type(e).__name__}: "
+                               f"{' '.join(str(e).split())[:200]})") from None
+            check_same_tensors(path, signature, layout.signature, "the saved CMD state")
+        if mark is not None and mark["weights"] != self._weights():
             raise CmdError(f"{path}: saved with other weights than those of the checkpoint being resumed at step "
                            f"{step} (another run's state?); resume from the checkpoint folder this state was saved "
                            f"in, or leave it out of output_dir")
@@ -196,6 +208,22 @@ class CMDCallback(TrainerCallback):
                 print(f"CMDCallback: swap_at_end clamped {clamped} negative running-variance value"
                       f"{'s' * (clamped > 1)} to 0", file=sys.stderr)
         self.cmd.close()
+
+
+def unreadable(path: Path, error: Exception) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a state file, in a few words on one line (not torch's
+    advice to load it with ``weights_only=False``, which would run the code a pickle may hold)."""
+    try:
+        if path.stat().st_size == 0:
+            return "an empty file"
+    except OSError:
+        pass
+    text = " ".join(str(error).split())
+    if isinstance(error, pickle.UnpicklingError):
+        called = re.search(r"GLOBAL ([\w.]+)", text)
+        what = f"it would call {called.group(1)}" if called else "not a torch file"
+        return f"UnpicklingError: {what}; only tensors, numbers and strings are loaded, and nothing was run"
+    return f"{type(error).__name__}: {text[:200]}"
 
 
 def resumed_checkpoint(args, state) -> Path:

@@ -19,7 +19,7 @@ from ..modefile import write_embedding, write_mode_file
 from ..modes import FitSettings
 from ..statistics import Clamped
 from ._warmup import warmup_state
-from .saved import load_state, save_state
+from .saved import check_outer, load_state, save_state
 from .settings import TrainingSettings
 from .state import DeviceState
 from .tensors import check_finite_pieces, count_true, nonzero, same_device
@@ -398,29 +398,59 @@ class EmbeddedCMD:
         """
         if not isinstance(saved, dict) or saved.get("format") != STATE_FORMAT:
             raise CmdError("the saved CMD state is not an EmbeddedCMD state")
-        self.close()  # the hooks of what this object held before
+        if not isinstance(saved.get("settings"), dict):
+            raise CmdError(f"the saved CMD state is incomplete or corrupt (its settings are "
+                           f"{type(saved.get('settings')).__name__}, not a dict)")
         ours = self.settings.to_dict()
-        changed = [f"{k} is {saved['settings'].get(k)!r} in the saved state, {v!r} now"
-                   for k, v in ours.items() if saved["settings"].get(k) != v]
+        changed = [f"{k} is {shown(saved['settings'].get(k))} in the saved state, {v!r} now"
+                   for k, v in ours.items() if not _same(saved["settings"].get(k), v)]
         if changed:
             raise CmdError("resuming with other CMD settings: " + "; ".join(changed))
-        self.layout = None if saved["layout"] is None else Layout.from_json(saved["layout"])
-        self.attachments = {k: v.numpy().tobytes() for k, v in saved["attachments"].items()}
-        self._embeddable = None
-        if "state" in saved:
-            device = next((t.device for t in self._tensors().values()), torch.device("cpu"))
-            self.state = load_state(saved["state"], device)
+        if self.model is None:
+            raise CmdError("EmbeddedCMD.load_state_dict: no model to resume into")
+        tensors = self._tensors()
+        device = next((t.device for t in tensors.values()), torch.device("cpu"))
+        try:  # everything read is checked before this object changes (a refused state leaves it as it was)
+            signature = {k: (tuple(v.shape), dtype_name(v.dtype)) for k, v in tensors.items()}
+            check_outer(saved, build_layout(signature, self.settings.include, self.settings.exclude),
+                        self.settings.warmup)
+            layout = None if saved["layout"] is None else Layout.from_json(saved["layout"])
+            attachments = {k: v.numpy().tobytes() for k, v in saved["attachments"].items()}
+            if "state" not in saved:
+                warm = saved["warmup"]
+                rows = [r.detach().numpy().copy() for r in warm["rows"]]
+                times, names = [int(t) for t in warm["time"]], list(warm["names"])
+                infos = [CheckpointInfo.from_json(s) for s in warm["infos"]]
+                carried = {k: [r.detach().numpy().copy() for r in v] for k, v in warm["carried"].items()}
+        except (KeyError, AttributeError, TypeError, ValueError, IndexError, RuntimeError, OverflowError,
+                RecursionError) as e:
+            text = " ".join(str(e).split())[:300]
+            raise CmdError(f"the saved CMD state is incomplete or corrupt ({type(e).__name__}: {text})") from None
+        state = load_state(saved["state"], device) if "state" in saved else None
+        self.close()  # the hooks of what this object held before
+        self.layout, self.attachments, self._embeddable, self.state = layout, attachments, None, state
+        if state is not None:
             self._rows, self._warmup_carried, self._times, self._names, self._infos = [], {}, [], [], []
             self._embeddable_mask()
             self._bind()
         else:
-            warm = saved["warmup"]
-            self.state = None
-            self._rows = [r.numpy().copy() for r in warm["rows"]]
-            self._times, self._names = [int(t) for t in warm["time"]], list(warm["names"])
-            self._infos = [CheckpointInfo.from_json(s) for s in warm["infos"]]
-            self._warmup_carried = {k: [r.numpy().copy() for r in v] for k, v in warm["carried"].items()}
+            self._rows, self._times, self._names, self._infos = rows, times, names, infos
+            self._warmup_carried = carried
 
+
+def _same(saved, ours) -> bool:
+    """A saved setting equals ours, of the same kind (``True`` is not the seed 1; a tensor is compared to nothing)."""
+    if type(saved) is not type(ours) and not (type(ours) is float and type(saved) is int):
+        return False
+    if isinstance(ours, list):
+        return len(saved) == len(ours) and all(type(x) is str and x == y for x, y in zip(saved, ours))
+    return saved == ours
+
+
+def shown(value) -> str:
+    """A saved value in a message: its repr, at most 80 characters."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 def _mask_gradient(parameter: torch.nn.Parameter, free: torch.Tensor) -> None:
     """Zero the embedded entries of the accumulated gradient (times the free mask, in place)."""

@@ -124,12 +124,7 @@ def check_saved(state: Any) -> None:
     warmup = state.get("warmup")
     if not _integer(warmup) or not 2 <= warmup <= T or M < 1:
         raise ValueError(f"warmup {warmup!r} is not an integer from 2 to the T = {T} observations, or no modes")
-    if not all(_integer(t) and -2**63 <= t < 2**63 for t in state["time"]):
-        raise ValueError("time holds a value that is not a 64-bit integer")
-    for name in state["names"]:
-        plain_name(name, "checkpoint name")
-    if len(set(state["names"])) != T:
-        raise ValueError("checkpoint names are not unique")
+    _check_names_and_times(state["names"], state["time"])
     _check_sums(state)
     labels = state["labels"].detach().to(torch.int64)
     if N and not (0 <= int(labels.min()) and int(labels.max()) < M):
@@ -199,12 +194,9 @@ def _check_bytes(state: dict, layout: Layout, T: int) -> None:
     """Checkpoint infos as the mode-file reader checks them, carried rows ``(T, bytes)`` of every
     carried tensor, attachments as SHA-256 named byte arrays."""
     attachments, carried = state.get("attachments"), state.get("carried")
-    if not isinstance(attachments, dict) or not isinstance(carried, dict):
+    if not isinstance(carried, dict):
         raise ValueError("carried and attachments must be dicts")
-    for digest, data in attachments.items():
-        if not (isinstance(digest, str) and _SHA256.fullmatch(digest) and isinstance(data, torch.Tensor)
-                and data.dtype == torch.uint8 and data.dim() == 1):
-            raise ValueError(f"attachment {str(digest)[:80]!r} is not a SHA-256 named byte array")
+    _check_attachments(attachments)
     expected = {spec.name: spec.nbytes for spec in layout.carried}
     if set(carried) != set(expected):
         raise ValueError("the carried tensors are not those of the layout")
@@ -212,8 +204,87 @@ def _check_bytes(state: dict, layout: Layout, T: int) -> None:
         if not (isinstance(rows, torch.Tensor) and rows.dtype == torch.uint8
                 and tuple(rows.shape) == (T, expected[name])):
             raise ValueError(f"carried tensor {name!r} is not {T} rows of {expected[name]} bytes")
+    _check_infos(state["names"], state["infos"], layout, attachments)
+
+
+def _check_attachments(attachments: Any) -> None:
+    if not isinstance(attachments, dict):
+        raise ValueError("carried and attachments must be dicts")
+    for digest, data in attachments.items():
+        if not (isinstance(digest, str) and _SHA256.fullmatch(digest) and isinstance(data, torch.Tensor)
+                and data.layout == torch.strided and data.dtype == torch.uint8 and data.dim() == 1):
+            raise ValueError(f"attachment {str(digest)[:80]!r} is not a SHA-256 named byte array")
+
+
+def _check_infos(names: list, infos: list, layout: Layout, attachments: dict) -> None:
     tensors = [spec.name for spec in layout.tensors]
-    for name, text in zip(state["names"], state["infos"]):
+    for name, text in zip(names, infos):
         if not isinstance(text, str):
             raise ValueError(f"checkpoint_info of {name!r} is not a string")
         check_info(CheckpointInfo.from_json(text), tensors, attachments, name)
+
+
+def _check_names_and_times(names: list, times: list) -> None:
+    if not all(_integer(t) and -2**63 <= t < 2**63 for t in times):
+        raise ValueError("time holds a value that is not a 64-bit integer")
+    for name in names:
+        plain_name(name, "checkpoint name")
+    if len(set(names)) != len(names):
+        raise ValueError("checkpoint names are not unique")
+
+
+def check_outer(saved: Any, expected: Layout, warmup: int) -> None:
+    """Refuse (``ValueError`` saying what is wrong) the outer parts of ``EmbeddedCMD.state_dict()``
+    unless they are what it writes, before anything of their size is made: ``version`` 1; the
+    ``layout`` None (nothing observed yet) or ``expected``, the one the live model's tensors make
+    (a stored one may declare 2³³ parameters), and the same as the inner state's; attachments of
+    bytes; either a ``state`` (``check_saved`` checks it) or a ``warmup`` of fewer than ``warmup``
+    observations: float32 rows of the layout's N finite values, increasing times, plain unique names,
+    checkpoint infos the mode-file reader accepts and the carried tensors' bytes."""
+    if not _integer(saved.get("version")) or saved["version"] != 1:
+        raise ValueError(f"version {str(saved.get('version'))[:40]} is not 1")
+    layout_text = saved.get("layout")
+    if layout_text is not None and not isinstance(layout_text, str):
+        raise ValueError(f"layout is {type(layout_text).__name__}, not str")
+    layout = None if layout_text is None else Layout.from_json(layout_text)
+    if layout is not None and layout != expected:
+        raise ValueError("the layout is not the one of the model's tensors")
+    _check_attachments(saved.get("attachments"))
+    if ("state" in saved) == ("warmup" in saved):
+        raise ValueError("it holds " + ("both a state and a warm-up" if "state" in saved else "neither a state nor "
+                                                                                              "a warm-up"))
+    if "state" in saved:
+        if layout is None or not isinstance(saved["state"], dict) or saved["state"].get("layout") != layout_text:
+            raise ValueError("the layout of the state is not the run's")
+        return
+    warm = saved["warmup"]
+    if not isinstance(warm, dict) or set(warm) != {"rows", "time", "names", "infos", "carried"}:
+        raise ValueError("the warm-up is not a dict of rows, time, names, infos and carried")
+    lists = [warm[key] for key in ("rows", "time", "names", "infos")]
+    if not all(isinstance(value, list) for value in lists) or len({len(value) for value in lists}) != 1:
+        raise ValueError("the warm-up's rows, time, names and infos are not lists of one length")
+    rows, times, names, infos = lists
+    if len(rows) >= warmup or layout is None and rows:
+        raise ValueError(f"the warm-up holds {len(rows)} observations, for a warm-up of {warmup}"
+                         + (" and no layout" if layout is None else ""))
+    N = 0 if layout is None else layout.n_parameters
+    for row in rows:
+        if not (isinstance(row, torch.Tensor) and row.layout == torch.strided and row.dtype == torch.float32
+                and tuple(row.shape) == (N,)):
+            raise ValueError(f"a warm-up row is not {N} float32 values (N)")
+        if not bool(torch.isfinite(row.detach()).all()):
+            raise ValueError("a warm-up row holds NaN or Inf values")
+    _check_names_and_times(names, times)
+    if any(later <= earlier for earlier, later in zip(times, times[1:])):
+        raise ValueError("the warm-up's times do not increase")
+    carried = warm["carried"]
+    expected_bytes = {} if layout is None else {spec.name: spec.nbytes for spec in layout.carried}
+    if not isinstance(carried, dict) or set(carried) != set(expected_bytes):
+        raise ValueError("the warm-up's carried tensors are not those of the layout")
+    for name, kept in carried.items():
+        if not (isinstance(kept, list) and len(kept) == len(rows)
+                and all(isinstance(r, torch.Tensor) and r.layout == torch.strided and r.dtype == torch.uint8
+                        and tuple(r.shape) == (expected_bytes[name],) for r in kept)):
+            raise ValueError(f"carried tensor {name!r} is not {len(rows)} rows of {expected_bytes[name]} bytes")
+    if layout is not None:
+        _check_infos(names, infos, layout, saved["attachments"])
