@@ -28,6 +28,7 @@ from .cli_errors import (
     say,
 )
 from .cli_export import RECALIBRATE_HELP, export_command, say_clamped
+from .cli_landscape import landscape_command
 from .console import (
     TIME_SOURCES,
     describe,
@@ -430,6 +431,9 @@ def report(
         say(f"threshold failed: {line}")
     if result.failures:
         raise typer.Exit(1)
+
+
+app.command("landscape")(landscape_command)
 
 
 def main() -> None:

@@ -42,6 +42,9 @@ def export_command(
     best: Optional[Path] = typer.Option(
         None, "--best", metavar="REPORT_JSON",
         help="Write the family and position this report.json chose on validation (instead of --family/--at)."),
+    from_landscape: Optional[Path] = typer.Option(
+        None, "--from-landscape", metavar="DIR",
+        help="Write the point this cmd landscape folder chose on validation (instead of --family/--at)."),
     checkpoints: Optional[Path] = typer.Option(
         None, "--checkpoints", metavar="DIR",
         help="Read the original checkpoints from this folder (default: the trajectory store kept by cmd fit)."),
@@ -69,12 +72,17 @@ def export_command(
     from .export import export_best
     from .report import load_evaluate
     with errors_to_exit_code(output):
-        if (best is None) == (family is None):
-            raise CmdError("pass either `family` (with `at`) or `best`", mentions=("family", "best", "at"))
+        if sum(choice is not None for choice in (family, best, from_landscape)) != 1:
+            raise CmdError("pass one of `family` (with `at`), `best` or `from_landscape`",
+                           mentions=("family", "best", "at", "from_landscape"))
         function = load_evaluate(recalibrate, parameter="recalibrate") if recalibrate else None
         options = dict(checkpoints=checkpoints, trajectory=trajectory, format=write_format, force=force,
                        progress=progress_bar, recalibrate=function, recalibrate_spec=recalibrate or "")
-        if best is not None:
+        if from_landscape is not None:
+            from .landscape import export_chosen
+            del options["checkpoints"], options["trajectory"]
+            result = export_chosen(mode_file, from_landscape, output, **options)
+        elif best is not None:
             result = export_best(mode_file, output, best, **options)
         else:
             result = export_family(mode_file, output, family=family, at=at, ema_decay=ema_decay, **options)

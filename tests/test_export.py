@@ -166,7 +166,7 @@ def test_recalibration_is_called_once_per_export_with_the_model_state(run, runne
     (["--family", "ema", "--at", "12"], "--at '12': position 12 is out of range (the mode file has 12 checkpoints, "
                                         "0..11)"),
     (["--family", "ema", "--at", "five"], "--at 'five': expected last, first, all or positions like 0,5,-1"),
-    ([], "pass either --family (with --at) or --best"),
+    ([], "pass one of --family (with --at), --best or --from-landscape"),
 ])
 def test_bad_family_or_position_is_one_error_line(run, runner, tmp_path, args, message):
     assert error_line(cmd(runner, "export", run.mode_file, "-o", tmp_path / "out", *args)) == message

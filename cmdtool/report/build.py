@@ -90,7 +90,7 @@ def make_report(mode_file: str | Path, output: str | Path, *, checkpoints: str |
     output = Path(output)
     if evaluate is not None and not eval_spec:
         eval_spec = f"{getattr(evaluate, '__module__', '?')}:{getattr(evaluate, '__qualname__', repr(evaluate))}"
-    _check_report_folder(output, force)
+    check_output_folder(output, force)
     if any(k < 1 for k in tail) or not 0 < ema_decay < 1:
         raise CmdError("tail must be at least 1 and `ema_decay` between 0 and 1 (exclusive)", parameter="tail",
                        mentions=("ema_decay",))
@@ -150,13 +150,14 @@ def _missing_parents(output: Path) -> list[Path]:
     return missing
 
 
-def _check_report_folder(output: Path, force: bool) -> None:
+def check_output_folder(output: Path, force: bool, what: str = "report") -> None:
+    """Refuse an output folder that is a file or is not empty (without ``force``), before any work."""
     if output.exists() and not output.is_dir():
-        raise CmdError(f"{output}: is a file, expected a report folder")
+        raise CmdError(f"{output}: is a file, expected a {what} folder")
     if output.is_dir() and any(output.iterdir()) and not force:
         raise CmdError(f"{output}: already exists and is not empty (use --force to replace it)")
     ancestor = output.parent
     while not ancestor.exists() and ancestor != ancestor.parent:
         ancestor = ancestor.parent
     if not ancestor.is_dir():  # the missing parents are made, as `cmd reconstruct` makes its folder
-        raise CmdError(f"{ancestor}: is a file, expected a folder for the report")
+        raise CmdError(f"{ancestor}: is a file, expected a folder for the {what}")

@@ -53,14 +53,14 @@ def _online(modes: ModeFile) -> dict | None:
             "boundary_time": float(time[F - 1] + time[F]) / 2 if F < modes.T else None}
 
 
-def _clean(value):
+def json_safe(value):
     """JSON-safe: NaN and infinities become null, numpy numbers plain ones."""
     if isinstance(value, dict):
-        return {k: _clean(v) for k, v in value.items()}
+        return {k: json_safe(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_clean(v) for v in value]
+        return [json_safe(v) for v in value]
     if isinstance(value, np.ndarray):
-        return _clean(value.tolist())
+        return json_safe(value.tolist())
     if isinstance(value, (np.floating, float)):
         return None if not math.isfinite(float(value)) else float(value)
     if isinstance(value, np.integer):
@@ -159,7 +159,7 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
         checks.append((requirement, cmd_metrics[requirement.metric]))
     threshold_rows = [{**r.check(value), "description": r.describe(value)} for r, value in checks]
     statistics = any(s.name.endswith(("running_mean", "running_var")) for s in layout.modelled)
-    answer = verdict.verdict(_clean(fit), compactness, _clean(baselines), _clean(evaluation), threshold_rows,
+    answer = verdict.verdict(json_safe(fit), compactness, json_safe(baselines), json_safe(evaluation), threshold_rows,
                              statistics)
 
     # 6. Plots.
@@ -206,7 +206,7 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
                      f"checkpoints (up to {online['warmup_last']}, the dotted line in the error plot); "
                      f"a, b were then updated exactly with each of the {online['updates']} later checkpoints, "
                      "so errors after the warm-up show how well the warm-up's modes carry on.")
-    report = _clean({
+    report = json_safe({
         "format": REPORT_FORMAT, "format_version": REPORT_VERSION, "tool_version": __version__,
         "verdict": answer,
         "mode_file": {"path": str(modes.path), "format_version": modes.format_version,
