@@ -17,18 +17,10 @@ import typer
 from ._interrupt import remembered as remembered_interrupts
 from ._interrupt import restore as restore_interrupt
 from .checkpoints import discover
-from .cli_errors import (
-    SCHEDULER_HELP,
-    WORKERS_HELP,
-    OneLineErrors,
-    engine_for_options,
-    errors_to_exit_code,
-    finite,
-    progress_bar,
-    say,
-)
+from .cli_errors import OneLineErrors, errors_to_exit_code, say
 from .cli_export import RECALIBRATE_HELP, export_command, say_clamped
 from .cli_landscape import landscape_command
+from .cli_options import SCHEDULER_HELP, WORKERS_HELP, engine_for_options, finite
 from .console import (
     TIME_SOURCES,
     describe,
@@ -36,6 +28,7 @@ from .console import (
     print_columns,
     print_report,
     print_summary,
+    progress_bar,
     shown,
     size_warnings,
 )

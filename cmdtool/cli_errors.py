@@ -1,19 +1,16 @@
-"""The ``cmd`` command line's plumbing, in its one-line error style: library errors and usage errors
-as one ``error: ...`` line and exit 2 (the click group, ``errors_to_exit_code``), the check that a
-float option is finite, progress bars on stderr, and the Dask engine of ``--workers/--scheduler``."""
+"""The ``cmd`` command line's errors: library errors and usage errors as one ``error: ...`` line and
+exit 2 (the click group, ``errors_to_exit_code``), in the command line's words (``in_cli_words``).
+Option checks and help texts are in ``cli_options``; progress bars in ``console``."""
 
 from __future__ import annotations
 
 import importlib
-import math
 import sys
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from .console import shown
 from .errors import CmdError
@@ -44,27 +41,6 @@ class OneLineErrors(typer.core.TyperGroup):
             say("interrupted: no output was written")
             sys.exit(130)
         sys.exit(code if isinstance(code, int) else 0)
-
-
-def finite(value: float | None) -> float | None:
-    """A float option must be a number: ``inf`` and ``nan`` are refused."""
-    if value is not None and not math.isfinite(value):
-        raise typer.BadParameter(f"{value} is not a finite number")
-    return value
-
-
-stderr = Console(stderr=True, highlight=False)
-WORKERS_HELP = "Run on a Dask cluster of N worker processes on this machine (needs pip install 'cmd-modes[dask]')."
-SCHEDULER_HELP = ("Run on an existing Dask cluster (e.g. tcp://host:8786); its workers must see the checkpoint "
-                  "folder and the trajectory store path.")
-
-
-def engine_for_options(workers: Optional[int], scheduler: Optional[str]):
-    """A Dask engine for --workers / --scheduler, else nothing (Dask is imported only then)."""
-    if workers is None and scheduler is None:
-        return nullcontext(None)
-    from .distributed import engine_for
-    return engine_for(workers, scheduler)
 
 
 def say(text: str) -> None:
@@ -110,15 +86,3 @@ def errors_to_exit_code(output: Path | None = None) -> Iterator[None]:
     except KeyboardInterrupt:
         say("interrupted: no output was written")
         raise typer.Exit(130) from None
-
-
-@contextmanager
-def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
-    """A progress bar on stderr, or nothing when stderr is not a terminal."""
-    if not stderr.is_terminal:
-        yield lambda n: None
-        return
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=stderr, transient=True) as bar:
-        task = bar.add_task(description, total=total)
-        yield lambda n: bar.advance(task, n)

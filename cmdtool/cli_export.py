@@ -8,7 +8,9 @@ from typing import Optional
 
 import typer
 
-from .cli_errors import errors_to_exit_code, finite, progress_bar, say
+from .cli_errors import errors_to_exit_code, say
+from .cli_options import finite
+from .console import progress_bar
 from .errors import CmdError
 from .reconstruct import WRITE_FORMATS
 from .statistics import Clamped

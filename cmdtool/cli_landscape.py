@@ -8,8 +8,9 @@ from typing import Optional
 
 import typer
 
-from .cli_errors import errors_to_exit_code, finite, progress_bar, say
-from .console import shown
+from .cli_errors import errors_to_exit_code, say
+from .cli_options import finite
+from .console import progress_bar, shown
 
 
 def landscape_command(

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import re
 import sys
+from contextlib import contextmanager
+from typing import Callable, Iterator
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from .units import human_bytes
 
 stdout = Console(highlight=False)
+stderr = Console(stderr=True, highlight=False)
 UNWRAPPED = 10_000  # the width tables are laid out in when stdout is not a terminal: never wrapped
 unwrapped = Console(highlight=False, width=UNWRAPPED)
 
@@ -212,3 +216,15 @@ def embedding_line(e: dict, time: list) -> str:
             f"F = {e['warmup']}, L = {e['window']}, P = {e['percent']:g}%, "
             f"{'of those not yet embedded' if e['relative'] else 'of all'}); over time: "
             + (", ".join(steps) if steps else "none embedded"))
+
+
+@contextmanager
+def progress_bar(description: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar on stderr, or nothing when stderr is not a terminal."""
+    if not stderr.is_terminal:
+        yield lambda n: None
+        return
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=stderr, transient=True) as bar:
+        task = bar.add_task(description, total=total)
+        yield lambda n: bar.advance(task, n)

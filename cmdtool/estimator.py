@@ -56,7 +56,7 @@ class CMD:
             curve measured on a held-out sample (as ``cmd fit --modes auto``).
         samples: K, the parameters sampled to find the modes.
         seed: the sample's seed.
-        refine: Lloyd-style passes that re-pick the references.
+        refine: Lloyd-style passes that re-pick the references (3, ``REFINE``; 0: the paper's references).
         warmup: F, for online CMD: ``fit`` finds the modes on the first F rows and absorbs the
             others one by one (as ``cmd fit --warmup F``); ``partial_fit`` on an unfitted estimator
             keeps the first F observations and fits them when the F-th arrives. None: post-hoc CMD.

@@ -1,6 +1,6 @@
 """The mode file (``*.cmd.h5``), format version 1: everything needed to regenerate the checkpoints.
 
-Root datasets (documented in the README for h5py users):
+Root datasets (documented for h5py users in docs/formats/mode-file.md):
 
 =====================  ==========  ==========================================================
 ``references``         (M, T) f4   normalised reference trajectories (zero mean, unit norm)

@@ -20,7 +20,7 @@ from .errors import CmdError
 from .layout import Layout, is_integer
 
 SAMPLING = "layer-balanced"
-REFINE = 3  # Lloyd-style passes over the references by default: lower error on every run measured (README)
+REFINE = 3  # Lloyd-style passes over the references by default: lower error on every run measured (benchmarks)
 AUTO_MODES = 20  # the largest M that --modes auto tries, unless auto:MAX says otherwise
 
 # ``settings.source`` of the mode files written without a checkpoint folder (and so without a

@@ -260,11 +260,15 @@ def load_state_dict_into(model, state: Mapping[str, torch.Tensor]) -> None:
     strict=True)`` fails on them. Here the model's ties are made first (``tie_weights``); a key may
     then be absent only when a tensor tied to it is present; every other key must match exactly, both
     ways, and the names are checked before anything is loaded (a refused state leaves the model as
-    it was). Raises ``ValueError`` naming the keys that do not match.
+    it was).
 
     Args:
-        model: a ``transformers.PreTrainedModel`` (or any ``torch.nn.Module`` with ``tie_weights``).
+        model (torch.nn.Module): a ``transformers.PreTrainedModel`` (or any ``torch.nn.Module`` with
+            ``tie_weights``).
         state: tensors by name, as ``cmdtool.reconstruct`` or the ``--eval`` function receive them.
+
+    Raises:
+        ValueError: keys that do not match (missing, unexpected or wrongly shaped), named.
     """
     tie = getattr(model, "tie_weights", None)
     if callable(tie):

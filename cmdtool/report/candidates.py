@@ -119,7 +119,7 @@ def score_families(modes, store, evaluate: Callable, spec: str, run_evaluate: Ca
     ``recalibrate``, the user's function that recomputes BatchNorm statistics of every candidate
     before it is scored). The counts of examples the function reports (``count``) are kept apart.
 
-    Returns the ``evaluation`` section of report.json (see the README).
+    Returns the ``evaluation`` section of report.json (docs/formats/report-json.md).
     """
     T, names = modes.T, modes.names
     carried = carried_rows(modes, store)

@@ -3,7 +3,7 @@ arrays and a path, draws one figure and closes it.
 
 Margins are set in inches from what each figure holds (``_layout``) instead of by
 ``tight_layout``, which measures every tick label in an extra draw: that halved the time of the
-report's plots (measured on the ResNet-18 run: see README "Benchmarks")."""
+report's plots (measured on the ResNet-18 run: see benchmarks/README.md)."""
 
 from __future__ import annotations
 
