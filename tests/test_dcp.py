@@ -8,14 +8,12 @@ import sys
 import warnings
 from pathlib import Path
 
-import h5py
-import numpy as np
 import pytest
 import torch
 
 import cmdtool
 from cmdtool.checkpoints import discover
-from helpers import cmd, error_line, ok, plant, write_run
+from helpers import assert_same_mode_files, cmd, error_line, ok, plant, write_run
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 torch.set_num_threads(1)
@@ -51,16 +49,7 @@ def write_both(tmp_path: Path, states: list[dict]) -> tuple[Path, Path]:
 
 def assert_same_fit(first: Path, second: Path) -> None:
     """Every dataset of two mode files equal except the checkpoints' names and write-back info."""
-    with h5py.File(first) as f, h5py.File(second) as g:
-        names = []
-        f.visit(names.append)
-        other = []
-        g.visit(other.append)
-        assert names == other
-        for name in names:
-            if isinstance(f[name], h5py.Dataset) and name not in ("checkpoints", "checkpoint_info"):
-                np.testing.assert_array_equal(f[name][()], g[name][()], err_msg=name)
-        assert f.attrs["metrics"] == g.attrs["metrics"]
+    assert_same_mode_files(first, second, skip=("checkpoints", "checkpoint_info"), attributes=False)
 
 
 def fit(runner, tmp_path: Path, run: Path, out: Path, *extra):

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from cmdtool import CmdError
-from test_training import assert_same_mode_files
+from helpers import assert_same_mode_files
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)

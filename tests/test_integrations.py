@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import cmdtool
 from cmdtool import CmdError
 from cmdtool.cli import app
-from test_training import assert_same_mode_files
+from helpers import assert_same_mode_files
 
 torch.set_num_threads(1)
 PACKAGES = [p for p in ("lightning", "pytorch_lightning") if importlib.util.find_spec(p)]

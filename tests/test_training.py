@@ -18,7 +18,7 @@ from cmdtool.cli import app
 from cmdtool.modefile import open_mode_file
 from cmdtool.online.least_squares import BLOCK, update_frame, update_parameters
 from cmdtool.training import EmbeddedCMD
-from helpers import plant, write_run
+from helpers import assert_same_mode_files, plant, write_run
 
 torch.set_num_threads(1)
 
@@ -325,21 +325,6 @@ def test_a_state_saved_without_the_frozen_fits_resumes(tmp_path):
     replay(second, states, range(9, 16))
     for key in ("a", "b", "embedded_at"):
         torch.testing.assert_close(getattr(second.state, key), getattr(whole.state, key), rtol=1e-9, atol=1e-12)
-
-
-def assert_same_mode_files(first, second) -> None:
-    """Every dataset and attribute equal (the files' bytes may differ in HDF5 bookkeeping)."""
-    with h5py.File(first) as f, h5py.File(second) as g:
-        names = []
-        f.visit(names.append)
-        other = []
-        g.visit(other.append)
-        assert names == other
-        for name in names:
-            if isinstance(f[name], h5py.Dataset):
-                np.testing.assert_array_equal(f[name][()], g[name][()], err_msg=name)
-            assert dict(f[name].attrs) == dict(g[name].attrs), name
-        assert dict(f.attrs) == dict(g.attrs)
 
 
 def test_cli_reads_an_embedded_mode_file(tmp_path):
