@@ -39,9 +39,26 @@ def runner() -> CliRunner:
 # runs in under a minute; `make test` (and CI) runs everything. Slow: whole modules that train real
 # models, start Dask clusters, fuzz or build reports, and the single tests that took 0.8 s or more
 # (on the shared 2-core machine under load; `pytest --durations=0` shows the times).
-SLOW_MODULES = frozenset({"test_distributed", "test_integrations", "test_modefile_fuzz", "test_report",
-                          "test_report_selection", "test_stacks"})
+SLOW_MODULES = frozenset({"test_adapters", "test_dcp", "test_distributed", "test_distributed_untrusted",
+                          "test_export", "test_hf_resume", "test_integrations", "test_landscape",
+                          "test_modefile_fuzz", "test_portable", "test_report", "test_report_selection",
+                          "test_report_untrusted", "test_report_verdict", "test_stacks", "test_training_fuzz",
+                          "test_weight_averaging"})
 SLOW_TESTS = frozenset({
+    "test_auto_modes::test_fit_costs_one_linkage_for_every_cut_of_modes_auto",
+    "test_cli::test_sizes_against_the_checkpoints_own_bytes",
+    "test_concurrency::test_a_held_lock_is_one_line_after_the_wait",
+    "test_decompose::test_clusters_equal_scipys_on_near_duplicate_and_tied_rows",
+    "test_decompose::test_results_do_not_depend_on_the_tile_size",
+    "test_estimator::test_fit_reads_the_array_where_it_lies_and_writes_nothing",
+    "test_estimator::test_load_continues_an_online_fit",
+    "test_estimator::test_partial_fit_equals_fit_warmup_and_cmd_update",
+    "test_ingest_replaced::test_a_checkpoint_replaced_during_the_ingest_is_one_line",
+    "test_modefile_fields::test_crafted_field_is_refused_and_writes_nothing",
+    "test_modefile_untrusted::test_crafted_mode_file_is_refused_and_writes_nothing",
+    "test_online::test_online_cmd_takes_state_dicts_as_training_holds_them",
+    "test_untrusted_links::test_links_in_a_mode_file_are_refused",
+    "test_untrusted_strings::test_report_md_writes_stored_markdown_and_html_as_text",
     "test_cli::test_module_entry_point_and_version",
     "test_cli_failures::test_full_disk_is_one_line_and_leaves_nothing",
     "test_cli_failures::test_many_metrics_plot_the_first_twelve",
