@@ -129,3 +129,14 @@ def assert_same_mode_files(first, second, skip: tuple[str, ...] = (), attributes
                     assert dict(f[name].attrs) == dict(g[name].attrs), name
         if attributes:
             assert dict(f.attrs) == dict(g.attrs)
+
+
+class TokenRun(torch.utils.data.Dataset):
+    """16 token sequences of 8 ids below 32, for the tiny GPT-2 runs of the Trainer tests."""
+
+    def __len__(self):
+        return 16
+
+    def __getitem__(self, i):
+        ids = torch.arange(8) * (i % 3 + 1) % 32
+        return {"input_ids": ids, "labels": ids}

@@ -33,6 +33,7 @@ from cmdtool.cli import app
 from cmdtool.errors import CmdError
 from cmdtool.modefile import open_mode_file
 from cmdtool.online import watch
+from helpers import TokenRun
 
 runner = CliRunner()
 STEPS = 6
@@ -42,15 +43,6 @@ def cmd(*args):
     result = runner.invoke(app, [str(a) for a in args])
     assert result.exit_code == 0, f"exit {result.exit_code}\n{result.stderr}\n{result.exception!r}"
     return result
-
-
-class TokenRun(torch.utils.data.Dataset):
-    def __len__(self):
-        return 16
-
-    def __getitem__(self, i):
-        ids = torch.arange(8) * (i % 3 + 1) % 32
-        return {"input_ids": ids, "labels": ids}
 
 
 def base_model() -> GPT2LMHeadModel:

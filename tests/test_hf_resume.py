@@ -15,19 +15,10 @@ import pytest
 import torch
 
 from cmdtool import CmdError
-from helpers import assert_same_mode_files
+from helpers import TokenRun, assert_same_mode_files
 
 transformers = pytest.importorskip("transformers")
 torch.set_num_threads(1)
-
-
-class TokenRun(torch.utils.data.Dataset):
-    def __len__(self):
-        return 16
-
-    def __getitem__(self, i):
-        ids = torch.arange(8) * (i % 3 + 1) % 32
-        return {"input_ids": ids, "labels": ids}
 
 
 def train(out: Path, epochs: int = 6, resume=None, model_seed: int = 0, **options):

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 import cmdtool
 from cmdtool import CmdError
 from cmdtool.cli import app
-from helpers import assert_same_mode_files
+from helpers import TokenRun, assert_same_mode_files
 
 torch.set_num_threads(1)
 PACKAGES = [p for p in ("lightning", "pytorch_lightning") if importlib.util.find_spec(p)]
@@ -164,15 +164,6 @@ def test_lightning_warmup_longer_than_the_run(package, tmp_path):
 
 
 # --------------------------------------------------------------------------- Hugging Face
-
-
-class TokenRun(torch.utils.data.Dataset):
-    def __len__(self):
-        return 16
-
-    def __getitem__(self, i):
-        ids = torch.arange(8) * (i % 3 + 1) % 32
-        return {"input_ids": ids, "labels": ids}
 
 
 def hf_train(out: Path, epochs: int, resume=None, **options):

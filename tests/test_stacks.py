@@ -29,6 +29,7 @@ from typer.testing import CliRunner
 import cmdtool
 from cmdtool.checkpoints import discover
 from cmdtool.cli import app
+from helpers import TokenRun
 
 runner = CliRunner()
 
@@ -57,15 +58,6 @@ def assert_loaded_equals_reconstruction(loaded: dict[str, torch.Tensor], mode_fi
 
 
 # --------------------------------------------------------------------------- Hugging Face
-
-
-class TokenRun(torch.utils.data.Dataset):
-    def __len__(self):
-        return 16
-
-    def __getitem__(self, i):
-        ids = torch.arange(8) * (i % 3 + 1) % 32
-        return {"input_ids": ids, "labels": ids}
 
 
 @pytest.fixture(scope="module")
