@@ -156,21 +156,33 @@ CHUNK_BYTES = 2 * 2**20  # float64 bytes of the (T, columns) slices fit_tile wor
 MERGE_COLUMNS = 4096     # constant runs shorter than this inside a tile are computed, not skipped
 
 
-def fit_tile(block: np.ndarray, references: np.ndarray, varies: np.ndarray | None = None) -> TileFit:
+def fit_tile(block, references: np.ndarray, varies: np.ndarray | None = None, stored: type = np.float64,
+             labels_dtype: type = np.intp) -> TileFit:
     """Steps 5–6 for one ``(T, n)`` column block (see ``_fit_columns``), in slices of ``CHUNK_BYTES``
     so that the float64 copies stay in the CPU cache; columns are independent, so the result does
-    not depend on the slicing. ``varies`` (n,) marks the columns that move (known at ingest): runs of
-    constant ones are not read past the first row and get what ``_fit_columns`` gives them, exactly."""
+    not depend on the slicing. ``block`` is a float32 array, or any array-like whose column slices
+    are (a 16-bit store's ``EncodedBlock``: each slice is widened as it is read, in the cache).
+    ``varies`` (n,) marks the columns that move (known at ingest): runs of constant ones are not
+    read past the first row and get what ``_fit_columns`` gives them, exactly.
+
+    ``stored``: the dtype ``a, b`` are returned in; float32 (the mode file's) adds their rounding,
+    ``(a − a32)² + T (b − b32)²``, to each ``sse``. ``labels_dtype``: the labels' (``label_dtype(M)``)."""
     T, n = block.shape
-    if varies is None or n == 0 or varies.all():
-        return _fit_slices(block, references)
-    first, zeros = block[0].astype(np.float64), np.zeros(n)  # _fit_columns with y = 0, signs of zero included
-    result = TileFit(labels=np.zeros(n, dtype=np.intp), a=zeros.copy(), b=first + 0.0, sse=zeros.copy(),
-                     sq_norm=0.0 + first * (2.0 * 0.0 + T * first), sq_displacement=zeros.copy(), sq_centred=zeros)
-    for start, stop in varying_runs(varies, MERGE_COLUMNS):
-        for whole, piece in zip(result, _fit_slices(block[:, start:stop], references)):
-            whole[start:stop] = piece
-    return result
+    out = TileFit(labels=np.zeros(n, dtype=labels_dtype), a=np.zeros(n, dtype=stored), b=np.empty(n, dtype=stored),
+                  sse=np.zeros(n), sq_norm=np.empty(n), sq_displacement=np.zeros(n), sq_centred=np.zeros(n))
+    runs = [(0, n)] if varies is None or n == 0 or varies.all() else varying_runs(varies, MERGE_COLUMNS)
+    if runs != [(0, n)]:  # _fit_columns with y = 0, signs of zero included
+        first = np.asarray(block[0], dtype=np.float64)
+        out.b[:] = first + 0.0
+        out.sq_norm[:] = 0.0 + first * (2.0 * 0.0 + T * first)
+    weights = np.vstack([references, np.ones((1, T))])  # one product gives D and Σ y
+    chunk = max(1, CHUNK_BYTES // (8 * T))
+    scratch = np.empty((T, min(chunk, n)))
+    for start, stop in runs:
+        for first_column in range(start, stop, chunk):
+            columns = slice(first_column, min(first_column + chunk, stop))
+            _fit_columns(block[:, columns], weights, out, columns, scratch)
+    return out
 
 
 def varying_runs(varies: np.ndarray, gap: int = MERGE_COLUMNS) -> list[tuple[int, int]]:
@@ -181,18 +193,10 @@ def varying_runs(varies: np.ndarray, gap: int = MERGE_COLUMNS) -> list[tuple[int
     return list(zip(edges[leads, 0].tolist(), edges[ends, 1].tolist()))
 
 
-def _fit_slices(block: np.ndarray, references: np.ndarray) -> TileFit:
-    T, n = block.shape
-    chunk = max(1, CHUNK_BYTES // (8 * T))
-    if n <= chunk:
-        return _fit_columns(block, references)
-    parts = [_fit_columns(block[:, start:start + chunk], references) for start in range(0, n, chunk)]
-    return TileFit(*(np.concatenate(field) for field in zip(*parts)))
-
-
-def _fit_columns(block: np.ndarray, references: np.ndarray) -> TileFit:
-    """Steps 5–6 for one ``(T, n)`` column block: assign each parameter to the reference it
-    correlates with most in absolute value, and fit ``a, b`` by least squares over time.
+def _fit_columns(block: np.ndarray, weights: np.ndarray, out: TileFit, columns: slice, scratch: np.ndarray) -> None:
+    """Steps 5–6 for one ``(T, n)`` float32 column block, written into ``out[columns]``: assign each
+    parameter to the reference it correlates with most in absolute value, and fit ``a, b`` by least
+    squares over time. ``weights`` is ``[references; 1]``, ``scratch`` a ``(T, ≥ n)`` float64 buffer.
 
     ``references`` are normalised, so ``D = references @ (w − mean w)`` holds each parameter's
     correlation with each reference times ``‖w − mean w‖``: the argmax of ``|D|`` is the mode, and
@@ -205,27 +209,49 @@ def _fit_columns(block: np.ndarray, references: np.ndarray) -> TileFit:
     ``Σ y²`` (shifting by a data point keeps ``‖w − mean w‖² = Σ y² − (Σ y)²/T`` accurate).
     """
     T, n = block.shape
-    y = block.astype(np.float64)  # then in place: (T, n) displacement from the first checkpoint
+    y = scratch[:, :n]
+    np.copyto(y, block)  # then in place: (T, n) displacement from the first checkpoint
     first = y[0].copy()
-    y -= first
-    product = np.vstack([references, np.ones((1, T))]) @ y  # (M + 1, n)
+    np.subtract(y, first, out=y)
+    product = weights @ y  # (M + 1, n)
     D, total = product[:-1], product[-1]
     sq_displacement = np.einsum("tn,tn->n", y, y)
     shift = total / T  # mean(w) − w(0)
     sq_centred = np.maximum(sq_displacement - total * shift, 0.0)
-    labels, a = _largest_magnitude(D)
-    constant = sq_displacement == 0  # every y is 0: no float32 difference squares to 0 in float64
-    a[constant] = 0.0
+    _, a = _largest_magnitude(D, out.labels[columns])
+    a[sq_displacement == 0] = 0.0  # constant: every y is 0 (no float32 difference squares to 0 in float64)
     b = first + shift  # constant: shift is exactly 0, so b is the value
+    kept_a, kept_b = out.a[columns], out.b[columns]
+    kept_a[:], kept_b[:] = a, b
     sse = np.maximum(sq_centred - a * a, 0.0)
-    sq_norm = sq_displacement + first * (2.0 * total + T * first)  # Σ (w(0) + y)²
-    return TileFit(labels, a, b, sse, sq_norm, sq_displacement, sq_centred)
+    if out.a.dtype != np.float64:  # the error of what is kept: its rounding adds to the residual
+        sse += (a - kept_a) ** 2
+        sse += T * (b - kept_b) ** 2
+    out.sse[columns] = sse
+    out.sq_norm[columns] = sq_displacement + first * (2.0 * total + T * first)  # Σ (w(0) + y)²
+    out.sq_displacement[columns] = sq_displacement
+    out.sq_centred[columns] = sq_centred
 
 
-def _largest_magnitude(D: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per column of ``D`` (M, n): the row of largest ``|D|`` (the first on ties) and that entry."""
-    labels = np.abs(D).argmax(axis=0)
-    return labels, np.take_along_axis(D, labels[None, :], axis=0)[0]
+def _largest_magnitude(D: np.ndarray, labels: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per column of ``D`` (M, n): the row of largest ``|D|`` (the first on ties, as ``argmax``)
+    and that entry; the rows into ``labels`` when given (any integer dtype holding M − 1).
+
+    A running maximum over the M rows, each step a few contiguous passes: ``argmax`` along axis 0
+    walks each column with a stride of ``n`` and took 3–10× as long."""
+    M, n = D.shape
+    labels = np.zeros(n, dtype=np.intp) if labels is None else labels
+    labels[:] = 0
+    if M > 1:
+        best, magnitude = np.abs(D[0]), np.empty(n)
+        better, step = np.empty(n, dtype=np.uint8), np.empty(n, dtype=labels.dtype)
+        for m in range(1, M):
+            np.abs(D[m], out=magnitude)
+            np.greater(magnitude, best, out=better.view(bool))
+            np.maximum(best, magnitude, out=best)
+            np.multiply(better, labels.dtype.type(m), out=step)  # m where row m is larger, else 0
+            np.maximum(labels, step, out=labels)  # m grows, so a later larger row overrides
+    return labels, np.take(D.ravel(), labels.astype(np.intp) * n + np.arange(n))
 
 
 def label_dtype(M: int) -> np.dtype:

@@ -54,7 +54,7 @@ class TrajectorySource(Protocol):
 
     def columns(self, index: np.ndarray) -> np.ndarray: ...
 
-    def tiles(self, tile_columns: int) -> Iterator[tuple[int, int, np.ndarray]]: ...
+    def tiles(self, tile_columns: int, stored: bool = False) -> Iterator[tuple[int, int, np.ndarray]]: ...
 
     def carried(self, name: str) -> np.ndarray: ...
 
@@ -86,20 +86,18 @@ class TileResult(NamedTuple):
 MapTiles = Callable[[np.ndarray, int], Iterable[TileResult]]
 
 
-def fit_tile_result(start: int, stop: int, block: np.ndarray, references: np.ndarray,
+def fit_tile_result(start: int, stop: int, block, references: np.ndarray,
                     varies: np.ndarray | None = None) -> TileResult:
-    """Steps 5–6 of one ``(T, stop − start)`` tile, reduced to its sums in a fixed order, so that
-    the same tile gives the same bits in this process or on a Dask worker. ``varies`` (the tile's
-    flags) lets ``fit_tile`` skip constant columns; the result is the same bit for bit."""
-    T, M = block.shape[0], references.shape[0]
-    result = fit_tile(block, references, varies)
-    a32, b32 = result.a.astype(np.float32), result.b.astype(np.float32)
-    # The error of what the mode file stores: the float32 rounding of a and b adds
-    # (a − a32)² + T (b − b32)² to the least-squares residual.
-    sse = result.sse + (result.a - a32) ** 2 + T * (result.b - b32) ** 2
-    return TileResult(start, stop, result.labels.astype(label_dtype(M)), a32, b32,
-                      np.bincount(result.labels, minlength=M), np.bincount(result.labels, weights=sse, minlength=M),
-                      float(sse.sum()), float(result.sq_norm.sum()), float(result.sq_displacement.sum()),
+    """Steps 5–6 of one ``(T, stop − start)`` tile (float32, or a 16-bit store's ``EncodedBlock``),
+    reduced to its sums in a fixed order, so that the same tile gives the same bits in this process
+    or on a Dask worker. ``varies`` (the tile's flags) lets ``fit_tile`` skip constant columns; the
+    result is the same bit for bit. ``a, b`` come as the mode file stores them (float32), and each
+    parameter's error includes their rounding, as the stored model's does."""
+    M = references.shape[0]
+    result = fit_tile(block, references, varies, stored=np.float32, labels_dtype=label_dtype(M))
+    return TileResult(start, stop, result.labels, result.a, result.b, np.bincount(result.labels, minlength=M),
+                      np.bincount(result.labels, weights=result.sse, minlength=M), float(result.sse.sum()),
+                      float(result.sq_norm.sum()), float(result.sq_displacement.sum()),
                       float(result.sq_centred.sum()))
 
 
@@ -251,7 +249,7 @@ def _assign_and_fit(source: TrajectorySource, found: FoundModes, tile_columns: i
     references = found.normalised.references
     if map_tiles is None:
         def map_tiles(references: np.ndarray, width: int) -> Iterator[TileResult]:
-            for start, stop, block in source.tiles(width):
+            for start, stop, block in source.tiles(width, stored=True):
                 yield fit_tile_result(start, stop, block, references, source.varies[start:stop])
     totals = dict.fromkeys(("sse", "sq_norm", "sq_displacement", "sq_centred"), 0.0)
     mode_sizes = np.zeros(M, dtype=np.int64)

@@ -35,6 +35,7 @@ from .trajectory import (
     TrajectoryStore,
     check_finite,
     check_unreplaced,
+    column_block,
     encode,
     stored_dtype,
 )
@@ -225,6 +226,15 @@ class ShardedRows:
 
     def __array__(self, dtype=None, copy=None):
         return np.asarray(self[:, :], dtype=dtype)
+
+    def block(self, start: int, stop: int):
+        """Columns ``start:stop`` for the fit (``trajectory.column_block``): within one shard, that
+        shard's own block (an ``EncodedBlock`` of a 16-bit shard); across shards, widened now."""
+        shard = int(np.searchsorted(self.bounds, start, side="right")) - 1
+        lo, hi = int(self.bounds[shard]), int(self.bounds[shard + 1])
+        if stop <= hi:
+            return column_block(self.maps[shard], start - lo, stop - lo)
+        return self[:, start:stop]
 
 
 @dataclass

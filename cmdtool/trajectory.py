@@ -87,11 +87,38 @@ class EncodedRows:
     def astype(self, dtype) -> np.ndarray:
         return np.asarray(self).astype(dtype)
 
+    def block(self, start: int, stop: int) -> EncodedBlock:
+        """Columns ``start:stop`` still as stored (a view of the map), widened when indexed."""
+        return EncodedBlock(self.stored[:, start:stop], self.stored_dtype)
+
     def __len__(self) -> int:
         return self.shape[0]
 
     def __array__(self, dtype=None, copy=None):
         return np.asarray(self[:, :], dtype=dtype)
+
+class EncodedBlock:
+    """A ``(T, n)`` column block of a 16-bit store as stored: indexing widens only what it selects
+    to float32 (``decode``). The fit reads a tile this way, one cache-sized slice at a time, instead
+    of widening the whole tile first and reading it back from memory."""
+
+    def __init__(self, stored: np.ndarray, dtype: str):
+        self.stored, self.stored_dtype, self.shape = stored, dtype, stored.shape
+        self.nbytes = stored.nbytes
+
+    def __getitem__(self, key) -> np.ndarray:
+        return decode(np.asarray(self.stored[key]), self.stored_dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        return np.asarray(self[:, :], dtype=dtype)
+
+
+def column_block(W, start: int, stop: int) -> np.ndarray | EncodedBlock:
+    """``W[:, start:stop]`` for the fit: a 16-bit store's columns as an ``EncodedBlock``, else as
+    a float32 array."""
+    block = getattr(W, "block", None)
+    return block(start, stop) if block is not None else np.asarray(W[:, start:stop])
+
 
 Advance = Callable[[int], None]
 SPAN = 1 << 22  # values of one tensor read, checked and written at a time by build_store
@@ -133,11 +160,12 @@ class Trajectory:
     def N(self) -> int:
         return self.W.shape[1]
 
-    def tiles(self, tile_columns: int) -> Iterator[tuple[int, int, np.ndarray]]:
-        """``(start, stop, W[:, start:stop])`` column blocks covering all N parameters."""
+    def tiles(self, tile_columns: int, stored: bool = False) -> Iterator[tuple[int, int, np.ndarray]]:
+        """``(start, stop, W[:, start:stop])`` column blocks covering all N parameters; with
+        ``stored``, a 16-bit store's blocks as ``EncodedBlock`` (``column_block``)."""
         for start in range(0, self.N, tile_columns):
             stop = min(start + tile_columns, self.N)
-            yield start, stop, np.asarray(self.W[:, start:stop])
+            yield start, stop, column_block(self.W, start, stop) if stored else np.asarray(self.W[:, start:stop])
 
     def columns(self, index: np.ndarray) -> np.ndarray:
         """The trajectories of the parameters ``index`` (sorted), as a ``(T, len(index))`` array."""

@@ -304,6 +304,20 @@ def test_largest_magnitude_picks_the_first_of_equal_magnitudes_as_argmax_does():
     assert a.tolist() == [1.0, -2.5, -3.0, 0.0]
 
 
+@pytest.mark.parametrize("M, dtype", [(1, np.uint8), (7, np.uint8), (256, np.uint8), (300, np.uint16), (9, np.intp)])
+def test_largest_magnitude_equals_argmax_in_every_label_dtype(M, dtype):
+    """The running maximum gives argmax's rows (first on ties: small integers tie often, signs
+    differing) into labels of the mode file's dtype, and the signed entry."""
+    D = np.random.default_rng(M).integers(-3, 4, size=(M, 5000)).astype(np.float64)
+    D[:, :3] = 0.0  # all tied
+    labels = np.full(D.shape[1], 99, dtype=dtype)  # overwritten
+    got, a = _largest_magnitude(D, labels)
+    expected = np.argmax(np.abs(D), axis=0)
+    assert got is labels and got.dtype == dtype
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(a, D[expected, np.arange(D.shape[1])])
+
+
 def test_fit_tile_slices_do_not_change_the_result(monkeypatch):
     """fit_tile works through a tile in cache-sized slices; any slicing gives the same fit."""
     import cmdtool.decompose as decompose

@@ -13,7 +13,7 @@ from ..fitting import TileResult, fit_tile_result
 from ..report.metrics import FitMeasures, measure
 from ..shards import ShardJob, write_shard
 from ..stores import open_trajectory_store
-from ..trajectory import TrajectoryStore
+from ..trajectory import TrajectoryStore, column_block
 
 _open: dict[tuple[str, int], TrajectoryStore] = {}  # per worker process: stores by path and mtime
 
@@ -36,12 +36,11 @@ def fit_group(location: str, start: int, stop: int, width: int, references: np.n
     if hook is not None:
         hook(start)
     store = open_location(location)
-    W = store.W
     results, read = [], 0
     with threadpool_limits(limits=1, user_api="blas"):
         for first in range(start, stop, width):
             last = min(first + width, stop)
-            block = np.asarray(W[:, first:last])
+            block = column_block(store.W, first, last)
             read += block.nbytes
             results.append(fit_tile_result(first, last, block, references, store.varies[first:last]))
     return results, read
@@ -57,13 +56,12 @@ def measure_group(location: str, start: int, stop: int, width: int, labels: np.n
     if hook is not None:
         hook(start)
     store = open_location(location)
-    W = store.W
     read = [0]
 
     def tiles():
         for first in range(start, stop, width):
             last = min(first + width, stop)
-            block = np.asarray(W[:, first:last])
+            block = column_block(store.W, first, last)
             read[0] += block.nbytes
             yield first - start, last - start, block
 

@@ -85,7 +85,7 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
         else:
             read = modes.parameter_reader(tile)
             measured = metrics.measure(
-                store.tiles(tile), lambda start, stop: read(slice(start, stop)),
+                store.tiles(tile, stored=True), lambda start, stop: read(slice(start, stop)),
                 modes.references, tensor_of_column, len(tensors), advance, group_columns=group_step(tile),
                 varies=store.varies)
     time = modes.time.astype(np.int64)

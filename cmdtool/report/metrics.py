@@ -54,7 +54,8 @@ def measure(tiles: Iterable[tuple[int, int, np.ndarray]], parameters: Callable[[
             references: np.ndarray, tensor_of_column: np.ndarray | TensorOfColumn, n_tensors: int,
             advance: Callable[[int], None] = lambda n: None, group_columns: int | None = None,
             varies: np.ndarray | None = None) -> FitMeasures:
-    """One pass over ``(start, stop, W[:, start:stop])`` tiles of the trajectory.
+    """One pass over ``(start, stop, W[:, start:stop])`` tiles of the trajectory (float32 arrays,
+    or a 16-bit store's ``EncodedBlock``s, widened slice by slice).
 
     ``parameters(start, stop)`` gives the mode file's ``labels, a, b`` of those columns;
     ``references`` are the stored normalised references ``(M, T)``. The reconstruction is
