@@ -328,6 +328,32 @@ def check_finite(row: np.ndarray, source: object, name: str) -> None:
     raise CmdError(f"{source}: tensor {name!r} contains {bad} values")
 
 
+# The exponent bits of the 16-bit stored elements: all ones is Inf or NaN.
+_EXPONENT = {"bfloat16": np.uint16(0x7F80), "float16": np.uint16(0x7C00)}
+
+
+def check_finite_stored(stored: np.ndarray, dtype: str, source: object, name: str, scratch: np.ndarray) -> None:
+    """``check_finite`` of 16-bit elements as stored, from their exponent bits (no widening):
+    ``scratch`` is a uint16 buffer of their length."""
+    exponent = _EXPONENT[dtype]
+    np.bitwise_and(stored.view(np.uint16), exponent, out=scratch)
+    if len(scratch) and scratch.max() == exponent:
+        check_finite(decode(stored, dtype), source, name)
+
+
+def differs_from(stored: np.ndarray, first: np.ndarray, dtype: str, out: np.ndarray, scratch: np.ndarray) -> None:
+    """``out = stored != first`` as numbers, compared as the store keeps them (no widening; every
+    value finite). bfloat16 elements are bits, equal exactly when the numbers are but for +0 and
+    −0: a pair that differs only there (both zero once the sign bit is shifted out) is equal.
+    ``scratch``: a uint16 buffer at least that long (None for other dtypes)."""
+    np.not_equal(stored, first, out=out)
+    if dtype == "bfloat16":
+        zero = scratch[:len(out)]
+        np.bitwise_or(stored, first, out=zero)
+        np.left_shift(zero, 1, out=zero)
+        np.logical_and(out, zero, out=out)
+
+
 class _RowWriter:
     """Plain ``pwrite``s of trajectory rows into the store file, beside h5py's own handle (a seek
     and a write on a descriptor of its own where the platform has no ``pwrite``)."""
@@ -368,7 +394,9 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
     Each tensor is read, ``SPAN`` elements at a time, into one reused buffer (a safetensors
     float32 tensor straight from the file, no memory map), checked for NaN/Inf, compared in place
     with the first checkpoint's values (``varies``) and written with one ``pwrite`` into the
-    preallocated ``W``, in the store's dtype (``stored_dtype``: a 16-bit run stays 16-bit): the
+    preallocated ``W``, in the store's dtype (``stored_dtype``: a 16-bit run stays 16-bit, its
+    elements read, checked and compared as they are, never widened, where the reader can give
+    them: ``read_stored``): the
     buffers are about 9 bytes a value of one span, however large the tensor (GPT-2's embedding is a
     third of the model). Carried tensors are gathered in memory and written once each. Written to a
     temporary file beside ``path`` and renamed into place only when complete.
@@ -385,6 +413,7 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
     dtype = stored_dtype(layout)
     h5type, element = STORED_TYPES[dtype]
     encoded = np.empty(largest, dtype=element) if dtype != "float32" else None
+    bits = np.empty(largest, dtype=np.uint16) if dtype != "float32" else None  # 16-bit checks' scratch
     carried = {spec.name: np.empty((T, spec.nbytes), dtype=np.uint8) for spec in layout.carried}
     moving = np.zeros(len(modelled), dtype=bool)      # every parameter of the tensor already varies
     varies = np.zeros(N, dtype=bool)
@@ -410,15 +439,19 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
                         compare, all_moved = t > 0 and not moving[j], True  # once moved, always varies
                         for lo in range(0, spec.size, SPAN):
                             n = min(SPAN, spec.size - lo)
-                            values = buffer[:n]
-                            reader.read_float32(spec.name, values, scratch,
-                                                None if n == spec.size else (lo, lo + n))
-                            check_finite(values, c.path, spec.name)
-                            stored = encode(values, dtype, None if encoded is None else encoded[:n])
+                            span = None if n == spec.size else (lo, lo + n)
+                            if encoded is not None and reader.read_stored(spec.name, encoded[:n], span):
+                                stored = encoded[:n]  # a 16-bit tensor's elements as the store keeps them
+                                check_finite_stored(stored, dtype, c.path, spec.name, bits[:n])
+                            else:
+                                values = buffer[:n]
+                                reader.read_float32(spec.name, values, scratch, span)
+                                check_finite(values, c.path, spec.name)
+                                stored = encode(values, dtype, None if encoded is None else encoded[:n])
                             rows.write(stored, offset + size * (t * N + spec.offset + lo))
                             if compare:
                                 columns = slice(spec.offset + lo, spec.offset + lo + n)
-                                np.not_equal(values, decode(first[columns], dtype), out=differs[:n])
+                                differs_from(stored, first[columns], dtype, differs[:n], bits)
                                 np.logical_or(varies[columns], differs[:n], out=varies[columns])
                                 all_moved = all_moved and bool(differs[:n].all())
                         if compare:

@@ -226,3 +226,31 @@ def test_a_bfloat16_store_warm_up_reads_row_slices_lazily_and_fits_as_widened(tm
     write_mode_file(tmp_path / "16.cmd.h5", fit_warmup(store, settings, tile_columns=50))
     write_mode_file(tmp_path / "32.cmd.h5", fit_warmup(_widened(store), settings, tile_columns=50))
     assert (tmp_path / "16.cmd.h5").read_bytes() == (tmp_path / "32.cmd.h5").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("fmt", ["safetensors", "torch"])
+def test_16_bit_elements_are_checked_and_compared_as_numbers_without_widening(tmp_path, planted, dtype, fmt):
+    """A 16-bit safetensors run is read, checked and compared as stored (``read_stored``), a torch
+    file through float32: both flag the same constant parameters (+0 and −0 are one number) and
+    refuse the same NaN and Inf, with the same message."""
+    from cmdtool.errors import CmdError
+
+    states = planted.states(dtype)
+    conv = [s["conv.weight"].view(-1) for s in states]
+    for t, flat in enumerate(conv):
+        flat[:4] = 0.0 if t % 2 == 0 else -0.0  # zero of either sign: constant
+        flat[4] = 1.5                            # constant
+        flat[5] = 0.0 if t < 3 else 2.0 ** -120  # zero, then the smallest moves: varies
+    store = prepare_store(write_run(tmp_path / "run", states, fmt=fmt), trajectory=tmp_path / "t.h5").store
+    W = np.asarray(store.W)
+    np.testing.assert_array_equal(store.varies, (W[1:] != W[0]).any(axis=0))
+    start = next(spec.offset for spec in store.layout.modelled if spec.name == "conv.weight")
+    assert store.varies[start:start + 6].tolist() == [False] * 5 + [dtype == torch.bfloat16]  # 2**-120 is 0 in fp16
+    for bad, word in ((float("nan"), "NaN"), (float("inf"), "Inf"), (float("-inf"), "Inf")):
+        broken = [dict(s) for s in states]
+        broken[3]["conv.weight"] = states[3]["conv.weight"].clone()
+        broken[3]["conv.weight"].view(-1)[7] = bad
+        run = write_run(tmp_path / f"bad-{word}-{bad}", broken, fmt=fmt)
+        with pytest.raises(CmdError, match=rf"epoch_3\.\S+: tensor 'conv\.weight' contains {word} values"):
+            prepare_store(run, trajectory=tmp_path / f"bad-{word}.h5")

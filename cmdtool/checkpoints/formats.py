@@ -79,6 +79,12 @@ class Reader:
     def close(self) -> None:
         raise NotImplementedError
 
+    def read_stored(self, name: str, out: np.ndarray, span: tuple[int, int] | None = None) -> bool:
+        """Tensor ``name``'s elements (flat; ``span = (start, stop)``: only those) as the file
+        holds them, into ``out`` (that many bytes), when this reader reads them straight from the
+        file; False, with ``out`` untouched, when it cannot (``read_float32`` reads every tensor)."""
+        return False
+
     def __enter__(self):
         return self
 
@@ -182,6 +188,15 @@ class CheckpointReader(Reader):
             return
         self._file.read_float32(name, out, scratch, span)
 
+    def read_stored(self, name: str, out: np.ndarray, span: tuple[int, int] | None = None) -> bool:
+        if self._file is None:
+            return False
+        if span is None:
+            self._file.read_into(name, out)
+        else:
+            self._file.read_range(name, *span, out)
+        return True
+
     def float32_values(self, name: str) -> np.ndarray:
         """A tensor's values as a flat float32 array (what the trajectory store holds)."""
         out = np.empty(math.prod(self.signature[name][0]), dtype=np.float32)
@@ -258,6 +273,9 @@ class FolderReader(Reader):
     def read_float32(self, name: str, out: np.ndarray, scratch: np.ndarray | None = None,
                      span: tuple[int, int] | None = None) -> None:
         self._owner[name].read_float32(name, out, scratch, span)
+
+    def read_stored(self, name: str, out: np.ndarray, span: tuple[int, int] | None = None) -> bool:
+        return self._owner[name].read_stored(name, out, span)
 
     def raw_bytes(self, name: str, out: np.ndarray | None = None) -> np.ndarray:
         return self._owner[name].raw_bytes(name, out)
