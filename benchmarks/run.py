@@ -376,8 +376,9 @@ def targets(runs: dict, memory: dict | None = None) -> dict:
                     r["fit_dask"]["peak_anon_own_bytes"] / 1e6, 600.0)
             continue
         t = lambda name: r[name]["seconds"] if name in r else None  # noqa: E731
+        reused = 1.5 if key == "resnet18_trained" else 1.2  # issue 24's target for the trained run
         pairs = [("fit <= 2.5 x read floor", "fit", "read_floor", 2.5),
-                 ("fit (store reused) <= 1.2 x read floor", "fit_reused", "read_floor", 1.2),
+                 (f"fit (store reused) <= {reused} x read floor", "fit_reused", "read_floor", reused),
                  ("report <= 1.5 x fit (store reused)", "report", "fit_reused", 1.5),
                  ("reconstruct --at all <= 2 x write floor", "reconstruct_all", "floor_write", 2.0),
                  ("reconstruct --at last <= 1.5 x (read one + mode file)", "reconstruct", "read_one", 1.5),

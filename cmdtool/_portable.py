@@ -1,10 +1,11 @@
-"""File calls that not every platform has, each with a fallback chosen at run time.
+"""File and process calls that not every platform has, each with a fallback chosen at run time.
 
 ``os.pread``, ``os.preadv`` and ``os.pwrite`` exist on POSIX systems only; ``os.posix_fallocate``
-on Linux and some BSDs, not on macOS or Windows; ``os.open`` opens in text mode on Windows unless
-given ``O_BINARY``. Where a call is missing, the fallback does the same job another way: a seek
-and a read or write under a lock (so threads of this process sharing a descriptor do not move
-each other's position), a free-space check and ``ftruncate`` instead of reserving blocks.
+and ``os.sched_getaffinity`` on Linux and some BSDs, not on macOS or Windows; ``os.open`` opens in
+text mode on Windows unless given ``O_BINARY``. Where a call is missing, the fallback does the same
+job another way: a seek and a read or write under a lock (so threads of this process sharing a
+descriptor do not move each other's position), a free-space check and ``ftruncate`` instead of
+reserving blocks, every CPU of the machine instead of the process's affinity mask.
 """
 
 from __future__ import annotations
@@ -95,3 +96,11 @@ def reserve(fd: int, nbytes: int, folder: str | Path) -> None:
         if nbytes - size > shutil.disk_usage(folder).free:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         os.ftruncate(fd, nbytes)
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: its affinity mask where the platform has one (``taskset``,
+    a container's cpuset), else every CPU of the machine."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1

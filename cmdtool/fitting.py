@@ -11,6 +11,7 @@ that does not grow with N.
 from __future__ import annotations
 
 import dataclasses
+from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
@@ -34,6 +35,7 @@ from .modes import FitMetrics, FitSettings, Modes, dropped
 from .progress import Progress, no_progress
 
 TILE_BYTES = 32 * 2**20  # float64 bytes of one (T, tile) block in the streaming pass
+PASS_THREADS = 4         # at most this many threads work through the tiles (numpy and BLAS release the GIL)
 GROUP_COLUMNS = 1 << 20  # columns of one group of tiles (one Dask task; one shard of a sharded store)
 MIN_HELD_OUT = 100       # --modes auto: fewer parameters left out of the sample than this, split the sample
 
@@ -101,6 +103,38 @@ def fit_tile_result(start: int, stop: int, block, references: np.ndarray,
                       float(result.sq_centred.sum()))
 
 
+def pass_threads() -> int:
+    """Threads of the streaming pass: the usable CPUs, at most ``PASS_THREADS``."""
+    from ._portable import usable_cpus
+
+    return min(PASS_THREADS, usable_cpus())
+
+
+def in_threads(function: Callable, items: Iterable, threads: int) -> Iterator:
+    """``map(function, items)``, results in the order of ``items``, computed by up to ``threads``
+    threads with at most ``2 × threads`` items taken ahead of the one waited for (so memory is a
+    few tiles, whatever N is). ``function`` must not depend on which thread runs it or when: each
+    tile's result is then the same bits as in one thread, and so is everything summed from them in
+    order. Leaving early (an error, Ctrl-C) cancels what has not started and waits for the rest."""
+    if threads <= 1:
+        yield from map(function, items)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(threads, thread_name_prefix="cmd-pass") as pool:
+        pending: deque = deque()
+        try:
+            for item in items:
+                pending.append(pool.submit(function, item))
+                if len(pending) >= 2 * threads:
+                    yield pending.popleft().result()
+            while pending:
+                yield pending.popleft().result()
+        finally:
+            for future in pending:
+                future.cancel()
+
+
 def group_step(width: int, group_columns: int = GROUP_COLUMNS) -> int:
     """Columns of one group of whole tiles: the largest multiple of ``width`` up to ``group_columns``."""
     return max(1, group_columns // width) * width
@@ -117,8 +151,9 @@ def column_groups(N: int, width: int, group_columns: int = GROUP_COLUMNS) -> lis
 def fit_trajectory(source: TrajectorySource, settings: FitSettings, *, tile_columns: int | None = None,
                    progress: Progress = no_progress, map_tiles: MapTiles | None = None) -> Modes:
     """Steps 1–6 of CMD over ``source``, with BLAS on one thread: the products are too skinny to
-    share (see pyproject.toml). Memory: the ``(T, K)`` sample, one tile, and ``labels, a, b``
-    (9 bytes per parameter: ``fit_to_file`` writes them as they come instead).
+    share (see pyproject.toml); up to ``PASS_THREADS`` threads work through the tiles instead
+    (``in_threads``: the same bits as one). Memory: the ``(T, K)`` sample, a few tiles, and
+    ``labels, a, b`` (9 bytes per parameter: ``fit_to_file`` writes them as they come instead).
 
     ``map_tiles`` runs steps 5–6 elsewhere (``cmdtool.distributed``: one Dask task per group of
     tiles); the sums are added here, tile by tile in column order, so the mode file is the same
@@ -249,8 +284,10 @@ def _assign_and_fit(source: TrajectorySource, found: FoundModes, tile_columns: i
     references = found.normalised.references
     if map_tiles is None:
         def map_tiles(references: np.ndarray, width: int) -> Iterator[TileResult]:
-            for start, stop, block in source.tiles(width, stored=True):
-                yield fit_tile_result(start, stop, block, references, source.varies[start:stop])
+            def fit(tile: tuple[int, int, np.ndarray]) -> TileResult:
+                start, stop, block = tile
+                return fit_tile_result(start, stop, block, references, source.varies[start:stop])
+            return in_threads(fit, source.tiles(width, stored=True), pass_threads())
     totals = dict.fromkeys(("sse", "sq_norm", "sq_displacement", "sq_centred"), 0.0)
     mode_sizes = np.zeros(M, dtype=np.int64)
     mode_sse = np.zeros(M)

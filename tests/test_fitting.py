@@ -85,3 +85,40 @@ def test_the_streamed_fit_memory_does_not_grow_with_n(tmp_path):
             lambda: fit_to_file(store, settings, tmp_path / f"m{N}.cmd.h5", tile_columns=8192))
     assert peaks["memory", 400_000] - peaks["memory", 200_000] > 5 * 200_000, peaks  # labels, a, b
     assert peaks["streamed", 400_000] - peaks["streamed", 200_000] < 0.1 * 200_000, peaks
+
+
+def test_the_pass_in_threads_writes_the_same_file_as_in_one(tmp_path, run_dir, monkeypatch):
+    """Tiles worked through by 4 threads (results taken in column order) give the mode file of one
+    thread, byte for byte; `in_threads` keeps the order whatever finishes first."""
+    import time
+
+    import cmdtool._portable as portable
+    import cmdtool.fitting as fitting
+
+    trajectory = prepare_store(run_dir, trajectory=tmp_path / "t.h5").store
+    settings = FitSettings(modes=4, samples=300)
+    monkeypatch.setattr(portable, "usable_cpus", lambda: 1)
+    assert fitting.pass_threads() == 1
+    fitting.fit_to_file(trajectory, settings, tmp_path / "one.cmd.h5", tile_columns=37)
+    monkeypatch.setattr(portable, "usable_cpus", lambda: 64)
+    assert fitting.pass_threads() == fitting.PASS_THREADS == 4
+    fitting.fit_to_file(trajectory, settings, tmp_path / "four.cmd.h5", tile_columns=37)
+    assert (tmp_path / "one.cmd.h5").read_bytes() == (tmp_path / "four.cmd.h5").read_bytes()
+
+    def slow_first(i: int) -> int:  # the first items finish last
+        time.sleep(0.01 * (i < 3))
+        return i * i
+
+    assert list(fitting.in_threads(slow_first, range(20), 4)) == [i * i for i in range(20)]
+    taken = []
+
+    def fails_at_5(i: int) -> int:
+        taken.append(i)
+        if i == 5:
+            raise ValueError("five")
+        return i
+
+    results = fitting.in_threads(fails_at_5, range(1000), 2)
+    with pytest.raises(ValueError, match="five"):
+        list(results)
+    assert max(taken) < 5 + 2 * 2  # no more than 2 × threads taken ahead of the failure

@@ -194,3 +194,15 @@ def test_cli_without_the_linux_only_calls_writes_the_same_files(tmp_path):
             == (native / "report" / "report.json").read_text())
     assert sorted(p.name for p in (simulated / "report").iterdir()) == sorted(
         p.name for p in (native / "report").iterdir())
+
+
+def test_usable_cpus_is_the_affinity_mask_or_else_every_cpu(monkeypatch):
+    import cmdtool._portable as portable
+
+    if hasattr(os, "sched_getaffinity"):
+        assert portable.usable_cpus() == len(os.sched_getaffinity(0))
+        monkeypatch.delattr(os, "sched_getaffinity")  # macOS and Windows have no affinity call
+    monkeypatch.setattr(os, "cpu_count", lambda: 6)
+    assert portable.usable_cpus() == 6
+    monkeypatch.setattr(os, "cpu_count", lambda: None)  # "undeterminable"
+    assert portable.usable_cpus() == 1
