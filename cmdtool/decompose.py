@@ -187,6 +187,13 @@ def fit_tile(block, references: np.ndarray, varies: np.ndarray | None = None, st
 
 def varying_runs(varies: np.ndarray, gap: int = MERGE_COLUMNS) -> list[tuple[int, int]]:
     """``[start, stop)`` runs covering every True of ``varies``, runs closer than ``gap`` merged."""
+    varies = np.asarray(varies)
+    constant = np.flatnonzero(~varies)
+    if len(constant) < gap:  # no gap between two moving columns can be skipped: one run, ends trimmed
+        moving = np.flatnonzero(varies[:len(constant) + 1]), np.flatnonzero(varies[len(varies) - len(constant) - 1:])
+        if len(moving[0]) == 0:
+            return []
+        return [(int(moving[0][0]), len(varies) - len(constant) - 1 + int(moving[1][-1]) + 1)]
     edges = np.flatnonzero(np.diff(np.concatenate([[False], varies, [False]]).astype(np.int8))).reshape(-1, 2)
     leads = np.concatenate([[len(edges) > 0], edges[1:, 0] - edges[:-1, 1] >= gap])[:len(edges)]  # starts a run
     ends = np.concatenate([leads[1:], [True]])[:len(edges)]  # ends one

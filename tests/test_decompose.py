@@ -426,3 +426,28 @@ def test_fit_modes_auto_writes_the_curve_and_info_shows_it(tmp_path, run_dir, ru
     report = make_report(tmp_path / "auto.cmd.h5", tmp_path / "report").report
     assert report["fit"]["error_curve"] == curve
     assert "**M = 3** was chosen by `--modes auto`" in (tmp_path / "report" / "report.md").read_text()
+
+
+def _runs_by_edges(varies: np.ndarray, gap: int) -> list[tuple[int, int]]:
+    """varying_runs written the long way: every run of moving columns, merged across short gaps."""
+    runs = []
+    for i in np.flatnonzero(varies):
+        if runs and i - runs[-1][1] < gap:
+            runs[-1][1] = i + 1
+        else:
+            runs.append([i, i + 1])
+    return [(int(a), int(b)) for a, b in runs]
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_varying_runs_merge_gaps_shorter_than_the_gap(seed):
+    from cmdtool.decompose import varying_runs
+
+    rng = np.random.default_rng(seed)
+    for n in (0, 1, 7, 300, 5000):
+        for density in (0.0, 0.01, 0.5, 0.99, 1.0):
+            varies = rng.random(n) < density
+            if n > 200 and seed % 2:
+                varies[50:180] = False  # a long constant run
+            for gap in (1, 3, 100, 4096):
+                assert varying_runs(varies, gap) == _runs_by_edges(varies, gap), (n, density, gap)
