@@ -25,8 +25,8 @@ from helpers import assert_same_mode_files, plant, write_run
 
 streaming = importlib.import_module("cmdtool.online.update")  # the module (cmdtool.online.update is the function)
 F, T = 8, 14  # checkpoints in the mode file before the update, and in the run
-SHAPES = {"w": (300, 700), "b": (700,), "bn.weight": (8,)}
-N = 210_708  # three whole blocks of update_parameters and a part
+SHAPES = {"w": (200, 700), "b": (700,), "bn.weight": (8,)}
+N = 140_708  # two whole blocks of update_parameters and a part
 
 
 def update_in_memory(mode_file: Path, paths: list[Path], first: Path | None = None) -> None:
@@ -58,17 +58,18 @@ def digest(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.fixture(params=["one tile, one group", "tiles of one block, groups of two"])
-def tiling(request, monkeypatch):
-    """The update's defaults (N is one tile, the 6 new checkpoints one group), or tiles of one
-    block and groups of 2 checkpoints (4 tiles, 3 passes through the float64 scratch file)."""
-    if request.param != "one tile, one group":
-        monkeypatch.setattr(streaming, "TILE_COLUMNS", BLOCK)
-        monkeypatch.setattr(streaming, "OPEN_AT_ONCE", 2)
-    return request.param
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Tiles of one block and groups of 2 checkpoints: 3 tiles, and 3 passes over them through the
+    float64 scratch file (by default N is one tile and the 6 new checkpoints one group)."""
+    monkeypatch.setattr(streaming, "TILE_COLUMNS", BLOCK)
+    monkeypatch.setattr(streaming, "OPEN_AT_ONCE", 2)
 
 
-def test_update_of_an_online_fit_equals_the_in_memory_update(tmp_path, run, tiling):
+@pytest.mark.parametrize("tiling", ["defaults", "small tiles"])
+def test_update_of_an_online_fit_equals_the_in_memory_update(tmp_path, run, request, tiling):
+    if tiling == "small tiles":
+        request.getfixturevalue("small_tiles")
     fitted = tmp_path / "fitted.cmd.h5"
     cmdtool.fit(run, fitted, modes=3, warmup=F - 2, stop=F, trajectory=tmp_path / "t.h5")
     streamed, in_memory = tmp_path / "streamed.cmd.h5", tmp_path / "in_memory.cmd.h5"
@@ -83,7 +84,7 @@ def test_update_of_an_online_fit_equals_the_in_memory_update(tmp_path, run, tili
 
 
 @pytest.mark.parametrize("source", ["store", "checkpoint", "folder"])
-def test_first_update_of_a_plain_fit_equals_the_in_memory_update(tmp_path, run, tiling, source):
+def test_first_update_of_a_plain_fit_equals_the_in_memory_update(tmp_path, run, small_tiles, source):
     """A plain ``cmd fit`` has no online state: the first checkpoint's values come, tile by tile,
     from the fit's trajectory store, a checkpoint of that name passed along, or the fit's folder."""
     fitted = tmp_path / "fitted.cmd.h5"
@@ -110,7 +111,7 @@ def test_first_update_of_a_plain_fit_equals_the_in_memory_update(tmp_path, run, 
 
 
 @pytest.mark.parametrize("fmt, dtype", [("pt", torch.float32), ("safetensors", torch.bfloat16)])
-def test_torch_files_and_bfloat16_stream_as_they_read_whole(tmp_path, tiling, fmt, dtype):
+def test_torch_files_and_bfloat16_stream_as_they_read_whole(tmp_path, small_tiles, fmt, dtype):
     """Spans of a torch file's tensors (cut from the loaded tensor) and of bfloat16 tensors
     (converted span by span) are the values a whole row holds."""
     planted = plant(M=3, T=T, noise=1e-2, seed=6, shapes=SHAPES)
@@ -126,11 +127,9 @@ def test_torch_files_and_bfloat16_stream_as_they_read_whole(tmp_path, tiling, fm
     assert_same_mode_files(streamed, in_memory)
 
 
-def test_a_bad_value_in_the_last_group_leaves_the_file_untouched(tmp_path, run, monkeypatch):
+def test_a_bad_value_in_the_last_group_leaves_the_file_untouched(tmp_path, run, small_tiles):
     """NaN in the last tensor of the last new checkpoint, found in the last pass: the old file stays,
     and neither the new file nor the scratch file is left behind."""
-    monkeypatch.setattr(streaming, "TILE_COLUMNS", BLOCK)
-    monkeypatch.setattr(streaming, "OPEN_AT_ONCE", 2)
     fitted = tmp_path / "m.cmd.h5"
     cmdtool.fit(run, fitted, modes=3, warmup=F, stop=F, trajectory=tmp_path / "t.h5")
     state = plant(M=3, T=T, noise=1e-2, seed=5, shapes=SHAPES).states()[T - 1]
