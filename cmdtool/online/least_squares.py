@@ -3,8 +3,10 @@
 
 ``update_fit`` states it; ``update_frame`` (per mode) and ``update_parameters`` (per parameter, in
 place) are its two halves, and ``update_parameters`` is the one update every online fit runs:
-``cmd update``, ``cmd watch`` and ``cmd fit --warmup`` on numpy arrays (``state.OnlineState``),
-``OnlineCMD`` and ``EmbeddedCMD`` on torch tensors on the model's device (``cmdtool.training``).
+``cmd fit --warmup`` and the estimator on numpy arrays of every parameter (``state.OnlineState``),
+``cmd update`` and ``cmd watch`` on numpy arrays a column tile at a time (``update.py``, the sums
+carried from tile to tile in ``RunningSums``), ``OnlineCMD`` and ``EmbeddedCMD`` on torch tensors
+on the model's device (``cmdtool.training``).
 Pure functions: no files, no printing; torch is imported only when given torch tensors.
 """
 

@@ -3,9 +3,11 @@
 The update streams: the new checkpoints' reference values move the frame (``M`` values each), then
 one pass over column tiles reads each tile's ``labels, a, b`` from the mode file and the new
 checkpoints' values of those columns, updates ``a, b`` (``least_squares.update_parameters``) and
-writes the tile into the new mode file (``modefile.ModeFileWriter``). Memory is a few tiles,
-whatever N is, and the file is the one ``OnlineState`` (which holds every parameter in memory, as
-``OnlineCMD``, ``cmd fit --warmup`` and the estimator must) writes after the same update, bit for bit.
+writes the tile into the new mode file (``modefile.ModeFileWriter``). At most ``OPEN_AT_ONCE`` new
+checkpoints are open together: more take one pass per group, the float64 ``a, b`` waiting between
+passes in a scratch file beside the mode file. Memory is a few tiles, whatever N is, and the file
+is the one ``OnlineState`` (which holds every parameter in memory, as ``OnlineCMD``, ``cmd fit
+--warmup`` and the estimator must) writes after the same update, bit for bit.
 """
 
 from __future__ import annotations
@@ -92,7 +94,8 @@ def plan_update(modes: ModeFile, checkpoints: Sequence[Checkpoint]) -> tuple[lis
 class _Columns:
     """Columns ``start:stop`` of one open checkpoint's trajectory row as ``flatten`` gives them
     (flat float32, NaN and Inf refused), read span by span of the tensors they cover: from a
-    safetensors file only those bytes, so memory is one tile whatever the tensors' sizes."""
+    safetensors file only those bytes (a torch file's tensors are memory-mapped and cut), so memory
+    is one tile whatever the tensors' sizes."""
 
     def __init__(self, reader: Reader, path: Path, layout: Layout):
         self.reader, self.path, self.specs = reader, path, layout.modelled
@@ -235,8 +238,9 @@ class UpdateResult:
 def update(mode_file: str | Path, checkpoints: Sequence[str | Path], progress: Progress = no_progress) -> UpdateResult:
     """``cmd update``: absorb the checkpoints (files or folders) that come after the mode file's
     last one. Ones already in the file are skipped; an earlier, incompatible or unreadable one is a
-    CmdError and the mode file is left untouched (all are checked before anything is written, and
-    the new file replaces the old one only when complete).
+    CmdError and the mode file is left untouched (all are opened and their tensors checked before
+    anything is written, their values as they are read, and the new file replaces the old one only
+    when complete). Memory does not grow with the number of parameters: see the module docstring.
 
     Args:
         mode_file: The mode file to extend (replaced atomically, under a lock against a concurrent update).
