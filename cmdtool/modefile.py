@@ -83,23 +83,26 @@ def write_mode_file(path: Path, modes: Modes, replaces: ModeFile | None = None) 
     mode file at ``path``, open because ``modes`` reads from it (``cmd update``): closed before the
     rename where the platform renames no file over an open one (Windows)."""
     with ModeFileWriter(path, modes) as writer:
-        writer.parameters(0, modes.labels, modes.a, modes.b)
+        writer.parameters(0, modes.labels, modes.a, modes.b, None if modes.online is None else modes.online.first)
         return writer.finish(modes, replaces)
 
 
 class ModeFileWriter:
     """A mode file written while a fit streams: the references when it is made (the fit has found
-    them), ``labels, a, b`` slice by slice in column order (``parameters``), everything else and the
-    rename into place at ``finish``; memory is one slice, whatever N is. The datasets are created
-    once, in the order ``write_mode_file`` of a whole ``Modes`` gives (it is this writer, with one
-    slice), so a streamed fit's file holds the same bytes. Until ``finish`` the file has a temporary
-    name beside ``path``; leaving the ``with`` block without it removes the file.
+    them), ``labels, a, b`` (and an online fit's ``first``) slice by slice in column order
+    (``parameters``), everything else and the rename into place at ``finish``; memory is one slice,
+    whatever N is. The datasets are created once, in the order ``write_mode_file`` of a whole
+    ``Modes`` gives (it is this writer, with one slice), so a streamed fit's file holds the same
+    bytes. Until ``finish`` the file has a temporary name beside ``path``; leaving the ``with``
+    block without it removes the file.
 
     ``header`` is a ``Modes`` whose per-parameter arrays and metrics may still be missing: its
-    layout, references, time, checkpoints, settings, carried tensors and attachments are used."""
+    layout, references, time, checkpoints, settings, carried tensors and attachments are used, and
+    whether it has ``online`` state (then ``parameters`` takes ``first``; ``cmd update`` streams it)."""
 
     def __init__(self, path: Path, header: Modes):
         self.path, self.N, self.written = Path(path), header.layout.n_parameters, 0
+        self.online = header.online is not None
         self.tmp = temporary_sibling(self.path)
         self.file = h5py.File(self.tmp, "w")
         try:
@@ -111,19 +114,27 @@ class ModeFileWriter:
             f.create_dataset("reference_index", data=np.asarray(header.reference_index, dtype=np.int64))
             self.columns = [f.create_dataset(name, shape=(self.N,), dtype=dtype) for name, dtype in
                             (("labels", label_dtype(header.M)), ("a", np.float32), ("b", np.float32))]
+            if self.online:
+                self.columns.append(f.create_group("online").create_dataset("first", shape=(self.N,),
+                                                                            dtype=np.float32))
         except BaseException:
             self.close()
             raise
 
-    def parameters(self, start: int, labels: np.ndarray, a: np.ndarray, b: np.ndarray) -> None:
-        """``labels, a, b`` of the columns from ``start`` on, which must follow the last ones written."""
+    def parameters(self, start: int, labels: np.ndarray, a: np.ndarray, b: np.ndarray,
+                   first: np.ndarray | None = None) -> None:
+        """``labels, a, b`` of the columns from ``start`` on, which must follow the last ones written;
+        ``first`` (the first checkpoint's values) exactly when the header has online state."""
         if start != self.written:
             raise RuntimeError(f"mode file {self.path}: columns from {start} written after {self.written}")
         stop = start + len(labels)
-        if not len(a) == len(b) == stop - start or stop > self.N:
+        if (first is not None) != self.online:
+            raise ValueError(f"mode file {self.path}: the first checkpoint's values must be given exactly when "
+                             f"the header has online state")
+        if any(len(values) != stop - start for values in (a, b, first) if values is not None) or stop > self.N:
             raise ValueError(f"mode file {self.path}: columns {start}:{stop} do not fit N = {self.N}")
         if stop > start:
-            for dataset, values in zip(self.columns, (labels, a, b)):
+            for dataset, values in zip(self.columns, (labels, a, b, first)):
                 dataset.write_direct(np.ascontiguousarray(values, dtype=dataset.dtype), dest_sel=np.s_[start:stop])
         self.written = stop
 
@@ -132,6 +143,8 @@ class ModeFileWriter:
         into place (``replaces``: see ``write_mode_file``)."""
         if self.written != self.N:
             raise RuntimeError(f"mode file {self.path}: {self.written} of {self.N} columns written")
+        if (modes.online is not None) != self.online:
+            raise ValueError(f"mode file {self.path}: online state in only one of the header and the finished fit")
         _write_rest(self.file, modes)
         self.file.close()
         try:
@@ -159,7 +172,7 @@ class ModeFileWriter:
 
 
 def _write_rest(f: h5py.File, modes: Modes) -> None:
-    """Everything of a mode file after ``labels, a, b`` (``ModeFileWriter.finish``)."""
+    """Everything of a mode file after ``labels, a, b`` and ``online/first`` (``ModeFileWriter.finish``)."""
     f.create_dataset("time", data=np.asarray(modes.time, dtype=np.int64))
     f.create_dataset("checkpoints", data=modes.names, dtype=h5py.string_dtype())
     f.create_dataset("checkpoint_info", data=[i.to_json() for i in modes.infos], dtype=h5py.string_dtype())
@@ -182,9 +195,8 @@ def _write_rest(f: h5py.File, modes: Modes) -> None:
     for digest, data in modes.attachments.items():
         f.require_group("attachments").create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
     if modes.online is not None:
-        group = f.create_group("online")
+        group = f["online"]
         group.attrs["warmup"] = int(modes.online.warmup)
-        group.create_dataset("first", data=np.asarray(modes.online.first, dtype=np.float32))
         group.create_dataset("mode_sse_least_squares",
                              data=np.asarray(modes.online.mode_sse_least_squares, dtype=np.float64))
     f.create_dataset("mode_sizes", data=np.asarray(modes.mode_sizes, dtype=np.int64))
@@ -281,8 +293,17 @@ class ModeFile(ModesShape):
         """An online fit's state (``cmd fit --warmup``, ``cmd update``), else None."""
         if self.warmup is None:
             return None
-        group = self.handle["online"]
-        return OnlineInfo(self.warmup, group["first"][()], group["mode_sse_least_squares"][()])
+        return OnlineInfo(self.warmup, self.handle["online"]["first"][()], self.least_squares_error())
+
+    def least_squares_error(self) -> np.ndarray | None:
+        """An online fit's least-squares error per mode (``online/mode_sse_least_squares``), else None."""
+        return None if self.warmup is None else self.handle["online"]["mode_sse_least_squares"][()]
+
+    def first_reader(self, width: int) -> Callable[[int, int], np.ndarray]:
+        """An online fit's ``first`` (the first checkpoint's values) of columns ``start:stop``, at most
+        ``width`` of them, into a reused buffer (``_hdf5.SliceReader``)."""
+        read = SliceReader(self.handle, ("online/first",), width)
+        return lambda start, stop: read(start, stop)[0]
 
     def load(self) -> Modes:
         """The whole fit in memory (carried tensors stay on disk, read in blocks when written)."""

@@ -247,10 +247,12 @@ def _finite_number(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class OnlineInfo:
-    """What an online fit keeps beyond post-hoc CMD (the mode file's ``online`` group)."""
+    """What an online fit keeps beyond post-hoc CMD (the mode file's ``online`` group). In the
+    header of a ``modefile.ModeFileWriter`` the arrays may be None: ``first`` is written column by
+    column, the error at ``finish``."""
     warmup: int                          # F: the checkpoints the modes were found on
-    first: np.ndarray                    # (N,) float32, the first checkpoint (for rel_error_displacement)
-    mode_sse_least_squares: np.ndarray   # (M,) float64, least-squares error per mode, before float32 rounding
+    first: np.ndarray | None             # (N,) float32, the first checkpoint (for rel_error_displacement)
+    mode_sse_least_squares: np.ndarray | None  # (M,) float64, least-squares error per mode, before float32 rounding
 
 
 @dataclass(frozen=True)

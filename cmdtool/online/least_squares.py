@@ -3,8 +3,10 @@
 
 ``update_fit`` states it; ``update_frame`` (per mode) and ``update_parameters`` (per parameter, in
 place) are its two halves, and ``update_parameters`` is the one update every online fit runs:
-``cmd update``, ``cmd watch`` and ``cmd fit --warmup`` on numpy arrays (``state.OnlineState``),
-``OnlineCMD`` and ``EmbeddedCMD`` on torch tensors on the model's device (``cmdtool.training``).
+``cmd fit --warmup`` and the estimator on numpy arrays of every parameter (``state.OnlineState``),
+``cmd update`` and ``cmd watch`` on numpy arrays a column tile at a time (``update.py``, the sums
+carried from tile to tile in ``RunningSums``), ``OnlineCMD`` and ``EmbeddedCMD`` on torch tensors
+on the model's device (``cmdtool.training``).
 Pure functions: no files, no printing; torch is imported only when given torch tensors.
 """
 
@@ -68,8 +70,20 @@ class ObservationSums(NamedTuple):
 BLOCK = 1 << 16  # columns per block of update_parameters: its four float64 work buffers stay in the CPU cache
 
 
+class RunningSums(NamedTuple):
+    """The sums ``update_parameters`` adds up block by block for one observation, carried from one
+    call to the next when the columns come in ranges (``cmd update`` streams them tile by tile)."""
+    squares: object   # (M · lanes,) float64 Σ e² per lane of each mode, numpy or torch where ``a`` lives
+    blocks: tuple     # three lists of 0-d sums per block: Σ w², Σ (w − w(0))², Σ (w − b)²
+
+
+def running_sums(like, modes: int, lanes: int = 1) -> RunningSums:
+    """Empty ``RunningSums`` for ``modes`` modes, on the device (or numpy) of the array ``like``."""
+    return RunningSums(_operations(like).zeros(modes * lanes, like), ([], [], []))
+
+
 def update_parameters(a, b, first, index, w, frame: FrameUpdate, frozen=None, lanes: int = 1,
-                      block: int = BLOCK) -> ObservationSums:
+                      block: int = BLOCK, running: RunningSums | None = None) -> ObservationSums:
     """The ``O(N)`` half of ``update_fit``, in place: ``a, b`` move to the new frame, and the sums
     of squares the metrics need are returned. The one update of online CMD: ``cmd update``, ``cmd
     watch`` and ``cmd fit --warmup`` run it on numpy arrays, ``OnlineCMD`` and ``EmbeddedCMD`` on
@@ -94,6 +108,10 @@ def update_parameters(a, b, first, index, w, frame: FrameUpdate, frozen=None, la
         frame: ``update_frame`` of the references and the new reference values.
         block: columns per pass: the work buffers of a block stay in the cache, and each parameter's
             state is read and written once.
+        running: the sums of the earlier calls for this observation, on the columns before these
+            (``running_sums``; added to in place), or None for all columns in one call. The result
+            covers every call so far: calls on consecutive ranges of a multiple of ``block`` columns
+            each (the last one any length) return the sums of one call on all of them, bit for bit.
     """
     ops = _operations(a)
     xp, N, M = ops.xp, a.shape[0], len(frame.rho)
@@ -101,8 +119,7 @@ def update_parameters(a, b, first, index, w, frame: FrameUpdate, frozen=None, la
     grow, mean_step = T / (T + 1), 1.0 / (T + 1)
     rho, shrink = (ops.table(np.repeat(np.asarray(v, dtype=np.float64), lanes), a)
                    for v in (frame.rho, 1.0 / frame.ratio))
-    squares = ops.zeros(M * lanes, a)        # Σ e² per lane of each mode
-    sums = ([], [], [])                      # per block: Σ w², Σ (w − w(0))², Σ (w − b)²
+    squares, sums = running if running is not None else running_sums(a, M, lanes)
     mask = None if frozen is None else ops.as_bytes(frozen)
     size = max(1, min(block, N))
     x, y, z, u = (ops.empty(size, a) for _ in range(4))
@@ -130,8 +147,16 @@ def update_parameters(a, b, first, index, w, frame: FrameUpdate, frozen=None, la
         ops.take(shrink, at, zv)
         a_ *= zv                                   # ... / ratio
         ops.add_scaled(b_, yv, mean_step, uv)      # b ← b + y / (T + 1)
-    squares = ops.to_numpy(squares)
-    sq_norm, sq_displacement, sq_centred = (ops.total(v) for v in sums)
+    return observation_sums(RunningSums(squares, sums), frame, lanes)
+
+
+def observation_sums(running: RunningSums, frame: FrameUpdate, lanes: int = 1) -> ObservationSums:
+    """What one observation adds to the error sums, from those ``update_parameters`` ran up over all
+    its calls for it (``running``, with ``lanes`` per mode) in the frame ``frame``."""
+    ops = _operations(running.squares)
+    M, T = len(frame.rho), frame.references.shape[1] - 1
+    squares = ops.to_numpy(running.squares)
+    sq_norm, sq_displacement, sq_centred = (ops.total(v) for v in running.blocks)
     return ObservationSums(squares.reshape(M, lanes).sum(axis=1) / frame.sse_weight, sq_norm, sq_displacement,
                            sq_centred * T / (T + 1))
 

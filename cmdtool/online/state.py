@@ -60,6 +60,16 @@ def read_checkpoint(checkpoint: Checkpoint, layout: Layout, first_name: str,
         return w, carried, reader.info, reader.attachments
 
 
+def appended_rows(before: np.ndarray | CarriedRows, new: list[np.ndarray]) -> CarriedRows:
+    """A carried tensor's rows: those of the fit it started from (an array, or ``CarriedRows`` read
+    from the mode file in blocks when written) and those observed since, one row each."""
+    def blocks() -> Iterator[np.ndarray]:
+        head = before.blocks() if isinstance(before, CarriedRows) else [before]
+        return chain(head, [np.stack(new)] if new else [])
+
+    return CarriedRows((before.shape[0] + len(new), before.shape[1]), blocks)
+
+
 @dataclass
 class OnlineState(ModesShape):
     """Everything an update needs: ``O(N)`` per parameter plus the ``M × T`` references.
@@ -133,13 +143,7 @@ class OnlineState(ModesShape):
             rows.append(np.asarray(carried[key], dtype=np.uint8))
 
     def _carried(self, name: str) -> CarriedRows:
-        before, new = self.carried_before[name], self.carried_new[name]
-
-        def blocks() -> Iterator[np.ndarray]:
-            head = before.blocks() if isinstance(before, CarriedRows) else [before]
-            return chain(head, [np.stack(new)] if new else [])
-
-        return CarriedRows((self.T, before.shape[1]), blocks)
+        return appended_rows(self.carried_before[name], self.carried_new[name])
 
     def to_modes(self) -> Modes:
         """The fit as a mode file stores it: float32 ``a, b`` and references, and the metrics of
