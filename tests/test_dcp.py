@@ -264,3 +264,27 @@ def test_export_writes_a_dcp_folder(runner, tmp_path):
         if value.is_floating_point():  # integer buffers are the last checkpoint's
             value = ((states[-2][name].double() + value.double()) / 2).to(value.dtype)
         assert torch.equal(loaded["model"][name], value), name
+
+
+def test_a_tensor_read_span_by_span_is_read_from_the_folder_once(tmp_path):
+    """Ingest and `cmd update` read a large tensor a span at a time; a DCP item is read whole, so the
+    reader keeps the tensor it read last instead of reading it again for every span."""
+    import numpy as np
+
+    state = planted_states(T=1)[0]
+    save_dcp(tmp_path / "step_0", {"model": state})
+    (checkpoint,) = discover(tmp_path).checkpoints
+    with checkpoint.open() as reader:
+        reads = []
+        original = reader._read
+        reader._read = lambda item, what: reads.append(what) or original(item, what)
+        flat = state["conv.weight"].reshape(-1).float().numpy()
+        spans = [(lo, min(lo + 7, flat.size)) for lo in range(0, flat.size, 7)]
+        got = np.concatenate([np.empty(hi - lo, dtype=np.float32) for lo, hi in spans])
+        for lo, hi in spans:
+            reader.read_float32("conv.weight", got[lo:hi], span=(lo, hi))
+        np.testing.assert_array_equal(got, flat)
+        assert reads == ["tensor 'conv.weight'"] and len(spans) > 3
+        reader.read_float32("fc.bias", np.empty(state["fc.bias"].numel(), dtype=np.float32))
+        reader.read_float32("conv.weight", got[:7], span=(0, 7))  # read again once another came between
+        assert reads == ["tensor 'conv.weight'", "tensor 'fc.bias'", "tensor 'conv.weight'"]

@@ -100,6 +100,7 @@ class DcpReader(Reader):
                            f"this is a torch.distributed.checkpoint folder")
         self.attachments: dict[str, bytes] = {}
         self._files: dict[str, Any] = {}
+        self._last: tuple[str, torch.Tensor] | None = None  # read_float32's last tensor
         self._stamps = {}
         for name in files.weights:
             st = (self.path / name).stat()
@@ -182,7 +183,14 @@ class DcpReader(Reader):
 
     def read_float32(self, name: str, out: np.ndarray, scratch: np.ndarray | None = None,
                      span: tuple[int, int] | None = None) -> None:
-        flat = self.tensor(name).detach().reshape(-1)
+        """A tensor's values (or the flat elements ``span``) as float32 into ``out``. A DCP item is
+        read whole, so the tensor last read is kept (one tensor's memory) for the next span of it:
+        ingest and ``cmd update`` read a large tensor a span at a time, and would otherwise read it
+        again for every span."""
+        if self._last is None or self._last[0] != name:
+            self._last = None  # the previous tensor's memory goes before the next is read
+            self._last = (name, self.tensor(name).detach().reshape(-1))
+        flat = self._last[1]
         out[:] = (flat if span is None else flat[span[0]:span[1]]).to(torch.float32).numpy()
 
     def float32_values(self, name: str) -> np.ndarray:
@@ -202,7 +210,7 @@ class DcpReader(Reader):
     def close(self) -> None:
         for f in self._files.values():
             f.close()
-        self._files = {}
+        self._files, self._last = {}, None
 
 
 # ------------------------------------------------------------------------------------------ writing
