@@ -7,7 +7,9 @@ trajectory store holds it), ``cmd`` (its CMD reconstruction, as ``cmd reconstruc
 are averaged in float64 and cast to their dtype; integer buffers are checkpoint ``t``'s; a running
 variance is never written negative. The weights are those the report scored (PCA: to rounding, its
 directions come from a Gram matrix summed in another order), written in the source format under
-checkpoint ``t``'s name by ``reconstruct.write_checkpoints``. ``recalibrate`` recomputes BatchNorm
+checkpoint ``t``'s name by ``reconstruct.write_checkpoints``: computed from the trajectory store one
+block of columns at a time (``TrajectoryFamily``) and, for safetensors, written tensor by tensor,
+so memory does not grow with the number of parameters. ``recalibrate`` recomputes BatchNorm
 statistics on data before writing (``torch.optim.swa_utils.update_bn``).
 """
 
@@ -17,16 +19,17 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
+from .checkpoints.safetensors_writer import SafetensorsWriter, cast, stored
 from .errors import CmdError
 from .fitting import tile_width
+from .layout import Layout, TensorSpec
 from .modefile import open_mode_file
 from .progress import Progress, no_progress
-from .reconstruct import parse_at, state_dict_at, write_checkpoints
-from .report.candidates import FamilyWeights, carried_rows, flat_state
+from .reconstruct import Reconstruction, TensorWriter, assemble_state_dict, parse_at, write_checkpoints
 from .report.evaluation import run_recalibrate
 from .report.metrics import PCA_RANKS, pca_from_gram
 from .report.source import open_trajectory
@@ -53,25 +56,119 @@ def trajectory_gram(store) -> np.ndarray:
     gram = np.zeros((T, T))
     for _, _, block in store.tiles(tile_width(T)):
         X = block.astype(np.float64)
-        X = X - X[0]
+        X -= X[0].copy()
         X -= X.mean(axis=0)
         gram += X @ X.T
     return gram
 
 
-def candidate_states(modes, family: str, positions, *, store=None, ema_decay: float = 0.9,
-                     clamped: Clamped | None = None):
-    """``state(t)`` for increasing ``t`` in ``positions``: the family's state dict at ``t``."""
-    kind, k = parse_family(family)
-    clamped = Clamped() if clamped is None else clamped
+BLOCK_BYTES = 8 * 2**20  # float64 bytes of one block of columns: its values at the positions written, and sums
+
+
+class TrajectoryFamily:
+    """The weights of one family but ``cmd``, computed from the trajectory store one block of
+    columns at a time, reading the rows it needs one by one (memory: a block, whatever N and T),
+    for ``write_checkpoints`` (as ``reconstruct.Reconstruction``: ``state`` and ``writer``).
+
+    Per parameter these are the operations of ``report.candidates.FamilyWeights`` (which holds
+    every family over all N at once, for the report's scoring), in the same order, so the same
+    bits: ``original`` the stored row; ``tail_K`` the float64 sum of the window's rows in time order
+    divided by its length (what ``mean(axis=0)`` of the rows computes); ``ema`` the recurrence from
+    checkpoint 0; ``pca_d`` the mean and directions summed over time (``pca_basis``), then
+    ``mean + Σ_k U[t, k] · directions[k]`` term by term (``FamilyWeights`` forms the sum with BLAS,
+    which may fuse a multiply and an add: the same to rounding)."""
+
+    def __init__(self, layout: Layout, store, family: str, ema_decay: float = 0.9):
+        self.layout, self.store, self.family, self.ema_decay = layout, store, family, ema_decay
+        self.kind, self.k = parse_family(family)
+        self.pca = pca_from_gram(trajectory_gram(store)) if self.kind.startswith("pca") else None
+
+    def _values(self, columns: slice, positions: Sequence[int]) -> np.ndarray:
+        """The family's float64 values of the trajectory's ``columns`` at ``positions`` (increasing),
+        ``(len(positions), columns)``."""
+        W = self.store.W
+        out = np.empty((len(positions), columns.stop - columns.start))
+        if self.kind == "original":
+            for values, t in zip(out, positions):
+                values[...] = W[t, columns]
+        elif self.kind == "tail":
+            for values, t in zip(out, positions):
+                first = max(0, t - self.k + 1)
+                values[...] = W[first, columns]
+                for s in range(first + 1, t + 1):
+                    values += W[s, columns]
+                values /= t + 1 - first
+        elif self.kind == "ema":  # e = D·e + (1 − D)·w(t), in place
+            decay, i = self.ema_decay, 0
+            ema, row = W[0, columns].astype(np.float64), np.empty(out.shape[1])
+            for t in range(positions[-1] + 1):
+                if t:
+                    ema *= decay
+                    row[...] = W[t, columns]
+                    row *= 1 - decay
+                    ema += row
+                while i < len(positions) and positions[i] == t:
+                    out[i], i = ema, i + 1
+        else:
+            T, U = W.shape[0], self.pca.eigenvectors[:, :max(PCA_RANKS)]
+            mean, directions = np.zeros(out.shape[1]), np.zeros((max(PCA_RANKS), out.shape[1]))
+            row, term = np.empty(out.shape[1]), np.empty(out.shape[1])
+            for t in range(T):
+                row[...] = W[t, columns]
+                mean += np.divide(row, T, out=term)
+                for k in range(U.shape[1]):
+                    directions[k] += np.multiply(row, U[t, k], out=term)
+            d = int(self.family.removeprefix("pca_"))
+            for values, t in zip(out, positions):
+                combination = np.zeros(out.shape[1])
+                for k, u in enumerate(self.pca.eigenvectors[t, :d]):
+                    combination += np.multiply(directions[k], u, out=term)
+                np.add(mean, combination, out=values)
+        return out
+
+    def _blocks(self, spec: TensorSpec, positions: Sequence[int], clamped: Clamped
+                ) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, values)``: tensor ``spec``'s float64 values at ``positions``, a block of its
+        columns from ``start`` on at a time (a running variance clamped at 0, counted)."""
+        width = max(1, BLOCK_BYTES // (8 * (len(positions) + max(PCA_RANKS) + 3)))
+        for start in range(0, spec.size, width):
+            columns = slice(spec.offset + start, spec.offset + min(start + width, spec.size))
+            yield start, clamped.array(spec.name, self._values(columns, positions))
+
+    def state(self, index: int, clamped: Clamped) -> dict:
+        """Checkpoint ``index``'s state dict (for torch's writers and ``--recalibrate``)."""
+        def modelled(spec: TensorSpec) -> np.ndarray:
+            values = np.empty(spec.size)
+            for start, block in self._blocks(spec, [index], clamped):
+                values[start:start + block.shape[1]] = block[0]
+            return values
+
+        return assemble_state_dict(self.layout, modelled, lambda spec: self.store.carried(spec.name)[index])
+
+    def writer(self, indices: Sequence[int], clamped: Clamped) -> TensorWriter:
+        def write(writers: Sequence[SafetensorsWriter], spec: TensorSpec) -> None:
+            if not spec.modelled:
+                rows = self.store.carried(spec.name)
+                for writer, t in zip(writers, indices):
+                    writer.write(spec.name, np.ascontiguousarray(rows[t]))
+                return
+            itemsize = stored(spec.dtype).itemsize
+            for start, values in self._blocks(spec, indices, clamped):
+                for row, writer in zip(cast(values, spec.dtype), writers):
+                    writer.write(spec.name, row, start * itemsize)
+
+        return write
+
+
+def family_weights(modes, family: str, *, store=None, ema_decay: float = 0.9) -> Reconstruction | TrajectoryFamily:
+    """What ``write_checkpoints`` writes for ``family``: the CMD reconstruction, or the family's
+    weights from the trajectory ``store``."""
+    kind, _ = parse_family(family)
     if kind == "cmd":
-        return lambda t: state_dict_at(modes, t, clamped=clamped)
+        return Reconstruction(modes)
     if store is None:
         raise CmdError(f"family {family}: needs the trajectory (the checkpoints)", parameter="family")
-    pca = pca_from_gram(trajectory_gram(store)) if kind.startswith("pca") else None
-    weights = FamilyWeights(store.W, [k] if k else [], ema_decay, pca)
-    carried = carried_rows(modes, store)
-    return lambda t: flat_state(modes, carried, weights.at(t)[family], t, clamped)
+    return TrajectoryFamily(modes.layout, store, family, ema_decay)
 
 
 class ExportResult(NamedTuple):
@@ -104,16 +201,15 @@ def export(mode_file: str | Path, output: str | Path, *, family: str, at: int | 
         if family != "cmd":
             store, _ = open_trajectory(modes, checkpoints, trajectory, progress)
         clamped = Clamped()
-        state_at = candidate_states(modes, family, positions, store=store, ema_decay=ema_decay, clamped=clamped)
+        weights = family_weights(modes, family, store=store, ema_decay=ema_decay)
 
-        def states(t: int) -> dict:
-            state = state_at(t)
-            if recalibrate is not None:
-                state = run_recalibrate(recalibrate, state, f"{family} at {modes.names[t]}", recalibrate_spec)
-            return state
+        def recalibrated(t: int) -> dict:
+            return run_recalibrate(recalibrate, weights.state(t, clamped), f"{family} at {modes.names[t]}",
+                                   recalibrate_spec)
 
         with progress(f"writing {family}", len(positions)) as advance:
-            paths = write_checkpoints(modes, Path(output), positions, force, advance, format, clamped, states)
+            paths = write_checkpoints(modes, Path(output), positions, force, advance, format, clamped,
+                                      recalibrated if recalibrate is not None else None, weights)
     return ExportResult(paths, family, positions, clamped, [])
 
 

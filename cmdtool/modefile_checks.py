@@ -27,6 +27,7 @@ from .layout import is_integer
 from .modes import FitSettings
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
+LABEL_BLOCK = 1 << 18  # labels read and counted at a time
 # FitSettings fields and the JSON types they must have (ints are checked by FitSettings itself)
 _SETTING_TYPES = {"include": list, "exclude": list, "ema": bool, "drop_unmodelled": bool, "sampling": str,
                   "source": str, "trajectory": str, "trajectory_fingerprint": str}
@@ -105,12 +106,12 @@ def check_contents(mf) -> None:
             raise ValueError(f"{name} holds NaN or Inf")
     if ((mf.reference_index < 0) | (mf.reference_index >= N)).any():
         raise ValueError(f"reference_index out of range (N = {N})")
-    labels = h["labels"][()]
-    if labels.size and (int(labels.min()) < 0 or int(labels.max()) >= M):
-        raise ValueError(f"labels out of range (M = {M})")
-    counts = np.zeros(M, dtype=np.int64)
-    for start in range(0, labels.size, 2**16):  # slices: no N-sized intp copy
-        counts += np.bincount(labels[start:start + 2**16], minlength=M)
+    labels, counts = h["labels"], np.zeros(M, dtype=np.int64)
+    for start in range(0, labels.shape[0], LABEL_BLOCK):  # read in blocks: memory does not grow with N
+        block = labels[start:start + LABEL_BLOCK]
+        if int(block.min()) < 0 or int(block.max()) >= M:
+            raise ValueError(f"labels out of range (M = {M})")
+        counts += np.bincount(block, minlength=M)
     if not np.array_equal(counts, mf.mode_sizes):
         raise ValueError("mode_sizes do not count the labels")
     curve = mf.metrics.error_curve

@@ -11,8 +11,8 @@ import numpy as np
 from ._files import plain_name, remove_path, replace_path, temporary_sibling
 from ._lazy import torch  # imported on first use
 from .checkpoints import CHECKPOINT_SUFFIXES, CheckpointInfo, write_checkpoint
-from .checkpoints.formats import NUMPY_DTYPES  # written without importing torch, which takes longer than the work
-from .checkpoints.safetensors_writer import DeferredFiles, SafetensorsWriter
+from .checkpoints.formats import NUMPY_DTYPES
+from .checkpoints.safetensors_writer import WRITTEN_DTYPES, DeferredFiles, SafetensorsWriter, cast, stored
 from .errors import CmdError
 from .layout import Layout, TensorSpec
 from .modefile import ModeFile
@@ -54,8 +54,10 @@ def assemble_state_dict(layout: Layout, modelled: Callable[[TensorSpec], np.ndar
     return state
 
 
-def _numpy_dtypes_only(modes: ModeFile) -> bool:
-    return all(spec.dtype in NUMPY_DTYPES for spec in modes.layout.tensors)
+def _written_directly(modes: ModeFile) -> bool:
+    """Whether every tensor has a dtype ``SafetensorsWriter`` writes (then no torch is imported, which
+    takes longer than the work, and no state dict is built)."""
+    return all(spec.dtype in WRITTEN_DTYPES for spec in modes.layout.tensors)
 
 
 Parameters = tuple[np.ndarray, np.ndarray, np.ndarray]
@@ -82,8 +84,10 @@ def _values_at(modes: ModeFile, index: int, parameters: Parameters | None = None
 def arrays_at(modes: ModeFile, index: int, parameters: Parameters | None = None, clamped: Clamped | None = None
               ) -> dict[str, np.ndarray]:
     """``state_dict_at`` as numpy arrays (every tensor's dtype must be in ``NUMPY_DTYPES``);
-    the values are the same, rounded from float64 the same way."""
-    return {spec.name: values.astype(spec.dtype) if spec.modelled else values.view(spec.dtype).reshape(spec.shape)
+    the values are the same, rounded from float64 the same way (``safetensors_writer.cast``)."""
+    if not all(spec.dtype in NUMPY_DTYPES for spec in modes.layout.tensors):
+        raise ValueError("arrays_at: a tensor's dtype is not one numpy holds")
+    return {spec.name: cast(values, spec.dtype) if spec.modelled else values.view(spec.dtype).reshape(spec.shape)
             for spec, values in _values_at(modes, index, parameters, clamped)}
 
 
@@ -99,65 +103,97 @@ def state_dict_at(modes: ModeFile, index: int, parameters: Parameters | None = N
 
 CHUNK_BYTES = 2 * 2**20   # float64 values of one slice of columns (all checkpoints of a group): stays in the CPU cache
 STAGE_BYTES = 16 * 2**20  # one tensor's cast values, all checkpoints of a group, gathered for fewer, larger writes
+SPAN_COLUMNS = 1 << 18    # columns whose labels, a, b are read at a time: memory does not grow with the largest tensor
 GROUP_FILES = 64          # checkpoints written together (open files; each tensor's labels, a, b read once per group)
 
+ParameterSpans = Callable[[int, int], Sequence[np.ndarray]]  # columns start:stop of a tensor -> its labels, a, b there
 
-def _write_modelled(writers: Sequence[SafetensorsWriter], spec: TensorSpec, R: np.ndarray, labels: np.ndarray,
-                    a: np.ndarray, b: np.ndarray, clamped: Clamped | None = None) -> None:
+
+def _write_modelled(writers: Sequence[SafetensorsWriter], spec: TensorSpec, R: np.ndarray, parameters: ParameterSpans,
+                    clamped: Clamped | None = None) -> None:
     """Tensor ``spec`` at the group's checkpoints, ``R`` their ``(g, M)`` float64 reference values:
-    ``a · r[label] + b`` in float64 and cast to the tensor's dtype, as ``model_values`` and
-    ``arrays_at`` compute it (the same operations on the same operands, so the same bits), column
-    slice by column slice. A slice whose every ``a`` is 0 and ``b`` is not is ``b`` at every
+    ``a · r[label] + b`` in float64 and cast to the tensor's dtype (``cast``), as ``model_values`` and
+    ``state_dict_at`` compute it (the same operations on the same operands, so the same bits), column
+    slice by column slice, ``parameters(start, stop)`` giving ``labels, a, b`` of the tensor's
+    columns ``start:stop``. A slice whose every ``a`` is 0 and ``b`` is not is ``b`` at every
     checkpoint, exactly (``0 · r`` is ±0, and ``b + ±0`` is ``b`` for ``b ≠ 0``). A running
     variance is clamped at 0 (``clamped``), as ``_values_at`` does."""
-    g, dtype = len(writers), np.dtype(spec.dtype)
+    g, dtype = len(writers), stored(spec.dtype)
     nonnegative, clamped = must_stay_nonnegative(spec.name), Clamped() if clamped is None else clamped
-    if spec.size and not a.any() and b.all():  # a frozen tensor: the same bytes at every checkpoint
-        values = clamped.array(spec.name, b.astype(np.float64), times=g).astype(dtype)
-        for writer in writers:
-            writer.write(spec.name, values)
-        return
-    step = max(1, CHUNK_BYTES // (8 * g))
-    span = step * max(1, STAGE_BYTES // (dtype.itemsize * g * step))
+    step = max(1, min(CHUNK_BYTES // (8 * g), SPAN_COLUMNS))
+    span = step * max(1, min(STAGE_BYTES // (dtype.itemsize * g * step), SPAN_COLUMNS // step))
     work = np.empty(g * min(step, spec.size))
     staged = np.empty(g * min(span, spec.size) * dtype.itemsize, dtype=np.uint8)
     for start in range(0, spec.size, span):
         stop = min(start + span, spec.size)
+        labels, a, b = parameters(start, stop)
+        if not a.any() and b.all():  # frozen columns: the same bytes at every checkpoint
+            values = cast(clamped.array(spec.name, b.astype(np.float64), times=g), spec.dtype)
+            for writer in writers:
+                writer.write(spec.name, values, start * dtype.itemsize)
+            continue
         stage = staged[:g * (stop - start) * dtype.itemsize].view(dtype).reshape(g, stop - start)
-        for first in range(start, stop, step):
-            last = min(first + step, stop)
-            into = stage[:, first - start:last - start]
+        for first in range(0, stop - start, step):
+            last = min(first + step, stop - start)
+            into = stage[:, first:last]
             a_slice, b_slice = a[first:last], b[first:last].astype(np.float64)
             if not a_slice.any() and b_slice.all() and not (nonnegative and (b_slice < 0).any()):
-                into[...] = b_slice
+                cast(b_slice, spec.dtype, into)
                 continue
             values = work[:g * (last - first)].reshape(g, last - first)
             np.take(R, labels[first:last], axis=1, out=values, mode="clip")  # labels checked < M when read
             values *= a_slice.astype(np.float64)
             values += b_slice
-            into[...] = clamped.array(spec.name, values) if nonnegative else values
+            cast(clamped.array(spec.name, values) if nonnegative else values, spec.dtype, into)
         for row, writer in zip(stage, writers):
             writer.write(spec.name, row, start * dtype.itemsize)
 
 
+TensorWriter = Callable[[Sequence[SafetensorsWriter], TensorSpec], None]
+
+
+class Reconstruction:
+    """The weights ``write_checkpoints`` writes unless told others (``cmd export``'s families are
+    the others): the CMD reconstruction of each checkpoint. Such an object gives a checkpoint's
+    ``state`` dict (for torch's writers) and a ``writer`` that writes one tensor at many checkpoints
+    into their safetensors files (``SafetensorsWriter``, one per checkpoint), in bounded memory."""
+
+    def __init__(self, modes: ModeFile):
+        self.modes = modes
+
+    def state(self, index: int, clamped: Clamped) -> dict[str, torch.Tensor]:
+        return state_dict_at(self.modes, index, clamped=clamped)
+
+    def writer(self, indices: Sequence[int], clamped: Clamped) -> TensorWriter:
+        """Each tensor's ``labels, a, b`` read once for all ``indices``, a span at a time (``_write_modelled``)."""
+        modes = self.modes
+        R = np.ascontiguousarray(modes.references[:, indices].T, dtype=np.float64)  # (g, M)
+        read = modes.parameter_reader(min(SPAN_COLUMNS, max((spec.size for spec in modes.layout.modelled), default=0)))
+
+        def write(writers: Sequence[SafetensorsWriter], spec: TensorSpec) -> None:
+            if spec.modelled:
+                columns = spec.offset
+                _write_modelled(writers, spec, R, lambda start, stop: read(slice(columns + start, columns + stop)),
+                                clamped)
+            else:
+                for writer, i in zip(writers, indices):
+                    writer.write(spec.name, np.ascontiguousarray(modes.carried_row(spec.name, i)))
+
+        return write
+
+
 def _write_safetensors(modes: ModeFile, group: Sequence[tuple[int, Path, CheckpointInfo, Path]],
-                       clamped: Clamped) -> None:
-    """Checkpoints ``(index, path, info, shown)`` as safetensors files written directly (every
-    dtype one numpy holds): the same bytes as ``save_file`` of ``arrays_at``, tensor by tensor,
-    each tensor's ``labels, a, b`` read once for the whole group."""
+                       weights: Reconstruction, clamped: Clamped) -> None:
+    """Checkpoints ``(index, path, info, shown)`` as safetensors files (or Hugging Face folders of
+    them) written directly (every dtype ``SafetensorsWriter`` writes): the same bytes as
+    ``save_file`` of ``weights.state``, tensor by tensor, each tensor computed once for the group."""
     files = DeferredFiles([(spec.name, spec.dtype, spec.shape) for spec in modes.layout.tensors])
     try:
         for _, path, info, shown in group:
-            write_checkpoint(path, files, info, shown=shown)  # the file and its header
-        indices = [i for i, *_ in group]
-        R = np.ascontiguousarray(modes.references[:, indices].T, dtype=np.float64)  # (g, M)
-        parameters = modes.parameter_reader(max((spec.size for spec in modes.layout.modelled), default=0))
+            write_checkpoint(path, files, info, modes.attachment, shown=shown)  # the files and their headers
+        write = weights.writer([i for i, *_ in group], clamped)
         for spec in modes.layout.tensors:
-            if spec.modelled:
-                _write_modelled(files.writers, spec, R, *parameters(spec.columns), clamped)
-            else:
-                for writer, i in zip(files.writers, indices):
-                    writer.write(spec.name, np.ascontiguousarray(modes.carried_row(spec.name, i)))
+            write(files.writers, spec)
     finally:
         files.close()
 
@@ -184,11 +220,18 @@ def output_plan(name: str, info: CheckpointInfo, fmt: str = "source") -> tuple[s
 def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], force: bool = False,
                       advance: Callable[[int], None] = lambda n: None, fmt: str = "source",
                       clamped: Clamped | None = None,
-                      states: Callable[[int], dict[str, torch.Tensor]] | None = None) -> list[Path]:
+                      states: Callable[[int], dict[str, torch.Tensor]] | None = None,
+                      weights: Reconstruction | None = None) -> list[Path]:
     """Write the checkpoints ``indices`` into ``out_dir`` under their source names and format
     (``fmt="safetensors"``: as plain safetensors files, see ``output_plan``). Running variances
-    clamped at 0 are counted in ``clamped``. ``states(i)``: the state dict to write under
-    checkpoint ``i``'s name instead of its CMD reconstruction (``cmd export``).
+    clamped at 0 are counted in ``clamped``. ``weights``: what to write under checkpoint ``i``'s
+    name instead of its CMD reconstruction (``cmd export``'s families, see ``Reconstruction``);
+    ``states(i)``: a state dict to write instead (``--recalibrate``: the user's function made it).
+
+    Safetensors files and Hugging Face folders of them, of dtypes ``SafetensorsWriter`` writes, are
+    written tensor by tensor, many checkpoints at once: memory does not grow with the number of
+    parameters. Other formats are written from a whole state dict, one checkpoint at a time:
+    torch's writers (``torch.save``, ``torch.distributed.checkpoint``) need it whole.
 
     All files (and Hugging Face folders) go to temporary names first and are renamed into place
     only when every one is written; nothing existing is overwritten without ``force``, and nothing
@@ -217,8 +260,8 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
     created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     clamped = Clamped() if clamped is None else clamped
-    direct = [states is None and info.format == "safetensors" and not info.is_folder and _numpy_dtypes_only(modes)
-              for _, info, _ in plans]
+    weights = Reconstruction(modes) if weights is None else weights
+    direct = [states is None and info.format == "safetensors" and _written_directly(modes) for _, info, _ in plans]
     written: list[tuple[Path, Path]] = []
     done = False
     try:
@@ -226,15 +269,15 @@ def write_checkpoints(modes: ModeFile, out_dir: Path, indices: Sequence[int], fo
         for n, (i, target, (_, info, _)) in enumerate(zip(indices, targets, plans)):
             tmp = temporary_sibling(target)
             written.append((tmp, target))
-            if direct[n]:  # safetensors of numpy dtypes: written by ``_write_safetensors``, in groups
+            if direct[n]:  # safetensors files: written by ``_write_safetensors``, in groups
                 group.append((i, tmp, info, target))
                 if len(group) == GROUP_FILES or n + 1 == len(indices) or not direct[n + 1]:
-                    _write_safetensors(modes, group, clamped)
+                    _write_safetensors(modes, group, weights, clamped)
                     advance(len(group))
                     group = []
                 continue
-            # each tensor's labels, a, b read from the file per checkpoint: memory is the checkpoint, not N more
-            state = states(i) if states is not None else state_dict_at(modes, i, clamped=clamped)
+            # the checkpoint's state dict, built tensor by tensor: memory is the checkpoint, not N more
+            state = states(i) if states is not None else weights.state(i, clamped)
             write_checkpoint(tmp, state, info, modes.attachment, shown=target)
             advance(1)
         for tmp, target in written:

@@ -5,18 +5,30 @@ running variances never written negative by export or reconstruct."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from cmdtool.export import export
+import cmdtool
+from cmdtool.checkpoints import write_checkpoint
+from cmdtool.export import export, parse_family, trajectory_gram
+from cmdtool.fitting import tile_width
 from cmdtool.modefile import open_mode_file
+from cmdtool.reconstruct import state_dict_at
+from cmdtool.report.candidates import FamilyWeights, carried_rows, flat_state
+from cmdtool.report.metrics import pca_from_gram
+from cmdtool.statistics import Clamped
+from cmdtool.stores import open_trajectory_store
 from helpers import SHAPES, cmd, error_line, ok, plant, snapshot, write_run
+
+export_module = sys.modules["cmdtool.export"]
+reconstruct_module = sys.modules["cmdtool.reconstruct"]  # the package attributes are functions
 
 T = 12
 BN_SHAPES = {**SHAPES, "bn.running_var": (8,)}
@@ -250,3 +262,154 @@ def test_running_var_is_never_written_negative(run, runner, tmp_path, write_form
     assert evaluation["candidates"]["cmd"]["low"] == 0.0
     assert f"note: {evaluation['clamped_running_var']['total']} negative running-variance values clamped" \
         in result.stderr
+
+
+# --------------------------------------------------------------------------- streamed = what was written before
+
+
+def _dtype_run(folder: Path, dtypes: str) -> tuple[Path, Path]:
+    """A fitted run whose floating-point tensors are ``dtypes`` (or a mix of four), with a running
+    variance near 0 that some checkpoints have negative (every family clamps it)."""
+    states = []
+    for state in plant(M=3, T=T, noise=1e-3, seed=5, shapes=BN_SHAPES).states():
+        state["bn.running_var"] = state["bn.running_var"] * 0.01
+        if dtypes == "mixed":
+            state.update({"conv.weight": state["conv.weight"].half(), "fc.weight": state["fc.weight"].bfloat16(),
+                          "bn.weight": state["bn.weight"].double()})
+        else:
+            state = {n: v.to(getattr(torch, dtypes)) if v.is_floating_point() else v for n, v in state.items()}
+        states.append(state)
+    run = write_run(folder / "run", states, fmt="torch" if dtypes == "float64" else "safetensors")
+    cmdtool.fit(run, folder / "m.cmd.h5", modes=3, trajectory=folder / "t.h5")
+    return folder / "m.cmd.h5", folder / "t.h5"
+
+
+def _states_before(mode_file: Path, store_path: Path, family: str, positions: list[int], ema_decay: float):
+    """The state dicts ``cmd export`` built before it streamed (all N at once): ``FamilyWeights`` and
+    ``flat_state`` of ``report.candidates``, or ``state_dict_at`` for cmd. For pca_d, whose sum
+    ``mean + Σ U[t, k]·directions[k]`` was formed by BLAS (which may fuse a multiply and an add), the
+    same terms added one by one, as the export now does (and checked equal to rounding)."""
+    clamped = Clamped()
+    with open_mode_file(mode_file) as modes:
+        if family == "cmd":
+            return [state_dict_at(modes, t, clamped=clamped) for t in positions], clamped
+        store = open_trajectory_store(store_path)
+        kind, k = parse_family(family)
+        pca = None
+        if kind.startswith("pca"):
+            gram = np.zeros((T, T))
+            for _, _, block in store.tiles(tile_width(T)):
+                X = block.astype(np.float64)
+                X = X - X[0]
+                X -= X.mean(axis=0)
+                gram += X @ X.T
+            assert np.array_equal(gram, trajectory_gram(store))
+            pca = pca_from_gram(gram)
+        weights = FamilyWeights(store.W, [k] if k else [], ema_decay, pca)
+        carried, states = carried_rows(modes, store), []
+        for t in positions:
+            flat = weights.at(t)[family]
+            if pca is not None:
+                combination = np.zeros(flat.shape)
+                for j, u in enumerate(pca.eigenvectors[t, :int(family[4:])]):
+                    combination += u * weights.directions[j]
+                np.testing.assert_allclose(weights.mean + combination, flat, rtol=1e-13, atol=1e-13)
+                flat = weights.mean + combination
+            states.append(flat_state(modes, carried, flat, t, clamped))
+        return states, clamped
+
+
+FAMILIES = ["original", "cmd", "tail_3", "tail_20", "ema", "pca_1", "pca_2"]
+
+
+@pytest.mark.parametrize("dtypes", ["bfloat16", "float16", "float32", "mixed", "float64"])
+def test_every_family_is_written_as_before(tmp_path, monkeypatch, dtypes):
+    """Every family at every position (in groups of 5 files, blocks of a few columns) is byte for
+    byte ``save_file`` of the state dict the export built before (float64: a torch file, whose
+    tensors are compared), with the same running variances clamped; in runs of bfloat16 (the store
+    keeps 16 bits), float16, float32, float64 and a mix."""
+    monkeypatch.setattr(export_module, "BLOCK_BYTES", 8 * 7 * 30)
+    monkeypatch.setattr(reconstruct_module, "GROUP_FILES", 5)
+    mode_file, store = _dtype_run(tmp_path, dtypes)
+    with open_mode_file(mode_file) as modes:
+        names, metadata = modes.names, [info.metadata for info in modes.infos]
+    for family in FAMILIES:
+        out = tmp_path / family
+        result = export(mode_file, out, family=family, at="all", ema_decay=0.8)
+        before, clamped = _states_before(mode_file, store, family, list(range(T)), 0.8)
+        assert result.clamped.counts == clamped.counts and clamped.total > 0, family
+        for t, state in enumerate(before):
+            if dtypes == "float64":
+                got = torch.load(out / names[t], weights_only=True)
+                assert list(got) == list(state) and all(torch.equal(got[n], state[n]) for n in state), (family, t)
+                continue
+            save_file(state, str(tmp_path / "expected.safetensors"), metadata=metadata[t])
+            assert (out / names[t]).read_bytes() == (tmp_path / "expected.safetensors").read_bytes(), (family, t)
+
+
+def test_positions_apart_and_plain_safetensors_are_written_as_before(tmp_path, monkeypatch):
+    """Positions far apart (a tail window, an EMA from 0), one at a time and together, and
+    ``--format safetensors`` of a torch run: the same tensors as the state dicts built before."""
+    monkeypatch.setattr(export_module, "BLOCK_BYTES", 8 * 7 * 30)
+    mode_file, store = _dtype_run(tmp_path, "float64")
+    with open_mode_file(mode_file) as modes:
+        stems = [name.removesuffix(".pt") for name in modes.names]
+    for family in ("tail_3", "ema", "pca_2"):
+        for at in ("1,9", "9", "0"):
+            positions = [int(p) for p in at.split(",")]
+            out = tmp_path / f"{family}-{at}"
+            export(mode_file, out, family=family, at=at, ema_decay=0.8, format="safetensors")
+            before, _ = _states_before(mode_file, store, family, positions, 0.8)
+            for t, state in zip(positions, before):
+                got = load_file(str(out / f"{stems[t]}.safetensors"))
+                assert list(got) == sorted(state) and all(torch.equal(got[n], state[n]) for n in state), (family, t)
+
+
+def _huggingface_run(folder: Path, dtype: torch.dtype) -> Path:
+    """``checkpoint-<t>/`` folders of two weight files, an index and a config.json, as ``save_pretrained`` writes."""
+    for t, state in enumerate(plant(M=3, T=T, noise=1e-3, seed=6, shapes=BN_SHAPES).states(dtype=dtype)):
+        checkpoint = folder / f"checkpoint-{t}"
+        checkpoint.mkdir(parents=True)
+        names = sorted(state)
+        shards = {"model-00001-of-00002.safetensors": names[:3], "model-00002-of-00002.safetensors": names[3:]}
+        for file_name, part in shards.items():
+            save_file({name: state[name] for name in part}, str(checkpoint / file_name), metadata={"format": "pt"})
+        weight_map = {name: file_name for file_name, part in shards.items() for name in part}
+        (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": 1},
+                                                                             "weight_map": weight_map}))
+        (checkpoint / "config.json").write_text('{"model_type": "planted"}')
+    return folder
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_huggingface_folders_are_written_as_before(tmp_path, monkeypatch, dtype):
+    """Hugging Face folders of safetensors weight files are written tensor by tensor too: every
+    file of every folder (weight files, index, config.json) is what ``write_checkpoint`` of the
+    state dict built before writes, for reconstruct (in groups of 5) and the export's families."""
+    monkeypatch.setattr(export_module, "BLOCK_BYTES", 8 * 7 * 30)
+    monkeypatch.setattr(reconstruct_module, "GROUP_FILES", 5)
+    for weights in (reconstruct_module.Reconstruction, export_module.TrajectoryFamily):
+        monkeypatch.setattr(weights, "state", None)  # no state dict is built
+    run = _huggingface_run(tmp_path / "run", dtype)
+    mode_file, store = tmp_path / "m.cmd.h5", tmp_path / "t.h5"
+    cmdtool.fit(run, mode_file, modes=3, trajectory=store)
+
+    def files(folder: Path) -> dict[str, bytes]:
+        return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+    with open_mode_file(mode_file) as modes:
+        assert modes.infos[0].is_folder and len(modes.infos[0].shards) == 2
+        cmdtool.reconstruct_checkpoints(mode_file, tmp_path / "rec", "all")
+        (tmp_path / "before").mkdir()
+        for t in range(T):
+            write_checkpoint(tmp_path / "before" / modes.names[t], state_dict_at(modes, t), modes.infos[t],
+                             modes.attachment)
+        assert files(tmp_path / "rec") == files(tmp_path / "before")
+        for family in ("original", "tail_3", "ema", "pca_2"):
+            export(mode_file, tmp_path / family, family=family, at="0,7,11")
+            before, _ = _states_before(mode_file, store, family, [0, 7, 11], 0.9)
+            (tmp_path / f"{family}-before").mkdir()
+            for t, state in zip([0, 7, 11], before):
+                write_checkpoint(tmp_path / f"{family}-before" / modes.names[t], state, modes.infos[t],
+                                 modes.attachment)
+            assert files(tmp_path / family) == files(tmp_path / f"{family}-before"), family

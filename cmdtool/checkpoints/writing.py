@@ -20,8 +20,9 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor] | DeferredFiles,
                      attachment: Callable[[str], bytes] = lambda digest: b"", shown: Path | None = None) -> None:
     """Write a state dict in the source's format, restoring its wrapper and metadata.
 
-    ``state`` may instead be a ``DeferredFiles`` (a safetensors file, not a folder): the file is
-    then created with its header only, and the caller writes its tensors through ``state.writers``.
+    ``state`` may instead be a ``DeferredFiles`` (a safetensors file, or a Hugging Face folder of
+    them): the file (each weight file) is then created with its header only, and the caller writes
+    its tensors through ``state.writers``.
 
     A ``torch.distributed.checkpoint`` source becomes a DCP folder at ``path`` (``dcp.write_dcp``).
     A Hugging Face checkpoint becomes the folder ``path``: the same weight files (the index rewritten
@@ -29,10 +30,10 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor] | DeferredFiles,
     and the copied files, whose bytes ``attachment(sha256)`` returns. A failed write (full disk, a
     dtype the format cannot hold) is a CmdError naming ``shown`` (default ``path``).
     """
-    if isinstance(state, DeferredFiles) and (info.format != "safetensors" or info.is_folder):
+    if isinstance(state, DeferredFiles) and info.format != "safetensors":
         raise ValueError(f"{path}: deferred writing is for safetensors files, not {info.format} folders or files")
     try:
-        if isinstance(state, DeferredFiles):
+        if isinstance(state, DeferredFiles) and not info.is_folder:
             state.open(path, info.metadata, shown)
         else:
             _write_checkpoint(path, state, info, attachment, shown or path)
@@ -45,7 +46,7 @@ def write_checkpoint(path: Path, state: dict[str, torch.Tensor] | DeferredFiles,
         raise CmdError(f"{shown or path}: cannot write ({type(e).__name__}: {text})") from None
 
 
-def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: CheckpointInfo,
+def _write_checkpoint(path: Path, state: dict[str, torch.Tensor] | DeferredFiles, info: CheckpointInfo,
                       attachment: Callable[[str], bytes], shown: Path) -> None:
     if info.format == "dcp":
         write_dcp(path, state, info.wrapper, info.extras)
@@ -65,10 +66,15 @@ def _write_checkpoint(path: Path, state: dict[str, torch.Tensor], info: Checkpoi
     path.mkdir()
     metadata = {**(info.metadata or {}), "format": "pt"}
     weight_map, total_size = {}, 0
+    if isinstance(state, DeferredFiles):
+        state.open_folder(path, info.shards, metadata, shown)
     for file_name, names in info.shards.items():
-        _write_file(path / file_name, {n: state[n] for n in names}, info.format, metadata)
+        if isinstance(state, DeferredFiles):
+            total_size += sum(state.nbytes(n) for n in names)
+        else:
+            _write_file(path / file_name, {n: state[n] for n in names}, info.format, metadata)
+            total_size += sum(state[n].numel() * state[n].element_size() for n in names)
         weight_map.update(dict.fromkeys(names, file_name))
-        total_size += sum(state[n].numel() * state[n].element_size() for n in names)
     if info.index is not None:
         index = {"metadata": {**info.index.get("metadata", {}), "total_size": total_size},
                  "weight_map": weight_map}

@@ -13,7 +13,8 @@ whole run. All but ``cmd`` are linear in the checkpoints and are kept as running
 over one pass in time order (the PCA directions need one pass before), so scoring every family at
 every epoch costs ``O(N)`` memory per family and one read of the trajectory. Integer (carried)
 tensors are checkpoint ``t``'s; a running variance is clamped at 0 (counted). ``cmd export``
-writes the same weights (``FamilyWeights``, ``flat_state``).
+writes the same weights, computed the same way one block of columns at a time
+(``export.TrajectoryFamily``, which ``tests/test_export.py`` checks against ``FamilyWeights``).
 """
 
 from __future__ import annotations
