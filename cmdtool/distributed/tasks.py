@@ -10,7 +10,8 @@ from typing import Callable
 import numpy as np
 
 from ..fitting import TileResult, fit_tile_result
-from ..report.metrics import FitMeasures, measure
+from ..report import metrics
+from ..report.metrics import FitMeasures
 from ..shards import ShardJob, write_shard
 from ..stores import open_trajectory_store
 from ..trajectory import TrajectoryStore, column_block
@@ -49,26 +50,12 @@ def fit_group(location: str, start: int, stop: int, width: int, references: np.n
 def measure_group(location: str, start: int, stop: int, width: int, labels: np.ndarray, a: np.ndarray,
                   b: np.ndarray, references: np.ndarray, tensor_of_column: np.ndarray, n_tensors: int,
                   hook: Callable[[int], None] | None = None) -> tuple[FitMeasures, int]:
-    """The report's sums over columns ``start:stop`` (``labels, a, b, tensor_of_column`` of those
-    columns), from zero; returns them and the bytes read."""
-    from threadpoolctl import threadpool_limits
-
+    """The report's sums over columns ``start:stop`` (``metrics.measure_group`` on the store every
+    worker sees); returns them and the bytes read."""
     if hook is not None:
         hook(start)
-    store = open_location(location)
-    read = [0]
-
-    def tiles():
-        for first in range(start, stop, width):
-            last = min(first + width, stop)
-            block = column_block(store.W, first, last)
-            read[0] += block.nbytes
-            yield first - start, last - start, block
-
-    with threadpool_limits(limits=1, user_api="blas"):
-        measured = measure(tiles(), lambda lo, hi: (labels[lo:hi], a[lo:hi], b[lo:hi]), references,
-                           tensor_of_column, n_tensors, varies=np.asarray(store.varies[start:stop]))
-    return measured, read[0]
+    return metrics.measure_group(open_location(location), start, stop, width, labels, a, b, references,
+                                 tensor_of_column, n_tensors)
 
 
 def kill_this_worker_once(marker: str) -> Callable[[int], None]:

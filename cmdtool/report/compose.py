@@ -12,7 +12,7 @@ import numpy as np
 
 from ..decompose import correlation_matrix, sample_parameters
 from ..errors import CmdError
-from ..fitting import group_step, tile_width
+from ..fitting import column_groups, group_step, in_threads, pass_threads, tile_width
 from ..modefile import ModeFile, embedding_summary
 from ..modes import model_values
 from ..progress import Progress
@@ -68,14 +68,38 @@ def json_safe(value):
     return value
 
 
+def measure_in_threads(modes: ModeFile, store: TrajectoryStore, advance: Callable[[int], None]) -> metrics.FitMeasures:
+    """The report's pass here, one group of tiles a task (``metrics.measure_group``) in up to
+    ``fitting.PASS_THREADS`` threads: the groups and the order their sums are added in are a Dask
+    pass's (``distributed.Engine.measure_pass``), so the report is the same bit for bit. Each
+    group's ``labels, a, b`` are read in this thread as its task is handed out."""
+    T, N = modes.T, modes.N
+    width = tile_width(T)
+    tensor_of_column = metrics.TensorOfColumn([s.size for s in modes.layout.modelled])
+    groups = column_groups(N, width, group_step(width))
+
+    def tasks():
+        for lo, hi in groups:
+            yield lo, hi, *modes.parameters(slice(lo, hi))
+
+    def run(task) -> metrics.FitMeasures:
+        lo, hi, labels, a, b = task
+        return metrics.measure_group(store, lo, hi, width, labels, a, b, modes.references, tensor_of_column[lo:hi],
+                                     tensor_of_column.count)[0]
+
+    parts = []
+    for part, (lo, hi) in zip(in_threads(run, tasks(), pass_threads()), groups):
+        parts.append(part)
+        advance(hi - lo)
+    return metrics.combine(parts)
+
+
 def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path, scoring: Scoring,
             tail: Sequence[int], ema_decay: float, thresholds: Thresholds, progress: Progress, measure_pass=None):
     from . import plots  # matplotlib is imported only when a report is drawn
 
     layout, T, N, M = modes.layout, modes.T, modes.N, modes.M
     tensors = layout.modelled
-    tensor_of_column = metrics.TensorOfColumn([s.size for s in tensors])
-    tile = tile_width(T)
     first = None
     if scoring.evaluate is not None:  # a failing function fails now, not after the measuring pass
         first = candidates.trial(scoring.evaluate, store, modes, scoring.spec, run_evaluate, scoring.select)
@@ -83,11 +107,7 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
         if measure_pass is not None:  # on Dask workers (cmdtool.distributed): the same sums, bit for bit
             measured = measure_pass(modes, store, advance)
         else:
-            read = modes.parameter_reader(tile)
-            measured = metrics.measure(
-                store.tiles(tile, stored=True), lambda start, stop: read(slice(start, stop)),
-                modes.references, tensor_of_column, len(tensors), advance, group_columns=group_step(tile),
-                varies=store.varies)
+            measured = measure_in_threads(modes, store, advance)
     time = modes.time.astype(np.int64)
     pca = metrics.pca_from_gram(measured.gram)
 

@@ -105,6 +105,30 @@ def measure(tiles: Iterable[tuple[int, int, np.ndarray]], parameters: Callable[[
     return combine(parts)
 
 
+def measure_group(store, start: int, stop: int, width: int, labels: np.ndarray, a: np.ndarray, b: np.ndarray,
+                  references: np.ndarray, tensor_of_column, n_tensors: int) -> tuple[FitMeasures, int]:
+    """``measure`` of the columns ``start:stop`` of ``store`` (one group of tiles ``width`` wide;
+    ``labels, a, b, tensor_of_column`` of those columns), from zero: one task of the report's pass,
+    in a thread here or on a Dask worker. Returns the sums and the store's bytes read."""
+    from threadpoolctl import threadpool_limits
+
+    from ..trajectory import column_block
+
+    read = [0]
+
+    def tiles():
+        for first in range(start, stop, width):
+            last = min(first + width, stop)
+            block = column_block(store.W, first, last)
+            read[0] += block.nbytes
+            yield first - start, last - start, block
+
+    with threadpool_limits(limits=1, user_api="blas"):
+        measured = measure(tiles(), lambda lo, hi: (labels[lo:hi], a[lo:hi], b[lo:hi]), references,
+                           tensor_of_column, n_tensors, varies=np.asarray(store.varies[start:stop]))
+    return measured, read[0]
+
+
 def _constant_columns(first: np.ndarray, labels: np.ndarray, b: np.ndarray, tensors: np.ndarray, T: int,
                       n_tensors: int, sums: tuple) -> None:
     """Add the sums of constant columns with ``a = 0`` (``first``: their one value) to ``sums``."""
@@ -148,7 +172,7 @@ def combine(parts: Sequence[FitMeasures]) -> FitMeasures:
 def _measure_columns(block: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np.ndarray, R: np.ndarray,
                      tensors: np.ndarray, n_tensors: int, sums: tuple) -> None:
     """Add one ``(T, n)`` column slice's sums to ``sums`` (see ``measure``), in one float64 buffer
-    besides the block's copy: each sum of squares is one ``einsum`` pass (no array of squares),
+    besides the block's copy: each sum of squares is one pass (``vecdot`` or ``einsum``, no array of squares),
     and a slice inside one tensor (all but the few that straddle two) adds the checkpoints' sums
     (``T`` numbers) and the last row's to its tensor, without per-column sums."""
     per_t, per_tensor, counts, corr_sum, varying, gram = sums
@@ -160,7 +184,7 @@ def _measure_columns(block: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np
     for name, values in (("norm_sq", X), ("error_sq", work), ("displacement_sq", None)):
         if values is None:
             values = np.subtract(X, X[0], out=work)  # the displacement from the first checkpoint
-        by_t = np.einsum("tn,tn->t", values, values)
+        by_t = np.vecdot(values, values)  # per checkpoint; 3-4x faster than einsum's "tn,tn->t"
         per_t[name] += by_t
         if single:
             per_tensor[f"tensor_{name}"][tensors[0]] += by_t.sum()
@@ -173,7 +197,7 @@ def _measure_columns(block: np.ndarray, labels: np.ndarray, a: np.ndarray, b: np
     counts += np.bincount(labels * n_tensors + tensors, minlength=M * n_tensors)
     centred_norm = np.sqrt(np.einsum("tn,tn->n", work, work))
     moving = centred_norm > 0
-    dots = np.take_along_axis(R @ work, labels[None, :], axis=0)[0]  # <r̃_label, w − mean w>
+    dots = np.take((R @ work).ravel(), labels * work.shape[1] + np.arange(work.shape[1]))  # <r̃_label, w − mean w>
     corr = np.abs(dots[moving]) / centred_norm[moving]
     corr_sum += np.bincount(labels[moving], corr, minlength=M)
     varying += np.bincount(labels[moving], minlength=M)
