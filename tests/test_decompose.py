@@ -451,3 +451,14 @@ def test_varying_runs_merge_gaps_shorter_than_the_gap(seed):
                 varies[50:180] = False  # a long constant run
             for gap in (1, 3, 100, 4096):
                 assert varying_runs(varies, gap) == _runs_by_edges(varies, gap), (n, density, gap)
+
+
+@pytest.mark.parametrize("block", [1, 3, 64, 1 << 20])
+def test_the_nth_moving_parameter_found_block_by_block_is_flatnonzero(block):
+    from cmdtool.decompose import _moving_at
+
+    rng = np.random.default_rng(block)
+    varies = rng.random(1000) < 0.3
+    varies[:100] = False  # a first block with none
+    positions = rng.choice(int(varies.sum()), size=50, replace=False)
+    np.testing.assert_array_equal(_moving_at(varies, positions, block), np.flatnonzero(varies)[positions])
