@@ -401,8 +401,10 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
     elements read, checked and compared as they are, never widened, where the reader can give
     them: ``read_stored``): the
     buffers are about 9 bytes a value of one span, however large the tensor (GPT-2's embedding is a
-    third of the model). Carried tensors are gathered in memory and written once each. Written to a
-    temporary file beside ``path`` and renamed into place only when complete.
+    third of the model), and the ``varies`` flags are written into the store as they are found
+    (through a map of the file), not held in memory. Carried tensors are gathered in memory and
+    written once each. Written to a temporary file beside ``path`` and renamed into place only when
+    complete.
     """
     path = Path(path)
     T, N = len(checkpoints), layout.n_parameters
@@ -419,7 +421,7 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
     bits = np.empty(largest, dtype=np.uint16) if dtype != "float32" else None  # 16-bit checks' scratch
     carried = {spec.name: np.empty((T, spec.nbytes), dtype=np.uint8) for spec in layout.carried}
     moving = np.zeros(len(modelled), dtype=bool)      # every parameter of the tensor already varies
-    varies = np.zeros(N, dtype=bool)
+    varies = None  # the store's own flags, mapped (page cache, not a byte a parameter of this process)
     first = None  # the first checkpoint's row, read back through a read-only map of the store
     try:
         with h5py.File(tmp, "w") as f, _RowWriter(tmp) as rows:
@@ -431,6 +433,14 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             h5py.h5d.create(f.id, b"W", h5type, h5py.h5s.create_simple((T, N)), dcpl=dcpl)
             offset = f["W"].id.get_offset()
             rows.reserve(offset, size * T * N)
+            h5py.h5d.create(f.id, b"varies", h5py.h5t.py_create(np.dtype(bool)), h5py.h5s.create_simple((N,)),
+                            dcpl=dcpl)
+            flags = f["varies"].id.get_offset()
+            zeros = np.zeros(min(SPAN, N), dtype=bool)
+            for lo in range(0, N, SPAN):  # written, so that the map below lies inside the file
+                rows.write(zeros[:min(SPAN, N - lo)], flags + lo)
+            varies = (np.memmap(tmp, dtype=np.bool_, mode="r+", offset=flags, shape=(N,)) if N else
+                      np.zeros(0, dtype=bool))
             attachments = f.create_group("attachments")
             for t, c in enumerate(checkpoints):
                 with c.open(ema) as reader:
@@ -464,11 +474,12 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
                 if t == 0:
                     first = np.memmap(tmp, dtype=element, mode="r", offset=offset, shape=(N,))
                 advance(1)
-            del first
+            if N:
+                varies.flush()
+            first = varies = None
             group = f.create_group("carried")
             for spec in layout.carried:
                 group.create_dataset(spec.key, data=carried[spec.name])
-            f.create_dataset("varies", data=varies)
             f.create_dataset("time", data=np.array([c.time for c in checkpoints], dtype=np.int64))
             f.create_dataset("names", data=[c.name for c in checkpoints], dtype=h5py.string_dtype())
             f.create_dataset("infos", data=[i.to_json() for i in infos], dtype=h5py.string_dtype())
@@ -485,5 +496,6 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
             store = open_store(path)
         store.path = path
     finally:
+        first = varies = None  # no map left on the file (Windows removes no mapped file)
         tmp.unlink(missing_ok=True)
     return store

@@ -126,3 +126,21 @@ def test_the_pass_in_threads_writes_the_same_file_as_in_one(tmp_path, run_dir, m
     with pytest.raises(ValueError, match="five"):
         list(results)
     assert max(taken) < 5 + 2 * 2  # no more than 2 × threads taken ahead of the failure
+
+
+def test_ingest_memory_does_not_grow_with_n(tmp_path, monkeypatch):
+    """Building a store at N and 2N (spans of 8192 values): the buffers are one span and the
+    ``varies`` flags go straight into the store, so nothing of N's size is allocated."""
+    import cmdtool.trajectory as trajectory
+
+    monkeypatch.setattr(trajectory, "SPAN", 8192)
+    peaks = {}
+    for N in (200_000, 400_000):
+        rng = np.random.default_rng(1)
+        base = rng.normal(size=N).astype(np.float32)
+        states = [{"w": torch.from_numpy(base + 0.01 * t * (np.arange(N) % 3 > 0))} for t in range(4)]
+        run = write_run(tmp_path / f"run{N}", states)
+        peaks[N] = _peak_bytes(lambda: prepare_store(run, trajectory=tmp_path / f"t{N}.h5"))
+        store = prepare_store(run, trajectory=tmp_path / f"t{N}.h5").store
+        np.testing.assert_array_equal(store.varies, np.arange(N) % 3 > 0)  # a third never moves
+    assert peaks[400_000] - peaks[200_000] < 0.1 * 200_000, peaks
