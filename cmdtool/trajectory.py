@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
@@ -357,6 +358,60 @@ def differs_from(stored: np.ndarray, first: np.ndarray, dtype: str, out: np.ndar
         np.logical_and(out, zero, out=out)
 
 
+READ_AHEAD = 2  # spans read (and checked) by the ingest's reading thread ahead of the one being written
+
+
+class _SpanBuffers:
+    """One span's buffers for the ingest's reading thread: float32 values, the store's 16-bit
+    elements and the finiteness check's scratch, and the bytes of a dtype converted on the way."""
+
+    def __init__(self, largest: int, dtype: str, layout: Layout):
+        self.dtype = dtype
+        self.values = np.empty(largest, dtype=np.float32)
+        converted = [DTYPE_SIZES[spec.dtype] for spec in layout.modelled if spec.dtype != "float32"]
+        self.scratch = np.empty(largest * max(converted), dtype=np.uint8) if converted else None
+        wide = dtype == "float32"
+        self.encoded = None if wide else np.empty(largest, dtype=STORED_TYPES[dtype][1])
+        self.bits = None if wide else np.empty(largest, dtype=np.uint16)
+
+    def read(self, reader, path: Path, spec, lo: int, n: int) -> np.ndarray:
+        """Elements ``lo : lo + n`` of tensor ``spec`` as the store keeps them, NaN and Inf refused."""
+        span = None if n == spec.size else (lo, lo + n)
+        if self.encoded is not None and reader.read_stored(spec.name, self.encoded[:n], span):
+            stored = self.encoded[:n]  # a 16-bit tensor's elements as the store keeps them
+            check_finite_stored(stored, self.dtype, path, spec.name, self.bits[:n])
+            return stored
+        values = self.values[:n]
+        reader.read_float32(spec.name, values, self.scratch, span)
+        check_finite(values, path, spec.name)
+        return encode(values, self.dtype, None if self.encoded is None else self.encoded[:n])
+
+
+def _read_ahead(read: Callable, jobs: Sequence, buffers: Sequence) -> Iterator[tuple]:
+    """``(job, read(job, buffer))`` for each job in order, the reads done by one thread of their own
+    up to ``len(buffers) − 1`` jobs ahead of the one handed out, each into the next buffer in turn
+    (one that is no longer in use: the caller is done with a job when it asks for the next). One
+    thread, so a checkpoint reader is only ever used by one thread at a time; reading overlaps the
+    caller's writes. An error of a read is raised here, in its turn; leaving early cancels what has
+    not started and waits for the read under way."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(1, thread_name_prefix="cmd-ingest") as pool:
+        pending: deque = deque()
+        try:
+            for k, job in enumerate(jobs):
+                pending.append((job, pool.submit(read, job, buffers[k % len(buffers)])))
+                if len(pending) >= len(buffers) - 1:
+                    done, future = pending.popleft()
+                    yield done, future.result()
+            while pending:
+                done, future = pending.popleft()
+                yield done, future.result()
+        finally:
+            for _, future in pending:
+                future.cancel()
+
+
 class _RowWriter:
     """Plain ``pwrite``s of trajectory rows into the store file, beside h5py's own handle (a seek
     and a write on a descriptor of its own where the platform has no ``pwrite``)."""
@@ -411,14 +466,11 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
     tmp = temporary_sibling(path)
     modelled = layout.modelled
     largest = min(SPAN, max(spec.size for spec in modelled))
-    buffer = np.empty(largest, dtype=np.float32)
-    converted = [DTYPE_SIZES[spec.dtype] for spec in modelled if spec.dtype != "float32"]
-    scratch = np.empty(largest * max(converted), dtype=np.uint8) if converted else None  # other dtypes' bytes
     differs = np.empty(largest, dtype=bool)
     dtype = stored_dtype(layout)
     h5type, element = STORED_TYPES[dtype]
-    encoded = np.empty(largest, dtype=element) if dtype != "float32" else None
-    bits = np.empty(largest, dtype=np.uint16) if dtype != "float32" else None  # 16-bit checks' scratch
+    bits = np.empty(largest, dtype=np.uint16) if dtype != "float32" else None  # the comparisons' scratch
+    buffers = [_SpanBuffers(largest, dtype, layout) for _ in range(READ_AHEAD + 1)]
     carried = {spec.name: np.empty((T, spec.nbytes), dtype=np.uint8) for spec in layout.carried}
     moving = np.zeros(len(modelled), dtype=bool)      # every parameter of the tensor already varies
     varies = None  # the store's own flags, mapped (page cache, not a byte a parameter of this process)
@@ -448,27 +500,24 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
                     for digest, data in reader.attachments.items():
                         if digest not in attachments:
                             attachments.create_dataset(digest, data=np.frombuffer(data, dtype=np.uint8))
-                    for j, spec in enumerate(modelled):
-                        compare, all_moved = t > 0 and not moving[j], True  # once moved, always varies
-                        for lo in range(0, spec.size, SPAN):
-                            n = min(SPAN, spec.size - lo)
-                            span = None if n == spec.size else (lo, lo + n)
-                            if encoded is not None and reader.read_stored(spec.name, encoded[:n], span):
-                                stored = encoded[:n]  # a 16-bit tensor's elements as the store keeps them
-                                check_finite_stored(stored, dtype, c.path, spec.name, bits[:n])
-                            else:
-                                values = buffer[:n]
-                                reader.read_float32(spec.name, values, scratch, span)
-                                check_finite(values, c.path, spec.name)
-                                stored = encode(values, dtype, None if encoded is None else encoded[:n])
-                            rows.write(stored, offset + size * (t * N + spec.offset + lo))
-                            if compare:
-                                columns = slice(spec.offset + lo, spec.offset + lo + n)
-                                differs_from(stored, first[columns], dtype, differs[:n], bits)
-                                np.logical_or(varies[columns], differs[:n], out=varies[columns])
-                                all_moved = all_moved and bool(differs[:n].all())
-                        if compare:
-                            moving[j] = all_moved
+                    compare = ~moving if t > 0 else np.zeros(len(modelled), dtype=bool)  # once moved, always varies
+                    all_moved = np.ones(len(modelled), dtype=bool)
+                    spans = [(j, spec, lo, min(SPAN, spec.size - lo))
+                             for j, spec in enumerate(modelled) for lo in range(0, spec.size, SPAN)]
+
+                    def read(job: tuple, into: _SpanBuffers, reader=reader, path=c.path) -> np.ndarray:
+                        _, spec, lo, n = job
+                        return into.read(reader, path, spec, lo, n)
+
+                    for (j, spec, lo, n), stored in _read_ahead(read, spans, buffers):
+                        rows.write(stored, offset + size * (t * N + spec.offset + lo))
+                        if compare[j]:
+                            columns = slice(spec.offset + lo, spec.offset + lo + n)
+                            differs_from(stored, first[columns], dtype, differs[:n], bits)
+                            np.logical_or(varies[columns], differs[:n], out=varies[columns])
+                            all_moved[j] = all_moved[j] and bool(differs[:n].all())
+                            if lo + n == spec.size:  # the tensor's last span
+                                moving[j] = all_moved[j]
                     for name, raw in carried.items():
                         reader.raw_bytes(name, raw[t])
                 if t == 0:

@@ -254,3 +254,39 @@ def test_16_bit_elements_are_checked_and_compared_as_numbers_without_widening(tm
         run = write_run(tmp_path / f"bad-{word}-{bad}", broken, fmt=fmt)
         with pytest.raises(CmdError, match=rf"epoch_3\.\S+: tensor 'conv\.weight' contains {word} values"):
             prepare_store(run, trajectory=tmp_path / f"bad-{word}.h5")
+
+
+def test_ingest_reads_ahead_in_order_without_reusing_a_buffer_in_use():
+    """The ingest's reading thread fills buffers ahead of the writes: each job's buffer still holds
+    that job when the caller gets it, jobs come in order, and a read's error is raised in its turn."""
+    import time
+
+    from cmdtool.trajectory import _read_ahead
+
+    buffers = [np.zeros(1) for _ in range(3)]
+
+    def read(job, buffer):
+        time.sleep(0.002 * (job % 3))
+        buffer[0] = job
+        return buffer
+
+    seen = []
+    for job, buffer in _read_ahead(read, list(range(30)), buffers):
+        time.sleep(0.003)  # the caller is slower: the reader waits for a free buffer, never takes this one
+        assert buffer[0] == job
+        seen.append(job)
+    assert seen == list(range(30))
+
+    started = []
+
+    def failing(job, buffer):
+        started.append(job)
+        if job == 4:
+            raise ValueError("four")
+        return job
+
+    got = []
+    with pytest.raises(ValueError, match="four"):
+        for job, value in _read_ahead(failing, list(range(100)), buffers):
+            got.append(value)
+    assert got == [0, 1, 2, 3] and max(started) <= 4 + len(buffers) - 1
