@@ -197,11 +197,12 @@ class InMemoryTrajectory(Trajectory):
         return dict(self.attachment_files)
 
 
-def moving_parameters(W, tile_columns: int = 1 << 20) -> np.ndarray:
-    """Which columns of the rows ``W`` are not constant, read in column tiles."""
+def moving_parameters(W, tile_columns: int = 1 << 20, rows: int | None = None) -> np.ndarray:
+    """Which columns of the rows ``W`` (its first ``rows``: ``W[:rows]`` of a 16-bit or sharded store
+    would widen them all at once) are not constant, read in column tiles."""
     varies = np.zeros(W.shape[1], dtype=bool)
     for start in range(0, W.shape[1], tile_columns):
-        block = np.asarray(W[:, start:start + tile_columns])
+        block = np.asarray(W[:rows, start:start + tile_columns])
         varies[start:start + tile_columns] = (block[1:] != block[0]).any(axis=0)
     return varies
 

@@ -742,3 +742,28 @@ def test_online_cmd_takes_state_dicts_as_training_holds_them(tmp_path):
     for name, value in plain.reconstruct().items():  # the same CMD weights, in each tensor's own dtype
         rtol = 2 ** -8 if got[name].dtype == torch.bfloat16 else 1e-6
         torch.testing.assert_close(got[name].double(), value.double(), rtol=rtol, atol=1e-6)
+
+
+def test_report_of_an_online_fit_finds_the_warmups_moving_parameters_a_column_tile_at_a_time(tmp_path, online_run,
+                                                                                         monkeypatch):
+    """A 16-bit store's warm-up rows are read (and widened) a column tile at a time when the report
+    samples the parameters that moved during the warm-up, never all of them at once (``W[:F]`` would
+    widen F float32 values a parameter)."""
+    import torch
+
+    from cmdtool.report import make_report
+    from cmdtool.trajectory import EncodedRows
+
+    planted, _ = online_run
+    run = write_run(tmp_path / "bf16", [{k: v.to(torch.bfloat16) if v.is_floating_point() else v
+                                         for k, v in state.items()} for state in planted.states()])
+    out = tmp_path / "m.cmd.h5"
+    cmdtool.fit(run, out, modes=3, stop=F, trajectory=tmp_path / "warm.h5")
+    cmdtool.update(out, [run])
+    keys = []
+    read = EncodedRows.__getitem__
+    monkeypatch.setattr(EncodedRows, "__getitem__", lambda self, key: keys.append(key) or read(self, key))
+    report = make_report(out, tmp_path / "report", checkpoints=run, trajectory=tmp_path / "all.h5").report
+    assert report["online"]["warmup"] == F
+    rows_only = [key for key in keys if not isinstance(key, tuple)]
+    assert keys and not rows_only, rows_only

@@ -198,7 +198,7 @@ def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path,
     files["mode_layers"] = PLOTS["mode_layers"]
     varies = store.varies
     if online:  # the fit sampled parameters that move during the warm-up
-        varies = moving_parameters(store.W[:online["warmup"]])
+        varies = moving_parameters(store.W, rows=online["warmup"])
     sample = sample_parameters([s.size for s in tensors], varies, modes.settings.samples, modes.settings.seed)
     sampled = store.columns(sample)
     C = correlation_matrix(sampled)
