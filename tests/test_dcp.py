@@ -288,3 +288,28 @@ def test_a_tensor_read_span_by_span_is_read_from_the_folder_once(tmp_path):
         reader.read_float32("fc.bias", np.empty(state["fc.bias"].numel(), dtype=np.float32))
         reader.read_float32("conv.weight", got[:7], span=(0, 7))  # read again once another came between
         assert reads == ["tensor 'conv.weight'", "tensor 'fc.bias'", "tensor 'conv.weight'"]
+
+
+def test_dcp_folders_are_absorbed_two_at_a_time_into_the_file_one_pass_gives(runner, tmp_path, monkeypatch):
+    """Each DCP reader keeps a whole tensor, so `cmd update` absorbs DCP folders in passes of
+    DCP_AT_ONCE; the file equals the update of the same states from safetensors files in one pass."""
+    import importlib
+
+    update = importlib.import_module("cmdtool.online.update")
+    states = planted_states(T=9)
+    plain, folders = write_both(tmp_path, states)
+    for kind, run in (("plain", plain), ("dcp", folders)):
+        later = tmp_path / f"later-{kind}"
+        later.mkdir()
+        for p in list(run.iterdir()):
+            if int(p.name.split(".")[0].removeprefix("step_")) >= 40:  # the last 5
+                p.rename(later / p.name)
+        ok(fit(runner, tmp_path, run, tmp_path / f"{kind}.cmd.h5", "--warmup", "4"))
+    passes = []
+    original = update._updated_tiles
+    monkeypatch.setattr(update, "_updated_tiles", lambda *a, **k: passes.append(1) or original(*a, **k))
+    ok(cmd(runner, "update", tmp_path / "plain.cmd.h5", tmp_path / "later-plain"))
+    assert len(passes) == 1
+    ok(cmd(runner, "update", tmp_path / "dcp.cmd.h5", tmp_path / "later-dcp"))
+    assert len(passes) == 1 + 3  # 5 folders, 2 at a time
+    assert_same_fit(tmp_path / "plain.cmd.h5", tmp_path / "dcp.cmd.h5")

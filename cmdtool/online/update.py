@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 
 TILE_COLUMNS = 4 * BLOCK  # columns of one tile: whole blocks of update_parameters, whose sums then run as in one call
 OPEN_AT_ONCE = 32         # new checkpoints open together during one pass over the tiles (file handles)
+DCP_AT_ONCE = 2           # the same for DCP folders: each holds the tensor it read last, whole
 
 
 def _gather(paths: Sequence[str | Path]) -> list[Checkpoint]:
@@ -277,13 +278,15 @@ def update(mode_file: str | Path, checkpoints: Sequence[str | Path], progress: P
 def _absorb(mode_file: Path, modes: ModeFile, new: Sequence[Checkpoint], first: Callable[[int, int], np.ndarray],
             progress: Progress) -> Path:
     """Online CMD (paper §3.3) of the checked checkpoints ``new`` into ``modes``, streamed. Per group
-    of ``OPEN_AT_ONCE`` checkpoints, open together: their reference values move the frame
+    of ``OPEN_AT_ONCE`` checkpoints (``DCP_AT_ONCE`` DCP folders: a DCP reader keeps the tensor it
+    read last, whole, so that a tile does not read it again), open together: their reference values move the frame
     (``update_frame``), then one pass over the column tiles updates every parameter's ``a, b`` for
     each of them in order (``update_parameters``). The last pass writes the new mode file, which
     replaces the old one when complete. Memory is a few tiles, whatever N is; the file is the one
     ``OnlineState`` writes after the same updates in memory, bit for bit (the same sums, in the
     same order)."""
-    groups = [new[start:start + OPEN_AT_ONCE] for start in range(0, len(new), OPEN_AT_ONCE)]
+    at_once = DCP_AT_ONCE if any(c.format == "dcp" for c in new) else OPEN_AT_ONCE
+    groups = [new[start:start + at_once] for start in range(0, len(new), at_once)]
     appended, sums = _Appended.start(modes), []
     with ExitStack() as files:
         scratch = files.enter_context(_Scratch(mode_file, modes.N)) if len(groups) > 1 else None
