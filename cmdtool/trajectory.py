@@ -455,9 +455,10 @@ def build_store(checkpoints: Sequence[Checkpoint], layout: Layout, infos: Sequen
     with the first checkpoint's values (``varies``) and written with one ``pwrite`` into the
     preallocated ``W``, in the store's dtype (``stored_dtype``: a 16-bit run stays 16-bit, its
     elements read, checked and compared as they are, never widened, where the reader can give
-    them: ``read_stored``): the
-    buffers are about 9 bytes a value of one span, however large the tensor (GPT-2's embedding is a
-    third of the model), and the ``varies`` flags are written into the store as they are found
+    them: ``read_stored``), each checkpoint's spans read ahead by a thread of its own
+    (``_read_ahead``): the buffers are about 30 bytes a value of one span (the reading thread's
+    three sets and the comparison's), however large the tensor (GPT-2's embedding is a third of
+    the model), and the ``varies`` flags are written into the store as they are found
     (through a map of the file), not held in memory. Carried tensors are gathered in memory and
     written once each. Written to a temporary file beside ``path`` and renamed into place only when
     complete.
