@@ -28,15 +28,15 @@ from ._hdf5 import check_links, read_strings, read_text, write_text
 from ._portable import open_fd, write_full
 from .checkpoints.schema import CheckpointInfo
 from .errors import CmdError
-from .layout import DTYPE_SIZES, Layout
+from .layout import Layout
 from .trajectory import (
     STORED_TYPES,
     EncodedRows,
     TrajectoryStore,
-    check_finite,
     check_unreplaced,
     column_block,
     encode,
+    read_columns,
     stored_dtype,
 )
 
@@ -78,14 +78,9 @@ class ColumnReader:
     def read(self, start: int, stop: int) -> np.ndarray:
         """Columns ``start:stop`` of the trajectory row of this checkpoint, finite-checked; the file
         is checked unchanged (size, modification time) after the read."""
-        out = np.empty(stop - start, dtype=np.float32)
-        for spec in self.layout.modelled:
-            lo, hi = max(start, spec.offset), min(stop, spec.offset + spec.size)
-            if lo < hi:
-                piece = out[lo - start:hi - start]
-                self._reader.read_float32(spec.name, piece, span=(lo - spec.offset, hi - spec.offset))
-                self.bytes_read += (hi - lo) * DTYPE_SIZES[spec.dtype]
-                check_finite(piece, self.checkpoint.path, spec.name)
+        specs = self.layout.modelled
+        out, nbytes = read_columns(self._reader, self.checkpoint.path, specs, [s.offset for s in specs], start, stop)
+        self.bytes_read += nbytes
         self._reader.check_unchanged()
         return out
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from bisect import bisect_right
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,6 +332,25 @@ def check_finite(row: np.ndarray, source: object, name: str) -> None:
             return
     bad = "NaN" if np.isnan(row).any() else "Inf"
     raise CmdError(f"{source}: tensor {name!r} contains {bad} values")
+
+
+def read_columns(reader, path: Path, specs: Sequence, offsets: Sequence[int], start: int,
+                 stop: int) -> tuple[np.ndarray, int]:
+    """Columns ``start:stop`` of one open checkpoint's trajectory row (``specs``: the layout's
+    modelled tensors, ``offsets`` their first columns), flat float32, read span by span of the
+    tensors they cover (``read_float32``: from a safetensors file only those elements' bytes),
+    NaN and Inf refused with ``path`` in the message. Returns the values and the bytes read."""
+    out, nbytes = np.empty(stop - start, dtype=np.float32), 0
+    for spec in specs[max(0, bisect_right(offsets, start) - 1):]:  # from the tensor holding ``start``
+        if spec.offset >= stop:
+            break
+        lo, hi = max(start, spec.offset), min(stop, spec.offset + spec.size)
+        if lo < hi:
+            piece = out[lo - start:hi - start]
+            reader.read_float32(spec.name, piece, span=(lo - spec.offset, hi - spec.offset))
+            nbytes += (hi - lo) * DTYPE_SIZES[spec.dtype]
+            check_finite(piece, path, spec.name)
+    return out, nbytes
 
 
 # The exponent bits of the 16-bit stored elements: all ones is Inf or NaN.

@@ -12,7 +12,6 @@ is the one ``OnlineState`` (which holds every parameter in memory, as ``OnlineCM
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -30,7 +29,7 @@ from ..layout import Layout, check_same_tensors
 from ..modefile import ModeFile, ModeFileWriter, open_mode_file, summarize
 from ..modes import FitMetrics, Modes, OnlineInfo
 from ..progress import Progress, no_progress
-from ..trajectory import TrajectoryStore, check_finite, open_store
+from ..trajectory import TrajectoryStore, open_store, read_columns
 from .least_squares import (
     BLOCK,
     FrameUpdate,
@@ -103,17 +102,7 @@ class _Columns:
         self.offsets = [spec.offset for spec in self.specs]
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
-        out = np.empty(stop - start, dtype=np.float32)
-        at = max(0, bisect_right(self.offsets, start) - 1)  # the tensor that holds column ``start``
-        for spec in self.specs[at:]:
-            if spec.offset >= stop:
-                break
-            lo, hi = max(start, spec.offset), min(stop, spec.offset + spec.size)
-            if lo < hi:
-                piece = out[lo - start:hi - start]
-                self.reader.read_float32(spec.name, piece, span=(lo - spec.offset, hi - spec.offset))
-                check_finite(piece, self.path, spec.name)
-        return out
+        return read_columns(self.reader, self.path, self.specs, self.offsets, start, stop)[0]
 
 
 def _open_checked(checkpoint: Checkpoint, modes: ModeFile, expected_name: str, opened: ExitStack) -> _Columns:
