@@ -25,8 +25,8 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 
 from ..errors import CmdError
-from ..fitting import TileResult, column_groups, group_step, tile_width
-from ..report.metrics import FitMeasures, TensorOfColumn, combine
+from ..fitting import TileResult, column_groups
+from ..report.metrics import FitMeasures, measure_by_groups
 from ..shards import ShardedStore
 from ..trajectory import TrajectoryStore
 from . import tasks
@@ -145,25 +145,15 @@ class Engine:
         return run
 
     def measure_pass(self, modes, store: TrajectoryStore, advance: Callable[[int], None]) -> FitMeasures:
-        """The report's streaming pass (``metrics.measure`` with the same groups) on the workers."""
-        T, N = modes.T, modes.N
-        width = tile_width(T)
-        tensor_of_column = TensorOfColumn([s.size for s in modes.layout.modelled])
-        groups = column_groups(N, width, group_step(width))
+        """The report's streaming pass (``metrics.measure_by_groups``) with one task per group."""
+        def map_groups(arguments: Iterator[tuple]) -> Iterator[tuple[FitMeasures, int]]:
+            calls = ((location(store), *group, self.task_hook) for group in arguments)
+            for measured, read in self._in_order(tasks.measure_group, calls):
+                self.stats["store_bytes_read"] += read
+                self.stats["result_bytes"] += sum(np.asarray(v).nbytes for v in measured)
+                yield measured, read
 
-        def calls() -> Iterator[tuple]:  # read from the mode file as the tasks are submitted
-            for lo, hi in groups:
-                labels, a, b = modes.parameters(slice(lo, hi))
-                yield (location(store), lo, hi, width, labels, a, b, modes.references, tensor_of_column[lo:hi],
-                       tensor_of_column.count, self.task_hook)
-
-        parts = []
-        for (measured, read), (lo, hi) in zip(self._in_order(tasks.measure_group, calls()), groups):
-            self.stats["store_bytes_read"] += read
-            self.stats["result_bytes"] += sum(np.asarray(v).nbytes for v in measured)
-            parts.append(measured)
-            advance(hi - lo)
-        return combine(parts)
+        return measure_by_groups(modes, map_groups, advance)
 
 
 def max_workers() -> int:

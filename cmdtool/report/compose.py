@@ -12,7 +12,7 @@ import numpy as np
 
 from ..decompose import correlation_matrix, sample_parameters
 from ..errors import CmdError
-from ..fitting import column_groups, group_step, in_threads, pass_threads, tile_width
+from ..fitting import in_threads, pass_threads
 from ..modefile import ModeFile, embedding_summary
 from ..modes import model_values
 from ..progress import Progress
@@ -69,29 +69,12 @@ def json_safe(value):
 
 
 def measure_in_threads(modes: ModeFile, store: TrajectoryStore, advance: Callable[[int], None]) -> metrics.FitMeasures:
-    """The report's pass here, one group of tiles a task (``metrics.measure_group``) in up to
-    ``fitting.PASS_THREADS`` threads: the groups and the order their sums are added in are a Dask
-    pass's (``distributed.Engine.measure_pass``), so the report is the same bit for bit. Each
-    group's ``labels, a, b`` are read in this thread as its task is handed out."""
-    T, N = modes.T, modes.N
-    width = tile_width(T)
-    tensor_of_column = metrics.TensorOfColumn([s.size for s in modes.layout.modelled])
-    groups = column_groups(N, width, group_step(width))
+    """The report's pass here: ``metrics.measure_by_groups`` with one group a task in up to
+    ``fitting.PASS_THREADS`` threads (the groups and order of a Dask pass, so the same bits)."""
+    def map_groups(arguments):
+        return in_threads(lambda group: metrics.measure_group(store, *group), arguments, pass_threads())
 
-    def tasks():
-        for lo, hi in groups:
-            yield lo, hi, *modes.parameters(slice(lo, hi))
-
-    def run(task) -> metrics.FitMeasures:
-        lo, hi, labels, a, b = task
-        return metrics.measure_group(store, lo, hi, width, labels, a, b, modes.references, tensor_of_column[lo:hi],
-                                     tensor_of_column.count)[0]
-
-    parts = []
-    for part, (lo, hi) in zip(in_threads(run, tasks(), pass_threads()), groups):
-        parts.append(part)
-        advance(hi - lo)
-    return metrics.combine(parts)
+    return metrics.measure_by_groups(modes, map_groups, advance)
 
 
 def compose(modes: ModeFile, store: TrajectoryStore, source: dict, folder: Path, scoring: Scoring,

@@ -9,7 +9,7 @@ fixed linear combination of the checkpoints (``Σ_t c_t w(t)``), given by its we
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, NamedTuple, Sequence
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -127,6 +127,32 @@ def measure_group(store, start: int, stop: int, width: int, labels: np.ndarray, 
         measured = measure(tiles(), lambda lo, hi: (labels[lo:hi], a[lo:hi], b[lo:hi]), references,
                            tensor_of_column, n_tensors, varies=np.asarray(store.varies[start:stop]))
     return measured, read[0]
+
+
+def measure_by_groups(modes, map_groups: Callable[[Iterator[tuple]], Iterable[tuple[FitMeasures, int]]],
+                      advance: Callable[[int], None] = lambda n: None) -> FitMeasures:
+    """The report's pass over the mode file ``modes`` as groups of whole tiles
+    (``fitting.column_groups``), the same groups wherever they run: ``map_groups`` takes the
+    groups' arguments ``(start, stop, width, labels, a, b, references, tensor_of_column,
+    n_tensors)`` (``labels, a, b`` read from the mode file as each group is handed out) and yields
+    each group's ``measure_group`` result in order, in threads here or as Dask tasks; the sums are
+    added in that order, so the report is the same bit for bit however the groups ran."""
+    from ..fitting import column_groups, group_step, tile_width
+
+    width = tile_width(modes.T)
+    tensor_of_column = TensorOfColumn([s.size for s in modes.layout.modelled])
+    groups = column_groups(modes.N, width, group_step(width))
+
+    def arguments() -> Iterator[tuple]:
+        for lo, hi in groups:
+            yield (lo, hi, width, *modes.parameters(slice(lo, hi)), modes.references, tensor_of_column[lo:hi],
+                   tensor_of_column.count)
+
+    parts = []
+    for (measured, _), (lo, hi) in zip(map_groups(arguments()), groups):
+        parts.append(measured)
+        advance(hi - lo)
+    return combine(parts)
 
 
 def _constant_columns(first: np.ndarray, labels: np.ndarray, b: np.ndarray, tensors: np.ndarray, T: int,
