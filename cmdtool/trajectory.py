@@ -125,6 +125,14 @@ def column_block(W, start: int, stop: int) -> np.ndarray | EncodedBlock:
     return block(start, stop) if block is not None else np.asarray(W[:, start:stop])
 
 
+def column_tiles(W, start: int, stop: int, width: int) -> Iterator[tuple[int, int, np.ndarray | EncodedBlock]]:
+    """``(first, last, column_block(W, first, last))`` for the tiles ``width`` wide of columns
+    ``start:stop``: what the fit's and the report's passes read, here or on a Dask worker."""
+    for first in range(start, stop, width):
+        last = min(first + width, stop)
+        yield first, last, column_block(W, first, last)
+
+
 Advance = Callable[[int], None]
 SPAN = 1 << 22  # values of one tensor read, checked and written at a time by build_store
 
@@ -168,9 +176,12 @@ class Trajectory:
     def tiles(self, tile_columns: int, stored: bool = False) -> Iterator[tuple[int, int, np.ndarray]]:
         """``(start, stop, W[:, start:stop])`` column blocks covering all N parameters; with
         ``stored``, a 16-bit store's blocks as ``EncodedBlock`` (``column_block``)."""
+        if stored:
+            yield from column_tiles(self.W, 0, self.N, tile_columns)
+            return
         for start in range(0, self.N, tile_columns):
             stop = min(start + tile_columns, self.N)
-            yield start, stop, column_block(self.W, start, stop) if stored else np.asarray(self.W[:, start:stop])
+            yield start, stop, np.asarray(self.W[:, start:stop])
 
     def columns(self, index: np.ndarray) -> np.ndarray:
         """The trajectories of the parameters ``index`` (sorted), as a ``(T, len(index))`` array."""

@@ -14,7 +14,7 @@ from ..report import metrics
 from ..report.metrics import FitMeasures
 from ..shards import ShardJob, write_shard
 from ..stores import open_trajectory_store
-from ..trajectory import TrajectoryStore, column_block
+from ..trajectory import TrajectoryStore, column_tiles
 
 _open: dict[tuple[str, int], TrajectoryStore] = {}  # per worker process: stores by path and mtime
 
@@ -39,9 +39,7 @@ def fit_group(location: str, start: int, stop: int, width: int, references: np.n
     store = open_location(location)
     results, read = [], 0
     with threadpool_limits(limits=1, user_api="blas"):
-        for first in range(start, stop, width):
-            last = min(first + width, stop)
-            block = column_block(store.W, first, last)
+        for first, last, block in column_tiles(store.W, start, stop, width):
             read += block.nbytes
             results.append(fit_tile_result(first, last, block, references, store.varies[first:last]))
     return results, read

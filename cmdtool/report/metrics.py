@@ -112,14 +112,12 @@ def measure_group(store, start: int, stop: int, width: int, labels: np.ndarray, 
     in a thread here or on a Dask worker. Returns the sums and the store's bytes read."""
     from threadpoolctl import threadpool_limits
 
-    from ..trajectory import column_block
+    from ..trajectory import column_tiles
 
     read = [0]
 
     def tiles():
-        for first in range(start, stop, width):
-            last = min(first + width, stop)
-            block = column_block(store.W, first, last)
+        for first, last, block in column_tiles(store.W, start, stop, width):
             read[0] += block.nbytes
             yield first - start, last - start, block
 
