@@ -11,12 +11,12 @@ that does not grow with N.
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Protocol
 
 import numpy as np
 
+from ._threads import in_threads
 from .auto_modes import AUTO_TOLERANCE, choose_modes, error_curve
 from .checkpoints.schema import CheckpointInfo
 from .decompose import (
@@ -108,31 +108,6 @@ def pass_threads() -> int:
     from ._portable import usable_cpus
 
     return min(PASS_THREADS, usable_cpus())
-
-
-def in_threads(function: Callable, items: Iterable, threads: int) -> Iterator:
-    """``map(function, items)``, results in the order of ``items``, computed by up to ``threads``
-    threads with at most ``2 × threads`` items taken ahead of the one waited for (so memory is a
-    few tiles, whatever N is). ``function`` must not depend on which thread runs it or when: each
-    tile's result is then the same bits as in one thread, and so is everything summed from them in
-    order. Leaving early (an error, Ctrl-C) cancels what has not started and waits for the rest."""
-    if threads <= 1:
-        yield from map(function, items)
-        return
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(threads, thread_name_prefix="cmd-pass") as pool:
-        pending: deque = deque()
-        try:
-            for item in items:
-                pending.append(pool.submit(function, item))
-                if len(pending) >= 2 * threads:
-                    yield pending.popleft().result()
-            while pending:
-                yield pending.popleft().result()
-        finally:
-            for future in pending:
-                future.cancel()
 
 
 def group_step(width: int, group_columns: int = GROUP_COLUMNS) -> int:

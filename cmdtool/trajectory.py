@@ -19,7 +19,6 @@ import hashlib
 import json
 import os
 from bisect import bisect_right
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Sequence
@@ -30,6 +29,7 @@ import numpy as np
 from ._files import require_regular, special_kind, temporary_sibling
 from ._hdf5 import check_links, check_space, read_strings, read_text, write_text
 from ._portable import allocate, open_fd, write_full
+from ._threads import in_threads
 from .checkpoints.schema import CheckpointInfo
 from .errors import CmdError
 from .layout import DTYPE_SIZES, Layout, build_layout, check_same_tensors, dataset_key
@@ -422,26 +422,14 @@ class _SpanBuffers:
 def _read_ahead(read: Callable, jobs: Sequence, buffers: Sequence) -> Iterator[tuple]:
     """``(job, read(job, buffer))`` for each job in order, the reads done by one thread of their own
     up to ``len(buffers) − 1`` jobs ahead of the one handed out, each into the next buffer in turn
-    (one that is no longer in use: the caller is done with a job when it asks for the next). One
-    thread, so a checkpoint reader is only ever used by one thread at a time; reading overlaps the
-    caller's writes. An error of a read is raised here, in its turn; leaving early cancels what has
-    not started and waits for the read under way."""
-    from concurrent.futures import ThreadPoolExecutor
+    (one no longer in use: the caller is done with a job when it asks for the next; ``in_threads``).
+    One thread, so a checkpoint reader is only ever used by one thread at a time; reading overlaps
+    the caller's writes. An error of a read is raised here, in its turn."""
+    def run(numbered: tuple) -> tuple:
+        k, job = numbered
+        return job, read(job, buffers[k % len(buffers)])
 
-    with ThreadPoolExecutor(1, thread_name_prefix="cmd-ingest") as pool:
-        pending: deque = deque()
-        try:
-            for k, job in enumerate(jobs):
-                pending.append((job, pool.submit(read, job, buffers[k % len(buffers)])))
-                if len(pending) >= len(buffers) - 1:
-                    done, future = pending.popleft()
-                    yield done, future.result()
-            while pending:
-                done, future = pending.popleft()
-                yield done, future.result()
-        finally:
-            for _, future in pending:
-                future.cancel()
+    return in_threads(run, enumerate(jobs), 1, ahead=len(buffers) - 1)
 
 
 class _RowWriter:
